@@ -1,0 +1,46 @@
+"""Why a file or series was not accepted, as stable codes that tools can read."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+
+class Reason(StrEnum):
+    """Stable reason codes for rejected files and series (they appear in ``--json`` output)."""
+
+    NOT_DICOM = "not-dicom"
+    DICOMDIR = "dicomdir"  # an index of a media set, read for the files it lists
+    UNREADABLE = "unreadable"
+    MISSING_UID = "missing-uid"
+    DUPLICATE_INSTANCE = "duplicate-instance"
+    MISSING_FILE = "missing-file"
+    NOT_AN_IMAGE = "not-an-image"
+    MODALITY_UNUSED = "modality-unused"
+    COLOUR_IMAGE = "colour-image"
+    TRUNCATED_PIXEL_DATA = "truncated-pixel-data"
+    UNDECODABLE_PIXEL_DATA = "undecodable-pixel-data"
+    MISSING_GEOMETRY = "missing-geometry"
+    MIXED_ORIENTATION = "mixed-orientation"
+    MIXED_SIZE = "mixed-size"
+    DUPLICATE_SLICE_POSITION = "duplicate-slice-position"
+    MISSING_SLICE = "missing-slice"
+    UNEVEN_SPACING = "uneven-spacing"
+    SHEARED_GEOMETRY = "sheared-geometry"
+    TOO_FEW_SLICES = "too-few-slices"
+
+
+class DicomError(Exception):
+    """A DICOM file or series that cannot be used, with the reason and what to do.
+
+    Args:
+        path: The file (or the first file of the series) the problem was found in.
+        reason: The stable reason code.
+        message: A sentence for a person: what is wrong and how to fix it.
+    """
+
+    def __init__(self, path: Path | str, reason: Reason, message: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{self.path}: {reason}: {message}")

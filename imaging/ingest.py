@@ -1,0 +1,314 @@
+"""Ingest a folder of DICOM files into the site catalog.
+
+The folder may hold files of any name in nested folders and DICOMDIR sets. Ingest:
+
+1. walks the folder and reads the header of every new or changed file (unchanged files, by size and
+   modification time, are not opened again);
+2. rejects files that are not DICOM, unreadable, duplicates of another file's SOPInstanceUID, or
+   not images; DICOMDIR files are read for the files they reference, and missing ones are reported;
+3. groups the rest by study and series and, for each series that gained, lost or changed a file,
+   plans its images (slice order, geometry checks) and decodes the pixels once to prove they decode;
+4. records every file, series and image with its status and reason. One bad file or series never
+   stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+from imaging.catalog import Catalog, Status, header_from_json, header_to_json, plan_to_json
+from imaging.dicom import InstanceHeader, plan_images, read_header, read_image
+from imaging.errors import DicomError, Reason
+from imaging.presets import tasks_for_modality
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: called as ingest advances."""
+
+
+@dataclass
+class IngestReport:
+    """What one ingest run did."""
+
+    source: str
+    files_seen: int = 0
+    files_read: int = 0
+    files_unchanged: int = 0
+    files_removed: int = 0
+    series_checked: int = 0
+    images_decoded: int = 0
+    seconds: float = 0.0
+    rejected: Counter[str] = field(default_factory=Counter)
+    series_ok: int = 0
+    series_rejected: int = 0
+    images_ok: int = 0
+
+
+def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every regular file under ``root`` (recursively, symlinks not followed), in a stable order."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                yield Path(entry.path), entry.stat(follow_symlinks=False)
+        stack.extend(reversed(subdirs))
+
+
+def _dicomdir_references(path: Path) -> list[Path]:
+    """Files a DICOMDIR references (resolved relative to its folder)."""
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception:  # noqa: BLE001 - a broken DICOMDIR is only an index
+        return []
+    out = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        ref = record.get("ReferencedFileID")
+        if ref is None:
+            continue
+        parts = [ref] if isinstance(ref, str) else list(ref)
+        out.append(path.parent.joinpath(*parts))
+    return out
+
+
+def ingest_folder(
+    catalog: Catalog, source: Path | str, *, progress: Progress | None = None
+) -> IngestReport:
+    """Build or update the catalog from the DICOM files under ``source``.
+
+    Args:
+        catalog: The site catalog.
+        source: The folder to ingest.
+        progress: Optional callback ``(phase, done, total)``.
+
+    Returns:
+        What was read, skipped, rejected and decoded.
+
+    Raises:
+        FileNotFoundError: ``source`` is not a folder.
+    """
+    t0 = time.perf_counter()
+    root = Path(source).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM source {root} is not a folder; give the folder that holds the studies")
+    report = IngestReport(source=str(root))
+    tick = progress or (lambda phase, done, total: None)
+
+    known = catalog.file_rows(str(root))
+    files = list(walk_files(root))
+    report.files_seen = len(files)
+    on_disk = {str(p) for p, _ in files}
+
+    dirty_series: set[str] = set()
+    new_headers: dict[str, InstanceHeader] = {}
+    file_rows: list[tuple] = []  # rows to write for new or changed files
+    dicomdirs: list[Path] = []
+
+    for i, (path, st) in enumerate(files):
+        tick("headers", i, len(files))
+        row = known.get(str(path))
+        if row is not None and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns:
+            report.files_unchanged += 1
+            continue
+        if row is not None and row["series_uid"]:
+            dirty_series.add(row["series_uid"])
+        report.files_read += 1
+        try:
+            header = read_header(path, stat=st)
+        except DicomError as err:
+            status = Status.INDEX if err.reason is Reason.DICOMDIR else Status.REJECTED
+            if status is Status.INDEX:
+                dicomdirs.append(path)
+            file_rows.append(
+                (str(path), str(root), st.st_size, st.st_mtime_ns, status, err.reason, err.message,
+                 None, None, None, None)
+            )
+            continue
+        new_headers[str(path)] = header
+        dirty_series.add(header.series_uid)
+    tick("headers", len(files), len(files))
+
+    removed = [p for p in known if p not in on_disk]
+    report.files_removed = len(removed)
+    for p in removed:
+        if known[p]["series_uid"]:
+            dirty_series.add(known[p]["series_uid"])
+
+    with catalog.transaction() as db:
+        db.executemany("DELETE FROM files WHERE path=?", [(p,) for p in removed])
+        db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?)", file_rows)
+        # Stage the new headers as accepted; duplicates and series checks may still reject them.
+        db.executemany(
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (p, str(root), h.size, h.mtime_ns, Status.OK, None, None, h.sop_instance_uid,
+                 h.series_uid, h.study_uid, header_to_json(h))
+                for p, h in new_headers.items()
+            ],
+        )
+        # Files referenced by a DICOMDIR that are not there.
+        for dicomdir in dicomdirs:
+            for ref in _dicomdir_references(dicomdir):
+                if not ref.exists():
+                    db.execute(
+                        "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (str(ref), str(root), 0, 0, Status.REJECTED, Reason.MISSING_FILE,
+                         f"listed in {dicomdir} but not on disk; copy the complete media", None, None,
+                         None, None),
+                    )
+        _reject_duplicates(db, dirty_series)
+
+    series_list = sorted(dirty_series)
+    for i, series_uid in enumerate(series_list):
+        tick("series", i, len(series_list))
+        with catalog.transaction():
+            decoded = _check_series(catalog, series_uid)
+        report.series_checked += 1
+        report.images_decoded += decoded
+    tick("series", len(series_list), len(series_list))
+
+    with catalog.transaction() as db:
+        db.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
+    _summarise(catalog, report, root)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _reject_duplicates(db: sqlite3.Connection, dirty_series: set[str]) -> None:
+    """Reject all but the first file (by path) of each SOPInstanceUID held by several files."""
+    rows = db.execute(
+        """
+        SELECT path, sop_instance_uid, series_uid FROM files
+        WHERE sop_instance_uid IN (
+            SELECT sop_instance_uid FROM files
+            WHERE sop_instance_uid IS NOT NULL AND (status = 'ok' OR reason = ?)
+            GROUP BY sop_instance_uid HAVING COUNT(*) > 1)
+        ORDER BY sop_instance_uid, path
+        """,
+        (Reason.DUPLICATE_INSTANCE,),
+    ).fetchall()
+    keeper: dict[str, str] = {}
+    for path, sop, series in rows:
+        if sop not in keeper:
+            keeper[sop] = path
+            db.execute("UPDATE files SET status='ok', reason=NULL, message=NULL WHERE path=?", (path,))
+            continue
+        db.execute(
+            "UPDATE files SET status=?, reason=?, message=? WHERE path=?",
+            (Status.REJECTED, Reason.DUPLICATE_INSTANCE,
+             f"same SOPInstanceUID as {keeper[sop]}; a copy of that file (only the first is used)", path),
+        )
+        dirty_series.add(series)
+
+
+def _check_series(catalog: Catalog, series_uid: str) -> int:
+    """Plan and decode one series, replacing its series and image rows. Returns images decoded."""
+    db = catalog.db
+    db.execute("DELETE FROM images WHERE series_uid=?", (series_uid,))
+    db.execute("DELETE FROM series WHERE series_uid=?", (series_uid,))
+    rows = db.execute(
+        "SELECT path, header FROM files WHERE series_uid=? AND status='ok' AND header IS NOT NULL",
+        (series_uid,),
+    ).fetchall()
+    headers = [header_from_json(r["header"]) for r in rows]
+    if not headers:
+        return 0
+    first = min(headers, key=lambda h: str(h.path))
+    _upsert_study(catalog, first)
+    status, reason, message = Status.OK, None, None
+    decoded = 0
+    try:
+        plans = plan_images(headers)
+    except DicomError as err:
+        plans = []
+        status, reason, message = Status.REJECTED, err.reason, f"{err.path.name}: {err.message}"
+    images_ok = 0
+    for plan in plans:
+        img_status, img_reason, img_message = Status.OK, None, None
+        try:
+            read_image(plan)
+            images_ok += 1
+        except DicomError as err:
+            img_status, img_reason, img_message = Status.REJECTED, err.reason, f"{err.path}: {err.message}"
+        decoded += 1
+        db.execute(
+            "INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (plan.key, plan.series_uid, plan.study_uid, plan.modality, plan.spatial_dims,
+             str(list(plan.shape)), str([round(s, 4) for s in plan.spacing]), plan.laterality, plan.view,
+             img_status, img_reason, img_message, plan_to_json(plan)),
+        )
+    if plans and images_ok == 0:
+        rejected = db.execute(
+            "SELECT reason, message FROM images WHERE series_uid=? LIMIT 1", (series_uid,)
+        ).fetchone()
+        status, reason, message = Status.REJECTED, rejected["reason"], rejected["message"]
+    db.execute(
+        "INSERT OR REPLACE INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (series_uid, first.study_uid, first.modality, first.body_part, first.manufacturer, first.model,
+         first.slice_thickness, first.kvp, first.field_strength, first.rows, first.cols,
+         str(list(first.pixel_spacing)) if first.pixel_spacing else None, len(headers),
+         sum(h.n_frames for h in headers), ",".join(tasks_for_modality(first.modality)),
+         status, reason, message),
+    )
+    return decoded
+
+
+def _upsert_study(catalog: Catalog, h: InstanceHeader) -> None:
+    patient_key = h.patient_id or f"study:{h.study_uid}"
+    catalog.db.execute(
+        "INSERT OR REPLACE INTO studies VALUES (?,?,?,?,?,?)",
+        (h.study_uid, patient_key, h.patient_name, catalog.pseudonym(patient_key), h.accession, h.study_date),
+    )
+
+
+def _summarise(catalog: Catalog, report: IngestReport, root: Path) -> None:
+    db = catalog.db
+    for reason, n in db.execute(
+        "SELECT reason, COUNT(*) FROM files WHERE source=? AND status='rejected' GROUP BY reason", (str(root),)
+    ):
+        report.rejected[f"file:{reason}"] += n
+    for row in db.execute(
+        """
+        SELECT s.status, s.reason, COUNT(*) FROM series s
+        WHERE s.series_uid IN (SELECT series_uid FROM files WHERE source=?)
+        GROUP BY s.status, s.reason
+        """,
+        (str(root),),
+    ):
+        if row[0] == Status.OK:
+            report.series_ok += row[2]
+        else:
+            report.series_rejected += row[2]
+            report.rejected[f"series:{row[1]}"] += row[2]
+    report.images_ok = db.execute(
+        """
+        SELECT COUNT(*) FROM images WHERE status='ok'
+        AND series_uid IN (SELECT series_uid FROM files WHERE source=?)
+        """,
+        (str(root),),
+    ).fetchone()[0]
+    rejected_images = db.execute(
+        """
+        SELECT reason, COUNT(*) FROM images WHERE status='rejected'
+        AND series_uid IN (SELECT s.series_uid FROM series s WHERE s.status='ok')
+        AND series_uid IN (SELECT series_uid FROM files WHERE source=?) GROUP BY reason
+        """,
+        (str(root),),
+    ).fetchall()
+    for reason, n in rejected_images:
+        report.rejected[f"image:{reason}"] += n
+

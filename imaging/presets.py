@@ -1,0 +1,166 @@
+"""The four cancer task presets: what each task reads and how its images are prepared.
+
+A preset is plain data. The MONAI pipelines that apply it live in :mod:`imaging.transforms`.
+Adding a task means adding one :class:`TaskPreset` to :data:`PRESETS` (see the README).
+Spatial tuples are in MONAI's array axis order: ``(x, y[, z])`` = (column, row[, slice]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+
+class Intensity(StrEnum):
+    """How raw intensities become network inputs."""
+
+    CT_WINDOW = "ct-window"  # clip Hounsfield units to a window, scale to [0, 1]
+    MR_ZSCORE = "mr-zscore"  # robust z-score: clip to percentiles, centre on the median
+    MG_SCALE = "mg-scale"  # scale percentiles of the breast to [0, 1]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentations (applied only to the training split).
+
+    Args:
+        flip_axes: Spatial axes that may be mirrored (probability 0.5 each).
+        rotate_deg: Maximum in-plane rotation in degrees.
+        zoom: Maximum relative zoom (0.1 = ±10 %).
+        intensity_shift: Maximum additive shift after normalisation.
+        intensity_scale: Maximum relative scale after normalisation.
+        noise_std: Standard deviation of added Gaussian noise after normalisation.
+    """
+
+    flip_axes: tuple[int, ...] = ()
+    rotate_deg: float = 10.0
+    zoom: float = 0.1
+    intensity_shift: float = 0.05
+    intensity_scale: float = 0.1
+    noise_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    """A cancer task: which images it takes and how they are normalised.
+
+    Args:
+        name: The task key used in labels, run configuration and the CLI.
+        title: A human name.
+        modality: The DICOM Modality the task reads.
+        spatial_dims: 2 for single images (mammography), 3 for volumes.
+        body_parts: BodyPartExamined values that point to this task (a hint; may be empty in real data).
+        target_spacing: Resampling target in mm, MONAI axis order.
+        spatial_size: Network input size after crop/pad, MONAI axis order.
+        intensity: The normalisation kind.
+        window: For CT: the HU window (low, high).
+        percentiles: For MR and MG: the percentiles mapped to the ends of the range.
+        min_slices: A 3D series with fewer slices is rejected.
+        canonical_laterality: For mammography: images of the other side are mirrored to this one.
+        augment: Training-time augmentations.
+    """
+
+    name: str
+    title: str
+    modality: str
+    spatial_dims: int
+    body_parts: tuple[str, ...]
+    target_spacing: tuple[float, ...]
+    spatial_size: tuple[int, ...]
+    intensity: Intensity
+    window: tuple[float, float] | None = None
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    min_slices: int = 1
+    canonical_laterality: str | None = None
+    augment: Augment = field(default_factory=Augment)
+
+
+PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
+    {
+        p.name: p
+        for p in (
+            TaskPreset(
+                name="lung-ct",
+                title="Lung nodule, chest CT",
+                modality="CT",
+                spatial_dims=3,
+                body_parts=("CHEST", "LUNG", "THORAX"),
+                target_spacing=(5.5, 5.5, 5.0),
+                spatial_size=(64, 64, 32),
+                intensity=Intensity.CT_WINDOW,
+                window=(-1000.0, 400.0),
+                min_slices=16,
+                augment=Augment(flip_axes=(0,), rotate_deg=8.0),
+            ),
+            TaskPreset(
+                name="breast-mg",
+                title="Breast mass or calcifications, mammography",
+                modality="MG",
+                spatial_dims=2,
+                body_parts=("BREAST",),
+                target_spacing=(0.8, 0.8),
+                spatial_size=(128, 160),
+                intensity=Intensity.MG_SCALE,
+                percentiles=(0.5, 99.5),
+                canonical_laterality="R",
+                augment=Augment(flip_axes=(1,), rotate_deg=5.0),
+            ),
+            TaskPreset(
+                name="colorectal-ct",
+                title="Colorectal mass, abdominal CT",
+                modality="CT",
+                spatial_dims=3,
+                body_parts=("ABDOMEN", "PELVIS", "COLON", "ABDOMENPELVIS"),
+                target_spacing=(5.5, 5.5, 5.0),
+                spatial_size=(64, 64, 32),
+                intensity=Intensity.CT_WINDOW,
+                window=(-200.0, 250.0),
+                min_slices=16,
+                augment=Augment(flip_axes=(0,), rotate_deg=8.0),
+            ),
+            TaskPreset(
+                name="prostate-mr",
+                title="Prostate lesion, T2-weighted MRI",
+                modality="MR",
+                spatial_dims=3,
+                body_parts=("PROSTATE", "PELVIS"),
+                target_spacing=(2.5, 2.5, 4.0),
+                spatial_size=(48, 48, 16),
+                intensity=Intensity.MR_ZSCORE,
+                percentiles=(1.0, 99.0),
+                min_slices=10,
+                augment=Augment(flip_axes=(0,), rotate_deg=8.0),
+            ),
+        )
+    }
+)
+
+
+def get_preset(name: str) -> TaskPreset:
+    """The preset called ``name``.
+
+    Raises:
+        KeyError: With the list of known tasks, if ``name`` is not one.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(PRESETS)}") from None
+
+
+def tasks_for_modality(modality: str) -> tuple[str, ...]:
+    """The tasks that read images of ``modality`` (empty if none does)."""
+    return tuple(p.name for p in PRESETS.values() if p.modality == modality)
+
+
+def min_slices_for_modality(modality: str) -> int:
+    """The fewest slices any 3D task of ``modality`` accepts (1 if no 3D task reads it)."""
+    counts = [p.min_slices for p in PRESETS.values() if p.modality == modality and p.spatial_dims == 3]
+    return min(counts) if counts else 1
+
+
+def is_2d_modality(modality: str) -> bool:
+    """Whether every task reading ``modality`` takes single 2D images (each instance its own image)."""
+    dims = {p.spatial_dims for p in PRESETS.values() if p.modality == modality}
+    return dims == {2}
