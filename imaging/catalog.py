@@ -366,7 +366,9 @@ class Catalog:
         Patients are stratified by their labels (the set of ``(task, label)`` pairs of their studies)
         and, within each stratum, taken in the order of a keyed hash of their PatientID; each goes to
         the split furthest below its target share of that stratum. Assignments already stored never
-        change, so a patient can never move between splits as new studies arrive.
+        change, so a patient can never move between splits as new studies arrive. The result is
+        deterministic for a given history of label loads (the same manifests in the same order give
+        the same split on any machine); loading them in another order may balance them differently.
 
         Args:
             fractions: Target shares of train, val and test.

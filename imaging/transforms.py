@@ -1,0 +1,185 @@
+"""MONAI dictionary pipelines that apply a task preset to cataloged images.
+
+Each sample is a dict ``{"image": <ImagePlan JSON>, "label": int, "laterality": str, ...}``. The
+deterministic part of the pipeline (load, orient, resample, normalise, crop) is what the on-disk
+cache stores; the random augmentations follow it and run every epoch (training split only).
+
+Arrays follow MONAI's layout: channel first, then ``(x, y[, z])`` = (column, row[, slice]), with a
+RAS affine (MONAI's convention) built from the DICOM geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    Orientationd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+    Transform,
+)
+
+from imaging.catalog import plan_from_json
+from imaging.dicom import ImagePlan, affine_lps, read_image
+from imaging.presets import Intensity, TaskPreset
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def to_meta_tensor(array: np.ndarray, plan: ImagePlan) -> MetaTensor:
+    """A decoded DICOM-order array as a channel-first MONAI MetaTensor with a RAS affine.
+
+    Args:
+        array: ``(slices, rows, cols)`` or ``(rows, cols)``.
+        plan: The image's plan (geometry).
+
+    Returns:
+        ``(1, cols, rows, slices)`` or ``(1, cols, rows)`` float32 with ``affine`` set.
+    """
+    data = np.ascontiguousarray(array.T)[None].astype(np.float32)
+    affine = LPS_TO_RAS @ affine_lps(plan)
+    if plan.spatial_dims == 2:
+        # 2D images (mammograms carry no patient position): pixel spacing only, x = column.
+        affine = np.diag([plan.spacing[1], plan.spacing[0], 1.0, 1.0])
+    return MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(affine), meta={"space": "RAS"})
+
+
+class LoadPlanImaged(MapTransform):
+    """Decode the DICOM image described by a plan (or its JSON) into a MetaTensor.
+
+    Args:
+        keys: Keys holding an :class:`ImagePlan` or its JSON.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            plan = d[key] if isinstance(d[key], ImagePlan) else plan_from_json(d[key])
+            d[key] = to_meta_tensor(read_image(plan).array, plan)
+        return d
+
+
+class FlipToLateralityd(MapTransform):
+    """Mirror mammograms of the other side so every breast faces the same way.
+
+    Args:
+        keys: Image keys.
+        canonical: The laterality images are mirrored to ("L" or "R").
+        laterality_key: The sample key holding the image's laterality.
+    """
+
+    def __init__(self, keys: KeysCollection, canonical: str, laterality_key: str = "laterality") -> None:
+        super().__init__(keys)
+        self.canonical = canonical
+        self.laterality_key = laterality_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        side = str(d.get(self.laterality_key) or "").upper()
+        if side and side != self.canonical:
+            for key in self.key_iterator(d):
+                d[key] = torch.flip(d[key], dims=(1,))  # mirror columns (x)
+        return d
+
+
+class RobustScaled(MapTransform):
+    """Percentile-based intensity normalisation over the foreground.
+
+    ``zscore`` mode clips to the percentiles and centres on the foreground mean with unit standard
+    deviation (robust z-score for MR); ``range`` mode maps the percentiles to [0, 1] (mammography).
+    The foreground is every voxel above the image minimum, so padding and air do not skew it.
+
+    Args:
+        keys: Image keys.
+        lower: Lower percentile.
+        upper: Upper percentile.
+        mode: ``"zscore"`` or ``"range"``.
+    """
+
+    def __init__(self, keys: KeysCollection, lower: float, upper: float, mode: str) -> None:
+        super().__init__(keys)
+        if mode not in ("zscore", "range"):
+            raise ValueError(f"RobustScaled mode must be 'zscore' or 'range', got {mode!r}")
+        self.lower, self.upper, self.mode = lower, upper, mode
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            fg = img[img > img.min()]
+            if fg.numel() < 16:
+                fg = img.flatten()
+            q = torch.quantile(fg.float()[:: max(1, fg.numel() // 1_000_000)],
+                               torch.tensor([self.lower / 100, self.upper / 100]))
+            lo, hi = float(q[0]), float(q[1])
+            clipped = img.clamp(lo, hi)
+            if self.mode == "range":
+                d[key] = (clipped - lo) / max(hi - lo, 1e-6)
+            else:
+                inside = fg.clamp(lo, hi)
+                d[key] = (clipped - inside.mean()) / max(float(inside.std()), 1e-6)
+        return d
+
+
+def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:
+    """Load, orient, resample, normalise and crop/pad: the cached part of the pipeline."""
+    steps: list[Transform] = [LoadPlanImaged(keys)]
+    if preset.spatial_dims == 3:
+        steps.append(Orientationd(keys, axcodes="RAS", labels=None))
+    if preset.canonical_laterality:
+        steps.append(FlipToLateralityd(keys, preset.canonical_laterality))
+    steps.append(Spacingd(keys, pixdim=preset.target_spacing, mode="bilinear", padding_mode="border"))
+    if preset.intensity is Intensity.CT_WINDOW:
+        if preset.window is None:
+            raise ValueError(f"preset {preset.name}: a CT window is required for {preset.intensity}")
+        lo, hi = preset.window
+        steps.append(ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    elif preset.intensity is Intensity.MR_ZSCORE:
+        steps.append(RobustScaled(keys, *preset.percentiles, mode="zscore"))
+    else:
+        steps.append(RobustScaled(keys, *preset.percentiles, mode="range"))
+    steps.append(ResizeWithPadOrCropd(keys, spatial_size=preset.spatial_size, mode="constant"))
+    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+    return steps
+
+
+def augmentations(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:
+    """The preset's random training augmentations."""
+    a = preset.augment
+    steps: list[Transform] = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in a.flip_axes]
+    if a.rotate_deg or a.zoom:
+        rad = float(np.radians(a.rotate_deg))
+        rotate = (rad,) if preset.spatial_dims == 2 else (0.0, 0.0, rad)  # in-plane rotation for volumes
+        steps.append(
+            RandAffined(keys, prob=0.5, rotate_range=rotate, scale_range=(a.zoom,) * preset.spatial_dims,
+                        mode="bilinear", padding_mode="zeros")
+        )
+    if a.intensity_scale:
+        steps.append(RandScaleIntensityd(keys, factors=a.intensity_scale, prob=0.5))
+    if a.intensity_shift:
+        steps.append(RandShiftIntensityd(keys, offsets=a.intensity_shift, prob=0.5))
+    if a.noise_std:
+        steps.append(RandGaussianNoised(keys, prob=0.3, std=a.noise_std))
+    return steps
+
+
+def pipeline(preset: TaskPreset, *, train: bool) -> Compose:
+    """The full pipeline of a preset: deterministic steps, then augmentations when training."""
+    return Compose(deterministic_transforms(preset) + (augmentations(preset) if train else []))
