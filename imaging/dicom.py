@@ -479,12 +479,16 @@ def _plan_2d(h: InstanceHeader) -> ImagePlan:
 def _plan_volume(headers: Sequence[InstanceHeader], first: InstanceHeader) -> ImagePlan:
     entries = [(h, f) for h in headers for f in h.frames]
     min_slices = min_slices_for_modality(first.modality)
-    if len(entries) < min_slices:
-        raise DicomError(
+
+    def too_few() -> DicomError:
+        return DicomError(
             first.path,
             Reason.TOO_FEW_SLICES,
             f"{len(entries)} slice(s); {first.modality} tasks need at least {min_slices}",
         )
+
+    if len(entries) < 2:
+        raise too_few()
     missing = [h.path for h, f in entries if f.position is None or f.orientation is None]
     if missing:
         raise DicomError(
@@ -552,6 +556,9 @@ def _plan_volume(headers: Sequence[InstanceHeader], first: InstanceHeader) -> Im
             f"slice origins drift {np.abs(drift).max():.2f} mm in-plane between slices (gantry tilt); "
             "reconstruct without tilt or resample to an orthogonal grid",
         )
+    # Counted last: a series with a gap is reported as missing a slice, which says what to fix.
+    if len(entries) < min_slices:
+        raise too_few()
     ordered = [entries[int(i)] for i in order]
     pr, pc = first.pixel_spacing  # type: ignore[misc]
     return ImagePlan(

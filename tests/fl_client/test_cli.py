@@ -1,0 +1,86 @@
+"""The site CLI as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dicom_factory import write_mammogram, write_series
+
+from imaging.catalog import Catalog
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fl_client.cli", *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> tuple[Path, Path, Path]:
+    src = tmp_path / "dicom"
+    for i in range(4):
+        write_series(src / f"ct{i}", n=16, rows=6, cols=6, patient_id=f"SECRET-PID-{i}", seed=i)
+    write_mammogram(src / "mg")
+    paths, _, _ = write_series(src / "broken", n=16, rows=6, cols=6, patient_id="SECRET-PID-9", seed=9)
+    paths[3].unlink()  # a missing slice
+    ws = tmp_path / "ws"
+    labels = tmp_path / "labels.csv"
+    return src, ws, labels
+
+
+def test_ingest_status_series_end_to_end(site: tuple[Path, Path, Path]) -> None:
+    src, ws, labels = site
+    first = run("ingest", "--workspace", str(ws), "--source", str(src))
+    assert first.returncode == 0, first.stderr
+    assert "series accepted / rejected" in first.stdout and "missing-slice" in first.stdout
+    with Catalog.open(ws) as catalog:
+        studies = [r[0] for r in catalog.db.execute("SELECT study_uid FROM studies ORDER BY 1")]
+        phi = [v for row in catalog.db.execute("SELECT patient_id, patient_name, accession, study_date, "
+                                                "study_uid FROM studies") for v in row if v]
+        phi += [r[0] for r in catalog.db.execute("SELECT series_uid FROM series")]
+    labels.write_text("study_instance_uid,task,label\n" + "".join(
+        f"{s},lung-ct,{i % 2}\n" for i, s in enumerate(studies)))
+    second = run("ingest", "--workspace", str(ws), "--source", str(src), "--labels", str(labels))
+    assert second.returncode == 0, second.stderr
+    assert "files unchanged (skipped)" in second.stdout
+
+    status = run("status", "--workspace", str(ws), "--json")
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["schema"] == "oncofed.site-status/1"
+    assert doc["series"] == {"ok": 5, "rejected": 1}
+    assert {"level": "series", "reason": "missing-slice", "count": 1} in doc["rejects"]
+    assert doc["tasks"]["lung-ct"]["labelled_studies"] == 4
+    for secret in phi + ["SECRET", "TEST^PATIENT", str(src)]:
+        assert secret not in status.stdout, f"status --json leaks {secret!r}"
+
+    listing = json.loads(run("series", "--workspace", str(ws), "--json").stdout)
+    assert listing["schema"] == "oncofed.series/1"
+    rejected = [s for s in listing["series"] if s["status"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["reason"] == "missing-slice"
+    human = run("status", "--workspace", str(ws))
+    assert human.returncode == 0 and "lung-ct" in human.stdout
+
+
+@pytest.mark.parametrize("command", ["ingest", "status", "series"])
+def test_help_has_an_example(command: str) -> None:
+    out = run(command, "--help")
+    assert out.returncode == 0 and "example:" in out.stdout and "oncofed-site " + command in out.stdout
+
+
+def test_user_mistakes_are_one_clear_line(tmp_path: Path) -> None:
+    missing = run("status", "--workspace", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "run 'oncofed-site ingest" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    no_folder = run("ingest", "--workspace", str(tmp_path / "ws"), "--source", str(tmp_path / "nope"))
+    assert no_folder.returncode == 2 and "is not a folder" in no_folder.stderr
+    bad_csv = tmp_path / "labels.csv"
+    bad_csv.write_text("uid,label\n")
+    bad = run("ingest", "--workspace", str(tmp_path / "ws"), "--labels", str(bad_csv))
+    assert bad.returncode == 2 and "missing column" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,94 @@
+"""Preset pipelines and the on-disk cache, on real DICOM files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dicom_factory import write_mammogram, write_series
+
+import imaging.transforms as transforms
+from imaging.catalog import Item
+from imaging.dataset import cached_dataset, cache_folder
+from imaging.dicom import plan_images, read_header, read_image
+from imaging.presets import PRESETS, get_preset
+from imaging.transforms import LoadPlanImaged, deterministic_transforms, pipeline
+from monai.transforms import Compose
+
+
+def _volume_item(tmp_path: Path, **kwargs) -> Item:
+    paths, _, _ = write_series(tmp_path, **kwargs)
+    (plan,) = plan_images([read_header(p) for p in paths])
+    return Item(study_uid=plan.study_uid, task="lung-ct", label=1, split="train", patient_pseudonym="p-x", plan=plan)
+
+
+def test_loaded_tensor_matches_dicom_geometry(tmp_path: Path) -> None:
+    item = _volume_item(tmp_path, n=20, rows=8, cols=6)
+    out = LoadPlanImaged("image")({"image": item.plan})["image"]
+    array = read_image(item.plan).array  # (slices, rows, cols)
+    assert tuple(out.shape) == (1, 6, 8, 20)  # (channel, x=col, y=row, z=slice)
+    assert float(out[0, 4, 3, 7]) == float(array[7, 3, 4])
+    # RAS affine: x grows to the patient's left in LPS = negative in RAS.
+    voxel = torch.tensor([4.0, 3.0, 7.0, 1.0], dtype=torch.float64)
+    world_ras = out.affine @ voxel
+    origin = np.array(item.plan.origin)
+    lps = origin + np.array([4 * 0.7, 3 * 0.8, 7 * 2.5])
+    np.testing.assert_allclose(world_ras[:3].numpy(), [-lps[0], -lps[1], lps[2]], atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["lung-ct", "colorectal-ct", "prostate-mr"])
+def test_volume_presets_give_their_size_and_range(tmp_path: Path, task: str) -> None:
+    preset = get_preset(task)
+    modality = preset.modality
+    item = _volume_item(tmp_path, n=24, rows=40, cols=36, spacing=3.0, pixel_spacing=(2.0, 2.0),
+                        modality=modality, intercept=-1024.0 if modality == "CT" else 0.0)
+    out = Compose(deterministic_transforms(preset))({"image": item.plan, "label": 1})["image"]
+    assert tuple(out.shape) == (1, *preset.spatial_size) and out.dtype == torch.float32
+    if preset.intensity == "ct-window":
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    else:
+        assert torch.isfinite(out).all()
+
+
+def test_mammograms_are_flipped_to_one_side(tmp_path: Path) -> None:
+    preset = PRESETS["breast-mg"]
+    left, _ = write_mammogram(tmp_path / "l", laterality="L")
+    right, _ = write_mammogram(tmp_path / "r", laterality="R")
+    (pl,) = plan_images([read_header(left)])
+    (pr,) = plan_images([read_header(right)])
+    load = Compose([LoadPlanImaged("image"), transforms.FlipToLateralityd("image", "R")])
+    out_l = load({"image": pl, "laterality": "L"})["image"]
+    out_r = load({"image": pr, "laterality": "R"})["image"]
+    torch.testing.assert_close(out_l, torch.flip(out_r, dims=(1,)))  # same pixels, mirrored
+    full = Compose(deterministic_transforms(preset))({"image": pl, "laterality": "L"})["image"]
+    assert tuple(full.shape) == (1, *preset.spatial_size)
+
+
+def test_second_epoch_reads_the_cache_not_dicom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = [_volume_item(tmp_path / f"s{i}", n=20, rows=16, cols=16, seed=i, patient_id=f"P{i}")
+             for i in range(3)]
+    preset = get_preset("lung-ct")
+    calls = []
+    real = transforms.read_image
+    monkeypatch.setattr(transforms, "read_image", lambda plan: calls.append(plan.key) or real(plan))
+    ds = cached_dataset(items, preset, workspace=tmp_path / "ws", train=True)
+    first = [ds[i]["image"] for i in range(len(ds))]
+    assert len(calls) == 3
+    second = [ds[i]["image"] for i in range(len(ds))]
+    assert len(calls) == 3, "epoch 2 must not decode DICOM again"
+    assert all(a.shape == b.shape == (1, *preset.spatial_size) for a, b in zip(first, second, strict=True))
+    assert len(list(cache_folder(tmp_path / "ws", preset).glob("*.pt"))) == 3
+    # A fresh dataset object (the next round or run) reads the same cache.
+    again = cached_dataset(items, preset, workspace=tmp_path / "ws", train=False)
+    _ = [again[i] for i in range(3)]
+    assert len(calls) == 3
+
+
+def test_eval_pipeline_is_deterministic(tmp_path: Path) -> None:
+    item = _volume_item(tmp_path, n=20, rows=16, cols=16)
+    preset = get_preset("lung-ct")
+    a = pipeline(preset, train=False)({"image": item.plan})["image"]
+    b = pipeline(preset, train=False)({"image": item.plan})["image"]
+    torch.testing.assert_close(a, b)
