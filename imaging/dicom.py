@@ -210,6 +210,11 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
+def _xyz(value: Any) -> tuple[float, float, float] | None:
+    xyz = _floats(value, 3)
+    return None if xyz is None else (xyz[0], xyz[1], xyz[2])
+
+
 def _first(seq_parent: Dataset | None, keyword: str) -> Dataset | None:
     if seq_parent is None:
         return None
@@ -222,7 +227,7 @@ def _frames(ds: Dataset, n_frames: int) -> tuple[Frame, ...]:
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if shared is None and not per_frame:
-        position = _floats(ds.get("ImagePositionPatient"), 3)
+        position = _xyz(ds.get("ImagePositionPatient"))
         orientation = _floats(ds.get("ImageOrientationPatient"), 6)
         slope = _float(ds, "RescaleSlope")
         intercept = _float(ds, "RescaleIntercept")
@@ -254,7 +259,7 @@ def _frames(ds: Dataset, n_frames: int) -> tuple[Frame, ...]:
         frames.append(
             Frame(
                 index=i,
-                position=_floats(find("PlanePositionSequence", "ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                position=_xyz(find("PlanePositionSequence", "ImagePositionPatient")),
                 orientation=_floats(find("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
                 slope=1.0 if slope is None else float(slope),
                 intercept=0.0 if intercept is None else float(intercept),
@@ -633,11 +638,8 @@ def read_image(plan: ImagePlan) -> Image:
                 f"decoded shape {pixels.shape} does not hold frame {ref.frame} of {rows}x{cols}",
             )
         stored = pixels[ref.frame].astype(np.float32)
-        if plan.photometric == "MONOCHROME1":
-            if plan.pixel_representation == 0:
-                stored = float(2**plan.bits_stored - 1) - stored
-            else:
-                stored = -1.0 - stored
+        if plan.photometric == "MONOCHROME1":  # mirror within the stored range: max + min - value
+            stored = (float(2**plan.bits_stored - 1) if plan.pixel_representation == 0 else -1.0) - stored
         out[i] = stored * ref.slope + ref.intercept
     return Image(array=out[0] if plan.spatial_dims == 2 else out, plan=plan)
 

@@ -28,7 +28,7 @@ def _cohort(tmp_path: Path, n_patients: int = 30) -> tuple[Path, list[tuple[str,
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str, int]], extra: str = "") -> Path:
-    path.write_text("study_instance_uid,task,label\n" + "".join(f"{s},{t},{l}\n" for s, t, l in rows) + extra)
+    path.write_text("study_instance_uid,task,label\n" + "".join(f"{s},{t},{y}\n" for s, t, y in rows) + extra)
     return path
 
 

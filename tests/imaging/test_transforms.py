@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 from dicom_factory import write_mammogram, write_series
+from monai.transforms import Compose
 
 import imaging.transforms as transforms
 from imaging.catalog import Item
-from imaging.dataset import cached_dataset, cache_folder
+from imaging.dataset import cache_folder, cached_dataset
 from imaging.dicom import plan_images, read_header, read_image
 from imaging.presets import PRESETS, get_preset
 from imaging.transforms import LoadPlanImaged, deterministic_transforms, pipeline
-from monai.transforms import Compose
 
 
 def _volume_item(tmp_path: Path, **kwargs) -> Item:
