@@ -21,7 +21,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy imaging models fl_client fl_server
+	$(VENV)/bin/mypy imaging models fl_client fl_server scripts
 
 clean-demo:
 	rm -rf demo-output

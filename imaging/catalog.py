@@ -363,10 +363,11 @@ class Catalog:
     ) -> int:
         """Give every labelled patient without a split one, deterministically and for good.
 
-        Patients are stratified by their labels (the set of ``(task, label)`` pairs of their studies)
-        and, within each stratum, taken in the order of a keyed hash of their PatientID; each goes to
-        the split furthest below its target share of that stratum. Assignments already stored never
-        change, so a patient can never move between splits as new studies arrive. The result is
+        Patients are stratified by task and label (a patient with several studies by a positive one
+        first, then by task name) and, within each stratum, taken in the order of a keyed hash of
+        their PatientID; each goes to the split furthest below its target share of that stratum.
+        Assignments already stored never change, so a patient can never move between splits as new
+        studies arrive. The result is
         deterministic for a given history of label loads (the same manifests in the same order give
         the same split on any machine); loading them in another order may balance them differently.
 
@@ -393,18 +394,22 @@ class Catalog:
         existing = {r[0]: r[1] for r in self.db.execute("SELECT patient_pseudonym, split FROM splits")}
         splits = list(Split)
         counts: dict[str, list[int]] = {}
+        def stratum(pairs: set[tuple[str, int]]) -> str:
+            # One (task, label) per patient, positives first: a patient with several studies joins a
+            # main stratum instead of forming a tiny one of its own (tiny strata all fall to train).
+            task, label = min(pairs, key=lambda p: (-p[1], p[0]))
+            return f"{task}:{label}"
+
         for pseudo, pairs in strata.items():
             if pseudo in existing:
-                key = json.dumps(sorted(pairs))
-                counts.setdefault(key, [0, 0, 0])[splits.index(Split(existing[pseudo]))] += 1
+                counts.setdefault(stratum(pairs), [0, 0, 0])[splits.index(Split(existing[pseudo]))] += 1
 
         def order(pseudo: str) -> str:
             return hmac.new(seed.encode(), ids[pseudo].encode(), hashlib.sha256).hexdigest()
 
         new = 0
         for pseudo in sorted((p for p in strata if p not in existing), key=order):
-            key = json.dumps(sorted(strata[pseudo]))
-            c = counts.setdefault(key, [0, 0, 0])
+            c = counts.setdefault(stratum(strata[pseudo]), [0, 0, 0])
             total = sum(c) + 1
             deficits = [fractions[k] * total - c[k] for k in range(3)]
             k = max(range(3), key=lambda j: (deficits[j], -j))
