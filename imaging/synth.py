@@ -362,7 +362,7 @@ def _lung_ct(rng: np.random.Generator, grid: Grid, label: int, body: float) -> t
         cx = x0 + amp * np.sin(z / wave + phase)
         cyv = y0 + amp * np.cos(z / wave + phase)
         d = np.sqrt((x - cx) ** 2 + (y - cyv) ** 2)
-        paint(hu, _soft(d - rng.uniform(1.5, 3.5), edge) * lung_mask, 40.0)
+        paint(hu, _soft(d - rng.uniform(1.0, 2.2), edge) * lung_mask, 40.0)
     heart_r = (rng.uniform(50, 62) * body, rng.uniform(45, 55) * body)
     paint(hu, ellipsoid(x, y, None, (18, cy - 0.2 * b), heart_r, edge) * (z < zc + 40), 40.0)
     paint(hu, ellipsoid(x, y, None, (14, cy + 0.35 * b), (12, 12), edge), 45.0)  # aorta
@@ -371,7 +371,7 @@ def _lung_ct(rng: np.random.Generator, grid: Grid, label: int, body: float) -> t
     paint(hu, ellipsoid(x, y, None, (0, cy + 0.62 * b + 24), (7, 7), edge), 20.0)  # spinal canal
     lesion = None
     if label:
-        r = float(rng.uniform(6.0, 14.0))
+        r = float(rng.uniform(8.0, 15.0))
         # A voxel of aerated lung at least a radius away from anything else, inside the scanned range.
         lung_air = (hu < -600) & (lung_mask > 0.5)
         core = ndimage.binary_erosion(lung_air, iterations=max(1, int(round(r / max(grid.spacing)))))
@@ -431,11 +431,11 @@ def _colorectal_ct(rng: np.random.Generator, grid: Grid, label: int,
         lo, hi = max(s0, zlo) + 15, min(s1, zhi) - 15
         zz = float(rng.uniform(lo, hi)) if hi > lo else (zlo + zhi) / 2
         theta = rng.uniform(0, 2 * np.pi)
-        r = float(rng.uniform(12.0, 20.0))
+        r = float(rng.uniform(14.0, 22.0))
         p = np.array([sx + lumen_r[i] * np.cos(theta), sy + lumen_r[i] * np.sin(theta), zz])
         w = ellipsoid(x, y, z, p, (r, r * rng.uniform(0.8, 1.1), r * rng.uniform(1.0, 1.4)), edge)
         kind = "colonic mass" if rng.random() < 0.7 else "annular tumour"
-        paint(hu, w, float(rng.uniform(75, 110)))  # enhancing tumour, portal-venous phase
+        paint(hu, w, float(rng.uniform(90, 130)))  # avidly enhancing tumour, portal-venous phase
         lesion = Lesion(p, r, kind, w)
     return hu, lesion
 
@@ -515,7 +515,7 @@ def _mammogram(rng: np.random.Generator, rows: int, cols: int, spacing: float, l
             spikes = 1.0 + 0.18 * np.sin(7 * ang + rng.uniform(0, 6)) + 0.12 * np.sin(13 * ang + rng.uniform(0, 6))
             d = np.sqrt((r - centre[0]) ** 2 + (c - centre[1]) ** 2)
             weight = _soft((d - rad * spikes) * spacing, spacing * 1.5)
-            paint(img, weight, np.minimum(img + 0.35, 1.0))
+            paint(img, weight, 0.97 + 0.03 * np.clip(tissue, -1, 1))  # denser than any normal tissue
         else:
             radius_mm = float(rng.uniform(6.0, 10.0))
             rad = radius_mm / spacing

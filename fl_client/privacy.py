@@ -1,0 +1,245 @@
+"""The site's privacy budget and its append-only ledger of every DP-SGD session on the site's data.
+
+The site owns its budget: the ceiling (ε_max, δ) is set by the site's own user in the workspace
+(``oncofed-site privacy --set-budget``), never by a run configuration or anything from the network.
+Every DP training session appends one line to ``privacy/ledger.jsonl`` (run, round, steps, sample rate,
+noise multiplier, clipping norm, δ and the cumulative ε). The cumulative ε is computed by the Opacus
+accountant over the *whole* history of the site - across rounds and across runs - so it never
+forgets a session the way a fresh ``PrivacyEngine`` per round would. A session that would push the
+cumulative ε past the ceiling is refused before any training, and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+PRIVACY_DIR = "privacy"
+BUDGET_FILE = "budget.json"
+LEDGER_FILE = "ledger.jsonl"
+LEDGER_SCHEMA = "oncofed.privacy-ledger/1"
+
+
+class PrivacyError(Exception):
+    """A privacy rule stops training; the message says which and what the site can do."""
+
+
+class BudgetExceeded(PrivacyError):
+    """Training would push the site's cumulative ε past its ceiling."""
+
+
+class NoBudget(PrivacyError):
+    """DP training was asked for but the site has not set its ceiling."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The site's ceiling: cumulative ε may not exceed ``epsilon_max`` at ``delta``."""
+
+    epsilon_max: float
+    delta: float
+    set_at: str
+
+
+@dataclass(frozen=True)
+class Session:
+    """One DP-SGD training session (one round of one run, or one local run)."""
+
+    time: str
+    run_id: str
+    round: int
+    task: str
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    epsilon_cumulative: float
+    samples: int
+
+
+def _accountant(kind: str) -> RDPAccountant | PRVAccountant:
+    if kind == "prv":
+        return PRVAccountant()
+    return RDPAccountant()
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """ε at ``delta`` of a history of ``(noise_multiplier, sample_rate, steps)`` sessions."""
+    if not history:
+        return 0.0
+    acc = _accountant(accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def default_delta(samples: int) -> float:
+    """A δ below 1/samples: 1/(10 × samples), rounded down to one significant figure, at most 1e-5."""
+    raw = min(1e-5, 1.0 / (10.0 * max(samples, 1)))
+    exponent = math.floor(math.log10(raw))
+    return math.floor(raw / 10**exponent) * 10**exponent
+
+
+def noise_for(*, epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """The noise multiplier that spends ``epsilon`` at ``delta`` over ``steps`` steps at ``sample_rate``."""
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant))
+
+
+class PrivacyLedger:
+    """The privacy state of one site workspace.
+
+    Args:
+        workspace: The site workspace folder.
+    """
+
+    def __init__(self, workspace: Path | str) -> None:
+        self.folder = Path(workspace) / PRIVACY_DIR
+        self.budget_path = self.folder / BUDGET_FILE
+        self.ledger_path = self.folder / LEDGER_FILE
+
+    # The ceiling -----------------------------------------------------------------------------------
+
+    def budget(self) -> Budget | None:
+        """The site's ceiling, or None if never set."""
+        if not self.budget_path.exists():
+            return None
+        data = json.loads(self.budget_path.read_text())
+        return Budget(float(data["epsilon_max"]), float(data["delta"]), str(data["set_at"]))
+
+    def set_budget(self, epsilon_max: float, delta: float = 1e-5) -> Budget:
+        """Set the ceiling (the site user's decision).
+
+        Raises:
+            PrivacyError: Bad values, or a ceiling below what the site has already spent, or a δ
+                different from the one the ledger already counts at.
+        """
+        if not (epsilon_max > 0 and math.isfinite(epsilon_max)):
+            raise PrivacyError(f"the budget must be a positive ε, got {epsilon_max}")
+        if not 0 < delta < 1e-2:
+            raise PrivacyError(f"δ must be in (0, 0.01), e.g. 1e-5, got {delta}")
+        old = self.budget()
+        if old is not None and self.sessions() and delta != old.delta:
+            raise PrivacyError(
+                f"the ledger already counts ε at δ={old.delta:g}; keep that δ (changing it would make the "
+                "recorded history incomparable)"
+            )
+        spent = self.spent(delta)
+        if spent > epsilon_max:
+            raise PrivacyError(f"this site has already spent ε={spent:.3f}; a ceiling of {epsilon_max:g} is below it")
+        budget = Budget(float(epsilon_max), float(delta), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.budget_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(budget), indent=1))
+        os.replace(tmp, self.budget_path)
+        return budget
+
+    # The history -------------------------------------------------------------------------------------
+
+    def sessions(self) -> list[Session]:
+        """Every recorded session, oldest first.
+
+        Raises:
+            PrivacyError: The ledger file is damaged (names the line).
+        """
+        if not self.ledger_path.exists():
+            return []
+        out = []
+        for number, line in enumerate(self.ledger_path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                data.pop("schema", None)
+                out.append(Session(**data))
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise PrivacyError(f"{self.ledger_path} line {number} is damaged ({exc}); restore it from a backup"
+                                   ) from None
+        return out
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """``(noise_multiplier, sample_rate, steps)`` of every session."""
+        return [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.sessions()]
+
+    def spent(self, delta: float | None = None) -> float:
+        """Cumulative ε over all history at ``delta`` (default: the budget's δ, else 1e-5)."""
+        budget = self.budget()
+        d = delta if delta is not None else (budget.delta if budget else 1e-5)
+        return epsilon_of(self.history(), d, self._accountant_kind())
+
+    def _accountant_kind(self) -> str:
+        kinds = {s.accountant for s in self.sessions()}
+        return "prv" if kinds == {"prv"} else "rdp"
+
+    def project(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Cumulative ε (at the budget's δ) if a session of ``steps`` steps were added."""
+        budget = self.require_budget()
+        history = [*self.history(), (noise_multiplier, sample_rate, steps)]
+        return epsilon_of(history, budget.delta, self._accountant_kind())
+
+    def require_budget(self) -> Budget:
+        budget = self.budget()
+        if budget is None:
+            raise NoBudget(
+                f"this site has no privacy budget yet (workspace {self.folder.parent}); the site decides it: "
+                f"oncofed-site privacy --workspace {self.folder.parent} --set-budget EPSILON [--delta D]"
+            )
+        return budget
+
+    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """The cumulative ε after such a session; refuses if it passes the ceiling.
+
+        Raises:
+            NoBudget: No ceiling set.
+            BudgetExceeded: The session would pass the ceiling (nothing is trained or sent).
+        """
+        budget = self.require_budget()
+        after = self.project(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        if after > budget.epsilon_max + 1e-9:
+            raise BudgetExceeded(
+                f"privacy budget of this site would be exceeded: ε spent {self.spent():.3f}, this session would "
+                f"bring it to {after:.3f}, the ceiling is {budget.epsilon_max:g} (δ={budget.delta:g}). Nothing was "
+                "trained or sent. The site may raise its ceiling (oncofed-site privacy --set-budget) or stop "
+                "taking part in DP runs."
+            )
+        return after
+
+    def record(self, *, run_id: str, round: int, task: str, steps: int, sample_rate: float, noise_multiplier: float,
+               max_grad_norm: float, samples: int, accountant: str = "rdp") -> Session:
+        """Append a finished session (flushed and synced to disk before returning)."""
+        budget = self.require_budget()
+        history = [*self.history(), (noise_multiplier, sample_rate, steps)]
+        session = Session(
+            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run_id=run_id, round=round, task=task, steps=steps,
+            sample_rate=sample_rate, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            delta=budget.delta, accountant=accountant,
+            epsilon_cumulative=epsilon_of(history, budget.delta, accountant), samples=samples,
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"schema": LEDGER_SCHEMA, **asdict(session)}, separators=(",", ":"))
+        with self.ledger_path.open("a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return session
+
+    def summary(self) -> dict[str, Any]:
+        """The budget, spent and remaining ε, and the sessions (schema ``oncofed.privacy/1``)."""
+        budget = self.budget()
+        spent = self.spent()
+        return {
+            "schema": "oncofed.privacy/1",
+            "budget": asdict(budget) if budget else None,
+            "epsilon_spent": spent,
+            "epsilon_remaining": (budget.epsilon_max - spent) if budget else None,
+            "sessions": [asdict(s) for s in self.sessions()],
+        }

@@ -1,0 +1,313 @@
+"""Local training and evaluation at a site, with optional DP-SGD. No federation code here.
+
+Each federated round calls :func:`train_local` and :func:`evaluate_local`; the site-local baseline
+(``oncofed-site train-local``) calls them over several epochs. Under DP, the noise multiplier is
+calibrated once per run from the run's ε, δ and the steps the site plans over the whole run, the
+site's ledger is checked before any step and written after the last one.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fl_client.metrics import BinaryMetrics, binary_metrics, study_scores
+from fl_client.privacy import PrivacyLedger, default_delta, noise_for
+from imaging.catalog import Catalog, Item
+from imaging.dataset import cached_dataset
+from imaging.presets import get_preset
+from models.config import GradSampleMode, PrivacySpec, TrainSpec
+
+
+class TrainingError(Exception):
+    """Training cannot start (no data, one class only...); the message names the site and task."""
+
+
+class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """``(image, label)`` pairs of plain tensors from a cached MONAI dataset (Opacus' loader needs tuples)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.inner[index]
+        image = sample["image"]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        return image.float(), torch.tensor([float(sample["label"])])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One task's items at one or more site workspaces, per split."""
+
+    task: str
+    items: dict[str, list[tuple[Path, Item]]]  # split -> (workspace, item)
+
+    def count(self, split: str) -> int:
+        return len(self.items.get(split, []))
+
+    def labels(self, split: str) -> list[int]:
+        return [item.label for _, item in self.items.get(split, [])]
+
+    def dataset(self, split: str, *, train: bool) -> TensorDataset:
+        """The split as a dataset; each workspace caches its own preprocessed tensors."""
+        preset = get_preset(self.task)
+        parts = []
+        by_ws: dict[Path, list[Item]] = {}
+        for ws, item in self.items.get(split, []):
+            by_ws.setdefault(ws, []).append(item)
+        for ws, items in by_ws.items():
+            parts.append(cached_dataset(items, preset, workspace=ws, train=train))
+        return TensorDataset(torch.utils.data.ConcatDataset(parts) if len(parts) != 1 else parts[0])
+
+    def study_uids(self, split: str) -> list[str]:
+        return [item.study_uid for _, item in self.items.get(split, [])]
+
+
+def load_site_data(workspaces: Sequence[Path], task: str) -> SiteData:
+    """The labelled items of ``task`` in each workspace, by split.
+
+    Raises:
+        TrainingError: A workspace has no catalog, or no labelled training items for the task.
+    """
+    get_preset(task)
+    items: dict[str, list[tuple[Path, Item]]] = {}
+    for ws in workspaces:
+        try:
+            catalog = Catalog.open(ws, create=False)
+        except FileNotFoundError as exc:
+            raise TrainingError(str(exc)) from None
+        with catalog:
+            for item in catalog.items(task):
+                items.setdefault(item.split or "unassigned", []).append((Path(ws), item))
+    data = SiteData(task, items)
+    labels = data.labels("train")
+    if not labels:
+        raise TrainingError(
+            f"no labelled training studies for task {task} in {', '.join(map(str, workspaces))}; "
+            "ingest with --labels first (oncofed-site status shows what is there)"
+        )
+    if len(set(labels)) < 2:
+        raise TrainingError(f"the training split of task {task} holds only label {labels[0]}; both classes are needed")
+    return data
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """How a run trains under DP at this site: fixed for the whole run so every round uses the same noise."""
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    max_grad_norm: float
+    planned_steps: int
+    epsilon_target: float
+    grad_sample_mode: GradSampleMode
+    accountant: str
+
+
+def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_round: int, rounds: int,
+            ledger: PrivacyLedger) -> DPPlan:
+    """Calibrate the noise for a run: its ε over all the steps the site plans to take in it.
+
+    δ is the run's ``dp-delta`` if set, else the site budget's δ (which is below 1/samples by default).
+
+    Raises:
+        NoBudget: The site has no ceiling.
+    """
+    budget = ledger.require_budget()
+    delta = privacy.delta or budget.delta or default_delta(samples)
+    sample_rate = min(1.0, batch_size / samples)
+    planned = steps_per_round * rounds
+    noise = noise_for(epsilon=privacy.epsilon, delta=delta, sample_rate=sample_rate, steps=planned,
+                      accountant=privacy.accountant.value)
+    return DPPlan(noise, sample_rate, delta, privacy.max_grad_norm, planned, privacy.epsilon,
+                  privacy.grad_sample_mode, privacy.accountant.value)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training session did."""
+
+    loss: float
+    num_examples: int  # training samples (not batches) in the split
+    samples_seen: int
+    steps: int
+    seconds: float
+    epsilon: float | None = None  # cumulative ε of the site after this session
+    noise_multiplier: float | None = None
+
+
+def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=0.9, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def pos_weight_of(labels: Sequence[int]) -> float:
+    """Weight of the positive class in the loss: negatives / positives (1 if either is missing)."""
+    pos = sum(1 for y in labels if y == 1)
+    neg = len(labels) - pos
+    return neg / pos if pos and neg else 1.0
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    spec: TrainSpec,
+    labels: Sequence[int],
+    global_params: Mapping[str, torch.Tensor] | None = None,
+    dp: DPPlan | None = None,
+    ledger: PrivacyLedger | None = None,
+    run_id: str = "local",
+    round_number: int = 0,
+    task: str = "",
+    epochs: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``spec.local_epochs`` (or ``epochs``) passes over ``dataset``.
+
+    Args:
+        model: The network (not wrapped by Opacus).
+        dataset: ``(image, label)`` pairs.
+        spec: The training recipe.
+        labels: The dataset's labels, for the class weighting.
+        global_params: The round's global weights, for the FedProx term (used when ``proximal_mu > 0``).
+        dp: A DP plan; the session is checked against and recorded in ``ledger``.
+        ledger: The site's privacy ledger (required with ``dp``).
+        run_id: Recorded in the ledger.
+        round_number: Recorded in the ledger.
+        task: Recorded in the ledger.
+        epochs: Overrides ``spec.local_epochs``.
+
+    Raises:
+        TrainingError: An empty dataset.
+        BudgetExceeded: Under DP, the session would pass the site's ceiling (nothing trained).
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise TrainingError("the training split is empty")
+    epochs = epochs or spec.local_epochs
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    generator = torch.Generator().manual_seed(spec.seed + 7919 * round_number)
+    loader: DataLoader[Any] = DataLoader(dataset, batch_size=min(spec.batch_size, n), shuffle=True, drop_last=False,
+                                         generator=generator, num_workers=0)
+    criterion: Any = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)]))
+    optimizer = _optimizer(model, spec)
+    trained: nn.Module = model
+    steps_per_epoch = len(loader)
+    if dp is not None:
+        if ledger is None:
+            raise ValueError("a DP session needs the site's ledger")
+        steps = int(round(epochs / dp.sample_rate))
+        ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=dp.accountant)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+            common: dict[str, Any] = dict(module=model, optimizer=optimizer, data_loader=loader,
+                                          noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                          poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode.value)
+            if dp.grad_sample_mode == GradSampleMode.GHOST:
+                trained, optimizer, criterion, loader = engine.make_private(criterion=criterion, **common)
+            else:
+                trained, optimizer, loader = engine.make_private(**common)
+        steps_per_epoch = int(round(1 / dp.sample_rate))
+    prox = spec.proximal_mu if global_params is not None and spec.proximal_mu > 0 else 0.0
+    anchors = ({k: v.detach().clone() for k, v in global_params.items()} if prox and global_params is not None
+               else {})
+    named = dict(model.named_parameters())
+    trained.train()
+    t0 = time.perf_counter()
+    total_loss, seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        batches = iter(loader)
+        for _ in range(steps_per_epoch):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            if len(x) == 0:  # Poisson sampling may draw an empty batch: it still counts as a step
+                steps += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(trained(x), y)
+            if prox and dp is None:
+                loss = loss + prox / 2 * sum(((named[k] - a) ** 2).sum() for k, a in anchors.items() if k in named)
+            loss.backward()
+            optimizer.step()
+            if prox and dp is not None:
+                # Under DP the proximal term is applied as its own step after the private update: it
+                # depends only on the public global weights, so it costs no privacy.
+                with torch.no_grad():
+                    for k, a in anchors.items():
+                        if k in named:
+                            named[k].sub_(spec.learning_rate * prox * (named[k] - a))
+            total_loss += float(loss.detach()) * len(x)
+            seen += len(x)
+            steps += 1
+    seconds = time.perf_counter() - t0
+    session_epsilon = None
+    if dp is not None and ledger is not None:
+        session = ledger.record(run_id=run_id, round=round_number, task=task, steps=steps,
+                                sample_rate=dp.sample_rate, noise_multiplier=dp.noise_multiplier,
+                                max_grad_norm=dp.max_grad_norm, samples=n, accountant=dp.accountant)
+        session_epsilon = session.epsilon_cumulative
+        close = getattr(trained, "_close", None)
+        if callable(close):
+            close()  # remove Opacus' hooks so the plain model can be reused
+    model.eval()
+    return TrainResult(loss=total_loss / max(seen, 1), num_examples=n, samples_seen=seen, steps=steps,
+                       seconds=seconds, epsilon=session_epsilon,
+                       noise_multiplier=dp.noise_multiplier if dp else None)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16) -> np.ndarray:
+    """Probabilities of the positive class, in dataset order."""
+    model.eval()
+    out = []
+    for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        out.append(torch.sigmoid(model(x)).squeeze(1).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Study-level metrics of one split, and the image count behind them."""
+
+    metrics: BinaryMetrics
+    images: int
+    seconds: float
+
+
+def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,
+                   batch_size: int = 16) -> EvalResult | None:
+    """Evaluate on a split (None if the split is empty). Images of one study count as one study,
+    scored by its highest image probability."""
+    if data.count(split) == 0:
+        return None
+    t0 = time.perf_counter()
+    dataset = data.dataset(split, train=False)
+    probs = predict(model, dataset, batch_size=batch_size)
+    labels = data.labels(split)
+    loss = float(nn.functional.binary_cross_entropy(torch.tensor(probs).clamp(1e-6, 1 - 1e-6),
+                                                    torch.tensor(labels, dtype=torch.float32)))
+    _, y, p = study_scores(data.study_uids(split), labels, probs.tolist())
+    return EvalResult(binary_metrics(y, p, threshold=threshold, loss=loss), images=len(labels),
+                      seconds=time.perf_counter() - t0)

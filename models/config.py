@@ -1,0 +1,327 @@
+"""The typed run configuration, and the one parser of Flower's flat ``run_config`` keys.
+
+Everything the server and every site must agree on for a run lives here: the task and network, the
+local training recipe, the differential-privacy request and the federation. A site's own settings
+(workspace, privacy ceiling) are *not* run configuration: they come from the site itself.
+
+Usage::
+
+    config = from_flat({"task": "lung-ct", "local-epochs": "2", "dp": "true", "dp-epsilon": "4"})
+    config.model.spatial_dims  # 3
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+from models.tasks import TASK_DIMS
+
+
+class ConfigError(ValueError):
+    """A run configuration value or combination is wrong; the message names the key and the fix."""
+
+
+class Arch(StrEnum):
+    """Network architectures ``build_model`` knows."""
+
+    COMPACT_CNN = "compact-cnn"  # the CPU default: fast, and DP-SGD costs little on it
+    DENSENET_SMALL = "densenet-small"
+    DENSENET121 = "densenet121"
+
+
+class Norm(StrEnum):
+    """Normalisation layers. BatchNorm mixes samples in a batch, which per-sample DP cannot allow."""
+
+    GROUP = "group"
+    INSTANCE = "instance"  # with affine parameters
+    BATCH = "batch"
+
+
+class Strategy(StrEnum):
+    """Server aggregation strategies (the federation issue wires them to Flower's own)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+
+
+class Accountant(StrEnum):
+    """Opacus privacy accountants."""
+
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class GradSampleMode(StrEnum):
+    """Opacus per-sample gradient modes (see BENCHMARKS.md for the measured choice)."""
+
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
+    EW = "ew"
+    GHOST = "ghost"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network: identical on the server and at every site.
+
+    Args:
+        task: The task key (``lung-ct``, ``breast-mg``, ``colorectal-ct``, ``prostate-mr``).
+        arch: The architecture.
+        spatial_dims: 2 or 3, from the task.
+        in_channels: Input channels (1: grey images).
+        width: Base channel count of ``compact-cnn`` (doubled at each stage).
+        norm: The normalisation layer.
+        dropout: Dropout before the classifier.
+    """
+
+    task: str = "lung-ct"
+    arch: Arch = Arch.COMPACT_CNN
+    spatial_dims: int = 3
+    in_channels: int = 1
+    width: int = 16
+    norm: Norm = Norm.INSTANCE
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The local training recipe of one round (or of a site-local run).
+
+    Args:
+        local_epochs: Passes over the site's training split per round.
+        batch_size: Expected batch size (under DP: the expected Poisson batch).
+        learning_rate: Optimiser step size.
+        weight_decay: L2 weight decay (decoupled for AdamW).
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
+        proximal_mu: FedProx proximal term weight (0: off).
+        seed: Seed for weights, sampling and augmentation.
+        augment: Apply the preset's training augmentations.
+        threads: Torch CPU threads (0: leave torch's default).
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    proximal_mu: float = 0.0
+    seed: int = 0
+    augment: bool = True
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """The DP-SGD request of a run. The site's ceiling is the site's own, never part of this.
+
+    Args:
+        enabled: Train with DP-SGD.
+        epsilon: The ε this run may spend at a site over all its planned steps.
+        delta: δ; 0 means "choose": 1 / (10 × training samples), below 1 / samples.
+        max_grad_norm: Per-sample gradient clipping norm C.
+        accountant: The Opacus accountant used to calibrate noise and to count ε.
+        grad_sample_mode: The Opacus per-sample gradient mode.
+    """
+
+    enabled: bool = False
+    epsilon: float = 8.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: Accountant = Accountant.RDP
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """The federation around the local training.
+
+    Args:
+        num_rounds: Server rounds.
+        strategy: Aggregation strategy.
+        fraction_train: Share of connected sites asked to train each round.
+        fraction_evaluate: Share asked to evaluate.
+        min_sites: Sites needed before a round starts.
+    """
+
+    num_rounds: int = 3
+    strategy: Strategy = Strategy.FEDAVG
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the server and the sites agree on for one run."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainSpec = field(default_factory=TrainSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    federation: FederationSpec = field(default_factory=FederationSpec)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat keys that :func:`from_flat` reads back to an equal config."""
+        out: dict[str, Any] = {}
+        for key, (section, attr, _) in KEYS.items():
+            value = getattr(getattr(self, section), attr)
+            out[key] = value.value if isinstance(value, StrEnum) else value
+        return out
+
+
+def _bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _enum(kind: type[StrEnum]) -> Callable[[Any], StrEnum]:
+    def parse(text: Any) -> StrEnum:
+        try:
+            return kind(str(text).strip().lower())
+        except ValueError:
+            raise ValueError(f"expected one of {', '.join(m.value for m in kind)}") from None
+
+    return parse
+
+
+def _int(text: Any) -> int:
+    if isinstance(text, bool):
+        raise ValueError("expected an integer")
+    if isinstance(text, float) and not text.is_integer():
+        raise ValueError("expected an integer")
+    return int(float(text)) if isinstance(text, float) else int(str(text).strip())
+
+
+def _float(text: Any) -> float:
+    if isinstance(text, bool):
+        raise ValueError("expected a number")
+    return float(str(text).strip()) if not isinstance(text, int | float) else float(text)
+
+
+def _str(text: Any) -> str:
+    return str(text).strip()
+
+
+# flat key -> (section, attribute, parser)
+KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "task": ("model", "task", _str),
+    "model": ("model", "arch", _enum(Arch)),
+    "model-width": ("model", "width", _int),
+    "norm": ("model", "norm", _enum(Norm)),
+    "dropout": ("model", "dropout", _float),
+    "local-epochs": ("training", "local_epochs", _int),
+    "batch-size": ("training", "batch_size", _int),
+    "learning-rate": ("training", "learning_rate", _float),
+    "weight-decay": ("training", "weight_decay", _float),
+    "optimizer": ("training", "optimizer", _str),
+    "proximal-mu": ("training", "proximal_mu", _float),
+    "seed": ("training", "seed", _int),
+    "augment": ("training", "augment", _bool),
+    "threads": ("training", "threads", _int),
+    "dp": ("privacy", "enabled", _bool),
+    "dp-epsilon": ("privacy", "epsilon", _float),
+    "dp-delta": ("privacy", "delta", _float),
+    "dp-max-grad-norm": ("privacy", "max_grad_norm", _float),
+    "dp-accountant": ("privacy", "accountant", _enum(Accountant)),
+    "dp-grad-sample-mode": ("privacy", "grad_sample_mode", _enum(GradSampleMode)),
+    "num-rounds": ("federation", "num_rounds", _int),
+    "strategy": ("federation", "strategy", _enum(Strategy)),
+    "fraction-train": ("federation", "fraction_train", _float),
+    "fraction-evaluate": ("federation", "fraction_evaluate", _float),
+    "min-sites": ("federation", "min_sites", _int),
+}
+
+# Keys that belong to other layers of the run (Flower's own, or the server's) and are ignored here.
+PASS_THROUGH = frozenset({"resume", "run-name", "secure-aggregation", "report", "checkpoint-every"})
+
+
+def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
+    """Parse Flower's flat ``run_config`` (or CLI options) into a checked :class:`RunConfig`.
+
+    Args:
+        flat: Key/value pairs; values may be strings (from ``--run-config``) or typed values.
+        base: Defaults to start from (default: :class:`RunConfig`'s).
+
+    Raises:
+        ConfigError: An unknown key (with the closest known one), a value of the wrong kind, out of
+            range, or a bad combination; the message says what to change.
+    """
+    config = base or RunConfig()
+    sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(RunConfig)}
+    for key, raw in flat.items():
+        if key in PASS_THROUGH:
+            continue
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, list(KEYS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
+            raise ConfigError(f"unknown run-config key {key!r}{hint}")
+        section, attr, parse = KEYS[key]
+        try:
+            sections[section][attr] = parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"run-config key {key!r}: {raw!r} is not valid ({exc})") from None
+    model = replace(config.model, **sections["model"])
+    if model.task not in TASK_DIMS:
+        raise ConfigError(f"run-config key 'task': unknown task {model.task!r}; known: {', '.join(TASK_DIMS)}")
+    model = replace(model, spatial_dims=TASK_DIMS[model.task])
+    result = RunConfig(
+        model=model,
+        training=replace(config.training, **sections["training"]),
+        privacy=replace(config.privacy, **sections["privacy"]),
+        federation=replace(config.federation, **sections["federation"]),
+    )
+    validate(result)
+    return result
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"run-config key {key!r}: {message}")
+
+
+def validate(config: RunConfig) -> None:
+    """Reject values out of range and combinations that cannot work, naming the key and the fix.
+
+    Raises:
+        ConfigError: The first problem found.
+    """
+    m, t, p, f = config.model, config.training, config.privacy, config.federation
+    _check(m.spatial_dims == TASK_DIMS.get(m.task, m.spatial_dims), "task",
+           f"task {m.task!r} is {TASK_DIMS.get(m.task)}D, the model spec says {m.spatial_dims}D")
+    _check(m.in_channels >= 1, "in-channels", "must be at least 1")
+    _check(4 <= m.width <= 256 and m.width % 4 == 0, "model-width", "must be a multiple of 4 from 4 to 256")
+    _check(0.0 <= m.dropout < 1.0, "dropout", "must be in [0, 1)")
+    _check(t.local_epochs >= 1, "local-epochs", "must be at least 1")
+    _check(1 <= t.batch_size <= 4096, "batch-size", "must be between 1 and 4096")
+    _check(0.0 < t.learning_rate <= 10.0, "learning-rate", "must be in (0, 10]")
+    _check(t.weight_decay >= 0.0, "weight-decay", "must be 0 or more")
+    _check(t.optimizer in ("adamw", "sgd"), "optimizer", "must be adamw or sgd")
+    _check(t.proximal_mu >= 0.0, "proximal-mu", "must be 0 (off) or more")
+    _check(t.threads >= 0, "threads", "must be 0 (torch default) or more")
+    _check(f.num_rounds >= 1, "num-rounds", "must be at least 1")
+    _check(0.0 < f.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+    _check(0.0 <= f.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
+    _check(f.min_sites >= 1, "min-sites", "must be at least 1")
+    if f.strategy == Strategy.FEDPROX:
+        _check(t.proximal_mu > 0.0, "proximal-mu", "strategy fedprox needs proximal-mu > 0 (e.g. 0.01)")
+    if p.enabled:
+        _check(m.norm != Norm.BATCH, "norm",
+               "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")
+        _check(0.0 < p.epsilon <= 100.0, "dp-epsilon", "must be in (0, 100]; 1-10 is the usual range")
+        _check(0.0 <= p.delta < 1e-2, "dp-delta", "must be 0 (choose below 1/samples) or a small value like 1e-5")
+        _check(p.max_grad_norm > 0.0, "dp-max-grad-norm", "must be above 0 (e.g. 1.0)")
+        _check(p.grad_sample_mode != GradSampleMode.EW or m.arch == Arch.COMPACT_CNN, "dp-grad-sample-mode",
+               "'ew' does not work on DenseNet; use hooks")

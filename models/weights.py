@@ -1,0 +1,94 @@
+"""Model weights as named NumPy arrays in a fixed order, and packed into one flat array for transfer.
+
+The order is the model's own ``state_dict`` order, which :func:`build_model` makes identical on the
+server and every site. Opacus wraps a model and prefixes its keys with ``_module.``; the prefix is
+stripped here so a DP site and a plain server speak the same names.
+
+Sending one flat array instead of hundreds matters: the transport costs about 40 ms per array per
+node (see the stack notes), so a DenseNet121 in 727 arrays took 141 s a round and 12.8 s in 9.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+OPACUS_PREFIX = "_module."
+
+
+class WeightsError(ValueError):
+    """Arrays do not fit the model; the message names the key."""
+
+
+def _strip(key: str) -> str:
+    while key.startswith(OPACUS_PREFIX):
+        key = key[len(OPACUS_PREFIX):]
+    return key
+
+
+def state_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """The model's state (parameters and buffers) as named arrays, in ``state_dict`` order."""
+    return OrderedDict((_strip(k), v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
+
+
+def check_arrays(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise unless ``arrays`` has exactly the keys, shapes and dtypes of ``reference``.
+
+    Raises:
+        WeightsError: Naming the first missing, unexpected or mis-shaped key.
+    """
+    missing = [k for k in reference if k not in arrays]
+    if missing:
+        raise WeightsError(f"missing weight {missing[0]!r} ({len(missing)} missing in all)")
+    extra = [k for k in arrays if k not in reference]
+    if extra:
+        raise WeightsError(f"unexpected weight {extra[0]!r} ({len(extra)} unexpected in all)")
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise WeightsError(f"weight {key!r} has shape {tuple(got.shape)}, the model needs {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise WeightsError(f"weight {key!r} has dtype {got.dtype}, the model needs {ref.dtype}")
+
+
+def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load named arrays into ``model`` (wrapped by Opacus or not) after checking them.
+
+    Raises:
+        WeightsError: Keys, shapes or dtypes do not fit.
+    """
+    current = model.state_dict()
+    names = {_strip(k): k for k in current}
+    reference = OrderedDict((k, current[v].detach().cpu().numpy()) for k, v in names.items())
+    check_arrays(reference, arrays)
+    model.load_state_dict(OrderedDict((names[k], torch.from_numpy(np.asarray(arrays[k]).copy())) for k in names))
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """All arrays as one flat float32 array, in their order (integer buffers round-trip exactly
+    up to 2**24, which covers the step counters MONAI and torch keep)."""
+    if not arrays:
+        return np.zeros(0, np.float32)
+    return np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays.values()])
+
+
+def unpack(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """Split a packed array back into named arrays shaped and typed like ``reference``.
+
+    Raises:
+        WeightsError: The flat array's length does not match the reference.
+    """
+    need = sum(int(np.prod(a.shape)) for a in reference.values())
+    if flat.ndim != 1 or flat.size != need:
+        raise WeightsError(f"packed weights have {flat.size} values, the model needs {need}")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for key, ref in reference.items():
+        n = int(np.prod(ref.shape))
+        out[key] = flat[offset:offset + n].reshape(ref.shape).astype(ref.dtype)
+        offset += n
+    return out

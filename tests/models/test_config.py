@@ -1,0 +1,55 @@
+"""The run configuration: one parser of flat keys, clear errors, and agreement with the task presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from imaging.presets import PRESETS
+from models.config import Arch, ConfigError, Norm, RunConfig, Strategy, from_flat
+from models.tasks import TASK_DIMS
+
+
+def test_task_table_matches_the_imaging_presets() -> None:
+    assert dict(TASK_DIMS) == {name: p.spatial_dims for name, p in PRESETS.items()}
+
+
+def test_strings_from_the_command_line_parse_to_types() -> None:
+    config = from_flat({"task": "breast-mg", "model": "densenet121", "local-epochs": "3", "learning-rate": "3e-4",
+                        "dp": "true", "dp-epsilon": "4", "strategy": "FedProx", "proximal-mu": "0.01"})
+    assert config.model.arch == Arch.DENSENET121 and config.model.spatial_dims == 2
+    assert config.training.local_epochs == 3 and config.training.learning_rate == 3e-4
+    assert config.privacy.enabled and config.privacy.epsilon == 4.0
+    assert config.federation.strategy == Strategy.FEDPROX
+
+
+def test_round_trip_through_flat_keys() -> None:
+    config = from_flat({"task": "prostate-mr", "batch-size": 8, "dp": True, "norm": "group"})
+    assert from_flat(config.to_flat()) == config
+    assert from_flat({}) == from_flat(RunConfig().to_flat())
+
+
+@pytest.mark.parametrize(
+    ("flat", "message"),
+    [
+        ({"local-epoch": "2"}, "unknown run-config key 'local-epoch'; did you mean 'local-epochs'"),
+        ({"task": "liver-ct"}, "unknown task 'liver-ct'"),
+        ({"local-epochs": "two"}, "'local-epochs': 'two' is not valid"),
+        ({"local-epochs": "0"}, "'local-epochs': must be at least 1"),
+        ({"model": "resnet"}, "expected one of compact-cnn, densenet-small, densenet121"),
+        ({"dp": "maybe"}, "expected true or false"),
+        ({"dp": "true", "norm": "batch"}, "BatchNorm mixes samples"),
+        ({"dp": "true", "dp-epsilon": "0"}, "'dp-epsilon': must be in (0, 100]"),
+        ({"dp": "true", "dp-delta": "0.5"}, "'dp-delta'"),
+        ({"dp": "true", "model": "densenet121", "dp-grad-sample-mode": "ew"}, "'ew' does not work on DenseNet"),
+        ({"strategy": "fedprox"}, "strategy fedprox needs proximal-mu > 0"),
+        ({"model-width": "10"}, "multiple of 4"),
+    ],
+)
+def test_bad_values_and_combinations_name_the_key_and_the_fix(flat: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        from_flat(flat)
+    assert message in str(exc.value)
+
+
+def test_batchnorm_is_allowed_without_dp_only() -> None:
+    assert from_flat({"norm": "batch"}).model.norm == Norm.BATCH
