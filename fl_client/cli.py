@@ -43,6 +43,25 @@ EPILOG_SERIES = """example:
 --json prints schema oncofed.series/1 (documented in the README). It lists UIDs: keep it at the site."""
 
 
+EPILOG_TRAIN = """examples:
+  oncofed-site train-local --workspace ws/site-a --task lung-ct --out runs/lung-a --epochs 20
+  oncofed-site train-local --workspace ws/site-a --task lung-ct --out runs/lung-a-dp --dp-epsilon 4
+  oncofed-site train-local --workspace ws/site-a --workspace ws/site-b --task breast-mg --out runs/pooled
+
+Writes OUT/model.pt, OUT/metrics.json (per split: AUROC, sensitivity and specificity at the
+threshold, balanced accuracy, Brier score, with the number of studies) and OUT/curves.png.
+Several --workspace pool the sites (the centralised baseline; no DP). With --dp-epsilon the
+site's privacy ledger is checked first and written after: see 'oncofed-site privacy'."""
+
+EPILOG_PRIVACY = """examples:
+  oncofed-site privacy --workspace ws/site-a
+  oncofed-site privacy --workspace ws/site-a --set-budget 8 --delta 1e-5
+  oncofed-site privacy --workspace ws/site-a --json
+
+The budget is this site's decision: nothing from the network can change it. Every DP training
+session on this site's data is in the ledger; ε is cumulative over all of them."""
+
+
 class UserError(Exception):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
@@ -215,6 +234,96 @@ def cmd_series(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
+    from fl_client.local_run import run_local
+    from fl_client.privacy import PrivacyError
+    from fl_client.train import TrainingError
+    from models.config import ConfigError, from_flat
+
+    flat: dict[str, Any] = {"task": args.task, "model": args.model, "batch-size": args.batch_size,
+                            "learning-rate": args.lr, "seed": args.seed, "threads": args.threads}
+    if args.dp_epsilon is not None:
+        flat.update({"dp": True, "dp-epsilon": args.dp_epsilon, "dp-max-grad-norm": args.dp_max_grad_norm,
+                     "dp-grad-sample-mode": args.dp_grad_sample_mode})
+        if args.dp_delta is not None:
+            flat["dp-delta"] = args.dp_delta
+    try:
+        config = from_flat(flat)
+    except ConfigError as exc:
+        raise UserError(str(exc).replace("run-config key", "option").replace("'dp-", "'--dp-")) from None
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    table = Table(title=f"{args.task}: training on {', '.join(str(w) for w in args.workspace)}")
+    for col in ("epoch", "train loss", "val AUROC"):
+        table.add_column(col, justify="right")
+    with _progress(console) as bar:
+        task = bar.add_task("epochs", total=args.epochs)
+
+        def on_epoch(epoch: int, loss: float, auc: float | None) -> None:
+            table.add_row(str(epoch + 1), f"{loss:.3f}", "-" if auc is None else f"{auc:.3f}")
+            bar.update(task, advance=1)
+
+        try:
+            doc = run_local(args.workspace, config, args.out, epochs=args.epochs, on_epoch=on_epoch)
+        except (TrainingError, PrivacyError) as exc:
+            raise UserError(str(exc)) from None
+    console.print(table)
+    result = Table(title="Study-level metrics (threshold 0.5)")
+    for col in ("split", "studies", "pos/neg", "AUROC", "sensitivity", "specificity", "bal. acc.", "Brier"):
+        result.add_column(col, justify="right")
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for split, m in doc["splits"].items():
+        result.add_row(split, str(m["studies"]), f"{m['positives']}/{m['negatives']}", f(m["auroc"]),
+                       f(m["sensitivity"]), f(m["specificity"]), f(m["balanced_accuracy"]), f(m["brier"]))
+    console.print(result)
+    if doc["privacy"]:
+        p = doc["privacy"]
+        console.print(f"DP-SGD: noise multiplier {p['noise_multiplier']:.3f}, clipping {p['max_grad_norm']:g}, "
+                      f"sample rate {p['sample_rate']:.3f}; this site's cumulative ε is now "
+                      f"{p['epsilon_site_cumulative']:.3f} (δ={p['delta']:g})")
+    console.print(f"{doc['samples_per_second']:.1f} training images/s. Wrote {args.out / 'model.pt'}, "
+                  f"{args.out / 'metrics.json'}, {args.out / 'curves.png'}")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
+    from fl_client.privacy import PrivacyError, PrivacyLedger
+
+    ledger = PrivacyLedger(args.workspace)
+    if not args.workspace.is_dir():
+        raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
+    try:
+        if args.set_budget is not None:
+            budget = ledger.set_budget(args.set_budget, args.delta if args.delta is not None else 1e-5)
+            console.print(f"budget set: ε ≤ {budget.epsilon_max:g} at δ={budget.delta:g}")
+        summary = ledger.summary()
+    except PrivacyError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    budget = summary["budget"]
+    if budget is None:
+        console.print("No privacy budget set: DP training is refused until the site sets one "
+                      f"(oncofed-site privacy --workspace {args.workspace} --set-budget EPSILON).")
+    else:
+        console.print(f"Budget ε ≤ {budget['epsilon_max']:g} at δ={budget['delta']:g}; spent "
+                      f"{summary['epsilon_spent']:.3f}; remaining {summary['epsilon_remaining']:.3f}")
+    if summary["sessions"]:
+        table = Table(title="Privacy ledger (every DP session on this site's data)")
+        for col in ("time", "run", "round", "task", "steps", "sample rate", "noise", "clip", "ε cumulative"):
+            table.add_column(col, justify="right")
+        for s in summary["sessions"]:
+            table.add_row(s["time"], s["run_id"], str(s["round"]), s["task"], str(s["steps"]),
+                          f"{s['sample_rate']:.4f}", f"{s['noise_multiplier']:.3f}", f"{s['max_grad_norm']:g}",
+                          f"{s['epsilon_cumulative']:.3f}")
+        console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oncofed-site`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -226,10 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_: str, epilog: str, func: Callable[..., int]) -> argparse.ArgumentParser:
+    def add(name: str, help_: str, epilog: str, func: Callable[..., int], *,
+            many: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--workspace", type=Path, required=True, help="the site workspace folder")
+        if many:
+            p.add_argument("--workspace", type=Path, required=True, action="append",
+                           help="a site workspace folder (repeat to pool several sites)")
+        else:
+            p.add_argument("--workspace", type=Path, required=True, help="the site workspace folder")
         p.set_defaults(func=func)
         return p
 
@@ -243,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("series", "List every series with its shape, spacing, status and reason.", EPILOG_SERIES,
             cmd_series)
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.series/1)")
+    p = add("train-local", "Train and evaluate a model on this site's data (or several sites pooled).",
+            EPILOG_TRAIN, cmd_train_local, many=True)
+    p.add_argument("--task", required=True, help="lung-ct, breast-mg, colorectal-ct or prostate-mr")
+    p.add_argument("--out", type=Path, required=True, help="output folder for model.pt, metrics.json, curves.png")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training split (default 20)")
+    p.add_argument("--model", default="compact-cnn", help="compact-cnn (default), densenet-small or densenet121")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dp-epsilon", type=float, help="train with DP-SGD spending at most this ε in this run")
+    p.add_argument("--dp-delta", type=float, help="δ (default: the site budget's δ)")
+    p.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm (default 1)")
+    p.add_argument("--dp-grad-sample-mode", default="hooks", help="Opacus mode: hooks (default), functorch, ew, ghost")
+    p = add("privacy", "Show this site's privacy ledger and remaining budget, or set the budget.", EPILOG_PRIVACY,
+            cmd_privacy)
+    p.add_argument("--set-budget", type=float, metavar="EPS", help="set the site's ceiling on cumulative ε")
+    p.add_argument("--delta", type=float, help="δ of the ceiling (default 1e-5)")
+    p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.privacy/1)")
     return parser
 
 

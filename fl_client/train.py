@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,7 @@ def train_local(
     round_number: int = 0,
     task: str = "",
     epochs: int | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.local_epochs`` (or ``epochs``) passes over ``dataset``.
 
@@ -191,6 +192,8 @@ def train_local(
         round_number: Recorded in the ledger.
         task: Recorded in the ledger.
         epochs: Overrides ``spec.local_epochs``.
+        on_epoch: Called as ``on_epoch(epoch, mean training loss of the epoch)`` after each epoch
+            (the model is in eval mode during the call).
 
     Raises:
         TrainingError: An empty dataset.
@@ -233,9 +236,13 @@ def train_local(
                else {})
     named = dict(model.named_parameters())
     trained.train()
+    # Opacus' hooks make torch warn about full backward hooks on every step; the warning is expected.
+    warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+    warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
     t0 = time.perf_counter()
     total_loss, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        epoch_loss, epoch_seen = 0.0, 0
         batches = iter(loader)
         for _ in range(steps_per_epoch):
             try:
@@ -258,9 +265,15 @@ def train_local(
                     for k, a in anchors.items():
                         if k in named:
                             named[k].sub_(spec.learning_rate * prox * (named[k] - a))
-            total_loss += float(loss.detach()) * len(x)
-            seen += len(x)
+            epoch_loss += float(loss.detach()) * len(x)
+            epoch_seen += len(x)
             steps += 1
+        total_loss += epoch_loss
+        seen += epoch_seen
+        if on_epoch is not None:
+            trained.eval()
+            on_epoch(epoch, epoch_loss / max(epoch_seen, 1))
+            trained.train()
     seconds = time.perf_counter() - t0
     session_epsilon = None
     if dp is not None and ledger is not None:

@@ -354,7 +354,7 @@ def _lung_ct(rng: np.random.Generator, grid: Grid, label: int, body: float) -> t
         paint(hu, w, -860.0 + rng.uniform(-20, 20))
     lung_mask = np.maximum(lungs[0][2], lungs[1][2])
     # Vessels: tubes winding along z inside the lungs.
-    for _ in range(int(rng.integers(12, 20))):
+    for _ in range(int(rng.integers(8, 14))):
         centre, radii, _w = lungs[int(rng.integers(0, 2))]
         x0 = centre[0] + rng.uniform(-0.6, 0.6) * radii[0]
         y0 = centre[1] + rng.uniform(-0.6, 0.6) * radii[1]
@@ -362,7 +362,7 @@ def _lung_ct(rng: np.random.Generator, grid: Grid, label: int, body: float) -> t
         cx = x0 + amp * np.sin(z / wave + phase)
         cyv = y0 + amp * np.cos(z / wave + phase)
         d = np.sqrt((x - cx) ** 2 + (y - cyv) ** 2)
-        paint(hu, _soft(d - rng.uniform(1.0, 2.2), edge) * lung_mask, 40.0)
+        paint(hu, _soft(d - rng.uniform(0.8, 1.8), edge) * lung_mask, 40.0)
     heart_r = (rng.uniform(50, 62) * body, rng.uniform(45, 55) * body)
     paint(hu, ellipsoid(x, y, None, (18, cy - 0.2 * b), heart_r, edge) * (z < zc + 40), 40.0)
     paint(hu, ellipsoid(x, y, None, (14, cy + 0.35 * b), (12, 12), edge), 45.0)  # aorta
@@ -371,7 +371,7 @@ def _lung_ct(rng: np.random.Generator, grid: Grid, label: int, body: float) -> t
     paint(hu, ellipsoid(x, y, None, (0, cy + 0.62 * b + 24), (7, 7), edge), 20.0)  # spinal canal
     lesion = None
     if label:
-        r = float(rng.uniform(8.0, 15.0))
+        r = float(rng.uniform(12.0, 22.0))
         # A voxel of aerated lung at least a radius away from anything else, inside the scanned range.
         lung_air = (hu < -600) & (lung_mask > 0.5)
         core = ndimage.binary_erosion(lung_air, iterations=max(1, int(round(r / max(grid.spacing)))))

@@ -39,6 +39,7 @@ class Norm(StrEnum):
     GROUP = "group"
     INSTANCE = "instance"  # with affine parameters
     BATCH = "batch"
+    NONE = "none"
 
 
 class Strategy(StrEnum):
@@ -304,6 +305,8 @@ def validate(config: RunConfig) -> None:
     _check(m.in_channels >= 1, "in-channels", "must be at least 1")
     _check(4 <= m.width <= 256 and m.width % 4 == 0, "model-width", "must be a multiple of 4 from 4 to 256")
     _check(0.0 <= m.dropout < 1.0, "dropout", "must be in [0, 1)")
+    _check(m.norm != Norm.NONE or m.arch == Arch.COMPACT_CNN, "norm",
+           "DenseNets need a norm layer; use instance or group")
     _check(t.local_epochs >= 1, "local-epochs", "must be at least 1")
     _check(1 <= t.batch_size <= 4096, "batch-size", "must be between 1 and 4096")
     _check(0.0 < t.learning_rate <= 10.0, "learning-rate", "must be in (0, 10]")

@@ -13,11 +13,10 @@ from models.nets import build_model, parameter_count
 from models.weights import WeightsError, check_arrays, load_arrays, pack, state_arrays, unpack
 
 
-@pytest.mark.parametrize("arch", list(Arch))
-@pytest.mark.parametrize("dims", [2, 3])
+# DenseNet121 is built in 2D only here: in 3D it is 11 M parameters, the same code path, and slow.
+@pytest.mark.parametrize(("arch", "dims"), [(Arch.COMPACT_CNN, 2), (Arch.COMPACT_CNN, 3), (Arch.DENSENET_SMALL, 2),
+                                            (Arch.DENSENET_SMALL, 3), (Arch.DENSENET121, 2)])
 def test_every_network_maps_images_to_one_logit(arch: Arch, dims: int) -> None:
-    if arch == Arch.DENSENET121 and dims == 3:
-        pytest.skip("DenseNet121 3D is 11 M parameters: covered in 2D, too slow for the unit suite")
     model = build_model(ModelSpec(task="breast-mg" if dims == 2 else "lung-ct", arch=arch, spatial_dims=dims))
     size = (64 if arch == Arch.DENSENET121 else 32,) * dims  # InstanceNorm needs >1 voxel at the last stage
     assert model(torch.randn(2, 1, *size)).shape == (2, 1)

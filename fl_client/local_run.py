@@ -1,0 +1,136 @@
+"""A site-local (or pooled, centralised) training run: the baseline federated results are compared to.
+
+Writes into the output folder: ``model.pt`` (weights and the run configuration), ``metrics.json``
+(schema ``oncofed.local-run/1``: per split the study-level metrics and the number of studies behind
+them, the per-epoch curve, timings, and ε under DP) and ``curves.png`` (training loss and validation
+AUROC per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_client.privacy import PrivacyLedger
+from fl_client.train import DPPlan, TrainingError, evaluate_local, load_site_data, plan_dp, train_local
+from models.config import RunConfig
+from models.nets import build_model, parameter_count
+from models.weights import state_arrays
+
+SCHEMA = "oncofed.local-run/1"
+
+
+def run_local(
+    workspaces: Sequence[Path],
+    config: RunConfig,
+    out: Path,
+    *,
+    epochs: int,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate on the workspaces' data (pooled if several) and write the results.
+
+    Args:
+        workspaces: One site workspace, or several for the centralised baseline.
+        config: The run configuration (task, model, recipe, DP request).
+        out: Output folder (created).
+        epochs: Passes over the training split.
+        on_epoch: Called as ``on_epoch(epoch, training loss, validation AUROC or None)``.
+
+    Returns:
+        The metrics document written to ``metrics.json``.
+
+    Raises:
+        TrainingError: No data, or DP asked for on pooled workspaces.
+        NoBudget / BudgetExceeded: Under DP, the site's ceiling is missing or would be passed.
+    """
+    task = config.model.task
+    data = load_site_data(workspaces, task)
+    if config.privacy.enabled and len(workspaces) != 1:
+        raise TrainingError("DP-SGD is accounted per site: train one workspace at a time with --dp-epsilon "
+                            "(the pooled run is the centralised baseline, without DP)")
+    if config.training.threads:
+        torch.set_num_threads(config.training.threads)
+    torch.manual_seed(config.training.seed)
+    model = build_model(config.model)
+    train_set = data.dataset("train", train=config.training.augment)
+    samples = data.count("train")
+    ledger = PrivacyLedger(workspaces[0]) if config.privacy.enabled else None
+    dp: DPPlan | None = None
+    if ledger is not None:
+        steps_per_epoch = max(1, round(samples / config.training.batch_size))
+        dp = plan_dp(config.privacy, samples=samples, batch_size=config.training.batch_size,
+                     steps_per_round=steps_per_epoch * epochs, rounds=1, ledger=ledger)
+    curve: list[dict[str, float | None]] = []
+
+    def after_epoch(epoch: int, loss: float) -> None:
+        val = evaluate_local(model, data, "val")
+        auc = val.metrics.auroc if val else None
+        curve.append({"epoch": epoch + 1, "train_loss": loss, "val_auroc": auc,
+                      "val_loss": val.metrics.loss if val else None})
+        if on_epoch is not None:
+            on_epoch(epoch, loss, auc)
+
+    t0 = time.perf_counter()
+    result = train_local(model, train_set, spec=config.training, labels=data.labels("train"), dp=dp, ledger=ledger,
+                         run_id=f"local-{uuid.uuid4().hex[:8]}", task=task, epochs=epochs, on_epoch=after_epoch)
+    train_seconds = time.perf_counter() - t0
+    splits = {}
+    for split in ("train", "val", "test"):
+        ev = evaluate_local(model, data, split)
+        if ev is not None:
+            splits[split] = {**ev.metrics.as_dict(), "images": ev.images}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"arrays": {k: torch.from_numpy(v) for k, v in state_arrays(model).items()},
+                "run_config": config.to_flat()}, out / "model.pt")
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "task": task,
+        "workspaces": [str(w) for w in workspaces],
+        "run_config": config.to_flat(),
+        "parameters": parameter_count(model),
+        "epochs": epochs,
+        "training_samples": samples,
+        "train_seconds": train_seconds,
+        "samples_per_second": result.samples_seen / max(result.seconds, 1e-9),
+        "steps": result.steps,
+        "splits": splits,
+        "curve": curve,
+        "privacy": ({**asdict(dp), "grad_sample_mode": dp.grad_sample_mode.value,
+                     "epsilon_site_cumulative": result.epsilon} if dp else None),
+    }
+    (out / "metrics.json").write_text(json.dumps(doc, indent=1))
+    _plot(out / "curves.png", curve, task)
+    return doc
+
+
+def _plot(path: Path, curve: list[dict[str, float | None]], task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [c["epoch"] for c in curve]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax[0].plot(epochs, [c["train_loss"] for c in curve], marker="o", label="train")
+    ax[0].plot(epochs, [c["val_loss"] for c in curve], marker="o", label="validation")
+    ax[0].set_xlabel("epoch")
+    ax[0].set_ylabel("loss")
+    ax[0].legend()
+    ax[1].plot(epochs, [c["val_auroc"] for c in curve], marker="o", color="tab:green")
+    ax[1].axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax[1].set_ylim(0, 1)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("validation AUROC (studies)")
+    ax[1].legend()
+    fig.suptitle(f"{task}: local training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,84 @@
+"""Site-local training from the command line: metrics files, DP with the site's ledger, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imaging.catalog import Catalog
+from imaging.ingest import ingest_folder
+from imaging.labels import load_labels
+from imaging.synth import generate_consortium
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fl_client.cli", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def workspaces(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("local")
+    generate_consortium(root / "data", sites=2, studies_per_task=12, seed=11, tasks=["prostate-mr"])
+    out = []
+    for site in ("site-a", "site-b"):
+        ws = root / "ws" / site
+        with Catalog.open(ws) as catalog:
+            ingest_folder(catalog, root / "data" / site / "dicom")
+            load_labels(catalog, root / "data" / site / "labels.csv")
+        out.append(ws)
+    return out
+
+
+def test_train_local_writes_model_metrics_and_curves(workspaces: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run("train-local", "--workspace", str(workspaces[0]), "--workspace", str(workspaces[1]),
+                 "--task", "prostate-mr", "--out", str(out), "--epochs", "2", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["schema"] == "oncofed.local-run/1" and doc["task"] == "prostate-mr"
+    assert doc["training_samples"] == sum(doc["splits"]["train"][k] for k in ("positives", "negatives"))
+    for split in ("train", "val", "test"):
+        m = doc["splits"][split]
+        assert m["studies"] == m["positives"] + m["negatives"] > 0
+        assert set(m) >= {"auroc", "sensitivity", "specificity", "balanced_accuracy", "brier", "threshold"}
+    assert len(doc["curve"]) == 2 and doc["privacy"] is None
+    assert (out / "model.pt").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    assert "Study-level metrics" in result.stdout
+
+
+def test_dp_needs_the_sites_budget_then_counts_against_it(workspaces: list[Path], tmp_path: Path) -> None:
+    ws = str(workspaces[0])
+    refused = run("train-local", "--workspace", ws, "--task", "prostate-mr", "--out", str(tmp_path / "a"),
+                  "--epochs", "1", "--dp-epsilon", "2")
+    assert refused.returncode == 2 and "no privacy budget" in refused.stderr and "--set-budget" in refused.stderr
+    assert run("privacy", "--workspace", ws, "--set-budget", "2.5", "--delta", "1e-5").returncode == 0
+    ok = run("train-local", "--workspace", ws, "--task", "prostate-mr", "--out", str(tmp_path / "b"),
+             "--epochs", "1", "--dp-epsilon", "2", "--threads", "2")
+    assert ok.returncode == 0, ok.stderr
+    ledger = json.loads(run("privacy", "--workspace", ws, "--json").stdout)
+    assert ledger["schema"] == "oncofed.privacy/1" and len(ledger["sessions"]) == 1
+    assert 0 < ledger["epsilon_spent"] <= 2.05
+    # A second run of the same size would pass the ceiling of 2.5: refused, nothing recorded.
+    again = run("train-local", "--workspace", ws, "--task", "prostate-mr", "--out", str(tmp_path / "c"),
+                "--epochs", "1", "--dp-epsilon", "2")
+    assert again.returncode == 2 and "would be exceeded" in again.stderr
+    assert len(json.loads(run("privacy", "--workspace", ws, "--json").stdout)["sessions"]) == 1
+    shown = run("privacy", "--workspace", ws)
+    assert "remaining" in shown.stdout and "Privacy ledger" in shown.stdout
+
+
+def test_user_mistakes_are_one_line(workspaces: list[Path], tmp_path: Path) -> None:
+    bad = run("train-local", "--workspace", str(workspaces[0]), "--task", "liver-ct", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "unknown task 'liver-ct'" in bad.stderr and "Traceback" not in bad.stderr
+    pooled_dp = run("train-local", "--workspace", str(workspaces[0]), "--workspace", str(workspaces[1]), "--task",
+                    "prostate-mr", "--out", str(tmp_path), "--dp-epsilon", "1")
+    assert pooled_dp.returncode == 2 and "accounted per site" in pooled_dp.stderr
+    for cmd in ("train-local", "privacy"):
+        helped = run(cmd, "--help")
+        assert helped.returncode == 0 and "oncofed-site " + cmd in helped.stdout
