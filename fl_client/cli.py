@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-epsilon", type=float, help="train with DP-SGD spending at most this ε in this run")
     p.add_argument("--dp-delta", type=float, help="δ (default: the site budget's δ)")
     p.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm (default 1)")
-    p.add_argument("--dp-grad-sample-mode", default="hooks", help="Opacus mode: hooks (default), functorch, ew, ghost")
+    p.add_argument("--dp-grad-sample-mode", default="auto",
+                   help="Opacus mode: auto (default: ew for compact-cnn, hooks otherwise), hooks, functorch, ew, ghost")
     p = add("privacy", "Show this site's privacy ledger and remaining budget, or set the budget.", EPILOG_PRIVACY,
             cmd_privacy)
     p.add_argument("--set-budget", type=float, metavar="EPS", help="set the site's ceiling on cumulative ε")

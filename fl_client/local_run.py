@@ -20,7 +20,7 @@ import torch
 
 from fl_client.privacy import PrivacyLedger
 from fl_client.train import DPPlan, TrainingError, evaluate_local, load_site_data, plan_dp, train_local
-from models.config import RunConfig
+from models.config import RunConfig, resolved_grad_sample_mode
 from models.nets import build_model, parameter_count
 from models.weights import state_arrays
 
@@ -67,7 +67,8 @@ def run_local(
     if ledger is not None:
         steps_per_epoch = max(1, round(samples / config.training.batch_size))
         dp = plan_dp(config.privacy, samples=samples, batch_size=config.training.batch_size,
-                     steps_per_round=steps_per_epoch * epochs, rounds=1, ledger=ledger)
+                     steps_per_round=steps_per_epoch * epochs, rounds=1, ledger=ledger,
+                     grad_sample_mode=resolved_grad_sample_mode(config))
     curve: list[dict[str, float | None]] = []
 
     def after_epoch(epoch: int, loss: float) -> None:

@@ -119,7 +119,7 @@ class DPPlan:
 
 
 def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_round: int, rounds: int,
-            ledger: PrivacyLedger) -> DPPlan:
+            ledger: PrivacyLedger, grad_sample_mode: GradSampleMode | None = None) -> DPPlan:
     """Calibrate the noise for a run: its ε over all the steps the site plans to take in it.
 
     δ is the run's ``dp-delta`` if set, else the site budget's δ (which is below 1/samples by default).
@@ -133,8 +133,11 @@ def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_ro
     planned = steps_per_round * rounds
     noise = noise_for(epsilon=privacy.epsilon, delta=delta, sample_rate=sample_rate, steps=planned,
                       accountant=privacy.accountant.value)
-    return DPPlan(noise, sample_rate, delta, privacy.max_grad_norm, planned, privacy.epsilon,
-                  privacy.grad_sample_mode, privacy.accountant.value)
+    mode = grad_sample_mode or privacy.grad_sample_mode
+    if mode == GradSampleMode.AUTO:
+        mode = GradSampleMode.HOOKS
+    return DPPlan(noise, sample_rate, delta, privacy.max_grad_norm, planned, privacy.epsilon, mode,
+                  privacy.accountant.value)
 
 
 @dataclass(frozen=True)

@@ -44,22 +44,35 @@ def norm_layer(norm: Norm, channels: int) -> tuple[str, dict[str, object]] | Non
     return ("batch", {})
 
 
-class MaxPool(nn.Module):
-    """Global max pooling: the image scores as high as its most suspicious place."""
+class GeMPool(nn.Module):
+    """Generalised-mean global pooling, ``mean(x**p) ** (1/p)`` over space (inputs are ReLU outputs).
+
+    Between average pooling (p=1) and max pooling (p→∞): the image scores high when some place is
+    suspicious, yet every place gets a gradient. Plain max pooling trained far slower here (one
+    voxel per channel receives the gradient); average pooling let the network memorise patients.
+
+    Args:
+        p: The exponent.
+    """
+
+    def __init__(self, p: float = 4.0) -> None:
+        super().__init__()
+        self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(2).amax(dim=2)
+        return x.clamp(min=1e-6).pow(self.p).flatten(2).mean(dim=2).pow(1.0 / self.p)
 
 
 class CompactCNN(nn.Module):
     """A lesion detector read out as a classifier: MONAI ``Convolution`` blocks (conv, norm, ReLU) with
-    a receptive field of a few centimetres, then global max pooling and a linear head.
+    a receptive field of a few centimetres, then generalised-mean pooling and a linear head.
 
-    The limited receptive field and the max pooling are deliberate: with a few hundred studies a
+    The limited receptive field and the near-max pooling are deliberate: with a few hundred studies a
     network that sees the whole body learns to recognise patients instead of lesions (measured on the
-    synthetic lung task: a four-stage network with average pooling memorised the training set and
-    stayed at a validation AUROC of 0.55; this design reached 0.9). It also keeps the map that
-    Grad-CAM reads spatially meaningful. About 0.1 M parameters at width 16.
+    synthetic lung task, 131 training volumes: a four-stage network with average pooling memorised
+    the training set and stayed at a validation AUROC of 0.55; with max pooling it barely trained;
+    this design climbed to 0.8 in 15 epochs). It also keeps the map that Grad-CAM reads spatially
+    meaningful.
 
     Args:
         spatial_dims: 2 or 3.
@@ -79,7 +92,7 @@ class CompactCNN(nn.Module):
                                       norm=norm_layer(norm, out)))
             channels = out
         self.features = nn.Sequential(*layers)
-        self.pool = MaxPool()
+        self.pool = GeMPool()
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, 1)
 

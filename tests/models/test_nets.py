@@ -64,3 +64,26 @@ def test_mismatched_weights_name_the_key() -> None:
         check_arrays(arrays, {**arrays, "extra": np.zeros(1, np.float32)})
     with pytest.raises(WeightsError, match="packed weights have 3 values"):
         unpack(np.zeros(3, np.float32), arrays)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ew_per_sample_gradients_equal_hooks_on_the_compact_cnn(dims: int) -> None:
+    """'ew' is the default DP mode for the compact CNN: its per-sample gradients must equal 'hooks'."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+    spec = ModelSpec(task="breast-mg" if dims == 2 else "prostate-mr", spatial_dims=dims, dropout=0.0)
+    x = torch.randn(5, 1, *((24,) * dims))
+    y = torch.rand(5, 1).round()
+    grads = {}
+    for mode in ("hooks", "ew"):
+        torch.manual_seed(0)
+        wrapper = GradSampleModule if mode == "hooks" else GradSampleModuleExpandedWeights
+        model = wrapper(build_model(spec), batch_first=True, loss_reduction="mean")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        loss.backward()
+        grads[mode] = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()
+                       if getattr(p, "grad_sample", None) is not None}
+    assert grads["hooks"] and set(grads["hooks"]) == set(grads["ew"])
+    for name, g in grads["hooks"].items():
+        torch.testing.assert_close(grads["ew"][name], g, rtol=1e-4, atol=1e-6, msg=name)
