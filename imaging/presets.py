@@ -58,6 +58,7 @@ class TaskPreset:
         percentiles: For MR and MG: the percentiles mapped to the ends of the range.
         min_slices: A 3D series with fewer slices is rejected.
         canonical_laterality: For mammography: images of the other side are mirrored to this one.
+        lung_field: For chest CT: keep only the lung fields (see ``imaging.transforms.LungFieldd``).
         augment: Training-time augmentations.
     """
 
@@ -73,6 +74,7 @@ class TaskPreset:
     percentiles: tuple[float, float] = (1.0, 99.0)
     min_slices: int = 1
     canonical_laterality: str | None = None
+    lung_field: bool = False
     augment: Augment = field(default_factory=Augment)
 
 
@@ -91,6 +93,7 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 intensity=Intensity.CT_WINDOW,
                 window=(-1000.0, 400.0),
                 min_slices=16,
+                lung_field=True,
                 augment=Augment(flip_axes=(0,), rotate_deg=8.0),
             ),
             TaskPreset(

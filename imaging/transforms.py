@@ -138,6 +138,48 @@ class RobustScaled(MapTransform):
         return d
 
 
+class LungFieldd(MapTransform):
+    """Keep the lung fields of a chest CT and set everything else to air (a lung-CAD preprocessing step).
+
+    Aerated lung is air-like tissue (below ``threshold`` HU) that is not connected to the air around
+    the patient; each axial slice's lung region is then closed and its holes filled, so nodules and
+    vessels inside the lungs are kept. Outside the fields every voxel becomes ``fill`` HU. With the
+    chest wall, heart and spine gone, the brightest things a network sees are vessels and nodules.
+    A nodule fused with the chest wall may be cut: that is the known limit of this step.
+
+    Args:
+        keys: Image keys (HU volumes, channel first, slices on the last axis after RAS orientation).
+        threshold: HU below which tissue counts as aerated.
+        fill: HU written outside the lung fields.
+    """
+
+    def __init__(self, keys: KeysCollection, threshold: float = -400.0, fill: float = -1000.0) -> None:
+        super().__init__(keys)
+        self.threshold, self.fill = threshold, fill
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from scipy import ndimage
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            volume = np.asarray(img[0].detach().cpu().numpy() if hasattr(img, "detach") else img[0])
+            air = volume < self.threshold
+            labels, _ = ndimage.label(air)
+            border = np.unique(np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel(),
+                                               labels[:, -1].ravel()]))  # air touching the in-plane edges
+            lungs = air & ~np.isin(labels, border[border > 0])
+            field_ = np.zeros_like(lungs)
+            for k in range(lungs.shape[-1]):
+                closed = ndimage.binary_closing(lungs[..., k], iterations=3)
+                field_[..., k] = ndimage.binary_fill_holes(closed)
+            if not field_.any():  # no lungs found: leave the image as it is rather than blank it
+                continue
+            mask = torch.as_tensor(field_, device=img.device)[None]
+            d[key] = torch.where(mask, img, torch.full_like(img, self.fill))
+        return d
+
+
 def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:
     """Load, orient, resample, normalise and crop/pad: the cached part of the pipeline."""
     steps: list[Transform] = [LoadPlanImaged(keys)]
@@ -146,6 +188,8 @@ def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("im
     if preset.canonical_laterality:
         steps.append(FlipToLateralityd(keys, preset.canonical_laterality))
     steps.append(Spacingd(keys, pixdim=preset.target_spacing, mode="bilinear", padding_mode="border"))
+    if preset.lung_field:
+        steps.append(LungFieldd(keys))
     if preset.intensity is Intensity.CT_WINDOW:
         if preset.window is None:
             raise ValueError(f"preset {preset.name}: a CT window is required for {preset.intensity}")

@@ -92,3 +92,23 @@ def test_eval_pipeline_is_deterministic(tmp_path: Path) -> None:
     a = pipeline(preset, train=False)({"image": item.plan})["image"]
     b = pipeline(preset, train=False)({"image": item.plan})["image"]
     torch.testing.assert_close(a, b)
+
+
+def test_lung_field_keeps_lungs_and_nodules_and_blanks_the_rest() -> None:
+    from imaging.transforms import LungFieldd
+
+    x, y = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    body = ((x - 32) / 30) ** 2 + ((y - 32) / 22) ** 2 < 1
+    lung_l = ((x - 20) / 9) ** 2 + ((y - 30) / 14) ** 2 < 1
+    lung_r = ((x - 44) / 9) ** 2 + ((y - 30) / 14) ** 2 < 1
+    nodule = (x - 44) ** 2 + (y - 30) ** 2 < 9
+    slice_ = np.full((64, 64), -1000.0)
+    slice_[body] = 40.0
+    slice_[lung_l | lung_r] = -850.0
+    slice_[nodule] = 30.0
+    volume = torch.as_tensor(np.repeat(slice_[None, :, :, None], 8, axis=3), dtype=torch.float32)
+    out = LungFieldd(["image"])({"image": volume})["image"][0, :, :, 4].numpy()
+    assert (out[nodule] == 30.0).all()  # the nodule inside the lung is kept
+    assert (out[lung_l | lung_r] != -1000.0).all()
+    chest_wall = body & ~(lung_l | lung_r)
+    assert (out[chest_wall] == -1000.0).all()  # chest wall, heart, spine become air
