@@ -213,6 +213,7 @@ def train_local(
                                          generator=generator, num_workers=0)
     criterion: Any = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)]))
     optimizer = _optimizer(model, spec)
+    model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)
     trained: nn.Module = model
     steps_per_epoch = len(loader)
     if dp is not None:
@@ -239,54 +240,69 @@ def train_local(
                else {})
     named = dict(model.named_parameters())
     trained.train()
-    # Opacus' hooks make torch warn about full backward hooks on every step; the warning is expected.
-    warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
-    warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-    t0 = time.perf_counter()
-    total_loss, seen, steps = 0.0, 0, 0
-    for epoch in range(epochs):
-        epoch_loss, epoch_seen = 0.0, 0
-        batches = iter(loader)
-        for _ in range(steps_per_epoch):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                break
-            if len(x) == 0:  # Poisson sampling may draw an empty batch: it still counts as a step
+    progress = {"loss": 0.0, "seen": 0, "steps": 0}
+
+    def run_epochs() -> None:
+        total_loss, seen, steps = 0.0, 0, 0
+        for epoch in range(epochs):
+            epoch_loss, epoch_seen = 0.0, 0
+            batches = iter(loader)
+            for _ in range(steps_per_epoch):
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    break
+                if len(x) == 0:  # Poisson sampling may draw an empty batch: it still counts as a step
+                    steps += 1
+                    progress["steps"] = steps
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(trained(x), y)
+                if prox and dp is None:
+                    loss = loss + prox / 2 * sum(((named[k] - a) ** 2).sum() for k, a in anchors.items()
+                                                 if k in named)
+                loss.backward()
+                optimizer.step()
+                if prox and dp is not None:
+                    # Under DP the proximal term is applied as its own step after the private update: it
+                    # depends only on the public global weights, so it costs no privacy.
+                    with torch.no_grad():
+                        for k, a in anchors.items():
+                            if k in named:
+                                named[k].sub_(spec.learning_rate * prox * (named[k] - a))
+                epoch_loss += float(loss.detach()) * len(x)
+                epoch_seen += len(x)
                 steps += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(trained(x), y)
-            if prox and dp is None:
-                loss = loss + prox / 2 * sum(((named[k] - a) ** 2).sum() for k, a in anchors.items() if k in named)
-            loss.backward()
-            optimizer.step()
-            if prox and dp is not None:
-                # Under DP the proximal term is applied as its own step after the private update: it
-                # depends only on the public global weights, so it costs no privacy.
-                with torch.no_grad():
-                    for k, a in anchors.items():
-                        if k in named:
-                            named[k].sub_(spec.learning_rate * prox * (named[k] - a))
-            epoch_loss += float(loss.detach()) * len(x)
-            epoch_seen += len(x)
-            steps += 1
-        total_loss += epoch_loss
-        seen += epoch_seen
-        if on_epoch is not None:
-            trained.eval()
-            on_epoch(epoch, epoch_loss / max(epoch_seen, 1))
-            trained.train()
-    seconds = time.perf_counter() - t0
-    session_epsilon = None
-    if dp is not None and ledger is not None:
-        session = ledger.record(run_id=run_id, round=round_number, task=task, steps=steps,
-                                sample_rate=dp.sample_rate, noise_multiplier=dp.noise_multiplier,
-                                max_grad_norm=dp.max_grad_norm, samples=n, accountant=dp.accountant)
-        session_epsilon = session.epsilon_cumulative
+                progress["steps"] = steps
+            total_loss += epoch_loss
+            seen += epoch_seen
+            if on_epoch is not None:
+                trained.eval()
+                on_epoch(epoch, epoch_loss / max(epoch_seen, 1))
+                trained.train()
+        progress.update(loss=total_loss, seen=seen, steps=steps)
+
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # Opacus' hooks make torch warn about full backward hooks on every step: expected.
+            warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+            warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
+            run_epochs()
+    finally:
+        # Under DP every step taken counts, even if training stopped half-way: record what was spent.
+        steps = int(progress["steps"])
+        session_epsilon = None
+        if dp is not None and ledger is not None and steps > 0:
+            session = ledger.record(run_id=run_id, round=round_number, task=task, steps=steps,
+                                    sample_rate=dp.sample_rate, noise_multiplier=dp.noise_multiplier,
+                                    max_grad_norm=dp.max_grad_norm, samples=n, accountant=dp.accountant)
+            session_epsilon = session.epsilon_cumulative
         close = getattr(trained, "_close", None)
-        if callable(close):
+        if dp is not None and callable(close):
             close()  # remove Opacus' hooks so the plain model can be reused
+    seconds = time.perf_counter() - t0
+    total_loss, seen = float(progress["loss"]), int(progress["seen"])
     model.eval()
     return TrainResult(loss=total_loss / max(seen, 1), num_examples=n, samples_seen=seen, steps=steps,
                        seconds=seconds, epsilon=session_epsilon,

@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 
 from fl_client.privacy import BudgetExceeded, NoBudget, PrivacyError, PrivacyLedger, default_delta, noise_for
+from fl_client.train import plan_dp, train_local
+from models.config import GradSampleMode, ModelSpec, PrivacySpec, TrainSpec
+from models.nets import build_model
 
 
 def _independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -70,3 +74,58 @@ def test_default_delta_is_below_one_over_samples() -> None:
     for n in (10, 99, 1000, 123456):
         d = default_delta(n)
         assert 0 < d < 1 / n and d <= 1e-5
+
+
+class _FailingData(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Sixty small images; reading fails after ``fail_after`` reads (a disk error half-way)."""
+
+    def __init__(self, fail_after: int) -> None:
+        self.reads, self.fail_after = 0, fail_after
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(60, 1, 16, 16, generator=generator)
+        self.y = (torch.arange(60) % 2).float()[:, None]
+
+    def __len__(self) -> int:
+        return 60
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1
+        if self.reads > self.fail_after:
+            raise OSError("disk error")
+        return self.x[i], self.y[i]
+
+
+def test_dp_steps_taken_before_a_crash_are_still_counted(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    ledger.set_budget(20.0, 1e-5)
+    spec = TrainSpec(batch_size=10, local_epochs=3)
+    privacy = PrivacySpec(enabled=True, epsilon=5.0)
+    plan = plan_dp(privacy, samples=60, batch_size=10, steps_per_round=18, rounds=1, ledger=ledger,
+                   grad_sample_mode=GradSampleMode.EW)
+    model = build_model(ModelSpec(task="breast-mg", spatial_dims=2))
+    with pytest.raises(OSError, match="disk error"):
+        train_local(model, _FailingData(fail_after=45), spec=spec, labels=[0, 1] * 30, dp=plan, ledger=ledger,
+                    run_id="crash", task="breast-mg")
+    sessions = ledger.sessions()
+    assert len(sessions) == 1 and 1 <= sessions[0].steps < 18 and sessions[0].run_id == "crash"
+    assert ledger.spent() > 0
+
+
+def test_a_dp_model_trains(tmp_path: Path) -> None:
+    """Loss falls under DP-SGD on an easy problem (bright square or not), with the ledger counting."""
+    ledger = PrivacyLedger(tmp_path)
+    ledger.set_budget(50.0, 1e-5)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(200, 1, 16, 16, generator=generator) * 0.2
+    y = (torch.arange(200) % 2).float()[:, None]
+    x[y[:, 0] == 1, :, 6:10, 6:10] += 0.8
+    data = torch.utils.data.TensorDataset(x, y)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(task="breast-mg", spatial_dims=2))
+    spec = TrainSpec(batch_size=20, learning_rate=3e-3, local_epochs=1)
+    plan = plan_dp(PrivacySpec(enabled=True, epsilon=8.0), samples=200, batch_size=20, steps_per_round=10,
+                   rounds=6, ledger=ledger, grad_sample_mode=GradSampleMode.EW)
+    losses = [train_local(model, data, spec=spec, labels=y[:, 0].int().tolist(), dp=plan, ledger=ledger,
+                          round_number=r, task="breast-mg").loss for r in range(6)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert len(ledger.sessions()) == 6 and ledger.spent() <= 8.0 + 0.05
