@@ -292,9 +292,9 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
 def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
     from fl_client.privacy import PrivacyError, PrivacyLedger
 
-    ledger = PrivacyLedger(args.workspace)
     if not args.workspace.is_dir():
         raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
+    ledger = PrivacyLedger(args.workspace)
     try:
         if args.set_budget is not None:
             budget = ledger.set_budget(args.set_budget, args.delta if args.delta is not None else 1e-5)

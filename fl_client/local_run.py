@@ -56,8 +56,6 @@ def run_local(
     if config.privacy.enabled and len(workspaces) != 1:
         raise TrainingError("DP-SGD is accounted per site: train one workspace at a time with --dp-epsilon "
                             "(the pooled run is the centralised baseline, without DP)")
-    if config.training.threads:
-        torch.set_num_threads(config.training.threads)
     torch.manual_seed(config.training.seed)
     model = build_model(config.model)
     train_set = data.dataset("train", train=config.training.augment)

@@ -166,25 +166,24 @@ class PrivacyLedger:
                                    ) from None
         return out
 
-    def history(self) -> list[tuple[float, float, int]]:
-        """``(noise_multiplier, sample_rate, steps)`` of every session."""
-        return [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.sessions()]
+    @staticmethod
+    def _epsilon(sessions: list[Session], delta: float, extra: tuple[float, float, int, str] | None = None) -> float:
+        """ε at ``delta`` of ``sessions`` plus an optional ``(noise, rate, steps, accountant)`` session.
+
+        The PRV accountant is used only if every session asked for it; RDP composes any mix.
+        """
+        history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in sessions]
+        kinds = {s.accountant for s in sessions}
+        if extra is not None:
+            history.append(extra[:3])
+            kinds.add(extra[3])
+        return epsilon_of(history, delta, "prv" if kinds == {"prv"} else "rdp")
 
     def spent(self, delta: float | None = None) -> float:
         """Cumulative ε over all history at ``delta`` (default: the budget's δ, else 1e-5)."""
         budget = self.budget()
         d = delta if delta is not None else (budget.delta if budget else 1e-5)
-        return epsilon_of(self.history(), d, self._accountant_kind())
-
-    def _accountant_kind(self) -> str:
-        kinds = {s.accountant for s in self.sessions()}
-        return "prv" if kinds == {"prv"} else "rdp"
-
-    def project(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Cumulative ε (at the budget's δ) if a session of ``steps`` steps were added."""
-        budget = self.require_budget()
-        history = [*self.history(), (noise_multiplier, sample_rate, steps)]
-        return epsilon_of(history, budget.delta, self._accountant_kind())
+        return self._epsilon(self.sessions(), d)
 
     def require_budget(self) -> Budget:
         budget = self.budget()
@@ -195,7 +194,7 @@ class PrivacyLedger:
             )
         return budget
 
-    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
         """The cumulative ε after such a session; refuses if it passes the ceiling.
 
         Raises:
@@ -203,13 +202,14 @@ class PrivacyLedger:
             BudgetExceeded: The session would pass the ceiling (nothing is trained or sent).
         """
         budget = self.require_budget()
-        after = self.project(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        sessions = self.sessions()
+        after = self._epsilon(sessions, budget.delta, (noise_multiplier, sample_rate, steps, accountant))
         if after > budget.epsilon_max + 1e-9:
             raise BudgetExceeded(
-                f"privacy budget of this site would be exceeded: ε spent {self.spent():.3f}, this session would "
-                f"bring it to {after:.3f}, the ceiling is {budget.epsilon_max:g} (δ={budget.delta:g}). Nothing was "
-                "trained or sent. The site may raise its ceiling (oncofed-site privacy --set-budget) or stop "
-                "taking part in DP runs."
+                f"privacy budget of this site would be exceeded: ε spent {self._epsilon(sessions, budget.delta):.3f}, "
+                f"this session would bring it to {after:.3f}, the ceiling is {budget.epsilon_max:g} "
+                f"(δ={budget.delta:g}). Nothing was trained or sent. The site may raise its ceiling "
+                "(oncofed-site privacy --set-budget) or stop taking part in DP runs."
             )
         return after
 
@@ -217,12 +217,12 @@ class PrivacyLedger:
                max_grad_norm: float, samples: int, accountant: str = "rdp") -> Session:
         """Append a finished session (flushed and synced to disk before returning)."""
         budget = self.require_budget()
-        history = [*self.history(), (noise_multiplier, sample_rate, steps)]
+        cumulative = self._epsilon(self.sessions(), budget.delta, (noise_multiplier, sample_rate, steps, accountant))
         session = Session(
             time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run_id=run_id, round=round, task=task, steps=steps,
             sample_rate=sample_rate, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             delta=budget.delta, accountant=accountant,
-            epsilon_cumulative=epsilon_of(history, budget.delta, accountant), samples=samples,
+            epsilon_cumulative=cumulative, samples=samples,
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"schema": LEDGER_SCHEMA, **asdict(session)}, separators=(",", ":"))
@@ -235,11 +235,12 @@ class PrivacyLedger:
     def summary(self) -> dict[str, Any]:
         """The budget, spent and remaining ε, and the sessions (schema ``oncofed.privacy/1``)."""
         budget = self.budget()
-        spent = self.spent()
+        sessions = self.sessions()
+        spent = self._epsilon(sessions, budget.delta if budget else 1e-5)
         return {
             "schema": "oncofed.privacy/1",
             "budget": asdict(budget) if budget else None,
             "epsilon_spent": spent,
             "epsilon_remaining": (budget.epsilon_max - spent) if budget else None,
-            "sessions": [asdict(s) for s in self.sessions()],
+            "sessions": [asdict(s) for s in sessions],
         }

@@ -119,10 +119,11 @@ class DPPlan:
 
 
 def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_round: int, rounds: int,
-            ledger: PrivacyLedger, grad_sample_mode: GradSampleMode | None = None) -> DPPlan:
+            ledger: PrivacyLedger, grad_sample_mode: GradSampleMode) -> DPPlan:
     """Calibrate the noise for a run: its ε over all the steps the site plans to take in it.
 
     δ is the run's ``dp-delta`` if set, else the site budget's δ (which is below 1/samples by default).
+    ``grad_sample_mode`` is the concrete Opacus mode (``models.config.resolved_grad_sample_mode``).
 
     Raises:
         NoBudget: The site has no ceiling.
@@ -133,10 +134,9 @@ def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_ro
     planned = steps_per_round * rounds
     noise = noise_for(epsilon=privacy.epsilon, delta=delta, sample_rate=sample_rate, steps=planned,
                       accountant=privacy.accountant.value)
-    mode = grad_sample_mode or privacy.grad_sample_mode
-    if mode == GradSampleMode.AUTO:
-        mode = GradSampleMode.HOOKS
-    return DPPlan(noise, sample_rate, delta, privacy.max_grad_norm, planned, privacy.epsilon, mode,
+    if grad_sample_mode == GradSampleMode.AUTO:
+        raise ValueError("resolve 'auto' first: models.config.resolved_grad_sample_mode(config)")
+    return DPPlan(noise, sample_rate, delta, privacy.max_grad_norm, planned, privacy.epsilon, grad_sample_mode,
                   privacy.accountant.value)
 
 
@@ -220,7 +220,8 @@ def train_local(
         if ledger is None:
             raise ValueError("a DP session needs the site's ledger")
         steps = int(round(epochs / dp.sample_rate))
-        ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
+        ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps,
+                     accountant=dp.accountant)
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=dp.accountant)

@@ -723,7 +723,7 @@ def _write_series(template: Dataset, slices: list[tuple[Path, Dataset]]) -> int:
     return sum(writer.write(path, values) for path, values in slices)
 
 
-def _write_ct(plan: StudyPlan, rng: np.random.Generator, out: Path, site_dir: Path, namer: _Namer,
+def _write_ct(plan: StudyPlan, rng: np.random.Generator, site_dir: Path, namer: _Namer,
               scale: int) -> tuple[int, list[dict[str, Any]]]:
     site = plan.site
     cols = rows = 64 * scale
@@ -799,7 +799,7 @@ def _mr_common(ds: Dataset, site: SiteProfile) -> None:
     ds.ImagedNucleus = "1H"
 
 
-def _write_mr(plan: StudyPlan, rng: np.random.Generator, out: Path, site_dir: Path, namer: _Namer,
+def _write_mr(plan: StudyPlan, rng: np.random.Generator, site_dir: Path, namer: _Namer,
               scale: int) -> tuple[int, list[dict[str, Any]]]:
     site = plan.site
     rows = cols = 64 * scale
@@ -826,8 +826,7 @@ def _write_mr(plan: StudyPlan, rng: np.random.Generator, out: Path, site_dir: Pa
         _enhanced_mr(ds, site, grid, orientation, frame_of_reference, plan)
         order = np.arange(n)[::-1]  # frames stored head to feet
         ds.NumberOfFrames = n
-        ds.PerFrameFunctionalGroupsSequence = DicomSequence([_mr_frame(grid, int(k), i, plan) for i, k in
-                                                             enumerate(order)])
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence([_mr_frame(grid, int(k), plan) for k in order])
         ds.PixelData = np.ascontiguousarray(stored[order]).tobytes()
         ds.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, "enhanced"])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -977,7 +976,7 @@ def _enhanced_mr(ds: Dataset, site: SiteProfile, grid: Grid, orientation: list[f
     ds.SharedFunctionalGroupsSequence = _seq(shared)
 
 
-def _mr_frame(grid: Grid, k: int, i: int, plan: StudyPlan) -> Dataset:
+def _mr_frame(grid: Grid, k: int, plan: StudyPlan) -> Dataset:
     return _item(
         FrameContentSequence=_seq(_item(
             FrameAcquisitionNumber=1, FrameReferenceDateTime=plan.date + plan.time,
@@ -987,7 +986,7 @@ def _mr_frame(grid: Grid, k: int, i: int, plan: StudyPlan) -> Dataset:
     )
 
 
-def _write_mg(plan: StudyPlan, rng: np.random.Generator, out: Path, site_dir: Path, namer: _Namer,
+def _write_mg(plan: StudyPlan, rng: np.random.Generator, site_dir: Path, namer: _Namer,
               scale: int) -> tuple[int, list[dict[str, Any]]]:
     site = plan.site
     rows, cols = 160 * scale, 128 * scale
@@ -1144,7 +1143,7 @@ def _generate_site(root: Path, site: SiteProfile, site_index: int, tasks: Sequen
     per_task: dict[str, dict[str, int]] = {}
     for plan in plans:
         rng = np.random.default_rng(list(plan.seed))
-        n, records = WRITERS[plan.task](plan, rng, root, site_dir, namer, scale)
+        n, records = WRITERS[plan.task](plan, rng, site_dir, namer, scale)
         files += n
         lesions.extend(records)
         counts = per_task.setdefault(plan.task, {"studies": 0, "positives": 0})

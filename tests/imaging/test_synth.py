@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -224,8 +223,9 @@ def test_cli_help_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "not empty" in capsys.readouterr().err
 
 
-def test_cli_writes_a_consortium(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    os.environ.setdefault("COLUMNS", "200")
+def test_cli_writes_a_consortium(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
     rc = synth_main(["--out", str(tmp_path / "c"), "--sites", "2", "--studies-per-task", "4", "--tasks",
                      "breast-mg", "--seed", "1"])
     assert rc == 0
