@@ -155,6 +155,8 @@ class FederationSpec:
         fraction_train: Share of connected sites asked to train each round.
         fraction_evaluate: Share asked to evaluate.
         min_sites: Sites needed before a round starts.
+        server_learning_rate: The server optimizer's step for FedAdam / FedYogi (Flower's ``eta``).
+        trim_beta: Share of updates cut at each end per coordinate by the trimmed mean.
     """
 
     num_rounds: int = 3
@@ -162,6 +164,8 @@ class FederationSpec:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
+    server_learning_rate: float = 0.01
+    trim_beta: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -248,10 +252,13 @@ KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "fraction-train": ("federation", "fraction_train", _float),
     "fraction-evaluate": ("federation", "fraction_evaluate", _float),
     "min-sites": ("federation", "min_sites", _int),
+    "server-learning-rate": ("federation", "server_learning_rate", _float),
+    "trim-beta": ("federation", "trim_beta", _float),
 }
 
 # Keys that belong to other layers of the run (Flower's own, or the server's) and are ignored here.
-PASS_THROUGH = frozenset({"resume", "run-name", "secure-aggregation", "report", "checkpoint-every"})
+PASS_THROUGH = frozenset({"resume", "run-dir", "sim-sites", "final-evaluation", "update-norm-factor",
+                          "round-timeout", "secure-aggregation"})
 
 
 def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
@@ -331,6 +338,8 @@ def validate(config: RunConfig) -> None:
     _check(0.0 < f.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
     _check(0.0 <= f.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
     _check(f.min_sites >= 1, "min-sites", "must be at least 1")
+    _check(0.0 < f.server_learning_rate <= 1.0, "server-learning-rate", "must be in (0, 1]; 0.01 is a safe start")
+    _check(0.0 <= f.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5)")
     if f.strategy == Strategy.FEDPROX:
         _check(t.proximal_mu > 0.0, "proximal-mu", "strategy fedprox needs proximal-mu > 0 (e.g. 0.01)")
     if p.enabled:

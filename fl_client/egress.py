@@ -1,0 +1,156 @@
+"""The egress guard: the last check before anything leaves the site, and the log of what did.
+
+A reply may hold only (1) arrays with exactly the keys, shapes and dtypes of the global model the
+site received, finite, and (2) scalar metrics from a fixed whitelist. Anything else raises
+:class:`EgressError` before sending. Every reply that passes is appended to the site's egress log
+(``egress.jsonl`` in the workspace): time, run, round, message kind, bytes, SHA-256 of the arrays,
+and the metric keys and values (counts, losses, ε: no image data, no identifiers).
+
+The log is append-only; nothing in oncofed deletes or rewrites it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EGRESS_LOG = "egress.jsonl"
+
+# Scalar metrics a site may send. Anything else is refused by the guard.
+ALLOWED_METRICS = frozenset({
+    # training
+    "num-examples", "train-loss", "train-seconds", "samples-seen", "steps",
+    # evaluation (study-level, on one split)
+    "eval-loss", "auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "threshold",
+    "studies", "positives", "negatives", "eval-seconds",
+    # privacy
+    "dp", "epsilon", "epsilon-max", "delta", "noise-multiplier", "sample-rate",
+    # a refusal (privacy budget spent, no data for the task)
+    "refused", "refused-budget", "refused-no-data",
+})
+
+# Strings a site may send (in a ConfigRecord): its own id, the split evaluated, the task.
+ALLOWED_STRINGS = frozenset({"site-id", "split", "task"})
+
+
+class EgressError(Exception):
+    """A reply would send something the site does not allow out; nothing was sent."""
+
+
+@dataclass(frozen=True)
+class EgressRecord:
+    """One line of the egress log."""
+
+    time: float
+    run: str
+    round: int
+    kind: str
+    bytes: int
+    sha256: str
+    metrics: dict[str, float]
+    strings: dict[str, str]
+
+
+def digest(arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes (in order), and the byte count."""
+    h = hashlib.sha256()
+    size = 0
+    for key, array in arrays.items():
+        a = np.ascontiguousarray(array)
+        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+        size += a.nbytes
+    return h.hexdigest(), size
+
+
+def check_reply(
+    arrays: Mapping[str, np.ndarray],
+    metrics: Mapping[str, float],
+    *,
+    reference: Mapping[str, np.ndarray] | None,
+    strings: Mapping[str, str] | None = None,
+) -> None:
+    """Raise unless the reply is only model arrays shaped like ``reference`` and whitelisted scalars.
+
+    Args:
+        arrays: Arrays about to be sent (empty for an evaluation or a refusal).
+        metrics: Scalar metrics about to be sent.
+        reference: The global arrays the site received (required when ``arrays`` is not empty).
+        strings: Short strings about to be sent (site id, split, task).
+
+    Raises:
+        EgressError: Naming the offending key.
+    """
+    if arrays:
+        if reference is None:
+            raise EgressError("arrays may only be sent in reply to a global model")
+        for key in arrays:
+            if key not in reference:
+                raise EgressError(f"array {key!r} is not part of the global model: not sent")
+        for key, ref in reference.items():
+            if key not in arrays:
+                raise EgressError(f"array {key!r} of the global model is missing from the reply: not sent")
+            a = arrays[key]
+            if tuple(a.shape) != tuple(ref.shape) or a.dtype != ref.dtype:
+                raise EgressError(f"array {key!r} is {a.dtype}{tuple(a.shape)}, the global model's is "
+                                  f"{ref.dtype}{tuple(ref.shape)}: not sent")
+            if not np.isfinite(a).all():
+                raise EgressError(f"array {key!r} holds NaN or Inf (training diverged): not sent")
+    for key, value in metrics.items():
+        if key not in ALLOWED_METRICS:
+            raise EgressError(f"metric {key!r} is not on the site's egress whitelist: not sent")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EgressError(f"metric {key!r} must be a number, got {type(value).__name__}: not sent")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EgressError(f"metric {key!r} is {value}: not sent")
+    for key, text in (strings or {}).items():
+        if key not in ALLOWED_STRINGS:
+            raise EgressError(f"text field {key!r} is not on the site's egress whitelist: not sent")
+        if not isinstance(text, str) or len(text) > 64 or not text.isprintable():
+            raise EgressError(f"text field {key!r} must be a short printable string: not sent")
+
+
+class EgressLog:
+    """The site's append-only record of every reply it sent.
+
+    Args:
+        workspace: The site workspace.
+    """
+
+    def __init__(self, workspace: Path) -> None:
+        self.path = Path(workspace) / EGRESS_LOG
+
+    def append(self, *, run: str, round_number: int, kind: str, arrays: Mapping[str, np.ndarray],
+               metrics: Mapping[str, float], strings: Mapping[str, str] | None = None) -> EgressRecord:
+        """Record one reply (call after :func:`check_reply`, before sending)."""
+        sha, size = digest(arrays)
+        record = EgressRecord(time=time.time(), run=run, round=round_number, kind=kind, bytes=size,
+                              sha256=sha if arrays else "", metrics={k: float(v) for k, v in metrics.items()},
+                              strings=dict(strings or {}))
+        line = json.dumps(record.__dict__, sort_keys=True) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return record
+
+    def records(self) -> list[EgressRecord]:
+        """Every record, oldest first (empty if nothing was ever sent)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                out.append(EgressRecord(**json.loads(line)))
+        return out

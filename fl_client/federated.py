@@ -1,0 +1,189 @@
+"""What a site does in a federated round, with no ``flwr`` import (the ClientApp is a thin shell).
+
+The global model travels as one flat float32 array under the key ``weights`` (Flower's transfer cost
+is per array, not per byte); the site rebuilds the state dict from its own model's key order and
+shapes. Every reply passes the egress guard and is logged before it leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fl_client.egress import EgressLog, check_reply
+from fl_client.privacy import BudgetExceeded, NoBudget, PrivacyLedger
+from fl_client.train import TrainingError, evaluate_local, load_site_data, plan_dp, train_local
+from models.config import RunConfig, resolved_grad_sample_mode
+from models.nets import build_model
+from models.weights import load_arrays, pack, state_arrays, unpack
+
+WEIGHTS_KEY = "weights"
+
+
+class SiteConfigError(ValueError):
+    """The SuperNode's node config does not say where the site's workspace is."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital site: its id and its workspace folder."""
+
+    site_id: str
+    workspace: Path
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a site sends back: arrays, whitelisted scalar metrics and a few short strings."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    strings: dict[str, str] = field(default_factory=dict)
+
+
+def site_from_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
+    """The site this process serves.
+
+    In deployment the SuperNode's ``--node-config`` names it: ``workspace="/srv/ws" site-id="a"``.
+    In simulation Flower gives each virtual node only ``partition-id``: the run-config key
+    ``sim-sites`` names a folder whose sub-folders (sorted) are the site workspaces, and partition
+    ``i`` is the ``i``-th of them. A node config ``workspace`` always wins.
+
+    Raises:
+        SiteConfigError: Neither is set, or the folder does not exist.
+    """
+    if node_config.get("workspace"):
+        ws = Path(str(node_config["workspace"])).expanduser()
+        site_id = str(node_config.get("site-id") or ws.name)
+    elif run_config.get("sim-sites"):
+        root = Path(str(run_config["sim-sites"])).expanduser()
+        sites = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        pid = int(node_config.get("partition-id", -1))
+        if not 0 <= pid < len(sites):
+            raise SiteConfigError(f"simulation partition {pid} has no workspace in {root} "
+                                  f"({len(sites)} site folders): use as many supernodes as site folders")
+        ws, site_id = sites[pid], sites[pid].name
+    else:
+        raise SiteConfigError("this SuperNode has no workspace: start it with "
+                              "--node-config 'workspace=\"/path/to/ws\" site-id=\"a\"'")
+    if not ws.is_dir():
+        raise SiteConfigError(f"site workspace {ws} does not exist: ingest the site's DICOM first "
+                              "(oncofed-site ingest --workspace ...)")
+    return Site(site_id, ws)
+
+
+def _model_from(config: RunConfig, flat: np.ndarray) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+    model = build_model(config.model)
+    reference = state_arrays(model)
+    load_arrays(model, unpack(np.asarray(flat), reference))
+    return model, {WEIGHTS_KEY: np.asarray(flat)}
+
+
+def _send(site: Site, *, run_id: str, round_number: int, kind: str, reply: Reply,
+          reference: Mapping[str, np.ndarray] | None) -> Reply:
+    check_reply(reply.arrays, reply.metrics, reference=reference, strings=reply.strings)
+    EgressLog(site.workspace).append(run=run_id, round_number=round_number, kind=kind, arrays=reply.arrays,
+                                     metrics=reply.metrics, strings=reply.strings)
+    return reply
+
+
+def steps_per_round(config: RunConfig, samples: int) -> int:
+    """Optimizer steps a site takes per round (the DP plan's unit)."""
+    return config.training.local_epochs * max(1, math.ceil(samples / config.training.batch_size))
+
+
+def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
+        proximal_mu: float = 0.0) -> Reply:
+    """Train the global model on the site's training split for one round.
+
+    A site with no data for the task, or whose privacy budget would be passed, answers with a
+    refusal (``refused`` = 1 and why, no arrays): nothing trained, nothing else sent.
+
+    Args:
+        site: The site.
+        config: The run configuration.
+        run_id: The run, for the ledger and the egress log.
+        round_number: The server round.
+        global_flat: The global weights, packed.
+        proximal_mu: FedProx's proximal term, from the round's config (0: none).
+    """
+    strings = {"site-id": site.site_id, "task": config.model.task}
+    torch.manual_seed(config.training.seed + round_number)
+    model, reference = _model_from(config, global_flat)
+    try:
+        data = load_site_data([site.workspace], config.model.task)
+    except TrainingError:
+        reply = Reply(metrics={"refused": 1, "refused-no-data": 1, "num-examples": 0}, strings=strings)
+        return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
+    samples = data.count("train")
+    spec = replace(config.training, proximal_mu=proximal_mu or config.training.proximal_mu)
+    ledger = dp = None
+    if config.privacy.enabled:
+        ledger = PrivacyLedger(site.workspace)
+        try:
+            dp = plan_dp(config.privacy, samples=samples, batch_size=spec.batch_size,
+                         steps_per_round=steps_per_round(config, samples), rounds=config.federation.num_rounds,
+                         ledger=ledger, grad_sample_mode=resolved_grad_sample_mode(config))
+        except NoBudget:
+            return _refuse_budget(site, run_id, round_number, ledger, strings)
+    global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if spec.proximal_mu else None
+    try:
+        result = train_local(model, data.dataset("train", train=spec.augment), spec=spec, labels=data.labels("train"),
+                             global_params=global_params, dp=dp, ledger=ledger, run_id=run_id,
+                             round_number=round_number, task=config.model.task)
+    except BudgetExceeded:
+        assert ledger is not None
+        return _refuse_budget(site, run_id, round_number, ledger, strings)
+    metrics: dict[str, float] = {"num-examples": result.num_examples, "train-loss": result.loss,
+                                 "train-seconds": result.seconds, "steps": result.steps,
+                                 "samples-seen": result.samples_seen, "dp": int(dp is not None)}
+    if dp is not None and ledger is not None:
+        budget = ledger.require_budget()
+        metrics.update({"epsilon": float(result.epsilon or 0.0), "epsilon-max": budget.epsilon_max,
+                        "delta": budget.delta, "noise-multiplier": dp.noise_multiplier,
+                        "sample-rate": dp.sample_rate})
+    reply = Reply(arrays={WEIGHTS_KEY: pack(state_arrays(model))}, metrics=metrics, strings=strings)
+    return _send(site, run_id=run_id, round_number=round_number, kind="train", reply=reply, reference=reference)
+
+
+def _refuse_budget(site: Site, run_id: str, round_number: int, ledger: PrivacyLedger,
+                   strings: dict[str, str]) -> Reply:
+    budget = ledger.budget()
+    metrics: dict[str, float] = {"refused": 1, "refused-budget": 1, "num-examples": 0,
+                                 "epsilon": ledger.spent(budget.delta) if budget else 0.0}
+    if budget is not None:
+        metrics.update({"epsilon-max": budget.epsilon_max, "delta": budget.delta})
+    reply = Reply(metrics=metrics, strings=strings)
+    return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
+
+
+def evaluate(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
+             split: str = "val") -> Reply:
+    """Evaluate the global model on one split of the site's data (study-level metrics and counts)."""
+    strings = {"site-id": site.site_id, "task": config.model.task, "split": split}
+    model, _ = _model_from(config, global_flat)
+    try:
+        data = load_site_data([site.workspace], config.model.task)
+        result = evaluate_local(model, data, split)
+    except TrainingError:
+        result = None
+    if result is None:
+        reply = Reply(metrics={"studies": 0, "num-examples": 0}, strings=strings)
+    else:
+        m = result.metrics
+        metrics: dict[str, float] = {"studies": m.studies, "positives": m.positives, "negatives": m.negatives,
+                                     "threshold": m.threshold, "num-examples": m.studies,
+                                     "eval-seconds": result.seconds}
+        for key, value in (("auroc", m.auroc), ("sensitivity", m.sensitivity), ("specificity", m.specificity),
+                           ("balanced-accuracy", m.balanced_accuracy), ("brier", m.brier), ("eval-loss", m.loss)):
+            if value is not None:
+                metrics[key] = float(value)
+        reply = Reply(metrics=metrics, strings=strings)
+    return _send(site, run_id=run_id, round_number=round_number, kind=f"evaluate-{split}", reply=reply,
+                 reference=None)

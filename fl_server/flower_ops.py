@@ -1,0 +1,272 @@
+"""Running Flower's own processes for the consortium: a SuperLink we start and stop ourselves, the
+``flwr`` CLI's connection file, and ``flwr run`` of this project's apps.
+
+Why our own SuperLink: ``flwr run`` without one starts a detached SuperLink that outlives the run and
+installs the app's dependencies with ``uv`` on every run (a CUDA torch build, gigabytes). Ours runs
+with ``--disable-runtime-dependency-installation`` in the current environment, on a free loopback
+port, and is stopped when the job ends. ``FLWR_HOME`` points into the job's folder so nothing is
+written to the user's home.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fl_server
+
+CONNECTION = "oncofed"
+
+
+class FlowerError(RuntimeError):
+    """A Flower process failed; the message says which and where its log is."""
+
+
+def app_dir() -> Path:
+    """The folder holding this project's ``pyproject.toml`` with the ``[tool.flwr.app]`` section."""
+    root = Path(fl_server.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").exists():
+        raise FlowerError(f"{root} holds no pyproject.toml: run from a source checkout (pip install -e .)")
+    return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's commands: a private FLWR_HOME, no telemetry, no update check."""
+    env = dict(os.environ)
+    env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_connection(flwr_home: Path, *, address: str, root_certificates: Path | None = None) -> None:
+    """Write ``FLWR_HOME/config.toml`` with one connection, ``oncofed``, made the default.
+
+    Args:
+        flwr_home: The private Flower home.
+        address: The SuperLink's ``host:port``.
+        root_certificates: The consortium CA certificate (TLS); None for an insecure loopback link.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f"address = {_toml_value(address)}"]
+    if root_certificates is not None:
+        lines.append(f"root-certificates = {_toml_value(str(Path(root_certificates).resolve()))}")
+    else:
+        lines.append("insecure = true")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, process: subprocess.Popen[Any] | None = None,
+                  log: Path | None = None) -> None:
+    """Wait until something accepts connections on ``host:port``.
+
+    Raises:
+        FlowerError: The process died or the port stayed closed.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise FlowerError(f"the process exited with code {process.returncode} before listening on {host}:{port}"
+                              + (f"; its log: {log}" if log else ""))
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FlowerError(f"nothing listens on {host}:{port} after {timeout:.0f} s" + (f"; log: {log}" if log else ""))
+
+
+@dataclass
+class SuperLink:
+    """A ``flower-superlink`` process we own.
+
+    Args:
+        workdir: Folder for its log, database and FLWR_HOME.
+        port: Its port (default: a free one).
+        simulation: Run the simulation runtime (virtual SuperNodes) instead of waiting for real ones.
+        tls: ``(certfile, keyfile, ca_certfile)`` for HTTPS; None for ``--insecure`` (loopback only).
+        auth_keys: A CSV of the sites' public keys: only they may connect (node authentication).
+    """
+
+    workdir: Path
+    port: int = 0
+    simulation: bool = True
+    tls: tuple[Path, Path, Path] | None = None
+    enable_supernode_auth: bool = False
+    host: str = "127.0.0.1"
+    process: subprocess.Popen[Any] | None = field(default=None, init=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "superlink.log"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.workdir / "flwr-home"
+
+    def command(self) -> list[str]:
+        cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", self.host, "--port", str(self.port),
+               "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
+        if self.simulation:
+            cmd.append("--simulation")
+        if self.tls is None:
+            cmd.append("--insecure")
+        else:
+            cert, key, ca = self.tls
+            cmd += ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(ca)]
+        if self.enable_supernode_auth:
+            cmd.append("--enable-supernode-auth")
+        return cmd
+
+    def start(self, *, timeout: float = 60.0) -> SuperLink:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it until stop()
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                        env=flower_env(self.flwr_home), start_new_session=True)
+        log.close()
+        wait_for_port(self.host, self.port, timeout=timeout, process=self.process, log=self.log_path)
+        return self
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started (ServerApp, simulation workers)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> SuperLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_FINISHED = re.compile(r"oncofed: finished; global model (\S+), report (\S+)")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What ``flwr run`` printed and whether our ServerApp said it finished."""
+
+    returncode: int
+    output: str
+    finished: bool
+
+
+def run_config_arg(values: Mapping[str, Any]) -> str:
+    """``--run-config`` text for ``flwr run`` (TOML values)."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+def flwr_run(flwr_home: Path, *, run_config: Mapping[str, Any], app: Path | None = None,
+             federation_config: Mapping[str, Any] | None = None, on_line: Callable[[str], None] | None = None,
+             timeout: float = 3600.0, extra_env: Mapping[str, str] | None = None) -> RunOutcome:
+    """``flwr run APP oncofed --stream`` with the run config; streams each output line to ``on_line``."""
+    cmd: list[str] = [str(Path(sys.executable).parent / "flwr"), "run", str(app or app_dir()), CONNECTION, "--stream"]
+    if run_config:
+        cmd += ["--run-config", run_config_arg(run_config)]
+    if federation_config:
+        cmd += ["--federation-config", run_config_arg(federation_config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=flower_env(flwr_home, extra_env), bufsize=1)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    finished = False
+    for line in proc.stdout:
+        lines.append(line)
+        if _FINISHED.search(line):
+            finished = True
+        if on_line is not None:
+            on_line(line.rstrip("\n"))
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+        if finished:
+            # The stream stays open a moment after the run ends; our ServerApp has said it is done.
+            break
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return RunOutcome(proc.returncode if proc.returncode is not None else -1, "".join(lines), finished)
+
+
+def simulate(sites_dir: Path, run_dir: Path, run_config: Mapping[str, Any], *, workdir: Path | None = None,
+             cpus_per_site: int = 1, on_line: Callable[[str], None] | None = None,
+             timeout: float = 3600.0) -> RunOutcome:
+    """A Flower simulation of the consortium on this machine: one virtual site per workspace folder.
+
+    Starts our own SuperLink in simulation mode, runs this project's apps with ``flwr run`` (each
+    virtual site trains on its own workspace under ``sites_dir``), and stops the SuperLink.
+
+    Args:
+        sites_dir: A folder whose sub-folders are site workspaces (ingested).
+        run_dir: The run directory the ServerApp writes (checkpoints, history, report).
+        run_config: Run-config values (``task``, ``num-rounds``, ...).
+        workdir: Where the SuperLink keeps its log and Flower home (default: next to ``run_dir``).
+        cpus_per_site: CPUs Flower reserves per virtual site (sites run in parallel when this leaves room).
+        on_line: Receives every line of the run's log as it streams.
+
+    Raises:
+        FlowerError: No site workspaces, or the SuperLink did not start.
+    """
+    sites_dir, run_dir = Path(sites_dir).resolve(), Path(run_dir).resolve()
+    sites = sorted(p for p in sites_dir.iterdir() if p.is_dir()) if sites_dir.is_dir() else []
+    if not sites:
+        raise FlowerError(f"{sites_dir} holds no site workspaces: make one folder per site (oncofed-site ingest)")
+    workdir = Path(workdir or run_dir.with_name(run_dir.name + ".flower")).resolve()
+    ensure_executables(["flower-superlink", "flwr"])
+    with SuperLink(workdir, simulation=True) as link:
+        write_connection(link.flwr_home, address=link.address)
+        config = {**run_config, "sim-sites": str(sites_dir), "run-dir": str(run_dir)}
+        federation = {"num-supernodes": len(sites), "client-resources-num-cpus": cpus_per_site}
+        return flwr_run(link.flwr_home, run_config=config, federation_config=federation, on_line=on_line,
+                        timeout=timeout)
+
+
+def ensure_executables(names: Sequence[str]) -> None:
+    """Raise unless Flower's commands are installed next to this Python."""
+    missing = [n for n in names if not (Path(sys.executable).parent / n).exists()]
+    if missing:
+        raise FlowerError(f"{', '.join(missing)} not found next to {sys.executable}: install oncofed with its "
+                          "dependencies (make demo does)")

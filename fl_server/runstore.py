@@ -1,0 +1,140 @@
+"""The run directory: checkpoints, the resolved configuration and every metric of a federated run.
+
+Layout (schema ``oncofed.run/1``)::
+
+    RUN_DIR/config.json              resolved run configuration (flat keys) and the run's identity
+    RUN_DIR/history.json             per round: sites asked, per-site train/eval metrics, dropped and
+                                     refused sites with reasons, timings; the final test evaluation
+    RUN_DIR/checkpoints/round-NNN.pt global weights after round NNN ({"arrays", "run_config", "round"})
+    RUN_DIR/model.pt                 the latest global model (same format as a local run's model.pt)
+
+Everything is written atomically (temporary file, then rename), so a server killed mid-write leaves
+the previous round's files intact; :meth:`RunStore.resume` continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SCHEMA = "oncofed.run/1"
+_CKPT = re.compile(r"round-(\d+)\.pt$")
+
+
+class RunStoreError(Exception):
+    """A run directory that cannot be created or resumed; the message says why."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_model(path: Path, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], round_number: int) -> None:
+    """Write weights in the ``model.pt`` format every oncofed command reads."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                "run_config": dict(run_config), "round": round_number}, buf)
+    _atomic_write(path, buf.getvalue())
+
+
+def load_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int]:
+    """Read a ``model.pt``: named arrays, the run configuration, the round (0 for a local run)."""
+    doc = torch.load(path, map_location="cpu", weights_only=True)
+    return ({k: v.numpy() for k, v in doc["arrays"].items()}, dict(doc.get("run_config", {})),
+            int(doc.get("round", 0)))
+
+
+class RunStore:
+    """One run's directory.
+
+    Args:
+        root: The run directory.
+        history: The history document (loaded or new).
+    """
+
+    def __init__(self, root: Path, history: dict[str, Any]) -> None:
+        self.root = root
+        self.history = history
+
+    @classmethod
+    def create(cls, root: Path, *, run_id: str, run_config: Mapping[str, Any], sites_expected: int | None = None
+               ) -> RunStore:
+        """Start a new run in ``root`` (created; refused if it already holds a run)."""
+        root = Path(root).expanduser()
+        if (root / "history.json").exists():
+            raise RunStoreError(f"{root} already holds a run: pass --run-config \"resume='{root}'\" to continue "
+                                "it, or choose another run-dir")
+        (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+        config = {"schema": SCHEMA, "run_id": run_id, "started": time.time(), "run_config": dict(run_config)}
+        _atomic_write(root / "config.json", json.dumps(config, indent=1).encode())
+        store = cls(root, {"schema": SCHEMA, "run_id": run_id, "task": run_config.get("task"),
+                           "strategy": run_config.get("strategy"), "rounds": [], "final": None,
+                           "resumed_at": [], "sites_expected": sites_expected})
+        store.save()
+        return store
+
+    @classmethod
+    def resume(cls, root: Path) -> tuple[RunStore, dict[str, np.ndarray] | None, int]:
+        """Open a run for resuming: the store, the last checkpoint's arrays (None if none) and its round.
+
+        Raises:
+            RunStoreError: ``root`` holds no run.
+        """
+        root = Path(root).expanduser()
+        if not (root / "history.json").exists():
+            raise RunStoreError(f"cannot resume: {root} holds no run (no history.json); start a new run instead")
+        history = json.loads((root / "history.json").read_text())
+        last = cls.last_checkpoint(root)
+        if last is None:
+            return cls(root, history), None, 0
+        arrays, _, round_number = load_model(last)
+        # Rounds after the last checkpoint did not finish: forget their partial records.
+        history["rounds"] = [r for r in history["rounds"] if r["round"] <= round_number]
+        history.setdefault("resumed_at", []).append({"round": round_number, "time": time.time()})
+        store = cls(root, history)
+        store.save()
+        return store, arrays, round_number
+
+    @staticmethod
+    def last_checkpoint(root: Path) -> Path | None:
+        found = [(int(m.group(1)), p) for p in (Path(root) / "checkpoints").glob("round-*.pt")
+                 if (m := _CKPT.search(p.name))]
+        return max(found)[1] if found else None
+
+    def config(self) -> dict[str, Any]:
+        return dict(json.loads((self.root / "config.json").read_text())["run_config"])
+
+    def save(self) -> None:
+        _atomic_write(self.root / "history.json", json.dumps(self.history, indent=1, default=float).encode())
+
+    def checkpoint(self, round_number: int, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any]) -> Path:
+        """Write the round's global weights and make them the run's ``model.pt``."""
+        path = self.root / "checkpoints" / f"round-{round_number:03d}.pt"
+        save_model(path, arrays, run_config, round_number)
+        save_model(self.root / "model.pt", arrays, run_config, round_number)
+        return path
+
+    def round_record(self, round_number: int) -> dict[str, Any]:
+        """The history entry of a round (created on first use)."""
+        for record in self.history["rounds"]:
+            if record["round"] == round_number:
+                return record
+        record = {"round": round_number, "started": time.time(), "train": {}, "evaluate": {}, "dropped": [],
+                  "refused": [], "failed": [], "aggregated_train": {}, "aggregated_evaluate": {}}
+        self.history["rounds"].append(record)
+        return record

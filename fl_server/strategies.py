@@ -1,0 +1,240 @@
+"""Flower's own strategies, composed with what a consortium needs around them.
+
+:func:`build_strategy` picks the stock Flower strategy for the run (FedAvg, FedProx, FedAdam, FedYogi,
+FedMedian, FedTrimmedAvg). :class:`ConsortiumStrategy` wraps it: it is a Flower ``Strategy`` whose
+``configure_*`` and ``aggregate_*`` delegate to the inner one, and it adds, around those calls only,
+
+- update validation before aggregation (keys, shapes, dtypes, finite values, norm outliers): a bad
+  reply is dropped with the site named, and the round goes on with the rest;
+- refusals (privacy budget spent, no data) counted per site, not aggregated;
+- per-site training and evaluation metrics, timings and framework overhead per round;
+- round numbers continued after a resume, and a checkpoint after every round.
+
+The round loop itself is Flower's ``Strategy.start``; nothing here re-implements it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
+from fl_server.runstore import RunStore
+from fl_server.validation import screen_updates
+from models.config import RunConfig, Strategy
+
+log = logging.getLogger("oncofed.server")
+
+WEIGHTS_KEY = "weights"
+# Metrics kept in the aggregation inputs (each reply must carry the same keys for Flower's checks).
+TRAIN_AGGREGATED = ("train-loss",)
+EVAL_AGGREGATED = ("auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "eval-loss")
+
+
+def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStrategy:
+    """The stock Flower strategy for ``config.federation.strategy``.
+
+    Args:
+        config: The run configuration.
+        sites: Sites to wait for before a round (default: the run's ``min-sites``).
+    """
+    f = config.federation
+    need = sites or f.min_sites
+    common: dict[str, Any] = dict(fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
+                                  min_train_nodes=min(need, f.min_sites), min_evaluate_nodes=min(need, f.min_sites),
+                                  min_available_nodes=need)
+    if f.strategy == Strategy.FEDAVG:
+        return FedAvg(**common)
+    if f.strategy == Strategy.FEDPROX:
+        return FedProx(proximal_mu=config.training.proximal_mu, **common)
+    if f.strategy == Strategy.FEDADAM:
+        return FedAdam(eta=f.server_learning_rate, **common)
+    if f.strategy == Strategy.FEDYOGI:
+        return FedYogi(eta=f.server_learning_rate, **common)
+    if f.strategy == Strategy.FEDMEDIAN:
+        return FedMedian(**common)
+    if f.strategy == Strategy.FEDTRIMMEDAVG:
+        return FedTrimmedAvg(beta=f.trim_beta, **common)
+    raise ValueError(f"no Flower strategy for {f.strategy!r}")
+
+
+def _site_of(msg: Message) -> str:
+    if msg.has_content() and "site" in msg.content:
+        site = msg.content["site"].get("site-id")
+        if site:
+            return str(site)
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def _metrics(msg: Message) -> dict[str, float]:
+    if not msg.has_content() or "metrics" not in msg.content:
+        return {}
+    return {k: float(v) for k, v in msg.content["metrics"].items() if isinstance(v, int | float)}
+
+
+def _plain(arrays: Any) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def _normalised(msg: Message, keys: Iterable[str], *, with_arrays: bool) -> Message:
+    """A copy of a reply with only what aggregation reads (Flower checks replies have equal keys)."""
+    metrics = _metrics(msg)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": metrics.get("num-examples", 0.0),
+                                                   **{k: metrics[k] for k in keys}})})
+    if with_arrays:
+        content["arrays"] = msg.content["arrays"]
+    return Message(content=content, dst_node_id=msg.metadata.src_node_id, message_type=msg.metadata.message_type)
+
+
+class ConsortiumStrategy(FlowerStrategy):
+    """A Flower strategy wrapped with validation, bookkeeping and checkpoints.
+
+    Args:
+        inner: The stock Flower strategy that samples sites and aggregates.
+        store: The run directory.
+        reference: The global model's named arrays (keys, shapes and dtypes every update must have).
+        run_config: Flat run configuration, stored with every checkpoint.
+        round_offset: Rounds already done before this process (when resuming).
+        norm_factor: Update-norm outlier limit (see :func:`fl_server.validation.screen_updates`).
+        on_round: Called with the round's history record after each round (progress display).
+    """
+
+    def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
+                 run_config: dict[str, Any], round_offset: int = 0, norm_factor: float = 10.0,
+                 on_round: Any = None) -> None:
+        self.inner = inner
+        self.store = store
+        self.reference = reference
+        self.run_config = run_config
+        self.offset = round_offset
+        self.norm_factor = norm_factor
+        self.on_round = on_round
+        self._sent: dict[int, dict[str, np.ndarray]] = {}
+        self._t0: dict[int, float] = {}
+
+    def summary(self) -> None:
+        log.info("oncofed: %s with update validation (norm limit %gx), %d round(s) done before",
+                 type(self.inner).__name__, self.norm_factor, self.offset)
+        self.inner.summary()
+
+    # -- training ---------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        rnd = server_round + self.offset
+        self._t0[rnd] = time.perf_counter()
+        self._sent[rnd] = _plain(arrays)
+        messages = list(self.inner.configure_train(rnd, arrays, config, grid))
+        record = self.store.round_record(rnd)
+        record["asked_train"] = len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.offset
+        record = self.store.round_record(rnd)
+        sent = self._sent.get(rnd, {})
+        candidates: list[Message] = []
+        for msg in replies:
+            site = _site_of(msg)
+            if msg.has_error():
+                record["failed"].append({"site": site, "stage": "train", "reason": msg.error.reason})
+                log.warning("round %d: site %s failed to train: %s", rnd, site, msg.error.reason)
+                continue
+            metrics = _metrics(msg)
+            record["train"][site] = metrics
+            if metrics.get("refused"):
+                why = ("privacy budget spent" if metrics.get("refused-budget") else "no training data for the task")
+                record["refused"].append({"site": site, "reason": why, "epsilon": metrics.get("epsilon"),
+                                          "epsilon_max": metrics.get("epsilon-max")})
+                log.warning("round %d: site %s refused to train (%s)", rnd, site, why)
+                continue
+            if "arrays" not in msg.content or "num-examples" not in metrics:
+                record["dropped"].append({"site": site, "reason": "reply without weights or num-examples"})
+                log.warning("round %d: dropped site %s: reply without weights or num-examples", rnd, site)
+                continue
+            candidates.append(msg)
+        reasons, norms = screen_updates(sent, [_plain(m.content["arrays"]) for m in candidates],
+                                        norm_factor=self.norm_factor)
+        kept = []
+        for msg, reason, norm in zip(candidates, reasons, norms, strict=True):
+            site = _site_of(msg)
+            if norm is not None:
+                record["train"][site]["update-norm"] = norm
+            if reason is not None:
+                record["dropped"].append({"site": site, "reason": reason})
+                log.warning("round %d: dropped the update of site %s: %s", rnd, site, reason)
+            else:
+                kept.append(_normalised(msg, [k for k in TRAIN_AGGREGATED if k in _metrics(msg)], with_arrays=True))
+        record["aggregated_sites"] = len(kept)
+        if not kept:
+            log.warning("round %d: no valid update; the global model stays as it was", rnd)
+            self.store.save()
+            return None, None
+        common = set.intersection(*(set(m.content["metrics"].keys()) for m in kept))
+        kept = [_normalised(m, [k for k in TRAIN_AGGREGATED if k in common], with_arrays=True) for m in kept]
+        arrays, aggregated = self.inner.aggregate_train(rnd, kept)
+        record["aggregated_train"] = {k: float(v) for k, v in (aggregated or {}).items()}  # type: ignore[arg-type]
+        self.store.save()
+        return arrays, aggregated
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        rnd = server_round + self.offset
+        config["split"] = "val"
+        return self.inner.configure_evaluate(rnd, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rnd = server_round + self.offset
+        record = self.store.round_record(rnd)
+        usable = []
+        for msg in replies:
+            site = _site_of(msg)
+            if msg.has_error():
+                record["failed"].append({"site": site, "stage": "evaluate", "reason": msg.error.reason})
+                continue
+            metrics = _metrics(msg)
+            record["evaluate"][site] = metrics
+            if metrics.get("studies", 0) > 0 and "auroc" in metrics:
+                usable.append(msg)
+        if not usable:
+            self.store.save()
+            return None
+        common = set.intersection(*(set(_metrics(m)) for m in usable))
+        keys = [k for k in EVAL_AGGREGATED if k in common]
+        aggregated = self.inner.aggregate_evaluate(rnd, [_normalised(m, keys, with_arrays=False) for m in usable])
+        record["aggregated_evaluate"] = {k: float(v) for k, v in (aggregated or {}).items()}  # type: ignore[arg-type]
+        self.store.save()
+        return aggregated
+
+    # -- end of round (Flower calls this as evaluate_fn after each round, and with round 0) --------
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Checkpoint the round's global model and close its record."""
+        rnd = server_round + self.offset
+        if server_round == 0:
+            return None
+        record = self.store.round_record(rnd)
+        wall = time.perf_counter() - self._t0.get(rnd, time.perf_counter())
+        work = [m.get("train-seconds", 0.0) for m in record["train"].values()]
+        evals = [m.get("eval-seconds", 0.0) for m in record["evaluate"].values()]
+        slowest = (max(work) if work else 0.0) + (max(evals) if evals else 0.0)
+        record.update(seconds=wall, slowest_site_seconds=slowest,
+                      overhead=(wall - slowest) / wall if wall > 0 else None)
+        self.store.checkpoint(rnd, _plain(arrays), self.run_config)
+        record["checkpoint"] = f"checkpoints/round-{rnd:03d}.pt"
+        self.store.save()
+        if self.on_round is not None:
+            self.on_round(record)
+        return None
+
+
+def packed_record(flat: np.ndarray) -> ArrayRecord:
+    """The global model as Flower sends it: one flat float32 array."""
+    return ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(flat, dtype=np.float32))})

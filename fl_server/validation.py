@@ -1,0 +1,65 @@
+"""Update validation: a malformed or outlying site update never reaches aggregation.
+
+Each update is checked against the global model the server sent: the same array keys, shapes and
+dtypes; only finite values; and an update norm ``||w_site - w_global||`` not far above the other
+sites' (more than ``norm_factor`` times the median of the *other* updates' norms, so that with two
+sites a wild update is still caught by its partner). The reason names what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_NORM_FACTOR = 10.0
+
+
+def shape_problem(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Why ``arrays`` cannot stand for the global model (None if it can)."""
+    missing = [k for k in reference if k not in arrays]
+    if missing:
+        return f"array {missing[0]!r} missing"
+    extra = [k for k in arrays if k not in reference]
+    if extra:
+        return f"unexpected array {extra[0]!r}"
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"array {key!r} has shape {tuple(got.shape)}, the global model's is {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"array {key!r} has dtype {got.dtype}, the global model's is {ref.dtype}"
+        if not np.isfinite(got).all():
+            return f"array {key!r} holds NaN or Inf"
+    return None
+
+
+def update_norm(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> float:
+    """Euclidean norm of the update over all arrays."""
+    return float(np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - ref.astype(np.float64)) ** 2))
+                             for k, ref in reference.items())))
+
+
+def screen_updates(reference: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]], *,
+                   norm_factor: float = DEFAULT_NORM_FACTOR) -> tuple[list[str | None], list[float | None]]:
+    """Check every update; return a reason per update (None: keep it) and its norm (None if malformed).
+
+    Args:
+        reference: The global arrays sent this round.
+        updates: The sites' returned arrays.
+        norm_factor: An update whose norm exceeds this many times the median norm of the other
+            well-formed updates is dropped (0 turns the norm check off).
+    """
+    reasons: list[str | None] = [shape_problem(reference, u) for u in updates]
+    norms: list[float | None] = [update_norm(reference, u) if r is None else None for u, r in zip(updates, reasons,
+                                                                                                  strict=True)]
+    if norm_factor > 0:
+        for i, norm in enumerate(norms):
+            others = [n for j, n in enumerate(norms) if j != i and n is not None]
+            if norm is None or not others:
+                continue
+            median = float(np.median(others))
+            if median > 0 and norm > norm_factor * median:
+                reasons[i] = (f"update norm {norm:.3g} is {norm / median:.1f}x the median of the other sites "
+                              f"({median:.3g}; limit {norm_factor:g}x)")
+    return reasons, norms
