@@ -405,17 +405,21 @@ def _colorectal_ct(rng: np.random.Generator, grid: Grid, label: int,
     # Liver (upper, patient right) and kidneys (upper, both sides).
     paint(hu, ellipsoid(x, y, z, (-0.45 * a, cy - 0.05 * b, zhi + 30), (0.45 * a, 0.6 * b, 75), edge), 58.0)
     for side in (-1, 1):
-        paint(hu, ellipsoid(x, y, z, (side * 0.42 * a, cy + 0.35 * b, zhi - 10), (28, 22, 50), edge), 150.0)
+        # Kidneys in the portal-venous phase: enhancing parenchyma around renal-sinus fat.
+        kidney = (side * 0.42 * a, cy + 0.35 * b, zhi - 10)
+        paint(hu, ellipsoid(x, y, z, kidney, (28, 22, 50), edge), 185.0)
+        paint(hu, ellipsoid(x, y, z, (kidney[0] - side * 6, kidney[1], kidney[2]), (11, 9, 28), edge), -70.0)
         paint(hu, ellipsoid(x, y, None, (side * 0.2 * a, cy + 0.45 * b), (18, 20), edge), 48.0)  # psoas
         paint(hu, ellipsoid(x, y, z, (side * 0.55 * a, cy + 0.3 * b, zlo - 10), (30, 45, 60), edge), 650.0)  # ilium
     paint(hu, ellipsoid(x, y, None, (0, cy + 0.62 * b), (20, 18), edge), 700.0)
     paint(hu, ellipsoid(x, y, None, (0, cy + 0.62 * b), (16, 14), edge), 230.0)
     paint(hu, ellipsoid(x, y, z, (0, cy - 0.4 * b, zlo), (45, 35, 35), edge), 10.0)  # bladder
-    for _ in range(int(rng.integers(6, 11))):  # small-bowel loops
+    for _ in range(int(rng.integers(6, 11))):  # small-bowel loops: a thin wall around fluid or gas
         c = (rng.uniform(-0.4, 0.4) * a, cy + rng.uniform(-0.45, 0.15) * b, rng.uniform(zlo, zhi))
-        paint(hu, ellipsoid(x, y, z, c, (rng.uniform(12, 18),) * 2 + (rng.uniform(15, 30),), edge), 35.0)
-        paint(hu, ellipsoid(x, y, z, c, (rng.uniform(6, 10),) * 2 + (rng.uniform(8, 20),), edge),
-              float(rng.choice([-950.0, 15.0])))
+        r_loop, length = float(rng.uniform(10, 15)), float(rng.uniform(15, 30))
+        paint(hu, ellipsoid(x, y, z, c, (r_loop, r_loop, length), edge), 45.0)
+        paint(hu, ellipsoid(x, y, z, c, (r_loop - 3, r_loop - 3, length - 3), edge),
+              float(rng.choice([-950.0, 10.0])))
     # Colon: ascending (right), descending (left), rectosigmoid (low, posterior midline).
     segments = [(-0.62 * a, cy - 0.05 * b, zlo + 40, zhi + 20), (0.62 * a, cy, zlo + 40, zhi + 20),
                 (0.0, cy + 0.38 * b, zlo - 20, zlo + 60)]
@@ -431,7 +435,7 @@ def _colorectal_ct(rng: np.random.Generator, grid: Grid, label: int,
         lo, hi = max(s0, zlo) + 15, min(s1, zhi) - 15
         zz = float(rng.uniform(lo, hi)) if hi > lo else (zlo + zhi) / 2
         theta = rng.uniform(0, 2 * np.pi)
-        r = float(rng.uniform(14.0, 22.0))
+        r = float(rng.uniform(18.0, 28.0))  # colorectal cancers are typically 3.5-6 cm at diagnosis
         p = np.array([sx + lumen_r[i] * np.cos(theta), sy + lumen_r[i] * np.sin(theta), zz])
         w = ellipsoid(x, y, z, p, (r, r * rng.uniform(0.8, 1.1), r * rng.uniform(1.0, 1.4)), edge)
         kind = "colonic mass" if rng.random() < 0.7 else "annular tumour"
