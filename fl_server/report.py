@@ -130,7 +130,8 @@ def write_report(run_dir: Path) -> Path:
                 events.append([r["round"], e.get("site", "?"), kind, e.get("reason", "")])
     site_rows = []
     for site in sites:
-        last_eval: dict[str, Any] = next((r["evaluate"][site] for r in reversed(rounds) if site in r.get("evaluate", {})), {})
+        last_eval: dict[str, Any] = next((r["evaluate"][site] for r in reversed(rounds)
+                                          if site in r.get("evaluate", {})), {})
         eps = next((r["train"][site].get("epsilon") for r in reversed(rounds)
                     if site in r.get("train", {}) and r["train"][site].get("epsilon") is not None), None)
         eps_max = next((r["train"][site].get("epsilon-max") for r in reversed(rounds)

@@ -1,0 +1,207 @@
+"""``oncofed-server``: the consortium lead's command line."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+EPILOG_SIMULATE = """examples:
+  oncofed-server simulate --sites ws --run-dir runs/lung-sim --set task=lung-ct --set num-rounds=5
+  oncofed-server simulate --sites ws --run-dir runs/mg --set task=breast-mg --set strategy=fedprox \\
+      --set proximal-mu=0.01
+  oncofed-server simulate --sites ws --run-dir runs/lung-sim --resume   # continue after a stop
+
+Every folder under --sites is one simulated hospital (a workspace made by 'oncofed-site ingest').
+Starts a private Flower SuperLink on 127.0.0.1, runs 'flwr run' of this project's apps, prints one
+line per round, writes RUN_DIR (checkpoints, history.json, model.pt, report.html) and stops it.
+--set takes any key of [tool.flwr.app.config] in pyproject.toml (the README lists them)."""
+
+EPILOG_REPORT = """example:
+  oncofed-server report runs/lung-sim
+  # then open runs/lung-sim/report.html; tensorboard --logdir runs/lung-sim/tensorboard
+
+Writes RUN_DIR/report.html with PNG plots (per-round loss and AUROC per site and aggregated, ε per
+site), the sites that took part, were dropped or refused (and why), and the final test table."""
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; printed as one line, exit code 2."""
+
+
+def app_defaults() -> dict[str, Any]:
+    """The run-config keys and defaults of ``[tool.flwr.app.config]``."""
+    from fl_server.flower_ops import app_dir
+
+    with open(app_dir() / "pyproject.toml", "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_sets(values: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs into typed run-config values (typed like the defaults; checked)."""
+    from models.config import ConfigError, from_flat
+
+    defaults = app_defaults()
+    out: dict[str, Any] = {}
+    for item in values:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set task=lung-ct")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            raise UserError(f"--set {key}: unknown run-config key" + (f"; did you mean {close[0]!r}?" if close else ""))
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                value: Any = raw.lower() in ("1", "true", "yes", "on")
+                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError("expected true or false")
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError as exc:
+            raise UserError(f"--set {key}={raw}: not a valid {type(default).__name__} ({exc})") from None
+        out[key] = value
+    try:
+        from_flat({**defaults, **out})
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    return out
+
+
+_ROUND = re.compile(r"oncofed: (round .*)$")
+
+
+def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    from fl_server.flower_ops import FlowerError, simulate
+    from fl_server.report import write_report
+
+    sites = args.sites
+    if not sites.is_dir() or not any(p.is_dir() for p in sites.iterdir()):
+        raise UserError(f"--sites {sites}: expected a folder with one workspace folder per site")
+    run_config = parse_sets(args.set)
+    if args.resume:
+        if not (args.run_dir / "history.json").exists():
+            raise UserError(f"--resume: {args.run_dir} holds no run to continue")
+        run_config["resume"] = str(args.run_dir.resolve())
+    elif (args.run_dir / "history.json").exists():
+        raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
+    log_path = args.run_dir.resolve().with_name(args.run_dir.name + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"Simulating {sum(1 for p in sites.iterdir() if p.is_dir())} sites from {sites}; "
+                  f"full log in {log_path}")
+
+    with open(log_path, "w") as log:
+        def on_line(line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+            m = _ROUND.search(line)
+            if m:
+                console.print(m.group(1), highlight=False, markup=False)
+            elif "ERROR" in line or "Traceback" in line:
+                console.print(f"[red]{line}[/]", highlight=False)
+
+        try:
+            outcome = simulate(sites, args.run_dir, run_config, cpus_per_site=args.cpus_per_site, on_line=on_line)
+        except FlowerError as exc:
+            raise UserError(str(exc)) from None
+    if not outcome.finished:
+        tail = "\n".join(outcome.output.splitlines()[-15:])
+        raise UserError(f"the run did not finish (exit code {outcome.returncode}); last lines:\n{tail}\n"
+                        f"full log: {log_path}")
+    page = write_report(args.run_dir)
+    _print_final(console, args.run_dir)
+    console.print(f"Global model: {args.run_dir / 'model.pt'}\nReport: {page}")
+    return 0
+
+
+def _print_final(console: Console, run_dir: Path) -> None:
+    import json
+
+    history = json.loads((run_dir / "history.json").read_text())
+    final = history.get("final") or {}
+    if not final.get("sites"):
+        return
+    table = Table(title="Final global model on each site's test split")
+    for col in ("site", "studies", "AUROC", "sensitivity", "specificity", "Brier"):
+        table.add_column(col, justify="right" if col != "site" else "left")
+
+    def f(v: Any) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    for site, m in sorted(final["sites"].items()):
+        table.add_row(site, str(int(m.get("studies", 0))), f(m.get("auroc")), f(m.get("sensitivity")),
+                      f(m.get("specificity")), f(m.get("brier")))
+    w = final.get("weighted") or {}
+    table.add_row("all (weighted)", "", f(w.get("auroc")), f(w.get("sensitivity")), f(w.get("specificity")),
+                  f(w.get("brier")))
+    console.print(table)
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from fl_server.report import write_report
+
+    try:
+        page = write_report(args.run_dir)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    console.print(f"Report: {page}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``oncofed-server`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="oncofed-server",
+        description="oncofed for the consortium lead: provision, run and report federated training.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  oncofed-server simulate --sites ws --run-dir runs/sim --set task=lung-ct\n"
+        "  oncofed-server report runs/sim\n\nRun 'oncofed-server COMMAND --help' for each command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, epilog: str, func: Callable[..., int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("simulate", "Run a federated training as a Flower simulation of the sites on this machine.",
+            EPILOG_SIMULATE, cmd_simulate)
+    p.add_argument("--sites", type=Path, required=True, help="folder with one site workspace per sub-folder")
+    p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config value (repeat)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--cpus-per-site", type=int, default=1,
+                   help="CPUs Flower reserves per simulated site (default 1: sites train side by side)")
+    p = add("report", "Write the HTML report (plots, tables, TensorBoard events) of a run directory.",
+            EPILOG_REPORT, cmd_report)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by the server")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``oncofed-server``."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return int(args.func(args, console))
+    except UserError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
