@@ -56,6 +56,7 @@ site's privacy ledger is checked first and written after: see 'oncofed-site priv
 EPILOG_PRIVACY = """examples:
   oncofed-site privacy --workspace ws/site-a
   oncofed-site privacy --workspace ws/site-a --set-budget 8 --delta 1e-5
+  oncofed-site privacy --workspace ws/site-a --set-budget 8 --require-dp
   oncofed-site privacy --workspace ws/site-a --json
 
 The budget is this site's decision: nothing from the network can change it. Every DP training
@@ -297,8 +298,12 @@ def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
     ledger = PrivacyLedger(args.workspace)
     try:
         if args.set_budget is not None:
-            budget = ledger.set_budget(args.set_budget, args.delta if args.delta is not None else 1e-5)
-            console.print(f"budget set: ε ≤ {budget.epsilon_max:g} at δ={budget.delta:g}")
+            budget = ledger.set_budget(args.set_budget, args.delta if args.delta is not None else 1e-5,
+                                       require_dp=args.require_dp)
+            console.print(f"budget set: ε ≤ {budget.epsilon_max:g} at δ={budget.delta:g}"
+                          + ("; this site trains only with DP-SGD in federated runs" if budget.require_dp else ""))
+        elif args.require_dp:
+            raise UserError("--require-dp goes with --set-budget EPS (the ceiling DP training counts against)")
         summary = ledger.summary()
     except PrivacyError as exc:
         raise UserError(str(exc)) from None
@@ -376,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_privacy)
     p.add_argument("--set-budget", type=float, metavar="EPS", help="set the site's ceiling on cumulative ε")
     p.add_argument("--delta", type=float, help="δ of the ceiling (default 1e-5)")
+    p.add_argument("--require-dp", action="store_true",
+                   help="with --set-budget: train only with DP-SGD in federated runs, even if the run does not ask")
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.privacy/1)")
     return parser
 

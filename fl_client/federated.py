@@ -123,11 +123,20 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
         return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
     samples = data.count("train")
     spec = replace(config.training, proximal_mu=proximal_mu or config.training.proximal_mu)
-    ledger = dp = None
-    if config.privacy.enabled:
-        ledger = PrivacyLedger(site.workspace)
+    ledger = PrivacyLedger(site.workspace)
+    budget = ledger.budget()
+    dp = None
+    if config.privacy.enabled or (budget is not None and budget.require_dp):
+        # The site's own policy can require DP; the run's dp-epsilon is the target for this run, capped
+        # by what the site has left (runs before this one count against the same ceiling).
+        privacy = config.privacy
+        if budget is not None:
+            left = budget.epsilon_max - ledger.spent_outside(run_id, budget.delta)
+            if left <= 0:
+                return _refuse_budget(site, run_id, round_number, ledger, strings)
+            privacy = replace(privacy, enabled=True, epsilon=min(privacy.epsilon, left))
         try:
-            dp = plan_dp(config.privacy, samples=samples, batch_size=spec.batch_size,
+            dp = plan_dp(privacy, samples=samples, batch_size=spec.batch_size,
                          steps_per_round=steps_per_round(config, samples), rounds=config.federation.num_rounds,
                          ledger=ledger, grad_sample_mode=resolved_grad_sample_mode(config))
         except NoBudget:
@@ -138,12 +147,11 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
                              global_params=global_params, dp=dp, ledger=ledger, run_id=run_id,
                              round_number=round_number, task=config.model.task)
     except BudgetExceeded:
-        assert ledger is not None
         return _refuse_budget(site, run_id, round_number, ledger, strings)
     metrics: dict[str, float] = {"num-examples": result.num_examples, "train-loss": result.loss,
                                  "train-seconds": result.seconds, "steps": result.steps,
                                  "samples-seen": result.samples_seen, "dp": int(dp is not None)}
-    if dp is not None and ledger is not None:
+    if dp is not None:
         budget = ledger.require_budget()
         metrics.update({"epsilon": float(result.epsilon or 0.0), "epsilon-max": budget.epsilon_max,
                         "delta": budget.delta, "noise-multiplier": dp.noise_multiplier,
@@ -157,6 +165,7 @@ def _refuse_budget(site: Site, run_id: str, round_number: int, ledger: PrivacyLe
     budget = ledger.budget()
     metrics: dict[str, float] = {"refused": 1, "refused-budget": 1, "num-examples": 0,
                                  "epsilon": ledger.spent(budget.delta) if budget else 0.0}
+    # No epsilon-max in the reply means the site has set no budget at all.
     if budget is not None:
         metrics.update({"epsilon-max": budget.epsilon_max, "delta": budget.delta})
     reply = Reply(metrics=metrics, strings=strings)

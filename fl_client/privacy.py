@@ -47,6 +47,7 @@ class Budget:
     epsilon_max: float
     delta: float
     set_at: str
+    require_dp: bool = False  # the site trains only with DP-SGD in federated runs, whatever the run asks
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,11 @@ class PrivacyLedger:
         if not self.budget_path.exists():
             return None
         data = json.loads(self.budget_path.read_text())
-        return Budget(float(data["epsilon_max"]), float(data["delta"]), str(data["set_at"]))
+        return Budget(float(data["epsilon_max"]), float(data["delta"]), str(data["set_at"]),
+                      bool(data.get("require_dp", False)))
 
-    def set_budget(self, epsilon_max: float, delta: float = 1e-5) -> Budget:
-        """Set the ceiling (the site user's decision).
+    def set_budget(self, epsilon_max: float, delta: float = 1e-5, *, require_dp: bool = False) -> Budget:
+        """Set the ceiling (the site user's decision), and whether the site trains only with DP-SGD.
 
         Raises:
             PrivacyError: Bad values, or a ceiling below what the site has already spent, or a δ
@@ -136,7 +138,7 @@ class PrivacyLedger:
         spent = self.spent(delta)
         if spent > epsilon_max:
             raise PrivacyError(f"this site has already spent ε={spent:.3f}; a ceiling of {epsilon_max:g} is below it")
-        budget = Budget(float(epsilon_max), float(delta), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        budget = Budget(float(epsilon_max), float(delta), time.strftime("%Y-%m-%dT%H:%M:%S%z"), bool(require_dp))
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.budget_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(budget), indent=1))
@@ -184,6 +186,11 @@ class PrivacyLedger:
         budget = self.budget()
         d = delta if delta is not None else (budget.delta if budget else 1e-5)
         return self._epsilon(self.sessions(), d)
+
+    def spent_outside(self, run_id: str, delta: float) -> float:
+        """Cumulative ε at ``delta`` of every session that is not part of run ``run_id`` (0 if none)."""
+        others = [s for s in self.sessions() if s.run_id != run_id]
+        return self._epsilon(others, delta) if others else 0.0
 
     def require_budget(self) -> Budget:
         budget = self.budget()

@@ -150,7 +150,11 @@ class ConsortiumStrategy(FlowerStrategy):
             metrics = _metrics(msg)
             record["train"][site] = metrics
             if metrics.get("refused"):
-                why = ("privacy budget spent" if metrics.get("refused-budget") else "no training data for the task")
+                if metrics.get("refused-budget"):
+                    why = ("privacy budget spent" if "epsilon-max" in metrics
+                           else "DP asked for but the site has set no privacy budget")
+                else:
+                    why = "no training data for the task"
                 record["refused"].append({"site": site, "reason": why, "epsilon": metrics.get("epsilon"),
                                           "epsilon_max": metrics.get("epsilon-max")})
                 log.warning("round %d: site %s refused to train (%s)", rnd, site, why)

@@ -1,0 +1,21 @@
+"""Synthetic site workspaces for tests: real DICOM written by the generator, ingested per site."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from imaging.catalog import Catalog
+from imaging.ingest import ingest_folder
+from imaging.labels import load_labels
+from imaging.synth import generate_consortium
+
+
+def make_workspaces(root: Path, *, sites: int, studies_per_task: int, seed: int, tasks: Sequence[str]) -> Path:
+    """Generate a consortium under ``root/data`` and ingest each site into ``root/ws/<site>``; return ``root/ws``."""
+    generate_consortium(root / "data", sites=sites, studies_per_task=studies_per_task, seed=seed, tasks=list(tasks))
+    for site_dir in sorted(p for p in (root / "data").iterdir() if p.is_dir() and (p / "dicom").is_dir()):
+        with Catalog.open(root / "ws" / site_dir.name) as catalog:
+            ingest_folder(catalog, site_dir / "dicom")
+            load_labels(catalog, site_dir / "labels.csv")
+    return root / "ws"

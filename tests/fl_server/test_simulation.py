@@ -1,0 +1,122 @@
+"""A real Flower simulation of three sites through our own SuperLink: training, DP at one site, a site whose
+budget is spent, per-round checkpoints, the report, the egress logs, and resuming a stopped run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from consortium import make_workspaces
+
+from fl_client.egress import EgressLog
+from fl_client.privacy import PrivacyLedger
+from fl_server.runstore import load_model
+from models.config import from_flat
+from models.nets import build_model, parameter_count
+
+pytestmark = pytest.mark.slow
+
+
+def server(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fl_server.cli", *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sim")
+    sites = make_workspaces(root, sites=3, studies_per_task=12, seed=5, tasks=["breast-mg"])
+    # site-a trains only with DP-SGD (its own policy); site-c's budget was spent by an earlier run.
+    PrivacyLedger(sites / "site-a").set_budget(10.0, 1e-5, require_dp=True)
+    spent = PrivacyLedger(sites / "site-c")
+    spent.set_budget(1.0, 1e-5, require_dp=True)
+    spent.record(run_id="earlier", round=1, task="breast-mg", steps=400, sample_rate=0.5, noise_multiplier=0.8,
+                 max_grad_norm=1.0, samples=30)
+    run_dir = root / "run"
+    result = server("simulate", "--sites", str(sites), "--run-dir", str(run_dir), "--set", "task=breast-mg",
+                    "--set", "num-rounds=3", "--set", "threads=1", "--set", "dp-epsilon=4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (root / "stdout.txt").write_text(result.stdout)
+    return {"sites": sites, "run": run_dir, "stdout": root / "stdout.txt"}
+
+
+def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
+    run_dir = run["run"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"round-00{i}.pt" for i in (1, 2, 3)]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
+    for record in history["rounds"]:
+        assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}  # every site evaluates on its val split
+        assert record["aggregated_sites"] == 2  # site-c refuses to train
+        assert record["refused"] == [{"site": "site-c", "reason": "privacy budget spent",
+                                      "epsilon": pytest.approx(record["train"]["site-c"]["epsilon"]),
+                                      "epsilon_max": 1.0}]
+        assert 0 <= record["aggregated_evaluate"]["auroc"] <= 1
+    final = history["final"]
+    assert set(final["sites"]) == {"site-a", "site-b", "site-c"} and "auroc" in final["weighted"]
+    page = (run_dir / "report.html").read_text()
+    assert "privacy budget spent" in page and "site-c" in page
+    assert {p.name for p in (run_dir / "plots").iterdir()} >= {"val-auroc.png", "train-loss.png", "epsilon.png"}
+    assert any((run_dir / "tensorboard").iterdir())
+    stdout = run["stdout"].read_text()
+    assert "round   3" in stdout and "Final global model" in stdout
+
+
+def test_the_global_model_loads_into_the_tasks_network(run: dict[str, Path]) -> None:
+    arrays, run_config, rnd = load_model(run["run"] / "model.pt")
+    assert rnd == 3
+    model = build_model(from_flat(run_config).model)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+
+
+def test_dp_site_accounts_every_round_in_its_own_ledger(run: dict[str, Path]) -> None:
+    ledger = PrivacyLedger(run["sites"] / "site-a")
+    sessions = ledger.sessions()
+    assert [s.round for s in sessions] == [1, 2, 3]
+    eps = [s.epsilon_cumulative for s in sessions]
+    assert eps[0] < eps[1] < eps[2] <= 4.0 + 1e-6  # the run's dp-epsilon, within the site's ceiling of 10
+    history = json.loads((run["run"] / "history.json").read_text())
+    reported = [r["train"]["site-a"]["epsilon"] for r in history["rounds"]]
+    assert reported == pytest.approx(eps)
+    assert "epsilon" not in history["rounds"][0]["train"]["site-b"]  # site-b has no DP policy, the run asks none
+
+
+def test_egress_logs_hold_only_weights_and_metrics(run: dict[str, Path]) -> None:
+    params = parameter_count(build_model(from_flat({"task": "breast-mg"}).model))
+    for site in ("site-a", "site-b", "site-c"):
+        records = EgressLog(run["sites"] / site).records()
+        kinds = [r.kind for r in records]
+        assert kinds.count("evaluate-val") == 3 and kinds.count("evaluate-test") == 1
+        for r in records:
+            if r.kind == "train":
+                assert r.bytes == 4 * params and len(r.sha256) == 64  # one float32 array of the model's size
+            else:
+                assert r.bytes == 0
+        assert ("train-refused" in kinds) == (site == "site-c")
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint(run: dict[str, Path]) -> None:
+    result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run["run"]), "--resume",
+                    "--set", "task=breast-mg", "--set", "num-rounds=4", "--set", "threads=1", "--set", "dp-epsilon=4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = json.loads((run["run"] / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4]
+    assert history["resumed_at"][0]["round"] == 3
+    assert (run["run"] / "checkpoints" / "round-004.pt").exists()
+    assert "round   4" in result.stdout and "round   1" not in result.stdout
+
+
+def test_user_mistakes_are_one_line(tmp_path: Path, run: dict[str, Path]) -> None:
+    r = server("simulate", "--sites", str(tmp_path), "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "one workspace folder per site" in r.stderr and "Traceback" not in r.stderr
+    r = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(tmp_path / "r"), "--set", "tsak=lung-ct")
+    assert r.returncode == 2 and "did you mean 'task'" in r.stderr
+    r = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run["run"]))
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = server("report", str(tmp_path))
+    assert r.returncode == 2 and "history.json" in r.stderr

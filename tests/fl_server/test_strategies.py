@@ -1,0 +1,108 @@
+"""The composed strategy: aggregation matches a NumPy reference, and bad or refused replies never reach it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fl_server.runstore import RunStore
+from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
+from models.config import from_flat
+
+N = 50
+GLOBAL = np.zeros(N, np.float32)
+
+
+@pytest.fixture(autouse=True)
+def _inside_a_run() -> None:
+    """Flower's messages carry the run's identity, which a ServerApp process has set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 1
+
+
+def reply(site: str, weights: np.ndarray | None, metrics: dict[str, float]) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site})})
+    if weights is not None:
+        content["arrays"] = ArrayRecord({"weights": Array(weights)})
+    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def strategy(tmp_path: Path, name: str, **extra: object) -> ConsortiumStrategy:
+    config = from_flat({"task": "breast-mg", "strategy": name, **extra})
+    store = RunStore.create(tmp_path / name, run_id="t", run_config={"task": "breast-mg"})
+    s = ConsortiumStrategy(build_strategy(config), store=store, reference={"weights": GLOBAL}, run_config={})
+    s._sent[1] = {"weights": GLOBAL}
+    return s
+
+
+def updates(k: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.normal(0, 0.1, N).astype(np.float32) for _ in range(k)]
+
+
+def test_fedavg_is_the_sample_weighted_mean_and_skips_bad_and_refused(tmp_path: Path) -> None:
+    s = strategy(tmp_path, "fedavg")
+    w = updates(3)
+    counts = [10, 30, 60]
+    replies = [reply(f"s{i}", w[i], {"num-examples": counts[i], "train-loss": 0.5 + i}) for i in range(3)]
+    replies.append(reply("nan-site", np.full(N, np.nan, np.float32), {"num-examples": 1000, "train-loss": 0.1}))
+    replies.append(reply("wrong-shape", np.zeros(N + 1, np.float32), {"num-examples": 1000, "train-loss": 0.1}))
+    replies.append(reply("huge", np.full(N, 50.0, np.float32), {"num-examples": 1000, "train-loss": 0.1}))
+    replies.append(reply("dp-site", None, {"refused": 1, "refused-budget": 1, "num-examples": 0, "epsilon": 8.0,
+                                          "epsilon-max": 8.0}))
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    expected = sum(c * x.astype(np.float64) for c, x in zip(counts, w, strict=True)) / sum(counts)
+    np.testing.assert_allclose(arrays["weights"].numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert metrics["train-loss"] == pytest.approx((0.5 * 10 + 1.5 * 30 + 2.5 * 60) / 100)
+    record = json.loads((s.store.root / "history.json").read_text())["rounds"][0]
+    dropped = {d["site"]: d["reason"] for d in record["dropped"]}
+    assert set(dropped) == {"nan-site", "wrong-shape", "huge"}
+    assert "NaN" in dropped["nan-site"] and "shape" in dropped["wrong-shape"] and "norm" in dropped["huge"]
+    assert record["refused"] == [{"site": "dp-site", "reason": "privacy budget spent", "epsilon": 8.0,
+                                  "epsilon_max": 8.0}]
+    assert record["aggregated_sites"] == 3
+
+
+def test_fedmedian_and_trimmed_mean_match_numpy(tmp_path: Path) -> None:
+    w = updates(5)
+    replies = [reply(f"s{i}", w[i], {"num-examples": 10 + i, "train-loss": 1.0}) for i in range(5)]
+    arrays, _ = strategy(tmp_path, "fedmedian").aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["weights"].numpy(), np.median(np.stack(w), axis=0), rtol=1e-6)
+    replies = [reply(f"s{i}", w[i], {"num-examples": 10 + i, "train-loss": 1.0}) for i in range(5)]  # consumed
+    arrays, _ = strategy(tmp_path, "fedtrimmedavg", **{"trim-beta": 0.2}).aggregate_train(1, replies)
+    srt = np.sort(np.stack(w), axis=0)
+    np.testing.assert_allclose(arrays["weights"].numpy(), srt[1:4].mean(axis=0), rtol=1e-5)
+
+
+def test_a_round_with_no_valid_update_keeps_the_model(tmp_path: Path) -> None:
+    s = strategy(tmp_path, "fedavg")
+    arrays, metrics = s.aggregate_train(1, [reply("a", np.full(N, np.inf, np.float32), {"num-examples": 5})])
+    assert arrays is None and metrics is None
+
+
+def test_checkpoint_each_round_and_resume_from_the_last(tmp_path: Path) -> None:
+    s = strategy(tmp_path, "fedavg")
+    s.end_of_round(1, packed_record(np.ones(N, np.float32)))
+    s.end_of_round(2, packed_record(np.full(N, 2.0, np.float32)))
+    store, arrays, done = RunStore.resume(s.store.root)
+    assert done == 2 and arrays is not None
+    np.testing.assert_array_equal(arrays["weights"], np.full(N, 2.0, np.float32))
+    assert [r["round"] for r in store.history["rounds"]] == [1, 2]
+    assert store.history["resumed_at"][0]["round"] == 2
+
+
+def test_every_strategy_is_flowers_own(tmp_path: Path) -> None:
+    import flwr.serverapp.strategy as fs
+
+    for name, cls in [("fedavg", fs.FedAvg), ("fedprox", fs.FedProx), ("fedadam", fs.FedAdam),
+                      ("fedyogi", fs.FedYogi), ("fedmedian", fs.FedMedian), ("fedtrimmedavg", fs.FedTrimmedAvg)]:
+        extra = {"proximal-mu": 0.01} if name == "fedprox" else {}
+        assert type(build_strategy(from_flat({"strategy": name, **extra}))) is cls
