@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,12 @@ def _f(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{float(value):.{digits}f}"
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
     """Write the HTML report (and plots, TensorBoard events) of a run; return the page's path.
+
+    Args:
+        run_dir: The run directory.
+        page_path: Where the page goes (default ``RUN_DIR/report.html``); plots stay in the run directory.
 
     Raises:
         FileNotFoundError: ``run_dir`` holds no run.
@@ -151,7 +156,9 @@ def write_report(run_dir: Path) -> Path:
         final_rows.append(["all sites (weighted)", sum(int(r[1]) for r in final_rows), "", _f(weighted.get("auroc")),
                            _f(weighted.get("sensitivity")), _f(weighted.get("specificity")),
                            _f(weighted.get("balanced-accuracy")), _f(weighted.get("brier"))])
-    imgs = "".join(f'<figure><img src="plots/{n}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption>'
+    page_path = Path(page_path or run_dir / "report.html")
+    rel = Path(os.path.relpath(run_dir / "plots", page_path.parent)).as_posix()
+    imgs = "".join(f'<figure><img src="{rel}/{n}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption>'
                    f"</figure>" for n, t in plots)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>oncofed run {html.escape(str(history.get('run_id')))}</title>
@@ -185,6 +192,5 @@ site.</p>
                   if has_tb else 'TensorBoard is not installed: no event files written.'}</p>
 </body></html>
 """
-    path = run_dir / "report.html"
-    path.write_text(page)
-    return path
+    page_path.write_text(page)
+    return page_path
