@@ -52,7 +52,7 @@ def _plots(history: dict[str, Any], out: Path) -> list[tuple[str, str]]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for site, points in sorted(series.items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"site {site}")
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
         if agg:
             points = _aggregated(history, agg, key)
             if points:
@@ -63,6 +63,7 @@ def _plots(history: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         if ylim:
             ax.set_ylim(*ylim)
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--studies-per-task", type=int, default=24)
+    parser.add_argument("--studies-per-task", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", default=",".join(PRESETS), help="comma-separated tasks to generate and ingest")
     parser.add_argument("--task", default="lung-ct", help="the task trained federated (default lung-ct)")
