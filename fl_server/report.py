@@ -63,7 +63,9 @@ def _plots(history: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         if ylim:
             ax.set_ylim(*ylim)
         ax.set_xlabel("round")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.legend(fontsize=8)
         fig.tight_layout()

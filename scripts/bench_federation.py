@@ -1,0 +1,167 @@
+"""Federation benchmarks: framework overhead per round, and federated vs centralised vs single-site AUROC.
+
+1. Overhead: for N simulated sites, per round ``(wall time - slowest site's train+eval time) / wall``,
+   median over the rounds after the first (the first also starts Flower's workers and fills caches).
+2. Quality: on the same synthetic consortium and the same number of passes over the data, the AUROC
+   on the test studies of all sites pooled of: FedAvg and FedProx after R rounds of one local epoch,
+   the centralised baseline (all sites' data pooled, R epochs), and each single site alone (R epochs).
+   (A benchmark may pool the test studies because it runs on synthetic data on one machine; in a
+   real consortium each site evaluates on its own and only the figures travel.)
+
+Prints markdown tables and writes ``OUT/bench-federation.json``.
+
+Example::
+
+    .venv/bin/python scripts/bench_federation.py --out bench-output/fed --tasks lung-ct,breast-mg --rounds 10
+    .venv/bin/python scripts/bench_federation.py --out bench-output/fed --overhead-only --sites 2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fl_client.local_run import run_local
+from fl_server.flower_ops import simulate
+from imaging.catalog import Catalog
+from imaging.ingest import ingest_folder
+from imaging.labels import load_labels
+from imaging.synth import generate_consortium
+from models.config import from_flat
+
+
+def make_sites(root: Path, *, sites: int, studies: int, seed: int, tasks: list[str]) -> Path:
+    if (root / "ws").is_dir():
+        return root / "ws"
+    generate_consortium(root / "data", sites=sites, studies_per_task=studies, seed=seed, tasks=tasks)
+    for site in sorted(p for p in (root / "data").iterdir() if (p / "dicom").is_dir()):
+        with Catalog.open(root / "ws" / site.name) as catalog:
+            ingest_folder(catalog, site / "dicom")
+            load_labels(catalog, site / "labels.csv")
+    return root / "ws"
+
+
+def federated(sites: Path, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    outcome = simulate(sites, run_dir, config)
+    if not outcome.finished:
+        raise RuntimeError(f"run {run_dir} did not finish:\n{outcome.output[-3000:]}")
+    history = json.loads((run_dir / "history.json").read_text())
+    history["total_seconds"] = time.perf_counter() - t0
+    return dict(history)
+
+
+def overhead(history: dict[str, Any]) -> dict[str, float]:
+    rounds = [r for r in history["rounds"] if r.get("seconds")]
+    later = rounds[1:] or rounds
+    return {"round_seconds": statistics.median(r["seconds"] for r in later),
+            "slowest_site_seconds": statistics.median(r["slowest_site_seconds"] for r in later),
+            "overhead": statistics.median(r["overhead"] for r in later),
+            "first_round_seconds": rounds[0]["seconds"], "total_seconds": history["total_seconds"]}
+
+
+def test_auroc(model_path: Path, site_dirs: list[Path], task: str) -> float | None:
+    """AUROC of a saved model on the test studies of all sites pooled (the same yardstick for every model)."""
+    import torch
+
+    from fl_client.train import evaluate_local, load_site_data
+    from fl_server.runstore import load_model
+    from models.nets import build_model
+
+    arrays, run_config, _ = load_model(model_path)
+    model = build_model(from_flat(run_config).model)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    result = evaluate_local(model, load_site_data(site_dirs, task), "test")
+    return None if result is None else result.metrics.auroc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench-output/federation"))
+    parser.add_argument("--tasks", default="lung-ct,breast-mg,prostate-mr,colorectal-ct")
+    parser.add_argument("--sites", default="2,4", help="site counts for the overhead measurement")
+    parser.add_argument("--overhead-task", default="lung-ct")
+    parser.add_argument("--studies", type=int, default=48, help="studies per task per site (quality runs)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overhead-only", action="store_true")
+    parser.add_argument("--quality-only", action="store_true")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    console = Console()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"overhead": {}, "quality": {}}
+    out_json = args.out / "bench-federation.json"
+    if out_json.exists():
+        results = {**results, **json.loads(out_json.read_text())}
+
+    if not args.quality_only:
+        for n in [int(s) for s in args.sites.split(",")]:
+            sites = make_sites(args.out / f"overhead-{n}", sites=n, studies=16, seed=args.seed,
+                               tasks=[args.overhead_task])
+            history = federated(sites, args.out / f"overhead-{n}" / "run",
+                                {"task": args.overhead_task, "num-rounds": 4, "threads": 1, "min-sites": n})
+            results["overhead"][str(n)] = overhead(history)
+            console.print(f"overhead, {n} sites: {results['overhead'][str(n)]}")
+            out_json.write_text(json.dumps(results, indent=1))
+        console.print("\n| sites | round wall s (median) | slowest site train+eval s | overhead | first round s |")
+        console.print("|---|---|---|---|---|")
+        for n, o in results["overhead"].items():
+            console.print(f"| {n} | {o['round_seconds']:.2f} | {o['slowest_site_seconds']:.2f} | "
+                          f"{100 * o['overhead']:.0f} % | {o['first_round_seconds']:.1f} |")
+
+    if not args.overhead_only:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        sites = make_sites(args.out / "quality", sites=3, studies=args.studies, seed=args.seed, tasks=tasks)
+        site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
+        for task in tasks:
+            row: dict[str, Any] = {}
+            common = {"task": task, "threads": 0, "seed": args.seed}
+            for strategy, extra in (("fedavg", {}), ("fedprox", {"proximal-mu": 0.01})):
+                h = federated(sites, args.out / "quality" / f"{task}-{strategy}",
+                              {**common, "strategy": strategy, "num-rounds": args.rounds, **extra})
+                run_dir = args.out / "quality" / f"{task}-{strategy}"
+                row[strategy] = test_auroc(run_dir / "model.pt", site_dirs, task)
+                row[f"{strategy}_seconds"] = h["total_seconds"]
+            config = from_flat(common)
+            out = args.out / "quality" / f"{task}-pooled"
+            run_local(site_dirs, config, out, epochs=args.rounds)
+            row["pooled"] = test_auroc(out / "model.pt", site_dirs, task)
+            for ws in site_dirs:
+                try:
+                    out = args.out / "quality" / f"{task}-{ws.name}"
+                    run_local([ws], config, out, epochs=args.rounds)
+                    row[f"single-{ws.name}"] = test_auroc(out / "model.pt", site_dirs, task)
+                except Exception as exc:  # a site without both classes in training cannot train alone
+                    row[f"single-{ws.name}"] = None
+                    console.print(f"{task} {ws.name} alone: {exc}")
+            results["quality"][task] = row
+            console.print(f"{task}: {row}")
+            out_json.write_text(json.dumps(results, indent=1))
+        console.print(f"\n| task | FedAvg | FedProx | pooled | {' | '.join(p.name + ' alone' for p in site_dirs)} |")
+        console.print("|---|---|---|---|" + "---|" * len(site_dirs))
+
+        def f(v: Any) -> str:
+            return "—" if v is None else f"{v:.3f}"
+
+        for task, row in results["quality"].items():
+            console.print(f"| {task} | {f(row['fedavg'])} | {f(row['fedprox'])} | {f(row['pooled'])} | "
+                          + " | ".join(f(row.get(f"single-{p.name}")) for p in site_dirs) + " |")
+    console.print(f"\nwrote {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
