@@ -329,6 +329,27 @@ def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+EPILOG_JOIN = """examples:
+  oncofed-site join --kit kit-a --workspace ws/site-a
+  oncofed-site join --kit kit-a --workspace ws/site-a --superlink fl.lead-hospital.org:9092
+
+KIT is the start-up kit folder the consortium lead sent (ca.crt, site.key, site.json). Starts this
+site's Flower SuperNode with TLS (the SuperLink must present the consortium's certificate) and the
+site's key (the SuperLink accepts only provisioned sites), pointed at the workspace. It stays in the
+foreground and trains when the lead starts a run; Ctrl-C leaves the consortium. Images never leave
+the site: see the egress log in the workspace. The SuperNode's log is WORKSPACE/supernode/."""
+
+
+def cmd_join(args: argparse.Namespace, console: Console) -> int:
+    from fl_client.join import JoinError, join
+
+    try:
+        return join(args.kit, args.workspace, superlink=args.superlink, connect_timeout=args.connect_timeout,
+                    say=lambda line: console.print(line, highlight=False, markup=False, emoji=False, soft_wrap=True))
+    except JoinError as exc:
+        raise UserError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oncofed-site`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -384,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-dp", action="store_true",
                    help="with --set-budget: train only with DP-SGD in federated runs, even if the run does not ask")
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.privacy/1)")
+    p = add("join", "Join the consortium: run this site's Flower SuperNode until Ctrl-C.", EPILOG_JOIN, cmd_join)
+    p.add_argument("--kit", type=Path, required=True, help="this site's start-up kit folder from the lead")
+    p.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the kit's)")
+    p.add_argument("--connect-timeout", type=float, default=0.0,
+                   help="give up if not accepted after this many seconds (default 0: keep trying)")
     return parser
 
 

@@ -161,6 +161,115 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+EPILOG_PROVISION = """examples:
+  oncofed-server provision --out consortium --sites a,b,c
+  oncofed-server provision --out consortium --sites charite,umc --names fl.lead-hospital.org,10.0.0.5
+  oncofed-server provision --out consortium --add d     # a new site; existing kits stay as they are
+
+Makes the consortium CA (consortium/ca/, keep ca.key offline), the SuperLink's TLS certificate
+(valid for localhost, 127.0.0.1 and --names) and one P-384 key pair per site. Hand each site its
+folder consortium/sites/<site>/ (README.txt, join.sh) over a trusted channel; the lead keeps
+consortium/server/. Private keys are written with mode 0600 and never printed."""
+
+EPILOG_START = """examples:
+  oncofed-server start --kit consortium/server                    # sites on this host only
+  oncofed-server start --kit consortium/server --host 0.0.0.0     # sites on other hosts too
+
+Runs Flower's SuperLink with TLS and SuperNode authentication, registers the public keys in
+KIT/site-keys/ (only those sites can connect; delete a key and restart to revoke a site), writes the
+lead's Flower connection and stays in the foreground until Ctrl-C. Its log and state are in
+KIT/superlink/ (or --state). Then start runs with 'oncofed-server run' from another terminal."""
+
+EPILOG_RUN = """examples:
+  oncofed-server run --kit consortium/server --run-dir runs/fed-1 --set task=breast-mg --set num-rounds=5
+  oncofed-server run --kit consortium/server --run-dir runs/fed-1 --resume   # continue after a stop
+
+Needs a SuperLink started with 'oncofed-server start --kit ...' and the sites joined with
+'oncofed-site join'. Prints one line per round and writes RUN_DIR (checkpoints, history.json,
+model.pt, report.html) on the SuperLink's host. --set takes any key of [tool.flwr.app.config]."""
+
+
+def cmd_provision(args: argparse.Namespace, console: Console) -> int:
+    from fl_server.provision import ProvisionError, add_sites, parse_site_ids, provision
+
+    try:
+        if args.add:
+            if args.sites or args.names:
+                raise UserError("--add adds sites to an existing consortium: give it without --sites and --names")
+            done = add_sites(args.out, parse_site_ids(args.add))
+        else:
+            if not args.sites:
+                raise UserError("give --sites a,b,c (a new consortium) or --add d (add sites to one)")
+            names = [n for n in (args.names or "").split(",") if n.strip()]
+            done = provision(args.out, parse_site_ids(args.sites), names=names, port=args.port, address=args.address)
+    except ProvisionError as exc:
+        raise UserError(str(exc)) from None
+    table = Table(title=f"Site kits in {done.root / 'sites'}")
+    for col in ("site", "kit", "site key fingerprint"):
+        table.add_column(col, overflow="fold")
+    for kit in done.new_sites:
+        table.add_row(kit.site_id, str(kit.folder), kit.fingerprint)
+    console.print(table)
+    console.print(f"Consortium CA SHA-256: {done.ca_fingerprint}\nSuperLink address in the kits: {done.address}\n"
+                  f"Lead's kit: {done.server_kit} (start it with: oncofed-server start --kit {done.server_kit})\n"
+                  "Send each site its kit folder over a trusted channel; they join with "
+                  "'oncofed-site join --kit KIT --workspace WS'.", highlight=False, markup=False, emoji=False)
+    if args.add:
+        console.print("A running SuperLink learns the new sites when restarted (oncofed-server start).")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace, console: Console) -> int:
+    from fl_server.deploy import DeployError, serve
+
+    try:
+        return serve(args.kit, state=args.state, host=args.host, port=args.port,
+                     say=lambda line: console.print(line, highlight=False, markup=False, emoji=False, soft_wrap=True))
+    except DeployError as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fl_server.deploy import DeployError, connection_home, run
+
+    run_config = parse_sets(args.set)
+    if args.resume:
+        if not (args.run_dir / "history.json").exists():
+            raise UserError(f"--resume: {args.run_dir} holds no run to continue")
+        run_config["resume"] = str(args.run_dir.resolve())
+    elif (args.run_dir / "history.json").exists():
+        raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
+    run_config["run-dir"] = str(args.run_dir.resolve())
+    try:
+        connection_home(args.kit, args.state)
+    except DeployError as exc:
+        raise UserError(str(exc)) from None
+    log_path = args.run_dir.resolve().with_name(args.run_dir.name + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"Running on the SuperLink of {args.kit}; full log in {log_path}")
+    with open(log_path, "w") as log:
+        def on_line(line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+            m = _ROUND.search(line)
+            if m:
+                console.print(m.group(1), highlight=False, markup=False)
+            elif "ERROR" in line or "Traceback" in line:
+                console.print(f"[red]{line}[/]", highlight=False)
+
+        try:
+            outcome = run(args.kit, run_config, state=args.state, on_line=on_line)
+        except DeployError as exc:
+            raise UserError(str(exc)) from None
+    if not outcome.finished:
+        tail = "\n".join(outcome.output.splitlines()[-15:])
+        raise UserError(f"the run did not finish (exit code {outcome.returncode}); last lines:\n{tail}\n"
+                        f"full log: {log_path}")
+    _print_final(console, args.run_dir)
+    console.print(f"Global model: {args.run_dir / 'model.pt'}\nReport: {args.run_dir / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oncofed-server`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -189,6 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", "Write the HTML report (plots, tables, TensorBoard events) of a run directory.",
             EPILOG_REPORT, cmd_report)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by the server")
+    p = add("provision", "Make the consortium CA, the SuperLink certificate and a start-up kit per site.",
+            EPILOG_PROVISION, cmd_provision)
+    p.add_argument("--out", type=Path, required=True, help="the consortium folder to create (or to add sites to)")
+    p.add_argument("--sites", help="comma-separated site ids for a new consortium, e.g. a,b,c")
+    p.add_argument("--add", metavar="SITES", help="comma-separated site ids to add to the consortium in --out")
+    p.add_argument("--names", help="comma-separated DNS names or IP addresses of the SuperLink host "
+                   "(localhost and 127.0.0.1 are always in the certificate)")
+    p.add_argument("--port", type=int, default=9092, help="the SuperLink port written into the kits (default 9092)")
+    p.add_argument("--address", help="HOST:PORT the sites connect to (default: the first --names, else localhost)")
+    p = add("start", "Run the consortium's SuperLink (TLS, only provisioned sites) until Ctrl-C.", EPILOG_START,
+            cmd_start)
+    p.add_argument("--kit", type=Path, required=True, help="the lead's kit folder (DIR/server from provision)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (default: the kit's)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--state", type=Path, help="folder for the SuperLink's log and state (default KIT/superlink)")
+    p = add("run", "Run a federated training on the SuperLink started with 'start'.", EPILOG_RUN, cmd_run)
+    p.add_argument("--kit", type=Path, required=True, help="the lead's kit folder given to 'start'")
+    p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config value (repeat)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--state", type=Path, help="the --state folder given to 'start' (default KIT/superlink)")
     return parser
 
 
