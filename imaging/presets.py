@@ -59,6 +59,8 @@ class TaskPreset:
         min_slices: A 3D series with fewer slices is rejected.
         canonical_laterality: For mammography: images of the other side are mirrored to this one.
         lung_field: For chest CT: keep only the lung fields (see ``imaging.transforms.LungFieldd``).
+        suppress_above_hu: For abdominal CT: replace bone and enhancing organs above this HU by fat
+            (see ``imaging.transforms.SuppressBrightd``); None keeps them.
         augment: Training-time augmentations.
     """
 
@@ -75,6 +77,7 @@ class TaskPreset:
     min_slices: int = 1
     canonical_laterality: str | None = None
     lung_field: bool = False
+    suppress_above_hu: float | None = None
     augment: Augment = field(default_factory=Augment)
 
 
@@ -120,6 +123,7 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 intensity=Intensity.CT_WINDOW,
                 window=(-200.0, 250.0),
                 min_slices=16,
+                suppress_above_hu=160.0,
                 augment=Augment(flip_axes=(0,), rotate_deg=8.0),
             ),
             TaskPreset(

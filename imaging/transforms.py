@@ -180,6 +180,42 @@ class LungFieldd(MapTransform):
         return d
 
 
+class SuppressBrightd(MapTransform):
+    """Replace bone and enhancing organs (above ``threshold`` HU) and their partial-volume rim by ``fill`` HU.
+
+    The bone-removal step of abdominal CT CAD: after it the brightest soft tissue left is what enhances
+    like a tumour (colorectal cancers enhance to about 80-130 HU in the portal-venous phase), not the
+    spine, pelvis or kidney cortex. Without it the compact network, which must also work under DP-SGD
+    with per-image normalisation, could not tell a colonic mass from the rims of bright structures on
+    131 synthetic training volumes (validation AUROC near 0.5); with it, 0.7-0.9 in 12 epochs. A tumour
+    with calcification or hyper-enhancing above ``threshold`` would be cut: the known limit of this step.
+
+    Args:
+        keys: Image keys (HU volumes, after resampling).
+        threshold: HU above which a voxel is suppressed.
+        fill: HU written in its place (fat).
+        dilate: Voxels of partial-volume rim suppressed around each bright structure.
+    """
+
+    def __init__(self, keys: KeysCollection, threshold: float = 160.0, fill: float = -100.0, dilate: int = 1) -> None:
+        super().__init__(keys)
+        self.threshold, self.fill, self.dilate = threshold, fill, dilate
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from scipy import ndimage
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            volume = np.asarray(img[0].detach().cpu().numpy() if hasattr(img, "detach") else img[0])
+            bright = volume > self.threshold
+            if self.dilate:
+                bright = ndimage.binary_dilation(bright, iterations=self.dilate)
+            mask = torch.as_tensor(bright, device=img.device)[None]
+            d[key] = torch.where(mask, torch.full_like(img, self.fill), img)
+        return d
+
+
 def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:
     """Load, orient, resample, normalise and crop/pad: the cached part of the pipeline."""
     steps: list[Transform] = [LoadPlanImaged(keys)]
@@ -190,6 +226,8 @@ def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("im
     steps.append(Spacingd(keys, pixdim=preset.target_spacing, mode="bilinear", padding_mode="border"))
     if preset.lung_field:
         steps.append(LungFieldd(keys))
+    if preset.suppress_above_hu is not None:
+        steps.append(SuppressBrightd(keys, threshold=preset.suppress_above_hu))
     if preset.intensity is Intensity.CT_WINDOW:
         if preset.window is None:
             raise ValueError(f"preset {preset.name}: a CT window is required for {preset.intensity}")

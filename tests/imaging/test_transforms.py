@@ -112,3 +112,26 @@ def test_lung_field_keeps_lungs_and_nodules_and_blanks_the_rest() -> None:
     assert (out[lung_l | lung_r] != -1000.0).all()
     chest_wall = body & ~(lung_l | lung_r)
     assert (out[chest_wall] == -1000.0).all()  # chest wall, heart, spine become air
+
+
+def test_bright_structure_suppression_keeps_the_enhancing_tumour() -> None:
+    from imaging.transforms import SuppressBrightd
+
+    x, y = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    body = ((x - 32) / 30) ** 2 + ((y - 32) / 22) ** 2 < 1
+    spine = (x - 32) ** 2 + (y - 48) ** 2 < 16
+    kidney = (x - 14) ** 2 + (y - 40) ** 2 < 25
+    tumour = (x - 44) ** 2 + (y - 24) ** 2 < 25
+    slice_ = np.full((64, 64), -1000.0)
+    slice_[body] = 45.0
+    slice_[spine] = 700.0
+    slice_[kidney] = 185.0
+    slice_[tumour] = 110.0
+    volume = torch.as_tensor(np.repeat(slice_[None, :, :, None], 6, axis=3), dtype=torch.float32)
+    out = SuppressBrightd(["image"], threshold=160.0, fill=-100.0, dilate=1)({"image": volume})["image"]
+    mid = out[0, :, :, 3].numpy()
+    assert (mid[spine | kidney] == -100.0).all()  # bone and enhancing kidney become fat
+    rim = (x - 32) ** 2 + (y - 48) ** 2 == 16  # the partial-volume rim just outside the spine
+    assert (mid[rim] == -100.0).all()
+    assert (mid[tumour] == 110.0).all() and mid.max() == 110.0  # the tumour is now the brightest thing
+    assert (mid[body & ~spine & ~kidney & ~tumour & ~rim] <= 110.0).all()
