@@ -4,9 +4,11 @@ Flower may start a fresh process for every message, so this module imports only 
 load time; torch, MONAI and the training code are imported inside the handlers.
 
 Messages in (from the server): ``arrays`` (one packed float32 array ``weights``) and ``config``
-(``server-round``, optional ``proximal-mu``, ``split`` for evaluation, ``run-id``).
-Messages out: ``arrays`` (training only), ``metrics`` (whitelisted scalars) and ``site``
-(site id, task, split), all passed through the egress guard and logged in the site workspace.
+(``server-round``, optional ``proximal-mu``, ``split`` for evaluation, ``evaluate-split`` to also
+evaluate the received model on that split in the same message, ``run-id``).
+Messages out: ``arrays`` (training only), ``metrics`` (whitelisted scalars), ``evaluation`` (the
+received model's metrics on ``evaluate-split``) and ``site`` (site id, task, split), all passed
+through the egress guard and logged in the site workspace.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def _reply(msg: Message, reply: Any) -> Message:
     content = RecordDict({"metrics": MetricRecord(dict(reply.metrics)), "site": ConfigRecord(dict(reply.strings))})
     if reply.arrays:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in reply.arrays.items()})
+    if reply.evaluation:
+        content["evaluation"] = MetricRecord(dict(reply.evaluation))
     return Message(content=content, reply_to=msg)
 
 
@@ -47,16 +51,31 @@ def train(msg: Message, context: Context) -> Message:
 
     site, config, run_id, rnd, flat, round_config = _inputs(msg, context)
     mu = float(round_config.get("proximal-mu", 0.0))
-    return _reply(msg, fit(site, config, run_id=run_id, round_number=rnd, global_flat=flat, proximal_mu=mu))
+    split = str(round_config.get("evaluate-split", "")) or None
+    _check_split(split)
+    return _reply(msg, fit(site, config, run_id=run_id, round_number=rnd, global_flat=flat, proximal_mu=mu,
+                           evaluate_split=split))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on one split of the site's data (``val`` unless the config says)."""
+    from dataclasses import replace
+
     from fl_client.federated import evaluate as evaluate_site
 
     site, config, run_id, rnd, flat, round_config = _inputs(msg, context)
     split = str(round_config.get("split", "val"))
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"unknown split {split!r} in the evaluation config: expected train, val or test")
-    return _reply(msg, evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=split))
+    also = str(round_config.get("evaluate-split", "")) or None
+    _check_split(split)
+    _check_split(also)
+    reply = evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=split)
+    if also:
+        extra = evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=also)
+        reply = replace(reply, evaluation=extra.metrics)
+    return _reply(msg, reply)
+
+
+def _check_split(split: str | None) -> None:
+    if split is not None and split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r} in the round config: expected train, val or test")

@@ -45,6 +45,9 @@ class Reply:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     strings: dict[str, str] = field(default_factory=dict)
+    # The received global model's metrics on another split, sent in the same message (saves a round
+    # trip: in a deployment every message starts a new ClientApp process).
+    evaluation: dict[str, float] = field(default_factory=dict)
 
 
 def site_from_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
@@ -88,6 +91,7 @@ def _model_from(config: RunConfig, flat: np.ndarray) -> tuple[torch.nn.Module, d
 def _send(site: Site, *, run_id: str, round_number: int, kind: str, reply: Reply,
           reference: Mapping[str, np.ndarray] | None) -> Reply:
     check_reply(reply.arrays, reply.metrics, reference=reference, strings=reply.strings)
+    check_reply({}, reply.evaluation, reference=None)
     EgressLog(site.workspace).append(run=run_id, round_number=round_number, kind=kind, arrays=reply.arrays,
                                      metrics=reply.metrics, strings=reply.strings)
     return reply
@@ -99,7 +103,7 @@ def steps_per_round(config: RunConfig, samples: int) -> int:
 
 
 def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
-        proximal_mu: float = 0.0) -> Reply:
+        proximal_mu: float = 0.0, evaluate_split: str | None = None) -> Reply:
     """Train the global model on the site's training split for one round.
 
     A site with no data for the task, or whose privacy budget would be passed, answers with a
@@ -112,7 +116,20 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
         round_number: The server round.
         global_flat: The global weights, packed.
         proximal_mu: FedProx's proximal term, from the round's config (0: none).
+        evaluate_split: First evaluate the received global model on this split and send its metrics
+            with the reply (``Reply.evaluation``; logged as its own egress record).
     """
+    evaluation = {}
+    if evaluate_split:
+        evaluation = evaluate(site, config, run_id=run_id, round_number=round_number - 1, global_flat=global_flat,
+                              split=evaluate_split).metrics
+    reply = _fit(site, config, run_id=run_id, round_number=round_number, global_flat=global_flat,
+                 proximal_mu=proximal_mu)
+    return replace(reply, evaluation=evaluation)
+
+
+def _fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
+         proximal_mu: float) -> Reply:
     strings = {"site-id": site.site_id, "task": config.model.task}
     torch.manual_seed(config.training.seed + round_number)
     model, reference = _model_from(config, global_flat)

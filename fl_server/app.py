@@ -7,7 +7,9 @@ Run-config keys read here besides the shared ones (defaults in ``pyproject.toml`
 - ``resume``: a run directory to continue from its last checkpoint (same configuration);
 - ``update-norm-factor``: drop an update whose norm exceeds this many times the others' median;
 - ``final-evaluation``: evaluate on each site's test split after the last round (default true);
-- ``round-timeout``: seconds to wait for the sites' replies in a round.
+- ``round-timeout``: seconds to wait for the sites' replies in a round;
+- ``evaluate-in-train``: sites evaluate the model they receive inside the next training message
+  (default true: half the messages per round; false sends evaluation messages of their own).
 """
 
 from __future__ import annotations
@@ -76,9 +78,11 @@ def main(grid: Grid, context: Context) -> None:
         initial = pack(reference)
         log.info("oncofed: run directory %s", store.root)
     remaining = config.federation.num_rounds - offset
+    in_train = _flag(flat_config.get("evaluate-in-train", True))
     strategy = ConsortiumStrategy(build_strategy(config), store=store, reference={"weights": initial},
                                   run_config=flat_config, round_offset=offset,
                                   norm_factor=float(flat_config.get("update-norm-factor", 10.0)),
+                                  evaluate_in_train=in_train,
                                   on_round=lambda r: log.info("oncofed: %s", progress_line(r)))
     timeout = float(flat_config.get("round-timeout", 3600))
     run_tag = ConfigRecord({"run-id": store.history["run_id"]})
@@ -90,9 +94,13 @@ def main(grid: Grid, context: Context) -> None:
                                 evaluate_config=ConfigRecord(dict(run_tag)), evaluate_fn=strategy.end_of_round)
         final_arrays = result.arrays if result.arrays is not None and len(result.arrays) else final_arrays
     store.history["train_seconds"] = time.perf_counter() - t0
-    if str(flat_config.get("final-evaluation", "true")).lower() not in ("false", "0", "no"):
-        store.history["final"] = final_evaluation(grid, final_arrays, run_id=store.history["run_id"],
-                                                  round_number=config.federation.num_rounds, timeout=timeout)
+    if _flag(flat_config.get("final-evaluation", True)) or in_train:
+        final, val = final_evaluation(grid, final_arrays, run_id=store.history["run_id"],
+                                      round_number=config.federation.num_rounds, timeout=timeout, also_val=in_train)
+        if in_train:  # the last model's validation figures come with the final evaluation
+            strategy.record_evaluation(config.federation.num_rounds, val)
+        if _flag(flat_config.get("final-evaluation", True)):
+            store.history["final"] = final
     store.history["finished"] = time.time()
     store.save()
     flat = final_arrays["weights"].numpy()
@@ -105,12 +113,24 @@ def main(grid: Grid, context: Context) -> None:
     log.info("oncofed: finished; global model %s, report %s", store.root / "model.pt", page)
 
 
-def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int, timeout: float) -> dict[str, Any]:
-    """Evaluate the final global model on every connected site's test split."""
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() not in ("false", "0", "no", "off")
+
+
+def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int, timeout: float,
+                     also_val: bool = False) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
+    """Evaluate the final global model on every connected site's test split (and validation split).
+
+    Returns:
+        The test-split document for the history, and each site's validation metrics (if asked).
+    """
     messages = []
+    val: list[tuple[str, dict[str, float]]] = []
     for node_id in grid.get_node_ids():
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"split": "test", "run-id": run_id,
-                                                                        "server-round": round_number})})
+        config: dict[str, Any] = {"split": "test", "run-id": run_id, "server-round": round_number}
+        if also_val:
+            config["evaluate-split"] = "val"
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
         messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE))
     per_site: dict[str, Any] = {}
     failed = []
@@ -120,6 +140,8 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
             continue
         site = str(reply.content["site"].get("site-id")) if "site" in reply.content else str(reply.metadata.src_node_id)
         per_site[site] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+        if "evaluation" in reply.content:
+            val.append((site, {k: float(v) for k, v in reply.content["evaluation"].items()}))  # type: ignore
     total = sum(m.get("studies", 0) for m in per_site.values() if "auroc" in m)
     pooled: dict[str, float] = {}
     for key in ("auroc", "sensitivity", "specificity", "balanced-accuracy", "brier"):
@@ -128,4 +150,4 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
             pooled[key] = sum(v * n for v, n in have) / sum(n for _, n in have)
     log.info("oncofed: final test evaluation: %s", {s: round(m.get("auroc", float("nan")), 3)
                                                      for s, m in per_site.items()})
-    return {"split": "test", "sites": per_site, "weighted": pooled, "failed": failed}
+    return {"split": "test", "sites": per_site, "weighted": pooled, "failed": failed}, val

@@ -126,6 +126,8 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
     sites = sorted({s for r in rounds for s in (*r.get("train", {}), *r.get("evaluate", {}))})
     round_rows = []
     for r in rounds:
+        if r["round"] < 1:
+            continue
         round_rows.append([r["round"], _f(r.get("seconds"), 1), _f(r.get("slowest_site_seconds"), 1),
                            f"{100 * r['overhead']:.0f} %" if r.get("overhead") is not None else "—",
                            f"{r.get('aggregated_sites', 0)}/{r.get('asked_train', 0)}",
@@ -175,7 +177,7 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }} img {{ max-width: 560px
 </style></head><body>
 <h1>Federated run {html.escape(str(history.get('run_id')))}</h1>
 <p>Task <b>{html.escape(str(history.get('task')))}</b>, strategy <b>{html.escape(str(history.get('strategy')))}</b>,
-{len(rounds)} round(s), sites: {html.escape(', '.join(sites) or 'none')}.
+{sum(1 for r in rounds if r["round"] >= 1)} round(s), sites: {html.escape(', '.join(sites) or 'none')}.
 Global model: <code>{html.escape(str(run_dir / 'model.pt'))}</code>.</p>
 <h2>Final evaluation on each site's test split</h2>
 {_table(['site', 'studies', 'pos/neg', 'AUROC', 'sensitivity', 'specificity', 'bal. acc.', 'Brier'], final_rows)

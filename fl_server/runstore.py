@@ -137,4 +137,5 @@ class RunStore:
         record = {"round": round_number, "started": time.time(), "train": {}, "evaluate": {}, "dropped": [],
                   "refused": [], "failed": [], "aggregated_train": {}, "aggregated_evaluate": {}}
         self.history["rounds"].append(record)
+        self.history["rounds"].sort(key=lambda r: r["round"])
         return record

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
@@ -73,10 +73,10 @@ def _site_of(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def _metrics(msg: Message) -> dict[str, float]:
-    if not msg.has_content() or "metrics" not in msg.content:
+def _metrics(msg: Message, key: str = "metrics") -> dict[str, float]:
+    if not msg.has_content() or key not in msg.content:
         return {}
-    return {k: float(v) for k, v in msg.content["metrics"].items() if isinstance(v, int | float)}
+    return {k: float(v) for k, v in msg.content[key].items() if isinstance(v, int | float)}
 
 
 def _plain(arrays: Any) -> dict[str, np.ndarray]:
@@ -103,25 +103,31 @@ class ConsortiumStrategy(FlowerStrategy):
         run_config: Flat run configuration, stored with every checkpoint.
         round_offset: Rounds already done before this process (when resuming).
         norm_factor: Update-norm outlier limit (see :func:`fl_server.validation.screen_updates`).
-        on_round: Called with the round's history record after each round (progress display).
+        evaluate_in_train: Each site evaluates the global model it receives on its validation split in
+            the training message of the next round (and the last model in the final evaluation)
+            instead of in a message of its own. Same figures, half the messages: in a deployment
+            every message starts a new ClientApp process (about 5 s of imports on a small CPU).
+        on_round: Called with a round's history record once it is complete (progress display).
     """
 
     def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
                  run_config: dict[str, Any], round_offset: int = 0, norm_factor: float = 10.0,
-                 on_round: Any = None) -> None:
+                 evaluate_in_train: bool = False, on_round: Any = None) -> None:
         self.inner = inner
         self.store = store
         self.reference = reference
         self.run_config = run_config
         self.offset = round_offset
         self.norm_factor = norm_factor
+        self.evaluate_in_train = evaluate_in_train
         self.on_round = on_round
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._t0: dict[int, float] = {}
 
     def summary(self) -> None:
-        log.info("oncofed: %s with update validation (norm limit %gx), %d round(s) done before",
-                 type(self.inner).__name__, self.norm_factor, self.offset)
+        log.info("oncofed: %s with update validation (norm limit %gx), evaluation %s, %d round(s) done before",
+                 type(self.inner).__name__, self.norm_factor,
+                 "inside the training messages" if self.evaluate_in_train else "in messages of its own", self.offset)
         self.inner.summary()
 
     # -- training ---------------------------------------------------------------------------------
@@ -130,6 +136,8 @@ class ConsortiumStrategy(FlowerStrategy):
         rnd = server_round + self.offset
         self._t0[rnd] = time.perf_counter()
         self._sent[rnd] = _plain(arrays)
+        if self.evaluate_in_train:
+            config["evaluate-split"] = "val"
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))
         record = self.store.round_record(rnd)
         record["asked_train"] = len(messages)
@@ -141,6 +149,8 @@ class ConsortiumStrategy(FlowerStrategy):
         record = self.store.round_record(rnd)
         sent = self._sent.get(rnd, {})
         candidates: list[Message] = []
+        evaluations: list[tuple[str, dict[str, float]]] = []
+        work = []
         for msg in replies:
             site = _site_of(msg)
             if msg.has_error():
@@ -148,6 +158,10 @@ class ConsortiumStrategy(FlowerStrategy):
                 log.warning("round %d: site %s failed to train: %s", rnd, site, msg.error.reason)
                 continue
             metrics = _metrics(msg)
+            evaluation = _metrics(msg, "evaluation")
+            if evaluation:
+                evaluations.append((site, evaluation))
+            work.append(metrics.get("train-seconds", 0.0) + evaluation.get("eval-seconds", 0.0))
             record["train"][site] = metrics
             if metrics.get("refused"):
                 if metrics.get("refused-budget"):
@@ -164,6 +178,9 @@ class ConsortiumStrategy(FlowerStrategy):
                 log.warning("round %d: dropped site %s: reply without weights or num-examples", rnd, site)
                 continue
             candidates.append(msg)
+        record["site_seconds"] = max(work) if work else 0.0
+        if evaluations:  # the model these sites received: the global model after the previous round
+            self.record_evaluation(rnd - 1, evaluations)
         reasons, norms = screen_updates(sent, [_plain(m.content["arrays"]) for m in candidates],
                                         norm_factor=self.norm_factor)
         kept = []
@@ -175,15 +192,15 @@ class ConsortiumStrategy(FlowerStrategy):
                 record["dropped"].append({"site": site, "reason": reason})
                 log.warning("round %d: dropped the update of site %s: %s", rnd, site, reason)
             else:
-                kept.append(_normalised(msg, [k for k in TRAIN_AGGREGATED if k in _metrics(msg)], with_arrays=True))
+                kept.append(msg)
         record["aggregated_sites"] = len(kept)
         if not kept:
             log.warning("round %d: no valid update; the global model stays as it was", rnd)
             self.store.save()
             return None, None
-        common = set.intersection(*(set(m.content["metrics"].keys()) for m in kept))
-        kept = [_normalised(m, [k for k in TRAIN_AGGREGATED if k in common], with_arrays=True) for m in kept]
-        arrays, aggregated = self.inner.aggregate_train(rnd, kept)
+        common = set.intersection(*(set(_metrics(m)) for m in kept))
+        keys = [k for k in TRAIN_AGGREGATED if k in common]
+        arrays, aggregated = self.inner.aggregate_train(rnd, [_normalised(m, keys, with_arrays=True) for m in kept])
         record["aggregated_train"] = {k: float(v) for k, v in (aggregated or {}).items()}  # type: ignore[arg-type]
         self.store.save()
         return arrays, aggregated
@@ -191,6 +208,8 @@ class ConsortiumStrategy(FlowerStrategy):
     # -- evaluation -------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if self.evaluate_in_train:
+            return []
         rnd = server_round + self.offset
         config["split"] = "val"
         return self.inner.configure_evaluate(rnd, arrays, config, grid)
@@ -198,24 +217,32 @@ class ConsortiumStrategy(FlowerStrategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.offset
         record = self.store.round_record(rnd)
-        usable = []
+        results = []
         for msg in replies:
-            site = _site_of(msg)
             if msg.has_error():
-                record["failed"].append({"site": site, "stage": "evaluate", "reason": msg.error.reason})
+                record["failed"].append({"site": _site_of(msg), "stage": "evaluate", "reason": msg.error.reason})
                 continue
-            metrics = _metrics(msg)
+            results.append((_site_of(msg), _metrics(msg)))
+        return self.record_evaluation(rnd, results) if results else None
+
+    def record_evaluation(self, rnd: int, results: list[tuple[str, dict[str, float]]]) -> MetricRecord | None:
+        """Store the sites' validation metrics of the global model after round ``rnd`` and their
+        weighted aggregate (Flower's own ``aggregate_evaluate``, weighted by studies)."""
+        record = self.store.round_record(rnd)
+        usable = []
+        for site, metrics in results:
             record["evaluate"][site] = metrics
             if metrics.get("studies", 0) > 0 and "auroc" in metrics:
-                usable.append(msg)
-        if not usable:
-            self.store.save()
-            return None
-        common = set.intersection(*(set(_metrics(m)) for m in usable))
-        keys = [k for k in EVAL_AGGREGATED if k in common]
-        aggregated = self.inner.aggregate_evaluate(rnd, [_normalised(m, keys, with_arrays=False) for m in usable])
-        record["aggregated_evaluate"] = {k: float(v) for k, v in (aggregated or {}).items()}  # type: ignore[arg-type]
+                usable.append(metrics)
+        aggregated = None
+        if usable:
+            common = set.intersection(*(set(m) for m in usable))
+            keys = [k for k in EVAL_AGGREGATED if k in common]
+            aggregated = self.inner.aggregate_evaluate(rnd, [_metric_message(m, keys) for m in usable])
+            record["aggregated_evaluate"] = {k: float(v) for k, v in (aggregated or {}).items()}  # type: ignore
         self.store.save()
+        if self.evaluate_in_train and rnd >= 1:
+            self._emit(record)
         return aggregated
 
     # -- end of round (Flower calls this as evaluate_fn after each round, and with round 0) --------
@@ -226,17 +253,26 @@ class ConsortiumStrategy(FlowerStrategy):
             return None
         record = self.store.round_record(rnd)
         wall = time.perf_counter() - self._t0.get(rnd, time.perf_counter())
-        work = [m.get("train-seconds", 0.0) for m in record["train"].values()]
         evals = [m.get("eval-seconds", 0.0) for m in record["evaluate"].values()]
-        slowest = (max(work) if work else 0.0) + (max(evals) if evals else 0.0)
+        slowest = record.get("site_seconds", 0.0) + (max(evals) if evals and not self.evaluate_in_train else 0.0)
         record.update(seconds=wall, slowest_site_seconds=slowest,
                       overhead=(wall - slowest) / wall if wall > 0 else None)
         self.store.checkpoint(rnd, _plain(arrays), self.run_config)
         record["checkpoint"] = f"checkpoints/round-{rnd:03d}.pt"
         self.store.save()
+        if not self.evaluate_in_train:
+            self._emit(record)
+        return None
+
+    def _emit(self, record: dict[str, Any]) -> None:
         if self.on_round is not None:
             self.on_round(record)
-        return None
+
+
+def _metric_message(metrics: dict[str, float], keys: Iterable[str]) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": metrics.get("num-examples", 0.0),
+                                                   **{k: metrics[k] for k in keys}})})
+    return Message(content=content, dst_node_id=0, message_type=MessageType.EVALUATE)
 
 
 def packed_record(flat: np.ndarray) -> ArrayRecord:

@@ -258,7 +258,7 @@ KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
 
 # Keys that belong to other layers of the run (Flower's own, or the server's) and are ignored here.
 PASS_THROUGH = frozenset({"resume", "run-dir", "sim-sites", "final-evaluation", "update-norm-factor",
-                          "round-timeout", "secure-aggregation"})
+                          "round-timeout", "secure-aggregation", "evaluate-in-train"})
 
 
 def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:

@@ -49,8 +49,10 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
     run_dir = run["run"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"round-00{i}.pt" for i in (1, 2, 3)]
     history = json.loads((run_dir / "history.json").read_text())
-    assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
-    for record in history["rounds"]:
+    # Round 0 is the initial model: evaluated (inside the first training message), not trained.
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3]
+    assert set(history["rounds"][0]["evaluate"]) == {"site-a", "site-b", "site-c"}
+    for record in history["rounds"][1:]:
         assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}  # every site evaluates on its val split
         assert record["aggregated_sites"] == 2  # site-c refuses to train
         assert record["refused"] == [{"site": "site-c", "reason": "privacy budget spent",
@@ -81,9 +83,9 @@ def test_dp_site_accounts_every_round_in_its_own_ledger(run: dict[str, Path]) ->
     eps = [s.epsilon_cumulative for s in sessions]
     assert eps[0] < eps[1] < eps[2] <= 4.0 + 1e-6  # the run's dp-epsilon, within the site's ceiling of 10
     history = json.loads((run["run"] / "history.json").read_text())
-    reported = [r["train"]["site-a"]["epsilon"] for r in history["rounds"]]
+    reported = [r["train"]["site-a"]["epsilon"] for r in history["rounds"][1:]]
     assert reported == pytest.approx(eps)
-    assert "epsilon" not in history["rounds"][0]["train"]["site-b"]  # site-b has no DP policy, the run asks none
+    assert "epsilon" not in history["rounds"][1]["train"]["site-b"]  # site-b has no DP policy, the run asks none
 
 
 def test_egress_logs_hold_only_weights_and_metrics(run: dict[str, Path]) -> None:
@@ -91,7 +93,8 @@ def test_egress_logs_hold_only_weights_and_metrics(run: dict[str, Path]) -> None
     for site in ("site-a", "site-b", "site-c"):
         records = EgressLog(run["sites"] / site).records()
         kinds = [r.kind for r in records]
-        assert kinds.count("evaluate-val") == 3 and kinds.count("evaluate-test") == 1
+        # the models after rounds 0 (initial) to 3 on the validation split, the last one on the test split
+        assert kinds.count("evaluate-val") == 4 and kinds.count("evaluate-test") == 1
         for r in records:
             if r.kind == "train":
                 assert r.bytes == 4 * params and len(r.sha256) == 64  # one float32 array of the model's size
@@ -101,11 +104,14 @@ def test_egress_logs_hold_only_weights_and_metrics(run: dict[str, Path]) -> None
 
 
 def test_a_stopped_run_resumes_from_its_last_checkpoint(run: dict[str, Path]) -> None:
+    # Resumed with evaluation in messages of its own (the other placement) for round 4.
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run["run"]), "--resume",
-                    "--set", "task=breast-mg", "--set", "num-rounds=4", "--set", "threads=1", "--set", "dp-epsilon=4")
+                    "--set", "task=breast-mg", "--set", "num-rounds=4", "--set", "threads=1", "--set", "dp-epsilon=4",
+                    "--set", "evaluate-in-train=false")
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run["run"] / "history.json").read_text())
-    assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4]
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3, 4]
+    assert set(history["rounds"][4]["evaluate"]) == {"site-a", "site-b", "site-c"}
     assert history["resumed_at"][0]["round"] == 3
     assert (run["run"] / "checkpoints" / "round-004.pt").exists()
     assert "round   4" in result.stdout and "round   1" not in result.stdout
