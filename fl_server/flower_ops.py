@@ -113,7 +113,8 @@ class SuperLink:
         port: Its port (default: a free one).
         simulation: Run the simulation runtime (virtual SuperNodes) instead of waiting for real ones.
         tls: ``(certfile, keyfile, ca_certfile)`` for HTTPS; None for ``--insecure`` (loopback only).
-        auth_keys: A CSV of the sites' public keys: only they may connect (node authentication).
+        enable_supernode_auth: Only SuperNodes whose public keys were registered may connect.
+        host: The interface to listen on.
     """
 
     workdir: Path

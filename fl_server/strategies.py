@@ -65,12 +65,16 @@ def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStra
     raise ValueError(f"no Flower strategy for {f.strategy!r}")
 
 
-def _site_of(msg: Message) -> str:
+def _site_of(msg: Message, names: dict[int, str] | None = None) -> str:
+    """The site id a reply carries; for an error reply, the id that node gave before (or its node id)."""
+    node = msg.metadata.src_node_id
     if msg.has_content() and "site" in msg.content:
         site = msg.content["site"].get("site-id")
         if site:
+            if names is not None:
+                names[node] = str(site)
             return str(site)
-    return f"node-{msg.metadata.src_node_id}"
+    return (names or {}).get(node, f"node-{node}")
 
 
 def _metrics(msg: Message, key: str = "metrics") -> dict[str, float]:
@@ -123,6 +127,7 @@ class ConsortiumStrategy(FlowerStrategy):
         self.on_round = on_round
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._t0: dict[int, float] = {}
+        self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
 
     def summary(self) -> None:
         log.info("oncofed: %s with update validation (norm limit %gx), evaluation %s, %d round(s) done before",
@@ -152,7 +157,7 @@ class ConsortiumStrategy(FlowerStrategy):
         evaluations: list[tuple[str, dict[str, float]]] = []
         work = []
         for msg in replies:
-            site = _site_of(msg)
+            site = _site_of(msg, self._names)
             if msg.has_error():
                 record["failed"].append({"site": site, "stage": "train", "reason": msg.error.reason})
                 log.warning("round %d: site %s failed to train: %s", rnd, site, msg.error.reason)
@@ -185,7 +190,7 @@ class ConsortiumStrategy(FlowerStrategy):
                                         norm_factor=self.norm_factor)
         kept = []
         for msg, reason, norm in zip(candidates, reasons, norms, strict=True):
-            site = _site_of(msg)
+            site = _site_of(msg, self._names)
             if norm is not None:
                 record["train"][site]["update-norm"] = norm
             if reason is not None:
@@ -220,9 +225,10 @@ class ConsortiumStrategy(FlowerStrategy):
         results = []
         for msg in replies:
             if msg.has_error():
-                record["failed"].append({"site": _site_of(msg), "stage": "evaluate", "reason": msg.error.reason})
+                record["failed"].append({"site": _site_of(msg, self._names), "stage": "evaluate",
+                                         "reason": msg.error.reason})
                 continue
-            results.append((_site_of(msg), _metrics(msg)))
+            results.append((_site_of(msg, self._names), _metrics(msg)))
         return self.record_evaluation(rnd, results) if results else None
 
     def record_evaluation(self, rnd: int, results: list[tuple[str, dict[str, float]]]) -> MetricRecord | None:
