@@ -194,7 +194,8 @@ def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Feder
 
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
     history = json.loads((run_dir / "history.json").read_text())
-    first, second = history["rounds"]
+    zero, first, second = history["rounds"]  # round 0: the initial model, evaluated in round 1's messages
+    assert set(zero["evaluate"]) == {"a", "b"}
     assert first["asked_train"] == 3 and second["asked_train"] == 2
     assert len(first["failed"]) == 1 and "Node Unavailable" in first["failed"][0]["reason"]
     assert first["aggregated_sites"] == 2 and set(first["train"]) == {"a", "b"}
