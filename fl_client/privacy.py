@@ -17,10 +17,10 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:  # Opacus is imported only when privacy is computed: a ClientApp process pays for it then
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
 PRIVACY_DIR = "privacy"
 BUDGET_FILE = "budget.json"
@@ -69,6 +69,8 @@ class Session:
 
 
 def _accountant(kind: str) -> RDPAccountant | PRVAccountant:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if kind == "prv":
         return PRVAccountant()
     return RDPAccountant()
@@ -92,6 +94,8 @@ def default_delta(samples: int) -> float:
 
 def noise_for(*, epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """The noise multiplier that spends ``epsilon`` at ``delta`` over ``steps`` steps at ``sample_rate``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))
 
