@@ -1,0 +1,62 @@
+"""Each task learns on the synthetic consortium: pooled training beats chance clearly on the validation split
+with a fixed seed, and DP-SGD at a moderate ε still learns at a site.
+
+These are the figures behind the claim that the models, presets and training recipe work; the thresholds are
+real (AUROC ≥ 0.75), the budgets small enough for 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from consortium import make_workspaces
+
+from fl_client.local_run import run_local
+from fl_client.privacy import PrivacyLedger
+from models.config import from_flat
+
+pytestmark = pytest.mark.slow
+
+# task -> epochs of pooled training (3 sites × 48 studies)
+POOLED = {"lung-ct": 8, "breast-mg": 12, "prostate-mr": 30, "colorectal-ct": 30}
+# task -> (epochs, learning rate) of DP training at one site (96 studies, 69 for training), ε = 8. DP-SGD
+# wants larger steps than plain training (its noise averages out over them). Only the lung task is asserted:
+# with about 70 training studies at one site, breast and prostate under DP stayed between 0.47 and 0.77
+# (BENCHMARKS.md); DP-SGD needs more samples per site than these synthetic sites hold.
+DP = {"lung-ct": (20, 3e-3)}
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_workspaces(tmp_path_factory.mktemp("learn"), sites=3, studies_per_task=48, seed=0,
+                           tasks=list(POOLED))
+
+
+@pytest.mark.parametrize("task", list(POOLED))
+def test_pooled_training_beats_chance_clearly(task: str, consortium: Path, tmp_path: Path) -> None:
+    sites = sorted(p for p in consortium.iterdir() if p.is_dir())
+    doc = run_local(sites, from_flat({"task": task, "seed": 0}), tmp_path, epochs=POOLED[task])
+    val = doc["splits"]["val"]
+    print(f"{task} pooled {POOLED[task]} epochs: val AUROC {val['auroc']:.3f} ({val['studies']} studies), "
+          f"test {doc['splits']['test']['auroc']:.3f}, {doc['train_seconds']:.0f} s")
+    assert val["studies"] >= 20 and val["positives"] >= 5 and val["negatives"] >= 5
+    assert val["auroc"] >= 0.75, f"{task}: validation AUROC {val['auroc']:.3f} on {val['studies']} studies"
+
+
+@pytest.fixture(scope="module")
+def big_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ws = make_workspaces(tmp_path_factory.mktemp("dp"), sites=1, studies_per_task=96, seed=1, tasks=list(DP))
+    site = ws / "site-a"
+    PrivacyLedger(site).set_budget(50.0, 1e-5)
+    return site
+
+
+@pytest.mark.parametrize("task", list(DP))
+def test_dp_training_at_moderate_epsilon_learns(task: str, big_site: Path, tmp_path: Path) -> None:
+    epochs, lr = DP[task]
+    config = from_flat({"task": task, "seed": 0, "dp": True, "dp-epsilon": 8.0, "learning-rate": lr})
+    doc = run_local([big_site], config, tmp_path, epochs=epochs)
+    assert doc["privacy"]["epsilon_site_cumulative"] <= 8.0 + 1e-6
+    aurocs = {s: doc["splits"][s]["auroc"] for s in ("val", "test")}
+    print(f"{task} DP ε=8 {epochs} epochs: {aurocs}, ε spent {doc['privacy']['epsilon_site_cumulative']:.2f}")
+    assert min(aurocs.values()) >= 0.75, f"{task} with DP (ε=8): {aurocs}"
