@@ -273,6 +273,12 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
             range, or a bad combination; the message says what to change.
     """
     config = base or RunConfig()
+    if str(flat.get("secure-aggregation", "false")).strip().lower() in ("true", "1", "yes", "on"):
+        raise ConfigError(
+            "run-config key 'secure-aggregation': not available yet. Flower 1.41 runs SecAgg+ only for apps on its "
+            "legacy API (NumPyClient + secaggplus_mod); oncofed's apps use the Message API, where the workflow "
+            "halts. Set secure-aggregation=false; each site's DP-SGD and egress guard still apply."
+        )
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(RunConfig)}
     for key, raw in flat.items():
         if key in PASS_THROUGH:

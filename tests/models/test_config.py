@@ -53,3 +53,9 @@ def test_bad_values_and_combinations_name_the_key_and_the_fix(flat: dict[str, st
 
 def test_batchnorm_is_allowed_without_dp_only() -> None:
     assert from_flat({"norm": "batch"}).model.norm == Norm.BATCH
+
+
+def test_secure_aggregation_is_refused_with_the_reason() -> None:
+    assert from_flat({"secure-aggregation": "false"}).federation.strategy.value == "fedavg"
+    with pytest.raises(ConfigError, match="secure-aggregation.*legacy API"):
+        from_flat({"secure-aggregation": True})
