@@ -70,7 +70,13 @@ def main(grid: Grid, context: Context) -> None:
         if store.config().get("task") != config.model.task:
             raise ValueError(f"cannot resume {resume}: it trains {store.config().get('task')}, "
                              f"this run config says {config.model.task}")
-        initial = pack(arrays) if arrays is not None else pack(reference)
+        if arrays is not None:
+            from models.weights import check_arrays
+
+            check_arrays(reference, arrays)  # the same network as the checkpoint's, or say which key differs
+            initial = pack({k: arrays[k] for k in reference})
+        else:
+            initial = pack(reference)
         log.info("oncofed: resuming %s after round %d", store.root, offset)
     else:
         run_dir = str(flat_config.get("run-dir") or f"~/oncofed-runs/run-{context.run_id}")
@@ -79,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("oncofed: run directory %s", store.root)
     remaining = config.federation.num_rounds - offset
     in_train = _flag(flat_config.get("evaluate-in-train", True))
-    strategy = ConsortiumStrategy(build_strategy(config), store=store, reference={"weights": initial},
+    strategy = ConsortiumStrategy(build_strategy(config), store=store, reference=reference,
                                   run_config=flat_config, round_offset=offset,
                                   norm_factor=float(flat_config.get("update-norm-factor", 10.0)),
                                   evaluate_in_train=in_train,

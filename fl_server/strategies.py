@@ -103,7 +103,8 @@ class ConsortiumStrategy(FlowerStrategy):
     Args:
         inner: The stock Flower strategy that samples sites and aggregates.
         store: The run directory.
-        reference: The global model's named arrays (keys, shapes and dtypes every update must have).
+        reference: The global model's named arrays (its state dict): checkpoints are written with these
+            names, shapes and dtypes, in the ``model.pt`` format every oncofed command reads.
         run_config: Flat run configuration, stored with every checkpoint.
         round_offset: Rounds already done before this process (when resuming).
         norm_factor: Update-norm outlier limit (see :func:`fl_server.validation.screen_updates`).
@@ -263,7 +264,9 @@ class ConsortiumStrategy(FlowerStrategy):
         slowest = record.get("site_seconds", 0.0) + (max(evals) if evals and not self.evaluate_in_train else 0.0)
         record.update(seconds=wall, slowest_site_seconds=slowest,
                       overhead=(wall - slowest) / wall if wall > 0 else None)
-        self.store.checkpoint(rnd, _plain(arrays), self.run_config)
+        from models.weights import unpack
+
+        self.store.checkpoint(rnd, unpack(arrays[WEIGHTS_KEY].numpy(), self.reference), self.run_config)
         record["checkpoint"] = f"checkpoints/round-{rnd:03d}.pt"
         self.store.save()
         if not self.evaluate_in_train:
