@@ -94,7 +94,17 @@ def main(grid: Grid, context: Context) -> None:
     run_tag = ConfigRecord({"run-id": store.history["run_id"]})
     t0 = time.perf_counter()
     final_arrays = packed_record(initial)
-    if remaining > 0:
+    secure = _flag(flat_config.get("secure-aggregation", False))
+    if secure:
+        in_train = False
+        if remaining > 0:
+            from fl_server.secure import run_secure
+
+            flat = run_secure(grid, context, config=config, store=store, reference=reference, initial=initial,
+                              flat_config=flat_config, offset=offset,
+                              on_round=lambda r: log.info("oncofed: %s", progress_line(r)))
+            final_arrays = packed_record(flat)
+    elif remaining > 0:
         result = strategy.start(grid=grid, initial_arrays=packed_record(initial), num_rounds=remaining,
                                 timeout=timeout, train_config=ConfigRecord(dict(run_tag)),
                                 evaluate_config=ConfigRecord(dict(run_tag)), evaluate_fn=strategy.end_of_round)

@@ -179,6 +179,9 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }} img {{ max-width: 560px
 <p>Task <b>{html.escape(str(history.get('task')))}</b>, strategy <b>{html.escape(str(history.get('strategy')))}</b>,
 {sum(1 for r in rounds if r["round"] >= 1)} round(s), sites: {html.escape(', '.join(sites) or 'none')}.
 Global model: <code>{html.escape(str(run_dir / 'model.pt'))}</code>.</p>
+{'<p><b>Secure aggregation (SecAgg+)</b>: the server saw only the sum of the sites&#39; updates, so single '
+ 'updates could not be validated; each site clipped its values before masking.</p>'
+ if any(r.get('secure_aggregation') for r in rounds) else ''}
 <h2>Final evaluation on each site's test split</h2>
 {_table(['site', 'studies', 'pos/neg', 'AUROC', 'sensitivity', 'specificity', 'bal. acc.', 'Brier'], final_rows)
  if final_rows else '<p class="note">No final evaluation in this run.</p>'}

@@ -258,7 +258,8 @@ KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
 
 # Keys that belong to other layers of the run (Flower's own, or the server's) and are ignored here.
 PASS_THROUGH = frozenset({"resume", "run-dir", "sim-sites", "final-evaluation", "update-norm-factor",
-                          "round-timeout", "secure-aggregation", "evaluate-in-train"})
+                          "round-timeout", "secure-aggregation", "evaluate-in-train",
+                          "reconstruction-threshold", "clipping-range"})
 
 
 def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
@@ -273,12 +274,6 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
             range, or a bad combination; the message says what to change.
     """
     config = base or RunConfig()
-    if str(flat.get("secure-aggregation", "false")).strip().lower() in ("true", "1", "yes", "on"):
-        raise ConfigError(
-            "run-config key 'secure-aggregation': not available yet. Flower 1.41 runs SecAgg+ only for apps on its "
-            "legacy API (NumPyClient + secaggplus_mod); oncofed's apps use the Message API, where the workflow "
-            "halts. Set secure-aggregation=false; each site's DP-SGD and egress guard still apply."
-        )
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(RunConfig)}
     for key, raw in flat.items():
         if key in PASS_THROUGH:
@@ -303,6 +298,13 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
         federation=replace(config.federation, **sections["federation"]),
     )
     validate(result)
+    secure = str(flat.get("secure-aggregation", "false")).strip().lower() in ("true", "1", "yes", "on")
+    if secure and result.federation.strategy not in (Strategy.FEDAVG, Strategy.FEDPROX):
+        raise ConfigError(f"run-config key 'secure-aggregation': works with strategy fedavg or fedprox, not "
+                          f"{result.federation.strategy.value} (the protocol reveals only a weighted sum)")
+    if secure and result.federation.min_sites < 3:
+        raise ConfigError("run-config key 'secure-aggregation' needs min-sites of 3 or more (with two sites each "
+                          "could work out the other's update from the sum): set min-sites=3")
     return result
 
 

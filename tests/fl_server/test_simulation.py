@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from consortium import make_workspaces
@@ -115,6 +116,30 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(run: dict[str, Path]) ->
     assert history["resumed_at"][0]["round"] == 3
     assert (run["run"] / "checkpoints" / "round-004.pt").exists()
     assert "round   4" in result.stdout and "round   1" not in result.stdout
+
+
+def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_path: Path) -> None:
+    # SecAgg+ over the same three sites: site-c refuses to train (its budget is spent), which the protocol
+    # handles as a drop-out; the server sees only the sum of site-a's and site-b's updates.
+    run_dir = tmp_path / "secure"
+    result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
+                    "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
+                    "--set", "secure-aggregation=true", "--set", "min-sites=3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = json.loads((run_dir / "history.json").read_text())
+    rounds = [r for r in history["rounds"] if r["round"] >= 1]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert record["secure_aggregation"] and record["aggregated_sites"] == 2
+        assert set(record["train"]) == {"site-a", "site-b"}
+        assert record["failed"] == [{"site": "site-c", "stage": "train", "reason": "privacy budget spent"}]
+        assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
+    first, _, _ = load_model(run_dir / "checkpoints" / "round-001.pt")
+    second, _, _ = load_model(run_dir / "checkpoints" / "round-002.pt")
+    assert all(v.dtype == np.float32 for v in second.values())
+    assert any(not np.allclose(first[k], second[k]) for k in first)  # the sum was unmasked and applied
+    assert "Secure aggregation (SecAgg+)" in (run_dir / "report.html").read_text()
 
 
 def test_user_mistakes_are_one_line(tmp_path: Path, run: dict[str, Path]) -> None:

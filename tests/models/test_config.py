@@ -55,7 +55,9 @@ def test_batchnorm_is_allowed_without_dp_only() -> None:
     assert from_flat({"norm": "batch"}).model.norm == Norm.BATCH
 
 
-def test_secure_aggregation_is_refused_with_the_reason() -> None:
-    assert from_flat({"secure-aggregation": "false"}).federation.strategy.value == "fedavg"
-    with pytest.raises(ConfigError, match="secure-aggregation.*legacy API"):
-        from_flat({"secure-aggregation": True})
+def test_secure_aggregation_only_with_a_weighted_mean() -> None:
+    assert from_flat({"secure-aggregation": "true", "min-sites": 3}).federation.strategy.value == "fedavg"
+    with pytest.raises(ConfigError, match="min-sites of 3"):
+        from_flat({"secure-aggregation": True, "min-sites": 2})
+    with pytest.raises(ConfigError, match="secure-aggregation.*fedavg or fedprox, not fedmedian"):
+        from_flat({"secure-aggregation": True, "strategy": "fedmedian", "min-sites": 3})
