@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overhead-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true")
+    parser.add_argument("--again", action="store_true", help="redo tasks already in OUT/bench-federation.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         sites = make_sites(args.out / "quality", sites=3, studies=args.studies, seed=args.seed, tasks=tasks)
         site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
         for task in tasks:
+            if task in results["quality"] and not args.again:
+                console.print(f"{task}: done before, kept (--again redoes it)")
+                continue
             row: dict[str, Any] = {}
             common = {"task": task, "threads": 0, "seed": args.seed}
             for strategy, extra in (("fedavg", {}), ("fedprox", {"proximal-mu": 0.01})):
