@@ -9,6 +9,10 @@ evaluate the received model on that split in the same message, ``run-id``).
 Messages out: ``arrays`` (training only), ``metrics`` (whitelisted scalars), ``evaluation`` (the
 received model's metrics on ``evaluate-split``) and ``site`` (site id, task, split), all passed
 through the egress guard and logged in the site workspace.
+
+Under ``secure-aggregation=true`` the server speaks Flower's legacy records (``fitins.*``,
+``evaluateins.*``), the only ones its SecAgg+ workflow knows: the handlers answer them with the same
+site code, and ``secaggplus_mod`` masks the weights after the egress guard has checked them.
 """
 
 from __future__ import annotations
