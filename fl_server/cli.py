@@ -84,13 +84,8 @@ def parse_sets(values: Sequence[str]) -> dict[str, Any]:
 _ROUND = re.compile(r"oncofed: (round .*)$")
 
 
-def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
-    from fl_server.flower_ops import FlowerError, simulate
-    from fl_server.report import write_report
-
-    sites = args.sites
-    if not sites.is_dir() or not any(p.is_dir() for p in sites.iterdir()):
-        raise UserError(f"--sites {sites}: expected a folder with one workspace folder per site")
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config from --set, with --resume checked against the run directory."""
     run_config = parse_sets(args.set)
     if args.resume:
         if not (args.run_dir / "history.json").exists():
@@ -98,11 +93,14 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         run_config["resume"] = str(args.run_dir.resolve())
     elif (args.run_dir / "history.json").exists():
         raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
-    log_path = args.run_dir.resolve().with_name(args.run_dir.name + ".log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"Simulating {sum(1 for p in sites.iterdir() if p.is_dir())} sites from {sites}; "
-                  f"full log in {log_path}")
+    return run_config
 
+
+def _launch(console: Console, run_dir: Path, what: str, launch: Callable[[Callable[[str], None]], Any]) -> None:
+    """Run a federation, streaming its log to RUN_DIR.log and one line per round to the console."""
+    log_path = run_dir.resolve().with_name(run_dir.name + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"{what}; full log in {log_path}")
     with open(log_path, "w") as log:
         def on_line(line: str) -> None:
             log.write(line + "\n")
@@ -113,14 +111,30 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
             elif "ERROR" in line or "Traceback" in line:
                 console.print(f"[red]{line}[/]", highlight=False)
 
-        try:
-            outcome = simulate(sites, args.run_dir, run_config, cpus_per_site=args.cpus_per_site, on_line=on_line)
-        except FlowerError as exc:
-            raise UserError(str(exc)) from None
+        outcome = launch(on_line)
     if not outcome.finished:
         tail = "\n".join(outcome.output.splitlines()[-15:])
         raise UserError(f"the run did not finish (exit code {outcome.returncode}); last lines:\n{tail}\n"
                         f"full log: {log_path}")
+
+
+def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    from fl_server.flower_ops import FlowerError, simulate
+    from fl_server.report import write_report
+
+    sites = args.sites
+    if not sites.is_dir() or not any(p.is_dir() for p in sites.iterdir()):
+        raise UserError(f"--sites {sites}: expected a folder with one workspace folder per site")
+    run_config = _run_config(args)
+    n = sum(1 for p in sites.iterdir() if p.is_dir())
+
+    def launch(on_line: Callable[[str], None]) -> Any:
+        try:
+            return simulate(sites, args.run_dir, run_config, cpus_per_site=args.cpus_per_site, on_line=on_line)
+        except FlowerError as exc:
+            raise UserError(str(exc)) from None
+
+    _launch(console, args.run_dir, f"Simulating {n} sites from {sites}", launch)
     page = write_report(args.run_dir)
     _print_final(console, args.run_dir)
     console.print(f"Global model: {args.run_dir / 'model.pt'}\nReport: {page}")
@@ -232,39 +246,20 @@ def cmd_start(args: argparse.Namespace, console: Console) -> int:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from fl_server.deploy import DeployError, connection_home, run
 
-    run_config = parse_sets(args.set)
-    if args.resume:
-        if not (args.run_dir / "history.json").exists():
-            raise UserError(f"--resume: {args.run_dir} holds no run to continue")
-        run_config["resume"] = str(args.run_dir.resolve())
-    elif (args.run_dir / "history.json").exists():
-        raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
+    run_config = _run_config(args)
     run_config["run-dir"] = str(args.run_dir.resolve())
     try:
         connection_home(args.kit, args.state)
     except DeployError as exc:
         raise UserError(str(exc)) from None
-    log_path = args.run_dir.resolve().with_name(args.run_dir.name + ".log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"Running on the SuperLink of {args.kit}; full log in {log_path}")
-    with open(log_path, "w") as log:
-        def on_line(line: str) -> None:
-            log.write(line + "\n")
-            log.flush()
-            m = _ROUND.search(line)
-            if m:
-                console.print(m.group(1), highlight=False, markup=False)
-            elif "ERROR" in line or "Traceback" in line:
-                console.print(f"[red]{line}[/]", highlight=False)
 
+    def launch(on_line: Callable[[str], None]) -> Any:
         try:
-            outcome = run(args.kit, run_config, state=args.state, on_line=on_line)
+            return run(args.kit, run_config, state=args.state, on_line=on_line)
         except DeployError as exc:
             raise UserError(str(exc)) from None
-    if not outcome.finished:
-        tail = "\n".join(outcome.output.splitlines()[-15:])
-        raise UserError(f"the run did not finish (exit code {outcome.returncode}); last lines:\n{tail}\n"
-                        f"full log: {log_path}")
+
+    _launch(console, args.run_dir, f"Running on the SuperLink of {args.kit}", launch)
     _print_final(console, args.run_dir)
     console.print(f"Global model: {args.run_dir / 'model.pt'}\nReport: {args.run_dir / 'report.html'}")
     return 0
