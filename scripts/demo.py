@@ -122,6 +122,7 @@ def _federate(console: Console, args: argparse.Namespace, workspaces: Path) -> P
 
         outcome = simulate(workspaces, run_dir, {"task": args.task, "num-rounds": args.rounds, "threads": 1,
                                                  "dp-epsilon": 4.0, "seed": args.seed}, on_line=on_line)
+    console.print()
     if not outcome.finished:
         console.print(f"[red]The federated run did not finish[/]; see {log_path}")
         return None
