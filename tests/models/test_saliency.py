@@ -1,0 +1,110 @@
+"""Saliency maps: the layer is found per network, 2D and 3D share one path, maps point at what drives the score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.config import from_flat
+from models.nets import build_model
+from models.saliency import (
+    Method,
+    SaliencyError,
+    energy_inside,
+    pointing_game,
+    rank_correlation,
+    region_box,
+    saliency,
+    target_layer,
+)
+
+
+class BlobNet(nn.Module):
+    """A network whose logit is the brightness inside a fixed window: what should a map point at? The window."""
+
+    def __init__(self, spatial: tuple[int, ...], window: tuple[slice, ...]) -> None:
+        super().__init__()
+        conv = nn.Conv2d if len(spatial) == 2 else nn.Conv3d
+        self.features = nn.Sequential(conv(1, 1, 1), nn.ReLU())
+        nn.init.ones_(self.features[0].weight)
+        nn.init.zeros_(self.features[0].bias)
+        mask = torch.zeros(spatial)
+        mask[window] = 1.0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.features(x)[:, 0] * self.mask).flatten(1).sum(1, keepdim=True) / 10.0
+
+
+@pytest.mark.parametrize(("task", "arch", "expected"), [
+    ("breast-mg", "compact-cnn", "features"),
+    ("lung-ct", "compact-cnn", "features"),
+    ("lung-ct", "densenet-small", "features.transition2.conv"),
+])
+def test_the_layer_is_the_deepest_useful_map(task: str, arch: str, expected: str) -> None:
+    model = build_model(from_flat({"task": task, "model": arch}).model)
+    shape = (1, 128, 160) if task == "breast-mg" else (1, 64, 64, 32)
+    assert target_layer(model, shape) == expected
+
+
+def test_a_network_without_a_spatial_map_is_named() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    with pytest.raises(SaliencyError, match="no layer of Sequential"):
+        target_layer(model, (1, 8, 8))
+
+
+@pytest.mark.parametrize("spatial", [(32, 40), (24, 24, 16)])
+@pytest.mark.parametrize("method", list(Method))
+def test_every_method_points_at_what_drives_the_score(spatial: tuple[int, ...], method: Method) -> None:
+    window = tuple(slice(s // 2, s // 2 + 6) for s in spatial)
+    model = BlobNet(spatial, window)
+    image = torch.full((1, *spatial), 0.1)
+    image[(0, *window)] = 1.0  # the bright region the score reads
+    far = tuple(slice(1, 5) for _ in spatial)
+    image[(0, *far)] = 1.0  # equally bright, but the score ignores it
+    result = saliency(model, image, method, mask_size=4)
+    assert result.map.shape == spatial and result.map.dtype == np.float32
+    assert result.map.min() >= 0.0 and result.map.max() == pytest.approx(1.0)
+    lesion = np.zeros(spatial, bool)
+    lesion[window] = True
+    if method == Method.OCCLUSION:  # only occlusion sees that the far blob does not matter
+        assert pointing_game(result.map, lesion, margin=2)
+        assert energy_inside(result.map, lesion) > 0.5
+    else:  # Grad-CAM weighs the layer's activations: both blobs light up, the window among them
+        assert result.map[window].mean() > 0.9
+    assert 0.0 < result.probability < 1.0 and result.seconds >= 0
+
+
+def test_compact_cnn_maps_in_2d_and_3d_have_the_input_size() -> None:
+    for task, shape in (("breast-mg", (1, 128, 160)), ("prostate-mr", (1, 48, 48, 16))):
+        model = build_model(from_flat({"task": task}).model)
+        for method in (Method.GRADCAM, Method.GRADCAMPP):
+            result = saliency(model, torch.rand(shape), method)
+            assert result.map.shape == shape[1:] and result.layer == "features"
+
+
+def test_occlusion_stays_inside_the_image_region() -> None:
+    image = torch.zeros(1, 32, 32)
+    image[0, 8:20, 10:30] = torch.rand(12, 20) + 0.1
+    assert region_box(image) == [(8, 20), (10, 30)]
+    model = build_model(from_flat({"task": "breast-mg"}).model)
+    result = saliency(model, image, Method.OCCLUSION, mask_size=4)
+    outside = np.ones((32, 32), bool)
+    outside[8:20, 10:30] = False
+    assert (result.map[outside] == 0).all()
+
+
+def test_sanity_figures() -> None:
+    a = np.random.default_rng(0).random((8, 8))
+    assert rank_correlation(a, a) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    lesion = np.zeros((8, 8), bool)
+    lesion[2:4, 2:4] = True
+    peak = np.zeros((8, 8))
+    peak[3, 3] = 1.0
+    assert pointing_game(peak, lesion, margin=0) and energy_inside(peak, lesion) == 1.0
+    peak = np.zeros((8, 8))
+    peak[7, 7] = 1.0
+    assert not pointing_game(peak, lesion, margin=1) and energy_inside(peak, lesion) == 0.0
