@@ -63,6 +63,17 @@ The budget is this site's decision: nothing from the network can change it. Ever
 session on this site's data is in the ledger; ε is cumulative over all of them."""
 
 
+EPILOG_EXPLAIN = """examples:
+  oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung
+  oncofed-site explain --workspace ws/site-a --model runs/fed-1/model.pt --out explain/one --study 1.2.826.0.1.3
+  oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung --method gradcam,occlusion
+
+Writes per study OUT/<study uid>/<method>.npy (the map, float32 in [0, 1]) and <method>.png (the
+overlay; volumes: three planes through the map's peak and a strip of axial slices), and
+OUT/explain.json (probability, label, peak, seconds). Occlusion is slow (it re-runs the model once
+per hidden patch): it is restricted to the image's region and opt-in. Nothing leaves the site."""
+
+
 class UserError(Exception):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
@@ -350,6 +361,39 @@ def cmd_join(args: argparse.Namespace, console: Console) -> int:
         raise UserError(str(exc)) from None
 
 
+def cmd_explain(args: argparse.Namespace, console: Console) -> int:
+    from fl_client.explain import ExplainError, explain
+    from models.saliency import Method
+    from models.weights import WeightsError
+
+    try:
+        methods = [Method(m.strip()) for m in args.method.split(",") if m.strip()]
+    except ValueError:
+        raise UserError(f"--method {args.method}: expected gradcam, gradcampp and/or occlusion") from None
+    if not args.workspace.is_dir():
+        raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
+    with _progress(console) as bar:
+        task = bar.add_task("saliency maps", total=None)
+
+        def step(done: int, total: int, uid: str) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            doc = explain(args.workspace, args.model, args.out, split=args.split, study=args.study, methods=methods,
+                          on_study=step)
+        except (ExplainError, WeightsError) as exc:
+            raise UserError(str(exc)) from None
+    table = Table(title=f"{doc['task']}: {len(doc['images'])} image(s), maps in {args.out}")
+    for col in ("study", "label", "probability", *doc["methods"]):
+        table.add_column(col, overflow="fold")
+    for entry in doc["images"][:30]:
+        table.add_row(entry["study_uid"][-24:], str(entry["label"]), f"{entry['probability']:.3f}",
+                      *[f"{entry['maps'][m]['seconds']:.2f} s" for m in doc["methods"]])
+    console.print(table)
+    console.print(f"Overlays: {args.out}/<study uid>/*.png; index: {args.out / 'explain.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oncofed-site`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -405,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-dp", action="store_true",
                    help="with --set-budget: train only with DP-SGD in federated runs, even if the run does not ask")
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.privacy/1)")
+    p = add("explain", "Saliency maps of a model on this site's studies (PNG overlays and NumPy maps).",
+            EPILOG_EXPLAIN, cmd_explain)
+    p.add_argument("--model", type=Path, required=True, help="a model.pt (train-local, or a federated run's)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="studies to explain (default test)")
+    p.add_argument("--study", help="one StudyInstanceUID instead of a split")
+    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcampp, occlusion; comma-separated")
     p = add("join", "Join the consortium: run this site's Flower SuperNode until Ctrl-C.", EPILOG_JOIN, cmd_join)
     p.add_argument("--kit", type=Path, required=True, help="this site's start-up kit folder from the lead")
     p.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the kit's)")

@@ -54,9 +54,10 @@ def save_model(path: Path, arrays: Mapping[str, np.ndarray], run_config: Mapping
 
 def load_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int]:
     """Read a ``model.pt``: named arrays, the run configuration, the round (0 for a local run)."""
-    doc = torch.load(path, map_location="cpu", weights_only=True)
-    return ({k: v.numpy() for k, v in doc["arrays"].items()}, dict(doc.get("run_config", {})),
-            int(doc.get("round", 0)))
+    from models.weights import load_checkpoint
+
+    arrays, run_config, round_number = load_checkpoint(path)
+    return dict(arrays), run_config, round_number
 
 
 class RunStore:

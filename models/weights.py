@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,3 +94,24 @@ def unpack(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> OrderedDict
         out[key] = flat[offset:offset + n].reshape(ref.shape).astype(ref.dtype)
         offset += n
     return out
+
+
+def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any], int]:
+    """Read a ``model.pt`` (a local run's, or a federated run's checkpoint or global model).
+
+    Returns:
+        The named arrays, the flat run configuration, the round (0 for a local run).
+
+    Raises:
+        WeightsError: The file is missing or not an oncofed model file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+        arrays = OrderedDict((k, v.numpy()) for k, v in doc["arrays"].items())
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise WeightsError(f"{path} is not an oncofed model file ({type(exc).__name__}): give the model.pt a "
+                           "train-local or federated run wrote") from None
+    return arrays, dict(doc.get("run_config", {})), int(doc.get("round", 0))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imaging.catalog import Catalog
@@ -82,3 +83,33 @@ def test_user_mistakes_are_one_line(workspaces: list[Path], tmp_path: Path) -> N
     for cmd in ("train-local", "privacy"):
         helped = run(cmd, "--help")
         assert helped.returncode == 0 and "oncofed-site " + cmd in helped.stdout
+
+
+def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_path: Path) -> None:
+    model_dir = tmp_path / "run"
+    trained = run("train-local", "--workspace", str(workspaces[0]), "--task", "prostate-mr", "--out", str(model_dir),
+                  "--epochs", "1")
+    assert trained.returncode == 0, trained.stderr
+    out = tmp_path / "explain"
+    result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
+                 str(out), "--split", "train", "--method", "gradcam,gradcampp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads((out / "explain.json").read_text())
+    assert doc["schema"] == "oncofed.explain/1" and doc["task"] == "prostate-mr" and doc["images"]
+    for entry in doc["images"]:
+        assert 0.0 < entry["probability"] < 1.0 and entry["split"] == "train"
+        for method in ("gradcam", "gradcampp"):
+            heat = np.load(out / entry["maps"][method]["map"])
+            assert heat.shape == (48, 48, 16) and heat.min() >= 0.0 and heat.max() <= 1.0
+            assert (out / entry["maps"][method]["png"]).stat().st_size > 10_000
+            assert entry["maps"][method]["layer"] == "features"
+    one = doc["images"][0]["study_uid"]
+    result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
+                 str(tmp_path / "one"), "--study", one)
+    assert result.returncode == 0 and len(json.loads((tmp_path / "one" / "explain.json").read_text())["images"]) == 1
+    for args, needle in [(["--model", str(tmp_path / "nope.pt")], "does not exist"),
+                         (["--model", str(model_dir / "metrics.json")], "not an oncofed model file"),
+                         (["--model", str(model_dir / "model.pt"), "--study", "1.2.3"], "no labelled image of study"),
+                         (["--model", str(model_dir / "model.pt"), "--method", "lime"], "expected gradcam")]:
+        bad = run("explain", "--workspace", str(workspaces[0]), "--out", str(tmp_path / "bad"), *args)
+        assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
