@@ -242,6 +242,22 @@ def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("im
     return steps
 
 
+def mask_to_network_grid(mask: np.ndarray, plan: ImagePlan, preset: TaskPreset) -> np.ndarray:
+    """A mask drawn on an image's DICOM grid (``(slices, rows, cols)`` or ``(rows, cols)``), carried through
+    the same geometric steps as the image (orientation, laterality mirror, resampling with nearest
+    neighbour, crop/pad) onto the grid the network sees. For checking saliency maps against lesions."""
+    d: dict[Hashable, Any] = {"mask": to_meta_tensor(mask.astype(np.float32), plan), "laterality": plan.laterality}
+    steps: list[Transform] = []
+    if preset.spatial_dims == 3:
+        steps.append(Orientationd(["mask"], axcodes="RAS", labels=None))
+    if preset.canonical_laterality:
+        steps.append(FlipToLateralityd(["mask"], preset.canonical_laterality))
+    steps.append(Spacingd(["mask"], pixdim=preset.target_spacing, mode="nearest", padding_mode="zeros"))
+    steps.append(ResizeWithPadOrCropd(["mask"], spatial_size=preset.spatial_size, mode="constant"))
+    out = Compose(steps)(d)["mask"]
+    return np.asarray(out[0].detach().cpu().numpy() if hasattr(out, "detach") else out[0]) > 0.5
+
+
 def augmentations(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:
     """The preset's random training augmentations."""
     a = preset.augment

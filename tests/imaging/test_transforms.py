@@ -135,3 +135,33 @@ def test_bright_structure_suppression_keeps_the_enhancing_tumour() -> None:
     assert (mid[rim] == -100.0).all()
     assert (mid[tumour] == 110.0).all() and mid.max() == 110.0  # the tumour is now the brightest thing
     assert (mid[body & ~spine & ~kidney & ~tumour & ~rim] <= 110.0).all()
+
+
+def test_lesion_masks_land_on_the_lesion_in_the_network_grid(tmp_path: Path) -> None:
+    import json
+    from dataclasses import replace
+
+    from consortium import make_workspaces
+
+    from imaging.catalog import Catalog
+    from imaging.dataset import sample_dicts
+    from imaging.transforms import mask_to_network_grid, pipeline
+
+    ws = make_workspaces(tmp_path, sites=1, studies_per_task=6, seed=3, tasks=["lung-ct", "breast-mg"]) / "site-a"
+    records = {r["sop_instance_uid"] or r["series_instance_uid"]: r
+               for r in json.loads((tmp_path / "data" / "site-a" / "lesions.json").read_text())}
+    checked = 0
+    with Catalog.open(ws) as catalog:
+        for task in ("lung-ct", "breast-mg"):
+            # Without the lung-field step, which may cut a nodule touching the chest wall (its known limit).
+            preset = replace(PRESETS[task], lung_field=False)
+            items = [i for i in catalog.items(task) if i.label == 1 and i.plan.key in records]
+            for item, sample in zip(items, sample_dicts(items), strict=True):
+                raw = np.load(tmp_path / "data" / "site-a" / records[item.plan.key]["mask"])["mask"]
+                mask = mask_to_network_grid(raw, item.plan, preset)
+                image = np.asarray(pipeline(preset, train=False)(sample)["image"])[0]
+                assert mask.shape == image.shape and mask.any()
+                # Nodules and masses are brighter than what surrounds them in these windows.
+                assert image[mask].mean() > image[~mask].mean() + 0.1, (task, item.plan.key)
+                checked += 1
+    assert checked >= 2
