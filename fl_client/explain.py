@@ -21,7 +21,7 @@ import torch
 from fl_client.train import TrainingError, load_site_data
 from models.config import from_flat
 from models.nets import build_model
-from models.saliency import Method, saliency
+from models.saliency import Method, saliency, target_layer
 from models.weights import load_arrays, load_checkpoint
 
 SCHEMA = "oncofed.explain/1"
@@ -107,6 +107,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     out.mkdir(parents=True, exist_ok=True)
     datasets = {s: data.dataset(s, train=False) for s in {s for s, _ in chosen}}
     records = []
+    layer: str | None = None
     for n, (s, i) in enumerate(chosen, start=1):
         _, item = data.items[s][i]
         image, _ = datasets[s][i]
@@ -115,8 +116,10 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         entry: dict[str, Any] = {"study_uid": item.study_uid, "image": item.plan.key, "split": s,
                                  "label": item.label, "task": task, "maps": {}}
         for method in methods:
+            if layer is None and method != Method.OCCLUSION:
+                layer = target_layer(model, tuple(image.shape))  # once per run, not per image
             with torch.enable_grad():
-                result = saliency(model, image, method)
+                result = saliency(model, image, method, layer=layer)
             stem = f"{method.value}-{item.plan.key[-12:]}" if data.count(s) and _views(data, s, item) > 1 \
                 else method.value
             np.save(folder / f"{stem}.npy", result.map)

@@ -151,18 +151,22 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
     method = Method(method)
     model.eval()
     x = image.unsqueeze(0).float()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        logit = float(model(x).reshape(-1)[0])
-    probability = 1.0 / (1.0 + math.exp(-logit))
     if method in (Method.GRADCAM, Method.GRADCAMPP):
         layer = layer or target_layer(model, tuple(image.shape))
+        t0 = time.perf_counter()
         cam_cls = GradCAM if method == Method.GRADCAM else GradCAMpp
         # MONAI's default post-processing maps (min, max) to (1, 0): it flips the map. Keep it raw and scale here.
         cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=lambda m: m)
         out = cam(x=x, class_idx=0)
         result = out[0, 0].detach().cpu().numpy()
+        score = cam.nn_module.score  # the logit the map explains, from the same forward pass
+        logit = float(score.reshape(-1)[0]) if score is not None else float(model(x).reshape(-1)[0])
+        probability = 1.0 / (1.0 + math.exp(-logit))
     else:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logit = float(model(x).reshape(-1)[0])
+        probability = 1.0 / (1.0 + math.exp(-logit))
         spatial = tuple(int(v) for v in image.shape[1:])
         size = occlusion_mask(spatial, mask_size)
         box = region_box(image)
