@@ -75,8 +75,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on one split of the site's data (``val`` unless the config says)."""
-    from dataclasses import replace
-
     from fl_client.federated import evaluate as evaluate_site
 
     if "evaluateins.parameters" in msg.content.array_records:
@@ -86,11 +84,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     also = str(round_config.get("evaluate-split", "")) or None
     _check_split(split)
     _check_split(also)
-    reply = evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=split)
-    if also:
-        extra = evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=also)
-        reply = replace(reply, evaluation=extra.metrics)
-    return _reply(msg, reply)
+    return _reply(msg, evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=split,
+                                     evaluate_split=also))
 
 
 def _check_split(split: str | None) -> None:

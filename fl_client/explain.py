@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
                            "see 'oncofed-site status' for what the site holds")
     out.mkdir(parents=True, exist_ok=True)
     datasets = {s: data.dataset(s, train=False) for s in {s for s, _ in chosen}}
+    images_of = Counter(data.items[s][i][1].study_uid for s, i in chosen)
     records = []
     layer: str | None = None
     for n, (s, i) in enumerate(chosen, start=1):
@@ -120,8 +122,8 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
                 layer = target_layer(model, tuple(image.shape))  # once per run, not per image
             with torch.enable_grad():
                 result = saliency(model, image, method, layer=layer)
-            stem = f"{method.value}-{item.plan.key[-12:]}" if data.count(s) and _views(data, s, item) > 1 \
-                else method.value
+            # A mammography study has two views: their files are told apart by the image's key.
+            stem = f"{method.value}-{item.plan.key[-12:]}" if images_of[item.study_uid] > 1 else method.value
             np.save(folder / f"{stem}.npy", result.map)
             png = folder / f"{stem}.png"
             _overlay(png, image[0].numpy(), result.map,
@@ -140,7 +142,3 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     (out / "explain.json").write_text(json.dumps(doc, indent=1))
     return doc
 
-
-def _views(data: Any, split: str, item: Any) -> int:
-    """How many images of the split belong to ``item``'s study (mammography: two views)."""
-    return sum(1 for _, other in data.items[split] if other.study_uid == item.study_uid)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from fl_client.egress import EgressLog, check_reply
-from fl_client.privacy import BudgetExceeded, NoBudget, PrivacyLedger
-from fl_client.train import TrainingError, evaluate_local, load_site_data, plan_dp, train_local
+from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
+from fl_client.train import SiteData, TrainingError, evaluate_local, load_site_data, plan_dp, train_local
 from models.config import RunConfig, resolved_grad_sample_mode
 from models.nets import build_model
 from models.weights import load_arrays, pack, state_arrays, unpack
@@ -119,25 +119,33 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
         evaluate_split: First evaluate the received global model on this split and send its metrics
             with the reply (``Reply.evaluation``; logged as its own egress record).
     """
-    evaluation = {}
-    if evaluate_split:
-        evaluation = evaluate(site, config, run_id=run_id, round_number=round_number - 1, global_flat=global_flat,
-                              split=evaluate_split).metrics
-    reply = _fit(site, config, run_id=run_id, round_number=round_number, global_flat=global_flat,
-                 proximal_mu=proximal_mu)
+    # One model and one look at the catalog for both jobs of the message: the evaluation reads the received
+    # weights before training changes them.
+    torch.manual_seed(config.training.seed + round_number)
+    model, reference = _model_from(config, global_flat)
+    data = _site_data(site, config)
+    evaluation = (_evaluate(site, config, model, data, run_id=run_id, round_number=round_number - 1,
+                            split=evaluate_split).metrics if evaluate_split else {})
+    strings = {"site-id": site.site_id, "task": config.model.task}
+    if data is None:
+        reply = Reply(metrics={"refused": 1, "refused-no-data": 1, "num-examples": 0}, strings=strings,
+                      evaluation=evaluation)
+        return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
+    reply = _train(site, config, model, reference, data, run_id=run_id, round_number=round_number,
+                   proximal_mu=proximal_mu, strings=strings)
     return replace(reply, evaluation=evaluation)
 
 
-def _fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
-         proximal_mu: float) -> Reply:
-    strings = {"site-id": site.site_id, "task": config.model.task}
-    torch.manual_seed(config.training.seed + round_number)
-    model, reference = _model_from(config, global_flat)
+def _site_data(site: Site, config: RunConfig) -> SiteData | None:
+    """The site's labelled data for the run's task, or None if it holds none."""
     try:
-        data = load_site_data([site.workspace], config.model.task)
+        return load_site_data([site.workspace], config.model.task)
     except TrainingError:
-        reply = Reply(metrics={"refused": 1, "refused-no-data": 1, "num-examples": 0}, strings=strings)
-        return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
+        return None
+
+
+def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dict[str, np.ndarray], data: SiteData,
+           *, run_id: str, round_number: int, proximal_mu: float, strings: dict[str, str]) -> Reply:
     samples = data.count("train")
     spec = replace(config.training, proximal_mu=proximal_mu or config.training.proximal_mu)
     ledger = PrivacyLedger(site.workspace)
@@ -150,26 +158,25 @@ def _fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, globa
         if budget is not None:
             left = budget.epsilon_max - ledger.spent_outside(run_id, budget.delta)
             if left <= 0:
-                return _refuse_budget(site, run_id, round_number, ledger, strings)
+                return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
             privacy = replace(privacy, enabled=True, epsilon=min(privacy.epsilon, left))
         try:
             dp = plan_dp(privacy, samples=samples, batch_size=spec.batch_size,
                          steps_per_round=steps_per_round(config, samples), rounds=config.federation.num_rounds,
                          ledger=ledger, grad_sample_mode=resolved_grad_sample_mode(config))
         except NoBudget:
-            return _refuse_budget(site, run_id, round_number, ledger, strings)
+            return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if spec.proximal_mu else None
     try:
         result = train_local(model, data.dataset("train", train=spec.augment), spec=spec, labels=data.labels("train"),
                              global_params=global_params, dp=dp, ledger=ledger, run_id=run_id,
                              round_number=round_number, task=config.model.task)
     except BudgetExceeded:
-        return _refuse_budget(site, run_id, round_number, ledger, strings)
+        return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
     metrics: dict[str, float] = {"num-examples": result.num_examples, "train-loss": result.loss,
                                  "train-seconds": result.seconds, "steps": result.steps,
                                  "samples-seen": result.samples_seen, "dp": int(dp is not None)}
-    if dp is not None:
-        budget = ledger.require_budget()
+    if dp is not None and budget is not None:  # DP ran, so the site has a budget (plan_dp requires one)
         metrics.update({"epsilon": float(result.epsilon or 0.0), "epsilon-max": budget.epsilon_max,
                         "delta": budget.delta, "noise-multiplier": dp.noise_multiplier,
                         "sample-rate": dp.sample_rate})
@@ -177,9 +184,8 @@ def _fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, globa
     return _send(site, run_id=run_id, round_number=round_number, kind="train", reply=reply, reference=reference)
 
 
-def _refuse_budget(site: Site, run_id: str, round_number: int, ledger: PrivacyLedger,
+def _refuse_budget(site: Site, run_id: str, round_number: int, ledger: PrivacyLedger, budget: Budget | None,
                    strings: dict[str, str]) -> Reply:
-    budget = ledger.budget()
     metrics: dict[str, float] = {"refused": 1, "refused-budget": 1, "num-examples": 0,
                                  "epsilon": ledger.spent(budget.delta) if budget else 0.0}
     # No epsilon-max in the reply means the site has set no budget at all.
@@ -190,15 +196,22 @@ def _refuse_budget(site: Site, run_id: str, round_number: int, ledger: PrivacyLe
 
 
 def evaluate(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
-             split: str = "val") -> Reply:
-    """Evaluate the global model on one split of the site's data (study-level metrics and counts)."""
-    strings = {"site-id": site.site_id, "task": config.model.task, "split": split}
+             split: str = "val", evaluate_split: str | None = None) -> Reply:
+    """Evaluate the global model on one split of the site's data (study-level metrics and counts), and on
+    ``evaluate_split`` too if given (``Reply.evaluation``), with one model and one look at the catalog."""
     model, _ = _model_from(config, global_flat)
-    try:
-        data = load_site_data([site.workspace], config.model.task)
-        result = evaluate_local(model, data, split)
-    except TrainingError:
-        result = None
+    data = _site_data(site, config)
+    reply = _evaluate(site, config, model, data, run_id=run_id, round_number=round_number, split=split)
+    if evaluate_split:
+        extra = _evaluate(site, config, model, data, run_id=run_id, round_number=round_number, split=evaluate_split)
+        reply = replace(reply, evaluation=extra.metrics)
+    return reply
+
+
+def _evaluate(site: Site, config: RunConfig, model: torch.nn.Module, data: SiteData | None, *, run_id: str,
+              round_number: int, split: str) -> Reply:
+    strings = {"site-id": site.site_id, "task": config.model.task, "split": split}
+    result = evaluate_local(model, data, split) if data is not None else None
     if result is None:
         reply = Reply(metrics={"studies": 0, "num-examples": 0}, strings=strings)
     else:

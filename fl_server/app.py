@@ -140,6 +140,8 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     Returns:
         The test-split document for the history, and each site's validation metrics (if asked).
     """
+    from fl_server.strategies import weighted_by_studies
+
     messages = []
     val: list[tuple[str, dict[str, float]]] = []
     for node_id in grid.get_node_ids():
@@ -158,12 +160,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
         per_site[site] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
         if "evaluation" in reply.content:
             val.append((site, {k: float(v) for k, v in reply.content["evaluation"].items()}))  # type: ignore
-    total = sum(m.get("studies", 0) for m in per_site.values() if "auroc" in m)
-    pooled: dict[str, float] = {}
-    for key in ("auroc", "sensitivity", "specificity", "balanced-accuracy", "brier"):
-        have = [(m[key], m["studies"]) for m in per_site.values() if key in m and "auroc" in m]
-        if have and total:
-            pooled[key] = sum(v * n for v, n in have) / sum(n for _, n in have)
+    pooled = weighted_by_studies(per_site.values())
     log.info("oncofed: final test evaluation: %s", {s: round(m.get("auroc", float("nan")), 3)
                                                      for s, m in per_site.items()})
     return {"split": "test", "sites": per_site, "weighted": pooled, "failed": failed}, val

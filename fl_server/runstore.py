@@ -73,8 +73,7 @@ class RunStore:
         self.history = history
 
     @classmethod
-    def create(cls, root: Path, *, run_id: str, run_config: Mapping[str, Any], sites_expected: int | None = None
-               ) -> RunStore:
+    def create(cls, root: Path, *, run_id: str, run_config: Mapping[str, Any]) -> RunStore:
         """Start a new run in ``root`` (created; refused if it already holds a run)."""
         root = Path(root).expanduser()
         if (root / "history.json").exists():
@@ -85,7 +84,7 @@ class RunStore:
         _atomic_write(root / "config.json", json.dumps(config, indent=1).encode())
         store = cls(root, {"schema": SCHEMA, "run_id": run_id, "task": run_config.get("task"),
                            "strategy": run_config.get("strategy"), "rounds": [], "final": None,
-                           "resumed_at": [], "sites_expected": sites_expected})
+                           "resumed_at": []})
         store.save()
         return store
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fl_server.runstore import RunStore
+from fl_server.strategies import weighted_by_studies
 from models.config import RunConfig, Strategy
 from models.weights import unpack
 
@@ -101,19 +102,12 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
         def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
             rnd = server_round + offset
             record = store.round_record(rnd)
-            usable = []
             for _, res in results:
                 site = str(res.metrics.get("site-id", "?"))
-                metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float)}
-                record["evaluate"][site] = metrics
-                if metrics.get("studies", 0) > 0 and "auroc" in metrics:
-                    usable.append(metrics)
-            if usable:
-                total = sum(m["studies"] for m in usable)
-                record["aggregated_evaluate"] = {
-                    k: sum(m[k] * m["studies"] for m in usable) / total
-                    for k in ("auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "eval-loss")
-                    if all(k in m for m in usable)}
+                record["evaluate"][site] = {k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float)}
+            aggregated = weighted_by_studies(record["evaluate"].values())
+            if aggregated:
+                record["aggregated_evaluate"] = aggregated
             wall = time.perf_counter() - started.get(rnd, time.perf_counter())
             work = [m.get("train-seconds", 0.0) for m in record["train"].values()]
             evals = [m.get("eval-seconds", 0.0) for m in record["evaluate"].values()]

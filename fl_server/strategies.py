@@ -38,6 +38,18 @@ TRAIN_AGGREGATED = ("train-loss",)
 EVAL_AGGREGATED = ("auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "eval-loss")
 
 
+def weighted_by_studies(per_site: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Evaluation metrics over sites, each site weighted by its studies (sites without an AUROC, i.e. with
+    one class only or no studies, are left out)."""
+    usable = [m for m in per_site if m.get("studies", 0) > 0 and "auroc" in m]
+    out: dict[str, float] = {}
+    for key in EVAL_AGGREGATED:
+        have = [(m[key], m["studies"]) for m in usable if key in m]
+        if have:
+            out[key] = sum(v * n for v, n in have) / sum(n for _, n in have)
+    return out
+
+
 def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStrategy:
     """The stock Flower strategy for ``config.federation.strategy``.
 
