@@ -70,8 +70,11 @@ EPILOG_EXPLAIN = """examples:
 
 Writes per study OUT/<study uid>/<method>.npy (the map, float32 in [0, 1]) and <method>.png (the
 overlay; volumes: three planes through the map's peak and a strip of axial slices), and
-OUT/explain.json (probability, label, peak, seconds). Occlusion is slow (it re-runs the model once
-per hidden patch): it is restricted to the image's region and opt-in. Nothing leaves the site."""
+OUT/explain.json (probability, label, peak, seconds), and the DICOM objects a viewer or PACS takes
+(OUT/<study uid>/dicom/: a Parametric Map of the map on the series' own grid for CT and MR, and RGB
+key images of the slices where the map is strongest; marked RESEARCH USE ONLY). Occlusion is slow (it
+re-runs the model once per hidden patch): it is restricted to the image's region and opt-in. Nothing
+leaves the site."""
 
 
 class UserError(Exception):
@@ -380,7 +383,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
 
         try:
             doc = explain(args.workspace, args.model, args.out, split=args.split, study=args.study, methods=methods,
-                          on_study=step)
+                          dicom=not args.no_dicom, on_study=step)
         except (ExplainError, WeightsError) as exc:
             raise UserError(str(exc)) from None
     table = Table(title=f"{doc['task']}: {len(doc['images'])} image(s), maps in {args.out}")
@@ -390,7 +393,8 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
         table.add_row(entry["study_uid"][-24:], str(entry["label"]), f"{entry['probability']:.3f}",
                       *[f"{entry['maps'][m]['seconds']:.2f} s" for m in doc["methods"]])
     console.print(table)
-    console.print(f"Overlays: {args.out}/<study uid>/*.png; index: {args.out / 'explain.json'}")
+    console.print(f"Overlays: {args.out}/<study uid>/*.png; DICOM: {args.out}/<study uid>/dicom/; "
+                  f"index: {args.out / 'explain.json'}")
     return 0
 
 
@@ -457,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="studies to explain (default test)")
     p.add_argument("--study", help="one StudyInstanceUID instead of a split")
     p.add_argument("--method", default="gradcam", help="gradcam (default), gradcampp, occlusion; comma-separated")
+    p.add_argument("--no-dicom", action="store_true", help="skip the DICOM objects (PNG and NumPy maps only)")
     p = add("join", "Join the consortium: run this site's Flower SuperNode until Ctrl-C.", EPILOG_JOIN, cmd_join)
     p.add_argument("--kit", type=Path, required=True, help="this site's start-up kit folder from the lead")
     p.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the kit's)")

@@ -5,10 +5,15 @@ Per study (``OUT/<study uid>/``): ``<method>.npy`` (the map at the network's inp
 the map's peak and a strip of axial slices), and one line in ``OUT/explain.json`` (schema
 ``oncofed.explain/1``: study, series, split, label, the model's probability, per method the map
 file, the PNG, its peak voxel and the seconds it took). Nothing leaves the site.
+
+With ``dicom=True`` (the CLI's default) each map is also carried back onto the source series' own grid
+and written as DICOM under ``OUT/<study uid>/dicom/``: a Parametric Map for a volume and RGB key images
+(:mod:`imaging.saliency_dicom`), listed in ``explain.json`` with their series UIDs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -20,6 +25,10 @@ import numpy as np
 import torch
 
 from fl_client.train import TrainingError, load_site_data
+from imaging.dicom import read_image
+from imaging.presets import get_preset
+from imaging.saliency_dicom import write_saliency_objects
+from imaging.transforms import network_to_source
 from models.config import from_flat
 from models.nets import build_model
 from models.saliency import Method, saliency, target_layer
@@ -68,7 +77,7 @@ def _overlay(path: Path, image: np.ndarray, heat: np.ndarray, title: str) -> Non
 
 
 def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None = "test", study: str | None = None,
-            methods: Sequence[Method] = (Method.GRADCAM,),
+            methods: Sequence[Method] = (Method.GRADCAM,), dicom: bool = False,
             on_study: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Write saliency maps of ``model_path`` for a split's studies (or one study) of the site's task.
 
@@ -79,6 +88,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         split: ``train``, ``val`` or ``test`` (ignored when ``study`` is given).
         study: One StudyInstanceUID.
         methods: Saliency methods.
+        dicom: Also write each map as DICOM on the source grid (Parametric Map of a volume, key images).
         on_study: Called as ``on_study(done, total, study uid)`` after each image.
 
     Raises:
@@ -86,6 +96,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         WeightsError: The model file is not an oncofed model.
     """
     arrays, run_config, _ = load_checkpoint(model_path)
+    model_sha256 = file_sha256(model_path)
     config = from_flat(run_config)
     task = config.model.task
     model = build_model(config.model)
@@ -110,13 +121,15 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     images_of = Counter(data.items[s][i][1].study_uid for s, i in chosen)
     records = []
     layer: str | None = None
+    preset = get_preset(task)
     for n, (s, i) in enumerate(chosen, start=1):
         _, item = data.items[s][i]
         image, _ = datasets[s][i]
         folder = out / item.study_uid
         folder.mkdir(exist_ok=True)
-        entry: dict[str, Any] = {"study_uid": item.study_uid, "image": item.plan.key, "split": s,
-                                 "label": item.label, "task": task, "maps": {}}
+        entry: dict[str, Any] = {"study_uid": item.study_uid, "series_uid": item.plan.series_uid,
+                                 "image": item.plan.key, "split": s, "label": item.label, "task": task, "maps": {}}
+        source = read_image(item.plan).array if dicom else None
         for method in methods:
             if layer is None and method != Method.OCCLUSION:
                 layer = target_layer(model, tuple(image.shape))  # once per run, not per image
@@ -134,11 +147,28 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
                                            "peak": [int(v) for v in np.unravel_index(int(np.argmax(result.map)),
                                                                                      result.map.shape)],
                                            "layer": result.layer, "seconds": result.seconds}
+            if source is not None:
+                objects = write_saliency_objects(
+                    item.plan, network_to_source(result.map, item.plan, preset), source, folder / "dicom",
+                    method=method.value, probability=result.probability, model_sha256=model_sha256, task=task,
+                    window=preset.window)
+                entry["maps"][method.value]["dicom"] = [str(p.relative_to(out)) for p in objects.paths]
+                entry["maps"][method.value]["dicom_series"] = list(objects.series_uids)
         records.append(entry)
         if on_study is not None:
             on_study(n, len(chosen), item.study_uid)
-    doc = {"schema": SCHEMA, "model": str(model_path), "task": task, "created": time.time(),
+    doc = {"schema": SCHEMA, "model": str(model_path), "model_sha256": model_sha256, "task": task,
+           "created": time.time(),
            "methods": [m.value for m in methods], "images": records}
     (out / "explain.json").write_text(json.dumps(doc, indent=1))
     return doc
 
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (the model's identity in outputs and review verdicts)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

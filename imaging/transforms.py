@@ -95,8 +95,19 @@ class FlipToLateralityd(MapTransform):
         side = str(d.get(self.laterality_key) or "").upper()
         if side and side != self.canonical:
             for key in self.key_iterator(d):
-                d[key] = torch.flip(d[key], dims=(1,))  # mirror columns (x)
+                d[key] = self._mirror(d[key])
         return d
+
+    @staticmethod
+    def _mirror(img: Any) -> Any:
+        """Mirror columns (x); a MetaTensor's affine is updated so the pixels keep their place in space."""
+        flipped = torch.flip(img, dims=(1,))
+        if isinstance(img, MetaTensor) and isinstance(flipped, MetaTensor):
+            n = img.shape[1]
+            mirror = torch.eye(4, dtype=torch.float64)
+            mirror[0, 0], mirror[0, 3] = -1.0, float(n - 1)  # new index x' holds old index n-1-x'
+            flipped.affine = img.affine.to(torch.float64) @ mirror
+        return flipped
 
 
 class RobustScaled(MapTransform):
@@ -242,20 +253,64 @@ def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("im
     return steps
 
 
+def _geometric_steps(preset: TaskPreset, key: str, *, mode: str) -> list[Transform]:
+    """The steps of :func:`deterministic_transforms` that move voxels (not their values), for one key."""
+    steps: list[Transform] = []
+    if preset.spatial_dims == 3:
+        steps.append(Orientationd([key], axcodes="RAS", labels=None))
+    if preset.canonical_laterality:
+        steps.append(FlipToLateralityd([key], preset.canonical_laterality))
+    steps.append(Spacingd([key], pixdim=preset.target_spacing, mode=mode, padding_mode="zeros"))
+    steps.append(ResizeWithPadOrCropd([key], spatial_size=preset.spatial_size, mode="constant"))
+    return steps
+
+
 def mask_to_network_grid(mask: np.ndarray, plan: ImagePlan, preset: TaskPreset) -> np.ndarray:
     """A mask drawn on an image's DICOM grid (``(slices, rows, cols)`` or ``(rows, cols)``), carried through
     the same geometric steps as the image (orientation, laterality mirror, resampling with nearest
     neighbour, crop/pad) onto the grid the network sees. For checking saliency maps against lesions."""
     d: dict[Hashable, Any] = {"mask": to_meta_tensor(mask.astype(np.float32), plan), "laterality": plan.laterality}
-    steps: list[Transform] = []
-    if preset.spatial_dims == 3:
-        steps.append(Orientationd(["mask"], axcodes="RAS", labels=None))
-    if preset.canonical_laterality:
-        steps.append(FlipToLateralityd(["mask"], preset.canonical_laterality))
-    steps.append(Spacingd(["mask"], pixdim=preset.target_spacing, mode="nearest", padding_mode="zeros"))
-    steps.append(ResizeWithPadOrCropd(["mask"], spatial_size=preset.spatial_size, mode="constant"))
-    out = Compose(steps)(d)["mask"]
+    out = Compose(_geometric_steps(preset, "mask", mode="nearest"))(d)["mask"]
     return np.asarray(out[0].detach().cpu().numpy() if hasattr(out, "detach") else out[0]) > 0.5
+
+
+def network_to_source_index(plan: ImagePlan, preset: TaskPreset) -> np.ndarray:
+    """The 4x4 matrix from voxel indices of the network's grid to ``(col, row, slice)`` indices of the
+    DICOM image: the geometric steps (orientation, laterality mirror, resampling, crop/pad) undone.
+
+    The steps run once on an empty image of the source's size with MONAI's affine tracking; the
+    matrix is ``source_affine⁻¹ · network_affine``.
+    """
+    empty = to_meta_tensor(np.zeros(plan.shape, np.float32), plan)
+    d: dict[Hashable, Any] = {"image": empty, "laterality": plan.laterality}
+    out = Compose(_geometric_steps(preset, "image", mode="nearest"))(d)["image"]
+    source = np.asarray(empty.affine, np.float64)
+    network = np.asarray(out.affine, np.float64)
+    return np.linalg.inv(source) @ network
+
+
+def network_to_source(volume: np.ndarray, plan: ImagePlan, preset: TaskPreset) -> np.ndarray:
+    """A map on the network's grid (``(x, y[, z])``, as saliency returns it) resampled onto the DICOM
+    image's grid, ``(slices, rows, cols)`` or ``(rows, cols)``, with linear interpolation; voxels the
+    network never saw (cropped away) are 0. The inverse of :func:`mask_to_network_grid`'s mapping.
+    """
+    from scipy import ndimage
+
+    to_source = network_to_source_index(plan, preset)
+    to_network = np.linalg.inv(to_source)
+    dims = plan.spatial_dims
+    if dims == 3:
+        slices, rows, cols = plan.shape
+        grid = np.stack(np.meshgrid(np.arange(cols), np.arange(rows), np.arange(slices), indexing="ij"), 0)
+    else:
+        rows, cols = plan.shape
+        grid = np.stack(np.meshgrid(np.arange(cols), np.arange(rows), indexing="ij"), 0)
+        grid = np.concatenate([grid, np.zeros_like(grid[:1])], 0)
+    points = grid.reshape(3, -1).astype(np.float64)
+    mapped = to_network[:3, :3] @ points + to_network[:3, 3:4]
+    values = ndimage.map_coordinates(np.asarray(volume, np.float32), mapped[:dims], order=1, mode="constant",
+                                     cval=0.0).reshape(grid.shape[1:])
+    return np.ascontiguousarray(values.T).astype(np.float32)  # (x, y[, z]) -> (slices, rows, cols) / (rows, cols)
 
 
 def augmentations(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:

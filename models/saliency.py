@@ -160,7 +160,7 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
         out = cam(x=x, class_idx=0)
         result = out[0, 0].detach().cpu().numpy()
         score = cam.nn_module.score  # the logit the map explains, from the same forward pass
-        logit = float(score.reshape(-1)[0]) if score is not None else float(model(x).reshape(-1)[0])
+        logit = float(score.detach().reshape(-1)[0]) if score is not None else float(model(x).reshape(-1)[0])
         probability = 1.0 / (1.0 + math.exp(-logit))
     else:
         t0 = time.perf_counter()

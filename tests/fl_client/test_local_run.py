@@ -103,6 +103,8 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
             assert heat.shape == (48, 48, 16) and heat.min() >= 0.0 and heat.max() <= 1.0
             assert (out / entry["maps"][method]["png"]).stat().st_size > 10_000
             assert entry["maps"][method]["layer"] == "features"
+            dicom = [out / f for f in entry["maps"][method]["dicom"]]  # Parametric Map + key images
+            assert dicom[0].name.endswith("-pm.dcm") and len(dicom) == 6 and all(f.is_file() for f in dicom)
     one = doc["images"][0]["study_uid"]
     result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
                  str(tmp_path / "one"), "--study", one)
