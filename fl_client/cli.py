@@ -77,6 +77,18 @@ re-runs the model once per hidden patch): it is restricted to the image's region
 leaves the site."""
 
 
+EPILOG_REVIEW = """examples:
+  oncofed-site review --workspace ws/site-a --model runs/fed-1/model.pt
+  oncofed-site review --workspace ws/site-a --model runs/lung/model.pt --model runs/breast/model.pt --port 8800
+  oncofed-site review --workspace ws/site-a --export-csv verdicts.csv
+
+Serves the review page on http://127.0.0.1:PORT/ (this machine only): the worklist of the site's
+studies with the model's score (sortable, filters for task, split, label and review state), and per
+image the slices with window/level presets, the saliency overlay (opacity, method) and the verdict
+form (agree / disagree / unsure, comment, initials). Verdicts are kept in the site catalog with the
+time and the model file's SHA-256; --export-csv writes them all. One --model per task. Ctrl-C stops."""
+
+
 class UserError(Exception):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
@@ -398,6 +410,49 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace, console: Console) -> int:
+    from fl_client.review import ReviewError, ReviewSession, VerdictStore, load_models, serve
+    from models.saliency import Method
+
+    if not args.workspace.is_dir():
+        raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
+    if args.export_csv:
+        try:
+            store = VerdictStore(args.workspace)
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from None
+        text = store.csv_text()
+        args.export_csv.write_text(text)
+        console.print(f"{text.count(chr(10)) - 1} verdict(s) written to {args.export_csv}")
+        return 0
+    if not args.model:
+        raise UserError("give the model to review with --model model.pt (or --export-csv FILE)")
+    try:
+        methods = [Method(m.strip()) for m in args.method.split(",") if m.strip()]
+    except ValueError:
+        raise UserError(f"--method {args.method}: expected gradcam, gradcampp and/or occlusion") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] serving on {args.host}: the page has no login of its own; open it "
+                      "beyond this machine only behind the hospital's authenticating proxy")
+    try:
+        models = load_models(args.model)
+        with _progress(console) as bar:
+            task = bar.add_task("scoring the worklist", total=None)
+            session = ReviewSession(args.workspace, models, methods=methods,
+                                    on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+        def ready(url: str) -> None:
+            console.print(f"Review page: {url}  ({len(session.cases)} images; Ctrl-C stops)", highlight=False)
+            sys.stdout.flush()
+
+        serve(session, host=args.host, port=args.port, on_ready=ready)
+    except ReviewError as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oncofed-site`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -462,6 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="one StudyInstanceUID instead of a split")
     p.add_argument("--method", default="gradcam", help="gradcam (default), gradcampp, occlusion; comma-separated")
     p.add_argument("--no-dicom", action="store_true", help="skip the DICOM objects (PNG and NumPy maps only)")
+    p = add("review", "Serve the radiologists' review page: scores, saliency overlays, verdicts.", EPILOG_REVIEW,
+            cmd_review)
+    p.add_argument("--model", type=Path, action="append", help="a model.pt to review (one per task; repeatable)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 takes a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--method", default="gradcam,gradcampp",
+                   help="saliency methods offered (default gradcam,gradcampp; occlusion is slow)")
+    p.add_argument("--export-csv", type=Path, metavar="FILE", help="write every verdict to FILE as CSV and exit")
     p = add("join", "Join the consortium: run this site's Flower SuperNode until Ctrl-C.", EPILOG_JOIN, cmd_join)
     p.add_argument("--kit", type=Path, required=True, help="this site's start-up kit folder from the lead")
     p.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the kit's)")

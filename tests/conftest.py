@@ -19,3 +19,21 @@ def pydicom_files() -> Path:
     path = get_testdata_file("CT_small.dcm")
     assert path is not None, "pydicom's bundled test files are missing"
     return Path(str(path)).parent
+
+
+def system_tool(name: str) -> str:
+    """The path of a system program a test needs (Debian packages that .ci/run installs).
+
+    Missing: the test is skipped on a developer's machine, and fails where ONCOFED_REQUIRE_SYSTEM_TOOLS
+    is set (.ci/run sets it), so CI can never pass by skipping.
+    """
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it with apt-get)"
+        if os.environ.get("ONCOFED_REQUIRE_SYSTEM_TOOLS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

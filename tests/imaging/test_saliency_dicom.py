@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,8 +18,13 @@ from imaging.presets import PRESETS
 from imaging.saliency_dicom import PM_SCALE, RESEARCH_NOTE, write_saliency_objects
 from imaging.transforms import mask_to_network_grid, network_to_source
 
-TOOLS = shutil.which("dciodvfy") and shutil.which("dcmdump")
-needs_tools = pytest.mark.skipif(not TOOLS, reason="dicom3tools and dcmtk are installed by .ci/run")
+
+@pytest.fixture
+def dicom_tools() -> None:
+    from conftest import system_tool
+
+    system_tool("dciodvfy")
+    system_tool("dcmdump")
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +106,9 @@ def check_objects(plan: ImagePlan, heat: np.ndarray, out: Path) -> None:
         [pydicom.dcmread(p).SOPInstanceUID for p in objects.paths]
 
 
-@needs_tools
 @pytest.mark.parametrize("task", ["lung-ct", "breast-mg", "prostate-mr"])
-def test_saliency_objects_of_synthetic_studies_are_valid_dicom(site: tuple[Path, Path], task: str,
-                                                               tmp_path: Path) -> None:
+def test_saliency_objects_of_synthetic_studies_are_valid_dicom(site: tuple[Path, Path], task: str, tmp_path: Path,
+                                                               dicom_tools: None) -> None:
     plan, mask = lesion_items(site, task)[0]
     check_objects(plan, mask.astype(np.float32) * 0.9, tmp_path)
 
@@ -129,9 +132,8 @@ def vendor_series(name: str, slices: int, folder: Path) -> ImagePlan:
     return plan
 
 
-@needs_tools
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
-def test_saliency_objects_of_vendor_files_are_valid_dicom(name: str, tmp_path: Path) -> None:
+def test_saliency_objects_of_vendor_files_are_valid_dicom(name: str, tmp_path: Path, dicom_tools: None) -> None:
     """Headers this project did not write (GE CT, MR with private tags) go through the same writers."""
     plan = vendor_series(name, 16, tmp_path / "series")
     rng = np.random.default_rng(0)

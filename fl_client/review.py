@@ -1,0 +1,465 @@
+"""The radiologist's review page: the model's score and saliency overlays on the site's own studies.
+
+``oncofed-site review`` serves a small web app bound to 127.0.0.1: a worklist of the site's studies
+with the model's probability (sortable; filters for task, split, label and review state) and a viewer
+per image (slice scrolling, window/level presets, the saliency overlay with an opacity slider and a
+method switch, the score and, where known, the label). The reader records a verdict (agree, disagree,
+unsure, a comment and their initials); verdicts go into the site catalog's ``review_verdicts`` table
+with the time, the model file's SHA-256 and the probability shown, and can be exported as CSV.
+
+Images are shown on their own DICOM grid (as stored, slice by slice); the map computed on the
+network's grid is carried back onto it (:func:`imaging.transforms.network_to_source`). Maps are
+computed when an image is first opened and kept in memory. Nothing leaves the site: the page, its
+images and the verdicts stay on this machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl_client.explain import file_sha256
+from imaging.catalog import Catalog, Item
+from imaging.dataset import cached_dataset
+from imaging.dicom import read_image
+from imaging.presets import get_preset
+from imaging.transforms import network_to_source
+from models.config import from_flat
+from models.nets import build_model
+from models.saliency import Method, saliency, target_layer
+from models.weights import WeightsError, load_arrays, load_checkpoint
+
+VERDICTS = ("agree", "disagree", "unsure")
+READER = re.compile(r"^[A-Za-z][A-Za-z .'-]{0,15}$")
+MAX_COMMENT = 2000
+CT_PRESETS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "abdomen": (50.0, 400.0),
+              "bone": (400.0, 1800.0)}
+CSV_COLUMNS = ("created", "study_uid", "image_key", "task", "verdict", "comment", "reader", "probability",
+               "label", "model_sha256", "model_file")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS review_verdicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    study_uid TEXT NOT NULL,
+    image_key TEXT NOT NULL,
+    task TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('agree', 'disagree', 'unsure')),
+    comment TEXT NOT NULL DEFAULT '',
+    reader TEXT NOT NULL,
+    probability REAL NOT NULL,
+    label INTEGER,
+    model_sha256 TEXT NOT NULL,
+    model_file TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS review_verdicts_image ON review_verdicts(image_key, id);
+"""
+
+
+class ReviewError(ValueError):
+    """A bad request or set-up; the message names the field, file or task and says what to do."""
+
+
+@dataclass(frozen=True)
+class Model:
+    """One task's model: the network, its file and hash."""
+
+    task: str
+    net: nn.Module
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image on the worklist."""
+
+    key: str
+    study_uid: str
+    task: str
+    split: str
+    label: int | None
+    probability: float
+    item: Item
+
+    @property
+    def modality(self) -> str:
+        return self.item.plan.modality
+
+    @property
+    def view(self) -> str:
+        plan = self.item.plan
+        return " ".join(v for v in (plan.laterality, plan.view) if v) or plan.modality
+
+
+def load_models(paths: Sequence[Path]) -> dict[str, Model]:
+    """One model per task from ``model.pt`` files.
+
+    Raises:
+        ReviewError: A file is not a model, or two models are for the same task.
+    """
+    models: dict[str, Model] = {}
+    for path in paths:
+        try:
+            arrays, run_config, _ = load_checkpoint(path)
+        except WeightsError as exc:
+            raise ReviewError(str(exc)) from None
+        config = from_flat(run_config)
+        net = build_model(config.model)
+        load_arrays(net, arrays)
+        net.eval()
+        task = config.model.task
+        if task in models:
+            raise ReviewError(f"--model {path} and {models[task].path} are both for {task}: give one model per task")
+        models[task] = Model(task, net, Path(path), file_sha256(Path(path)))
+    return models
+
+
+class VerdictStore:
+    """Verdicts in the site catalog (table ``review_verdicts``): append-only, the latest per image counts."""
+
+    def __init__(self, workspace: Path) -> None:
+        with Catalog.open(workspace, create=False) as catalog:
+            self.path = catalog.path
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def add(self, case: Case, model: Model, *, verdict: str, comment: str, reader: str) -> dict[str, Any]:
+        """Record a verdict; return it as stored.
+
+        Raises:
+            ReviewError: The verdict, comment or initials are not acceptable (the message names the field).
+        """
+        verdict, comment, reader = verdict.strip().lower(), comment.strip(), reader.strip()
+        if verdict not in VERDICTS:
+            raise ReviewError(f"verdict {verdict!r}: choose one of {', '.join(VERDICTS)}")
+        if not READER.match(reader):
+            raise ReviewError("reader: give your initials (letters, up to 16 characters)")
+        if len(comment) > MAX_COMMENT:
+            raise ReviewError(f"comment: at most {MAX_COMMENT} characters, got {len(comment)}")
+        row = {"created": time.time(), "study_uid": case.study_uid, "image_key": case.key, "task": case.task,
+               "verdict": verdict, "comment": comment, "reader": reader, "probability": case.probability,
+               "label": case.label, "model_sha256": model.sha256, "model_file": str(model.path)}
+        with self._lock, self._connect() as db:
+            db.execute(f"INSERT INTO review_verdicts({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                       tuple(row.values()))
+        return row
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """The latest verdict of each image key."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM review_verdicts WHERE id IN "
+                              "(SELECT MAX(id) FROM review_verdicts GROUP BY image_key)").fetchall()
+        return {r["image_key"]: dict(r) for r in rows}
+
+    def history(self, key: str) -> list[dict[str, Any]]:
+        """Every verdict of one image, oldest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM review_verdicts WHERE image_key=? ORDER BY id", (key,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every verdict, oldest first."""
+        with self._connect() as db:
+            for r in db.execute("SELECT * FROM review_verdicts ORDER BY id"):
+                yield dict(r)
+
+    def csv_text(self) -> str:
+        """All verdicts as CSV (ISO 8601 UTC times)."""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows():
+            row["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["created"]))
+            writer.writerow(row)
+        return out.getvalue()
+
+
+class ReviewSession:
+    """The worklist of a site for some models, and the images and maps the viewer asks for.
+
+    Args:
+        workspace: The site workspace.
+        models: One model per task (:func:`load_models`).
+        methods: Saliency methods offered in the viewer.
+        on_progress: Called as ``on_progress(done, total)`` while the worklist is scored.
+
+    Raises:
+        ReviewError: The workspace has no catalog or no images of the models' tasks.
+    """
+
+    def __init__(self, workspace: Path, models: dict[str, Model], *,
+                 methods: Sequence[Method] = (Method.GRADCAM, Method.GRADCAMPP),
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
+        self.workspace = Path(workspace)
+        self.models = models
+        self.methods = tuple(methods)
+        try:
+            self.verdicts = VerdictStore(self.workspace)
+        except FileNotFoundError as exc:
+            raise ReviewError(str(exc)) from None
+        self.cases: dict[str, Case] = {}
+        self._lock = threading.Lock()  # one saliency computation at a time (hooks on shared modules)
+        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._layers: dict[str, str] = {}
+        self._score(on_progress)
+        if not self.cases:
+            raise ReviewError(f"no images of {', '.join(models)} in {self.workspace}: "
+                              "see 'oncofed-site status' for what the site holds")
+
+    def _score(self, on_progress: Callable[[int, int], None] | None) -> None:
+        with Catalog.open(self.workspace, create=False) as catalog:
+            per_task = {task: catalog.items(task, labelled_only=False) for task in self.models}
+        total, done = sum(len(v) for v in per_task.values()), 0
+        for task, items in per_task.items():
+            model = self.models[task]
+            dataset = cached_dataset(items, get_preset(task), workspace=self.workspace, train=False)
+            for start in range(0, len(items), 16):
+                batch = [dataset[i]["image"] for i in range(start, min(start + 16, len(items)))]
+                x = torch.stack([b.as_tensor() if hasattr(b, "as_tensor") else torch.as_tensor(b) for b in batch])
+                with torch.no_grad():
+                    probs = torch.sigmoid(model.net(x.float()).reshape(-1)).tolist()
+                for item, p in zip(items[start:start + len(batch)], probs, strict=True):
+                    self.cases[item.plan.key] = Case(item.plan.key, item.study_uid, task, item.split or "unassigned",
+                                                     item.label, float(p), item)
+                done += len(batch)
+                if on_progress is not None:
+                    on_progress(done, total)
+
+    def case(self, key: str) -> Case:
+        """A worklist image by key.
+
+        Raises:
+            ReviewError: Unknown key.
+        """
+        try:
+            return self.cases[key]
+        except KeyError:
+            raise ReviewError(f"no image {key} on this worklist") from None
+
+    def worklist(self) -> list[dict[str, Any]]:
+        """Rows of the worklist, with the latest verdict."""
+        latest = self.verdicts.latest()
+        rows = []
+        for c in self.cases.values():
+            v = latest.get(c.key)
+            rows.append({"key": c.key, "study_uid": c.study_uid, "task": c.task, "split": c.split, "label": c.label,
+                         "probability": round(c.probability, 4), "view": c.view, "modality": c.modality,
+                         "verdict": v["verdict"] if v else None, "reader": v["reader"] if v else None})
+        return rows
+
+    def image(self, key: str) -> np.ndarray:
+        """The image's pixels in modality units on its DICOM grid (``(slices, rows, cols)``)."""
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key]
+        array = read_image(self.case(key).item.plan).array
+        array = array[None] if array.ndim == 2 else array
+        with self._lock:
+            self._images[key] = array
+            while len(self._images) > 8:
+                self._images.popitem(last=False)
+        return array
+
+    def heat(self, key: str, method: str) -> np.ndarray:
+        """The saliency map of ``method`` on the image's DICOM grid, in [0, 1].
+
+        Raises:
+            ReviewError: A method this page does not offer.
+        """
+        if method not in {m.value for m in self.methods}:
+            raise ReviewError(f"method {method!r}: choose one of {', '.join(m.value for m in self.methods)}")
+        case = self.case(key)
+        with self._lock:
+            cached = self._maps.get((key, method))
+            if cached is not None:
+                return cached
+            model = self.models[case.task]
+            preset = get_preset(case.task)
+            sample = cached_dataset([case.item], preset, workspace=self.workspace, train=False)[0]["image"]
+            x = sample.as_tensor() if hasattr(sample, "as_tensor") else torch.as_tensor(sample)
+            chosen = Method(method)
+            layer = None
+            if chosen != Method.OCCLUSION:
+                layer = self._layers.get(case.task) or target_layer(model.net, tuple(x.shape))
+                self._layers[case.task] = layer
+            with torch.enable_grad():
+                result = saliency(model.net, x.float(), chosen, layer=layer)
+            on_source = network_to_source(result.map, case.item.plan, preset)
+            on_source = on_source[None] if on_source.ndim == 2 else on_source
+            self._maps[(key, method)] = on_source
+            while len(self._maps) > 32:
+                self._maps.popitem(last=False)
+            return on_source
+
+    def presets(self, key: str) -> dict[str, tuple[float, float]]:
+        """Window/level presets (centre, width) for an image: CT presets, and 'auto' (1st-99th percentile)."""
+        image = self.image(key)
+        lo, hi = np.percentile(image[:: max(1, image.shape[0] // 8)], [1.0, 99.0])
+        auto = ((float(lo) + float(hi)) / 2, max(float(hi - lo), 1.0))
+        out = {"auto": auto}
+        if self.case(key).modality == "CT":
+            out = {**CT_PRESETS, **out}
+            preset = get_preset(self.case(key).task)
+            if preset.window is not None:  # the window the model reads first
+                out = {"model": ((preset.window[0] + preset.window[1]) / 2, preset.window[1] - preset.window[0]),
+                       **out}
+        return out
+
+    def meta(self, key: str) -> dict[str, Any]:
+        """What the viewer needs of an image: geometry, score, label, presets, the map's peak slice, verdicts."""
+        case = self.case(key)
+        image = self.image(key)
+        heat = self.heat(key, self.methods[0].value)
+        peak = int(np.argmax(heat.reshape(heat.shape[0], -1).max(axis=1)))
+        model = self.models[case.task]
+        return {"key": key, "study_uid": case.study_uid, "task": case.task, "title": get_preset(case.task).title,
+                "split": case.split, "label": case.label, "probability": case.probability, "view": case.view,
+                "modality": case.modality, "slices": int(image.shape[0]), "rows": int(image.shape[1]),
+                "cols": int(image.shape[2]), "spacing": list(case.item.plan.spacing), "peak_slice": peak,
+                "methods": [m.value for m in self.methods], "presets": self.presets(key),
+                "model_sha256": model.sha256, "model_file": model.path.name, "verdicts": self.verdicts.history(key)}
+
+    def add_verdict(self, key: str, *, verdict: str, comment: str, reader: str) -> dict[str, Any]:
+        """Record a verdict on an image (see :meth:`VerdictStore.add`)."""
+        case = self.case(key)
+        return self.verdicts.add(case, self.models[case.task], verdict=verdict, comment=comment, reader=reader)
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def slice_png(image: np.ndarray, k: int, center: float, width: float) -> bytes:
+    """One slice of an image windowed to grey (PNG)."""
+    lo = center - width / 2
+    grey = np.clip((image[k] - lo) / max(width, 1e-6), 0, 1)
+    return _png((grey * 255).astype(np.uint8))
+
+
+def overlay_png(heat: np.ndarray, k: int, *, threshold: float = 0.15) -> bytes:
+    """One slice of a map as colour with transparency where it is weak (RGBA PNG)."""
+    from matplotlib import colormaps
+
+    h = np.clip(heat[k], 0, 1)
+    rgba = (colormaps["jet"](h) * 255).astype(np.uint8)
+    rgba[..., 3] = (np.clip((h - threshold) / (1 - threshold), 0, 1) ** 0.5 * 255).astype(np.uint8)
+    return _png(rgba)
+
+
+def page_html(token: str) -> str:
+    """The single-page app, with this server's request token in it."""
+    text = resources.files("fl_client").joinpath("review_page.html").read_text(encoding="utf-8")
+    return text.replace("{{TOKEN}}", token)
+
+
+def create_app(session: ReviewSession, *, token: str | None = None) -> Any:
+    """The FastAPI app of a review session. Changes (verdicts) need the page's token in ``X-Review-Token``,
+    so another web page open in the same browser cannot post verdicts to this server."""
+    from fastapi import FastAPI, Header, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+
+    token = token or secrets.token_urlsafe(24)
+    app = FastAPI(title="oncofed review", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ReviewError)
+    async def review_error(_request: Request, exc: ReviewError) -> JSONResponse:
+        status = 404 if str(exc).startswith("no image") else 422
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    def check_slice(key: str, k: int) -> None:
+        slices = session.image(key).shape[0]
+        if not 0 <= k < slices:
+            raise ReviewError(f"slice {k}: image {key} has slices 0-{slices - 1}")
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page_html(token)
+
+    @app.get("/api/worklist")
+    def worklist() -> dict[str, Any]:
+        return {"tasks": sorted(session.models), "rows": session.worklist()}
+
+    @app.get("/api/images/{key}")
+    def meta(key: str) -> dict[str, Any]:
+        return session.meta(key)
+
+    @app.get("/api/images/{key}/slices/{k}.png")
+    def image_slice(key: str, k: int, center: float, width: float) -> Response:
+        check_slice(key, k)
+        return Response(slice_png(session.image(key), k, center, width), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/images/{key}/maps/{method}/{k}.png")
+    def map_slice(key: str, method: str, k: int) -> Response:
+        check_slice(key, k)
+        return Response(overlay_png(session.heat(key, method), k), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/images/{key}/verdicts")
+    def verdict(key: str, body: dict[str, Any], x_review_token: str = Header(default="")) -> dict[str, Any]:
+        if not secrets.compare_digest(x_review_token, token):
+            raise HTTPException(status_code=403, detail="reload the review page: its token is missing or stale")
+        return session.add_verdict(key, verdict=str(body.get("verdict", "")), comment=str(body.get("comment", "")),
+                                   reader=str(body.get("reader", "")))
+
+    @app.get("/api/verdicts.csv")
+    def export() -> PlainTextResponse:
+        return PlainTextResponse(session.verdicts.csv_text(), media_type="text/csv",
+                                 headers={"Content-Disposition": "attachment; filename=verdicts.csv"})
+
+    return app
+
+
+def serve(session: ReviewSession, *, host: str = "127.0.0.1", port: int = 8765,
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve the review page until interrupted (Ctrl-C). ``port=0`` takes a free port.
+
+    Raises:
+        ReviewError: The address is in use or cannot be bound.
+    """
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ReviewError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port") from None
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(session), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        display = f"[{host}]" if ":" in host else host
+        on_ready(f"http://{display}:{bound}/")
+    server.run(sockets=[sock])

@@ -1,0 +1,203 @@
+"""The review page as a radiologist uses it: a real server, headless Chromium, verdicts in the catalog."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_client.explain import file_sha256
+from models.config import from_flat
+from models.nets import build_model
+from models.weights import state_arrays
+
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def save_model(path: Path, task: str, seed: int) -> Path:
+    torch.manual_seed(seed)
+    flat = {"task": task, "model-width": 8}
+    torch.save({"arrays": {k: torch.from_numpy(v) for k, v in state_arrays(build_model(from_flat(flat).model)).items()},
+                "run_config": flat, "round": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    from consortium import make_workspaces
+
+    root = tmp_path_factory.mktemp("review")
+    ws = make_workspaces(root, sites=1, studies_per_task=6, seed=5, tasks=["lung-ct", "breast-mg"]) / "site-a"
+    return ws, save_model(root / "lung.pt", "lung-ct", 1), save_model(root / "breast.pt", "breast-mg", 2)
+
+
+def cli(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "fl_client.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}, **kw)  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="module")
+def server(site: tuple[Path, Path, Path]) -> Iterator[str]:
+    ws, lung, breast = site
+    proc = cli("review", "--workspace", str(ws), "--model", str(lung), "--model", str(breast), "--port", "0")
+    url = None
+    deadline = time.monotonic() + 180
+    assert proc.stdout is not None
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail(f"review server exited: {proc.stderr.read() if proc.stderr else ''}")
+        if "Review page:" in line:
+            url = line.split("Review page:")[1].split()[0].rstrip("/")
+    assert url is not None and url.startswith("http://127.0.0.1:"), "the page is bound to loopback by default"
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/api/worklist", timeout=5).read()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield url
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0, "Ctrl-C stops the server cleanly"
+
+
+def post(url: str, body: dict[str, str], token: str | None) -> tuple[int, dict[str, object]]:
+    headers = {"Content-Type": "application/json", **({"X-Review-Token": token} if token else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+def test_worklist_study_overlay_verdict_in_a_real_browser(site: tuple[Path, Path, Path], server: str,
+                                                          tmp_path: Path) -> None:
+    from conftest import system_tool
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = system_tool("chromium")
+    ws, lung, _ = site
+    with sync_playwright() as pw:
+        # Playwright gives the browser a fresh, empty profile folder of its own.
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=BROWSER_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 950})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server + "/")
+        rows = page.locator("tr.case")
+        expect(rows.first).to_be_visible()
+        total = rows.count()
+        assert total >= 12  # lung volumes and the mammograms' views
+
+        # Filters: task, then label; the count follows.
+        page.select_option("#filter-task", "breast-mg")
+        assert set(page.locator("tr.case td:nth-child(2)").all_inner_texts()) == {"breast-mg"}
+        page.select_option("#filter-task", "lung-ct")
+        page.select_option("#filter-label", "1")
+        lung_positive = rows.count()
+        assert 0 < lung_positive < total
+        assert set(page.locator("tr.case td:nth-child(5)").all_inner_texts()) == {"1"}
+        # Sorting by score: descending by default, ascending on a second click.
+        page.click("th[data-sort=probability]")
+        scores = [float(t.split()[-1]) for t in page.locator("tr.case td.score").all_inner_texts()]
+        assert scores == sorted(scores)
+        page.click("th[data-sort=probability]")
+        scores = [float(t.split()[-1]) for t in page.locator("tr.case td.score").all_inner_texts()]
+        assert scores == sorted(scores, reverse=True)
+
+        # Open the highest-scored positive study.
+        rows.first.click()
+        expect(page.locator("#study")).to_be_visible()
+        expect(page.locator("#score")).to_have_text(f"{scores[0]:.3f}")
+        expect(page.locator("#label")).to_have_text("positive (1)")
+        overlay_loaded = ("m => { const i = document.getElementById('overlay-img'); "
+                          "return i.complete && i.naturalWidth > 0 && i.src.includes('/maps/' + m + '/'); }")
+        page.wait_for_function(overlay_loaded, arg="gradcam")
+        # Scroll slices with the slider and with the mouse wheel.
+        page.locator("#slice").fill("3")
+        expect(page.locator("#slice-img")).to_have_attribute("src", re.compile(r"/slices/3\.png"))
+        page.locator("#stage").hover()
+        page.mouse.wheel(0, 120)
+        expect(page.locator("#slice-label")).to_contain_text("5 /")
+        # Method switch, opacity, window/level preset.
+        page.select_option("#method", "gradcampp")
+        page.wait_for_function(overlay_loaded, arg="gradcampp")
+        page.locator("#opacity").fill("80")
+        assert page.eval_on_selector("#overlay-img", "e => e.style.opacity") == "0.8"
+        page.select_option("#wl", label="lung (C -600 / W 1500)")
+        expect(page.locator("#slice-img")).to_have_attribute("src", re.compile("center=-600"))
+        page.wait_for_function("document.getElementById('slice-img').complete && "
+                               "document.getElementById('slice-img').naturalWidth > 0")
+
+        # A verdict without a choice is refused on the page; then the real one.
+        page.click("#save")
+        expect(page.locator("#status")).to_have_text("choose agree, disagree or unsure")
+        page.check("input[name=verdict][value=disagree]")
+        page.fill("#comment", "map on the vessel, nodule at the apex missed")
+        page.fill("#reader", "AB")
+        page.click("#save")
+        expect(page.locator("#status")).to_contain_text("saved")
+        expect(page.locator("#history li").first).to_contain_text("disagree by AB")
+        page.select_option("#filter-reviewed", "yes")
+        expect(rows).to_have_count(1)
+        expect(rows.first.locator("td").last).to_have_text("disagree (AB)")
+        shot = tmp_path / "review.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 20_000
+        csv_text = page.request.get(server + "/api/verdicts.csv").text()
+        token = page.evaluate("TOKEN")
+        key = page.evaluate("state.meta.key")
+        assert not errors, errors
+        browser.close()
+
+    # The verdict landed in the site catalog with the time, the reader and the model's hash.
+    with sqlite3.connect(ws / "catalog.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        (row,) = db.execute("SELECT * FROM review_verdicts").fetchall()
+    assert row["verdict"] == "disagree" and row["reader"] == "AB" and row["image_key"] == key
+    assert row["comment"] == "map on the vessel, nodule at the apex missed" and row["task"] == "lung-ct"
+    assert row["model_sha256"] == file_sha256(lung) and row["label"] == 1 and abs(time.time() - row["created"]) < 600
+    (exported,) = list(csv.DictReader(io.StringIO(csv_text)))
+    assert exported["verdict"] == "disagree" and exported["model_sha256"] == file_sha256(lung)
+
+    # The API refuses what the page would not send: no token, bad initials, an unknown verdict.
+    verdicts = f"{server}/api/images/{key}/verdicts"
+    assert post(verdicts, {"verdict": "agree", "reader": "AB"}, None)[0] == 403
+    status, body = post(verdicts, {"verdict": "agree", "reader": "1"}, token)
+    assert status == 422 and "initials" in str(body["error"])
+    status, body = post(verdicts, {"verdict": "maybe", "reader": "AB"}, token)
+    assert status == 422 and "agree, disagree, unsure" in str(body["error"])
+
+    # The CLI exports the same verdicts.
+    out = tmp_path / "verdicts.csv"
+    done = cli("review", "--workspace", str(ws), "--export-csv", str(out))
+    assert done.wait(timeout=120) == 0 and "disagree" in out.read_text()
+
+
+def test_review_refuses_bad_input_in_one_line(site: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    ws, lung, _ = site
+    for args, needle in [(["--workspace", str(tmp_path / "nope"), "--model", str(lung)], "does not exist"),
+                         (["--workspace", str(ws)], "give the model"),
+                         (["--workspace", str(ws), "--model", str(tmp_path / "x.pt")], "does not exist"),
+                         (["--workspace", str(ws), "--model", str(lung), "--model", str(lung)], "one model per task"),
+                         (["--workspace", str(ws), "--model", str(lung), "--method", "lime"], "expected gradcam")]:
+        proc = cli("review", *args)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and needle in err and "Traceback" not in err, err
