@@ -23,10 +23,18 @@ from imaging.ingest import IngestReport, ingest_folder
 from imaging.labels import LabelFileError, LabelReport, load_labels
 from imaging.summary import series_listing, site_status
 
-EPILOG_INGEST = """example:
+EPILOG_INGEST = """examples:
   oncofed-site ingest --workspace ws/site-a --source /data/dicom --labels /data/labels.csv
+  oncofed-site ingest --workspace ws/site-a --dicomweb https://pacs.local/dicom-web \\
+      --query "Modality=CT&StudyDate=20200101-20211231" --labels /data/labels.csv
+  oncofed-site ingest --workspace ws/site-a --dicomweb https://pacs.local/dicom-web \\
+      --study 1.2.840.1 --study 1.2.840.2 --credentials /etc/oncofed/pacs.cred
 
-Re-running on an unchanged folder only checks sizes and modification times.
+Re-running on an unchanged folder only checks sizes and modification times; re-running a DICOMweb
+ingest fetches only the instances not fetched before. Studies from the PACS go through the same
+validation as a folder. PACS credentials: ONCOFED_PACS_USER and ONCOFED_PACS_PASSWORD (or
+ONCOFED_PACS_TOKEN) in the environment, or --credentials FILE holding 'user:password' or 'Bearer
+TOKEN' (chmod 600); never in the URL.
 The labels CSV needs the columns study_instance_uid,task,label (label 0 or 1)."""
 
 EPILOG_STATUS = """example:
@@ -67,6 +75,8 @@ EPILOG_EXPLAIN = """examples:
   oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung
   oncofed-site explain --workspace ws/site-a --model runs/fed-1/model.pt --out explain/one --study 1.2.826.0.1.3
   oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung --method gradcam,occlusion
+  oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung \\
+      --store-to https://pacs.local/dicom-web
 
 Writes per study OUT/<study uid>/<method>.npy (the map, float32 in [0, 1]) and <method>.png (the
 overlay; volumes: three planes through the map's peak and a strip of axial slices), and
@@ -74,7 +84,8 @@ OUT/explain.json (probability, label, peak, seconds), and the DICOM objects a vi
 (OUT/<study uid>/dicom/: a Parametric Map of the map on the series' own grid for CT and MR, and RGB
 key images of the slices where the map is strongest; marked RESEARCH USE ONLY). Occlusion is slow (it
 re-runs the model once per hidden patch): it is restricted to the image's region and opt-in. Nothing
-leaves the site."""
+leaves the site, unless --store-to sends the DICOM objects to the site's own PACS (STOW-RS; credentials
+as for 'oncofed-site ingest --dicomweb'), which the catalog records."""
 
 
 EPILOG_REVIEW = """examples:
@@ -155,10 +166,74 @@ def _print_labels(console: Console, report: LabelReport) -> None:
         )
 
 
+def _pacs_client(url: str, credentials: Path | None) -> Any:
+    import os
+
+    from imaging.dicomweb import DicomWebError, credentials_from, make_client, probe
+
+    try:
+        client = make_client(url, credentials_from(os.environ, credentials))
+        probe(client)
+    except DicomWebError as exc:
+        raise UserError(str(exc)) from None
+    return client
+
+
+def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Console) -> int:
+    from imaging.dicomweb import STORE, DicomWebError, fetch_studies, find_studies
+
+    if not args.study and args.query is None:
+        raise UserError("with --dicomweb give the cohort: --study UID (repeatable) and/or --query "
+                        "'Modality=CT&StudyDate=20200101-20211231'")
+    client = _pacs_client(args.dicomweb, args.credentials)
+    try:
+        studies = find_studies(client, studies=args.study or (), query=args.query, retries=args.retries)
+    except DicomWebError as exc:
+        raise UserError(str(exc)) from None
+    if not studies:
+        raise UserError(f"the query {args.query!r} found no studies on {args.dicomweb}")
+    with _progress(console) as bar:
+        task = bar.add_task("fetching studies", total=len(studies))
+
+        def done(n: int, total: int, result: Any) -> None:
+            bar.update(task, completed=n, total=total)
+
+        results = fetch_studies(client, args.workspace, studies, retries=args.retries, on_study=done)
+    with catalog.transaction():
+        for r in results:
+            catalog.record_fetch(client.base_url, r.study_uid, status=r.status, instances=r.instances,
+                                 fetched=r.fetched, reason=r.reason)
+    counts = {s: sum(r.status == s for r in results) for s in ("fetched", "up-to-date", "failed")}
+    console.print(f"PACS {client.base_url}: {len(results)} studies: {counts['fetched']} fetched "
+                  f"({sum(r.fetched for r in results)} instances), {counts['up-to-date']} already here, "
+                  f"{counts['failed']} failed", highlight=False)
+    for r in [r for r in results if r.status == "failed"][:20]:
+        console.print(f"  [red]failed[/] {r.study_uid}: {r.reason}", highlight=False)
+    store = args.workspace / STORE
+    if store.is_dir():
+        with _progress(console) as bar:
+            tasks: dict[str, Any] = {}
+
+            def tick(phase: str, n: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task("reading headers" if phase == "headers" else "checking series",
+                                                total=total)
+                bar.update(tasks[phase], completed=n, total=total)
+
+            report = ingest_folder(catalog, store, progress=tick)
+        _print_ingest(console, report)
+    return 1 if counts["failed"] else 0
+
+
 def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
-    if args.source is None and args.labels is None:
-        raise UserError("give --source DIR (DICOM folder) and/or --labels CSV")
+    if args.source is None and args.labels is None and args.dicomweb is None:
+        raise UserError("give --source DIR (DICOM folder) or --dicomweb URL, and/or --labels CSV")
+    if args.source is not None and args.dicomweb is not None:
+        raise UserError("give --source or --dicomweb, not both: run ingest once for each")
+    code = 0
     with Catalog.open(args.workspace) as catalog:
+        if args.dicomweb is not None:
+            code = _ingest_dicomweb(args, catalog, console)
         if args.source is not None:
             if not args.source.is_dir():
                 raise UserError(f"--source {args.source} is not a folder; give the folder that holds the DICOM files")
@@ -179,7 +254,9 @@ def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
             except LabelFileError as exc:
                 raise UserError(str(exc)) from exc
     console.print(f"\nNext: oncofed-site status --workspace {args.workspace}")
-    return 0
+    if code:
+        console.print("Some studies could not be fetched (reasons above); run the same command again to retry them.")
+    return code
 
 
 def _print_status(console: Console, status: dict[str, Any]) -> None:
@@ -407,6 +484,21 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print(f"Overlays: {args.out}/<study uid>/*.png; DICOM: {args.out}/<study uid>/dicom/; "
                   f"index: {args.out / 'explain.json'}")
+    if args.store_to:
+        from imaging.dicomweb import DicomWebError, store_files
+
+        files = [args.out / f for entry in doc["images"] for m in entry["maps"].values() for f in m.get("dicom", [])]
+        if not files:
+            raise UserError("nothing to store: the DICOM objects were not written (drop --no-dicom)")
+        client = _pacs_client(args.store_to, args.credentials)
+        try:
+            stored = store_files(client, files)
+        except DicomWebError as exc:
+            raise UserError(str(exc)) from None
+        with Catalog.open(args.workspace) as catalog, catalog.transaction():
+            catalog.record_stored(client.base_url, stored)
+        console.print(f"Stored {len(stored)} DICOM object(s) of {len({s[1] for s in stored})} study(ies) to "
+                      f"{client.base_url} (recorded in the site catalog)", highlight=False)
     return 0
 
 
@@ -476,10 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = add("ingest", "Build or update the site catalog from a DICOM folder and a label CSV.", EPILOG_INGEST,
+    p = add("ingest", "Build or update the site catalog from a DICOM folder or a PACS (DICOMweb), and a label CSV.",
+            EPILOG_INGEST,
             cmd_ingest)
     p.add_argument("--source", type=Path, help="folder of DICOM files (any names, nested, DICOMDIR sets)")
     p.add_argument("--labels", type=Path, help="CSV with columns study_instance_uid,task,label")
+    p.add_argument("--dicomweb", metavar="URL", help="pull studies from the PACS's DICOMweb service at URL")
+    p.add_argument("--study", action="append", metavar="UID", help="with --dicomweb: a StudyInstanceUID (repeatable)")
+    p.add_argument("--query", help="with --dicomweb: study search, e.g. 'Modality=CT&StudyDate=20200101-20211231'")
+    p.add_argument("--credentials", type=Path, metavar="FILE",
+                   help="PACS credentials file ('user:password' or 'Bearer TOKEN', chmod 600)")
+    p.add_argument("--retries", type=int, default=3, help="retries per request on network errors (default 3)")
     p = add("status", "Counts per task, modality, manufacturer, label and split; rejects by reason.",
             EPILOG_STATUS, cmd_status)
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.site-status/1)")
@@ -517,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="one StudyInstanceUID instead of a split")
     p.add_argument("--method", default="gradcam", help="gradcam (default), gradcampp, occlusion; comma-separated")
     p.add_argument("--no-dicom", action="store_true", help="skip the DICOM objects (PNG and NumPy maps only)")
+    p.add_argument("--store-to", metavar="URL",
+                   help="store the DICOM objects to the PACS at this DICOMweb URL (STOW-RS)")
+    p.add_argument("--credentials", type=Path, metavar="FILE",
+                   help="PACS credentials file for --store-to ('user:password' or 'Bearer TOKEN', chmod 600)")
     p = add("review", "Serve the radiologists' review page: scores, saliency overlays, verdicts.", EPILOG_REVIEW,
             cmd_review)
     p.add_argument("--model", type=Path, action="append", help="a model.pt to review (one per task; repeatable)")

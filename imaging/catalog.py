@@ -13,6 +13,7 @@ import hmac
 import json
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -114,6 +115,25 @@ CREATE TABLE IF NOT EXISTS labels (
 CREATE TABLE IF NOT EXISTS splits (
     patient_pseudonym TEXT PRIMARY KEY,
     split TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pacs_fetches (
+    study_uid TEXT NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    fetched INTEGER NOT NULL,
+    reason TEXT,
+    at REAL NOT NULL,
+    PRIMARY KEY (study_uid, url)
+);
+CREATE TABLE IF NOT EXISTS pacs_stored (
+    sop_instance_uid TEXT NOT NULL,
+    url TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    file TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (sop_instance_uid, url)
 );
 """
 
@@ -291,6 +311,25 @@ class Catalog:
         return self.db.execute(
             "SELECT path, reason, message FROM files WHERE status=? ORDER BY path", (Status.REJECTED,)
         ).fetchall()
+
+    # -- the PACS: what was fetched from it and stored to it -------------------------------------
+
+    def record_fetch(self, url: str, study_uid: str, *, status: str, instances: int, fetched: int,
+                     reason: str) -> None:
+        """Record the last fetch of a study from a DICOMweb PACS (not committed)."""
+        self.db.execute("INSERT OR REPLACE INTO pacs_fetches VALUES (?,?,?,?,?,?,?)",
+                        (study_uid, url, status, instances, fetched, reason or None, time.time()))
+
+    def record_stored(self, url: str, rows: Iterable[tuple[str, str, str, str]]) -> int:
+        """Record ``(sop_instance_uid, study_uid, series_uid, file)`` objects stored to a PACS (not committed)."""
+        now = time.time()
+        values = [(sop, url, study, series, file, now) for sop, study, series, file in rows]
+        self.db.executemany("INSERT OR REPLACE INTO pacs_stored VALUES (?,?,?,?,?,?)", values)
+        return len(values)
+
+    def stored_rows(self) -> list[sqlite3.Row]:
+        """Everything stored to a PACS, oldest first."""
+        return self.db.execute("SELECT * FROM pacs_stored ORDER BY at, sop_instance_uid").fetchall()
 
     # -- labels and splits ---------------------------------------------------------------------
 

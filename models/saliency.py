@@ -8,13 +8,19 @@ the rule picks ``features`` (the last convolution block) of the compact CNN and 
 of a DenseNet at the presets' sizes.
 
 Maps are returned at the input's spatial size, scaled to [0, 1] (1: what pushed the score up most).
+
+A layer's map is brought to the input's size by placing each of its units at the centre of its
+receptive field (:func:`layer_grid`), not by stretching the map over the image: for convolutions with
+stride 2 and padding 1, unit ``i`` looks at input voxel ``4i`` two stages down, while plain
+interpolation (``align_corners=False``) puts it at ``4i + 1.5``. That 1.5-voxel shift per axis moved
+Grad-CAM's peak off small lesions (measured: the peak sat 1.4-2.8 voxels beside nodules it had found).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -77,6 +83,82 @@ def target_layer(model: nn.Module, input_shape: Sequence[int], *, min_size: int 
     return good[-1]
 
 
+def layer_grid(model: nn.Module, layer: str, input_shape: Sequence[int]) -> tuple[tuple[float, float], ...]:
+    """Where a layer's units sit on the input: per spatial axis ``(scale, offset)`` so that unit ``i`` is
+    centred on input voxel ``scale * i + offset``.
+
+    Found from the network itself: the gradient of two neighbouring interior units with respect to
+    the input is non-zero exactly on their receptive fields (whatever the weights), whose centres give
+    the step and the offset. Normalisation layers are taken out first (instance and group norms mix
+    every position into every unit through their statistics; they move nothing). Works for any stack
+    of convolutions and pooling, 2D or 3D.
+    """
+    import copy
+
+    model = copy.deepcopy(model)
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+    for child in list(model.modules()):
+        for child_name, grandchild in list(child.named_children()):
+            if isinstance(grandchild, norms):
+                setattr(child, child_name, nn.Identity())
+    module = dict(model.named_modules())[layer]
+    store: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    model.eval()
+    try:
+        x = (torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_(True)
+        model(x)
+        act = store["a"]
+        size = act.shape[2:]
+        out: list[tuple[float, float]] = []
+        centres = []
+        for step in (0, 1):
+            unit = act[0, :]
+            for n in size:  # one interior unit (all channels), then its neighbour along every axis
+                unit = unit.select(1, max(0, n // 2 - 1) + step)
+            (grad,) = torch.autograd.grad(unit.abs().sum(), x, retain_graph=True)
+            support = (grad[0].abs().sum(0) > 0).numpy()
+            centre = []
+            for axis in range(support.ndim):
+                idx = np.flatnonzero(support.any(axis=tuple(a for a in range(support.ndim) if a != axis)))
+                centre.append((float(idx[0]) + float(idx[-1])) / 2 if idx.size else float("nan"))
+            centres.append(centre)
+        first = [max(0, n // 2 - 1) for n in size]
+        for axis in range(len(size)):
+            scale = centres[1][axis] - centres[0][axis]
+            if not math.isfinite(scale) or scale <= 0:
+                scale = input_shape[1 + axis] / size[axis]
+                out.append((scale, (scale - 1) / 2))  # plain interpolation's placement
+            else:
+                out.append((scale, centres[0][axis] - scale * first[axis]))
+        return tuple(out)
+    finally:
+        handle.remove()
+
+
+def aligned_upsampler(grid: Sequence[tuple[float, float]]) -> Callable[[Sequence[int]], Callable[[torch.Tensor],
+                                                                                                  torch.Tensor]]:
+    """An upsampler for MONAI's CAM classes that puts each unit at its receptive field's centre (linear
+    interpolation between units, the edge values held beyond the outermost units)."""
+
+    def make(spatial_size: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def up(m: torch.Tensor) -> torch.Tensor:
+            coarse = m.shape[2:]
+            axes = []
+            for n_out, n_in, (scale, offset) in zip(spatial_size, coarse, grid, strict=True):
+                u = (torch.arange(n_out, dtype=torch.float32) - offset) / scale  # unit coordinate of each voxel
+                axes.append(-1 + 2 * u / max(n_in - 1, 1))
+            mesh = torch.meshgrid(*axes, indexing="ij")
+            # grid_sample wants (x, y[, z]) = the last spatial axis first.
+            sample = torch.stack(mesh[::-1], dim=-1)[None].to(m.dtype).expand(m.shape[0], *mesh[0].shape, len(mesh))
+            return torch.nn.functional.grid_sample(m, sample, mode="bilinear", padding_mode="border",
+                                                   align_corners=True)
+
+        return up
+
+    return make
+
+
 def _scaled(m: np.ndarray) -> np.ndarray:
     m = np.nan_to_num(m.astype(np.float32))
     lo, hi = float(m.min()), float(m.max())
@@ -126,8 +208,8 @@ def occlusion_windows(spatial: Sequence[int], mask: Sequence[int], overlap: floa
 
 
 def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Method.GRADCAM, *,
-             layer: str | None = None, mask_size: int | None = None, overlap: float = 0.5,
-             n_batch: int = 16) -> Saliency:
+             layer: str | None = None, grid: Sequence[tuple[float, float]] | None = None,
+             mask_size: int | None = None, overlap: float = 0.5, n_batch: int = 16) -> Saliency:
     """The saliency map of ``model``'s positive-class logit on one image.
 
     Args:
@@ -135,6 +217,8 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
         image: ``(channels, *spatial)``.
         method: Grad-CAM, Grad-CAM++ or occlusion sensitivity.
         layer: Grad-CAM layer (default: :func:`target_layer`).
+        grid: The layer's units on the input (default: :func:`layer_grid`; pass it when mapping many
+            images of one size, it costs two backward passes).
         mask_size: Occlusion patch edge in voxels (default: 1/8 of each axis in 2D, 1/4 in 3D, at least 4).
         overlap: Occlusion patch overlap.
         n_batch: Occluded images per forward pass.
@@ -153,10 +237,12 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
     x = image.unsqueeze(0).float()
     if method in (Method.GRADCAM, Method.GRADCAMPP):
         layer = layer or target_layer(model, tuple(image.shape))
+        grid = grid or layer_grid(model, layer, tuple(image.shape))
         t0 = time.perf_counter()
         cam_cls = GradCAM if method == Method.GRADCAM else GradCAMpp
         # MONAI's default post-processing maps (min, max) to (1, 0): it flips the map. Keep it raw and scale here.
-        cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=lambda m: m)
+        cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=lambda m: m,
+                      upsampler=aligned_upsampler(grid))
         out = cam(x=x, class_idx=0)
         result = out[0, 0].detach().cpu().numpy()
         score = cam.nn_module.score  # the logit the map explains, from the same forward pass

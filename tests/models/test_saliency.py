@@ -13,6 +13,7 @@ from models.saliency import (
     Method,
     SaliencyError,
     energy_inside,
+    layer_grid,
     pointing_game,
     rank_correlation,
     region_box,
@@ -83,6 +84,43 @@ def test_compact_cnn_maps_in_2d_and_3d_have_the_input_size() -> None:
         for method in (Method.GRADCAM, Method.GRADCAMPP):
             result = saliency(model, torch.rand(shape), method)
             assert result.map.shape == shape[1:] and result.layer == "features"
+
+
+@pytest.mark.parametrize(("norm", "shape"), [("instance", (1, 64, 64, 32)), ("batch", (1, 64, 64, 32)),
+                                             ("group", (1, 128, 160))])
+def test_layer_units_sit_at_their_receptive_field_centres(norm: str, shape: tuple[int, ...]) -> None:
+    """Two stride-2 convolutions with padding 1: unit i looks at input voxel 4i, whatever the norm."""
+    task = "lung-ct" if len(shape) == 4 else "breast-mg"
+    model = build_model(from_flat({"task": task, "norm": norm}).model)
+    assert layer_grid(model, "features", shape) == ((4.0, 0.0),) * (len(shape) - 1)
+    pooled = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(2, 2, 3, padding=1))
+    assert layer_grid(pooled, "2", (1, 32, 32)) == ((2.0, 0.5), (2.0, 0.5))  # pooling: unit i covers 2i, 2i+1
+
+
+class StridedSpot(nn.Module):
+    """Two stride-2 convolutions; the logit reads one unit of the last map, so the truth is input voxel 4·unit."""
+
+    def __init__(self, unit: tuple[int, int]) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU())
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                nn.init.constant_(m.weight, 0.1)
+                nn.init.zeros_(m.bias)
+        self.unit = unit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[:, :, self.unit[0], self.unit[1]].sum(1, keepdim=True)
+
+
+def test_grad_cam_peaks_where_the_unit_looks_not_half_a_cell_beside_it() -> None:
+    """Plain interpolation puts unit i at 4i + 1.5: the peak would land 1-2 voxels off a small lesion."""
+    model = StridedSpot((5, 3))
+    image = torch.rand(1, 48, 40, generator=torch.Generator().manual_seed(0)) + 0.5
+    for method in (Method.GRADCAM, Method.GRADCAMPP):
+        result = saliency(model, image, method, layer="features")
+        assert np.unravel_index(int(np.argmax(result.map)), result.map.shape) == (20, 12)
 
 
 def test_occlusion_stays_inside_the_image_region() -> None:
