@@ -180,11 +180,15 @@ def _pacs_client(url: str, credentials: Path | None) -> Any:
 
 
 def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Console) -> int:
-    from imaging.dicomweb import STORE, DicomWebError, fetch_studies, find_studies
+    from imaging.dicomweb import STORE, DicomWebError, fetch_studies, find_studies, parse_query
 
     if not args.study and args.query is None:
         raise UserError("with --dicomweb give the cohort: --study UID (repeatable) and/or --query "
                         "'Modality=CT&StudyDate=20200101-20211231'")
+    try:
+        parse_query(args.query or "")  # a malformed query is named before anything is asked of the PACS
+    except DicomWebError as exc:
+        raise UserError(str(exc)) from None
     client = _pacs_client(args.dicomweb, args.credentials)
     try:
         studies = find_studies(client, studies=args.study or (), query=args.query, retries=args.retries)

@@ -227,7 +227,9 @@ def _check_series(catalog: Catalog, series_uid: str) -> int:
     headers = [header_from_json(r["header"]) for r in rows]
     if not headers:
         return 0
-    first = min(headers, key=lambda h: str(h.path))
+    # The series' attributes come from one instance chosen by its content, not its file name, so the same
+    # files give the same row wherever they were stored (a folder, or the PACS store).
+    first = min(headers, key=lambda h: (h.instance_number is None, h.instance_number or 0, h.sop_instance_uid))
     _upsert_study(catalog, first)
     status, reason, message = Status.OK, None, None
     decoded = 0

@@ -1,0 +1,233 @@
+"""The PACS over DICOMweb, against a real Orthanc: a PACS ingest catalogs exactly what a folder ingest
+does, re-runs fetch only what is new, failures leave no half study, objects go back and read again."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from pydicom.data import get_testdata_file
+
+from imaging.catalog import Catalog
+from imaging.dicomweb import (
+    PARTIAL,
+    STORE,
+    Credentials,
+    DicomWebError,
+    credentials_from,
+    fetch_studies,
+    fetch_study,
+    find_studies,
+    make_client,
+    parse_query,
+    store_files,
+    with_retries,
+)
+from imaging.ingest import ingest_folder
+
+# Real files from other software, one SOP instance each (the lossless twins share their UID with MR_small,
+# so one of them stands for all); rtdose is not an image and must be rejected the same way both times.
+VENDOR_FILES = ("CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_small_odd.dcm", "rtdose.dcm")
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    """A running Orthanc holding a synthetic site and pydicom's files; the folder of exactly what it holds."""
+    from consortium import make_workspaces
+    from orthanc import orthanc
+
+    root = tmp_path_factory.mktemp("pacs")
+    with orthanc(root / "orthanc") as server:
+        make_workspaces(root / "synth", sites=1, studies_per_task=4, seed=7, tasks=["lung-ct", "breast-mg"])
+        files = sorted(p for p in (root / "synth" / "data" / "site-a" / "dicom").rglob("*") if p.is_file())
+        files += [Path(str(get_testdata_file(name))) for name in VENDOR_FILES]
+        held = root / "held"  # exactly the files the PACS took, as a folder
+        held.mkdir()
+        for i, path in enumerate(server.upload(files)):
+            shutil.copy(path, held / f"{i:04d}.dcm")
+        yield server, held
+
+
+def client_of(server: Any, session: requests.Session | None = None) -> Any:
+    return make_client(server.dicomweb, Credentials("basic", server.user, server.password), session=session)
+
+
+def _strip(value: Any) -> Any:
+    """JSON without the keys that name a file on disk."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in ("path", "size", "mtime_ns")}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """An image plan without the file of each slice (``[path, frame, slope, intercept]``)."""
+    return {**plan, "slices": [ref[1:] for ref in plan["slices"]]}
+
+
+def _unnamed(row: Any) -> tuple[Any, ...]:
+    """A row with file names in its messages replaced (the two ingests name their files differently)."""
+    return tuple(re.sub(r"[^\s:]+\.dcm", "<file>", v) if isinstance(v, str) else v for v in row)
+
+
+def catalog_rows(workspace: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """The catalog's rows, with file paths, sizes and times (and the per-catalog pseudonyms) left out."""
+    with sqlite3.connect(workspace / "catalog.sqlite") as db:
+        files = [_unnamed((*r[:6], json.dumps(_strip(json.loads(r[6])) if r[6] else None)))
+                 for r in db.execute("SELECT status, reason, message, sop_instance_uid, series_uid, study_uid, "
+                                     "header FROM files")]
+        series = [_unnamed(r) for r in db.execute("SELECT * FROM series")]
+        images = [(*r[:-1], json.dumps(_plan(json.loads(r[-1])))) for r in db.execute("SELECT * FROM images")]
+        studies = list(db.execute("SELECT study_uid, patient_id, patient_name, accession, study_date FROM studies"))
+    return {name: sorted(rows, key=repr) for name, rows in
+            (("files", files), ("series", series), ("images", images), ("studies", studies))}
+
+
+def test_a_pacs_ingest_catalogs_what_a_folder_ingest_does(pacs: tuple[Any, Path], tmp_path: Path) -> None:
+    server, held = pacs
+    with Catalog.open(tmp_path / "folder") as catalog:
+        ingest_folder(catalog, held)
+    client = client_of(server)
+    studies = find_studies(client, query="")
+    assert len(studies) == server.statistics()["CountStudies"]
+    ws = tmp_path / "pacs"
+    results = fetch_studies(client, ws, studies)
+    assert {r.status for r in results} == {"fetched"}, [(r.study_uid, r.reason) for r in results]
+    assert sum(r.fetched for r in results) == server.statistics()["CountInstances"] == len(list(held.iterdir()))
+    with Catalog.open(ws) as catalog:
+        ingest_folder(catalog, ws / STORE)
+    folder_rows, pacs_rows = catalog_rows(tmp_path / "folder"), catalog_rows(ws)
+    for table in ("files", "series", "images", "studies"):
+        assert pacs_rows[table] == folder_rows[table], table
+    # rtdose is not an image: rejected, with the same reason both ways (the rows above are equal).
+    assert any(r[0] == "rejected" for r in pacs_rows["files"]) or any("rejected" in r for r in pacs_rows["series"])
+    # The RLE file came back in its own transfer syntax and decodes to the same pixels.
+    rle = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    (fetched,) = [p for p in (ws / STORE).rglob(f"{rle.SOPInstanceUID}.dcm")]
+    back = pydicom.dcmread(fetched)
+    assert back.file_meta.TransferSyntaxUID == rle.file_meta.TransferSyntaxUID
+    np.testing.assert_array_equal(back.pixel_array, rle.pixel_array)
+
+    # Again: nothing new is fetched.
+    again = fetch_studies(client, ws, studies)
+    assert {r.status for r in again} == {"up-to-date"} and sum(r.fetched for r in again) == 0
+
+
+class FlakySession(requests.Session):
+    """A real HTTP session whose WADO-RS instance retrievals fail as told: ``fail_at`` (request numbers)
+    raise a connection error, ``http_error_at`` answer 503."""
+
+    def __init__(self, *, fail_at: set[int] = frozenset(), http_error_at: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        super().__init__()
+        self.fail_at, self.http_error_at, self.count = fail_at, http_error_at, 0
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        if "/instances/" in url and method.upper() == "GET":
+            self.count += 1
+            if self.count in self.fail_at:
+                raise requests.ConnectionError("connection reset by peer (injected)")
+            if self.count in self.http_error_at:
+                response = requests.Response()
+                response.status_code, response.url = 503, url
+                return response
+        return super().request(method, url, *args, **kwargs)
+
+
+def test_a_study_that_fails_half_way_is_not_kept_and_comes_next_time(pacs: tuple[Any, Path], tmp_path: Path) -> None:
+    server, _ = pacs
+    client = client_of(server)
+    study = max(find_studies(client, query="Modality=CT"),
+                key=lambda uid: len(client.search_for_instances(study_instance_uid=uid)))
+    ws = tmp_path / "ws"
+    waits: list[float] = []
+    # The 3rd instance fails every time: after the retries the study is failed, and nothing of it is kept.
+    broken = client_of(server, FlakySession(fail_at=set(range(3, 100))))
+    result = fetch_study(broken, ws, study, retries=2, backoff=0.5, sleep=waits.append)
+    assert result.status == "failed" and "cannot connect" in result.reason
+    assert waits == [0.5, 1.0]  # exponential back-off between the attempts
+    assert not (ws / STORE / study).exists() and not (ws / PARTIAL / study).exists()
+    # Transient trouble (a reset, a 503) is retried and the study arrives whole.
+    flaky = client_of(server, FlakySession(fail_at={2}, http_error_at={5}))
+    result = fetch_study(flaky, ws, study, retries=2, backoff=0.0)
+    assert result.status == "fetched" and result.fetched == result.instances > 5
+    assert result.attempts >= result.instances + 2
+    assert len(list((ws / STORE / study).rglob("*.dcm"))) == result.instances
+    # An unknown study is reported, not fatal.
+    assert fetch_study(client, ws, "1.2.3.4.5").status == "failed"
+
+
+def test_saliency_objects_go_back_to_the_pacs_and_read_again(pacs: tuple[Any, Path], tmp_path: Path) -> None:
+    from imaging.dicom import plan_images, read_header, read_image
+    from imaging.saliency_dicom import write_saliency_objects
+
+    server, held = pacs
+    client = client_of(server)
+    studies = find_studies(client, query="Modality=CT")
+    ws = tmp_path / "ws"
+    fetch_study(client, ws, studies[0])
+    (plan,) = plan_images([read_header(p) for p in (ws / STORE / studies[0]).rglob("*.dcm")])
+    heat = np.zeros(plan.shape, np.float32)
+    heat[10:14, 20:30, 20:30] = 0.8
+    objects = write_saliency_objects(plan, heat, read_image(plan).array, tmp_path / "out", method="gradcam",
+                                     probability=0.9, model_sha256="cd" * 32, task="lung-ct", window=None)
+    before = int(server.statistics()["CountInstances"])
+    stored = store_files(client, objects.paths)
+    assert sorted(s[0] for s in stored) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in objects.paths)
+    assert int(server.statistics()["CountInstances"]) == before + len(objects.paths)
+    pm = pydicom.dcmread(objects.parametric_map)
+    back = client.retrieve_instance(pm.StudyInstanceUID, pm.SeriesInstanceUID, pm.SOPInstanceUID)
+    assert back.SOPClassUID == pm.SOPClassUID and back.StudyInstanceUID == plan.study_uid
+    np.testing.assert_array_equal(back.pixel_array, pm.pixel_array)
+    # Stored again (same UIDs): the PACS keeps one copy.
+    store_files(client, objects.paths)
+    assert int(server.statistics()["CountInstances"]) == before + len(objects.paths)
+
+
+def test_credentials_come_from_the_environment_or_a_private_file(tmp_path: Path) -> None:
+    assert credentials_from({}).kind == "none"
+    basic = credentials_from({"ONCOFED_PACS_USER": "u", "ONCOFED_PACS_PASSWORD": "p w"})
+    assert (basic.kind, basic.user, basic.secret) == ("basic", "u", "p w") and "p w" not in repr(basic)
+    assert credentials_from({"ONCOFED_PACS_TOKEN": "t"}).kind == "bearer"
+    with pytest.raises(DicomWebError, match="ONCOFED_PACS_PASSWORD is not"):
+        credentials_from({"ONCOFED_PACS_USER": "u"})
+    file = tmp_path / "pacs.cred"
+    file.write_text("reader:secret:with:colons\n")
+    file.chmod(0o644)
+    with pytest.raises(DicomWebError, match="chmod 600"):
+        credentials_from({}, file)
+    file.chmod(0o600)
+    assert credentials_from({}, file).secret == "secret:with:colons"
+    file.write_text("Bearer abc\n")
+    assert credentials_from({}, file).kind == "bearer"
+    with pytest.raises(DicomWebError, match="does not exist"):
+        credentials_from({}, tmp_path / "missing")
+    with pytest.raises(DicomWebError, match="no credentials in the DICOMweb URL"):
+        make_client("http://u:p@127.0.0.1:1/dicom-web", Credentials("none"))
+    assert parse_query("Modality=CT&StudyDate=20200101-20201231") == {"ModalitiesInStudy": "CT",
+                                                                      "StudyDate": "20200101-20201231"}
+    with pytest.raises(DicomWebError, match="KEY=VALUE"):
+        parse_query("Modality")
+
+
+def test_retries_stop_at_errors_that_will_not_pass() -> None:
+    calls = []
+
+    def refused() -> None:
+        calls.append(1)
+        response = requests.Response()
+        response.status_code = 401
+        raise requests.HTTPError(response=response)
+
+    with pytest.raises(requests.HTTPError):
+        with_retries(refused, retries=3, backoff=0.0)
+    assert len(calls) == 1  # a refusal is not retried
