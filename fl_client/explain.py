@@ -31,7 +31,7 @@ from imaging.saliency_dicom import write_saliency_objects
 from imaging.transforms import network_to_source
 from models.config import from_flat
 from models.nets import build_model
-from models.saliency import Method, saliency, target_layer
+from models.saliency import Method, layer_grid, saliency, target_layer
 from models.weights import load_arrays, load_checkpoint
 
 SCHEMA = "oncofed.explain/1"
@@ -121,6 +121,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     images_of = Counter(data.items[s][i][1].study_uid for s, i in chosen)
     records = []
     layer: str | None = None
+    grid: tuple[tuple[float, float], ...] | None = None
     preset = get_preset(task)
     for n, (s, i) in enumerate(chosen, start=1):
         _, item = data.items[s][i]
@@ -133,8 +134,9 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         for method in methods:
             if layer is None and method != Method.OCCLUSION:
                 layer = target_layer(model, tuple(image.shape))  # once per run, not per image
+                grid = layer_grid(model, layer, tuple(image.shape))
             with torch.enable_grad():
-                result = saliency(model, image, method, layer=layer)
+                result = saliency(model, image, method, layer=layer, grid=grid)
             # A mammography study has two views: their files are told apart by the image's key.
             stem = f"{method.value}-{item.plan.key[-12:]}" if images_of[item.study_uid] > 1 else method.value
             np.save(folder / f"{stem}.npy", result.map)

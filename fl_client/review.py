@@ -41,7 +41,7 @@ from imaging.presets import get_preset
 from imaging.transforms import network_to_source
 from models.config import from_flat
 from models.nets import build_model
-from models.saliency import Method, saliency, target_layer
+from models.saliency import Method, layer_grid, saliency, target_layer
 from models.weights import WeightsError, load_arrays, load_checkpoint
 
 VERDICTS = ("agree", "disagree", "unsure")
@@ -223,7 +223,7 @@ class ReviewSession:
         self._lock = threading.Lock()  # one saliency computation at a time (hooks on shared modules)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._layers: dict[str, str] = {}
+        self._layers: dict[str, tuple[str, tuple[tuple[float, float], ...]]] = {}  # task -> layer, its grid
         self._score(on_progress)
         if not self.cases:
             raise ReviewError(f"no images of {', '.join(models)} in {self.workspace}: "
@@ -302,12 +302,14 @@ class ReviewSession:
             sample = cached_dataset([case.item], preset, workspace=self.workspace, train=False)[0]["image"]
             x = sample.as_tensor() if hasattr(sample, "as_tensor") else torch.as_tensor(sample)
             chosen = Method(method)
-            layer = None
+            layer, grid = None, None
             if chosen != Method.OCCLUSION:
-                layer = self._layers.get(case.task) or target_layer(model.net, tuple(x.shape))
-                self._layers[case.task] = layer
+                if case.task not in self._layers:
+                    name = target_layer(model.net, tuple(x.shape))
+                    self._layers[case.task] = (name, layer_grid(model.net, name, tuple(x.shape)))
+                layer, grid = self._layers[case.task]
             with torch.enable_grad():
-                result = saliency(model.net, x.float(), chosen, layer=layer)
+                result = saliency(model.net, x.float(), chosen, layer=layer, grid=grid)
             on_source = network_to_source(result.map, case.item.plan, preset)
             on_source = on_source[None] if on_source.ndim == 2 else on_source
             self._maps[(key, method)] = on_source

@@ -43,7 +43,15 @@ from imaging.synth import generate_consortium
 from imaging.transforms import mask_to_network_grid
 from models.config import from_flat
 from models.nets import build_model
-from models.saliency import Method, energy_inside, pointing_game, rank_correlation, saliency
+from models.saliency import (
+    Method,
+    energy_inside,
+    layer_grid,
+    pointing_game,
+    rank_correlation,
+    saliency,
+    target_layer,
+)
 
 EPOCHS = {"lung-ct": 8, "breast-mg": 12, "prostate-mr": 30, "colorectal-ct": 30}
 
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_site_data(sites, task)
         rows: dict[str, dict[str, list[float]]] = {m.value: {} for m in methods}
         infer: list[float] = []
+        layer: str | None = None
+        grid: tuple[tuple[float, float], ...] | None = None
         for split in ("val", "test"):
             dataset = data.dataset(split, train=False)
             for i, (_, item) in enumerate(data.items.get(split, [])):
@@ -101,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     model(image.unsqueeze(0))
                 infer.append(time.perf_counter() - t0)
+                if layer is None:  # once per task: the layer and where its units sit on the input
+                    layer = target_layer(model, tuple(image.shape))
+                    grid = layer_grid(model, layer, tuple(image.shape))
                 for method in methods:
-                    trained = saliency(model, image, method)
-                    rand = saliency(random_model, image, method)
+                    trained = saliency(model, image, method, layer=layer, grid=grid)
+                    rand = saliency(random_model, image, method, layer=layer, grid=grid)
                     r = rows[method.value]
                     r.setdefault("hit", []).append(float(pointing_game(trained.map, mask, margin=1)))
                     r.setdefault("energy", []).append(energy_inside(trained.map, mask))
