@@ -242,8 +242,9 @@ class ReviewSession:
                 with torch.no_grad():
                     probs = torch.sigmoid(model.net(x.float()).reshape(-1)).tolist()
                 for item, p in zip(items[start:start + len(batch)], probs, strict=True):
+                    label = item.label if item.label in (0, 1) else None  # the catalog's -1: no label
                     self.cases[item.plan.key] = Case(item.plan.key, item.study_uid, task, item.split or "unassigned",
-                                                     item.label, float(p), item)
+                                                     label, float(p), item)
                 done += len(batch)
                 if on_progress is not None:
                     on_progress(done, total)

@@ -43,6 +43,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
     root = tmp_path_factory.mktemp("review")
     ws = make_workspaces(root, sites=1, studies_per_task=6, seed=5, tasks=["lung-ct", "breast-mg"]) / "site-a"
+    with sqlite3.connect(ws / "catalog.sqlite") as db:  # a study without a label, as most at a real site
+        db.execute("DELETE FROM labels WHERE study_uid = (SELECT MIN(study_uid) FROM labels WHERE task='lung-ct')")
     return ws, save_model(root / "lung.pt", "lung-ct", 1), save_model(root / "breast.pt", "breast-mg", 2)
 
 
@@ -106,7 +108,10 @@ def test_worklist_study_overlay_verdict_in_a_real_browser(site: tuple[Path, Path
         total = rows.count()
         assert total >= 12  # lung volumes and the mammograms' views
 
-        # Filters: task, then label; the count follows.
+        # Filters: task, then label; the count follows. The unlabelled study shows as unknown.
+        page.select_option("#filter-label", "none")
+        assert page.locator("tr.case td:nth-child(5)").all_inner_texts() == ["?"]
+        page.select_option("#filter-label", "")
         page.select_option("#filter-task", "breast-mg")
         assert set(page.locator("tr.case td:nth-child(2)").all_inner_texts()) == {"breast-mg"}
         page.select_option("#filter-task", "lung-ct")
