@@ -68,10 +68,11 @@ def test_ingest_status_series_end_to_end(site: tuple[Path, Path, Path]) -> None:
     assert human.returncode == 0 and "lung-ct" in human.stdout
 
 
-@pytest.mark.parametrize("command", ["ingest", "status", "series"])
+@pytest.mark.parametrize("command", ["ingest", "status", "series", "explain", "review", "join"])
 def test_help_has_an_example(command: str) -> None:
     out = run(command, "--help")
-    assert out.returncode == 0 and "example:" in out.stdout and "oncofed-site " + command in out.stdout
+    assert out.returncode == 0 and ("example:" in out.stdout or "examples:" in out.stdout)
+    assert "oncofed-site " + command in out.stdout
 
 
 def test_user_mistakes_are_one_clear_line(tmp_path: Path) -> None:
