@@ -215,18 +215,23 @@ def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Consol
         console.print(f"  [red]failed[/] {r.study_uid}: {r.reason}", highlight=False)
     store = args.workspace / STORE
     if store.is_dir():
-        with _progress(console) as bar:
-            tasks: dict[str, Any] = {}
-
-            def tick(phase: str, n: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task("reading headers" if phase == "headers" else "checking series",
-                                                total=total)
-                bar.update(tasks[phase], completed=n, total=total)
-
-            report = ingest_folder(catalog, store, progress=tick)
-        _print_ingest(console, report)
+        _ingest_with_progress(catalog, store, console)
     return 1 if counts["failed"] else 0
+
+
+def _ingest_with_progress(catalog: Catalog, folder: Path, console: Console) -> None:
+    """Folder ingest with a progress bar per phase, then its report."""
+    with _progress(console) as bar:
+        tasks: dict[str, Any] = {}
+
+        def tick(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label = "reading headers" if phase == "headers" else "checking series"
+                tasks[phase] = bar.add_task(label, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        report = ingest_folder(catalog, folder, progress=tick)
+    _print_ingest(console, report)
 
 
 def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
@@ -241,17 +246,7 @@ def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
         if args.source is not None:
             if not args.source.is_dir():
                 raise UserError(f"--source {args.source} is not a folder; give the folder that holds the DICOM files")
-            with _progress(console) as bar:
-                tasks: dict[str, Any] = {}
-
-                def tick(phase: str, done: int, total: int) -> None:
-                    if phase not in tasks:
-                        label = "reading headers" if phase == "headers" else "checking series"
-                        tasks[phase] = bar.add_task(label, total=total)
-                    bar.update(tasks[phase], completed=done, total=total)
-
-                report = ingest_folder(catalog, args.source, progress=tick)
-            _print_ingest(console, report)
+            _ingest_with_progress(catalog, args.source, console)
         if args.labels is not None:
             try:
                 _print_labels(console, load_labels(catalog, args.labels))

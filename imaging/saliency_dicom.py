@@ -60,6 +60,14 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=["oncofed-saliency", *parts]))
 
 
+def _pm_series(plan: ImagePlan, model_sha256: str, method: str) -> str:
+    return _uid(plan.series_uid, model_sha256, method, "pm")
+
+
+def _key_series(plan: ImagePlan, model_sha256: str, method: str) -> str:
+    return _uid(plan.series_uid, plan.key, model_sha256, method, "key")
+
+
 def _letters(vector: Sequence[float]) -> str:
     """The patient orientation letters of a direction in LPS (up to two, strongest first)."""
     names = (("L", "R"), ("P", "A"), ("H", "F"))
@@ -136,7 +144,7 @@ def parametric_map(plan: ImagePlan, heat: np.ndarray, out: Path, *, method: str,
     if len(sources) != len(plan.slices):
         raise SaliencyDicomError(f"image {plan.key}: multi-frame sources are not written as Parametric Maps yet")
     stored = np.round(np.clip(heat, 0, 1) * PM_SCALE).astype(np.uint16)
-    series_uid = _uid(plan.series_uid, model_sha256, method, "pm")
+    series_uid = _pm_series(plan, model_sha256, method)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="SALIENCY", lut_explanation=f"{method} saliency, 0 (none) to 1 (strongest)",
         unit=codes.UCUM.NoUnits, value_range=(0, PM_SCALE), slope=1.0 / PM_SCALE, intercept=0.0)
@@ -184,7 +192,7 @@ def key_images(plan: ImagePlan, heat: np.ndarray, image: np.ndarray, out: Path, 
     heat3 = heat[None] if plan.spatial_dims == 2 else heat
     image3 = image[None] if plan.spatial_dims == 2 else image
     grey = _grey(image3, window)
-    series_uid = _uid(plan.series_uid, plan.key, model_sha256, method, "key")
+    series_uid = _key_series(plan, model_sha256, method)
     headers: dict[Path, Dataset] = {}
     paths = []
     for number, k in enumerate(key_slices(heat3, count), start=1):
@@ -233,7 +241,6 @@ def write_saliency_objects(plan: ImagePlan, heat: np.ndarray, image: np.ndarray,
                             task=task)
     keys = key_images(plan, heat, image, out, method=method, probability=probability, model_sha256=model_sha256,
                       task=task, window=window, count=key_count)
-    series = [_uid(plan.series_uid, plan.key, model_sha256, method, "key")]
-    if pm is not None:
-        series.insert(0, _uid(plan.series_uid, model_sha256, method, "pm"))
-    return SaliencyObjects(parametric_map=pm, key_images=tuple(keys), series_uids=tuple(series))
+    series = ((_pm_series(plan, model_sha256, method),) if pm is not None else ()) + (
+        _key_series(plan, model_sha256, method),)
+    return SaliencyObjects(parametric_map=pm, key_images=tuple(keys), series_uids=series)
