@@ -39,6 +39,14 @@ def _inputs(msg: Message, context: Context) -> tuple[Any, Any, str, int, np.ndar
     return site, config, run_id, int(round_config.get("server-round", 0)), flat, round_config
 
 
+def _admit(msg: Message, context: Context, site: Any, config: Any, run_id: str, *, final: bool = False) -> Any:
+    """The site's policy and approval for this message (decided by the site's code, from its workspace)."""
+    from fl_client.federated import admit
+
+    return admit(site, config, dict(context.run_config), dict(context.node_config), run=str(msg.metadata.run_id),
+                 lead_run_id=run_id, final=final)
+
+
 def _reply(msg: Message, reply: Any) -> Message:
     content = RecordDict({"metrics": MetricRecord(dict(reply.metrics)), "site": ConfigRecord(dict(reply.strings))})
     if reply.arrays:
@@ -64,18 +72,25 @@ def train(msg: Message, context: Context) -> Message:
 
     if "fitins.parameters" in msg.content.array_records:
         return _legacy_train(msg, context)
+    from fl_client.federated import refusal
+
     site, config, run_id, rnd, flat, round_config = _inputs(msg, context)
     mu = float(round_config.get("proximal-mu", 0.0))
     split = str(round_config.get("evaluate-split", "")) or None
     _check_split(split)
+    decision = _admit(msg, context, site, config, run_id)
+    if not decision.allowed:
+        return _reply(msg, refusal(site, task=config.model.task, run_id=run_id, round_number=rnd, kind="train",
+                                   code=decision.code, detail=decision.detail))
     return _reply(msg, fit(site, config, run_id=run_id, round_number=rnd, global_flat=flat, proximal_mu=mu,
-                           evaluate_split=split))
+                           evaluate_split=split, epsilon_cap=decision.epsilon_cap))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on one split of the site's data (``val`` unless the config says)."""
     from fl_client.federated import evaluate as evaluate_site
+    from fl_client.federated import refusal
 
     if "evaluateins.parameters" in msg.content.array_records:
         return _legacy_evaluate(msg, context)
@@ -84,8 +99,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     also = str(round_config.get("evaluate-split", "")) or None
     _check_split(split)
     _check_split(also)
+    decision = _admit(msg, context, site, config, run_id, final=split == "test")
+    if not decision.allowed:
+        return _reply(msg, refusal(site, task=config.model.task, run_id=run_id, round_number=rnd, kind="evaluate",
+                                   code=decision.code, detail=decision.detail))
     return _reply(msg, evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=split,
                                      evaluate_split=also))
+
+
+def refusal_message(msg: Message, site: Any, *, task: str, code: str, detail: str) -> Message:
+    """The reply with which the site refuses a message before reading its run config (a run built for another
+    version): a refusal reply, or for Flower's legacy SecAgg+ records an error reply (a drop-out)."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    from fl_client.federated import Refused, refusal
+
+    legacy = any(k in msg.content.array_records for k in ("fitins.parameters", "evaluateins.parameters"))
+    round_config: dict[str, Any] = {} if legacy or "config" not in msg.content else dict(msg.content["config"])
+    kind = "train" if msg.metadata.message_type == "train" else "evaluate"
+    reply = refusal(site, task=task, run_id=str(round_config.get("run-id") or msg.metadata.run_id),
+                    round_number=int(round_config.get("server-round", 0) or 0), kind=kind, code=code, detail=detail)
+    if legacy:
+        why = str(Refused(site.site_id, code, detail))
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=why), reply_to=msg)
+    return _reply(msg, reply)
 
 
 def _check_split(split: str | None) -> None:
@@ -118,15 +156,19 @@ def _legacy_train(msg: Message, context: Context) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    from fl_client.federated import WEIGHTS_KEY, fit
+    from fl_client.federated import WEIGHTS_KEY, Refused, fit, refusal
 
     site, config, run_id, rnd, flat, round_config = _legacy_inputs(msg, context, "fitins")
-    reply = fit(site, config, run_id=run_id, round_number=rnd, global_flat=flat,
-                proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    decision = _admit(msg, context, site, config, run_id)
+    if not decision.allowed:
+        reply = refusal(site, task=config.model.task, run_id=run_id, round_number=rnd, kind="train",
+                        code=decision.code, detail=decision.detail)
+    else:
+        reply = fit(site, config, run_id=run_id, round_number=rnd, global_flat=flat,
+                    proximal_mu=float(round_config.get("proximal-mu", 0.0)), epsilon_cap=decision.epsilon_cap)
     if reply.metrics.get("refused"):
         # In SecAgg+ a site that does not contribute is a drop-out: the protocol goes on without it.
-        why = "privacy budget spent" if reply.metrics.get("refused-budget") else "no training data for the task"
-        raise RuntimeError(f"site {site.site_id} does not train this round: {why}")
+        raise Refused(site.site_id, reply.strings.get("refusal", ""), reply.strings.get("detail", ""))
     res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters([reply.arrays[WEIGHTS_KEY]]),
                  num_examples=int(reply.metrics["num-examples"]), metrics={**reply.metrics, **reply.strings})
     return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
@@ -136,11 +178,17 @@ def _legacy_evaluate(msg: Message, context: Context) -> Message:
     from flwr.common import Code, EvaluateRes, Status
     from flwr.compat.common import recorddict_compat as compat
 
+    from fl_client.federated import Refused, refusal
     from fl_client.federated import evaluate as evaluate_site
 
     site, config, run_id, rnd, flat, round_config = _legacy_inputs(msg, context, "evaluateins")
     split = str(round_config.get("split", "val"))
     _check_split(split)
+    decision = _admit(msg, context, site, config, run_id, final=split == "test")
+    if not decision.allowed:
+        refusal(site, task=config.model.task, run_id=run_id, round_number=rnd, kind="evaluate", code=decision.code,
+                detail=decision.detail)
+        raise Refused(site.site_id, decision.code, decision.detail)
     reply = evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=split)
     res = EvaluateRes(status=Status(Code.OK, ""), loss=float(reply.metrics.get("eval-loss", 0.0)),
                       num_examples=int(reply.metrics.get("studies", 0)), metrics={**reply.metrics, **reply.strings})

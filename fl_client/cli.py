@@ -439,7 +439,11 @@ KIT is the start-up kit folder the consortium lead sent (ca.crt, site.key, site.
 site's Flower SuperNode with TLS (the SuperLink must present the consortium's certificate) and the
 site's key (the SuperLink accepts only provisioned sites), pointed at the workspace. It stays in the
 foreground and trains when the lead starts a run; Ctrl-C leaves the consortium. Images never leave
-the site: see the egress log in the workspace. The SuperNode's log is WORKSPACE/supernode/."""
+the site: see the egress log in the workspace. The SuperNode's log is WORKSPACE/supernode/.
+
+Every message is run by the oncofed installed here, never by code the lead sends: a run built for
+another oncofed version is refused, and each run is checked against this site's policy and approval
+first (oncofed-site policy / runs / approve / refuse)."""
 
 
 def cmd_join(args: argparse.Namespace, console: Console) -> int:
@@ -632,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the kit's)")
     p.add_argument("--connect-timeout", type=float, default=0.0,
                    help="give up if not accepted after this many seconds (default 0: keep trying)")
+    from fl_client.policy_cli import add_commands
+
+    add_commands(add)
     return parser
 
 
@@ -640,9 +647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_pydicom()
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
+    from fl_client.policy import PolicyError
+
     try:
         return int(args.func(args, console))
-    except UserError as exc:
+    except (UserError, PolicyError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
 

@@ -24,21 +24,20 @@ import numpy as np
 
 EGRESS_LOG = "egress.jsonl"
 
-# Scalar metrics a site may send. Anything else is refused by the guard.
-ALLOWED_METRICS = frozenset({
-    # training
-    "num-examples", "train-loss", "train-seconds", "samples-seen", "steps",
-    # evaluation (study-level, on one split)
-    "eval-loss", "auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "threshold",
-    "studies", "positives", "negatives", "eval-seconds",
-    # privacy
-    "dp", "epsilon", "epsilon-max", "delta", "noise-multiplier", "sample-rate",
-    # a refusal (privacy budget spent, no data for the task)
-    "refused", "refused-budget", "refused-no-data",
-})
+# Scalar metrics a site may send, by what they describe. Anything else is refused by the guard.
+TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "samples-seen", "steps")
+# evaluation (study-level, on one split)
+EVAL_METRICS = ("eval-loss", "auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "threshold",
+                "studies", "positives", "negatives", "eval-seconds")
+PRIVACY_METRICS = ("dp", "epsilon", "epsilon-max", "delta", "noise-multiplier", "sample-rate")
+# a refusal (privacy budget spent, no data for the task, the site's policy or approval)
+REFUSAL_METRICS = ("refused", "refused-budget", "refused-no-data")
+ALLOWED_METRICS = frozenset(TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS + REFUSAL_METRICS)
 
-# Strings a site may send (in a ConfigRecord): its own id, the split evaluated, the task.
-ALLOWED_STRINGS = frozenset({"site-id", "split", "task"})
+# Strings a site may send (in a ConfigRecord): its own id, the split evaluated, the task, and with a refusal
+# its reason code and a sentence the site's code wrote (never a path, an identifier or a tag value).
+ALLOWED_STRINGS = frozenset({"site-id", "split", "task", "refusal", "detail"})
+_LONG_STRINGS = frozenset({"detail"})
 
 
 class EgressError(Exception):
@@ -114,7 +113,7 @@ def check_reply(
     for key, text in (strings or {}).items():
         if key not in ALLOWED_STRINGS:
             raise EgressError(f"text field {key!r} is not on the site's egress whitelist: not sent")
-        if not isinstance(text, str) or len(text) > 64 or not text.isprintable():
+        if not isinstance(text, str) or len(text) > (240 if key in _LONG_STRINGS else 64) or not text.isprintable():
             raise EgressError(f"text field {key!r} must be a short printable string: not sent")
 
 

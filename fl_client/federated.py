@@ -16,18 +16,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_client.egress import EgressLog, check_reply
+from fl_client.egress import EVAL_METRICS, PRIVACY_METRICS, TRAIN_METRICS, EgressLog, check_reply
+from fl_client.policy import Admission, Refusal, RunBook, RunManifest
 from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
 from fl_client.train import SiteData, TrainingError, evaluate_local, load_site_data, plan_dp, train_local
 from models.config import RunConfig, resolved_grad_sample_mode
-from models.nets import build_model
+from models.nets import build_model, parameter_count
 from models.weights import load_arrays, pack, state_arrays, unpack
 
 WEIGHTS_KEY = "weights"
+# Node-config keys the site's own executor adds after checking the run's app bundle (never the lead's).
+BUNDLE_KEY = "app-bundle"
+BUNDLE_HASH_KEY = "app-bundle-sha256"
 
 
 class SiteConfigError(ValueError):
     """The SuperNode's node config does not say where the site's workspace is."""
+
+
+class Refused(Exception):
+    """The site does not take part in this message (raised where the reply cannot say so itself: Flower's
+    SecAgg+ workflow knows only drop-outs). The text is written by the site's code and leaves the site.
+
+    Args:
+        site_id: The site.
+        code: A :class:`fl_client.policy.Refusal` code.
+        detail: A sentence with no path, identifier or tag value.
+    """
+
+    def __init__(self, site_id: str, code: str, detail: str) -> None:
+        super().__init__(f"site {site_id} does not train this round: {detail}")
+        self.code = code
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,41 @@ def site_from_config(node_config: Mapping[str, Any], run_config: Mapping[str, An
     return Site(site_id, ws)
 
 
+def run_manifest(config: RunConfig, run_config: Mapping[str, Any], node_config: Mapping[str, Any], *, run: str,
+                 lead_run_id: str) -> RunManifest:
+    """What the run asks of the site, read by the site's code from the run config (see
+    :class:`fl_client.policy.RunManifest`)."""
+    metrics = TRAIN_METRICS + EVAL_METRICS + (PRIVACY_METRICS if config.privacy.enabled else ())
+    return RunManifest(
+        run=run, lead_run_id=lead_run_id, task=config.model.task, rounds=config.federation.num_rounds,
+        local_epochs=config.training.local_epochs, strategy=str(config.federation.strategy),
+        network=str(config.model.arch), parameters=parameter_count(build_model(config.model)),
+        dp=config.privacy.enabled, dp_epsilon=float(config.privacy.epsilon),
+        secure_aggregation=str(run_config.get("secure-aggregation", "false")).lower() == "true",
+        metrics=metrics, app=str(node_config.get(BUNDLE_KEY) or "simulation"),
+        app_hash=str(node_config.get(BUNDLE_HASH_KEY) or ""))
+
+
+def admit(site: Site, config: RunConfig, run_config: Mapping[str, Any], node_config: Mapping[str, Any], *, run: str,
+          lead_run_id: str, final: bool = False) -> Admission:
+    """The site's decision on one message of a run: its policy, then its approval (see
+    :meth:`fl_client.policy.RunBook.admit`). The manifest is built only the first time a run is seen."""
+    book = RunBook(site.workspace)
+    known = book.get(run)
+    manifest = known.manifest if known is not None else run_manifest(config, run_config, node_config, run=run,
+                                                                      lead_run_id=lead_run_id)
+    return book.admit(manifest, final=final)
+
+
+def refusal(site: Site, *, task: str, run_id: str, round_number: int, kind: str, code: str, detail: str) -> Reply:
+    """A refusal reply: no weights, no figures, the reason code and the site's sentence (logged as sent)."""
+    strings = {"site-id": site.site_id, "refusal": code, "detail": detail}
+    if task:
+        strings["task"] = task[:64]
+    reply = Reply(metrics={"refused": 1, "num-examples": 0}, strings=strings)
+    return _send(site, run_id=run_id, round_number=round_number, kind=f"{kind}-refused", reply=reply, reference=None)
+
+
 def _model_from(config: RunConfig, flat: np.ndarray) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     model = build_model(config.model)
     reference = state_arrays(model)
@@ -103,7 +158,7 @@ def steps_per_round(config: RunConfig, samples: int) -> int:
 
 
 def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
-        proximal_mu: float = 0.0, evaluate_split: str | None = None) -> Reply:
+        proximal_mu: float = 0.0, evaluate_split: str | None = None, epsilon_cap: float | None = None) -> Reply:
     """Train the global model on the site's training split for one round.
 
     A site with no data for the task, or whose privacy budget would be passed, answers with a
@@ -118,6 +173,7 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
         proximal_mu: FedProx's proximal term, from the round's config (0: none).
         evaluate_split: First evaluate the received global model on this split and send its metrics
             with the reply (``Reply.evaluation``; logged as its own egress record).
+        epsilon_cap: The site policy's most ε per run (caps the run's own DP target).
     """
     # One model and one look at the catalog for both jobs of the message: the evaluation reads the received
     # weights before training changes them.
@@ -128,11 +184,12 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
                             split=evaluate_split).metrics if evaluate_split else {})
     strings = {"site-id": site.site_id, "task": config.model.task}
     if data is None:
-        reply = Reply(metrics={"refused": 1, "refused-no-data": 1, "num-examples": 0}, strings=strings,
+        reply = Reply(metrics={"refused": 1, "refused-no-data": 1, "num-examples": 0},
+                      strings={**strings, "refusal": Refusal.NO_DATA, "detail": "no training data for the task"},
                       evaluation=evaluation)
         return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
     reply = _train(site, config, model, reference, data, run_id=run_id, round_number=round_number,
-                   proximal_mu=proximal_mu, strings=strings)
+                   proximal_mu=proximal_mu, strings=strings, epsilon_cap=epsilon_cap)
     return replace(reply, evaluation=evaluation)
 
 
@@ -145,7 +202,8 @@ def _site_data(site: Site, config: RunConfig) -> SiteData | None:
 
 
 def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dict[str, np.ndarray], data: SiteData,
-           *, run_id: str, round_number: int, proximal_mu: float, strings: dict[str, str]) -> Reply:
+           *, run_id: str, round_number: int, proximal_mu: float, strings: dict[str, str],
+           epsilon_cap: float | None) -> Reply:
     samples = data.count("train")
     spec = replace(config.training, proximal_mu=proximal_mu or config.training.proximal_mu)
     ledger = PrivacyLedger(site.workspace)
@@ -159,7 +217,8 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
             left = budget.epsilon_max - ledger.spent_outside(run_id, budget.delta)
             if left <= 0:
                 return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
-            privacy = replace(privacy, enabled=True, epsilon=min(privacy.epsilon, left))
+            privacy = replace(privacy, enabled=True,
+                              epsilon=min(privacy.epsilon, left, epsilon_cap if epsilon_cap is not None else left))
         try:
             dp = plan_dp(privacy, samples=samples, batch_size=spec.batch_size,
                          steps_per_round=steps_per_round(config, samples), rounds=config.federation.num_rounds,
@@ -191,7 +250,8 @@ def _refuse_budget(site: Site, run_id: str, round_number: int, ledger: PrivacyLe
     # No epsilon-max in the reply means the site has set no budget at all.
     if budget is not None:
         metrics.update({"epsilon-max": budget.epsilon_max, "delta": budget.delta})
-    reply = Reply(metrics=metrics, strings=strings)
+    why = "privacy budget spent" if budget is not None else "DP asked for but the site has set no privacy budget"
+    reply = Reply(metrics=metrics, strings={**strings, "refusal": Refusal.BUDGET, "detail": why})
     return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
 
 

@@ -8,10 +8,15 @@ certificate, this site's private key and ``site.json`` (site id, SuperLink addre
   only keys the lead registered, and refuses others with ``[code: 2004] Failed to activate SuperNode``;
 - tells our ClientApp where the site's workspace is (``--node-config 'workspace="..." site-id="..."'``);
 - serves its local runtime API on a free loopback port, so several sites can run on one host;
-- runs each ClientApp in a subprocess with this Python's packages (no dependency installation).
+- runs with ``--isolation process``: Flower starts nothing per message. Our executor
+  (:mod:`fl_client.executor`, started beside it) serves every message with the oncofed this site
+  installed, from a warm process, after checking the run's app bundle; nothing the lead sends is
+  installed or imported here. Only the executor can take the SuperNode's tasks: they share a secret
+  (``superexec.secret``, mode 0600, new at every start).
 
-Its log and Flower home live in ``WORKSPACE/supernode/``. This module imports nothing from the
-server side: the small process helpers it needs are here.
+Its log (the SuperNode's and the executor's lines), the secret and Flower home live in
+``WORKSPACE/supernode/``. This module imports nothing from the server side: the small process helpers
+it needs are here.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import stat
@@ -164,6 +170,7 @@ class SuperNode:
     port: int = 0
     extra_env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    executor: subprocess.Popen[bytes] | None = field(default=None, init=False)
     log_offset: int = field(default=0, init=False)
     _lock: Any = field(default=None, init=False, repr=False)
 
@@ -179,13 +186,30 @@ class SuperNode:
     def address(self) -> str:
         return self.superlink or self.kit.superlink
 
+    @property
+    def secret_path(self) -> Path:
+        return self.state_dir / "superexec.secret"
+
     def command(self) -> list[str]:
         return [str(Path(sys.executable).parent / "flower-supernode"),
                 "--superlink", self.address,
                 "--root-certificates", str(self.kit.ca_certificate),
                 "--auth-supernode-private-key", str(self.kit.private_key),
                 "--node-config", node_config_arg(self.workspace, self.kit.site_id),
-                "--host", "127.0.0.1", "--port", str(self.port)]
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--isolation", "process", "--superexec-auth-secret-file", str(self.secret_path)]
+
+    def executor_command(self, supernode_pid: int) -> list[str]:
+        return [sys.executable, "-m", "fl_client.executor", "--runtime-api", f"127.0.0.1:{self.port}",
+                "--secret-file", str(self.secret_path), "--supernode-pid", str(supernode_pid)]
+
+    def _write_secret(self) -> None:
+        self.secret_path.unlink(missing_ok=True)
+        fd = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32))
+        finally:
+            os.close(fd)
 
     def start(self) -> SuperNode:
         """Start the SuperNode (returns at once; see :meth:`wait_connected`)."""
@@ -197,14 +221,18 @@ class SuperNode:
         self._take_lock()
         self.port = self.port or free_port()
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it until stop()
+        self._write_secret()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the processes own it until stop()
+        env = flower_env(self.state_dir / "flwr-home", self.extra_env)
         try:
-            # The SuperNode holds the workspace lock too: it stays taken while the SuperNode runs.
+            # The SuperNode and the executor hold the workspace lock too: it stays taken while they run.
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.state_dir,
-                                            env=flower_env(self.state_dir / "flwr-home", self.extra_env),
-                                            start_new_session=True, pass_fds=(self._lock.fileno(),))
+                                            env=env, start_new_session=True, pass_fds=(self._lock.fileno(),))
+            self.executor = subprocess.Popen(self.executor_command(self.process.pid), stdout=log,
+                                             stderr=subprocess.STDOUT, cwd=self.state_dir, env=env,
+                                             start_new_session=True, pass_fds=(self._lock.fileno(),))
         except OSError:
-            self._release_lock()
+            self.stop()
             raise
         finally:
             log.close()
@@ -249,12 +277,18 @@ class SuperNode:
                     return line.split(_CONNECTED, 1)[1].strip()
             if self.process is not None and self.process.poll() is not None:
                 raise JoinError(explain_exit(self, self.process.returncode, text))
+            self.check_executor()
             time.sleep(0.2)
         raise JoinError(f"the SuperLink at {self.address} did not accept site {self.kit.site_id!r} within "
                         f"{timeout:.0f} s: check the address and that the lead's SuperLink runs; log: {self.log_path}")
 
     def stop(self, *, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        """Stop the SuperNode and its ClientApps; it tells the SuperLink it leaves. Returns the exit code."""
+        """Stop the SuperNode and the executor; the SuperNode tells the SuperLink it leaves. Returns its exit code."""
+        if self.executor is not None:
+            # The executor first: a task it serves ends with it (the SuperLink sees the site leave next).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.executor.pid, signal.SIGKILL)
+            self.executor.wait(timeout=10)
         if self.process is None:
             self._release_lock()
             return None
@@ -272,6 +306,17 @@ class SuperNode:
             os.killpg(self.process.pid, signal.SIGKILL)
         self._release_lock()
         return self.process.returncode
+
+    def check_executor(self) -> None:
+        """Raise if the executor has stopped (no message of the site's could be served then).
+
+        Raises:
+            JoinError: With the last lines of the log.
+        """
+        if self.executor is not None and self.executor.poll() is not None:
+            tail = "\n".join(self.log_text().strip().splitlines()[-5:])
+            raise JoinError(f"the site's executor stopped (exit code {self.executor.returncode}); last lines of "
+                            f"{self.log_path}:\n{tail}")
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -305,6 +350,8 @@ def _progress(line: str) -> str | None:
         return line.split("Receiving:", 1)[1].split("(")[0].strip().replace(" message", " request") + " received"
     if "Sent successfully" in line:
         return "reply sent (weights and whitelisted metrics only)"
+    if line.startswith("oncofed-executor: "):
+        return line.removeprefix("oncofed-executor: ")
     if "ERROR" in line:
         return line
     return None
@@ -346,6 +393,7 @@ def join(kit_dir: Path, workspace: Path, *, superlink: str | None = None, say: C
         say(f"site {kit.site_id}: joined as SuperNode {node_id}; waiting for training rounds (Ctrl-C to leave)")
         seen = len(node.log_text())
         while node.process is not None and node.process.poll() is None:
+            node.check_executor()
             time.sleep(0.5)
             chunk = node.log_text()[seen:]
             complete = chunk.rfind("\n") + 1

@@ -51,12 +51,14 @@ def progress_line(record: dict[str, Any]) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
+    from fl_server.grid import PromptGrid
     from fl_server.runstore import RunStore
     from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
     from models.config import from_flat
     from models.nets import build_model
     from models.weights import pack, state_arrays, unpack
 
+    grid = PromptGrid(grid)
     flat_config = dict(context.run_config)
     config = from_flat(flat_config)
     import torch
@@ -140,7 +142,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     Returns:
         The test-split document for the history, and each site's validation metrics (if asked).
     """
-    from fl_server.strategies import weighted_by_studies
+    from fl_server.strategies import refusal_of, weighted_by_studies
 
     messages = []
     val: list[tuple[str, dict[str, float]]] = []
@@ -152,15 +154,19 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
         messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE))
     per_site: dict[str, Any] = {}
     failed = []
+    refused = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             failed.append({"node": reply.metadata.src_node_id, "reason": reply.error.reason})
             continue
         site = str(reply.content["site"].get("site-id")) if "site" in reply.content else str(reply.metadata.src_node_id)
+        if (refusal := refusal_of(reply)) is not None:
+            refused.append({"site": site, **refusal})
+            continue
         per_site[site] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
         if "evaluation" in reply.content:
             val.append((site, {k: float(v) for k, v in reply.content["evaluation"].items()}))  # type: ignore
     pooled = weighted_by_studies(per_site.values())
     log.info("oncofed: final test evaluation: %s", {s: round(m.get("auroc", float("nan")), 3)
                                                      for s, m in per_site.items()})
-    return {"split": "test", "sites": per_site, "weighted": pooled, "failed": failed}, val
+    return {"split": "test", "sites": per_site, "weighted": pooled, "failed": failed, "refused": refused}, val

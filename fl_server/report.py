@@ -138,6 +138,9 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
         for kind in ("dropped", "refused", "failed"):
             for e in r.get(kind, []):
                 events.append([r["round"], e.get("site", "?"), kind, e.get("reason", "")])
+    for kind in ("refused", "failed"):
+        for e in (history.get("final") or {}).get(kind, []):
+            events.append(["final", e.get("site", e.get("node", "?")), kind, e.get("reason", "")])
     site_rows = []
     for site in sites:
         last_eval: dict[str, Any] = next((r["evaluate"][site] for r in reversed(rounds)

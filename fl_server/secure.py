@@ -32,7 +32,7 @@ from models.config import RunConfig, Strategy
 from models.weights import unpack
 
 log = logging.getLogger("flwr")
-_REFUSAL = re.compile(r"site (\S+) does not train this round: ([a-z ]+)")
+_REFUSAL = re.compile(r"site (\S+) does not train this round: ([^'<>]+)")
 
 
 def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, reference: dict[str, np.ndarray],

@@ -95,6 +95,20 @@ def _metrics(msg: Message, key: str = "metrics") -> dict[str, float]:
     return {k: float(v) for k, v in msg.content[key].items() if isinstance(v, int | float)}
 
 
+def refusal_of(msg: Message) -> dict[str, str] | None:
+    """A site's refusal (its reason code and sentence), or None if the reply is not one."""
+    if not _metrics(msg).get("refused"):
+        return None
+    strings: Any = msg.content.get("site", {})
+    code, detail = str(strings.get("refusal", "")), str(strings.get("detail", ""))
+    if not detail:  # a site of an earlier version: the reason from its flags
+        metrics = _metrics(msg)
+        detail = ("no training data for the task" if metrics.get("refused-no-data")
+                  else "privacy budget spent" if "epsilon-max" in metrics
+                  else "DP asked for but the site has set no privacy budget")
+    return {"code": code, "reason": detail}
+
+
 def _plain(arrays: Any) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in arrays.items()}
 
@@ -181,15 +195,10 @@ class ConsortiumStrategy(FlowerStrategy):
                 evaluations.append((site, evaluation))
             work.append(metrics.get("train-seconds", 0.0) + evaluation.get("eval-seconds", 0.0))
             record["train"][site] = metrics
-            if metrics.get("refused"):
-                if metrics.get("refused-budget"):
-                    why = ("privacy budget spent" if "epsilon-max" in metrics
-                           else "DP asked for but the site has set no privacy budget")
-                else:
-                    why = "no training data for the task"
-                record["refused"].append({"site": site, "reason": why, "epsilon": metrics.get("epsilon"),
+            if (refused := refusal_of(msg)) is not None:
+                record["refused"].append({"site": site, **refused, "epsilon": metrics.get("epsilon"),
                                           "epsilon_max": metrics.get("epsilon-max")})
-                log.warning("round %d: site %s refused to train (%s)", rnd, site, why)
+                log.warning("round %d: site %s refused to train (%s)", rnd, site, refused["reason"])
                 continue
             if "arrays" not in msg.content or "num-examples" not in metrics:
                 record["dropped"].append({"site": site, "reason": "reply without weights or num-examples"})
@@ -240,6 +249,9 @@ class ConsortiumStrategy(FlowerStrategy):
             if msg.has_error():
                 record["failed"].append({"site": _site_of(msg, self._names), "stage": "evaluate",
                                          "reason": msg.error.reason})
+                continue
+            if (refused := refusal_of(msg)) is not None:
+                record["refused"].append({"site": _site_of(msg, self._names), "stage": "evaluate", **refused})
                 continue
             results.append((_site_of(msg, self._names), _metrics(msg)))
         return self.record_evaluation(rnd, results) if results else None

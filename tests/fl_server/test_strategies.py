@@ -27,8 +27,8 @@ def _inside_a_run() -> None:
     TaskIdentity.node_id = 1
 
 
-def reply(site: str, weights: np.ndarray | None, metrics: dict[str, float]) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site})})
+def reply(site: str, weights: np.ndarray | None, metrics: dict[str, float], **strings: str) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site, **strings})})
     if weights is not None:
         content["arrays"] = ArrayRecord({"weights": Array(weights)})
     return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
@@ -57,6 +57,8 @@ def test_fedavg_is_the_sample_weighted_mean_and_skips_bad_and_refused(tmp_path: 
     replies.append(reply("huge", np.full(N, 50.0, np.float32), {"num-examples": 1000, "train-loss": 0.1}))
     replies.append(reply("dp-site", None, {"refused": 1, "refused-budget": 1, "num-examples": 0, "epsilon": 8.0,
                                           "epsilon-max": 8.0}))
+    replies.append(reply("strict-site", None, {"refused": 1, "num-examples": 0}, refusal="policy-rounds",
+                         detail="this site allows at most 2 rounds per run; the run has 3"))
     arrays, metrics = s.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     expected = sum(c * x.astype(np.float64) for c, x in zip(counts, w, strict=True)) / sum(counts)
@@ -66,8 +68,11 @@ def test_fedavg_is_the_sample_weighted_mean_and_skips_bad_and_refused(tmp_path: 
     dropped = {d["site"]: d["reason"] for d in record["dropped"]}
     assert set(dropped) == {"nan-site", "wrong-shape", "huge"}
     assert "NaN" in dropped["nan-site"] and "shape" in dropped["wrong-shape"] and "norm" in dropped["huge"]
-    assert record["refused"] == [{"site": "dp-site", "reason": "privacy budget spent", "epsilon": 8.0,
-                                  "epsilon_max": 8.0}]
+    # A site of an earlier version sends only the flags; ours send a reason code and the site's sentence.
+    assert record["refused"] == [{"site": "dp-site", "code": "", "reason": "privacy budget spent", "epsilon": 8.0,
+                                  "epsilon_max": 8.0},
+                                 {"site": "strict-site", "code": "policy-rounds", "epsilon": None, "epsilon_max": None,
+                                  "reason": "this site allows at most 2 rounds per run; the run has 3"}]
     assert record["aggregated_sites"] == 3
 
 
