@@ -78,7 +78,7 @@ def failure_of(exc: BaseException) -> Failure:
     if isinstance(exc, SiteConfigError):
         return Failure("site-config", "the site's SuperNode is not configured with an ingested workspace")
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
-        return Failure("data-unreadable", "a file the site ingested could not be read; the site must re-ingest")
+        return Failure("data-unreadable", "a file the site ingested could not be read: restore it or ingest again")
     if isinstance(exc, MemoryError):
         return Failure("out-of-memory", "the site ran out of memory on this task")
     if isinstance(exc, OSError):
@@ -90,7 +90,13 @@ def _say(text: str) -> None:
     print(f"oncofed-executor: {text}", flush=True)
 
 
-def _task_client(address: str, token: str) -> Any:
+def _task_client(address: str, token: str, *, retry: bool = True) -> Any:
+    """A runtime API client holding one task's token.
+
+    Flower's retrying client answers an HTTP 401 (a token no longer valid) by sending SIGINT to its own
+    process: right for a one-task ``flwr-clientapp``, fatal for the warm parent. The parent's heartbeat and
+    its replies for a dead child therefore use a client without retries (``retry=False``).
+    """
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -99,7 +105,7 @@ def _task_client(address: str, token: str) -> Any:
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                       RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=make_simple_http_retry_invoker() if retry else None)
 
 
 def _acquire_client(address: str, secret: bytes) -> Any:
@@ -312,6 +318,8 @@ class Executor:
                 os._exit(code)
         self.child = pid
         os.close(write)
+        client.close()
+        client = _task_client(self.address, token, retry=False)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         try:

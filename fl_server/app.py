@@ -142,7 +142,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     Returns:
         The test-split document for the history, and each site's validation metrics (if asked).
     """
-    from fl_server.strategies import refusal_of, weighted_by_studies
+    from fl_server.strategies import refusal_of, site_of, weighted_by_studies
 
     messages = []
     val: list[tuple[str, dict[str, float]]] = []
@@ -157,7 +157,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     refused = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            failed.append({"node": reply.metadata.src_node_id, "reason": reply.error.reason})
+            failed.append({"site": site_of(reply), "node": reply.metadata.src_node_id, "reason": reply.error.reason})
             continue
         site = str(reply.content["site"].get("site-id")) if "site" in reply.content else str(reply.metadata.src_node_id)
         if (refusal := refusal_of(reply)) is not None:

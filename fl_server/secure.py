@@ -32,7 +32,9 @@ from models.config import RunConfig, Strategy
 from models.weights import unpack
 
 log = logging.getLogger("flwr")
-_REFUSAL = re.compile(r"site (\S+) does not train this round: ([^'<>]+)")
+# The site's sentence ends where Flower's wrapping starts: "'>" (deployment), or an escaped newline of the
+# traceback a simulation appends.
+_REFUSAL = re.compile(r"site (\S+) does not train this round: ([^\\\n]+?)(?:'>|\\|\n|$)")
 
 
 def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, reference: dict[str, np.ndarray],

@@ -16,6 +16,7 @@ The round loop itself is Flower's ``Strategy.start``; nothing here re-implements
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -77,15 +78,22 @@ def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStra
     raise ValueError(f"no Flower strategy for {f.strategy!r}")
 
 
-def _site_of(msg: Message, names: dict[int, str] | None = None) -> str:
-    """The site id a reply carries; for an error reply, the id that node gave before (or its node id)."""
+_FAILED_SITE = re.compile(r"^oncofed site (\S+): ")
+
+
+def site_of(msg: Message, names: dict[int, str] | None = None) -> str:
+    """The site id a reply carries; for an error reply, the id its reason names (the site's executor writes
+    ``oncofed site ID: code: ...``), or the id that node gave before, or its node id."""
     node = msg.metadata.src_node_id
+    site = None
     if msg.has_content() and "site" in msg.content:
         site = msg.content["site"].get("site-id")
-        if site:
-            if names is not None:
-                names[node] = str(site)
-            return str(site)
+    elif msg.has_error() and (found := _FAILED_SITE.match(msg.error.reason or "")):
+        site = found.group(1)
+    if site:
+        if names is not None:
+            names[node] = str(site)
+        return str(site)
     return (names or {}).get(node, f"node-{node}")
 
 
@@ -184,7 +192,7 @@ class ConsortiumStrategy(FlowerStrategy):
         evaluations: list[tuple[str, dict[str, float]]] = []
         work = []
         for msg in replies:
-            site = _site_of(msg, self._names)
+            site = site_of(msg, self._names)
             if msg.has_error():
                 record["failed"].append({"site": site, "stage": "train", "reason": msg.error.reason})
                 log.warning("round %d: site %s failed to train: %s", rnd, site, msg.error.reason)
@@ -212,7 +220,7 @@ class ConsortiumStrategy(FlowerStrategy):
                                         norm_factor=self.norm_factor)
         kept = []
         for msg, reason, norm in zip(candidates, reasons, norms, strict=True):
-            site = _site_of(msg, self._names)
+            site = site_of(msg, self._names)
             if norm is not None:
                 record["train"][site]["update-norm"] = norm
             if reason is not None:
@@ -247,13 +255,13 @@ class ConsortiumStrategy(FlowerStrategy):
         results = []
         for msg in replies:
             if msg.has_error():
-                record["failed"].append({"site": _site_of(msg, self._names), "stage": "evaluate",
+                record["failed"].append({"site": site_of(msg, self._names), "stage": "evaluate",
                                          "reason": msg.error.reason})
                 continue
             if (refused := refusal_of(msg)) is not None:
-                record["refused"].append({"site": _site_of(msg, self._names), "stage": "evaluate", **refused})
+                record["refused"].append({"site": site_of(msg, self._names), "stage": "evaluate", **refused})
                 continue
-            results.append((_site_of(msg, self._names), _metrics(msg)))
+            results.append((site_of(msg, self._names), _metrics(msg)))
         return self.record_evaluation(rnd, results) if results else None
 
     def record_evaluation(self, rnd: int, results: list[tuple[str, dict[str, float]]]) -> MetricRecord | None:

@@ -1,8 +1,11 @@
 """Framework overhead of a real loopback deployment: provisioned consortium, TLS SuperLink with site
-authentication, N SuperNodes as processes, R rounds; per round ``(wall - slowest site's work) / wall``.
+authentication, N sites joined as in ``oncofed-site join`` (SuperNode with ``--isolation process`` and the
+site's warm executor), R rounds; per round ``(wall - slowest site's work) / wall``.
 
-Prints a markdown table and writes ``OUT/bench-deploy.json``. Also times the parts of a ClientApp
-message that are not training: a fresh Python importing torch, MONAI and our client code.
+Also the per-message start cost at a site: the executor's time per task (from acquiring it to its reply
+and status pushed) minus the site's own work in it (training and evaluation seconds in the egress log),
+and what a fresh interpreter would pay per message instead (importing torch, MONAI and our client code).
+Prints markdown tables and writes ``OUT/bench-deploy.json``.
 
 Example::
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -24,6 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fl_client.egress import EgressLog
 from fl_client.join import SiteKit, SuperNode
 from fl_server.deploy import ServerKit, run, start
 from fl_server.flower_ops import free_port
@@ -42,6 +47,24 @@ def import_seconds(module: str) -> float:
         subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+_TASK = re.compile(r"oncofed-executor: task \d+ \(\w+, run (\d+)\): done in ([\d.]+) s \(input pulled in ([\d.]+) s")
+
+
+def start_costs(workspaces: list[Path], run_id: str) -> dict[str, Any]:
+    """Per message at the sites: executor time minus the site's own work, and the time to pull the input."""
+    done = pulled = work = 0.0
+    messages = 0
+    for ws in workspaces:
+        for task_run, seconds, pull in _TASK.findall((ws / "supernode" / "supernode.log").read_text()):
+            if task_run == run_id:
+                done, pulled, messages = done + float(seconds), pulled + float(pull), messages + 1
+        for record in EgressLog(ws).records():
+            if record.run == run_id:
+                work += record.metrics.get("train-seconds", 0.0) + record.metrics.get("eval-seconds", 0.0)
+    return {"messages": messages, "start_cost_s": (done - work) / max(messages, 1),
+            "input_pull_s": pulled / max(messages, 1), "task_s": done / max(messages, 1)}
 
 
 def deployment(root: Path, sites: int, rounds: int, task: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +99,9 @@ def deployment(root: Path, sites: int, rounds: int, task: str, extra: dict[str, 
     history = json.loads((root / "run" / "history.json").read_text())
     rounds_ = [r for r in history["rounds"] if r.get("seconds")]
     later = rounds_[1:] or rounds_
-    return {"sites": sites, "rounds": [{k: r[k] for k in ("round", "seconds", "slowest_site_seconds", "overhead")}
-                                       for r in rounds_],
+    costs = start_costs([root / "ws" / site for site in ids], str(history["run_id"]))
+    keys = ("round", "seconds", "slowest_site_seconds", "overhead")
+    return {"sites": sites, **costs, "rounds": [{k: r[k] for k in keys} for r in rounds_],
             "round_seconds": statistics.median(r["seconds"] for r in later),
             "slowest_site_seconds": statistics.median(r["slowest_site_seconds"] for r in later),
             "overhead": statistics.median(r["overhead"] for r in later), "total_seconds": total}
@@ -105,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{n} sites: {results['deployments'][str(n)]}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-deploy.json").write_text(json.dumps(results, indent=1))
-    console.print("\n| sites | round wall s (median) | slowest site work s | overhead |")
-    console.print("|---|---|---|---|")
+    console.print("\n| sites | round wall s (median) | slowest site work s | overhead | rounds | "
+                  "per-message start cost at a site | of which input pull |")
+    console.print("|---|---|---|---|---|---|---|")
     for n, d in results["deployments"].items():
+        each = ", ".join(f"{r['seconds']:.1f}" for r in d["rounds"])
         console.print(f"| {n} | {d['round_seconds']:.1f} | {d['slowest_site_seconds']:.2f} | "
-                      f"{100 * d['overhead']:.0f} % |")
+                      f"{100 * d['overhead']:.0f} % | {each} | {d['start_cost_s']:.2f} s | {d['input_pull_s']:.2f} s |")
     return 0
 
 

@@ -56,7 +56,7 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
     for record in history["rounds"][1:]:
         assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}  # every site evaluates on its val split
         assert record["aggregated_sites"] == 2  # site-c refuses to train
-        assert record["refused"] == [{"site": "site-c", "reason": "privacy budget spent",
+        assert record["refused"] == [{"site": "site-c", "code": "budget", "reason": "privacy budget spent",
                                       "epsilon": pytest.approx(record["train"]["site-c"]["epsilon"]),
                                       "epsilon_max": 1.0}]
         assert 0 <= record["aggregated_evaluate"]["auroc"] <= 1
