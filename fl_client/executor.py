@@ -147,7 +147,7 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=0.02, backoff_cap=0.25)
+        return_type=Message, initial_backoff=0.01, backoff_cap=0.05)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's own pull sets it
     return message, context, run, fab
 

@@ -174,6 +174,10 @@ class SuperNode:
     log_offset: int = field(default=0, init=False)
     _lock: Any = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # The SuperNode and the executor run in the state folder: every path they get is absolute.
+        self.workspace = Path(self.workspace).expanduser().resolve()
+
     @property
     def state_dir(self) -> Path:
         return self.workspace / STATE_DIR

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="breast-mg")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the ServerApp and the SuperNodes run in folders of their own
     console = Console()
     extra: dict[str, Any] = {}
     for item in args.set:
