@@ -193,9 +193,10 @@ def version_refusal(message: Any, context: Any, run: Any, fab_hash: str) -> Any 
         return None
     site = site_from_config(dict(context.node_config), dict(context.run_config))
     if run.fab_id != APP_ID:
-        detail = f"site {site.site_id} runs only {APP_ID}; this run was built from {run.fab_id}"
+        detail = f"site {site.site_id} runs only {APP_ID}; this run was built from {run.fab_id[:60]}"
     else:
-        detail = f"site {site.site_id} runs oncofed {mine.split('==')[1]}; this run was built with {run.fab_version}"
+        detail = (f"site {site.site_id} runs oncofed {mine.split('==')[1]}; this run was built with "
+                  f"{run.fab_version[:40]}")
     RunBook(site.workspace).refuse_unseen(str(run.run_id), RunManifest.foreign(str(run.run_id), built, fab_hash,
                                                                               dict(context.run_config)),
                                           code=Refusal.VERSION, detail=detail)

@@ -68,7 +68,8 @@ def test_ingest_status_series_end_to_end(site: tuple[Path, Path, Path]) -> None:
     assert human.returncode == 0 and "lung-ct" in human.stdout
 
 
-@pytest.mark.parametrize("command", ["ingest", "status", "series", "explain", "review", "join"])
+@pytest.mark.parametrize("command", ["ingest", "status", "series", "explain", "review", "join", "policy", "runs",
+                                     "approve", "refuse"])
 def test_help_has_an_example(command: str) -> None:
     out = run(command, "--help")
     assert out.returncode == 0 and ("example:" in out.stdout or "examples:" in out.stdout)
