@@ -40,6 +40,17 @@ ALLOWED_STRINGS = frozenset({"site-id", "split", "task", "refusal", "detail"})
 _LONG_STRINGS = frozenset({"detail"})
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to an append-only site log (mode 0600) and fsync it before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class EgressError(Exception):
     """A reply would send something the site does not allow out; nothing was sent."""
 
@@ -134,14 +145,7 @@ class EgressLog:
         record = EgressRecord(time=time.time(), run=run, round=round_number, kind=kind, bytes=size,
                               sha256=sha if arrays else "", metrics={k: float(v) for k, v in metrics.items()},
                               strings=dict(strings or {}))
-        line = json.dumps(record.__dict__, sort_keys=True) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, json.dumps(record.__dict__, sort_keys=True))
         return record
 
     def records(self) -> list[EgressRecord]:

@@ -36,6 +36,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fl_client.egress import append_line
+
 POLICY_DIR = "policy"
 POLICY_FILE = "policy.json"
 AUDIT_FILE = "audit.jsonl"
@@ -379,15 +381,8 @@ class RunBook:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
 
     def _audit(self, *, who: str, action: str, run: str, shown: list[str], why: str = "") -> None:
-        line = json.dumps({"time": _now(), "who": who, "action": action, "run": run, "shown": shown, "why": why},
-                          ensure_ascii=False) + "\n"
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.audit_path, json.dumps({"time": _now(), "who": who, "action": action, "run": run,
+                                                 "shown": shown, "why": why}, ensure_ascii=False))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,20 @@ class Consortium:
                 fh.write(TAMPERED)
         return dst
 
-    def run(self, name: str, app: Path | None = None, **config: Any) -> dict[str, Any]:
+    def run(self, name: str, app: Path | None = None, *, beside: Callable[[], None] | None = None,
+            **config: Any) -> dict[str, Any]:
+        """``flwr run`` of ``app`` (default: this checkout) on the SuperLink; ``beside`` runs in a thread
+        meanwhile (what a site's staff or a failure does during the run)."""
         run_dir = self.root / "runs" / name
-        outcome = flwr_run(connection_home(self.kit, self.state), app=app,
-                           run_config={**BASE, **config, "run-dir": str(run_dir)}, timeout=600)
+        side = threading.Thread(target=beside) if beside is not None else None
+        if side is not None:
+            side.start()
+        try:
+            outcome = flwr_run(connection_home(self.kit, self.state), app=app,
+                               run_config={**BASE, **config, "run-dir": str(run_dir)}, timeout=600)
+        finally:
+            if side is not None:
+                side.join(timeout=310)
         assert outcome.finished, outcome.output[-4000:]
         history: dict[str, Any] = json.loads((run_dir / "history.json").read_text())
         return history
@@ -180,14 +191,9 @@ def test_policy_refusal_and_approval_in_a_live_run(consortium: Consortium) -> No
                 return
             time.sleep(0.05)
 
-    import threading
-
-    watcher = threading.Thread(target=approve_when_pending)
-    watcher.start()
     try:
-        history = fed.run("policy", **{"num-rounds": 3, "min-sites": 1})
+        history = fed.run("policy", beside=approve_when_pending, **{"num-rounds": 3, "min-sites": 1})
     finally:
-        watcher.join(timeout=310)
         book_a.set_policy(SitePolicy(), who="site a DPO")
         book_b.set_policy(SitePolicy(), who="site b DPO")
     first, second, third = (_round(history, n) for n in (1, 2, 3))
@@ -246,14 +252,9 @@ def test_failed_and_killed_tasks_leave_phi_free_reasons_and_the_next_round_train
         os.kill(child, signal.SIGKILL)
         events["killed"] = child
 
-    import threading
-
-    saboteur = threading.Thread(target=break_rounds)
-    saboteur.start()
     try:
-        history = fed.run("crash", **{"num-rounds": 3, "min-sites": 1})
+        history = fed.run("crash", beside=break_rounds, **{"num-rounds": 3, "min-sites": 1})
     finally:
-        saboteur.join(timeout=310)
         if hidden.exists():
             hidden.rename(dicom)
     text = json.dumps(history)
