@@ -17,6 +17,8 @@ site code, and ``secaggplus_mod`` masks the weights after the egress guard has c
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,43 @@ def _reply(msg: Message, reply: Any) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Let no raw exception out of a handler: Flower would send its text to the server, and it can hold a
+    path or a tag value. Each becomes a :class:`fl_client.failures.SiteFailure` (a reason code and a
+    sentence), with the details kept in the site's error log; a refusal's own text is the site's already."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        from fl_client.federated import Refused
+
+        try:
+            return handler(msg, context)
+        except Refused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as a code and a sentence
+            raise _site_failure(msg, context, exc) from None
+
+    return guarded
+
+
+def _site_failure(msg: Message, context: Context, exc: Exception) -> Exception:
+    from fl_client.failures import SiteFailure, failure_of, record_failure
+    from fl_client.federated import site_from_config
+
+    if isinstance(exc, SiteFailure):
+        return exc
+    failure = failure_of(exc)
+    try:
+        site = site_from_config(dict(context.node_config), dict(context.run_config))
+        site_id, workspace = site.site_id, site.workspace
+    except Exception:  # noqa: BLE001 - no workspace to write to: the failure still leaves without details
+        site_id, workspace = str(context.node_config.get("site-id") or "?"), None
+    config: dict[str, Any] = dict(msg.content["config"]) if msg.has_content() and "config" in msg.content else {}
+    record_failure(workspace, failure, run=str(config.get("run-id") or msg.metadata.run_id),
+                   round_number=int(config.get("server-round", 0) or 0), exc=exc)
+    return SiteFailure(site_id, failure)
+
+
 def _secure_aggregation(msg: Message, context: Context, call_next: Any) -> Message:
     """Flower's SecAgg+ protocol around training, for the messages of a secure-aggregation run only."""
     if "secaggplus_configs" in msg.content.config_records:
@@ -66,6 +105,7 @@ def _secure_aggregation(msg: Message, context: Context, call_next: Any) -> Messa
 
 
 @app.train(mods=[_secure_aggregation])
+@_guarded
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's training split."""
     from fl_client.federated import fit
@@ -87,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on one split of the site's data (``val`` unless the config says)."""
     from fl_client.federated import evaluate as evaluate_site
@@ -127,8 +168,10 @@ def refusal_message(msg: Message, site: Any, *, task: str, code: str, detail: st
 
 
 def _check_split(split: str | None) -> None:
+    from models.config import ConfigError
+
     if split is not None and split not in ("train", "val", "test"):
-        raise ValueError(f"unknown split {split!r} in the round config: expected train, val or test")
+        raise ConfigError(f"unknown split {split[:20]!r} in the round config: expected train, val or test")
 
 
 # -- Flower's legacy records: what its SecAgg+ workflow speaks (secure-aggregation=true) ------------------

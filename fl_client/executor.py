@@ -15,10 +15,10 @@ code would run on the hospital's data. ``oncofed-site join`` therefore starts th
 4. forks a child from this warm process (torch, MONAI and oncofed are imported once, at start) and
    runs the site's installed ClientApp, :data:`fl_client.app.app`, in it; the child pushes the reply.
    One task's crash, leak or stray state dies with its child;
-5. turns any failure into a failed reply with a reason code and a sentence written here (never the
-   exception's text, which may hold a path), logs the details locally, and appends the failure to
-   the egress log like any reply. A child killed outright (``kill -9``, out of memory) is answered by
-   the parent the same way. The next task is served normally.
+5. turns any failure into a failed reply with a reason code and a sentence (:mod:`fl_client.failures`;
+   never the exception's text, which may hold a path), keeps the details in the site's error log and
+   appends the failure to the egress log like any reply. A child killed outright (``kill -9``, out of
+   memory) is answered by the parent the same way. The next task is served normally.
 
 Run by ``join`` (see :class:`fl_client.join.SuperNode`); ``python -m fl_client.executor --help``.
 """
@@ -34,11 +34,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
+
+from fl_client.failures import Failure, FailureCode, SiteFailure, failure_of, record_failure
 
 APP_ID = "oncofed/oncofed"  # [tool.flwr.app] publisher / [project] name
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
@@ -48,42 +49,6 @@ _REPLIED = b"R"
 def installed_app() -> str:
     """``publisher/name==version`` of the oncofed installed at this site."""
     return f"{APP_ID}=={importlib.metadata.version('oncofed')}"
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A failed task as it leaves the site: a reason code and a sentence with no path, UID or tag value."""
-
-    code: str
-    sentence: str
-
-    def reason(self, site_id: str) -> str:
-        return f"oncofed site {site_id}: {self.code}: {self.sentence}"
-
-
-def failure_of(exc: BaseException) -> Failure:
-    """The PHI-free account of an exception raised while serving a task (its text is never used, except for
-    messages the site's own code wrote to leave the site)."""
-    from fl_client.egress import EgressError
-    from fl_client.federated import Refused, SiteConfigError
-    from models.config import ConfigError
-
-    if isinstance(exc, Refused):
-        return Failure(exc.code or "refused", str(exc))
-    if isinstance(exc, EgressError):
-        return Failure("egress-refused", "the site's egress guard stopped the reply; nothing was sent")
-    if isinstance(exc, ConfigError):
-        # Names a run-config key and the value the lead sent: nothing of the site's.
-        return Failure("run-config", " ".join(str(exc).split())[:200])
-    if isinstance(exc, SiteConfigError):
-        return Failure("site-config", "the site's SuperNode is not configured with an ingested workspace")
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
-        return Failure("data-unreadable", "a file the site ingested could not be read: restore it or ingest again")
-    if isinstance(exc, MemoryError):
-        return Failure("out-of-memory", "the site ran out of memory on this task")
-    if isinstance(exc, OSError):
-        return Failure("io-error", f"an input/output error at the site (errno {exc.errno})")
-    return Failure("site-error", f"{type(exc).__name__} at the site; the site's executor log has the details")
 
 
 def _say(text: str) -> None:
@@ -158,25 +123,17 @@ def _site_of(context: Any) -> tuple[str, Path | None]:
     return str(config.get("site-id") or "?"), Path(str(workspace)) if workspace else None
 
 
-def _log_failure(context: Any, message: Any, failure: Failure) -> None:
-    """Append a failed reply to the site's egress log (it leaves the site like any reply)."""
-    from fl_client.egress import EgressLog
-
-    _, workspace = _site_of(context)
-    if workspace is None or not workspace.is_dir():
-        return
-    config = dict(message.content["config"]) if message.has_content() and "config" in message.content else {}
-    EgressLog(workspace).append(run=str(config.get("run-id") or message.metadata.run_id),
-                                round_number=int(config.get("server-round", 0) or 0), kind="error", arrays={},
-                                metrics={}, strings={"reason": failure.code, "detail": failure.sentence})
-
-
-def _error_reply(message: Any, context: Any, failure: Failure) -> Any:
+def _error_reply(message: Any, context: Any, exc: BaseException | None, failure: Failure) -> Any:
+    """The failed reply for ``message``; the failure is recorded at the site unless the handler already did
+    (a :class:`fl_client.failures.SiteFailure`)."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
-    site_id, _ = _site_of(context)
-    _log_failure(context, message, failure)
+    site_id, workspace = _site_of(context)
+    if not isinstance(exc, SiteFailure):
+        config = dict(message.content["config"]) if message.has_content() and "config" in message.content else {}
+        record_failure(workspace, failure, run=str(config.get("run-id") or message.metadata.run_id),
+                       round_number=int(config.get("server-round", 0) or 0), exc=exc)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure.reason(site_id)),
                    reply_to=message)
 
@@ -228,11 +185,10 @@ def _child(address: str, token: str, message: Any, context: Any, run: Any, fab: 
     try:
         reply = serve_task(message, context, run, fab)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a PHI-free reply
-        traceback.print_exc()  # the site's own log (WS/supernode/supernode.log), never sent
         failure = failure_of(exc)
         site_id, _ = _site_of(context)
         status, details = SubStatus.FAILED, failure.reason(site_id)
-        reply = _error_reply(message, context, failure)
+        reply = _error_reply(message, context, exc, failure)
     t1 = time.perf_counter()
     push_message(client, reply, context)
     os.write(pipe, _REPLIED)
@@ -336,10 +292,10 @@ class Executor:
         if not replied:
             # The child died before its reply went out: answer for it.
             how = (f"signal {-status}" if status < 0 else f"exit code {status}")
-            failure = Failure("task-crashed", f"the site's task process ended abnormally ({how}); the site's "
-                                              "executor log has the details")
+            failure = Failure(FailureCode.TASK_CRASHED, f"the site's task process ended abnormally ({how}); the "
+                                                        "site's executor log has the details")
             with contextlib.suppress(Exception):
-                push_message(client, _error_reply(message, context, failure), context)
+                push_message(client, _error_reply(message, context, None, failure), context)
             with contextlib.suppress(Exception):
                 push_task_output(client, context, SubStatus.FAILED, failure.reason(_site_of(context)[0]))
             _say(f"task {task_id} ({kind}, run {run.run_id}): the task process died ({how}); failed reply sent")

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from fl_client.app import app
 from fl_client.cli import main as site_main
 from fl_client.egress import EgressLog
-from fl_client.executor import failure_of
+from fl_client.failures import ERROR_LOG, SiteFailure, failure_of
 from fl_client.federated import BUNDLE_HASH_KEY, BUNDLE_KEY, Refused, run_manifest
 from fl_client.policy import PolicyError, Refusal, RunBook, RunState, SitePolicy
 from fl_client.privacy import PrivacyLedger
@@ -171,6 +171,32 @@ def test_failures_leave_the_site_as_a_code_and_a_sentence_without_the_exceptions
     assert reason.startswith(f"oncofed site a: {code}: ")
     for secret in ("Doe", "Jane", "/data", "1.2.826", "IM0001"):
         assert secret not in reason
+
+
+def test_a_handler_failure_leaves_as_a_code_and_a_sentence_and_the_details_stay(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fl_client.federated
+
+    def moved(*_: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory", "/data/Doe^Jane_1960/MG/IM0001.dcm")
+
+    monkeypatch.setattr(fl_client.federated, "load_site_data", moved)
+    with pytest.raises(SiteFailure) as info:
+        _call(workspace)
+    assert str(info.value) == ("oncofed site a: data-unreadable: a file the site ingested could not be read: "
+                               "restore it or ingest again")
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained text to format
+    (error,) = [r for r in EgressLog(workspace).records() if r.kind == "error"]
+    assert error.strings == {"reason": "data-unreadable", "detail": info.value.failure.sentence}
+    assert error.run == "lead-7" and error.round == 1
+    assert "/data/Doe^Jane_1960/MG/IM0001.dcm" in (workspace / ERROR_LOG).read_text()  # kept at the site
+    # A run-config mistake of the lead's names the key; the refusal of a split the site does not know too.
+    msg = _message()
+    msg.content["config"]["evaluate-split"] = "everything"
+    context = Context(run_id=7, node_id=1, node_config={"workspace": str(workspace), "site-id": "a"},
+                      state=RecordDict(), run_config=dict(RUN_CONFIG))
+    with pytest.raises(SiteFailure, match="run-config: unknown split 'everything'"):
+        app(message=msg, context=context)
 
 
 def test_a_run_config_error_names_the_key_the_lead_sent() -> None:
