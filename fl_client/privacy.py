@@ -2,8 +2,12 @@
 
 The site owns its budget: the ceiling (ε_max, δ) is set by the site's own user in the workspace
 (``oncofed-site privacy --set-budget``), never by a run configuration or anything from the network.
-Every DP training session appends one line to ``privacy/ledger.jsonl`` (run, round, steps, sample rate,
-noise multiplier, clipping norm, δ and the cumulative ε). The cumulative ε is computed by the Opacus
+Every DP training session is written ahead of its first step: :meth:`PrivacyLedger.reserve` appends the
+session with all the steps it plans (run, round, steps, sample rate, noise multiplier, clipping norm, δ
+and the cumulative ε), fsynced, before training starts; :meth:`PrivacyLedger.settle` appends the same
+session again with the steps actually taken once training stops. The last line of a session counts, so
+a process killed at any point (``kill -9``, out of memory, power loss) leaves its whole planned spend in
+the ledger: the site can only over-count, never forget. The cumulative ε is computed by the Opacus
 accountant over the *whole* history of the site - across rounds and across runs - so it never
 forgets a session the way a fresh ``PrivacyEngine`` per round would. A session that would push the
 cumulative ε past the ceiling is refused before any training, and nothing is sent.
@@ -15,6 +19,7 @@ import json
 import math
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +57,11 @@ class Budget:
 
 @dataclass(frozen=True)
 class Session:
-    """One DP-SGD training session (one round of one run, or one local run)."""
+    """One DP-SGD training session (one round of one run, or one local run).
+
+    ``status`` is ``planned`` while it trains (``steps`` then counts every step it may take) and ``done``
+    once settled with the steps taken; ``id`` ties the two lines of one session together.
+    """
 
     time: str
     run_id: str
@@ -66,6 +75,8 @@ class Session:
     accountant: str
     epsilon_cumulative: float
     samples: int
+    id: str = ""
+    status: str = "done"
 
 
 def _accountant(kind: str) -> RDPAccountant | PRVAccountant:
@@ -159,18 +170,19 @@ class PrivacyLedger:
         """
         if not self.ledger_path.exists():
             return []
-        out = []
+        out: dict[str, Session] = {}  # a session's last line counts (planned, then done)
         for number, line in enumerate(self.ledger_path.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 data = json.loads(line)
                 data.pop("schema", None)
-                out.append(Session(**data))
+                session = Session(**data)
             except (json.JSONDecodeError, TypeError) as exc:
                 raise PrivacyError(f"{self.ledger_path} line {number} is damaged ({exc}); restore it from a backup"
                                    ) from None
-        return out
+            out[session.id or f"line-{number}"] = session
+        return [s for s in out.values() if s.steps > 0]
 
     @staticmethod
     def _epsilon(sessions: list[Session], delta: float, extra: tuple[float, float, int, str] | None = None) -> float:
@@ -227,14 +239,39 @@ class PrivacyLedger:
     def record(self, *, run_id: str, round: int, task: str, steps: int, sample_rate: float, noise_multiplier: float,
                max_grad_norm: float, samples: int, accountant: str = "rdp") -> Session:
         """Append a finished session (flushed and synced to disk before returning)."""
+        return self._append(run_id=run_id, round=round, task=task, steps=steps, sample_rate=sample_rate,
+                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, samples=samples,
+                            accountant=accountant, id=uuid.uuid4().hex, status="done")
+
+    def reserve(self, *, run_id: str, round: int, task: str, steps: int, sample_rate: float, noise_multiplier: float,
+                max_grad_norm: float, samples: int, accountant: str = "rdp") -> Session:
+        """Check a session against the ceiling and write it ahead with every step it plans, before its first step.
+
+        Raises:
+            NoBudget: No ceiling set.
+            BudgetExceeded: The session would pass the ceiling (nothing is written, trained or sent).
+        """
+        self.check(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, accountant=accountant)
+        return self._append(run_id=run_id, round=round, task=task, steps=steps, sample_rate=sample_rate,
+                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, samples=samples,
+                            accountant=accountant, id=uuid.uuid4().hex, status="planned")
+
+    def settle(self, planned: Session, *, steps: int) -> Session:
+        """Close a reserved session with the steps it took (at most those planned; 0 if it never stepped)."""
+        taken = max(0, min(int(steps), planned.steps))
+        kept = {k: v for k, v in asdict(planned).items() if k not in ("time", "epsilon_cumulative", "delta", "steps",
+                                                                       "status")}
+        return self._append(**kept, steps=taken, status="done")
+
+    def _append(self, *, id: str, status: str, steps: int, noise_multiplier: float, sample_rate: float,
+                accountant: str, **fields: Any) -> Session:
         budget = self.require_budget()
-        cumulative = self._epsilon(self.sessions(), budget.delta, (noise_multiplier, sample_rate, steps, accountant))
-        session = Session(
-            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run_id=run_id, round=round, task=task, steps=steps,
-            sample_rate=sample_rate, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            delta=budget.delta, accountant=accountant,
-            epsilon_cumulative=cumulative, samples=samples,
-        )
+        others = [s for s in self.sessions() if s.id != id]
+        extra = (noise_multiplier, sample_rate, steps, accountant) if steps > 0 else None
+        cumulative = self._epsilon(others, budget.delta, extra) if others or extra else 0.0
+        session = Session(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), steps=steps, noise_multiplier=noise_multiplier,
+                          sample_rate=sample_rate, accountant=accountant, delta=budget.delta,
+                          epsilon_cumulative=cumulative, id=id, status=status, **fields)
         self.folder.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"schema": LEDGER_SCHEMA, **asdict(session)}, separators=(",", ":"))
         with self.ledger_path.open("a") as fh:

@@ -2,8 +2,10 @@
 
 Each federated round calls :func:`train_local` and :func:`evaluate_local`; the site-local baseline
 (``oncofed-site train-local``) calls them over several epochs. Under DP, the noise multiplier is
-calibrated once per run from the run's ε, δ and the steps the site plans over the whole run, the
-site's ledger is checked before any step and written after the last one.
+calibrated once per run from the run's ε, δ and the steps the site plans over the whole run; the
+session is checked against the site's ceiling and written ahead into its ledger with every step it
+plans before the first step, then settled with the steps taken (a killed process over-counts, never
+forgets).
 """
 
 from __future__ import annotations
@@ -216,12 +218,13 @@ def train_local(
     model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)
     trained: nn.Module = model
     steps_per_epoch = len(loader)
+    reservation = None
     if dp is not None:
         if ledger is None:
             raise ValueError("a DP session needs the site's ledger")
-        steps = int(round(epochs / dp.sample_rate))
-        ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps,
-                     accountant=dp.accountant)
+        # Refused now if it would pass the ceiling (nothing trained); written ahead just before the first step.
+        ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                     steps=int(round(epochs / dp.sample_rate)), accountant=dp.accountant)
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=dp.accountant)
@@ -283,6 +286,12 @@ def train_local(
                 trained.train()
         progress.update(loss=total_loss, seen=seen, steps=steps)
 
+    if dp is not None and ledger is not None:
+        # Written ahead: the ledger holds every step this session may take before the first one is taken.
+        reservation = ledger.reserve(run_id=run_id, round=round_number, task=task,
+                                     steps=int(round(epochs / dp.sample_rate)), sample_rate=dp.sample_rate,
+                                     noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, samples=n,
+                                     accountant=dp.accountant)
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -291,14 +300,12 @@ def train_local(
             warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
             run_epochs()
     finally:
-        # Under DP every step taken counts, even if training stopped half-way: record what was spent.
+        # Under DP every step taken counts, even if training stopped half-way: settle the reservation with the
+        # steps taken (a process killed before this line leaves the whole reservation counted).
         steps = int(progress["steps"])
         session_epsilon = None
-        if dp is not None and ledger is not None and steps > 0:
-            session = ledger.record(run_id=run_id, round=round_number, task=task, steps=steps,
-                                    sample_rate=dp.sample_rate, noise_multiplier=dp.noise_multiplier,
-                                    max_grad_norm=dp.max_grad_norm, samples=n, accountant=dp.accountant)
-            session_epsilon = session.epsilon_cumulative
+        if reservation is not None and ledger is not None:
+            session_epsilon = ledger.settle(reservation, steps=steps).epsilon_cumulative
         close = getattr(trained, "_close", None)
         if dp is not None and callable(close):
             close()  # remove Opacus' hooks so the plain model can be reused

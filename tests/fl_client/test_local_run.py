@@ -115,3 +115,38 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
                          (["--model", str(model_dir / "model.pt"), "--method", "lime"], "expected gradcam")]:
         bad = run("explain", "--workspace", str(workspaces[0]), "--out", str(tmp_path / "bad"), *args)
         assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_dp_spend_is_written_ahead_and_survives_kill_9(workspaces: list[Path], tmp_path: Path) -> None:
+    import shutil
+    import signal
+    import time
+
+    from fl_client.privacy import PrivacyLedger
+
+    ws = tmp_path / "site"
+    shutil.copytree(workspaces[1], ws)
+    assert run("privacy", "--workspace", str(ws), "--set-budget", "50", "--delta", "1e-5").returncode == 0
+    ledger = PrivacyLedger(ws)
+    proc = subprocess.Popen([sys.executable, "-m", "fl_client.cli", "train-local", "--workspace", str(ws), "--task",
+                             "prostate-mr", "--out", str(tmp_path / "out"), "--epochs", "40", "--dp-epsilon", "3",
+                             "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ledger.ledger_path.exists() and '"status":"planned"' in ledger.ledger_path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never reserved its DP spend"
+            time.sleep(0.05)
+        time.sleep(1.0)  # in the middle of its steps
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (session,) = ledger.sessions()
+    # The whole planned session counts: the site can only over-count a killed run, never forget it.
+    assert session.status == "planned" and session.steps >= 40
+    assert 0 < ledger.spent() == session.epsilon_cumulative <= 3.05
+    # A later session counts on top of it.
+    later = ledger.record(run_id="later", round=1, task="prostate-mr", steps=10, sample_rate=session.sample_rate,
+                          noise_multiplier=session.noise_multiplier, max_grad_norm=1.0, samples=session.samples)
+    assert later.epsilon_cumulative > session.epsilon_cumulative
