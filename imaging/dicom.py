@@ -16,6 +16,7 @@ Every failure is a :class:`~imaging.errors.DicomError` that names the file and t
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ ORIENTATION_TOL = 1e-3  # direction cosine difference
 POSITION_TOL_MM = 0.01  # positions closer than this along the normal are duplicates
 SPACING_REL_TOL = 0.05  # a gap may differ from the median spacing by this fraction
 SHEAR_TOL_MM = 0.1  # in-plane drift between consecutive slices (gantry tilt)
+
+# What an image's values may be: anything else is a broken or hostile file, never "close enough".
+MAX_PIXEL_SPACING_MM = 100.0
+MAX_POSITION_MM = 1e5
+UNIT_TOL = 1e-2  # direction cosines: unit length and orthogonal within this
+MAX_RESCALE = 1e6
+# Memory is bounded by the bytes on disk: compressed pixel data may decode to at most this many times the
+# file's size (lossless ratios of real images are below 10), or to SMALL_IMAGE_BYTES whatever the file (a
+# nearly uniform image compresses far better); uncompressed pixel data must be in the file.
+MAX_COMPRESSION_RATIO = 64
+SMALL_IMAGE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -277,7 +289,8 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
             continue
         for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
             value = _floats(source.get(keyword), 2)
-            if value is not None and min(value) > 0:
+            # 0\0 means "not known": try the next attribute. NaN or inf is kept, for the value check to name.
+            if value is not None and (min(value) > 0 or not all(map(math.isfinite, value))):
                 return (value[0], value[1])
     return None
 
@@ -355,6 +368,8 @@ def _header(path: Path, st: os.stat_result, ds: FileDataset) -> InstanceHeader:
     # stop_before_pixels leaves PixelData out; an image IOD always has Rows/Columns.
     has_pixels = rows > 0 and cols > 0
     n_frames = _int(ds, "NumberOfFrames", 1) if has_pixels else 0
+    if has_pixels:
+        _check_declared_size(path, st.st_size, ds, meta, rows, cols, n_frames)
     modality = _str(ds, "Modality").upper()
     return InstanceHeader(
         path=path,
@@ -391,6 +406,67 @@ def _header(path: Path, st: os.stat_result, ds: FileDataset) -> InstanceHeader:
         has_pixels=has_pixels,
         frames=_frames(ds, n_frames) if has_pixels else (),
     )
+
+
+def _check_declared_size(path: Path, file_bytes: int, ds: Dataset, meta: Dataset | None, rows: int, cols: int,
+                         n_frames: int) -> None:
+    """Raise unless the bytes on disk can hold the image the header declares (before anything is allocated).
+
+    Raises:
+        DicomError: ``implausible-size`` (no frame, or more decoded bytes than the compression limit allows) or
+            ``truncated-pixel-data`` (uncompressed pixel data larger than the file).
+    """
+    if n_frames < 1:
+        raise DicomError(path, Reason.IMPLAUSIBLE_SIZE,
+                         f"NumberOfFrames = {n_frames}: an image has at least one frame; re-export the file")
+    samples = max(1, int(_int(ds, "SamplesPerPixel", 1) or 1))
+    if _str(ds, "PhotometricInterpretation").upper().endswith("_422"):
+        samples = 2  # chroma subsampled: two values per pixel on average
+    bits = max(1, int(_int(ds, "BitsAllocated", 16) or 16))
+    declared = rows * cols * n_frames * samples * bits // 8
+    syntax = _str(meta, "TransferSyntaxUID") if meta is not None else ""
+    uid = pydicom.uid.UID(syntax) if syntax else None
+    compressed = uid is not None and uid.is_transfer_syntax and (uid.is_compressed or uid.is_deflated)
+    if compressed and declared > max(MAX_COMPRESSION_RATIO * file_bytes, SMALL_IMAGE_BYTES):
+        raise DicomError(path, Reason.IMPLAUSIBLE_SIZE,
+                         f"{rows}x{cols} pixels x {n_frames} frame(s) would decode to {declared / 2**20:.0f} MiB "
+                         f"from {file_bytes / 2**10:.0f} KiB on disk (more than {MAX_COMPRESSION_RATIO}x): the "
+                         "header is wrong or the file is hostile; re-export it")
+    if not compressed and declared > file_bytes:
+        raise DicomError(path, Reason.TRUNCATED_PIXEL_DATA,
+                         f"{rows}x{cols} pixels x {n_frames} frame(s) need {declared:,} bytes; the file holds "
+                         f"{file_bytes:,}: it was cut short or its header is wrong; copy it again")
+
+
+def _check_values(h: InstanceHeader) -> None:
+    """Raise unless every geometry and rescale value of an image is finite and sane (NaN passes no tolerance
+    check by itself: each value is checked here, once, before any is used).
+
+    Raises:
+        DicomError: ``invalid-geometry`` or ``invalid-rescale``, naming the value.
+    """
+    def finite(values: Sequence[float], bound: float) -> bool:
+        return all(math.isfinite(v) and abs(v) <= bound for v in values)
+
+    if h.pixel_spacing is not None and not (finite(h.pixel_spacing, MAX_PIXEL_SPACING_MM)
+                                            and min(h.pixel_spacing) > 0):
+        raise DicomError(h.path, Reason.INVALID_GEOMETRY,
+                         f"PixelSpacing {h.pixel_spacing} is not a spacing (0 to {MAX_PIXEL_SPACING_MM:g} mm)")
+    for f in h.frames:
+        if f.position is not None and not finite(f.position, MAX_POSITION_MM):
+            raise DicomError(h.path, Reason.INVALID_GEOMETRY,
+                             f"ImagePositionPatient {f.position} of frame {f.index} is not a position")
+        if f.orientation is not None:
+            row, col = np.asarray(f.orientation[:3], float), np.asarray(f.orientation[3:], float)
+            if not (finite(f.orientation, 1.0 + UNIT_TOL) and abs(np.linalg.norm(row) - 1) <= UNIT_TOL
+                    and abs(np.linalg.norm(col) - 1) <= UNIT_TOL and abs(float(row @ col)) <= UNIT_TOL):
+                raise DicomError(h.path, Reason.INVALID_GEOMETRY,
+                                 f"ImageOrientationPatient {f.orientation} of frame {f.index} is not two orthogonal "
+                                 "unit vectors")
+        if not (finite((f.slope, f.intercept), MAX_RESCALE) and f.slope != 0):
+            raise DicomError(h.path, Reason.INVALID_RESCALE,
+                             f"RescaleSlope {f.slope} / RescaleIntercept {f.intercept} of frame {f.index} cannot map "
+                             "stored values to modality values")
 
 
 def usable_modality(header: InstanceHeader) -> None:
@@ -444,6 +520,12 @@ def plan_images(headers: Sequence[InstanceHeader]) -> list[ImagePlan]:
     first = min(headers, key=lambda h: str(h.path))
     for h in headers:
         usable_modality(h)
+        _check_values(h)
+    for what, values in (("studies", {h.study_uid for h in headers}), ("modalities", {h.modality for h in headers})):
+        if len(values) > 1:
+            raise DicomError(first.path, Reason.MIXED_SERIES,
+                             f"one SeriesInstanceUID spans {len(values)} {what}: the files are mislabelled; "
+                             "re-export them from the PACS")
     sizes = {(h.rows, h.cols) for h in headers}
     if len(sizes) > 1:
         raise DicomError(

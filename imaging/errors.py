@@ -28,6 +28,10 @@ class Reason(StrEnum):
     UNEVEN_SPACING = "uneven-spacing"
     SHEARED_GEOMETRY = "sheared-geometry"
     TOO_FEW_SLICES = "too-few-slices"
+    IMPLAUSIBLE_SIZE = "implausible-size"  # declared sizes the bytes on disk cannot hold
+    INVALID_GEOMETRY = "invalid-geometry"  # a spacing, position or orientation that is not finite and sane
+    INVALID_RESCALE = "invalid-rescale"  # a rescale slope or intercept that is not finite and sane
+    MIXED_SERIES = "mixed-series"  # one SeriesInstanceUID over several studies or modalities
 
 
 class DicomError(Exception):
