@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_series ON files(series_uid);
 CREATE INDEX IF NOT EXISTS files_source ON files(source);
+-- Series whose files changed and that have not been checked since: written with the files, removed with the
+-- series' own check, so an ingest killed in between checks them on its next run.
+CREATE TABLE IF NOT EXISTS pending_series (series_uid TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
     patient_id TEXT NOT NULL,

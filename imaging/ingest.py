@@ -10,6 +10,12 @@ The folder may hold files of any name in nested folders and DICOMDIR sets. Inges
    plans its images (slice order, geometry checks) and decodes the pixels once to prove they decode;
 4. records every file, series and image with its status and reason. One bad file or series never
    stops the others.
+
+Ingest is crash-safe: the files found and the series they make dirty are written in one transaction
+(``pending_series``), and each series' check replaces its rows and clears its mark in another. A run
+killed at any point (``kill -9``, power loss) leaves either the old state or a marked series, and the
+next run checks every marked series even though its files are unchanged: it ends with the same catalog
+as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -110,10 +116,14 @@ def ingest_folder(
 
     known = catalog.file_rows(str(root))
     files = list(walk_files(root))
+    # Series an earlier run marked but did not finish checking (it was killed): checked again now.
+    interrupted = {r[0] for r in catalog.db.execute(
+        "SELECT series_uid FROM pending_series WHERE series_uid IN (SELECT series_uid FROM files WHERE source=?)",
+        (str(root),))}
     report.files_seen = len(files)
     on_disk = {str(p) for p, _ in files}
 
-    dirty_series: set[str] = set()
+    dirty_series: set[str] = set(interrupted)
     new_headers: dict[str, InstanceHeader] = {}
     file_rows: list[tuple] = []  # rows to write for new or changed files
     dicomdirs: list[Path] = []
@@ -171,12 +181,14 @@ def ingest_folder(
                          None, None),
                     )
         _reject_duplicates(db, dirty_series)
+        db.executemany("INSERT OR IGNORE INTO pending_series VALUES (?)", [(u,) for u in dirty_series])
 
     series_list = sorted(dirty_series)
     for i, series_uid in enumerate(series_list):
         tick("series", i, len(series_list))
-        with catalog.transaction():
+        with catalog.transaction() as db:
             decoded = _check_series(catalog, series_uid)
+            db.execute("DELETE FROM pending_series WHERE series_uid=?", (series_uid,))
         report.series_checked += 1
         report.images_decoded += decoded
     tick("series", len(series_list), len(series_list))
@@ -192,7 +204,7 @@ def _reject_duplicates(db: sqlite3.Connection, dirty_series: set[str]) -> None:
     """Reject all but the first file (by path) of each SOPInstanceUID held by several files."""
     rows = db.execute(
         """
-        SELECT path, sop_instance_uid, series_uid FROM files
+        SELECT path, sop_instance_uid, series_uid, status FROM files
         WHERE sop_instance_uid IN (
             SELECT sop_instance_uid FROM files
             WHERE sop_instance_uid IS NOT NULL AND (status = 'ok' OR reason = ?)
@@ -202,17 +214,20 @@ def _reject_duplicates(db: sqlite3.Connection, dirty_series: set[str]) -> None:
         (Reason.DUPLICATE_INSTANCE,),
     ).fetchall()
     keeper: dict[str, str] = {}
-    for path, sop, series in rows:
+    for path, sop, series, status in rows:
         if sop not in keeper:
             keeper[sop] = path
-            db.execute("UPDATE files SET status='ok', reason=NULL, message=NULL WHERE path=?", (path,))
+            if status != Status.OK:  # it takes the place of a copy: its series changes
+                db.execute("UPDATE files SET status='ok', reason=NULL, message=NULL WHERE path=?", (path,))
+                dirty_series.add(series)
             continue
-        db.execute(
-            "UPDATE files SET status=?, reason=?, message=? WHERE path=?",
-            (Status.REJECTED, Reason.DUPLICATE_INSTANCE,
-             f"same SOPInstanceUID as {keeper[sop]}; a copy of that file (only the first is used)", path),
-        )
-        dirty_series.add(series)
+        if status == Status.OK:  # newly found to be a copy: its series changes (unchanged otherwise)
+            db.execute(
+                "UPDATE files SET status=?, reason=?, message=? WHERE path=?",
+                (Status.REJECTED, Reason.DUPLICATE_INSTANCE,
+                 f"same SOPInstanceUID as {keeper[sop]}; a copy of that file (only the first is used)", path),
+            )
+            dirty_series.add(series)
 
 
 def _check_series(catalog: Catalog, series_uid: str) -> int:
