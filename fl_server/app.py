@@ -1,15 +1,9 @@
 """The consortium's Flower ServerApp: builds the global model, runs the composed strategy, checkpoints
 every round, evaluates the final model on every site's test split, and writes the run report.
 
-Run-config keys read here besides the shared ones (defaults in ``pyproject.toml``):
-
-- ``run-dir``: where the run's checkpoints, history and report go (default ``~/oncofed-runs/<run id>``);
-- ``resume``: a run directory to continue from its last checkpoint (same configuration);
-- ``update-norm-factor``: drop an update whose norm exceeds this many times the others' median;
-- ``final-evaluation``: evaluate on each site's test split after the last round (default true);
-- ``round-timeout``: seconds to wait for the sites' replies in a round;
-- ``evaluate-in-train``: sites evaluate the model they receive inside the next training message
-  (default true: half the messages per round; false sends evaluation messages of their own).
+The server's own run-config keys (``run-dir``, ``resume``, ``update-norm-factor``, ``final-evaluation``,
+``round-timeout``, ``evaluate-in-train``, secure aggregation's) are parsed and checked with the others
+into :class:`models.config.ServerSpec`; defaults in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -65,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
 
     torch.manual_seed(config.training.seed)
     reference = state_arrays(build_model(config.model))
-    resume = str(flat_config.get("resume") or "")
+    srv = config.server
+    resume = srv.resume
     offset = 0
     if resume:
         store, arrays, offset = RunStore.resume(Path(resume))
@@ -81,22 +76,22 @@ def main(grid: Grid, context: Context) -> None:
             initial = pack(reference)
         log.info("oncofed: resuming %s after round %d", store.root, offset)
     else:
-        run_dir = str(flat_config.get("run-dir") or f"~/oncofed-runs/run-{context.run_id}")
+        run_dir = srv.run_dir or f"~/oncofed-runs/run-{context.run_id}"
         store = RunStore.create(Path(run_dir), run_id=str(context.run_id), run_config=flat_config)
         initial = pack(reference)
         log.info("oncofed: run directory %s", store.root)
     remaining = config.federation.num_rounds - offset
-    in_train = _flag(flat_config.get("evaluate-in-train", True))
+    in_train = srv.evaluate_in_train
     strategy = ConsortiumStrategy(build_strategy(config), store=store, reference=reference,
                                   run_config=flat_config, round_offset=offset,
-                                  norm_factor=float(flat_config.get("update-norm-factor", 10.0)),
+                                  norm_factor=srv.update_norm_factor,
                                   evaluate_in_train=in_train,
                                   on_round=lambda r: log.info("oncofed: %s", progress_line(r)))
-    timeout = float(flat_config.get("round-timeout", 3600))
+    timeout = srv.round_timeout
     run_tag = ConfigRecord({"run-id": store.history["run_id"]})
     t0 = time.perf_counter()
     final_arrays = packed_record(initial)
-    secure = _flag(flat_config.get("secure-aggregation", False))
+    secure = srv.secure_aggregation
     if secure:
         in_train = False
         if remaining > 0:
@@ -112,12 +107,12 @@ def main(grid: Grid, context: Context) -> None:
                                 evaluate_config=ConfigRecord(dict(run_tag)), evaluate_fn=strategy.end_of_round)
         final_arrays = result.arrays if result.arrays is not None and len(result.arrays) else final_arrays
     store.history["train_seconds"] = time.perf_counter() - t0
-    if _flag(flat_config.get("final-evaluation", True)) or in_train:
+    if srv.final_evaluation or in_train:
         final, val = final_evaluation(grid, final_arrays, run_id=store.history["run_id"],
                                       round_number=config.federation.num_rounds, timeout=timeout, also_val=in_train)
         if in_train:  # the last model's validation figures come with the final evaluation
             strategy.record_evaluation(config.federation.num_rounds, val)
-        if _flag(flat_config.get("final-evaluation", True)):
+        if srv.final_evaluation:
             store.history["final"] = final
     store.history["finished"] = time.time()
     store.save()
@@ -129,10 +124,6 @@ def main(grid: Grid, context: Context) -> None:
 
     page = write_report(store.root)
     log.info("oncofed: finished; global model %s, report %s", store.root / "model.pt", page)
-
-
-def _flag(value: Any) -> bool:
-    return str(value).strip().lower() not in ("false", "0", "no", "off")
 
 
 def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int, timeout: float,

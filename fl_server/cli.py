@@ -116,6 +116,26 @@ def _launch(console: Console, run_dir: Path, what: str, launch: Callable[[Callab
         tail = "\n".join(outcome.output.splitlines()[-15:])
         raise UserError(f"the run did not finish (exit code {outcome.returncode}); last lines:\n{tail}\n"
                         f"full log: {log_path}")
+    why = nothing_trained(run_dir)
+    if why is not None:
+        raise UserError(f"the run finished but no site trained in any round, so the global model is the initial "
+                        f"one: {why}; see {run_dir / 'report.html'}")
+
+
+def nothing_trained(run_dir: Path) -> str | None:
+    """Why no site trained in a finished run (the refusals and failures of its rounds), or None if one did."""
+    import json
+
+    history = json.loads((run_dir / "history.json").read_text())
+    rounds = [r for r in history.get("rounds", []) if r.get("round", 0) >= 1]
+    if any(r.get("aggregated_sites", 0) > 0 for r in rounds):
+        return None
+    seen: dict[str, str] = {}
+    for r in rounds:
+        for kind in ("refused", "failed", "dropped"):
+            for e in r.get(kind, []):
+                seen.setdefault(str(e.get("site", "?")), f"{kind}: {e.get('reason', '')}")
+    return "; ".join(f"site {site} {what}" for site, what in sorted(seen.items())) or "no site answered"
 
 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:

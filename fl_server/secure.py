@@ -132,13 +132,12 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
         raise ValueError("secure-aggregation needs min-sites of 3 or more: with two sites each could work out the "
                          "other's update from the sum")
     # Each site shares its mask keys with every site; any `threshold` of them can rebuild a drop-out's mask.
-    threshold = int(flat_config.get("reconstruction-threshold", 0)) or sites - 1
+    threshold = config.server.reconstruction_threshold or sites - 1
     if not 2 <= threshold < sites:
         raise ValueError(f"reconstruction-threshold must be from 2 to {sites - 1} (min-sites - 1), got {threshold}")
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
         num_shares=sites, reconstruction_threshold=threshold, max_weight=100000.0,
-        clipping_range=float(flat_config.get("clipping-range", 8.0)),
-        timeout=float(flat_config.get("round-timeout", 3600))))
+        clipping_range=config.server.clipping_range, timeout=config.server.round_timeout))
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining, round_timeout=None),
                            strategy=strategy)
     log.info("oncofed: secure aggregation (SecAgg+): %d shares, reconstruction threshold %d; the server sees "

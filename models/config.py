@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
@@ -169,6 +170,35 @@ class FederationSpec:
 
 
 @dataclass(frozen=True)
+class ServerSpec:
+    """How the server runs the federation (the sites read none of it, except ``sim_sites`` in a simulation).
+
+    Args:
+        run_dir: The run directory (empty: ``~/oncofed-runs/run-<id>``).
+        resume: A run directory to continue from its last checkpoint (empty: a new run).
+        sim_sites: In a simulation, the folder whose sub-folders are the site workspaces.
+        final_evaluation: Evaluate the final model on every site's test split.
+        update_norm_factor: Drop an update whose norm exceeds this many times the others' median.
+        round_timeout: Seconds to wait for the sites' replies in a round.
+        secure_aggregation: Run Flower's SecAgg+ protocol (the server sees only the sum of the updates).
+        evaluate_in_train: Sites evaluate the model they receive inside the next training message.
+        reconstruction_threshold: SecAgg+ shares needed to reconstruct (0: min-sites - 1).
+        clipping_range: SecAgg+ clips each value to plus or minus this before masking.
+    """
+
+    run_dir: str = ""
+    resume: str = ""
+    sim_sites: str = ""
+    final_evaluation: bool = True
+    update_norm_factor: float = 10.0
+    round_timeout: float = 3600.0
+    secure_aggregation: bool = False
+    evaluate_in_train: bool = True
+    reconstruction_threshold: int = 0
+    clipping_range: float = 8.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything the server and the sites agree on for one run."""
 
@@ -176,6 +206,7 @@ class RunConfig:
     training: TrainSpec = field(default_factory=TrainSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     federation: FederationSpec = field(default_factory=FederationSpec)
+    server: ServerSpec = field(default_factory=ServerSpec)
 
     def to_flat(self) -> dict[str, Any]:
         """The flat keys that :func:`from_flat` reads back to an equal config."""
@@ -218,7 +249,10 @@ def _int(text: Any) -> int:
 def _float(text: Any) -> float:
     if isinstance(text, bool):
         raise ValueError("expected a number")
-    return float(str(text).strip()) if not isinstance(text, int | float) else float(text)
+    value = float(str(text).strip()) if not isinstance(text, int | float) else float(text)
+    if not math.isfinite(value):  # NaN passes no range check by itself: no key takes it
+        raise ValueError("expected a finite number")
+    return value
 
 
 def _str(text: Any) -> str:
@@ -254,12 +288,17 @@ KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "min-sites": ("federation", "min_sites", _int),
     "server-learning-rate": ("federation", "server_learning_rate", _float),
     "trim-beta": ("federation", "trim_beta", _float),
+    "run-dir": ("server", "run_dir", _str),
+    "resume": ("server", "resume", _str),
+    "sim-sites": ("server", "sim_sites", _str),
+    "final-evaluation": ("server", "final_evaluation", _bool),
+    "update-norm-factor": ("server", "update_norm_factor", _float),
+    "round-timeout": ("server", "round_timeout", _float),
+    "secure-aggregation": ("server", "secure_aggregation", _bool),
+    "evaluate-in-train": ("server", "evaluate_in_train", _bool),
+    "reconstruction-threshold": ("server", "reconstruction_threshold", _int),
+    "clipping-range": ("server", "clipping_range", _float),
 }
-
-# Keys that belong to other layers of the run (Flower's own, or the server's) and are ignored here.
-PASS_THROUGH = frozenset({"resume", "run-dir", "sim-sites", "final-evaluation", "update-norm-factor",
-                          "round-timeout", "secure-aggregation", "evaluate-in-train",
-                          "reconstruction-threshold", "clipping-range"})
 
 
 def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
@@ -276,8 +315,6 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
     config = base or RunConfig()
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(RunConfig)}
     for key, raw in flat.items():
-        if key in PASS_THROUGH:
-            continue
         if key not in KEYS:
             close = difflib.get_close_matches(key, list(KEYS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
@@ -296,9 +333,10 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
         training=replace(config.training, **sections["training"]),
         privacy=replace(config.privacy, **sections["privacy"]),
         federation=replace(config.federation, **sections["federation"]),
+        server=replace(config.server, **sections["server"]),
     )
     validate(result)
-    secure = str(flat.get("secure-aggregation", "false")).strip().lower() in ("true", "1", "yes", "on")
+    secure = result.server.secure_aggregation
     if secure and result.federation.strategy not in (Strategy.FEDAVG, Strategy.FEDPROX):
         raise ConfigError(f"run-config key 'secure-aggregation': works with strategy fedavg or fedprox, not "
                           f"{result.federation.strategy.value} (the protocol reveals only a weighted sum)")
@@ -350,11 +388,18 @@ def validate(config: RunConfig) -> None:
     _check(0.0 <= f.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5)")
     if f.strategy == Strategy.FEDPROX:
         _check(t.proximal_mu > 0.0, "proximal-mu", "strategy fedprox needs proximal-mu > 0 (e.g. 0.01)")
+    # Checked with DP off too: a site that trains only with DP-SGD uses them whatever the run asks.
+    _check(0.0 < p.epsilon <= 100.0, "dp-epsilon", "must be in (0, 100]; 1-10 is the usual range")
+    _check(0.0 <= p.delta < 1e-2, "dp-delta", "must be 0 (choose below 1/samples) or a small value like 1e-5")
+    _check(p.max_grad_norm > 0.0, "dp-max-grad-norm", "must be above 0 (e.g. 1.0)")
+    srv = config.server
+    _check(srv.update_norm_factor >= 1.0, "update-norm-factor",
+           "must be 1 or more (an update may be this many times the others' median norm); 10 is the default")
+    _check(srv.round_timeout > 0.0, "round-timeout", "must be above 0 seconds (e.g. 3600)")
+    _check(srv.reconstruction_threshold >= 0, "reconstruction-threshold", "must be 0 (min-sites - 1) or more")
+    _check(srv.clipping_range > 0.0, "clipping-range", "must be above 0 (e.g. 8)")
     if p.enabled:
         _check(m.norm != Norm.BATCH, "norm",
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")
-        _check(0.0 < p.epsilon <= 100.0, "dp-epsilon", "must be in (0, 100]; 1-10 is the usual range")
-        _check(0.0 <= p.delta < 1e-2, "dp-delta", "must be 0 (choose below 1/samples) or a small value like 1e-5")
-        _check(p.max_grad_norm > 0.0, "dp-max-grad-norm", "must be above 0 (e.g. 1.0)")
         _check(p.grad_sample_mode != GradSampleMode.EW or m.arch == Arch.COMPACT_CNN, "dp-grad-sample-mode",
                "'ew' does not work on DenseNet; use hooks")

@@ -43,12 +43,29 @@ def test_round_trip_through_flat_keys() -> None:
         ({"dp": "true", "model": "densenet121", "dp-grad-sample-mode": "ew"}, "'ew' does not work on DenseNet"),
         ({"strategy": "fedprox"}, "strategy fedprox needs proximal-mu > 0"),
         ({"model-width": "10"}, "multiple of 4"),
+        ({"update-norm-factor": "nan"}, "'update-norm-factor': 'nan' is not valid (expected a finite number)"),
+        ({"update-norm-factor": "0.5"}, "'update-norm-factor': must be 1 or more"),
+        ({"round-timeout": "-1"}, "'round-timeout': must be above 0"),
+        ({"round-timeout": "inf"}, "expected a finite number"),
+        ({"learning-rate": "nan"}, "'learning-rate': 'nan' is not valid"),
+        ({"dp": "false", "dp-epsilon": "-1"}, "'dp-epsilon': must be in (0, 100]"),  # a DP-only site uses it
+        ({"final-evaluation": "perhaps"}, "'final-evaluation': 'perhaps' is not valid (expected true or false)"),
+        ({"reconstruction-threshold": "-2"}, "'reconstruction-threshold'"),
+        ({"clipping-range": "0"}, "'clipping-range': must be above 0"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key_and_the_fix(flat: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         from_flat(flat)
     assert message in str(exc.value)
+
+
+def test_server_keys_are_typed_and_checked_like_the_others() -> None:
+    srv = from_flat({"run-dir": " runs/a ", "final-evaluation": "false", "round-timeout": "90",
+                     "evaluate-in-train": "no", "update-norm-factor": 4}).server
+    assert (srv.run_dir, srv.final_evaluation, srv.round_timeout, srv.evaluate_in_train, srv.update_norm_factor) == (
+        "runs/a", False, 90.0, False, 4.0)
+    assert from_flat({}).server.final_evaluation and from_flat({}).server.evaluate_in_train
 
 
 def test_batchnorm_is_allowed_without_dp_only() -> None:

@@ -1,0 +1,39 @@
+"""``oncofed-server``'s checks before and after a run: bad run-config values refused in one line, and a run in
+which no site trained is not reported as a success."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fl_server.cli import UserError, nothing_trained, parse_sets
+
+
+@pytest.mark.parametrize(("item", "needle"), [
+    ("update-norm-factor=nan", "expected a finite number"),
+    ("round-timeout=-1", "'round-timeout': must be above 0"),
+    ("dp-epsilon=-1", "'dp-epsilon': must be in (0, 100]"),
+    ("final-evaluation=perhaps", "expected true or false"),
+])
+def test_bad_values_are_refused_before_anything_starts(item: str, needle: str) -> None:
+    with pytest.raises(UserError, match="run-config|--set") as info:
+        parse_sets([item])
+    assert needle in str(info.value)
+
+
+def _history(tmp_path: Path, rounds: list[dict]) -> Path:
+    (tmp_path / "history.json").write_text(json.dumps({"rounds": [{"round": 0, "aggregated_sites": 0}, *rounds]}))
+    return tmp_path
+
+
+def test_a_run_in_which_no_site_trained_says_why(tmp_path: Path) -> None:
+    refused = {"round": 1, "aggregated_sites": 0, "refused": [
+        {"site": "a", "code": "version", "reason": "site a runs oncofed 0.1.0; this run was built with 0.4.0"}],
+        "failed": [{"site": "b", "reason": "oncofed site b: data-unreadable: a file ..."}]}
+    why = nothing_trained(_history(tmp_path, [refused, {**refused, "round": 2}]))
+    assert why == ("site a refused: site a runs oncofed 0.1.0; this run was built with 0.4.0; "
+                   "site b failed: oncofed site b: data-unreadable: a file ...")
+    assert nothing_trained(_history(tmp_path, [{"round": 1, "aggregated_sites": 0}])) == "no site answered"
+    assert nothing_trained(_history(tmp_path, [refused, {"round": 2, "aggregated_sites": 1}])) is None
