@@ -506,7 +506,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_review(args: argparse.Namespace, console: Console) -> int:
-    from fl_client.review import ReviewError, ReviewSession, VerdictStore, load_models, serve
+    from fl_client.review import ReviewError, ReviewSession, VerdictStore, check_address, load_models, serve
     from models.saliency import Method
 
     if not args.workspace.is_dir():
@@ -523,12 +523,13 @@ def cmd_review(args: argparse.Namespace, console: Console) -> int:
     if not args.model:
         raise UserError("give the model to review with --model model.pt (or --export-csv FILE)")
     try:
+        check_address(args.host, args.port)
+    except ReviewError as exc:
+        raise UserError(str(exc)) from None
+    try:
         methods = [Method(m.strip()) for m in args.method.split(",") if m.strip()]
     except ValueError:
         raise UserError(f"--method {args.method}: expected gradcam, gradcampp and/or occlusion") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/] serving on {args.host}: the page has no login of its own; open it "
-                      "beyond this machine only behind the hospital's authenticating proxy")
     try:
         models = load_models(args.model)
         with _progress(console) as bar:
@@ -627,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_review)
     p.add_argument("--model", type=Path, action="append", help="a model.pt to review (one per task; repeatable)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 takes a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="loopback address to listen on: 127.0.0.1 (default), localhost or ::1; the page has no login, "
+                        "so it is never served to the network (use an SSH tunnel from another machine)")
     p.add_argument("--method", default="gradcam,gradcampp",
                    help="saliency methods offered (default gradcam,gradcampp; occlusion is slow)")
     p.add_argument("--export-csv", type=Path, metavar="FILE", help="write every verdict to FILE as CSV and exit")

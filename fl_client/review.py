@@ -192,8 +192,15 @@ class VerdictStore:
         writer.writeheader()
         for row in self.rows():
             row["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["created"]))
-            writer.writerow(row)
+            writer.writerow({k: _inert(v) for k, v in row.items()})
         return out.getvalue()
+
+
+def _inert(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a leading =, +, -, @, tab or CR would start a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 class ReviewSession:
@@ -383,9 +390,91 @@ def page_html(token: str) -> str:
     return text.replace("{{TOKEN}}", token)
 
 
-def create_app(session: ReviewSession, *, token: str | None = None) -> Any:
-    """The FastAPI app of a review session. Changes (verdicts) need the page's token in ``X-Review-Token``,
-    so another web page open in the same browser cannot post verdicts to this server."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+COOKIE = "oncofed_review"
+MAX_POST_BYTES = 64 * 1024
+
+
+class Guard:
+    """ASGI middleware in front of the review app, checked before anything is parsed:
+
+    - the ``Host`` header must name this machine's loopback address (and the server's port): a page of
+      another site whose name an attacker points at 127.0.0.1 (DNS rebinding) gets nothing;
+    - every ``/api/`` request carries the page's token: in ``X-Review-Token``, or for reads (images, the
+      CSV export) in the ``SameSite=Strict`` cookie the page set, which other sites' pages never send;
+      changes (verdicts) need the header;
+    - a request body is at most ``MAX_POST_BYTES`` (declared or streamed).
+
+    Args:
+        app: The review app.
+        token: The page's secret token.
+        port: The port the server is bound to (None: any).
+    """
+
+    def __init__(self, app: Any, *, token: str, port: int | None = None) -> None:
+        self.app = app
+        self.token = token
+        self.port = port
+
+    def _host_ok(self, host: str) -> bool:
+        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        name = name.strip("[]").lower()
+        return name in LOOPBACK and (self.port is None or port == str(self.port))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not self._host_ok(headers.get("host", "")):
+            await _refuse(send, 421, "this review page answers only to the address it printed (127.0.0.1)")
+            return
+        method, path = scope["method"], scope["path"]
+        if path.startswith("/api/"):
+            cookies = dict(c.strip().split("=", 1) for c in headers.get("cookie", "").split(";") if "=" in c)
+            by_header = secrets.compare_digest(headers.get("x-review-token", ""), self.token)
+            by_cookie = secrets.compare_digest(cookies.get(COOKIE, ""), self.token)
+            if not (by_header or (method == "GET" and by_cookie)):
+                await _refuse(send, 403, "reload the review page: its token is missing or stale")
+                return
+        if method not in ("GET", "HEAD"):
+            try:
+                declared = int(headers.get("content-length", "0") or 0)
+            except ValueError:
+                declared = MAX_POST_BYTES + 1
+            if declared > MAX_POST_BYTES:
+                await _refuse(send, 413, f"a request body may hold at most {MAX_POST_BYTES // 1024} KiB")
+                return
+            receive = _capped(receive, MAX_POST_BYTES)
+        await self.app(scope, receive, send)
+
+
+def _capped(receive: Any, limit: int) -> Any:
+    seen = 0
+
+    async def capped() -> Any:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise ReviewError(f"a request body may hold at most {limit // 1024} KiB")
+        return message
+
+    return capped
+
+
+async def _refuse(send: Any, status: int, message: str) -> None:
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(session: ReviewSession, *, token: str | None = None, port: int | None = None) -> Any:
+    """The review app behind its :class:`Guard`: only this machine's loopback address, the page's token on every
+    API request (so another web page open in the same browser can neither read nor post), small bodies."""
     from fastapi import FastAPI, Header, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
@@ -403,8 +492,10 @@ def create_app(session: ReviewSession, *, token: str | None = None) -> Any:
             raise ReviewError(f"slice {k}: image {key} has slices 0-{slices - 1}")
 
     @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return page_html(token)
+    def index() -> HTMLResponse:
+        page = HTMLResponse(page_html(token), headers={"Cache-Control": "no-store"})
+        page.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        return page
 
     @app.get("/api/worklist")
     def worklist() -> dict[str, Any]:
@@ -438,7 +529,21 @@ def create_app(session: ReviewSession, *, token: str | None = None) -> Any:
         return PlainTextResponse(session.verdicts.csv_text(), media_type="text/csv",
                                  headers={"Content-Disposition": "attachment; filename=verdicts.csv"})
 
-    return app
+    return Guard(app, token=token, port=port)
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise unless the page would listen on this machine only, on a valid port.
+
+    Raises:
+        ReviewError: Naming the option and what to do instead.
+    """
+    if host not in LOOPBACK:
+        raise ReviewError(f"--host {host}: the review page shows patient images and has no login of its own, so it "
+                          "listens on this machine only (127.0.0.1, localhost or ::1); from another machine, use "
+                          "an SSH tunnel: ssh -L 8765:127.0.0.1:8765 THIS-HOST")
+    if not 0 <= port <= 65535:
+        raise ReviewError(f"--port {port}: a port is from 1 to 65535 (0: a free one)")
 
 
 def serve(session: ReviewSession, *, host: str = "127.0.0.1", port: int = 8765,
@@ -452,6 +557,7 @@ def serve(session: ReviewSession, *, host: str = "127.0.0.1", port: int = 8765,
 
     import uvicorn
 
+    check_address(host, port)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -460,7 +566,7 @@ def serve(session: ReviewSession, *, host: str = "127.0.0.1", port: int = 8765,
         sock.close()
         raise ReviewError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port") from None
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(session), log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(session, port=bound), log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     if on_ready is not None:
         display = f"[{host}]" if ":" in host else host

