@@ -49,8 +49,26 @@ def read_manifest(path: Path | str) -> tuple[list[tuple[str, str, int]], list[tu
     path = Path(path)
     if not path.is_file():
         raise LabelFileError(f"label manifest {path} not found; give a CSV with columns {','.join(REQUIRED_COLUMNS)}")
+    try:
+        return _read(path)
+    except UnicodeDecodeError as exc:
+        raise LabelFileError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                             "save it as CSV UTF-8") from None
+    except csv.Error as exc:
+        raise LabelFileError(f"{path} is not a readable CSV ({exc}): check that it is the label table and not "
+                             "another file") from None
+    except OSError as exc:
+        raise LabelFileError(f"cannot read {path} ({exc.strerror}): check its permissions") from None
+
+
+def _read(path: Path) -> tuple[list[tuple[str, str, int]], list[tuple[int, str]], int]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
+        names = [c.strip().lower() for c in (reader.fieldnames or [])]
+        twice = sorted({c for c in names if c in REQUIRED_COLUMNS and names.count(c) > 1})
+        if twice:
+            raise LabelFileError(f"{path}: column(s) {', '.join(twice)} appear more than once in the header; keep one "
+                                 "so that it is clear which holds the value")
         columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:

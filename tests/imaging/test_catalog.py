@@ -9,7 +9,7 @@ from dicom_factory import write_series
 
 from imaging.catalog import Catalog
 from imaging.ingest import ingest_folder
-from imaging.labels import LabelFileError, load_labels
+from imaging.labels import LabelFileError, load_labels, read_manifest
 
 
 def _cohort(tmp_path: Path, n_patients: int = 30) -> tuple[Path, list[tuple[str, str, int]]]:
@@ -116,3 +116,29 @@ def test_manifest_without_required_columns(tmp_path: Path) -> None:
     bad.write_text("study,label\n1.2.3,1\n")
     with Catalog.open(tmp_path / "ws") as catalog, pytest.raises(LabelFileError, match="missing column"):
         load_labels(catalog, bad)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"study_instance_uid,task,label\n1.2.3,lung-ct,1\nCaf\xe9,lung-ct,0\n", "is not UTF-8 text (byte 0xe9"),
+    (b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\xb5\x8c", "is not UTF-8 text"),  # an .xlsx given
+    (b"study_instance_uid,task,label\n" + b"x" * 200_000 + b",lung-ct,1\n", "is not a readable CSV (field larger"),
+    (b"study_instance_uid,task,label,Label\n1.2.3,lung-ct,1,0\n", "label appear more than once"),
+])
+def test_a_label_file_that_cannot_be_read_is_one_clear_error(tmp_path: Path, content: bytes, needle: str) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_bytes(content)
+    with Catalog.open(tmp_path / "ws") as catalog, pytest.raises(LabelFileError) as info:
+        load_labels(catalog, path)
+    assert needle in str(info.value) and str(path) in str(info.value)
+
+
+def test_an_unreadable_label_file_names_its_permissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("study_instance_uid,task,label\n")
+
+    def denied(*_: object, **__: object) -> None:  # as for a file without read permission (tests run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(LabelFileError, match="Permission denied.*check its permissions"):
+        read_manifest(path)
