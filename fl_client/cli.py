@@ -343,6 +343,7 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
     from fl_client.train import TrainingError
     from models.config import ConfigError, from_flat
 
+    args.out.mkdir(parents=True, exist_ok=True)  # an unusable --out is said before training, not after
     flat: dict[str, Any] = {"task": args.task, "model": args.model, "batch-size": args.batch_size,
                             "learning-rate": args.lr, "seed": args.seed, "threads": args.threads}
     if args.dp_epsilon is not None:
@@ -656,6 +657,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args, console))
     except (UserError, PolicyError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except OSError as exc:  # a path that cannot be read or written: the user's to fix, said in one line
+        where = f" {exc.filename}" if exc.filename else ""
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] cannot use{where}: {exc.strerror or exc}; check that the path exists and that you "
+            "may write there", highlight=False)
         return 2
 
 

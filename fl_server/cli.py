@@ -346,6 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
+    except OSError as exc:  # a path that cannot be read or written: the user's to fix, said in one line
+        where = f" {exc.filename}" if exc.filename else ""
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] cannot use{where}: {exc.strerror or exc}; check that the path exists and that you "
+            "may write there", highlight=False)
+        return 2
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     INVALID_GEOMETRY = "invalid-geometry"  # a spacing, position or orientation that is not finite and sane
     INVALID_RESCALE = "invalid-rescale"  # a rescale slope or intercept that is not finite and sane
     MIXED_SERIES = "mixed-series"  # one SeriesInstanceUID over several studies or modalities
+    SYMLINK = "symlink-not-followed"  # a link in the source folder: not followed (it may point outside it)
 
 
 class DicomError(Exception):

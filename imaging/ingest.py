@@ -57,18 +57,34 @@ class IngestReport:
     images_ok: int = 0
 
 
-def walk_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every regular file under ``root`` (recursively, symlinks not followed), in a stable order."""
+def walk_files(root: Path, skipped: list[tuple[Path, Reason, str]] | None = None
+               ) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every regular file under ``root`` (recursively, symlinks not followed), in a stable order.
+
+    Args:
+        root: The folder.
+        skipped: Receives ``(path, reason, message)`` for each folder that cannot be read and each symbolic
+            link (not followed: it may point outside the source), so that nothing is left out unsaid.
+    """
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            if skipped is not None:
+                skipped.append((folder, Reason.UNREADABLE,
+                                f"folder cannot be read ({exc.strerror}); its files were not ingested: check its "
+                                "permissions"))
             continue
         subdirs = []
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_symlink():
+                if skipped is not None:
+                    skipped.append((Path(entry.path), Reason.SYMLINK,
+                                    "a symbolic link: not followed (it may point outside the source); copy the files "
+                                    "it points to into the folder instead"))
+            elif entry.is_dir(follow_symlinks=False):
                 subdirs.append(Path(entry.path))
             elif entry.is_file(follow_symlinks=False):
                 yield Path(entry.path), entry.stat(follow_symlinks=False)
@@ -115,17 +131,20 @@ def ingest_folder(
     tick = progress or (lambda phase, done, total: None)
 
     known = catalog.file_rows(str(root))
-    files = list(walk_files(root))
+    skipped: list[tuple[Path, Reason, str]] = []
+    files = list(walk_files(root, skipped))
     # Series an earlier run marked but did not finish checking (it was killed): checked again now.
     interrupted = {r[0] for r in catalog.db.execute(
         "SELECT series_uid FROM pending_series WHERE series_uid IN (SELECT series_uid FROM files WHERE source=?)",
         (str(root),))}
     report.files_seen = len(files)
-    on_disk = {str(p) for p, _ in files}
+    on_disk = {str(p) for p, _ in files} | {str(p) for p, _, _ in skipped}
 
     dirty_series: set[str] = set(interrupted)
     new_headers: dict[str, InstanceHeader] = {}
-    file_rows: list[tuple] = []  # rows to write for new or changed files
+    # rows to write for new or changed files, and for what the walk could not enter (recorded every run)
+    file_rows: list[tuple] = [(str(p), str(root), 0, 0, Status.REJECTED, reason, message, None, None, None, None)
+                              for p, reason, message in skipped]
     dicomdirs: list[Path] = []
 
     for i, (path, st) in enumerate(files):

@@ -110,8 +110,18 @@ def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dic
         raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
-        arrays = OrderedDict((k, v.numpy()) for k, v in doc["arrays"].items())
+        arrays = OrderedDict((str(k), v.numpy()) for k, v in doc["arrays"].items())
+        run_config, round_number = doc.get("run_config", {}), doc.get("round", 0)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         raise WeightsError(f"{path} is not an oncofed model file ({type(exc).__name__}): give the model.pt a "
                            "train-local or federated run wrote") from None
-    return arrays, dict(doc.get("run_config", {})), int(doc.get("round", 0))
+    if not isinstance(run_config, dict) or not all(isinstance(k, str) for k in run_config):
+        raise WeightsError(f"{path}: its run_config is a {type(run_config).__name__}, not the run's key/value table: "
+                           "the file was not written by oncofed, or was edited; use the model.pt a run wrote")
+    if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 0:
+        raise WeightsError(f"{path}: its round is {round_number!r}, not a round number: use the model.pt a run wrote")
+    for key, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise WeightsError(f"{path}: array {key!r} holds NaN or infinite values (a training that diverged): "
+                               "use an earlier checkpoint")
+    return arrays, dict(run_config), round_number

@@ -86,3 +86,14 @@ def test_user_mistakes_are_one_clear_line(tmp_path: Path) -> None:
     bad_csv.write_text("uid,label\n")
     bad = run("ingest", "--workspace", str(tmp_path / "ws"), "--labels", str(bad_csv))
     assert bad.returncode == 2 and "missing column" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_path_that_cannot_be_used_is_one_line_before_any_work(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for args in (["ingest", "--workspace", str(blocker / "ws"), "--source", str(tmp_path)],
+                 ["train-local", "--workspace", str(tmp_path), "--task", "lung-ct", "--out", str(blocker / "out")]):
+        done = run(*args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"cannot use {blocker}" in done.stderr and "Not a directory" in done.stderr
+        assert "epochs" not in done.stdout

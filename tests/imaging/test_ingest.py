@@ -130,3 +130,33 @@ def test_dicomdir_missing_reference_is_reported(pydicom_files: Path, tmp_path: P
         missing = [r for r in series_listing(catalog)["rejected_files"] if r["reason"] == "missing-file"]
     assert report.rejected["file:missing-file"] >= 1
     assert any(m["path"].endswith(os.path.join("CR1", "6154")) for m in missing)
+
+
+def test_links_and_unreadable_folders_are_recorded_not_skipped_silently(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    src = tmp_path / "dicom"
+    write_series(src / "good", n=20, patient_id="P1", seed=1)
+    outside = tmp_path / "elsewhere"
+    write_series(outside, n=20, patient_id="P2", seed=2)
+    (src / "linked-folder").symlink_to(outside, target_is_directory=True)
+    (src / "linked-file").symlink_to(next(outside.iterdir()))
+    locked = src / "locked"
+    write_series(locked, n=20, patient_id="P3", seed=3)
+    scandir = os.scandir
+
+    def refuse_locked(path: object) -> object:  # as a folder without read permission (tests run as root)
+        if Path(str(path)) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    with Catalog.open(tmp_path / "ws") as catalog:
+        report = ingest_folder(catalog, src)
+        again = ingest_folder(catalog, src)
+        rows = {Path(r["path"]).name: (r["reason"], r["message"]) for r in series_listing(catalog)["rejected_files"]}
+    assert report.series_ok == 1 and again.series_checked == 0
+    assert rows["linked-folder"][0] == rows["linked-file"][0] == "symlink-not-followed"
+    assert rows["locked"][0] == "unreadable" and "Permission denied" in rows["locked"][1]
+    assert report.rejected["file:symlink-not-followed"] == 2 and report.rejected["file:unreadable"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,18 @@ def test_ew_per_sample_gradients_equal_hooks_on_the_compact_cnn(dims: int) -> No
     assert grads["hooks"] and set(grads["hooks"]) == set(grads["ew"])
     for name, g in grads["hooks"].items():
         torch.testing.assert_close(grads["ew"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"round": "abc"}, "its round is 'abc'"),
+    ({"round": -1}, "its round is -1"),
+    ({"run_config": 5}, "its run_config is a int"),
+    ({"arrays": {"w": torch.tensor([1.0, float("nan")])}}, "array 'w' holds NaN"),
+])
+def test_a_model_file_with_wrong_fields_is_refused_by_name(tmp_path: Path, change: dict, needle: str) -> None:
+    from models.weights import load_checkpoint
+
+    path = tmp_path / "model.pt"
+    torch.save({"arrays": {"w": torch.zeros(2)}, "run_config": {"task": "lung-ct"}, "round": 1, **change}, path)
+    with pytest.raises(WeightsError, match=needle):
+        load_checkpoint(path)
