@@ -304,8 +304,45 @@ def _slice_thickness(ds: Dataset) -> float | None:
     return value
 
 
+def _check_inflation(path: Path) -> None:
+    """Raise if a deflated file would inflate past the memory bound, measured in small chunks before any
+    reader holds it whole (a few MB of deflate can expand to many GB).
+
+    Raises:
+        DicomError: ``implausible-size``.
+    """
+    import zlib
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - not a Part-10 file: the normal read says what it is
+        return
+    if str(meta.get("TransferSyntaxUID", "")) != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return
+    size = path.stat().st_size
+    limit = max(MAX_COMPRESSION_RATIO * size, SMALL_IMAGE_BYTES)
+    start = 132 + 12 + int(meta.get("FileMetaInformationGroupLength", 0))  # preamble, DICM, group length
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        while chunk := fh.read(1 << 20):
+            while chunk:
+                try:
+                    total += len(inflater.decompress(chunk, 1 << 22))
+                except zlib.error as exc:
+                    raise DicomError(path, Reason.UNREADABLE, f"the deflated data set is corrupt ({exc})") from None
+                if total > limit:
+                    raise DicomError(path, Reason.IMPLAUSIBLE_SIZE,
+                                     f"the deflated data set inflates past {limit / 2**20:.0f} MiB from "
+                                     f"{size / 2**10:.0f} KiB on disk (more than {MAX_COMPRESSION_RATIO}x): the file "
+                                     "is hostile or broken; re-export it")
+                chunk = inflater.unconsumed_tail
+
+
 def _open(path: Path, *, stop_before_pixels: bool) -> FileDataset:
     """Read ``path``; files without the Part-10 preamble are accepted if they parse as images."""
+    _check_inflation(path)
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:

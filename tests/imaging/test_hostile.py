@@ -98,3 +98,53 @@ def test_all_at_once_peak_memory_stays_small_and_only_the_good_series_is_kept(tm
     assert report.series_ok == 1 and report.series_rejected == len(HOSTILE)
     # 2^31 frames, 65535 x 65535 pixels and an 8 GiB JPEG 2000 claim: checked before anything is allocated.
     assert grown_mib < 300, f"ingest grew the peak RSS by {grown_mib:.0f} MiB"
+
+
+def _deflate_bomb(path: Path, inflated_bytes: int) -> None:
+    """A Deflated Explicit VR Little Endian file whose pixel data inflates to ``inflated_bytes`` of zeros."""
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel = 8, 8, 16, 1
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_file_meta_info(head, meta)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM" + head.getvalue())
+        fh.write(squeeze.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, inflated_bytes)))
+        zeros = b"\x00" * (1 << 20)
+        for _ in range(inflated_bytes >> 20):
+            fh.write(squeeze.compress(zeros))
+        fh.write(squeeze.flush())
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(tmp_path: Path, pydicom_files: Path) -> None:
+    from imaging.dicom import read_header
+    from imaging.errors import DicomError
+
+    bomb = tmp_path / "bomb.dcm"
+    _deflate_bomb(bomb, 2 << 30)  # 2 GiB of zeros in about 2 MB
+    assert bomb.stat().st_size < 4 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DicomError) as info:
+        read_header(bomb)
+    assert info.value.reason == "implausible-size" and "inflates past" in info.value.message
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
+    # A real deflated file still reads.
+    assert read_header(pydicom_files / "image_dfl.dcm").rows > 0
