@@ -85,7 +85,8 @@ class SiteKit:
         superlink: The SuperLink's ``host:port`` the lead wrote into the kit.
         private_key: The site's private key (OpenSSH format, EC P-384).
         ca_certificate: The consortium CA certificate.
-        fingerprint: The site public key's ``SHA256:`` fingerprint (for the lead to compare).
+        fingerprint: The ``SHA256:`` fingerprint of the key the site presents (computed from its private key,
+            not copied from ``site.json``: a replaced key shows as what it is).
     """
 
     folder: Path
@@ -122,7 +123,24 @@ class SiteKit:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise JoinError(f"{key} can be read by other users (mode {stat.filemode(mode)}): "
                             f"run 'chmod 600 {key}' and check who copied it")
-        return cls(folder, site_id, superlink, key, ca, str(doc.get("public_key_fingerprint", "")))
+        return cls(folder, site_id, superlink, key, ca, key_fingerprint(key))
+
+
+def key_fingerprint(private_key: Path) -> str:
+    """The OpenSSH ``SHA256:`` fingerprint of the public half of a private key file (what ``ssh-keygen -lf``
+    shows), or a note that the key cannot be read."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_private_key(private_key.read_bytes(), password=None)
+        line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "(unreadable key)"
+    digest = hashlib.sha256(base64.b64decode(line.split()[1])).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 def check_workspace(workspace: Path) -> Path:

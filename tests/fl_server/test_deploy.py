@@ -135,6 +135,13 @@ def test_a_key_that_was_never_provisioned_is_refused(federation: Federation) -> 
     rogue = federation.results["rogue"]
     assert rogue.returncode == 2, rogue.stdout + rogue.stderr
     assert "Failed to activate SuperNode" in rogue.stderr and "code 2004" in rogue.stderr
+    # The refusal names the key actually presented, not the one site a's kit recorded.
+    from fl_client.join import key_fingerprint
+
+    presented = key_fingerprint(federation.root / "rogue-kit" / "site.key")
+    recorded = json.loads((federation.root / "rogue-kit" / "site.json").read_text())["public_key_fingerprint"]
+    joined = " ".join(rogue.stderr.split())
+    assert presented in joined and recorded not in joined
     assert "Traceback" not in rogue.stderr
     log = (federation.root / "rogue-ws" / "supernode" / "supernode.log").read_text()
     assert "[code: 2004] Failed to activate SuperNode" in log

@@ -78,6 +78,10 @@ def test_site_keys_are_p384_in_the_formats_flower_reads(consortium: Path) -> Non
         fingerprint = ssh_fingerprint((kit / "site.pub").read_bytes())
         assert manifest["sites"][site]["public_key_fingerprint"] == fingerprint
         assert fingerprint.startswith("SHA256:") and len(fingerprint) == 50
+        # The site computes the same fingerprint from the key it presents (what it shows when refused).
+        from fl_client.join import key_fingerprint
+
+        assert key_fingerprint(kit / "site.key") == fingerprint
     keys = {(consortium / "sites" / s / "site.pub").read_bytes().split()[1] for s in "abc"}
     assert len(keys) == 3
 
