@@ -369,12 +369,14 @@ class Catalog:
             SELECT i.study_uid, i.image_key, i.plan, i.shape, l.label, sp.split, st.patient_pseudonym
             FROM images i
             JOIN studies st ON st.study_uid = i.study_uid
+            JOIN series se ON se.series_uid = i.series_uid
             LEFT JOIN labels l ON l.study_uid = i.study_uid AND l.task = ?
             LEFT JOIN splits sp ON sp.patient_pseudonym = st.patient_pseudonym
             WHERE i.status = 'ok' AND i.modality = ? AND i.dims = ?
+              AND (',' || se.tasks || ',') LIKE ('%,' || ? || ',%')
             ORDER BY i.study_uid, i.image_key
             """,
-            (task, preset.modality, preset.spatial_dims),
+            (task, preset.modality, preset.spatial_dims, task),
         ).fetchall()
         chosen: dict[str, list[sqlite3.Row]] = {}
         for r in rows:

@@ -105,6 +105,7 @@ class InstanceHeader:
     transfer_syntax: str
     has_pixels: bool
     frames: tuple[Frame, ...]
+    description: str = ""  # SeriesDescription and ProtocolName: a hint of the region when BodyPartExamined is empty
 
     @property
     def n_frames(self) -> int:
@@ -442,6 +443,7 @@ def _header(path: Path, st: os.stat_result, ds: FileDataset) -> InstanceHeader:
         transfer_syntax=_str(meta, "TransferSyntaxUID") if meta is not None else "",
         has_pixels=has_pixels,
         frames=_frames(ds, n_frames) if has_pixels else (),
+        description=" ".join(v for v in (_str(ds, "SeriesDescription"), _str(ds, "ProtocolName")) if v),
     )
 
 

@@ -33,7 +33,7 @@ import pydicom
 from imaging.catalog import Catalog, Status, header_from_json, header_to_json, plan_to_json
 from imaging.dicom import InstanceHeader, plan_images, read_header, read_image
 from imaging.errors import DicomError, Reason
-from imaging.presets import tasks_for_modality
+from imaging.presets import tasks_for_series
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: called as ingest advances."""
@@ -297,7 +297,8 @@ def _check_series(catalog: Catalog, series_uid: str) -> int:
         (series_uid, first.study_uid, first.modality, first.body_part, first.manufacturer, first.model,
          first.slice_thickness, first.kvp, first.field_strength, first.rows, first.cols,
          str(list(first.pixel_spacing)) if first.pixel_spacing else None, len(headers),
-         sum(h.n_frames for h in headers), ",".join(tasks_for_modality(first.modality)),
+         sum(h.n_frames for h in headers), ",".join(tasks_for_series(first.modality, first.body_part,
+                                                                   first.description)),
          status, reason, message),
     )
     return decoded

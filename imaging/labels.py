@@ -147,8 +147,9 @@ def label_gaps(catalog: Catalog) -> tuple[list[str], list[tuple[str, str]]]:
             """
             SELECT l.study_uid FROM labels l JOIN studies s ON s.study_uid = l.study_uid
             WHERE l.task = ? AND NOT EXISTS (
-                SELECT 1 FROM images i WHERE i.study_uid = l.study_uid AND i.status = 'ok'
-                AND i.modality = ? AND i.dims = ?)
+                SELECT 1 FROM images i JOIN series se ON se.series_uid = i.series_uid
+                WHERE i.study_uid = l.study_uid AND i.status = 'ok' AND i.modality = ? AND i.dims = ?
+                AND (',' || se.tasks || ',') LIKE ('%,' || l.task || ',%'))
             ORDER BY l.study_uid
             """,
             (preset.name, preset.modality, preset.spatial_dims),

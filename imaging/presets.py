@@ -50,7 +50,9 @@ class TaskPreset:
         title: A human name.
         modality: The DICOM Modality the task reads.
         spatial_dims: 2 for single images (mammography), 3 for volumes.
-        body_parts: BodyPartExamined values that point to this task (a hint; may be empty in real data).
+        body_parts: BodyPartExamined words that point to this task (``CHEST`` in ``CHEST_TO_PELVIS`` too).
+        description_words: Words of a SeriesDescription or ProtocolName that point to this task, read when
+            BodyPartExamined names no region a task reads (it is often empty in real data).
         target_spacing: Resampling target in mm, MONAI axis order.
         spatial_size: Network input size after crop/pad, MONAI axis order.
         intensity: The normalisation kind.
@@ -69,6 +71,7 @@ class TaskPreset:
     modality: str
     spatial_dims: int
     body_parts: tuple[str, ...]
+    description_words: tuple[str, ...]
     target_spacing: tuple[float, ...]
     spatial_size: tuple[int, ...]
     intensity: Intensity
@@ -90,7 +93,8 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 title="Lung nodule, chest CT",
                 modality="CT",
                 spatial_dims=3,
-                body_parts=("CHEST", "LUNG", "THORAX"),
+                body_parts=("CHEST", "LUNG", "THORAX", "TORSO", "WHOLEBODY", "CAP"),
+                description_words=("chest", "thorax", "thx", "lung", "pulm"),
                 target_spacing=(5.5, 5.5, 5.0),
                 spatial_size=(64, 64, 32),
                 intensity=Intensity.CT_WINDOW,
@@ -105,6 +109,7 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 modality="MG",
                 spatial_dims=2,
                 body_parts=("BREAST",),
+                description_words=("mammo", "breast"),
                 target_spacing=(0.8, 0.8),
                 spatial_size=(128, 160),
                 intensity=Intensity.MG_SCALE,
@@ -117,7 +122,8 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 title="Colorectal mass, abdominal CT",
                 modality="CT",
                 spatial_dims=3,
-                body_parts=("ABDOMEN", "PELVIS", "COLON", "ABDOMENPELVIS"),
+                body_parts=("ABDOMEN", "PELVIS", "COLON", "RECTUM", "TORSO", "WHOLEBODY", "CAP"),
+                description_words=("abd", "pelv", "colon", "rect"),
                 target_spacing=(5.5, 5.5, 5.0),
                 spatial_size=(64, 64, 32),
                 intensity=Intensity.CT_WINDOW,
@@ -132,6 +138,7 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 modality="MR",
                 spatial_dims=3,
                 body_parts=("PROSTATE", "PELVIS"),
+                description_words=("prostat",),
                 target_spacing=(2.5, 2.5, 4.0),
                 spatial_size=(48, 48, 16),
                 intensity=Intensity.MR_ZSCORE,
@@ -154,6 +161,24 @@ def get_preset(name: str) -> TaskPreset:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(PRESETS)}") from None
+
+
+def tasks_for_series(modality: str, body_part: str = "", description: str = "") -> tuple[str, ...]:
+    """The tasks a series is for: its modality, then its region.
+
+    BodyPartExamined decides when it names a region some task of the modality reads (``CHEST`` → lung,
+    ``ABDOMEN`` → colorectal, a chest-abdomen-pelvis CT → both); otherwise the SeriesDescription or
+    ProtocolName words do; a series that names a region no task reads (a head CT) is for no task; one that
+    names no region at all stays a candidate for every task of its modality (labels then decide).
+    """
+    candidates = [p for p in PRESETS.values() if p.modality == modality]
+    part = "".join(ch for ch in body_part.upper() if ch.isalnum())
+    words = description.lower()
+    by_part = tuple(p.name for p in candidates if any(token in part for token in p.body_parts)) if part else ()
+    by_words = tuple(p.name for p in candidates if any(w in words for w in p.description_words))
+    if by_part or by_words:
+        return by_part or by_words
+    return () if part else tuple(p.name for p in candidates)
 
 
 def tasks_for_modality(modality: str) -> tuple[str, ...]:

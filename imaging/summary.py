@@ -41,8 +41,9 @@ def site_status(catalog: Catalog) -> dict[str, Any]:
         for item in items:
             by_split[item.split or "unassigned"][str(item.label)] += 1
         studies_with_images = db.execute(
-            "SELECT COUNT(DISTINCT study_uid) FROM images WHERE status='ok' AND modality=? AND dims=?",
-            (preset.modality, preset.spatial_dims),
+            "SELECT COUNT(DISTINCT i.study_uid) FROM images i JOIN series se ON se.series_uid = i.series_uid "
+            "WHERE i.status='ok' AND i.modality=? AND i.dims=? AND (',' || se.tasks || ',') LIKE ('%,' || ? || ',%')",
+            (preset.modality, preset.spatial_dims, preset.name),
         ).fetchone()[0]
         labelled = {i.study_uid for i in items}
         tasks[preset.name] = {
