@@ -26,6 +26,8 @@ from imaging.summary import series_listing, site_status
 EPILOG_INGEST = """examples:
   oncofed-site ingest --workspace ws/site-a --source /data/dicom --labels /data/labels.csv
   oncofed-site ingest --workspace ws/site-a --dicomweb https://pacs.local/dicom-web \\
+      --query "Modality=CT&StudyDate=20200101-20211231" --dry-run   # how many studies, fetch nothing
+  oncofed-site ingest --workspace ws/site-a --dicomweb https://pacs.local/dicom-web \\
       --query "Modality=CT&StudyDate=20200101-20211231" --labels /data/labels.csv
   oncofed-site ingest --workspace ws/site-a --dicomweb https://pacs.local/dicom-web \\
       --study 1.2.840.1 --study 1.2.840.2 --credentials /etc/oncofed/pacs.cred
@@ -196,6 +198,10 @@ def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Consol
         raise UserError(str(exc)) from None
     if not studies:
         raise UserError(f"the query {args.query!r} found no studies on {args.dicomweb}")
+    if args.dry_run:
+        console.print(f"PACS {client.base_url}: the cohort holds {len(studies)} studies; nothing was fetched "
+                      "(run again without --dry-run to fetch them)", highlight=False)
+        return 0
     with _progress(console) as bar:
         task = bar.add_task("fetching studies", total=len(studies))
 
@@ -584,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", type=Path, metavar="FILE",
                    help="PACS credentials file ('user:password' or 'Bearer TOKEN', chmod 600)")
     p.add_argument("--retries", type=int, default=3, help="retries per request on network errors (default 3)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --dicomweb: say how many studies the cohort holds, fetch nothing")
     p = add("status", "Counts per task, modality, manufacturer, label and split; rejects by reason.",
             EPILOG_STATUS, cmd_status)
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.site-status/1)")

@@ -35,6 +35,10 @@ ENV_USER, ENV_PASSWORD, ENV_TOKEN = "ONCOFED_PACS_USER", "ONCOFED_PACS_PASSWORD"
 UID_TAGS = {"study": "0020000D", "series": "0020000E", "sop": "00080018"}
 # Study-level QIDO matches these; "Modality" is a series attribute, asked as ModalitiesInStudy.
 STUDY_KEYS = {"Modality": "ModalitiesInStudy"}
+# The study-level matching keys a PACS must support (PS3.18 QIDO-RS, Study): a key outside them may be ignored
+# by the PACS, which would then answer with every study it holds.
+STUDY_QUERY_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
+                    "PatientName", "PatientID", "StudyInstanceUID", "StudyID", "StudyDescription")
 
 
 class DicomWebError(Exception):
@@ -187,7 +191,18 @@ def parse_query(query: str) -> dict[str, str]:
             raise DicomWebError(f"--query part {part!r}: expected KEY=VALUE pairs joined by '&', "
                                 "e.g. Modality=CT&StudyDate=20200101-20201231")
     for key, value in parse_qsl(query, keep_blank_values=True):
-        filters[STUDY_KEYS.get(key.strip(), key.strip())] = value.strip()
+        name = STUDY_KEYS.get(key.strip(), key.strip())
+        if name not in STUDY_QUERY_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(key.strip(), [*STUDY_KEYS, *STUDY_QUERY_KEYS], n=1)
+            raise DicomWebError(f"--query key {key.strip()!r} is not a study search key"
+                                + (f"; did you mean {close[0]!r}?" if close else "")
+                                + f" (a PACS may ignore an unknown key and return every study it holds). Keys: "
+                                f"Modality, {', '.join(STUDY_QUERY_KEYS)}")
+        if not value.strip():
+            raise DicomWebError(f"--query key {key.strip()!r} has no value: give one or leave the key out")
+        filters[name] = value.strip()
     return filters
 
 

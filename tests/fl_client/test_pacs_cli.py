@@ -45,6 +45,9 @@ def test_ingest_from_the_pacs_then_store_saliency_back(site: tuple[Any, Path], t
     cred.write_text(f"{server.user}:{server.password}\n")
     cred.chmod(0o600)
     pacs = ["--dicomweb", server.dicomweb, "--credentials", str(cred)]
+    dry = run("ingest", "--workspace", str(ws), *pacs, "--query", "Modality=CT", "--dry-run")
+    assert dry.returncode == 0 and "the cohort holds 6 studies; nothing was fetched" in dry.stdout, dry.stderr
+    assert not (ws / "pacs").exists()
     first = run("ingest", "--workspace", str(ws), *pacs, "--query", "Modality=CT", "--labels", str(data / "labels.csv"))
     assert first.returncode == 0, first.stdout + first.stderr
     assert "6 studies: 6 fetched" in first.stdout and server.password not in first.stdout + first.stderr
@@ -86,6 +89,9 @@ def test_pacs_mistakes_get_one_line_that_says_what_to_do(site: tuple[Any, Path],
         (["--dicomweb", "http://127.0.0.1:1/dicom-web", "--study", "1.2.3"], None, "cannot connect"),
         (["--dicomweb", server.dicomweb], None, "give the cohort"),
         (["--dicomweb", server.dicomweb, "--query", "Modality"], wrong, "KEY=VALUE"),
+        # A misspelt key is refused before the PACS is asked (it could answer with every study it holds).
+        (["--dicomweb", server.dicomweb, "--query", "Modlity=MR"], wrong, "did you mean 'Modality'"),
+        (["--dicomweb", server.dicomweb, "--query", "BodyPart=CHEST"], wrong, "is not a study search key"),
     ]:
         result = run("ingest", "--workspace", ws, *args, env=env)
         assert result.returncode == 2 and needle in result.stderr, (args, result.stderr)
