@@ -1,8 +1,10 @@
 """Saliency maps of a model on the site's own studies, written into a folder at the site.
 
 Per study (``OUT/<study uid>/``): ``<method>.npy`` (the map at the network's input grid, float32 in
-[0, 1]), ``<method>.png`` (the overlay: the image and the map; for volumes the three planes through
-the map's peak and a strip of axial slices), and one line in ``OUT/explain.json`` (schema
+[0, 1]), ``<method>.png`` (the overlay on the image's own DICOM grid, oriented as stored, like the key
+images and the review viewer: for volumes the three planes through the map's peak and a strip of
+slices; each edge named by the patient direction it faces; the map weighted by the model's probability
+on a fixed colour scale with its colour bar), and one line in ``OUT/explain.json`` (schema
 ``oncofed.explain/1``: study, series, split, label, the model's probability, per method the map
 file, the PNG, its peak voxel and the seconds it took). Nothing leaves the site.
 
@@ -18,6 +20,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,37 +44,101 @@ class ExplainError(Exception):
     """Nothing to explain, or a bad request; the message says what to do."""
 
 
-def _overlay(path: Path, image: np.ndarray, heat: np.ndarray, title: str) -> None:
+@dataclass(frozen=True)
+class Plane:
+    """One view of an overlay, as a radiologist reads it.
+
+    Attributes:
+        label: What the view is.
+        image: Modality values, rows top to bottom as displayed.
+        heat: The map on the same grid (already weighted by the probability).
+        edges: Patient-direction letters at the left, right, top and bottom edges ("" if unknown).
+        aspect: A pixel's height over its width in mm, so anatomy keeps its shape.
+    """
+
+    label: str
+    image: np.ndarray
+    heat: np.ndarray
+    edges: tuple[str, str, str, str]
+    aspect: float = 1.0
+
+
+def _letter(direction: np.ndarray) -> tuple[str, str]:
+    """The patient-direction letter a DICOM (LPS) direction points to, and its opposite."""
+    axis = int(np.argmax(np.abs(direction)))
+    towards, away = (("L", "R"), ("P", "A"), ("H", "F"))[axis]
+    return (towards, away) if direction[axis] > 0 else (away, towards)
+
+
+def overlay_planes(source: np.ndarray, heat: np.ndarray, plan: Any, *, probability: float = 1.0,
+                   strip: int = 8) -> list[Plane]:
+    """The views of an overlay on the image's own DICOM grid, oriented as stored (the radiological convention of
+    the series: for an axial CT, the patient's right on the viewer's left), each edge named by the patient
+    direction it faces. Volumes: the axial, coronal and sagittal planes through the map's peak, then a strip
+    of ``strip`` axial slices; a 2D image: the image and its overlay.
+
+    Args:
+        source: The image on its DICOM grid, ``(slices, rows, cols)`` or ``(rows, cols)``.
+        heat: The map on the same grid, in [0, 1].
+        plan: The image plan (its ImageOrientationPatient names the edges).
+        probability: The model's probability: the map is weighted by it, so that on the overlay's fixed colour
+            scale a study the model calls negative does not glow like a finding.
+    """
+    heat = heat * probability
+    if plan.orientation is None:
+        edges: tuple[str, str, str, str] = ("", "", "", "")
+        normal: tuple[str, str] = ("", "")
+    else:
+        row, col = np.asarray(plan.orientation[:3], float), np.asarray(plan.orientation[3:], float)
+        (r_to, r_from), (c_to, c_from) = _letter(row), _letter(col)
+        edges, normal = (r_from, r_to, c_from, c_to), _letter(np.cross(row, col))
+    if source.ndim == 2:
+        flat = plan.spacing[0] / plan.spacing[1]
+        return [Plane("image", source, np.zeros_like(heat), edges, flat), Plane("saliency", source, heat, edges, flat)]
+    step, pr, pc = plan.spacing
+    k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(heat)), heat.shape))
+    # Reformats: slices run along the normal, shown with its positive end up (head up for an axial series).
+    up, down = normal
+    planes = [Plane(f"slice {k} (peak)", source[k], heat[k], edges, pr / pc),
+              Plane(f"through row {j}", source[::-1, j, :], heat[::-1, j, :], (edges[0], edges[1], up, down),
+                    step / pc),
+              Plane(f"through column {i}", source[::-1, :, i], heat[::-1, :, i], (edges[2], edges[3], up, down),
+                    step / pr)]
+    for z in np.linspace(0, source.shape[0] - 1, strip).round().astype(int):
+        planes.append(Plane(f"slice {z}", source[z], heat[z], edges, pr / pc))
+    return planes
+
+
+def _overlay(path: Path, planes: Sequence[Plane], title: str, window: tuple[float, float] | None) -> None:
+    """Write the overlay PNG: each plane with its edge letters, and one colour bar for the map's scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def show(ax: Any, img: np.ndarray, hm: np.ndarray, label: str) -> None:
-        ax.imshow(img.T, cmap="gray", origin="lower")
-        ax.imshow(np.ma.masked_less(hm.T, 0.2), cmap="jet", alpha=0.45, vmin=0, vmax=1, origin="lower")
-        ax.set_title(label, fontsize=8)
+    rows = 1 if len(planes) <= 2 else 2
+    cols = len(planes) if rows == 1 else len(planes) - 3
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols if rows == 1 else 2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
-
-    if image.ndim == 2:
-        fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
-        axes[0].imshow(image.T, cmap="gray", origin="lower")
-        axes[0].set_title("image", fontsize=8)
-        axes[0].axis("off")
-        show(axes[1], image, heat, "saliency")
-    else:
-        i, j, k = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        strip = np.linspace(0, image.shape[2] - 1, 8).round().astype(int)
-        fig, axes = plt.subplots(2, 8, figsize=(16, 4.6))
-        for ax in axes[0][3:]:
-            ax.axis("off")
-        show(axes[0][0], image[:, :, k], heat[:, :, k], f"axial {k} (peak)")
-        show(axes[0][1], image[:, j, :], heat[:, j, :], f"coronal {j} (peak)")
-        show(axes[0][2], image[i, :, :], heat[i, :, :], f"sagittal {i} (peak)")
-        for ax, z in zip(axes[1], strip, strict=True):
-            show(ax, image[:, :, z], heat[:, :, z], f"axial {z}")
+    slots = list(axes[0][: len(planes)]) if rows == 1 else [*axes[0][:3], *axes[1]]
+    shown = None
+    for ax, plane in zip(slots, planes, strict=False):
+        lo, hi = window if window is not None else tuple(np.percentile(plane.image, (1, 99)))
+        ax.imshow(plane.image, cmap="gray", vmin=lo, vmax=hi, origin="upper", aspect=plane.aspect)
+        shown = ax.imshow(np.ma.masked_less(plane.heat, 0.2), cmap="jet", alpha=0.45, vmin=0, vmax=1,
+                          origin="upper", aspect=plane.aspect)
+        ax.set_title(plane.label, fontsize=8)
+        for text, xy, align in zip(plane.edges, ((0.01, 0.5), (0.99, 0.5), (0.5, 0.99), (0.5, 0.01)),
+                                   (("left", "center"), ("right", "center"), ("center", "top"),
+                                    ("center", "bottom")), strict=True):
+            if text:
+                ax.text(*xy, text, transform=ax.transAxes, ha=align[0], va=align[1], color="yellow", fontsize=9,
+                        fontweight="bold")
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=list(axes.flat), fraction=0.02, pad=0.01)
+        bar.set_label("saliency × probability (below 0.2 not shown)", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -130,7 +197,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         folder.mkdir(exist_ok=True)
         entry: dict[str, Any] = {"study_uid": item.study_uid, "series_uid": item.plan.series_uid,
                                  "image": item.plan.key, "split": s, "label": item.label, "task": task, "maps": {}}
-        source = read_image(item.plan).array if dicom else None
+        source = read_image(item.plan).array
         for method in methods:
             if layer is None and method != Method.OCCLUSION:
                 layer = target_layer(model, tuple(image.shape))  # once per run, not per image
@@ -141,17 +208,20 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
             stem = f"{method.value}-{item.plan.key[-12:]}" if images_of[item.study_uid] > 1 else method.value
             np.save(folder / f"{stem}.npy", result.map)
             png = folder / f"{stem}.png"
-            _overlay(png, image[0].numpy(), result.map,
-                     f"{task} · {method.value} · p = {result.probability:.2f} · label {item.label}")
+            on_source = network_to_source(result.map, item.plan, preset)
+            side = f" · {item.plan.laterality} {item.plan.view}" if item.plan.laterality else ""
+            _overlay(png, overlay_planes(source, on_source, item.plan, probability=result.probability),
+                     f"{task} · {method.value} · p = {result.probability:.2f} · label {item.label}{side}",
+                     preset.window)
             entry["probability"] = result.probability
             entry["maps"][method.value] = {"map": str((folder / f"{stem}.npy").relative_to(out)),
                                            "png": str(png.relative_to(out)),
                                            "peak": [int(v) for v in np.unravel_index(int(np.argmax(result.map)),
                                                                                      result.map.shape)],
                                            "layer": result.layer, "seconds": result.seconds}
-            if source is not None:
+            if dicom:
                 objects = write_saliency_objects(
-                    item.plan, network_to_source(result.map, item.plan, preset), source, folder / "dicom",
+                    item.plan, on_source, source, folder / "dicom",
                     method=method.value, probability=result.probability, model_sha256=model_sha256, task=task,
                     window=preset.window)
                 entry["maps"][method.value]["dicom"] = [str(p.relative_to(out)) for p in objects.paths]
