@@ -133,7 +133,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     Returns:
         The test-split document for the history, and each site's validation metrics (if asked).
     """
-    from fl_server.strategies import refusal_of, site_of, weighted_by_studies
+    from fl_server.strategies import refusal_of, registered_names, site_of, weighted_by_studies
 
     messages = []
     val: list[tuple[str, dict[str, float]]] = []
@@ -146,9 +146,11 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     per_site: dict[str, Any] = {}
     failed = []
     refused = []
+    names = registered_names(grid)
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            failed.append({"site": site_of(reply), "node": reply.metadata.src_node_id, "reason": reply.error.reason})
+            failed.append({"site": site_of(reply, names), "node": reply.metadata.src_node_id,
+                           "reason": reply.error.reason})
             continue
         site = str(reply.content["site"].get("site-id")) if "site" in reply.content else str(reply.metadata.src_node_id)
         if (refusal := refusal_of(reply)) is not None:

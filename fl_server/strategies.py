@@ -97,6 +97,17 @@ def site_of(msg: Message, names: dict[int, str] | None = None) -> str:
     return (names or {}).get(node, f"node-{node}")
 
 
+def registered_names(grid: Grid) -> dict[int, str]:
+    """Node id -> site id for the SuperNodes the lead registered as ``site-<id>`` (a deployment; empty in a
+    simulation), so that a site that dies before it ever replied is still named by its site id."""
+    try:
+        nodes = list(grid.get_nodes())
+    except Exception:  # noqa: BLE001 - a grid that cannot list its nodes: names come from the replies
+        return {}
+    names = {int(n.node_id): str(getattr(n, "name", "")) for n in nodes}
+    return {node: name.removeprefix("site-") for node, name in names.items() if name.startswith("site-")}
+
+
 def _metrics(msg: Message, key: str = "metrics") -> dict[str, float]:
     if not msg.has_content() or key not in msg.content:
         return {}
@@ -176,6 +187,7 @@ class ConsortiumStrategy(FlowerStrategy):
         rnd = server_round + self.offset
         self._t0[rnd] = time.perf_counter()
         self._sent[rnd] = _plain(arrays)
+        self._names = {**registered_names(grid), **self._names}
         if self.evaluate_in_train:
             config["evaluate-split"] = "val"
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))

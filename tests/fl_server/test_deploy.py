@@ -205,6 +205,7 @@ def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Feder
     assert set(zero["evaluate"]) == {"a", "b"}
     assert first["asked_train"] == 3 and second["asked_train"] == 2
     assert len(first["failed"]) == 1 and "Node Unavailable" in first["failed"][0]["reason"]
+    assert first["failed"][0]["site"] == "c"  # named by its site id, although it never replied
     assert first["aggregated_sites"] == 2 and set(first["train"]) == {"a", "b"}
     assert second["aggregated_sites"] == 2 and set(second["train"]) == {"a", "b"}
     for record in (first, second):
