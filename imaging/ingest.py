@@ -20,6 +20,7 @@ as an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -220,33 +221,51 @@ def ingest_folder(
 
 
 def _reject_duplicates(db: sqlite3.Connection, dirty_series: set[str]) -> None:
-    """Reject all but the first file (by path) of each SOPInstanceUID held by several files."""
+    """Keep one file of each SOPInstanceUID held by several: the first by path, unless a copy in the same
+    transfer syntax is longer (the shorter one was cut short). A shorter copy in the same transfer syntax is
+    rejected as ``truncated-pixel-data``; any other copy (another path, or a twin in another syntax) as a
+    duplicate."""
     rows = db.execute(
         """
-        SELECT path, sop_instance_uid, series_uid, status FROM files
+        SELECT path, sop_instance_uid, series_uid, status, size, header FROM files
         WHERE sop_instance_uid IN (
             SELECT sop_instance_uid FROM files
-            WHERE sop_instance_uid IS NOT NULL AND (status = 'ok' OR reason = ?)
+            WHERE sop_instance_uid IS NOT NULL AND (status = 'ok' OR reason IN (?, ?))
             GROUP BY sop_instance_uid HAVING COUNT(*) > 1)
+        AND (status = 'ok' OR reason IN (?, ?))
         ORDER BY sop_instance_uid, path
         """,
-        (Reason.DUPLICATE_INSTANCE,),
+        (Reason.DUPLICATE_INSTANCE, Reason.TRUNCATED_PIXEL_DATA) * 2,
     ).fetchall()
-    keeper: dict[str, str] = {}
-    for path, sop, series, status in rows:
-        if sop not in keeper:
-            keeper[sop] = path
-            if status != Status.OK:  # it takes the place of a copy: its series changes
-                db.execute("UPDATE files SET status='ok', reason=NULL, message=NULL WHERE path=?", (path,))
-                dirty_series.add(series)
-            continue
-        if status == Status.OK:  # newly found to be a copy: its series changes (unchanged otherwise)
-            db.execute(
-                "UPDATE files SET status=?, reason=?, message=? WHERE path=?",
-                (Status.REJECTED, Reason.DUPLICATE_INSTANCE,
-                 f"same SOPInstanceUID as {keeper[sop]}; a copy of that file (only the first is used)", path),
-            )
-            dirty_series.add(series)
+    groups: dict[str, list[sqlite3.Row]] = {}
+    for row in rows:
+        groups.setdefault(row["sop_instance_uid"], []).append(row)
+
+    def syntax(row: sqlite3.Row) -> str:
+        return str(json.loads(row["header"]).get("transfer_syntax", "")) if row["header"] else ""
+
+    for group in groups.values():
+        first = group[0]
+        twins = [r for r in group if syntax(r) == syntax(first)]
+        keep = max(twins, key=lambda r: r["size"])  # the first of the longest (max keeps the first of equals)
+        for row in group:
+            if row is keep:
+                if row["status"] != Status.OK:  # it takes the place of a copy: its series changes
+                    db.execute("UPDATE files SET status='ok', reason=NULL, message=NULL WHERE path=?", (row["path"],))
+                    dirty_series.add(row["series_uid"])
+                continue
+            if row["status"] != Status.OK:
+                continue  # already a copy: its series is unchanged
+            if row in twins and row["size"] < keep["size"]:
+                reason, message = (Reason.TRUNCATED_PIXEL_DATA,
+                                   f"a shorter copy of {keep['path']} ({row['size']:,} of {keep['size']:,} bytes): "
+                                   "cut short; the complete file is used")
+            else:
+                reason, message = (Reason.DUPLICATE_INSTANCE,
+                                   f"same SOPInstanceUID as {keep['path']}; a copy of that file (only one is used)")
+            db.execute("UPDATE files SET status=?, reason=?, message=? WHERE path=?",
+                       (Status.REJECTED, reason, message, row["path"]))
+            dirty_series.add(row["series_uid"])
 
 
 def _check_series(catalog: Catalog, series_uid: str) -> int:

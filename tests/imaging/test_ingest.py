@@ -160,3 +160,17 @@ def test_links_and_unreadable_folders_are_recorded_not_skipped_silently(tmp_path
     assert rows["linked-folder"][0] == rows["linked-file"][0] == "symlink-not-followed"
     assert rows["locked"][0] == "unreadable" and "Permission denied" in rows["locked"][1]
     assert report.rejected["file:symlink-not-followed"] == 2 and report.rejected["file:unreadable"] == 1
+
+
+def test_a_truncated_copy_is_reported_as_truncated_and_the_complete_file_is_used(tmp_path: Path) -> None:
+    src = tmp_path / "dicom"
+    paths, _, _ = write_series(src / "ct", n=20, patient_id="P1", seed=1)
+    data = paths[3].read_bytes()
+    (src / "a-copy-cut-short.dcm").write_bytes(data[: len(data) - 40])  # sorts first, and is shorter
+    (src / "b-exact-copy.dcm").write_bytes(data)
+    with Catalog.open(tmp_path / "ws") as catalog:
+        report = ingest_folder(catalog, src)
+        rows = {Path(r["path"]).name: r["reason"] for r in series_listing(catalog)["rejected_files"]}
+    assert report.series_ok == 1 and report.series_rejected == 0
+    # The complete copies are the same size: the first of them by path (src/b-exact-copy.dcm) is used.
+    assert rows == {"a-copy-cut-short.dcm": "truncated-pixel-data", paths[3].name: "duplicate-instance"}
