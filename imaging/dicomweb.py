@@ -5,9 +5,11 @@ Pulled instances land in ``WS/pacs/store/<study>/<series>/<sop>.dcm`` and are th
 same folder ingest as any DICOM folder (same validation, same reasons). A study's new instances are
 downloaded into ``WS/pacs/partial/<study>/`` first and moved into the store only when every one of
 them arrived and is the instance that was asked for; a study that fails half-way leaves nothing in
-the store and is reported with its reason, so a half-downloaded study is never cataloged. Re-running
-asks the PACS what each study holds and fetches only the instances not in the store yet. Network
-errors and 5xx answers are retried with exponential back-off.
+the store and is reported with its reason, so a half-downloaded study is never cataloged. A series that
+is new as a whole comes in one WADO-RS series request, streamed to disk instance by instance; only a
+series partly here already is asked for instance by instance. Re-running asks the PACS what each study
+holds and fetches only the instances not in the store yet. Network errors and 5xx answers are retried
+with exponential back-off (a series from its start).
 
 Credentials come from the environment (``ONCOFED_PACS_USER`` and ``ONCOFED_PACS_PASSWORD``, or
 ``ONCOFED_PACS_TOKEN``) or from a file only the site user can read, never from the command line or
@@ -314,17 +316,26 @@ def fetch_study(client: Any, workspace: Path, study_uid: str, *, retries: int = 
             return result
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
+        listed: dict[str, set[str]] = {}
+        for series, sop in wanted:
+            listed.setdefault(series, set()).add(sop)
+        needed: dict[str, set[str]] = {}
         for series, sop in missing:
-            ds, attempts = with_retries(
-                partial_call(client.retrieve_instance, study_uid, series, sop,
-                             media_types=(("application/dicom", "*"),)),
-                retries=retries, backoff=backoff, sleep=sleep)
-            result.attempts += attempts
-            if str(ds.get("SOPInstanceUID", "")) != sop or str(ds.get("StudyInstanceUID", "")) != study_uid:
-                raise DicomWebError(f"the PACS sent another instance ({ds.get('SOPInstanceUID', '?')}) for {sop}")
-            target = partial / series / f"{sop}.dcm"
-            target.parent.mkdir(exist_ok=True)
-            ds.save_as(target, enforce_file_format=False)
+            needed.setdefault(series, set()).add(sop)
+        for series, sops in needed.items():
+            if sops == listed[series]:
+                # A whole series is new: one WADO-RS series request, streamed to disk instance by instance.
+                _, attempts = with_retries(partial_call(_save_series, client, study_uid, series, sops, partial),
+                                           retries=retries, backoff=backoff, sleep=sleep)
+                result.attempts += attempts
+                continue
+            for sop in sorted(sops):  # a few instances of a series already here: only those are asked for
+                ds, attempts = with_retries(
+                    partial_call(client.retrieve_instance, study_uid, series, sop,
+                                 media_types=(("application/dicom", "*"),)),
+                    retries=retries, backoff=backoff, sleep=sleep)
+                result.attempts += attempts
+                _save_instance(ds, study_uid, sop, partial / series)
         # Complete: move the study's new files into the store (renames within one file system).
         for file in sorted(partial.rglob("*.dcm")):
             final = store / study_uid / file.relative_to(partial)
@@ -339,6 +350,30 @@ def fetch_study(client: Any, workspace: Path, study_uid: str, *, retries: int = 
         shutil.rmtree(partial, ignore_errors=True)
         result.seconds = time.perf_counter() - t0
     return result
+
+
+def _save_instance(ds: Any, study_uid: str, sop: str, folder: Path) -> None:
+    """Write one retrieved instance, if it is the one asked for."""
+    if str(ds.get("SOPInstanceUID", "")) != sop or str(ds.get("StudyInstanceUID", "")) != study_uid:
+        raise DicomWebError(f"the PACS sent another instance ({ds.get('SOPInstanceUID', '?')}) for {sop}")
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / f"{sop}.dcm", enforce_file_format=False)
+
+
+def _save_series(client: Any, study_uid: str, series: str, sops: set[str], partial: Path) -> None:
+    """Retrieve a whole series (WADO-RS), writing each instance as it arrives; raise unless exactly the listed
+    instances came (a retry starts the series again)."""
+    folder = partial / series
+    shutil.rmtree(folder, ignore_errors=True)
+    got: set[str] = set()
+    for ds in client.iter_series(study_uid, series, media_types=(("application/dicom", "*"),)):
+        sop = str(ds.get("SOPInstanceUID", ""))
+        if sop not in sops:
+            raise DicomWebError(f"the PACS sent an instance ({sop or '?'}) that series {series} does not list")
+        _save_instance(ds, study_uid, sop, folder)
+        got.add(sop)
+    if got != sops:
+        raise DicomWebError(f"series {series}: the PACS sent {len(got)} of its {len(sops)} instances")
 
 
 def fetch_studies(client: Any, workspace: Path, studies: Sequence[str], *, retries: int = 3, backoff: float = 1.0,

@@ -124,15 +124,17 @@ def test_a_pacs_ingest_catalogs_what_a_folder_ingest_does(pacs: tuple[Any, Path]
 
 
 class FlakySession(requests.Session):
-    """A real HTTP session whose WADO-RS instance retrievals fail as told: ``fail_at`` (request numbers)
-    raise a connection error, ``http_error_at`` answer 503."""
+    """A real HTTP session whose WADO-RS retrievals (a series, or an instance) fail as told: ``fail_at``
+    (request numbers) raise a connection error, ``http_error_at`` answer 503."""
 
     def __init__(self, *, fail_at: set[int] = frozenset(), http_error_at: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         super().__init__()
         self.fail_at, self.http_error_at, self.count = fail_at, http_error_at, 0
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        if "/instances/" in url and method.upper() == "GET":
+        path = url.split("?")[0]
+        retrieval = "/series/" in path and not path.endswith(("/metadata", "/instances", "/series"))
+        if retrieval and method.upper() == "GET":
             self.count += 1
             if self.count in self.fail_at:
                 raise requests.ConnectionError("connection reset by peer (injected)")
@@ -150,18 +152,25 @@ def test_a_study_that_fails_half_way_is_not_kept_and_comes_next_time(pacs: tuple
                 key=lambda uid: len(client.search_for_instances(study_instance_uid=uid)))
     ws = tmp_path / "ws"
     waits: list[float] = []
-    # The 3rd instance fails every time: after the retries the study is failed, and nothing of it is kept.
-    broken = client_of(server, FlakySession(fail_at=set(range(3, 100))))
+    series = {r["0020000E"]["Value"][0] for r in client.search_for_instances(study_instance_uid=study)}
+    # Every retrieval fails: after the retries the study is failed, and nothing of it is kept.
+    broken = client_of(server, FlakySession(fail_at=set(range(1, 100))))
     result = fetch_study(broken, ws, study, retries=2, backoff=0.5, sleep=waits.append)
     assert result.status == "failed" and "cannot connect" in result.reason
     assert waits == [0.5, 1.0]  # exponential back-off between the attempts
     assert not (ws / STORE / study).exists() and not (ws / PARTIAL / study).exists()
-    # Transient trouble (a reset, a 503) is retried and the study arrives whole.
-    flaky = client_of(server, FlakySession(fail_at={2}, http_error_at={5}))
+    # Transient trouble (a reset, a 503) is retried and the study arrives whole, one request per series.
+    flaky = client_of(server, FlakySession(fail_at={1}, http_error_at={2}))
     result = fetch_study(flaky, ws, study, retries=2, backoff=0.0)
     assert result.status == "fetched" and result.fetched == result.instances > 5
-    assert result.attempts >= result.instances + 2
+    assert result.attempts == 1 + len(series) + 2  # the instance listing, each series once, two retries
     assert len(list((ws / STORE / study).rglob("*.dcm"))) == result.instances
+    # One instance lost locally: only that one is asked for again, by itself.
+    victim = next((ws / STORE / study).rglob("*.dcm"))
+    victim.unlink()
+    counting = FlakySession()
+    again = fetch_study(client_of(server, counting), ws, study)
+    assert again.status == "fetched" and again.fetched == 1 and counting.count == 1 and victim.exists()
     # An unknown study is reported, not fatal.
     assert fetch_study(client, ws, "1.2.3.4.5").status == "failed"
 
