@@ -124,13 +124,15 @@ def _site_of(context: Any) -> tuple[str, Path | None]:
 
 
 def _error_reply(message: Any, context: Any, exc: BaseException | None, failure: Failure) -> Any:
-    """The failed reply for ``message``; the failure is recorded at the site unless the handler already did
-    (a :class:`fl_client.failures.SiteFailure`)."""
+    """The failed reply for ``message``; the failure is recorded at the site unless the handler already did (a
+    :class:`fl_client.failures.SiteFailure`, or a refusal, logged as one by :func:`fl_client.federated.refusal`)."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
+    from fl_client.federated import Refused
+
     site_id, workspace = _site_of(context)
-    if not isinstance(exc, SiteFailure):
+    if not isinstance(exc, SiteFailure | Refused):  # those were recorded where they were raised
         config = dict(message.content["config"]) if message.has_content() and "config" in message.content else {}
         record_failure(workspace, failure, run=str(config.get("run-id") or message.metadata.run_id),
                        round_number=int(config.get("server-round", 0) or 0), exc=exc)
