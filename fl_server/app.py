@@ -149,7 +149,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     names = registered_names(grid)
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            failed.append({"site": site_of(reply, names), "node": reply.metadata.src_node_id,
+            failed.append({"site": site_of(reply, names, grid), "node": reply.metadata.src_node_id,
                            "reason": reply.error.reason})
             continue
         site = str(reply.content["site"].get("site-id")) if "site" in reply.content else str(reply.metadata.src_node_id)

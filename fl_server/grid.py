@@ -29,6 +29,7 @@ class PromptGrid(Grid):
     def __init__(self, inner: Grid, *, poll: float = 0.1) -> None:
         self.inner = inner
         self.poll = poll
+        self._sent_to: dict[str, int] = {}  # message id -> the node it went to
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -48,14 +49,22 @@ class PromptGrid(Grid):
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
+        messages = list(messages)
+        ids = list(self.inner.push_messages(messages))
+        self._sent_to.update({i: int(m.metadata.dst_node_id) for i, m in zip(ids, messages, strict=False)})
+        return ids
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about: the one its message went to (the SuperLink answers for a node that is
+        gone with an error reply of its own, from its own node id), else the sender."""
+        return self._sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages`` and collect their replies until all are in or ``timeout`` seconds have passed."""
-        waiting = set(self.inner.push_messages(messages))
+        waiting = set(self.push_messages(messages))
         end = time.monotonic() + (timeout if timeout is not None else float("inf"))
         replies: list[Message] = []
         while waiting:

@@ -81,10 +81,12 @@ def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStra
 _FAILED_SITE = re.compile(r"^oncofed site (\S+): ")
 
 
-def site_of(msg: Message, names: dict[int, str] | None = None) -> str:
+def site_of(msg: Message, names: dict[int, str] | None = None, grid: Grid | None = None) -> str:
     """The site id a reply carries; for an error reply, the id its reason names (the site's executor writes
-    ``oncofed site ID: code: ...``), or the id that node gave before, or its node id."""
-    node = msg.metadata.src_node_id
+    ``oncofed site ID: code: ...``), or the id its node gave before or was registered with, or its node id.
+    ``grid`` (a :class:`fl_server.grid.PromptGrid`) tells which node an error the SuperLink wrote is about."""
+    node_of = getattr(grid, "node_of", None)
+    node = node_of(msg) if callable(node_of) else msg.metadata.src_node_id
     site = None
     if msg.has_content() and "site" in msg.content:
         site = msg.content["site"].get("site-id")
@@ -174,6 +176,7 @@ class ConsortiumStrategy(FlowerStrategy):
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._t0: dict[int, float] = {}
         self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
+        self._grid: Grid | None = None
 
     def summary(self) -> None:
         log.info("oncofed: %s with update validation (norm limit %gx), evaluation %s, %d round(s) done before",
@@ -188,6 +191,7 @@ class ConsortiumStrategy(FlowerStrategy):
         self._t0[rnd] = time.perf_counter()
         self._sent[rnd] = _plain(arrays)
         self._names = {**registered_names(grid), **self._names}
+        self._grid = grid
         if self.evaluate_in_train:
             config["evaluate-split"] = "val"
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))
@@ -204,7 +208,7 @@ class ConsortiumStrategy(FlowerStrategy):
         evaluations: list[tuple[str, dict[str, float]]] = []
         work = []
         for msg in replies:
-            site = site_of(msg, self._names)
+            site = site_of(msg, self._names, self._grid)
             if msg.has_error():
                 record["failed"].append({"site": site, "stage": "train", "reason": msg.error.reason})
                 log.warning("round %d: site %s failed to train: %s", rnd, site, msg.error.reason)
@@ -232,7 +236,7 @@ class ConsortiumStrategy(FlowerStrategy):
                                         norm_factor=self.norm_factor)
         kept = []
         for msg, reason, norm in zip(candidates, reasons, norms, strict=True):
-            site = site_of(msg, self._names)
+            site = site_of(msg, self._names, self._grid)
             if norm is not None:
                 record["train"][site]["update-norm"] = norm
             if reason is not None:
@@ -266,14 +270,14 @@ class ConsortiumStrategy(FlowerStrategy):
         record = self.store.round_record(rnd)
         results = []
         for msg in replies:
+            site = site_of(msg, self._names, self._grid)
             if msg.has_error():
-                record["failed"].append({"site": site_of(msg, self._names), "stage": "evaluate",
-                                         "reason": msg.error.reason})
+                record["failed"].append({"site": site, "stage": "evaluate", "reason": msg.error.reason})
                 continue
             if (refused := refusal_of(msg)) is not None:
-                record["refused"].append({"site": site_of(msg, self._names), "stage": "evaluate", **refused})
+                record["refused"].append({"site": site, "stage": "evaluate", **refused})
                 continue
-            results.append((site_of(msg, self._names), _metrics(msg)))
+            results.append((site, _metrics(msg)))
         return self.record_evaluation(rnd, results) if results else None
 
     def record_evaluation(self, rnd: int, results: list[tuple[str, dict[str, float]]]) -> MetricRecord | None:
