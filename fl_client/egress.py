@@ -35,8 +35,8 @@ REFUSAL_METRICS = ("refused", "refused-budget", "refused-no-data")
 ALLOWED_METRICS = frozenset(TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS + REFUSAL_METRICS)
 
 # Strings a site may send (in a ConfigRecord): its own id, the split evaluated, the task, and with a refusal
-# its reason code and a sentence the site's code wrote (never a path, an identifier or a tag value).
-ALLOWED_STRINGS = frozenset({"site-id", "split", "task", "refusal", "detail"})
+# or a failure its reason code and a sentence the site's code wrote (never a path, an identifier or a tag value).
+ALLOWED_STRINGS = frozenset({"site-id", "split", "task", "refusal", "detail", "reason"})
 _LONG_STRINGS = frozenset({"detail"})
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from flwr.app import Message
 
-from fl_client.failures import Failure, FailureCode, SiteFailure, failure_of, record_failure
+from fl_client.failures import Failure, FailureCode, SiteFailure, checked, failure_of, record_failure
 
 APP_ID = "oncofed/oncofed"  # [tool.flwr.app] publisher / [project] name
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
@@ -294,8 +294,8 @@ class Executor:
         if not replied:
             # The child died before its reply went out: answer for it.
             how = (f"signal {-status}" if status < 0 else f"exit code {status}")
-            failure = Failure(FailureCode.TASK_CRASHED, f"the site's task process ended abnormally ({how}); the "
-                                                        "site's executor log has the details")
+            failure = checked(Failure(FailureCode.TASK_CRASHED, f"the site's task process ended abnormally "
+                                                                f"({how}); the site's executor log has the details"))
             with contextlib.suppress(Exception):
                 push_message(client, _error_reply(message, context, None, failure), context)
             with contextlib.suppress(Exception):

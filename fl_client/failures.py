@@ -59,10 +59,32 @@ class SiteFailure(Exception):
         self.failure = failure
 
 
+def checked(failure: Failure) -> Failure:
+    """``failure`` if the egress guard lets it leave — a code from the fixed lists and a short printable
+    sentence — else a generic failure that does."""
+    from fl_client.egress import EgressError, check_reply
+    from fl_client.policy import Refusal
+
+    known = {*FailureCode, *Refusal, "refused"}
+    try:
+        if failure.code not in known:
+            raise EgressError(f"reason code {failure.code!r} is not on the fixed list")
+        check_reply({}, {}, reference=None, strings={"reason": failure.code, "detail": failure.sentence})
+    except EgressError:
+        return Failure(FailureCode.SITE_ERROR, "a failure at the site; the site's error log has the details")
+    return failure
+
+
 def failure_of(exc: BaseException) -> Failure:
-    """The PHI-free account of an exception raised while serving a message. Its text is used only where the
-    site's own code wrote it to leave the site (a refusal, a failure already accounted for) or where it
-    names only what the lead sent (a run-config key and value)."""
+    """The PHI-free account of an exception raised while serving a message (see :func:`_failure_of`), passed
+    through the egress guard (:func:`checked`)."""
+    return checked(_failure_of(exc))
+
+
+def _failure_of(exc: BaseException) -> Failure:
+    """The account of an exception. Its text is used only where the site's own code wrote it to leave the site
+    (a refusal, a failure already accounted for) or where it names only what the lead sent (a run-config key
+    and value)."""
     from fl_client.egress import EgressError
     from fl_client.federated import Refused, SiteConfigError
     from models.config import ConfigError

@@ -259,3 +259,14 @@ def test_cli_policy_runs_approve_refuse(workspace: Path, capsys: pytest.CaptureF
     assert "at least 1" in error(site_main(["policy", "--workspace", ws, "--max-rounds", "0"]))
     assert "--why must say why" in error(site_main(["refuse", "7", "--workspace", ws, "--why", " "]))
     assert "does not exist" in error(site_main(["runs", "--workspace", str(workspace / "nope")]))
+
+
+def test_what_a_failure_sends_passes_the_egress_guard_or_is_replaced() -> None:
+    from fl_client.failures import Failure, checked
+
+    odd = ConfigError("run-config key 'task': unknown task 'x\x00\x1b[31m'")  # not printable: not sent as is
+    assert failure_of(odd).code == "site-error" and "\x1b" not in failure_of(odd).sentence
+    assert failure_of(ConfigError("x" * 500)).sentence == "x" * 200  # cut to the guard's length
+    assert checked(Failure("patient-name", "Doe^Jane")).code == "site-error"  # only codes from the fixed lists
+    fine = Failure("data-unreadable", "a file the site ingested could not be read: restore it or ingest again")
+    assert checked(fine) is fine
