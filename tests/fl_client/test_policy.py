@@ -62,12 +62,11 @@ def _message(kind: str = "train", *, run_config: dict | None = None, split: str 
     return Message(content=content, dst_node_id=1, message_type=kind)
 
 
-def _call(workspace: Path, kind: str = "train", *, run_config: dict | None = None, split: str = "",
-          bundle: bool = True) -> Message:
+def _call(workspace: Path, kind: str = "train", *, run_config: dict | None = None, split: str = "") -> Message:
+    """The ClientApp on one message, with the node config the site's executor gives it."""
     msg = _message(kind, run_config=run_config, split=split)
-    node_config: dict = {"workspace": str(workspace), "site-id": "a"}
-    if bundle:
-        node_config |= {BUNDLE_KEY: "oncofed/oncofed==0.1.0", BUNDLE_HASH_KEY: "ab" * 32}
+    node_config: dict = {"workspace": str(workspace), "site-id": "a", BUNDLE_KEY: "oncofed/oncofed==0.1.0",
+                         BUNDLE_HASH_KEY: "ab" * 32}
     context = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(),
                       run_config={**RUN_CONFIG, **(run_config or {})})
     return app(message=msg, context=context)
