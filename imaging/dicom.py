@@ -30,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from imaging.errors import DicomError, Reason
+from imaging.integrity import CodestreamError, SignatureError, check_codestream, verify_signatures
 from imaging.presets import PRESETS, is_2d_modality, min_slices_for_modality, tasks_for_modality
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -708,12 +709,32 @@ def _plan_volume(headers: Sequence[InstanceHeader], first: InstanceHeader) -> Im
 def decode_pixels(path: Path) -> np.ndarray:
     """Decode the stored pixel values of one file: ``(rows, cols)`` or ``(frames, rows, cols)``.
 
+    A decode is trusted only after the checks of :mod:`imaging.integrity`: compressed frames must agree
+    with the header, and a file that carries digital signatures must still match them.
+
     Raises:
-        DicomError: ``truncated-pixel-data`` or ``undecodable-pixel-data``.
+        DicomError: ``truncated-pixel-data``, ``undecodable-pixel-data``, ``corrupt-codestream`` or
+            ``signature-mismatch``.
     """
     ds = _open(path, stop_before_pixels=False)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DicomError(path, Reason.TRUNCATED_PIXEL_DATA, "the file ends before its pixel data")
+    try:
+        verify_signatures(ds)
+    except SignatureError as exc:
+        raise DicomError(path, Reason.SIGNATURE_MISMATCH,
+                         f"{exc}; its pixels cannot be trusted: export it again from its source") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a malformed signature item
+        raise DicomError(path, Reason.SIGNATURE_MISMATCH,
+                         f"its digital signature cannot be read ({type(exc).__name__}); export it again") from None
+    try:
+        check_codestream(ds, rows=int(_int(ds, "Rows", 0) or 0), cols=int(_int(ds, "Columns", 0) or 0),
+                         samples=max(1, int(_int(ds, "SamplesPerPixel", 1) or 1)),
+                         bits_allocated=int(_int(ds, "BitsAllocated", 16) or 16),
+                         n_frames=max(1, int(_int(ds, "NumberOfFrames", 1) or 1)))
+    except CodestreamError as exc:
+        raise DicomError(path, Reason.CORRUPT_CODESTREAM,
+                         f"{exc}: the compressed pixel data is damaged; copy or export the file again") from None
     try:
         return np.asarray(ds.pixel_array)
     except ValueError as exc:

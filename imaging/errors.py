@@ -32,6 +32,8 @@ class Reason(StrEnum):
     INVALID_GEOMETRY = "invalid-geometry"  # a spacing, position or orientation that is not finite and sane
     INVALID_RESCALE = "invalid-rescale"  # a rescale slope or intercept that is not finite and sane
     MIXED_SERIES = "mixed-series"  # one SeriesInstanceUID over several studies or modalities
+    CORRUPT_CODESTREAM = "corrupt-codestream"  # compressed frames whose structure contradicts the header
+    SIGNATURE_MISMATCH = "signature-mismatch"  # a DICOM digital signature that no longer matches the content
     SYMLINK = "symlink-not-followed"  # a link in the source folder: not followed (it may point outside it)
 
 

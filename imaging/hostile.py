@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from imaging.errors import Reason
 
@@ -60,6 +60,18 @@ def _compressed_claiming(rows: int, cols: int) -> Callable[[Dataset], None]:
     return mutate
 
 
+def _rle_damaged(cut: int | None, segments: int | None) -> Callable[[Dataset], None]:
+    """The slice compressed as RLE Lossless, then its frame cut to ``cut`` bytes or its segment count changed."""
+    def mutate(ds: Dataset) -> None:
+        ds.compress(RLELossless)
+        frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+        if segments is not None:
+            frame[0] = segments
+        ds.PixelData = encapsulate([bytes(frame[:cut])])
+
+    return mutate
+
+
 VARIANTS: tuple[Variant, ...] = (
     Variant("frames-2^31", _set(NumberOfFrames=2147483647), "file", Reason.TRUNCATED_PIXEL_DATA),
     Variant("frames-negative", _set(NumberOfFrames=-5), "file", Reason.IMPLAUSIBLE_SIZE),
@@ -79,6 +91,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("intercept-1e309", _set(RescaleIntercept="1e309"), "series", Reason.INVALID_RESCALE),
     Variant("other-study", _set(StudyInstanceUID="1.2.826.0.1.3680043.8.498.99"), "series", Reason.MIXED_SERIES),
     Variant("one-mr-slice", _set(Modality="MR"), "series", Reason.MIXED_SERIES),
+    Variant("rle-header-cut", _rle_damaged(40, None), "series", Reason.CORRUPT_CODESTREAM),
+    Variant("rle-segments", _rle_damaged(None, 3), "series", Reason.CORRUPT_CODESTREAM),
 )
 
 

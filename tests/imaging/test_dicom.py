@@ -45,7 +45,7 @@ def test_truncated_pixel_data(pydicom_files: Path) -> None:
     assert "MR_truncated.dcm" in str(err.value)
 
 
-def test_corrupt_compressed_stream_is_undecodable(pydicom_files: Path, tmp_path: Path) -> None:
+def test_corrupt_compressed_stream_is_rejected_before_decoding(pydicom_files: Path, tmp_path: Path) -> None:
     data = bytearray((pydicom_files / "MR_small_jp2klossless.dcm").read_bytes())
     start = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000 codestream: SOC + SIZ markers
     assert start > 0
@@ -54,7 +54,7 @@ def test_corrupt_compressed_stream_is_undecodable(pydicom_files: Path, tmp_path:
     bad.write_bytes(bytes(data))
     with pytest.raises(DicomError) as err:
         decode_pixels(bad)
-    assert err.value.reason is Reason.UNDECODABLE_PIXEL_DATA
+    assert err.value.reason is Reason.CORRUPT_CODESTREAM  # the zeroed SIZ marker no longer fits the header
 
 
 def test_not_dicom_and_malformed(pydicom_files: Path, tmp_path: Path) -> None:
