@@ -25,6 +25,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from models.protocol import WEIGHTS, Metric, NodeKey, Record, RoundKey, SiteKey, Split
+
 app = ClientApp()
 
 
@@ -35,10 +37,10 @@ def _inputs(msg: Message, context: Context) -> tuple[Any, Any, str, int, np.ndar
     run_config = dict(context.run_config)
     config = from_flat(run_config)
     site = site_from_config(dict(context.node_config), run_config)
-    round_config: dict[str, Any] = dict(msg.content["config"]) if "config" in msg.content else {}
-    flat = msg.content.array_records["arrays"]["weights"].numpy()
-    run_id = str(round_config.get("run-id") or msg.metadata.run_id)
-    return site, config, run_id, int(round_config.get("server-round", 0)), flat, round_config
+    round_config: dict[str, Any] = dict(msg.content[Record.CONFIG]) if Record.CONFIG in msg.content else {}
+    flat = msg.content.array_records[Record.ARRAYS][WEIGHTS].numpy()
+    run_id = str(round_config.get(RoundKey.RUN_ID) or msg.metadata.run_id)
+    return site, config, run_id, int(round_config.get(RoundKey.SERVER_ROUND, 0)), flat, round_config
 
 
 def _admit(msg: Message, context: Context, site: Any, config: Any, run_id: str, *, final: bool = False) -> Any:
@@ -50,11 +52,12 @@ def _admit(msg: Message, context: Context, site: Any, config: Any, run_id: str, 
 
 
 def _reply(msg: Message, reply: Any) -> Message:
-    content = RecordDict({"metrics": MetricRecord(dict(reply.metrics)), "site": ConfigRecord(dict(reply.strings))})
+    content = RecordDict({Record.METRICS: MetricRecord(dict(reply.metrics)),
+                          Record.SITE: ConfigRecord(dict(reply.strings))})
     if reply.arrays:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in reply.arrays.items()})
+        content[Record.ARRAYS] = ArrayRecord({k: Array(v) for k, v in reply.arrays.items()})
     if reply.evaluation:
-        content["evaluation"] = MetricRecord(dict(reply.evaluation))
+        content[Record.EVALUATION] = MetricRecord(dict(reply.evaluation))
     return Message(content=content, reply_to=msg)
 
 
@@ -88,10 +91,11 @@ def _site_failure(msg: Message, context: Context, exc: Exception) -> Exception:
         site = site_from_config(dict(context.node_config), dict(context.run_config))
         site_id, workspace = site.site_id, site.workspace
     except Exception:  # noqa: BLE001 - no workspace to write to: the failure still leaves without details
-        site_id, workspace = str(context.node_config.get("site-id") or "?"), None
-    config: dict[str, Any] = dict(msg.content["config"]) if msg.has_content() and "config" in msg.content else {}
-    record_failure(workspace, failure, run=str(config.get("run-id") or msg.metadata.run_id),
-                   round_number=int(config.get("server-round", 0) or 0), exc=exc)
+        site_id, workspace = str(context.node_config.get(NodeKey.SITE_ID) or "?"), None
+    config: dict[str, Any] = (dict(msg.content[Record.CONFIG]) if msg.has_content() and Record.CONFIG in msg.content
+                              else {})
+    record_failure(workspace, failure, run=str(config.get(RoundKey.RUN_ID) or msg.metadata.run_id),
+                   round_number=int(config.get(RoundKey.SERVER_ROUND, 0) or 0), exc=exc)
     return SiteFailure(site_id, failure)
 
 
@@ -115,8 +119,8 @@ def train(msg: Message, context: Context) -> Message:
     from fl_client.federated import refusal
 
     site, config, run_id, rnd, flat, round_config = _inputs(msg, context)
-    mu = float(round_config.get("proximal-mu", 0.0))
-    split = str(round_config.get("evaluate-split", "")) or None
+    mu = float(round_config.get(RoundKey.PROXIMAL_MU, 0.0))
+    split = str(round_config.get(RoundKey.EVALUATE_SPLIT, "")) or None
     _check_split(split)
     decision = _admit(msg, context, site, config, run_id)
     if not decision.allowed:
@@ -136,11 +140,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     if "evaluateins.parameters" in msg.content.array_records:
         return _legacy_evaluate(msg, context)
     site, config, run_id, rnd, flat, round_config = _inputs(msg, context)
-    split = str(round_config.get("split", "val"))
-    also = str(round_config.get("evaluate-split", "")) or None
+    split = str(round_config.get(RoundKey.SPLIT, Split.VAL))
+    also = str(round_config.get(RoundKey.EVALUATE_SPLIT, "")) or None
     _check_split(split)
     _check_split(also)
-    decision = _admit(msg, context, site, config, run_id, final=split == "test")
+    decision = _admit(msg, context, site, config, run_id, final=split == Split.TEST)
     if not decision.allowed:
         return _reply(msg, refusal(site, task=config.model.task, run_id=run_id, round_number=rnd, kind="evaluate",
                                    code=decision.code, detail=decision.detail))
@@ -157,10 +161,12 @@ def refusal_message(msg: Message, site: Any, *, task: str, code: str, detail: st
     from fl_client.federated import Refused, refusal
 
     legacy = any(k in msg.content.array_records for k in ("fitins.parameters", "evaluateins.parameters"))
-    round_config: dict[str, Any] = {} if legacy or "config" not in msg.content else dict(msg.content["config"])
+    round_config: dict[str, Any] = ({} if legacy or Record.CONFIG not in msg.content
+                                    else dict(msg.content[Record.CONFIG]))
     kind = "train" if msg.metadata.message_type == "train" else "evaluate"
-    reply = refusal(site, task=task, run_id=str(round_config.get("run-id") or msg.metadata.run_id),
-                    round_number=int(round_config.get("server-round", 0) or 0), kind=kind, code=code, detail=detail)
+    reply = refusal(site, task=task, run_id=str(round_config.get(RoundKey.RUN_ID) or msg.metadata.run_id),
+                    round_number=int(round_config.get(RoundKey.SERVER_ROUND, 0) or 0), kind=kind, code=code,
+                    detail=detail)
     if legacy:
         why = str(Refused(site.site_id, code, detail))
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=why), reply_to=msg)
@@ -170,7 +176,7 @@ def refusal_message(msg: Message, site: Any, *, task: str, code: str, detail: st
 def _check_split(split: str | None) -> None:
     from models.config import ConfigError
 
-    if split is not None and split not in ("train", "val", "test"):
+    if split is not None and split not in tuple(Split):
         raise ConfigError(f"unknown split {split[:20]!r} in the round config: expected train, val or test")
 
 
@@ -188,9 +194,9 @@ def _legacy_inputs(msg: Message, context: Context, prefix: str) -> tuple[Any, An
     run_config = dict(context.run_config)
     round_config = dict(ins.config)
     flat = parameters_to_ndarrays(ins.parameters)[0]
-    run_id = str(round_config.get("run-id") or msg.metadata.run_id)
+    run_id = str(round_config.get(RoundKey.RUN_ID) or msg.metadata.run_id)
     return (site_from_config(dict(context.node_config), run_config), from_flat(run_config), run_id,
-            int(round_config.get("server-round", 0)), flat, round_config)
+            int(round_config.get(RoundKey.SERVER_ROUND, 0)), flat, round_config)
 
 
 def _legacy_train(msg: Message, context: Context) -> Message:
@@ -199,7 +205,7 @@ def _legacy_train(msg: Message, context: Context) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    from fl_client.federated import WEIGHTS_KEY, Refused, fit, refusal
+    from fl_client.federated import Refused, fit, refusal
 
     site, config, run_id, rnd, flat, round_config = _legacy_inputs(msg, context, "fitins")
     decision = _admit(msg, context, site, config, run_id)
@@ -208,12 +214,12 @@ def _legacy_train(msg: Message, context: Context) -> Message:
                         code=decision.code, detail=decision.detail)
     else:
         reply = fit(site, config, run_id=run_id, round_number=rnd, global_flat=flat,
-                    proximal_mu=float(round_config.get("proximal-mu", 0.0)), epsilon_cap=decision.epsilon_cap)
-    if reply.metrics.get("refused"):
+                    proximal_mu=float(round_config.get(RoundKey.PROXIMAL_MU, 0.0)), epsilon_cap=decision.epsilon_cap)
+    if reply.metrics.get(Metric.REFUSED):
         # In SecAgg+ a site that does not contribute is a drop-out: the protocol goes on without it.
-        raise Refused(site.site_id, reply.strings.get("refusal", ""), reply.strings.get("detail", ""))
-    res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters([reply.arrays[WEIGHTS_KEY]]),
-                 num_examples=int(reply.metrics["num-examples"]), metrics={**reply.metrics, **reply.strings})
+        raise Refused(site.site_id, reply.strings.get(SiteKey.REFUSAL, ""), reply.strings.get(SiteKey.DETAIL, ""))
+    res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters([reply.arrays[WEIGHTS]]),
+                 num_examples=int(reply.metrics[Metric.NUM_EXAMPLES]), metrics={**reply.metrics, **reply.strings})
     return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
@@ -225,14 +231,15 @@ def _legacy_evaluate(msg: Message, context: Context) -> Message:
     from fl_client.federated import evaluate as evaluate_site
 
     site, config, run_id, rnd, flat, round_config = _legacy_inputs(msg, context, "evaluateins")
-    split = str(round_config.get("split", "val"))
+    split = str(round_config.get(RoundKey.SPLIT, Split.VAL))
     _check_split(split)
-    decision = _admit(msg, context, site, config, run_id, final=split == "test")
+    decision = _admit(msg, context, site, config, run_id, final=split == Split.TEST)
     if not decision.allowed:
         refusal(site, task=config.model.task, run_id=run_id, round_number=rnd, kind="evaluate", code=decision.code,
                 detail=decision.detail)
         raise Refused(site.site_id, decision.code, decision.detail)
     reply = evaluate_site(site, config, run_id=run_id, round_number=rnd, global_flat=flat, split=split)
-    res = EvaluateRes(status=Status(Code.OK, ""), loss=float(reply.metrics.get("eval-loss", 0.0)),
-                      num_examples=int(reply.metrics.get("studies", 0)), metrics={**reply.metrics, **reply.strings})
+    res = EvaluateRes(status=Status(Code.OK, ""), loss=float(reply.metrics.get(Metric.EVAL_LOSS, 0.0)),
+                      num_examples=int(reply.metrics.get(Metric.STUDIES, 0)),
+                      metrics={**reply.metrics, **reply.strings})
     return Message(content=compat.evaluateres_to_recorddict(res), reply_to=msg)

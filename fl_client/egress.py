@@ -1,7 +1,8 @@
 """The egress guard: the last check before anything leaves the site, and the log of what did.
 
 A reply may hold only (1) arrays with exactly the keys, shapes and dtypes of the global model the
-site received, finite, and (2) scalar metrics from a fixed whitelist. Anything else raises
+site received, finite, (2) scalar metrics from the fixed whitelist and (3) short strings from another
+(both in :mod:`models.protocol`, the contract the server reads too). Anything else raises
 :class:`EgressError` before sending. Every reply that passes is appended to the site's egress log
 (``egress.jsonl`` in the workspace): time, run, round, message kind, bytes, SHA-256 of the arrays,
 and the metric keys and values (counts, losses, ε: no image data, no identifiers).
@@ -22,22 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.protocol import ALLOWED_METRICS, ALLOWED_STRINGS, LONG_STRINGS
+
 EGRESS_LOG = "egress.jsonl"
 
-# Scalar metrics a site may send, by what they describe. Anything else is refused by the guard.
-TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "samples-seen", "steps")
-# evaluation (study-level, on one split)
-EVAL_METRICS = ("eval-loss", "auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "threshold",
-                "studies", "positives", "negatives", "eval-seconds")
-PRIVACY_METRICS = ("dp", "epsilon", "epsilon-max", "delta", "noise-multiplier", "sample-rate")
-# a refusal (privacy budget spent, no data for the task, the site's policy or approval)
-REFUSAL_METRICS = ("refused", "refused-budget", "refused-no-data")
-ALLOWED_METRICS = frozenset(TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS + REFUSAL_METRICS)
-
-# Strings a site may send (in a ConfigRecord): its own id, the split evaluated, the task, and with a refusal
-# or a failure its reason code and a sentence the site's code wrote (never a path, an identifier or a tag value).
-ALLOWED_STRINGS = frozenset({"site-id", "split", "task", "refusal", "detail", "reason"})
-_LONG_STRINGS = frozenset({"detail"})
 
 
 def append_line(path: Path, line: str) -> None:
@@ -100,20 +89,14 @@ def check_reply(
         EgressError: Naming the offending key.
     """
     if arrays:
+        from models.weights import WeightsError, check_arrays  # torch: only when arrays are about to leave
+
         if reference is None:
             raise EgressError("arrays may only be sent in reply to a global model")
-        for key in arrays:
-            if key not in reference:
-                raise EgressError(f"array {key!r} is not part of the global model: not sent")
-        for key, ref in reference.items():
-            if key not in arrays:
-                raise EgressError(f"array {key!r} of the global model is missing from the reply: not sent")
-            a = arrays[key]
-            if tuple(a.shape) != tuple(ref.shape) or a.dtype != ref.dtype:
-                raise EgressError(f"array {key!r} is {a.dtype}{tuple(a.shape)}, the global model's is "
-                                  f"{ref.dtype}{tuple(ref.shape)}: not sent")
-            if not np.isfinite(a).all():
-                raise EgressError(f"array {key!r} holds NaN or Inf (training diverged): not sent")
+        try:
+            check_arrays(reference, arrays, finite=True)
+        except WeightsError as exc:
+            raise EgressError(f"{exc}: not sent (a reply holds exactly the global model's arrays, finite)") from None
     for key, value in metrics.items():
         if key not in ALLOWED_METRICS:
             raise EgressError(f"metric {key!r} is not on the site's egress whitelist: not sent")
@@ -124,7 +107,7 @@ def check_reply(
     for key, text in (strings or {}).items():
         if key not in ALLOWED_STRINGS:
             raise EgressError(f"text field {key!r} is not on the site's egress whitelist: not sent")
-        if not isinstance(text, str) or len(text) > (240 if key in _LONG_STRINGS else 64) or not text.isprintable():
+        if not isinstance(text, str) or len(text) > (240 if key in LONG_STRINGS else 64) or not text.isprintable():
             raise EgressError(f"text field {key!r} must be a short printable string: not sent")
 
 

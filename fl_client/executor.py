@@ -40,6 +40,8 @@ from typing import Any
 from flwr.app import Message
 
 from fl_client.failures import Failure, FailureCode, SiteFailure, checked, failure_of, record_failure
+from models.config import RunKey
+from models.protocol import NodeKey, Record, Refusal, RoundKey
 
 APP_ID = "oncofed/oncofed"  # [tool.flwr.app] publisher / [project] name
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
@@ -119,8 +121,8 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
 
 def _site_of(context: Any) -> tuple[str, Path | None]:
     config = dict(context.node_config)
-    workspace = config.get("workspace")
-    return str(config.get("site-id") or "?"), Path(str(workspace)) if workspace else None
+    workspace = config.get(NodeKey.WORKSPACE)
+    return str(config.get(NodeKey.SITE_ID) or "?"), Path(str(workspace)) if workspace else None
 
 
 def _error_reply(message: Any, context: Any, exc: BaseException | None, failure: Failure) -> Any:
@@ -133,9 +135,10 @@ def _error_reply(message: Any, context: Any, exc: BaseException | None, failure:
 
     site_id, workspace = _site_of(context)
     if not isinstance(exc, SiteFailure | Refused):  # those were recorded where they were raised
-        config = dict(message.content["config"]) if message.has_content() and "config" in message.content else {}
-        record_failure(workspace, failure, run=str(config.get("run-id") or message.metadata.run_id),
-                       round_number=int(config.get("server-round", 0) or 0), exc=exc)
+        config = (dict(message.content[Record.CONFIG]) if message.has_content() and Record.CONFIG in message.content
+                  else {})
+        record_failure(workspace, failure, run=str(config.get(RoundKey.RUN_ID) or message.metadata.run_id),
+                       round_number=int(config.get(RoundKey.SERVER_ROUND, 0) or 0), exc=exc)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure.reason(site_id)),
                    reply_to=message)
 
@@ -144,7 +147,7 @@ def version_refusal(message: Any, context: Any, run: Any, fab_hash: str) -> Any 
     """A refusal reply if the run was built for another app or version than the installed one, else None."""
     from fl_client.app import refusal_message
     from fl_client.federated import site_from_config
-    from fl_client.policy import Refusal, RunBook, RunManifest
+    from fl_client.policy import RunBook, RunManifest
 
     built = f"{run.fab_id}=={run.fab_version}"
     mine = installed_app()
@@ -159,20 +162,18 @@ def version_refusal(message: Any, context: Any, run: Any, fab_hash: str) -> Any 
     RunBook(site.workspace).refuse_unseen(str(run.run_id), RunManifest.foreign(str(run.run_id), built, fab_hash,
                                                                               dict(context.run_config)),
                                           code=Refusal.VERSION, detail=detail)
-    return refusal_message(message, site, task=str(context.run_config.get("task", "")), code=Refusal.VERSION,
+    return refusal_message(message, site, task=str(context.run_config.get(RunKey.TASK, "")), code=Refusal.VERSION,
                            detail=detail)
 
 
 def serve_task(message: Any, context: Any, run: Any, fab: Any) -> Any:
     """The reply to one task, computed by the site's installed code (in the forked child)."""
     from fl_client.app import app
-    from fl_client.federated import BUNDLE_HASH_KEY, BUNDLE_KEY
-
     refused = version_refusal(message, context, run, fab.hash_str)
     if refused is not None:
         return refused
-    context.node_config[BUNDLE_KEY] = f"{run.fab_id}=={run.fab_version}"
-    context.node_config[BUNDLE_HASH_KEY] = fab.hash_str
+    context.node_config[NodeKey.APP_BUNDLE] = f"{run.fab_id}=={run.fab_version}"
+    context.node_config[NodeKey.APP_BUNDLE_SHA256] = fab.hash_str
     return app(message=message, context=context)
 
 

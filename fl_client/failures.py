@@ -15,23 +15,11 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
+from models.protocol import FailureCode, SiteKey, failure_text, reason_codes
+
 ERROR_LOG = "site-errors.log"
-
-
-class FailureCode(StrEnum):
-    """Reason codes of a failed reply."""
-
-    EGRESS = "egress-refused"
-    RUN_CONFIG = "run-config"
-    SITE_CONFIG = "site-config"
-    DATA_UNREADABLE = "data-unreadable"
-    OUT_OF_MEMORY = "out-of-memory"
-    IO_ERROR = "io-error"
-    TASK_CRASHED = "task-crashed"
-    SITE_ERROR = "site-error"
 
 
 @dataclass(frozen=True)
@@ -42,7 +30,8 @@ class Failure:
     sentence: str
 
     def reason(self, site_id: str) -> str:
-        return f"oncofed site {site_id}: {self.code}: {self.sentence}"
+        """The text that leaves the site (see :func:`models.protocol.failure_text`)."""
+        return failure_text(site_id, self.code, self.sentence)
 
 
 class SiteFailure(Exception):
@@ -63,13 +52,11 @@ def checked(failure: Failure) -> Failure:
     """``failure`` if the egress guard lets it leave — a code from the fixed lists and a short printable
     sentence — else a generic failure that does."""
     from fl_client.egress import EgressError, check_reply
-    from fl_client.policy import Refusal
 
-    known = {*FailureCode, *Refusal, "refused"}
     try:
-        if failure.code not in known:
+        if failure.code not in reason_codes():
             raise EgressError(f"reason code {failure.code!r} is not on the fixed list")
-        check_reply({}, {}, reference=None, strings={"reason": failure.code, "detail": failure.sentence})
+        check_reply({}, {}, reference=None, strings={SiteKey.REASON: failure.code, SiteKey.DETAIL: failure.sentence})
     except EgressError:
         return Failure(FailureCode.SITE_ERROR, "a failure at the site; the site's error log has the details")
     return failure
@@ -92,7 +79,7 @@ def _failure_of(exc: BaseException) -> Failure:
     if isinstance(exc, SiteFailure):
         return exc.failure
     if isinstance(exc, Refused):
-        return Failure(exc.code or "refused", str(exc))
+        return Failure(exc.code, exc.detail)
     if isinstance(exc, EgressError):
         return Failure(FailureCode.EGRESS, "the site's egress guard stopped the reply; nothing was sent")
     if isinstance(exc, ConfigError):
@@ -128,4 +115,4 @@ def record_failure(workspace: Path | None, failure: Failure, *, run: str, round_
     append_line(Path(workspace) / ERROR_LOG, f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} run {run} round "
                                              f"{round_number}: {failure.code}: {failure.sentence}\n{details}")
     EgressLog(Path(workspace)).append(run=run, round_number=round_number, kind="error", arrays={}, metrics={},
-                                      strings={"reason": failure.code, "detail": failure.sentence})
+                                      strings={SiteKey.REASON: failure.code, SiteKey.DETAIL: failure.sentence})

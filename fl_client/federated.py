@@ -1,13 +1,12 @@
 """What a site does in a federated round, with no ``flwr`` import (the ClientApp is a thin shell).
 
-The global model travels as one flat float32 array under the key ``weights`` (Flower's transfer cost
+The global model travels as one flat float32 array under the key :data:`models.protocol.WEIGHTS` (Flower's transfer cost
 is per array, not per byte); the site rebuilds the state dict from its own model's key order and
 shapes. Every reply passes the egress guard and is logged before it leaves.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,18 +15,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_client.egress import EVAL_METRICS, PRIVACY_METRICS, TRAIN_METRICS, EgressLog, check_reply
-from fl_client.policy import Admission, Refusal, RunBook, RunManifest
+from fl_client.egress import EgressLog, check_reply
+from fl_client.policy import Admission, RunBook, RunManifest
 from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
-from fl_client.train import SiteData, TrainingError, evaluate_local, load_site_data, plan_dp, train_local
+from fl_client.train import (
+    SiteData,
+    TrainingError,
+    dp_sample_rate,
+    dp_steps,
+    evaluate_local,
+    load_site_data,
+    plan_dp,
+    train_local,
+)
 from models.config import RunConfig, resolved_grad_sample_mode
 from models.nets import build_model, parameter_count
+from models.protocol import (
+    EVAL_METRICS,
+    PRIVACY_METRICS,
+    TRAIN_METRICS,
+    WEIGHTS,
+    Metric,
+    NodeKey,
+    Refusal,
+    SiteKey,
+    Split,
+    failure_text,
+)
 from models.weights import load_arrays, pack, state_arrays, unpack
-
-WEIGHTS_KEY = "weights"
-# Node-config keys the site's own executor adds after checking the run's app bundle (never the lead's).
-BUNDLE_KEY = "app-bundle"
-BUNDLE_HASH_KEY = "app-bundle-sha256"
 
 
 class SiteConfigError(ValueError):
@@ -40,12 +55,12 @@ class Refused(Exception):
 
     Args:
         site_id: The site.
-        code: A :class:`fl_client.policy.Refusal` code.
+        code: A :class:`models.protocol.Refusal` code.
         detail: A sentence with no path, identifier or tag value.
     """
 
     def __init__(self, site_id: str, code: str, detail: str) -> None:
-        super().__init__(f"site {site_id} does not train this round: {detail}")
+        super().__init__(failure_text(site_id, code or Refusal.REFUSED, detail))
         self.code = code
         self.detail = detail
 
@@ -81,13 +96,13 @@ def site_from_config(node_config: Mapping[str, Any], run_config: Mapping[str, An
     Raises:
         SiteConfigError: Neither is set, or the folder does not exist.
     """
-    if node_config.get("workspace"):
-        ws = Path(str(node_config["workspace"])).expanduser()
-        site_id = str(node_config.get("site-id") or ws.name)
+    if node_config.get(NodeKey.WORKSPACE):
+        ws = Path(str(node_config[NodeKey.WORKSPACE])).expanduser()
+        site_id = str(node_config.get(NodeKey.SITE_ID) or ws.name)
     elif run_config.get("sim-sites"):
         root = Path(str(run_config["sim-sites"])).expanduser()
         sites = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        pid = int(node_config.get("partition-id", -1))
+        pid = int(node_config.get(NodeKey.PARTITION_ID, -1))
         if not 0 <= pid < len(sites):
             raise SiteConfigError(f"simulation partition {pid} has no workspace in {root} "
                                   f"({len(sites)} site folders): use as many supernodes as site folders")
@@ -111,9 +126,9 @@ def run_manifest(config: RunConfig, run_config: Mapping[str, Any], node_config: 
         local_epochs=config.training.local_epochs, strategy=str(config.federation.strategy),
         network=str(config.model.arch), parameters=parameter_count(build_model(config.model)),
         dp=config.privacy.enabled, dp_epsilon=float(config.privacy.epsilon),
-        secure_aggregation=str(run_config.get("secure-aggregation", "false")).lower() == "true",
-        metrics=metrics, app=str(node_config.get(BUNDLE_KEY) or "simulation"),
-        app_hash=str(node_config.get(BUNDLE_HASH_KEY) or ""))
+        secure_aggregation=config.server.secure_aggregation,
+        metrics=metrics, app=str(node_config.get(NodeKey.APP_BUNDLE) or "simulation"),
+        app_hash=str(node_config.get(NodeKey.APP_BUNDLE_SHA256) or ""))
 
 
 def admit(site: Site, config: RunConfig, run_config: Mapping[str, Any], node_config: Mapping[str, Any], *, run: str,
@@ -129,10 +144,10 @@ def admit(site: Site, config: RunConfig, run_config: Mapping[str, Any], node_con
 
 def refusal(site: Site, *, task: str, run_id: str, round_number: int, kind: str, code: str, detail: str) -> Reply:
     """A refusal reply: no weights, no figures, the reason code and the site's sentence (logged as sent)."""
-    strings = {"site-id": site.site_id, "refusal": code, "detail": detail}
+    strings = {SiteKey.SITE_ID: site.site_id, SiteKey.REFUSAL: code, SiteKey.DETAIL: detail}
     if task:
-        strings["task"] = task[:64]
-    reply = Reply(metrics={"refused": 1, "num-examples": 0}, strings=strings)
+        strings[SiteKey.TASK] = task[:64]
+    reply = Reply(metrics={Metric.REFUSED: 1, Metric.NUM_EXAMPLES: 0}, strings=strings)
     return _send(site, run_id=run_id, round_number=round_number, kind=f"{kind}-refused", reply=reply, reference=None)
 
 
@@ -140,7 +155,7 @@ def _model_from(config: RunConfig, flat: np.ndarray) -> tuple[torch.nn.Module, d
     model = build_model(config.model)
     reference = state_arrays(model)
     load_arrays(model, unpack(np.asarray(flat), reference))
-    return model, {WEIGHTS_KEY: np.asarray(flat)}
+    return model, {WEIGHTS: np.asarray(flat)}
 
 
 def _send(site: Site, *, run_id: str, round_number: int, kind: str, reply: Reply,
@@ -153,8 +168,8 @@ def _send(site: Site, *, run_id: str, round_number: int, kind: str, reply: Reply
 
 
 def steps_per_round(config: RunConfig, samples: int) -> int:
-    """Optimizer steps a site takes per round (the DP plan's unit)."""
-    return config.training.local_epochs * max(1, math.ceil(samples / config.training.batch_size))
+    """DP-SGD steps a site takes per round (the DP plan's unit; see :func:`fl_client.train.dp_steps`)."""
+    return dp_steps(dp_sample_rate(samples, config.training.batch_size), epochs=config.training.local_epochs)
 
 
 def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
@@ -182,10 +197,11 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
     data = _site_data(site, config)
     evaluation = (_evaluate(site, config, model, data, run_id=run_id, round_number=round_number - 1,
                             split=evaluate_split).metrics if evaluate_split else {})
-    strings = {"site-id": site.site_id, "task": config.model.task}
+    strings = {SiteKey.SITE_ID: site.site_id, SiteKey.TASK: config.model.task}
     if data is None:
-        reply = Reply(metrics={"refused": 1, "refused-no-data": 1, "num-examples": 0},
-                      strings={**strings, "refusal": Refusal.NO_DATA, "detail": "no training data for the task"},
+        reply = Reply(metrics={Metric.REFUSED: 1, Metric.REFUSED_NO_DATA: 1, Metric.NUM_EXAMPLES: 0},
+                      strings={**strings, SiteKey.REFUSAL: Refusal.NO_DATA,
+                               SiteKey.DETAIL: "no training data for the task"},
                       evaluation=evaluation)
         return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
     reply = _train(site, config, model, reference, data, run_id=run_id, round_number=round_number,
@@ -232,31 +248,31 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
                              round_number=round_number, task=config.model.task)
     except BudgetExceeded:
         return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
-    metrics: dict[str, float] = {"num-examples": result.num_examples, "train-loss": result.loss,
-                                 "train-seconds": result.seconds, "steps": result.steps,
-                                 "samples-seen": result.samples_seen, "dp": int(dp is not None)}
+    metrics: dict[str, float] = {Metric.NUM_EXAMPLES: result.num_examples, Metric.TRAIN_LOSS: result.loss,
+                                 Metric.TRAIN_SECONDS: result.seconds, Metric.STEPS: result.steps,
+                                 Metric.SAMPLES_SEEN: result.samples_seen, Metric.DP: int(dp is not None)}
     if dp is not None and budget is not None:  # DP ran, so the site has a budget (plan_dp requires one)
-        metrics.update({"epsilon": float(result.epsilon or 0.0), "epsilon-max": budget.epsilon_max,
-                        "delta": budget.delta, "noise-multiplier": dp.noise_multiplier,
-                        "sample-rate": dp.sample_rate})
-    reply = Reply(arrays={WEIGHTS_KEY: pack(state_arrays(model))}, metrics=metrics, strings=strings)
+        metrics.update({Metric.EPSILON: float(result.epsilon or 0.0), Metric.EPSILON_MAX: budget.epsilon_max,
+                        Metric.DELTA: budget.delta, Metric.NOISE_MULTIPLIER: dp.noise_multiplier,
+                        Metric.SAMPLE_RATE: dp.sample_rate})
+    reply = Reply(arrays={WEIGHTS: pack(state_arrays(model))}, metrics=metrics, strings=strings)
     return _send(site, run_id=run_id, round_number=round_number, kind="train", reply=reply, reference=reference)
 
 
 def _refuse_budget(site: Site, run_id: str, round_number: int, ledger: PrivacyLedger, budget: Budget | None,
                    strings: dict[str, str]) -> Reply:
-    metrics: dict[str, float] = {"refused": 1, "refused-budget": 1, "num-examples": 0,
-                                 "epsilon": ledger.spent(budget.delta) if budget else 0.0}
+    metrics: dict[str, float] = {Metric.REFUSED: 1, Metric.REFUSED_BUDGET: 1, Metric.NUM_EXAMPLES: 0,
+                                 Metric.EPSILON: ledger.spent(budget.delta) if budget else 0.0}
     # No epsilon-max in the reply means the site has set no budget at all.
     if budget is not None:
-        metrics.update({"epsilon-max": budget.epsilon_max, "delta": budget.delta})
+        metrics.update({Metric.EPSILON_MAX: budget.epsilon_max, Metric.DELTA: budget.delta})
     why = "privacy budget spent" if budget is not None else "DP asked for but the site has set no privacy budget"
-    reply = Reply(metrics=metrics, strings={**strings, "refusal": Refusal.BUDGET, "detail": why})
+    reply = Reply(metrics=metrics, strings={**strings, SiteKey.REFUSAL: Refusal.BUDGET, SiteKey.DETAIL: why})
     return _send(site, run_id=run_id, round_number=round_number, kind="train-refused", reply=reply, reference=None)
 
 
 def evaluate(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
-             split: str = "val", evaluate_split: str | None = None) -> Reply:
+             split: str = Split.VAL, evaluate_split: str | None = None) -> Reply:
     """Evaluate the global model on one split of the site's data (study-level metrics and counts), and on
     ``evaluate_split`` too if given (``Reply.evaluation``), with one model and one look at the catalog."""
     model, _ = _model_from(config, global_flat)
@@ -270,17 +286,18 @@ def evaluate(site: Site, config: RunConfig, *, run_id: str, round_number: int, g
 
 def _evaluate(site: Site, config: RunConfig, model: torch.nn.Module, data: SiteData | None, *, run_id: str,
               round_number: int, split: str) -> Reply:
-    strings = {"site-id": site.site_id, "task": config.model.task, "split": split}
+    strings = {SiteKey.SITE_ID: site.site_id, SiteKey.TASK: config.model.task, SiteKey.SPLIT: split}
     result = evaluate_local(model, data, split) if data is not None else None
     if result is None:
-        reply = Reply(metrics={"studies": 0, "num-examples": 0}, strings=strings)
+        reply = Reply(metrics={Metric.STUDIES: 0, Metric.NUM_EXAMPLES: 0}, strings=strings)
     else:
         m = result.metrics
-        metrics: dict[str, float] = {"studies": m.studies, "positives": m.positives, "negatives": m.negatives,
-                                     "threshold": m.threshold, "num-examples": m.studies,
-                                     "eval-seconds": result.seconds}
-        for key, value in (("auroc", m.auroc), ("sensitivity", m.sensitivity), ("specificity", m.specificity),
-                           ("balanced-accuracy", m.balanced_accuracy), ("brier", m.brier), ("eval-loss", m.loss)):
+        metrics: dict[str, float] = {Metric.STUDIES: m.studies, Metric.POSITIVES: m.positives,
+                                     Metric.NEGATIVES: m.negatives, Metric.THRESHOLD: m.threshold,
+                                     Metric.NUM_EXAMPLES: m.studies, Metric.EVAL_SECONDS: result.seconds}
+        for key, value in ((Metric.AUROC, m.auroc), (Metric.SENSITIVITY, m.sensitivity),
+                           (Metric.SPECIFICITY, m.specificity), (Metric.BALANCED_ACCURACY, m.balanced_accuracy),
+                           (Metric.BRIER, m.brier), (Metric.EVAL_LOSS, m.loss)):
             if value is not None:
                 metrics[key] = float(value)
         reply = Reply(metrics=metrics, strings=strings)

@@ -19,10 +19,19 @@ from typing import Any
 import torch
 
 from fl_client.privacy import PrivacyLedger
-from fl_client.train import DPPlan, TrainingError, evaluate_local, load_site_data, plan_dp, train_local
+from fl_client.train import (
+    DPPlan,
+    TrainingError,
+    dp_sample_rate,
+    dp_steps,
+    evaluate_local,
+    load_site_data,
+    plan_dp,
+    train_local,
+)
 from models.config import RunConfig, resolved_grad_sample_mode
 from models.nets import build_model, parameter_count
-from models.weights import state_arrays
+from models.weights import save_checkpoint, state_arrays
 
 SCHEMA = "oncofed.local-run/1"
 
@@ -63,9 +72,9 @@ def run_local(
     ledger = PrivacyLedger(workspaces[0]) if config.privacy.enabled else None
     dp: DPPlan | None = None
     if ledger is not None:
-        steps_per_epoch = max(1, round(samples / config.training.batch_size))
+        rate = dp_sample_rate(samples, config.training.batch_size)
         dp = plan_dp(config.privacy, samples=samples, batch_size=config.training.batch_size,
-                     steps_per_round=steps_per_epoch * epochs, rounds=1, ledger=ledger,
+                     steps_per_round=dp_steps(rate, epochs=epochs), rounds=1, ledger=ledger,
                      grad_sample_mode=resolved_grad_sample_mode(config))
     curve: list[dict[str, float | None]] = []
 
@@ -87,8 +96,7 @@ def run_local(
         if ev is not None:
             splits[split] = {**ev.metrics.as_dict(), "images": ev.images}
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"arrays": {k: torch.from_numpy(v) for k, v in state_arrays(model).items()},
-                "run_config": config.to_flat()}, out / "model.pt")
+    save_checkpoint(out / "model.pt", state_arrays(model), config.to_flat(), round_number=0)
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "task": task,

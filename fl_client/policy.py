@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_client.egress import append_line
+from models.protocol import Refusal
 
 POLICY_DIR = "policy"
 POLICY_FILE = "policy.json"
@@ -55,20 +56,6 @@ class RunState(StrEnum):
     APPROVED = "approved"  # the site trains and evaluates for it
     REFUSED = "refused"  # by the site (operator or policy): every message gets a refusal
     FINISHED = "finished"  # the site answered the run's final evaluation
-
-
-class Refusal(StrEnum):
-    """Reason codes of a refusal, sent to the lead with a PHI-free sentence."""
-
-    VERSION = "version"  # the run was built for another oncofed than the site runs
-    TASK = "policy-task"
-    ROUNDS = "policy-rounds"
-    LOCAL_EPOCHS = "policy-local-epochs"
-    NETWORK = "policy-network"
-    PENDING = "pending-approval"
-    REFUSED = "refused-by-site"
-    BUDGET = "budget"
-    NO_DATA = "no-data"
 
 
 @dataclass(frozen=True)

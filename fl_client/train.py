@@ -120,6 +120,18 @@ class DPPlan:
     accountant: str
 
 
+def dp_sample_rate(samples: int, batch_size: int) -> float:
+    """Poisson sampling rate of DP-SGD: the expected batch over the training samples (at most 1)."""
+    return min(1.0, batch_size / max(samples, 1))
+
+
+def dp_steps(sample_rate: float, *, epochs: int = 1) -> int:
+    """Optimizer steps of ``epochs`` passes under Poisson sampling at ``sample_rate``: ``round(1 / q)`` per epoch
+    (Opacus' expected number of batches). The one formula the DP plan, the ledger's write-ahead and the training
+    loop all use, so what is reserved is what is taken."""
+    return epochs * max(1, int(round(1.0 / sample_rate)))
+
+
 def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_round: int, rounds: int,
             ledger: PrivacyLedger, grad_sample_mode: GradSampleMode) -> DPPlan:
     """Calibrate the noise for a run: its ε over all the steps the site plans to take in it.
@@ -132,7 +144,7 @@ def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_ro
     """
     budget = ledger.require_budget()
     delta = privacy.delta or budget.delta or default_delta(samples)
-    sample_rate = min(1.0, batch_size / samples)
+    sample_rate = dp_sample_rate(samples, batch_size)
     planned = steps_per_round * rounds
     noise = noise_for(epsilon=privacy.epsilon, delta=delta, sample_rate=sample_rate, steps=planned,
                       accountant=privacy.accountant.value)
@@ -224,7 +236,7 @@ def train_local(
             raise ValueError("a DP session needs the site's ledger")
         # Refused now if it would pass the ceiling (nothing trained); written ahead just before the first step.
         ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
-                     steps=int(round(epochs / dp.sample_rate)), accountant=dp.accountant)
+                     steps=dp_steps(dp.sample_rate, epochs=epochs), accountant=dp.accountant)
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=dp.accountant)
@@ -238,7 +250,7 @@ def train_local(
                 trained, optimizer, criterion, loader = engine.make_private(criterion=criterion, **common)
             else:
                 trained, optimizer, loader = engine.make_private(**common)
-        steps_per_epoch = int(round(1 / dp.sample_rate))
+        steps_per_epoch = dp_steps(dp.sample_rate)
     prox = spec.proximal_mu if global_params is not None and spec.proximal_mu > 0 else 0.0
     anchors = ({k: v.detach().clone() for k, v in global_params.items()} if prox and global_params is not None
                else {})
@@ -289,7 +301,7 @@ def train_local(
     if dp is not None and ledger is not None:
         # Written ahead: the ledger holds every step this session may take before the first one is taken.
         reservation = ledger.reserve(run_id=run_id, round=round_number, task=task,
-                                     steps=int(round(epochs / dp.sample_rate)), sample_rate=dp.sample_rate,
+                                     steps=dp_steps(dp.sample_rate, epochs=epochs), sample_rate=dp.sample_rate,
                                      noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, samples=n,
                                      accountant=dp.accountant)
     t0 = time.perf_counter()

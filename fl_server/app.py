@@ -16,30 +16,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split
+
 app = ServerApp()
 log = logging.getLogger("flwr")
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def progress_line(record: dict[str, Any]) -> str:
-    """One line per round for the live log: aggregated validation AUROC, per site, dropped and refused."""
-    sites = " ".join(f"{s}={_fmt(m.get('auroc'), '.2f')}" for s, m in sorted(record["evaluate"].items()))
-    eps = " ".join(f"{s}:ε={m['epsilon']:.2f}" for s, m in sorted(record["train"].items()) if m.get("epsilon"))
-    parts = [f"round {record['round']:>3}", f"{record.get('seconds', 0):6.1f}s",
-             f"train loss {_fmt(record['aggregated_train'].get('train-loss'))}",
-             f"val AUROC {_fmt(record['aggregated_evaluate'].get('auroc'))} [{sites}]"]
-    if eps:
-        parts.append(eps)
-    if record["dropped"]:
-        parts.append("dropped " + ", ".join(f"{d['site']} ({d['reason']})" for d in record["dropped"]))
-    if record["refused"]:
-        parts.append("refused " + ", ".join(f"{d['site']} ({d['reason']})" for d in record["refused"]))
-    if record["failed"]:
-        parts.append("failed " + ", ".join(sorted({d["site"] for d in record["failed"]})))
-    return " | ".join(parts)
 
 
 @app.main()
@@ -48,7 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     from fl_server.grid import PromptGrid
     from fl_server.runstore import RunStore
     from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
-    from models.config import from_flat
+    from models.config import RunKey, from_flat
     from models.nets import build_model
     from models.weights import pack, state_arrays, unpack
 
@@ -64,8 +44,8 @@ def main(grid: Grid, context: Context) -> None:
     offset = 0
     if resume:
         store, arrays, offset = RunStore.resume(Path(resume))
-        if store.config().get("task") != config.model.task:
-            raise ValueError(f"cannot resume {resume}: it trains {store.config().get('task')}, "
+        if store.config().get(RunKey.TASK) != config.model.task:
+            raise ValueError(f"cannot resume {resume}: it trains {store.config().get(RunKey.TASK)}, "
                              f"this run config says {config.model.task}")
         if arrays is not None:
             from models.weights import check_arrays
@@ -86,9 +66,9 @@ def main(grid: Grid, context: Context) -> None:
                                   run_config=flat_config, round_offset=offset,
                                   norm_factor=srv.update_norm_factor,
                                   evaluate_in_train=in_train,
-                                  on_round=lambda r: log.info("oncofed: %s", progress_line(r)))
+                                  on_round=lambda r: log.info("oncofed: %s", r.progress_line()))
     timeout = srv.round_timeout
-    run_tag = ConfigRecord({"run-id": store.history["run_id"]})
+    run_tag = ConfigRecord({RoundKey.RUN_ID: store.history["run_id"]})
     t0 = time.perf_counter()
     final_arrays = packed_record(initial)
     secure = srv.secure_aggregation
@@ -99,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
 
             flat = run_secure(grid, context, config=config, store=store, reference=reference, initial=initial,
                               flat_config=flat_config, offset=offset,
-                              on_round=lambda r: log.info("oncofed: %s", progress_line(r)))
+                              on_round=lambda r: log.info("oncofed: %s", r.progress_line()))
             final_arrays = packed_record(flat)
     elif remaining > 0:
         result = strategy.start(grid=grid, initial_arrays=packed_record(initial), num_rounds=remaining,
@@ -116,10 +96,11 @@ def main(grid: Grid, context: Context) -> None:
             store.history["final"] = final
     store.history["finished"] = time.time()
     store.save()
-    flat = final_arrays["weights"].numpy()
-    from fl_server.runstore import save_model
+    flat = final_arrays[WEIGHTS].numpy()
+    from models.weights import save_checkpoint
 
-    save_model(store.root / "model.pt", unpack(flat, reference), flat_config, config.federation.num_rounds)
+    save_checkpoint(store.root / "model.pt", unpack(flat, reference), flat_config,
+                    round_number=config.federation.num_rounds)
     from fl_server.report import write_report
 
     page = write_report(store.root)
@@ -133,15 +114,17 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     Returns:
         The test-split document for the history, and each site's validation metrics (if asked).
     """
-    from fl_server.strategies import refusal_of, registered_names, site_of, weighted_by_studies
+    from fl_server.rounds import weighted_by_studies
+    from fl_server.strategies import refusal_of, registered_names, site_of
 
     messages = []
     val: list[tuple[str, dict[str, float]]] = []
     for node_id in grid.get_node_ids():
-        config: dict[str, Any] = {"split": "test", "run-id": run_id, "server-round": round_number}
+        config: dict[str, Any] = {RoundKey.SPLIT: Split.TEST, RoundKey.RUN_ID: run_id,
+                                  RoundKey.SERVER_ROUND: round_number}
         if also_val:
-            config["evaluate-split"] = "val"
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+            config[RoundKey.EVALUATE_SPLIT] = Split.VAL
+        content = RecordDict({Record.ARRAYS: arrays, Record.CONFIG: ConfigRecord(config)})
         messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE))
     per_site: dict[str, Any] = {}
     failed = []
@@ -152,14 +135,15 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
             failed.append({"site": site_of(reply, names, grid), "node": reply.metadata.src_node_id,
                            "reason": reply.error.reason})
             continue
-        site = str(reply.content["site"].get("site-id")) if "site" in reply.content else str(reply.metadata.src_node_id)
+        site = (str(reply.content[Record.SITE].get(SiteKey.SITE_ID)) if Record.SITE in reply.content
+                else str(reply.metadata.src_node_id))
         if (refusal := refusal_of(reply)) is not None:
             refused.append({"site": site, **refusal})
             continue
-        per_site[site] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
-        if "evaluation" in reply.content:
-            val.append((site, {k: float(v) for k, v in reply.content["evaluation"].items()}))  # type: ignore
+        per_site[site] = {k: float(v) for k, v in reply.content[Record.METRICS].items()}  # type: ignore[arg-type]
+        if Record.EVALUATION in reply.content:
+            val.append((site, {k: float(v) for k, v in reply.content[Record.EVALUATION].items()}))  # type: ignore
     pooled = weighted_by_studies(per_site.values())
-    log.info("oncofed: final test evaluation: %s", {s: round(m.get("auroc", float("nan")), 3)
+    log.info("oncofed: final test evaluation: %s", {s: round(m.get(Metric.AUROC, float("nan")), 3)
                                                      for s, m in per_site.items()})
-    return {"split": "test", "sites": per_site, "weighted": pooled, "failed": failed, "refused": refused}, val
+    return {"split": Split.TEST.value, "sites": per_site, "weighted": pooled, "failed": failed, "refused": refused}, val

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,48 +36,32 @@ class UserError(Exception):
 
 
 def app_defaults() -> dict[str, Any]:
-    """The run-config keys and defaults of ``[tool.flwr.app.config]``."""
-    from fl_server.flower_ops import app_dir
+    """Every run-config key with its default value, from the typed configuration (the one source of defaults;
+    ``[tool.flwr.app.config]`` in ``pyproject.toml`` must equal it, which a test checks)."""
+    from models.config import RunConfig
 
-    with open(app_dir() / "pyproject.toml", "rb") as fh:
-        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    return RunConfig().to_flat()
 
 
 def parse_sets(values: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs into typed run-config values (typed like the defaults; checked)."""
+    """``KEY=VALUE`` pairs into typed run-config values, parsed and checked by the typed configuration.
+
+    Raises:
+        UserError: A pair without ``=``, an unknown key (with the closest known one), a bad value or combination.
+    """
     from models.config import ConfigError, from_flat
 
-    defaults = app_defaults()
-    out: dict[str, Any] = {}
+    raw: dict[str, str] = {}
     for item in values:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set task=lung-ct")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        if key not in defaults:
-            import difflib
-
-            close = difflib.get_close_matches(key, list(defaults), n=1)
-            raise UserError(f"--set {key}: unknown run-config key" + (f"; did you mean {close[0]!r}?" if close else ""))
-        default = defaults[key]
-        try:
-            if isinstance(default, bool):
-                value: Any = raw.lower() in ("1", "true", "yes", "on")
-                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                    raise ValueError("expected true or false")
-            elif isinstance(default, int):
-                value = int(raw)
-            elif isinstance(default, float):
-                value = float(raw)
-            else:
-                value = raw
-        except ValueError as exc:
-            raise UserError(f"--set {key}={raw}: not a valid {type(default).__name__} ({exc})") from None
-        out[key] = value
+        key, value = (s.strip() for s in item.split("=", 1))
+        raw[key] = value
     try:
-        from_flat({**defaults, **out})
+        flat = from_flat(raw).to_flat()
     except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    return out
+        raise UserError(f"--set: {exc}") from None
+    return {key: flat[key] for key in raw}
 
 
 _ROUND = re.compile(r"oncofed: (round .*)$")
@@ -126,14 +109,16 @@ def nothing_trained(run_dir: Path) -> str | None:
     """Why no site trained in a finished run (the refusals and failures of its rounds), or None if one did."""
     import json
 
+    from fl_server.rounds import RoundRecord
+
     history = json.loads((run_dir / "history.json").read_text())
-    rounds = [r for r in history.get("rounds", []) if r.get("round", 0) >= 1]
-    if any(r.get("aggregated_sites", 0) > 0 for r in rounds):
+    rounds = [RoundRecord.from_dict(r) for r in history.get("rounds", []) if r.get("round", 0) >= 1]
+    if any(r.aggregated_sites > 0 for r in rounds):
         return None
     seen: dict[str, str] = {}
     for r in rounds:
-        for kind in ("refused", "failed", "dropped"):
-            for e in r.get(kind, []):
+        for kind, entries in (("refused", r.refused), ("failed", r.failed), ("dropped", r.dropped)):
+            for e in entries:
                 seen.setdefault(str(e.get("site", "?")), f"{kind}: {e.get('reason', '')}")
     return "; ".join(f"site {site} {what}" for site, what in sorted(seen.items())) or "no site answered"
 
@@ -175,12 +160,13 @@ def _print_final(console: Console, run_dir: Path) -> None:
     def f(v: Any) -> str:
         return "—" if v is None else f"{v:.3f}"
 
+    from models.protocol import Metric
+
+    shown = (Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BRIER)
     for site, m in sorted(final["sites"].items()):
-        table.add_row(site, str(int(m.get("studies", 0))), f(m.get("auroc")), f(m.get("sensitivity")),
-                      f(m.get("specificity")), f(m.get("brier")))
+        table.add_row(site, str(int(m.get(Metric.STUDIES, 0))), *(f(m.get(k)) for k in shown))
     w = final.get("weighted") or {}
-    table.add_row("all (weighted)", "", f(w.get("auroc")), f(w.get("sensitivity")), f(w.get("specificity")),
-                  f(w.get("brier")))
+    table.add_row("all (weighted)", "", *(f(w.get(k)) for k in shown))
     console.print(table)
 
 

@@ -12,6 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fl_server.rounds import RoundRecord
+from models.protocol import Metric
+
+__all__ = ["write_report"]
+
 
 def _load(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "history.json"
@@ -21,20 +26,20 @@ def _load(run_dir: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def _series(history: dict[str, Any], stage: str, key: str) -> dict[str, list[tuple[int, float]]]:
+def _series(rounds: list[RoundRecord], stage: str, key: str) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
-    for record in history["rounds"]:
-        for site, metrics in record.get(stage, {}).items():
+    for record in rounds:
+        for site, metrics in getattr(record, stage).items():
             if key in metrics:
-                out.setdefault(site, []).append((record["round"], float(metrics[key])))
+                out.setdefault(site, []).append((record.round, float(metrics[key])))
     return out
 
 
-def _aggregated(history: dict[str, Any], stage: str, key: str) -> list[tuple[int, float]]:
-    return [(r["round"], float(r[stage][key])) for r in history["rounds"] if key in r.get(stage, {})]
+def _aggregated(rounds: list[RoundRecord], stage: str, key: str) -> list[tuple[int, float]]:
+    return [(r.round, float(getattr(r, stage)[key])) for r in rounds if key in getattr(r, stage)]
 
 
-def _plots(history: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+def _plots(rounds: list[RoundRecord], out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,23 +47,23 @@ def _plots(history: dict[str, Any], out: Path) -> list[tuple[str, str]]:
 
     out.mkdir(parents=True, exist_ok=True)
     made = []
-    panels = [("val-auroc.png", "Validation AUROC (studies)", "evaluate", "auroc", "aggregated_evaluate", (0, 1)),
-              ("val-loss.png", "Validation loss", "evaluate", "eval-loss", "aggregated_evaluate", None),
-              ("train-loss.png", "Training loss", "train", "train-loss", "aggregated_train", None),
-              ("epsilon.png", "Cumulative ε per site (DP)", "train", "epsilon", None, None)]
+    panels = [("val-auroc.png", "Validation AUROC (studies)", "evaluate", Metric.AUROC, "aggregated_evaluate", (0, 1)),
+              ("val-loss.png", "Validation loss", "evaluate", Metric.EVAL_LOSS, "aggregated_evaluate", None),
+              ("train-loss.png", "Training loss", "train", Metric.TRAIN_LOSS, "aggregated_train", None),
+              ("epsilon.png", "Cumulative ε per site (DP)", "train", Metric.EPSILON, None, None)]
     for name, title, stage, key, agg, ylim in panels:
-        series = _series(history, stage, key)
+        series = _series(rounds, stage, key)
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for site, points in sorted(series.items()):
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
         if agg:
-            points = _aggregated(history, agg, key)
+            points = _aggregated(rounds, agg, key)
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], color="black", linewidth=2.5,
                         label="all sites (weighted)")
-        if key == "auroc":
+        if key == Metric.AUROC:
             ax.axhline(0.5, color="grey", linestyle=":", label="chance")
         if ylim:
             ax.set_ylim(*ylim)
@@ -75,27 +80,29 @@ def _plots(history: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     return made
 
 
-def _tensorboard(history: dict[str, Any], out: Path) -> bool:
+def _tensorboard(rounds: list[RoundRecord], out: Path) -> bool:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional for the page itself
         return False
     writer = SummaryWriter(log_dir=str(out))
     try:
-        for record in history["rounds"]:
-            rnd = record["round"]
+        for record in rounds:
             for stage in ("train", "evaluate"):
-                for site, metrics in record.get(stage, {}).items():
+                for site, metrics in getattr(record, stage).items():
                     for key, value in metrics.items():
-                        writer.add_scalar(f"{stage}/{key}/{site}", float(value), rnd)
+                        writer.add_scalar(f"{stage}/{key}/{site}", float(value), record.round)
             for stage in ("aggregated_train", "aggregated_evaluate"):
-                for key, value in record.get(stage, {}).items():
-                    writer.add_scalar(f"{stage}/{key}", float(value), rnd)
-            if record.get("seconds") is not None:
-                writer.add_scalar("timing/round_seconds", float(record["seconds"]), rnd)
+                for key, value in getattr(record, stage).items():
+                    writer.add_scalar(f"{stage}/{key}", float(value), record.round)
+            if record.seconds is not None:
+                writer.add_scalar("timing/round_seconds", float(record.seconds), record.round)
     finally:
         writer.close()
     return True
+
+
+_FINAL_METRICS = (Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BALANCED_ACCURACY, Metric.BRIER)
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -120,50 +127,46 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
     """
     run_dir = Path(run_dir)
     history = _load(run_dir)
-    plots = _plots(history, run_dir / "plots")
-    has_tb = _tensorboard(history, run_dir / "tensorboard")
-    rounds = history["rounds"]
-    sites = sorted({s for r in rounds for s in (*r.get("train", {}), *r.get("evaluate", {}))})
+    rounds = [RoundRecord.from_dict(r) for r in history["rounds"]]
+    plots = _plots(rounds, run_dir / "plots")
+    has_tb = _tensorboard(rounds, run_dir / "tensorboard")
+    sites = sorted({s for r in rounds for s in r.sites()})
     round_rows = []
     for r in rounds:
-        if r["round"] < 1:
+        if r.round < 1:
             continue
-        round_rows.append([r["round"], _f(r.get("seconds"), 1), _f(r.get("slowest_site_seconds"), 1),
-                           f"{100 * r['overhead']:.0f} %" if r.get("overhead") is not None else "—",
-                           f"{r.get('aggregated_sites', 0)}/{r.get('asked_train', 0)}",
-                           _f(r.get("aggregated_train", {}).get("train-loss")),
-                           _f(r.get("aggregated_evaluate", {}).get("auroc"))])
+        round_rows.append([r.round, _f(r.seconds, 1), _f(r.slowest_site_seconds, 1),
+                           f"{100 * r.overhead:.0f} %" if r.overhead is not None else "—",
+                           f"{r.aggregated_sites}/{r.asked_train}", _f(r.aggregated_train.get(Metric.TRAIN_LOSS)),
+                           _f(r.aggregated_evaluate.get(Metric.AUROC))])
     events = []
     for r in rounds:
-        for kind in ("dropped", "refused", "failed"):
-            for e in r.get(kind, []):
-                events.append([r["round"], e.get("site", "?"), kind, e.get("reason", "")])
+        for kind, entries in (("dropped", r.dropped), ("refused", r.refused), ("failed", r.failed)):
+            for e in entries:
+                events.append([r.round, e.get("site", "?"), kind, e.get("reason", "")])
     for kind in ("refused", "failed"):
         for e in (history.get("final") or {}).get(kind, []):
             events.append(["final", e.get("site", e.get("node", "?")), kind, e.get("reason", "")])
     site_rows = []
     for site in sites:
-        last_eval: dict[str, Any] = next((r["evaluate"][site] for r in reversed(rounds)
-                                          if site in r.get("evaluate", {})), {})
-        eps = next((r["train"][site].get("epsilon") for r in reversed(rounds)
-                    if site in r.get("train", {}) and r["train"][site].get("epsilon") is not None), None)
-        eps_max = next((r["train"][site].get("epsilon-max") for r in reversed(rounds)
-                        if site in r.get("train", {}) and r["train"][site].get("epsilon-max") is not None), None)
-        took = sum(1 for r in rounds if site in r.get("train", {}) and not r["train"][site].get("refused")
-                   and not any(d["site"] == site for d in r.get("dropped", [])))
-        site_rows.append([site, took, _f(last_eval.get("auroc")), int(last_eval.get("studies", 0)),
+        last_eval: dict[str, Any] = next((r.evaluate[site] for r in reversed(rounds) if site in r.evaluate), {})
+        eps = next((r.train[site][Metric.EPSILON] for r in reversed(rounds)
+                    if r.train.get(site, {}).get(Metric.EPSILON) is not None), None)
+        eps_max = next((r.train[site][Metric.EPSILON_MAX] for r in reversed(rounds)
+                        if r.train.get(site, {}).get(Metric.EPSILON_MAX) is not None), None)
+        took = sum(1 for r in rounds if r.took_part(site))
+        site_rows.append([site, took, _f(last_eval.get(Metric.AUROC)), int(last_eval.get(Metric.STUDIES, 0)),
                           "off" if eps is None else f"{eps:.2f} of {_f(eps_max, 2)}"])
     final = history.get("final") or {}
     final_rows = []
     for site, m in sorted((final.get("sites") or {}).items()):
-        final_rows.append([site, int(m.get("studies", 0)), f"{int(m.get('positives', 0))}/{int(m.get('negatives', 0))}",
-                           _f(m.get("auroc")), _f(m.get("sensitivity")), _f(m.get("specificity")),
-                           _f(m.get("balanced-accuracy")), _f(m.get("brier"))])
+        final_rows.append([site, int(m.get(Metric.STUDIES, 0)),
+                           f"{int(m.get(Metric.POSITIVES, 0))}/{int(m.get(Metric.NEGATIVES, 0))}",
+                           *(_f(m.get(k)) for k in _FINAL_METRICS)])
     weighted = final.get("weighted") or {}
     if final_rows:
-        final_rows.append(["all sites (weighted)", sum(int(r[1]) for r in final_rows), "", _f(weighted.get("auroc")),
-                           _f(weighted.get("sensitivity")), _f(weighted.get("specificity")),
-                           _f(weighted.get("balanced-accuracy")), _f(weighted.get("brier"))])
+        final_rows.append(["all sites (weighted)", sum(int(r[1]) for r in final_rows), "",
+                           *(_f(weighted.get(k)) for k in _FINAL_METRICS)])
     page_path = Path(page_path or run_dir / "report.html")
     rel = Path(os.path.relpath(run_dir / "plots", page_path.parent)).as_posix()
     imgs = "".join(f'<figure><img src="{rel}/{n}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption>'
@@ -180,11 +183,11 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }} img {{ max-width: 560px
 </style></head><body>
 <h1>Federated run {html.escape(str(history.get('run_id')))}</h1>
 <p>Task <b>{html.escape(str(history.get('task')))}</b>, strategy <b>{html.escape(str(history.get('strategy')))}</b>,
-{sum(1 for r in rounds if r["round"] >= 1)} round(s), sites: {html.escape(', '.join(sites) or 'none')}.
+{sum(1 for r in rounds if r.round >= 1)} round(s), sites: {html.escape(', '.join(sites) or 'none')}.
 Global model: <code>{html.escape(str(run_dir / 'model.pt'))}</code>.</p>
 {'<p><b>Secure aggregation (SecAgg+)</b>: the server saw only the sum of the sites&#39; updates, so single '
  'updates could not be validated; each site clipped its values before masking.</p>'
- if any(r.get('secure_aggregation') for r in rounds) else ''}
+ if any(r.secure_aggregation for r in rounds) else ''}
 <h2>Final evaluation on each site's test split</h2>
 {_table(['site', 'studies', 'pos/neg', 'AUROC', 'sensitivity', 'specificity', 'bal. acc.', 'Brier'], final_rows)
  if final_rows else '<p class="note">No final evaluation in this run.</p>'}

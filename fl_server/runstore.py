@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from fl_server.rounds import new_round
+from models.config import RunKey
+from models.weights import load_checkpoint, save_checkpoint
 
 SCHEMA = "oncofed.run/1"
 _CKPT = re.compile(r"round-(\d+)\.pt$")
@@ -40,24 +43,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def save_model(path: Path, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], round_number: int) -> None:
-    """Write weights in the ``model.pt`` format every oncofed command reads."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save({"arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-                "run_config": dict(run_config), "round": round_number}, buf)
-    _atomic_write(path, buf.getvalue())
-
-
-def load_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int]:
-    """Read a ``model.pt``: named arrays, the run configuration, the round (0 for a local run)."""
-    from models.weights import load_checkpoint
-
-    arrays, run_config, round_number = load_checkpoint(path)
-    return dict(arrays), run_config, round_number
 
 
 class RunStore:
@@ -82,8 +67,8 @@ class RunStore:
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
         config = {"schema": SCHEMA, "run_id": run_id, "started": time.time(), "run_config": dict(run_config)}
         _atomic_write(root / "config.json", json.dumps(config, indent=1).encode())
-        store = cls(root, {"schema": SCHEMA, "run_id": run_id, "task": run_config.get("task"),
-                           "strategy": run_config.get("strategy"), "rounds": [], "final": None,
+        store = cls(root, {"schema": SCHEMA, "run_id": run_id, "task": run_config.get(RunKey.TASK),
+                           "strategy": run_config.get(RunKey.STRATEGY), "rounds": [], "final": None,
                            "resumed_at": []})
         store.save()
         return store
@@ -102,7 +87,7 @@ class RunStore:
         last = cls.last_checkpoint(root)
         if last is None:
             return cls(root, history), None, 0
-        arrays, _, round_number = load_model(last)
+        arrays, _, round_number = load_checkpoint(last)
         # Rounds after the last checkpoint did not finish: forget their partial records.
         history["rounds"] = [r for r in history["rounds"] if r["round"] <= round_number]
         history.setdefault("resumed_at", []).append({"round": round_number, "time": time.time()})
@@ -125,8 +110,8 @@ class RunStore:
     def checkpoint(self, round_number: int, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any]) -> Path:
         """Write the round's global weights and make them the run's ``model.pt``."""
         path = self.root / "checkpoints" / f"round-{round_number:03d}.pt"
-        save_model(path, arrays, run_config, round_number)
-        save_model(self.root / "model.pt", arrays, run_config, round_number)
+        save_checkpoint(path, arrays, run_config, round_number=round_number)
+        save_checkpoint(self.root / "model.pt", arrays, run_config, round_number=round_number)
         return path
 
     def round_record(self, round_number: int) -> dict[str, Any]:
@@ -134,8 +119,7 @@ class RunStore:
         for record in self.history["rounds"]:
             if record["round"] == round_number:
                 return record
-        record = {"round": round_number, "started": time.time(), "train": {}, "evaluate": {}, "dropped": [],
-                  "refused": [], "failed": [], "aggregated_train": {}, "aggregated_evaluate": {}}
+        record = new_round(round_number)
         self.history["rounds"].append(record)
         self.history["rounds"].sort(key=lambda r: r["round"])
         return record

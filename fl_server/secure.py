@@ -20,21 +20,29 @@ Checkpoints, per-site metrics, the history and the report are the same as withou
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any
 
 import numpy as np
 
+from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
-from fl_server.strategies import weighted_by_studies
 from models.config import RunConfig, Strategy
+from models.protocol import Metric, RoundKey, SiteKey, Split, parse_failure
 from models.weights import unpack
 
+__all__ = ["failure_entry", "run_secure"]
+
 log = logging.getLogger("flwr")
-# The site's sentence ends where Flower's wrapping starts: "'>" (deployment), or an escaped newline of the
-# traceback a simulation appends.
-_REFUSAL = re.compile(r"site (\S+) does not train this round: ([^\\\n]+?)(?:'>|\\|\n|$)")
+
+
+def failure_entry(failure: Any) -> tuple[str, str]:
+    """``(site, reason)`` of a SecAgg+ failure: a site that does not contribute raises its refusal or failure in
+    the one text form of :func:`models.protocol.failure_text`, which Flower wraps; anything else is unnamed."""
+    parsed = parse_failure(str(failure))
+    if parsed is None:
+        return "?", str(failure)[:200]
+    return parsed.site_id, parsed.sentence
 
 
 def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, reference: dict[str, np.ndarray],
@@ -56,69 +64,58 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
         raise ValueError(f"secure-aggregation works with strategy fedavg or fedprox, not {f.strategy.value}: the "
                          "protocol reveals only a weighted sum")
     run_id = str(store.history["run_id"])
-    final = {"weights": initial}
+    final = {"flat": initial}
     started: dict[int, float] = {}
 
     def fit_config(rnd: int) -> dict[str, Any]:
         started[rnd + offset] = time.perf_counter()
-        return {"server-round": rnd + offset, "run-id": run_id, "proximal-mu": config.training.proximal_mu}
+        return {RoundKey.SERVER_ROUND: rnd + offset, RoundKey.RUN_ID: run_id,
+                RoundKey.PROXIMAL_MU: config.training.proximal_mu}
 
     def eval_config(rnd: int) -> dict[str, Any]:
-        return {"server-round": rnd + offset, "run-id": run_id, "split": "val"}
+        return {RoundKey.SERVER_ROUND: rnd + offset, RoundKey.RUN_ID: run_id, RoundKey.SPLIT: Split.VAL}
 
     class RecordingFedAvg(FedAvg):  # type: ignore[misc]
         """Flower's FedAvg; after each aggregation the round is recorded and checkpointed."""
 
         def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
             rnd = server_round + offset
-            record = store.round_record(rnd)
+            recorder = RoundRecorder(store.round_record(rnd))
             for _, res in results:
-                site = str(res.metrics.get("site-id", "?"))
-                record["train"][site] = {k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float)}
+                recorder.trained(str(res.metrics.get(SiteKey.SITE_ID, "?")),
+                                 {k: v for k, v in res.metrics.items() if isinstance(v, int | float)})
             for failure in failures:
-                # A site that does not contribute raises "site X does not train this round: why" at the site.
-                found = _REFUSAL.search(str(failure))
-                entry = ({"site": found.group(1), "stage": "train", "reason": found.group(2).strip()} if found
-                         else {"site": "?", "stage": "train", "reason": str(failure)[:200]})
-                if entry not in record["failed"]:
-                    record["failed"].append(entry)
-            record["asked_train"] = len(results) + len(failures)
-            record["aggregated_sites"] = len(results)
-            record["secure_aggregation"] = True
+                site, reason = failure_entry(failure)
+                recorder.failed(site, reason, stage="train")
+            recorder.asked(len(results) + len(failures))
+            recorder.record["secure_aggregation"] = True
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
             if parameters is not None:
                 # The protocol's sum comes back as float64: the global model stays float32 (the sites'
                 # egress guard refuses to answer with another dtype than it received, and it should).
                 flat = parameters_to_ndarrays(parameters)[0].astype(np.float32)
                 parameters = ndarrays_to_parameters([flat])
-                final["weights"] = flat
-                store.checkpoint(rnd, unpack(flat, reference), flat_config)
-                record["checkpoint"] = f"checkpoints/round-{rnd:03d}.pt"
-            losses = [(res.num_examples, res.metrics.get("train-loss")) for _, res in results]
+                final["flat"] = flat
+                path = store.checkpoint(rnd, unpack(flat, reference), flat_config)
+                recorder.checkpointed(path.relative_to(store.root).as_posix())
+            losses = [(res.num_examples, res.metrics.get(Metric.TRAIN_LOSS)) for _, res in results]
             losses = [(n, v) for n, v in losses if v is not None]
-            if losses:
-                record["aggregated_train"] = {"train-loss": sum(n * v for n, v in losses) / sum(n for n, _ in losses)}
+            recorder.aggregated(len(results), {Metric.TRAIN_LOSS: sum(n * v for n, v in losses) /
+                                               sum(n for n, _ in losses)} if losses else None)
             store.save()
             return parameters, metrics
 
         def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
             rnd = server_round + offset
-            record = store.round_record(rnd)
+            recorder = RoundRecorder(store.round_record(rnd))
             for _, res in results:
-                site = str(res.metrics.get("site-id", "?"))
-                record["evaluate"][site] = {k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float)}
-            aggregated = weighted_by_studies(record["evaluate"].values())
-            if aggregated:
-                record["aggregated_evaluate"] = aggregated
-            wall = time.perf_counter() - started.get(rnd, time.perf_counter())
-            work = [m.get("train-seconds", 0.0) for m in record["train"].values()]
-            evals = [m.get("eval-seconds", 0.0) for m in record["evaluate"].values()]
-            slowest = (max(work) if work else 0.0) + (max(evals) if evals else 0.0)
-            record.update(seconds=wall, slowest_site_seconds=slowest,
-                          overhead=(wall - slowest) / wall if wall else None)
+                recorder.evaluated(str(res.metrics.get(SiteKey.SITE_ID, "?")),
+                                   {k: v for k, v in res.metrics.items() if isinstance(v, int | float)})
+            recorder.aggregated_evaluation()
+            recorder.timed(time.perf_counter() - started.get(rnd, time.perf_counter()), separate_evaluation=True)
             store.save()
             if on_round is not None:
-                on_round(record)
+                on_round(RoundRecord.from_dict(recorder.record))
             return super().aggregate_evaluate(server_round, results, failures)
 
     sites = f.min_sites
@@ -143,4 +140,4 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
     log.info("oncofed: secure aggregation (SecAgg+): %d shares, reconstruction threshold %d; the server sees "
              "only the sum of the updates", sites, threshold)
     workflow(grid, legacy)
-    return np.asarray(final["weights"], dtype=np.float32)
+    return np.asarray(final["flat"], dtype=np.float32)

@@ -16,7 +16,6 @@ The round loop itself is Flower's ``Strategy.start``; nothing here re-implements
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -27,28 +26,25 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
 from fl_server.validation import screen_updates
 from models.config import RunConfig, Strategy
+from models.protocol import (
+    EVAL_AGGREGATED,
+    TRAIN_AGGREGATED,
+    WEIGHTS,
+    Metric,
+    Record,
+    RoundKey,
+    SiteKey,
+    Split,
+    parse_failure,
+)
+
+__all__ = ["ConsortiumStrategy", "build_strategy", "packed_record", "refusal_of", "registered_names", "site_of"]
 
 log = logging.getLogger("oncofed.server")
-
-WEIGHTS_KEY = "weights"
-# Metrics kept in the aggregation inputs (each reply must carry the same keys for Flower's checks).
-TRAIN_AGGREGATED = ("train-loss",)
-EVAL_AGGREGATED = ("auroc", "sensitivity", "specificity", "balanced-accuracy", "brier", "eval-loss")
-
-
-def weighted_by_studies(per_site: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Evaluation metrics over sites, each site weighted by its studies (sites without an AUROC, i.e. with
-    one class only or no studies, are left out)."""
-    usable = [m for m in per_site if m.get("studies", 0) > 0 and "auroc" in m]
-    out: dict[str, float] = {}
-    for key in EVAL_AGGREGATED:
-        have = [(m[key], m["studies"]) for m in usable if key in m]
-        if have:
-            out[key] = sum(v * n for v, n in have) / sum(n for _, n in have)
-    return out
 
 
 def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStrategy:
@@ -78,9 +74,6 @@ def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStra
     raise ValueError(f"no Flower strategy for {f.strategy!r}")
 
 
-_FAILED_SITE = re.compile(r"^oncofed site (\S+): ")
-
-
 def site_of(msg: Message, names: dict[int, str] | None = None, grid: Grid | None = None) -> str:
     """The site id a reply carries; for an error reply, the id its reason names (the site's executor writes
     ``oncofed site ID: code: ...``), or the id its node gave before or was registered with, or its node id.
@@ -88,10 +81,10 @@ def site_of(msg: Message, names: dict[int, str] | None = None, grid: Grid | None
     node_of = getattr(grid, "node_of", None)
     node = node_of(msg) if callable(node_of) else msg.metadata.src_node_id
     site = None
-    if msg.has_content() and "site" in msg.content:
-        site = msg.content["site"].get("site-id")
-    elif msg.has_error() and (found := _FAILED_SITE.match(msg.error.reason or "")):
-        site = found.group(1)
+    if msg.has_content() and Record.SITE in msg.content:
+        site = msg.content[Record.SITE].get(SiteKey.SITE_ID)
+    elif msg.has_error() and (found := parse_failure(msg.error.reason or "")) is not None:
+        site = found.site_id
     if site:
         if names is not None:
             names[node] = str(site)
@@ -110,7 +103,7 @@ def registered_names(grid: Grid) -> dict[int, str]:
     return {node: name.removeprefix("site-") for node, name in names.items() if name.startswith("site-")}
 
 
-def _metrics(msg: Message, key: str = "metrics") -> dict[str, float]:
+def _metrics(msg: Message, key: str = Record.METRICS) -> dict[str, float]:
     if not msg.has_content() or key not in msg.content:
         return {}
     return {k: float(v) for k, v in msg.content[key].items() if isinstance(v, int | float)}
@@ -118,14 +111,14 @@ def _metrics(msg: Message, key: str = "metrics") -> dict[str, float]:
 
 def refusal_of(msg: Message) -> dict[str, str] | None:
     """A site's refusal (its reason code and sentence), or None if the reply is not one."""
-    if not _metrics(msg).get("refused"):
+    if not _metrics(msg).get(Metric.REFUSED):
         return None
-    strings: Any = msg.content.get("site", {})
-    code, detail = str(strings.get("refusal", "")), str(strings.get("detail", ""))
+    strings: Any = msg.content.get(Record.SITE, {})
+    code, detail = str(strings.get(SiteKey.REFUSAL, "")), str(strings.get(SiteKey.DETAIL, ""))
     if not detail:  # a site of an earlier version: the reason from its flags
         metrics = _metrics(msg)
-        detail = ("no training data for the task" if metrics.get("refused-no-data")
-                  else "privacy budget spent" if "epsilon-max" in metrics
+        detail = ("no training data for the task" if metrics.get(Metric.REFUSED_NO_DATA)
+                  else "privacy budget spent" if Metric.EPSILON_MAX in metrics
                   else "DP asked for but the site has set no privacy budget")
     return {"code": code, "reason": detail}
 
@@ -137,10 +130,10 @@ def _plain(arrays: Any) -> dict[str, np.ndarray]:
 def _normalised(msg: Message, keys: Iterable[str], *, with_arrays: bool) -> Message:
     """A copy of a reply with only what aggregation reads (Flower checks replies have equal keys)."""
     metrics = _metrics(msg)
-    content = RecordDict({"metrics": MetricRecord({"num-examples": metrics.get("num-examples", 0.0),
-                                                   **{k: metrics[k] for k in keys}})})
+    content = RecordDict({Record.METRICS: MetricRecord({Metric.NUM_EXAMPLES: metrics.get(Metric.NUM_EXAMPLES, 0.0),
+                                                         **{k: metrics[k] for k in keys}})})
     if with_arrays:
-        content["arrays"] = msg.content["arrays"]
+        content[Record.ARRAYS] = msg.content[Record.ARRAYS]
     return Message(content=content, dst_node_id=msg.metadata.src_node_id, message_type=msg.metadata.message_type)
 
 
@@ -193,16 +186,15 @@ class ConsortiumStrategy(FlowerStrategy):
         self._names = {**registered_names(grid), **self._names}
         self._grid = grid
         if self.evaluate_in_train:
-            config["evaluate-split"] = "val"
+            config[RoundKey.EVALUATE_SPLIT] = Split.VAL
         messages = list(self.inner.configure_train(rnd, arrays, config, grid))
-        record = self.store.round_record(rnd)
-        record["asked_train"] = len(messages)
+        RoundRecorder(self.store.round_record(rnd)).asked(len(messages))
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.offset
-        record = self.store.round_record(rnd)
+        recorder = RoundRecorder(self.store.round_record(rnd))
         sent = self._sent.get(rnd, {})
         candidates: list[Message] = []
         evaluations: list[tuple[str, dict[str, float]]] = []
@@ -210,41 +202,40 @@ class ConsortiumStrategy(FlowerStrategy):
         for msg in replies:
             site = site_of(msg, self._names, self._grid)
             if msg.has_error():
-                record["failed"].append({"site": site, "stage": "train", "reason": msg.error.reason})
+                recorder.failed(site, msg.error.reason, stage="train")
                 log.warning("round %d: site %s failed to train: %s", rnd, site, msg.error.reason)
                 continue
             metrics = _metrics(msg)
-            evaluation = _metrics(msg, "evaluation")
+            evaluation = _metrics(msg, Record.EVALUATION)
             if evaluation:
                 evaluations.append((site, evaluation))
-            work.append(metrics.get("train-seconds", 0.0) + evaluation.get("eval-seconds", 0.0))
-            record["train"][site] = metrics
+            work.append(metrics.get(Metric.TRAIN_SECONDS, 0.0) + evaluation.get(Metric.EVAL_SECONDS, 0.0))
+            recorder.trained(site, metrics)
             if (refused := refusal_of(msg)) is not None:
-                record["refused"].append({"site": site, **refused, "epsilon": metrics.get("epsilon"),
-                                          "epsilon_max": metrics.get("epsilon-max")})
+                recorder.refused(site, refused, metrics=metrics)
                 log.warning("round %d: site %s refused to train (%s)", rnd, site, refused["reason"])
                 continue
-            if "arrays" not in msg.content or "num-examples" not in metrics:
-                record["dropped"].append({"site": site, "reason": "reply without weights or num-examples"})
+            if Record.ARRAYS not in msg.content or Metric.NUM_EXAMPLES not in metrics:
+                recorder.dropped(site, "reply without weights or num-examples")
                 log.warning("round %d: dropped site %s: reply without weights or num-examples", rnd, site)
                 continue
             candidates.append(msg)
-        record["site_seconds"] = max(work) if work else 0.0
+        recorder.site_seconds(max(work) if work else 0.0)
         if evaluations:  # the model these sites received: the global model after the previous round
             self.record_evaluation(rnd - 1, evaluations)
-        reasons, norms = screen_updates(sent, [_plain(m.content["arrays"]) for m in candidates],
+        reasons, norms = screen_updates(sent, [_plain(m.content[Record.ARRAYS]) for m in candidates],
                                         norm_factor=self.norm_factor)
         kept = []
         for msg, reason, norm in zip(candidates, reasons, norms, strict=True):
             site = site_of(msg, self._names, self._grid)
             if norm is not None:
-                record["train"][site]["update-norm"] = norm
+                recorder.update_norm(site, norm)
             if reason is not None:
-                record["dropped"].append({"site": site, "reason": reason})
+                recorder.dropped(site, reason)
                 log.warning("round %d: dropped the update of site %s: %s", rnd, site, reason)
             else:
                 kept.append(msg)
-        record["aggregated_sites"] = len(kept)
+        recorder.aggregated(len(kept))
         if not kept:
             log.warning("round %d: no valid update; the global model stays as it was", rnd)
             self.store.save()
@@ -252,7 +243,7 @@ class ConsortiumStrategy(FlowerStrategy):
         common = set.intersection(*(set(_metrics(m)) for m in kept))
         keys = [k for k in TRAIN_AGGREGATED if k in common]
         arrays, aggregated = self.inner.aggregate_train(rnd, [_normalised(m, keys, with_arrays=True) for m in kept])
-        record["aggregated_train"] = {k: float(v) for k, v in (aggregated or {}).items()}  # type: ignore[arg-type]
+        recorder.aggregated(len(kept), {k: float(v) for k, v in (aggregated or {}).items()})  # type: ignore[arg-type]
         self.store.save()
         return arrays, aggregated
 
@@ -262,20 +253,20 @@ class ConsortiumStrategy(FlowerStrategy):
         if self.evaluate_in_train:
             return []
         rnd = server_round + self.offset
-        config["split"] = "val"
+        config[RoundKey.SPLIT] = Split.VAL
         return self.inner.configure_evaluate(rnd, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.offset
-        record = self.store.round_record(rnd)
+        recorder = RoundRecorder(self.store.round_record(rnd))
         results = []
         for msg in replies:
             site = site_of(msg, self._names, self._grid)
             if msg.has_error():
-                record["failed"].append({"site": site, "stage": "evaluate", "reason": msg.error.reason})
+                recorder.failed(site, msg.error.reason, stage="evaluate")
                 continue
             if (refused := refusal_of(msg)) is not None:
-                record["refused"].append({"site": site, "stage": "evaluate", **refused})
+                recorder.refused(site, refused, stage="evaluate")
                 continue
             results.append((site, _metrics(msg)))
         return self.record_evaluation(rnd, results) if results else None
@@ -283,21 +274,21 @@ class ConsortiumStrategy(FlowerStrategy):
     def record_evaluation(self, rnd: int, results: list[tuple[str, dict[str, float]]]) -> MetricRecord | None:
         """Store the sites' validation metrics of the global model after round ``rnd`` and their
         weighted aggregate (Flower's own ``aggregate_evaluate``, weighted by studies)."""
-        record = self.store.round_record(rnd)
+        recorder = RoundRecorder(self.store.round_record(rnd))
         usable = []
         for site, metrics in results:
-            record["evaluate"][site] = metrics
-            if metrics.get("studies", 0) > 0 and "auroc" in metrics:
+            recorder.evaluated(site, metrics)
+            if metrics.get(Metric.STUDIES, 0) > 0 and Metric.AUROC in metrics:
                 usable.append(metrics)
         aggregated = None
         if usable:
             common = set.intersection(*(set(m) for m in usable))
             keys = [k for k in EVAL_AGGREGATED if k in common]
             aggregated = self.inner.aggregate_evaluate(rnd, [_metric_message(m, keys) for m in usable])
-            record["aggregated_evaluate"] = {k: float(v) for k, v in (aggregated or {}).items()}  # type: ignore
+            recorder.aggregated_evaluation({k: float(v) for k, v in (aggregated or {}).items()})  # type: ignore
         self.store.save()
         if self.evaluate_in_train and rnd >= 1:
-            self._emit(record)
+            self._emit(recorder.record)
         return aggregated
 
     # -- end of round (Flower calls this as evaluate_fn after each round, and with round 0) --------
@@ -306,32 +297,30 @@ class ConsortiumStrategy(FlowerStrategy):
         rnd = server_round + self.offset
         if server_round == 0:
             return None
-        record = self.store.round_record(rnd)
-        wall = time.perf_counter() - self._t0.get(rnd, time.perf_counter())
-        evals = [m.get("eval-seconds", 0.0) for m in record["evaluate"].values()]
-        slowest = record.get("site_seconds", 0.0) + (max(evals) if evals and not self.evaluate_in_train else 0.0)
-        record.update(seconds=wall, slowest_site_seconds=slowest,
-                      overhead=(wall - slowest) / wall if wall > 0 else None)
+        recorder = RoundRecorder(self.store.round_record(rnd))
+        recorder.site_seconds(recorder.record.get("site_seconds", 0.0))
+        recorder.timed(time.perf_counter() - self._t0.get(rnd, time.perf_counter()),
+                       separate_evaluation=not self.evaluate_in_train)
         from models.weights import unpack
 
-        self.store.checkpoint(rnd, unpack(arrays[WEIGHTS_KEY].numpy(), self.reference), self.run_config)
-        record["checkpoint"] = f"checkpoints/round-{rnd:03d}.pt"
+        path = self.store.checkpoint(rnd, unpack(arrays[WEIGHTS].numpy(), self.reference), self.run_config)
+        recorder.checkpointed(path.relative_to(self.store.root).as_posix())
         self.store.save()
         if not self.evaluate_in_train:
-            self._emit(record)
+            self._emit(recorder.record)
         return None
 
     def _emit(self, record: dict[str, Any]) -> None:
         if self.on_round is not None:
-            self.on_round(record)
+            self.on_round(RoundRecord.from_dict(record))
 
 
 def _metric_message(metrics: dict[str, float], keys: Iterable[str]) -> Message:
-    content = RecordDict({"metrics": MetricRecord({"num-examples": metrics.get("num-examples", 0.0),
-                                                   **{k: metrics[k] for k in keys}})})
+    content = RecordDict({Record.METRICS: MetricRecord({Metric.NUM_EXAMPLES: metrics.get(Metric.NUM_EXAMPLES, 0.0),
+                                                         **{k: metrics[k] for k in keys}})})
     return Message(content=content, dst_node_id=0, message_type=MessageType.EVALUATE)
 
 
 def packed_record(flat: np.ndarray) -> ArrayRecord:
     """The global model as Flower sends it: one flat float32 array."""
-    return ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(flat, dtype=np.float32))})
+    return ArrayRecord({WEIGHTS: Array(np.ascontiguousarray(flat, dtype=np.float32))})

@@ -12,25 +12,17 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from models.weights import WeightsError, check_arrays
+
 DEFAULT_NORM_FACTOR = 10.0
 
 
 def shape_problem(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> str | None:
-    """Why ``arrays`` cannot stand for the global model (None if it can)."""
-    missing = [k for k in reference if k not in arrays]
-    if missing:
-        return f"array {missing[0]!r} missing"
-    extra = [k for k in arrays if k not in reference]
-    if extra:
-        return f"unexpected array {extra[0]!r}"
-    for key, ref in reference.items():
-        got = arrays[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            return f"array {key!r} has shape {tuple(got.shape)}, the global model's is {tuple(ref.shape)}"
-        if got.dtype != ref.dtype:
-            return f"array {key!r} has dtype {got.dtype}, the global model's is {ref.dtype}"
-        if not np.isfinite(got).all():
-            return f"array {key!r} holds NaN or Inf"
+    """Why ``arrays`` cannot stand for the global model (None if it can): :func:`models.weights.check_arrays`."""
+    try:
+        check_arrays(reference, arrays, finite=True)
+    except WeightsError as exc:
+        return str(exc)
     return None
 
 

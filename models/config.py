@@ -213,11 +213,16 @@ class RunConfig:
         out: dict[str, Any] = {}
         for key, (section, attr, _) in KEYS.items():
             value = getattr(getattr(self, section), attr)
-            out[key] = value.value if isinstance(value, StrEnum) else value
+            out[str(key)] = value.value if isinstance(value, StrEnum) else value
         return out
 
 
-def _bool(text: Any) -> bool:
+def parse_bool(text: Any) -> bool:
+    """The one true/false parser of oncofed: true/1/yes/on and false/0/no/off (any case); anything else raises.
+
+    Raises:
+        ValueError: Neither.
+    """
     if isinstance(text, bool):
         return text
     value = str(text).strip().lower()
@@ -259,45 +264,87 @@ def _str(text: Any) -> str:
     return str(text).strip()
 
 
+class RunKey(StrEnum):
+    """The run-config keys (Flower's flat ``run_config``): the only place they are spelled."""
+
+    TASK = "task"
+    MODEL = "model"
+    MODEL_WIDTH = "model-width"
+    NORM = "norm"
+    DROPOUT = "dropout"
+    LOCAL_EPOCHS = "local-epochs"
+    BATCH_SIZE = "batch-size"
+    LEARNING_RATE = "learning-rate"
+    WEIGHT_DECAY = "weight-decay"
+    OPTIMIZER = "optimizer"
+    PROXIMAL_MU = "proximal-mu"
+    SEED = "seed"
+    AUGMENT = "augment"
+    THREADS = "threads"
+    DP = "dp"
+    DP_EPSILON = "dp-epsilon"
+    DP_DELTA = "dp-delta"
+    DP_MAX_GRAD_NORM = "dp-max-grad-norm"
+    DP_ACCOUNTANT = "dp-accountant"
+    DP_GRAD_SAMPLE_MODE = "dp-grad-sample-mode"
+    NUM_ROUNDS = "num-rounds"
+    STRATEGY = "strategy"
+    FRACTION_TRAIN = "fraction-train"
+    FRACTION_EVALUATE = "fraction-evaluate"
+    MIN_SITES = "min-sites"
+    SERVER_LEARNING_RATE = "server-learning-rate"
+    TRIM_BETA = "trim-beta"
+    RUN_DIR = "run-dir"
+    RESUME = "resume"
+    SIM_SITES = "sim-sites"
+    FINAL_EVALUATION = "final-evaluation"
+    UPDATE_NORM_FACTOR = "update-norm-factor"
+    ROUND_TIMEOUT = "round-timeout"
+    SECURE_AGGREGATION = "secure-aggregation"
+    EVALUATE_IN_TRAIN = "evaluate-in-train"
+    RECONSTRUCTION_THRESHOLD = "reconstruction-threshold"
+    CLIPPING_RANGE = "clipping-range"
+
+
 # flat key -> (section, attribute, parser)
-KEYS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
-    "task": ("model", "task", _str),
-    "model": ("model", "arch", _enum(Arch)),
-    "model-width": ("model", "width", _int),
-    "norm": ("model", "norm", _enum(Norm)),
-    "dropout": ("model", "dropout", _float),
-    "local-epochs": ("training", "local_epochs", _int),
-    "batch-size": ("training", "batch_size", _int),
-    "learning-rate": ("training", "learning_rate", _float),
-    "weight-decay": ("training", "weight_decay", _float),
-    "optimizer": ("training", "optimizer", _str),
-    "proximal-mu": ("training", "proximal_mu", _float),
-    "seed": ("training", "seed", _int),
-    "augment": ("training", "augment", _bool),
-    "threads": ("training", "threads", _int),
-    "dp": ("privacy", "enabled", _bool),
-    "dp-epsilon": ("privacy", "epsilon", _float),
-    "dp-delta": ("privacy", "delta", _float),
-    "dp-max-grad-norm": ("privacy", "max_grad_norm", _float),
-    "dp-accountant": ("privacy", "accountant", _enum(Accountant)),
-    "dp-grad-sample-mode": ("privacy", "grad_sample_mode", _enum(GradSampleMode)),
-    "num-rounds": ("federation", "num_rounds", _int),
-    "strategy": ("federation", "strategy", _enum(Strategy)),
-    "fraction-train": ("federation", "fraction_train", _float),
-    "fraction-evaluate": ("federation", "fraction_evaluate", _float),
-    "min-sites": ("federation", "min_sites", _int),
-    "server-learning-rate": ("federation", "server_learning_rate", _float),
-    "trim-beta": ("federation", "trim_beta", _float),
-    "run-dir": ("server", "run_dir", _str),
-    "resume": ("server", "resume", _str),
-    "sim-sites": ("server", "sim_sites", _str),
-    "final-evaluation": ("server", "final_evaluation", _bool),
-    "update-norm-factor": ("server", "update_norm_factor", _float),
-    "round-timeout": ("server", "round_timeout", _float),
-    "secure-aggregation": ("server", "secure_aggregation", _bool),
-    "evaluate-in-train": ("server", "evaluate_in_train", _bool),
-    "reconstruction-threshold": ("server", "reconstruction_threshold", _int),
-    "clipping-range": ("server", "clipping_range", _float),
+KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
+    RunKey.TASK: ("model", "task", _str),
+    RunKey.MODEL: ("model", "arch", _enum(Arch)),
+    RunKey.MODEL_WIDTH: ("model", "width", _int),
+    RunKey.NORM: ("model", "norm", _enum(Norm)),
+    RunKey.DROPOUT: ("model", "dropout", _float),
+    RunKey.LOCAL_EPOCHS: ("training", "local_epochs", _int),
+    RunKey.BATCH_SIZE: ("training", "batch_size", _int),
+    RunKey.LEARNING_RATE: ("training", "learning_rate", _float),
+    RunKey.WEIGHT_DECAY: ("training", "weight_decay", _float),
+    RunKey.OPTIMIZER: ("training", "optimizer", _str),
+    RunKey.PROXIMAL_MU: ("training", "proximal_mu", _float),
+    RunKey.SEED: ("training", "seed", _int),
+    RunKey.AUGMENT: ("training", "augment", parse_bool),
+    RunKey.THREADS: ("training", "threads", _int),
+    RunKey.DP: ("privacy", "enabled", parse_bool),
+    RunKey.DP_EPSILON: ("privacy", "epsilon", _float),
+    RunKey.DP_DELTA: ("privacy", "delta", _float),
+    RunKey.DP_MAX_GRAD_NORM: ("privacy", "max_grad_norm", _float),
+    RunKey.DP_ACCOUNTANT: ("privacy", "accountant", _enum(Accountant)),
+    RunKey.DP_GRAD_SAMPLE_MODE: ("privacy", "grad_sample_mode", _enum(GradSampleMode)),
+    RunKey.NUM_ROUNDS: ("federation", "num_rounds", _int),
+    RunKey.STRATEGY: ("federation", "strategy", _enum(Strategy)),
+    RunKey.FRACTION_TRAIN: ("federation", "fraction_train", _float),
+    RunKey.FRACTION_EVALUATE: ("federation", "fraction_evaluate", _float),
+    RunKey.MIN_SITES: ("federation", "min_sites", _int),
+    RunKey.SERVER_LEARNING_RATE: ("federation", "server_learning_rate", _float),
+    RunKey.TRIM_BETA: ("federation", "trim_beta", _float),
+    RunKey.RUN_DIR: ("server", "run_dir", _str),
+    RunKey.RESUME: ("server", "resume", _str),
+    RunKey.SIM_SITES: ("server", "sim_sites", _str),
+    RunKey.FINAL_EVALUATION: ("server", "final_evaluation", parse_bool),
+    RunKey.UPDATE_NORM_FACTOR: ("server", "update_norm_factor", _float),
+    RunKey.ROUND_TIMEOUT: ("server", "round_timeout", _float),
+    RunKey.SECURE_AGGREGATION: ("server", "secure_aggregation", parse_bool),
+    RunKey.EVALUATE_IN_TRAIN: ("server", "evaluate_in_train", parse_bool),
+    RunKey.RECONSTRUCTION_THRESHOLD: ("server", "reconstruction_threshold", _int),
+    RunKey.CLIPPING_RANGE: ("server", "clipping_range", _float),
 }
 
 
@@ -316,14 +363,14 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(RunConfig)}
     for key, raw in flat.items():
         if key not in KEYS:
-            close = difflib.get_close_matches(key, list(KEYS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
+            close = difflib.get_close_matches(str(key), [str(k) for k in KEYS], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(map(str, KEYS))}"
             raise ConfigError(f"unknown run-config key {key!r}{hint}")
         section, attr, parse = KEYS[key]
         try:
             sections[section][attr] = parse(raw)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"run-config key {key!r}: {raw!r} is not valid ({exc})") from None
+            raise ConfigError(f"run-config key {str(key)!r}: {raw!r} is not valid ({exc})") from None
     model = replace(config.model, **sections["model"])
     if model.task not in TASK_DIMS:
         raise ConfigError(f"run-config key 'task': unknown task {model.task!r}; known: {', '.join(TASK_DIMS)}")
@@ -356,7 +403,7 @@ def resolved_grad_sample_mode(config: RunConfig) -> GradSampleMode:
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"run-config key {key!r}: {message}")
+        raise ConfigError(f"run-config key {str(key)!r}: {message}")
 
 
 def validate(config: RunConfig) -> None:
@@ -366,40 +413,40 @@ def validate(config: RunConfig) -> None:
         ConfigError: The first problem found.
     """
     m, t, p, f = config.model, config.training, config.privacy, config.federation
-    _check(m.spatial_dims == TASK_DIMS.get(m.task, m.spatial_dims), "task",
+    _check(m.spatial_dims == TASK_DIMS.get(m.task, m.spatial_dims), RunKey.TASK,
            f"task {m.task!r} is {TASK_DIMS.get(m.task)}D, the model spec says {m.spatial_dims}D")
     _check(m.in_channels >= 1, "in-channels", "must be at least 1")
-    _check(4 <= m.width <= 256 and m.width % 4 == 0, "model-width", "must be a multiple of 4 from 4 to 256")
-    _check(0.0 <= m.dropout < 1.0, "dropout", "must be in [0, 1)")
-    _check(m.norm != Norm.NONE or m.arch == Arch.COMPACT_CNN, "norm",
+    _check(4 <= m.width <= 256 and m.width % 4 == 0, RunKey.MODEL_WIDTH, "must be a multiple of 4 from 4 to 256")
+    _check(0.0 <= m.dropout < 1.0, RunKey.DROPOUT, "must be in [0, 1)")
+    _check(m.norm != Norm.NONE or m.arch == Arch.COMPACT_CNN, RunKey.NORM,
            "DenseNets need a norm layer; use instance or group")
-    _check(t.local_epochs >= 1, "local-epochs", "must be at least 1")
-    _check(1 <= t.batch_size <= 4096, "batch-size", "must be between 1 and 4096")
-    _check(0.0 < t.learning_rate <= 10.0, "learning-rate", "must be in (0, 10]")
-    _check(t.weight_decay >= 0.0, "weight-decay", "must be 0 or more")
-    _check(t.optimizer in ("adamw", "sgd"), "optimizer", "must be adamw or sgd")
-    _check(t.proximal_mu >= 0.0, "proximal-mu", "must be 0 (off) or more")
-    _check(t.threads >= 0, "threads", "must be 0 (torch default) or more")
-    _check(f.num_rounds >= 1, "num-rounds", "must be at least 1")
-    _check(0.0 < f.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
-    _check(0.0 <= f.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
-    _check(f.min_sites >= 1, "min-sites", "must be at least 1")
-    _check(0.0 < f.server_learning_rate <= 1.0, "server-learning-rate", "must be in (0, 1]; 0.01 is a safe start")
-    _check(0.0 <= f.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5)")
+    _check(t.local_epochs >= 1, RunKey.LOCAL_EPOCHS, "must be at least 1")
+    _check(1 <= t.batch_size <= 4096, RunKey.BATCH_SIZE, "must be between 1 and 4096")
+    _check(0.0 < t.learning_rate <= 10.0, RunKey.LEARNING_RATE, "must be in (0, 10]")
+    _check(t.weight_decay >= 0.0, RunKey.WEIGHT_DECAY, "must be 0 or more")
+    _check(t.optimizer in ("adamw", "sgd"), RunKey.OPTIMIZER, "must be adamw or sgd")
+    _check(t.proximal_mu >= 0.0, RunKey.PROXIMAL_MU, "must be 0 (off) or more")
+    _check(t.threads >= 0, RunKey.THREADS, "must be 0 (torch default) or more")
+    _check(f.num_rounds >= 1, RunKey.NUM_ROUNDS, "must be at least 1")
+    _check(0.0 < f.fraction_train <= 1.0, RunKey.FRACTION_TRAIN, "must be in (0, 1]")
+    _check(0.0 <= f.fraction_evaluate <= 1.0, RunKey.FRACTION_EVALUATE, "must be in [0, 1]")
+    _check(f.min_sites >= 1, RunKey.MIN_SITES, "must be at least 1")
+    _check(0.0 < f.server_learning_rate <= 1.0, RunKey.SERVER_LEARNING_RATE, "must be in (0, 1]; 0.01 is a safe start")
+    _check(0.0 <= f.trim_beta < 0.5, RunKey.TRIM_BETA, "must be in [0, 0.5)")
     if f.strategy == Strategy.FEDPROX:
-        _check(t.proximal_mu > 0.0, "proximal-mu", "strategy fedprox needs proximal-mu > 0 (e.g. 0.01)")
+        _check(t.proximal_mu > 0.0, RunKey.PROXIMAL_MU, "strategy fedprox needs proximal-mu > 0 (e.g. 0.01)")
     # Checked with DP off too: a site that trains only with DP-SGD uses them whatever the run asks.
-    _check(0.0 < p.epsilon <= 100.0, "dp-epsilon", "must be in (0, 100]; 1-10 is the usual range")
-    _check(0.0 <= p.delta < 1e-2, "dp-delta", "must be 0 (choose below 1/samples) or a small value like 1e-5")
-    _check(p.max_grad_norm > 0.0, "dp-max-grad-norm", "must be above 0 (e.g. 1.0)")
+    _check(0.0 < p.epsilon <= 100.0, RunKey.DP_EPSILON, "must be in (0, 100]; 1-10 is the usual range")
+    _check(0.0 <= p.delta < 1e-2, RunKey.DP_DELTA, "must be 0 (choose below 1/samples) or a small value like 1e-5")
+    _check(p.max_grad_norm > 0.0, RunKey.DP_MAX_GRAD_NORM, "must be above 0 (e.g. 1.0)")
     srv = config.server
-    _check(srv.update_norm_factor >= 1.0, "update-norm-factor",
+    _check(srv.update_norm_factor >= 1.0, RunKey.UPDATE_NORM_FACTOR,
            "must be 1 or more (an update may be this many times the others' median norm); 10 is the default")
-    _check(srv.round_timeout > 0.0, "round-timeout", "must be above 0 seconds (e.g. 3600)")
-    _check(srv.reconstruction_threshold >= 0, "reconstruction-threshold", "must be 0 (min-sites - 1) or more")
-    _check(srv.clipping_range > 0.0, "clipping-range", "must be above 0 (e.g. 8)")
+    _check(srv.round_timeout > 0.0, RunKey.ROUND_TIMEOUT, "must be above 0 seconds (e.g. 3600)")
+    _check(srv.reconstruction_threshold >= 0, RunKey.RECONSTRUCTION_THRESHOLD, "must be 0 (min-sites - 1) or more")
+    _check(srv.clipping_range > 0.0, RunKey.CLIPPING_RANGE, "must be above 0 (e.g. 8)")
     if p.enabled:
-        _check(m.norm != Norm.BATCH, "norm",
+        _check(m.norm != Norm.BATCH, RunKey.NORM,
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")
-        _check(p.grad_sample_mode != GradSampleMode.EW or m.arch == Arch.COMPACT_CNN, "dp-grad-sample-mode",
+        _check(p.grad_sample_mode != GradSampleMode.EW or m.arch == Arch.COMPACT_CNN, RunKey.DP_GRAD_SAMPLE_MODE,
                "'ew' does not work on DenseNet; use hooks")

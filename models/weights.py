@@ -37,24 +37,29 @@ def state_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((_strip(k), v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
 
 
-def check_arrays(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> None:
-    """Raise unless ``arrays`` has exactly the keys, shapes and dtypes of ``reference``.
+def check_arrays(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray], *,
+                 finite: bool = False) -> None:
+    """Raise unless ``arrays`` has exactly the keys, shapes and dtypes of ``reference`` (and, with ``finite``, only
+    finite values). The one check of arrays against a model: loading weights, the site's egress guard and the
+    server's update validation all use it.
 
     Raises:
-        WeightsError: Naming the first missing, unexpected or mis-shaped key.
+        WeightsError: Naming the first missing, unexpected, mis-shaped, mis-typed or non-finite array.
     """
     missing = [k for k in reference if k not in arrays]
     if missing:
-        raise WeightsError(f"missing weight {missing[0]!r} ({len(missing)} missing in all)")
+        raise WeightsError(f"array {missing[0]!r} is missing ({len(missing)} missing in all)")
     extra = [k for k in arrays if k not in reference]
     if extra:
-        raise WeightsError(f"unexpected weight {extra[0]!r} ({len(extra)} unexpected in all)")
+        raise WeightsError(f"unexpected array {extra[0]!r} ({len(extra)} unexpected in all)")
     for key, ref in reference.items():
         got = arrays[key]
         if tuple(got.shape) != tuple(ref.shape):
-            raise WeightsError(f"weight {key!r} has shape {tuple(got.shape)}, the model needs {tuple(ref.shape)}")
+            raise WeightsError(f"array {key!r} has shape {tuple(got.shape)}, the model's is {tuple(ref.shape)}")
         if got.dtype != ref.dtype:
-            raise WeightsError(f"weight {key!r} has dtype {got.dtype}, the model needs {ref.dtype}")
+            raise WeightsError(f"array {key!r} has dtype {got.dtype}, the model's is {ref.dtype}")
+        if finite and got.dtype.kind in "fc" and not np.isfinite(got).all():
+            raise WeightsError(f"array {key!r} holds NaN or Inf")
 
 
 def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
@@ -94,6 +99,26 @@ def unpack(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> OrderedDict
         out[key] = flat[offset:offset + n].reshape(ref.shape).astype(ref.dtype)
         offset += n
     return out
+
+
+def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], *,
+                    round_number: int) -> None:
+    """Write a ``model.pt`` that :func:`load_checkpoint` reads: ``{"arrays", "run_config", "round"}`` (round 0 for
+    a local run). Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
+    previous file whole."""
+    import io
+    import os
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save({"arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                "run_config": {str(k): v for k, v in run_config.items()}, "round": int(round_number)}, buffer)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(buffer.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any], int]:

@@ -76,10 +76,10 @@ def test_auroc(model_path: Path, site_dirs: list[Path], task: str) -> float | No
     import torch
 
     from fl_client.train import evaluate_local, load_site_data
-    from fl_server.runstore import load_model
     from models.nets import build_model
+    from models.weights import load_checkpoint
 
-    arrays, run_config, _ = load_model(model_path)
+    arrays, run_config, _ = load_checkpoint(model_path)
     model = build_model(from_flat(run_config).model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
     result = evaluate_local(model, load_site_data(site_dirs, task), "test")

@@ -17,7 +17,7 @@ from fl_client.app import app
 from fl_client.cli import main as site_main
 from fl_client.egress import EgressLog
 from fl_client.failures import ERROR_LOG, SiteFailure, failure_of
-from fl_client.federated import BUNDLE_HASH_KEY, BUNDLE_KEY, Refused, run_manifest
+from fl_client.federated import Refused, run_manifest
 from fl_client.policy import PolicyError, Refusal, RunBook, RunState, SitePolicy
 from fl_client.privacy import PrivacyLedger
 from models.config import ConfigError, from_flat
@@ -65,8 +65,8 @@ def _message(kind: str = "train", *, run_config: dict | None = None, split: str 
 def _call(workspace: Path, kind: str = "train", *, run_config: dict | None = None, split: str = "") -> Message:
     """The ClientApp on one message, with the node config the site's executor gives it."""
     msg = _message(kind, run_config=run_config, split=split)
-    node_config: dict = {"workspace": str(workspace), "site-id": "a", BUNDLE_KEY: "oncofed/oncofed==0.1.0",
-                         BUNDLE_HASH_KEY: "ab" * 32}
+    node_config: dict = {"workspace": str(workspace), "site-id": "a", "app-bundle": "oncofed/oncofed==0.1.0",
+                         "app-bundle-sha256": "ab" * 32}
     context = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(),
                       run_config={**RUN_CONFIG, **(run_config or {})})
     return app(message=msg, context=context)
@@ -147,11 +147,13 @@ def test_the_policy_caps_epsilon_per_run_and_a_dp_only_site_trains_with_dp(works
 
 def test_legacy_records_refuse_as_a_drop_out_with_the_sites_sentence() -> None:
     exc = Refused("a", Refusal.PENDING, "run 7 waits for the site's approval")
-    assert str(exc) == "site a does not train this round: run 7 waits for the site's approval"
-    from fl_server.secure import _REFUSAL
+    assert str(exc) == "oncofed site a: pending-approval: run 7 waits for the site's approval"
+    from models.protocol import ParsedFailure, parse_failure
 
-    found = _REFUSAL.search(f"<class 'fl_client.federated.Refused'>:<'{exc}'>")
-    assert found is not None and found.groups() == ("a", "run 7 waits for the site's approval")
+    # As Flower wraps it in a deployment, and as a simulation appends the traceback: the server reads it back.
+    expected = ParsedFailure("a", "pending-approval", "run 7 waits for the site's approval")
+    assert parse_failure(f"<class 'fl_client.federated.Refused'>:<'{exc}'>") == expected
+    assert parse_failure(f"Exception: {exc}\\nTraceback (most recent call last): ...") == expected
 
 
 @pytest.mark.parametrize(("exc", "code"), [

@@ -32,10 +32,9 @@ from fl_server.cli import main as server_main
 from fl_server.deploy import READY
 from fl_server.flower_ops import free_port
 from fl_server.provision import make_site_keys, provision
-from fl_server.runstore import load_model
 from models.config import from_flat
 from models.nets import build_model
-from models.weights import pack, state_arrays
+from models.weights import load_checkpoint, pack, state_arrays
 
 RUN_CONFIG = {"task": "breast-mg", "num-rounds": 2, "min-sites": 2, "threads": 1, "round-timeout": 150.0}
 
@@ -218,7 +217,7 @@ def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Feder
     initial = pack(state_arrays(build_model(config.model)))
     weights = []
     for name in ("round-001.pt", "round-002.pt"):
-        arrays, _, _ = load_model(run_dir / "checkpoints" / name)
+        arrays, _, _ = load_checkpoint(run_dir / "checkpoints" / name)
         weights.append(arrays["weights"] if "weights" in arrays else pack(arrays))
     assert weights[0].shape == initial.shape
     assert not np.allclose(weights[0], initial) and not np.allclose(weights[1], weights[0])

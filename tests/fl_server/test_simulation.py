@@ -16,9 +16,9 @@ from consortium import make_workspaces
 
 from fl_client.egress import EgressLog
 from fl_client.privacy import PrivacyLedger
-from fl_server.runstore import load_model
 from models.config import from_flat
 from models.nets import build_model, parameter_count
+from models.weights import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
 
 
 def test_the_global_model_loads_into_the_tasks_network(run: dict[str, Path]) -> None:
-    arrays, run_config, rnd = load_model(run["run"] / "model.pt")
+    arrays, run_config, rnd = load_checkpoint(run["run"] / "model.pt")
     assert rnd == 3
     model = build_model(from_flat(run_config).model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
@@ -135,8 +135,8 @@ def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_p
         assert record["failed"] == [{"site": "site-c", "stage": "train", "reason": "privacy budget spent"}]
         assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
-    first, _, _ = load_model(run_dir / "checkpoints" / "round-001.pt")
-    second, _, _ = load_model(run_dir / "checkpoints" / "round-002.pt")
+    first, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-001.pt")
+    second, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-002.pt")
     assert all(v.dtype == np.float32 for v in second.values())
     assert any(not np.allclose(first[k], second[k]) for k in first)  # the sum was unmasked and applied
     assert "Secure aggregation (SecAgg+)" in (run_dir / "report.html").read_text()

@@ -31,7 +31,7 @@ def test_each_kind_of_bad_update_is_named() -> None:
     assert "shape (99,)" in reasons[2]
     assert "dtype float64" in reasons[3]
     assert "unexpected array 'extra'" in reasons[4]
-    assert "'weights' missing" in reasons[5]
+    assert "'weights' is missing" in reasons[5]
     assert "NaN or Inf" in reasons[6]
     assert "update norm" in reasons[7] and "median" in reasons[7]
 

@@ -78,3 +78,18 @@ def test_secure_aggregation_only_with_a_weighted_mean() -> None:
         from_flat({"secure-aggregation": True, "min-sites": 2})
     with pytest.raises(ConfigError, match="secure-aggregation.*fedavg or fedprox, not fedmedian"):
         from_flat({"secure-aggregation": True, "strategy": "fedmedian", "min-sites": 3})
+
+
+def test_pyproject_run_config_equals_the_typed_defaults() -> None:
+    """Flower reads ``[tool.flwr.app.config]``; the typed configuration is the one source of the defaults: the two
+    must agree in every key, value and type."""
+    import tomllib
+    from pathlib import Path
+
+    from models.config import RunConfig
+
+    with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as fh:
+        declared = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    typed = RunConfig().to_flat()
+    assert declared == typed
+    assert {k: type(v) for k, v in declared.items()} == {k: type(v) for k, v in typed.items()}

@@ -56,13 +56,13 @@ def test_mismatched_weights_name_the_key() -> None:
     first = next(iter(arrays))
     missing = dict(arrays)
     del missing[first]
-    with pytest.raises(WeightsError, match=f"missing weight '{first}'"):
+    with pytest.raises(WeightsError, match=f"array '{first}' is missing"):
         check_arrays(arrays, missing)
     shaped = dict(arrays)
     shaped["head.weight"] = np.zeros((2, 2), np.float32)
-    with pytest.raises(WeightsError, match=r"weight 'head.weight' has shape \(2, 2\)"):
+    with pytest.raises(WeightsError, match=r"array 'head.weight' has shape \(2, 2\)"):
         load_arrays(model, shaped)
-    with pytest.raises(WeightsError, match="unexpected weight 'extra'"):
+    with pytest.raises(WeightsError, match="unexpected array 'extra'"):
         check_arrays(arrays, {**arrays, "extra": np.zeros(1, np.float32)})
     with pytest.raises(WeightsError, match="packed weights have 3 values"):
         unpack(np.zeros(3, np.float32), arrays)

@@ -1,0 +1,211 @@
+"""The contract between a site and the server: every key of what crosses the network, what a site may send,
+and the codes a refusal or a failure carries.
+
+Both apps import this module; no record, config or metric key is spelled anywhere else. A message from the
+server holds :attr:`Record.ARRAYS` (one packed float32 array, :data:`WEIGHTS`) and :attr:`Record.CONFIG`
+(:class:`RoundKey`). A site's reply holds :attr:`Record.METRICS` (only :data:`ALLOWED_METRICS`),
+:attr:`Record.SITE` (only :data:`ALLOWED_STRINGS`), the trained :attr:`Record.ARRAYS` and, when asked,
+:attr:`Record.EVALUATION`. A site that does not take part says so with a :class:`Refusal` code; one that
+fails says so with a :class:`FailureCode`; both as a PHI-free sentence in the one text form
+:func:`failure_text` writes and :func:`parse_failure` reads back.
+
+Usage::
+
+    metrics = {Metric.NUM_EXAMPLES: 48, Metric.TRAIN_LOSS: 0.61}
+    round_config = {RoundKey.SERVER_ROUND: 3, RoundKey.RUN_ID: "run-7"}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = [
+    "ALLOWED_METRICS",
+    "ALLOWED_STRINGS",
+    "EVAL_AGGREGATED",
+    "EVAL_METRICS",
+    "LONG_STRINGS",
+    "PRIVACY_METRICS",
+    "REFUSAL_METRICS",
+    "TRAIN_AGGREGATED",
+    "TRAIN_METRICS",
+    "WEIGHTS",
+    "FailureCode",
+    "Metric",
+    "NodeKey",
+    "ParsedFailure",
+    "Record",
+    "Refusal",
+    "RoundKey",
+    "SiteKey",
+    "Split",
+    "failure_text",
+    "parse_failure",
+    "reason_codes",
+]
+
+
+class Record(StrEnum):
+    """The records of a message's ``RecordDict``."""
+
+    ARRAYS = "arrays"  # the global model (to a site) or the trained one (from a site)
+    CONFIG = "config"  # the round's configuration (to a site)
+    METRICS = "metrics"  # whitelisted scalars (from a site)
+    EVALUATION = "evaluation"  # the received model's metrics on another split (from a site)
+    SITE = "site"  # the site's short strings (from a site)
+
+
+WEIGHTS = "weights"
+"""The one array in :attr:`Record.ARRAYS`: every weight of the model packed in its ``state_dict`` order."""
+
+
+class RoundKey(StrEnum):
+    """Keys of the round configuration the server sends with each message."""
+
+    SERVER_ROUND = "server-round"
+    RUN_ID = "run-id"  # the lead's run id (the run directory's), as the sites' ledgers and logs name it
+    SPLIT = "split"  # the split to evaluate
+    EVALUATE_SPLIT = "evaluate-split"  # also evaluate the received model on this split (in a training message)
+    PROXIMAL_MU = "proximal-mu"  # FedProx's proximal term for this round
+
+
+class Split(StrEnum):
+    """The patient-level splits of a site's data."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+class NodeKey(StrEnum):
+    """Keys of a SuperNode's node config: the site's own settings, never the lead's."""
+
+    WORKSPACE = "workspace"
+    SITE_ID = "site-id"
+    PARTITION_ID = "partition-id"  # a simulated node's index (Flower sets it)
+    APP_BUNDLE = "app-bundle"  # the run's app bundle, as the site's executor checked it
+    APP_BUNDLE_SHA256 = "app-bundle-sha256"
+
+
+class Metric(StrEnum):
+    """Scalar metrics a site may send."""
+
+    NUM_EXAMPLES = "num-examples"  # training samples (not batches); studies for an evaluation
+    TRAIN_LOSS = "train-loss"
+    TRAIN_SECONDS = "train-seconds"
+    SAMPLES_SEEN = "samples-seen"
+    STEPS = "steps"
+    EVAL_LOSS = "eval-loss"
+    AUROC = "auroc"
+    SENSITIVITY = "sensitivity"
+    SPECIFICITY = "specificity"
+    BALANCED_ACCURACY = "balanced-accuracy"
+    BRIER = "brier"
+    THRESHOLD = "threshold"
+    STUDIES = "studies"
+    POSITIVES = "positives"
+    NEGATIVES = "negatives"
+    EVAL_SECONDS = "eval-seconds"
+    DP = "dp"
+    EPSILON = "epsilon"  # cumulative over every round and run on the site's data
+    EPSILON_MAX = "epsilon-max"
+    DELTA = "delta"
+    NOISE_MULTIPLIER = "noise-multiplier"
+    SAMPLE_RATE = "sample-rate"
+    REFUSED = "refused"
+    REFUSED_BUDGET = "refused-budget"
+    REFUSED_NO_DATA = "refused-no-data"
+
+
+TRAIN_METRICS = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS, Metric.TRAIN_SECONDS, Metric.SAMPLES_SEEN, Metric.STEPS)
+EVAL_METRICS = (Metric.EVAL_LOSS, Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BALANCED_ACCURACY,
+                Metric.BRIER, Metric.THRESHOLD, Metric.STUDIES, Metric.POSITIVES, Metric.NEGATIVES,
+                Metric.EVAL_SECONDS)
+PRIVACY_METRICS = (Metric.DP, Metric.EPSILON, Metric.EPSILON_MAX, Metric.DELTA, Metric.NOISE_MULTIPLIER,
+                   Metric.SAMPLE_RATE)
+REFUSAL_METRICS = (Metric.REFUSED, Metric.REFUSED_BUDGET, Metric.REFUSED_NO_DATA)
+ALLOWED_METRICS = frozenset(Metric)
+"""The egress whitelist of scalars: anything else is refused by the site's guard."""
+
+# What the server aggregates over sites (each reply must carry the same keys for Flower's checks).
+TRAIN_AGGREGATED = (Metric.TRAIN_LOSS,)
+EVAL_AGGREGATED = (Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BALANCED_ACCURACY, Metric.BRIER,
+                   Metric.EVAL_LOSS)
+
+
+class SiteKey(StrEnum):
+    """Short strings a site may send in :attr:`Record.SITE` (the egress whitelist of text)."""
+
+    SITE_ID = "site-id"
+    SPLIT = "split"
+    TASK = "task"
+    REFUSAL = "refusal"  # a Refusal code
+    DETAIL = "detail"  # a sentence the site's code wrote (never a path, an identifier or a tag value)
+    REASON = "reason"  # a FailureCode
+
+
+ALLOWED_STRINGS = frozenset(SiteKey)
+LONG_STRINGS = frozenset({SiteKey.DETAIL})
+"""Strings that may hold a sentence (240 characters); the others are short codes (64)."""
+
+
+class Refusal(StrEnum):
+    """Why a site does not take part in a message, sent with a PHI-free sentence."""
+
+    VERSION = "version"  # the run was built for another oncofed than the site runs
+    TASK = "policy-task"
+    ROUNDS = "policy-rounds"
+    LOCAL_EPOCHS = "policy-local-epochs"
+    NETWORK = "policy-network"
+    PENDING = "pending-approval"
+    REFUSED = "refused-by-site"
+    BUDGET = "budget"
+    NO_DATA = "no-data"
+
+
+class FailureCode(StrEnum):
+    """Why a site's reply failed."""
+
+    EGRESS = "egress-refused"
+    RUN_CONFIG = "run-config"
+    SITE_CONFIG = "site-config"
+    DATA_UNREADABLE = "data-unreadable"
+    OUT_OF_MEMORY = "out-of-memory"
+    IO_ERROR = "io-error"
+    TASK_CRASHED = "task-crashed"
+    SITE_ERROR = "site-error"
+
+
+def reason_codes() -> frozenset[str]:
+    """Every code a site may give for not answering normally (refusals and failures)."""
+    return frozenset({*Refusal, *FailureCode})
+
+
+@dataclass(frozen=True)
+class ParsedFailure:
+    """A failure or refusal read back from an error reply's text."""
+
+    site_id: str
+    code: str
+    sentence: str
+
+
+_PREFIX = "oncofed site "
+# The sentence ends where Flower's wrapping starts: "'>" (a deployment), or the escaped or real newline of
+# the traceback a simulation appends.
+_FAILURE = re.compile(r"oncofed site (\S+): ([a-z][a-z0-9-]*): ([^\\\n]*?)(?:'>|\\|\n|$)")
+
+
+def failure_text(site_id: str, code: str, sentence: str) -> str:
+    """The one text form of a failure or refusal that travels as an error: ``oncofed site ID: CODE: sentence``."""
+    return f"{_PREFIX}{site_id}: {code}: {sentence}"
+
+
+def parse_failure(text: str) -> ParsedFailure | None:
+    """Read a :func:`failure_text` back, wherever Flower's wrapping put it in ``text`` (None if absent)."""
+    found = _FAILURE.search(text or "")
+    if found is None:
+        return None
+    return ParsedFailure(found.group(1), found.group(2), found.group(3).strip())
