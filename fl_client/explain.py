@@ -15,7 +15,6 @@ and written as DICOM under ``OUT/<study uid>/dicom/``: a Parametric Map for a vo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -25,17 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from fl_client.explainer import Explainer
 from fl_client.train import TrainingError, load_site_data
 from imaging.dicom import read_image
-from imaging.presets import get_preset
 from imaging.saliency_dicom import write_saliency_objects
-from imaging.transforms import network_to_source
-from models.config import from_flat
-from models.nets import build_model
-from models.saliency import Method, layer_grid, saliency, target_layer
-from models.weights import load_arrays, load_checkpoint
+from models.saliency import Method
 
 SCHEMA = "oncofed.explain/1"
 
@@ -162,13 +156,8 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         ExplainError: The model file, the task's data or the study is missing.
         WeightsError: The model file is not an oncofed model.
     """
-    arrays, run_config, _ = load_checkpoint(model_path)
-    model_sha256 = file_sha256(model_path)
-    config = from_flat(run_config)
-    task = config.model.task
-    model = build_model(config.model)
-    load_arrays(model, arrays)
-    model.eval()
+    explainer = Explainer.load(model_path)
+    model_sha256, task = explainer.sha256, explainer.task
     try:
         data = load_site_data([workspace], task)
     except TrainingError as exc:
@@ -187,9 +176,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     datasets = {s: data.dataset(s, train=False) for s in {s for s, _ in chosen}}
     images_of = Counter(data.items[s][i][1].study_uid for s, i in chosen)
     records = []
-    layer: str | None = None
-    grid: tuple[tuple[float, float], ...] | None = None
-    preset = get_preset(task)
+    preset = explainer.preset
     for n, (s, i) in enumerate(chosen, start=1):
         _, item = data.items[s][i]
         image, _ = datasets[s][i]
@@ -199,16 +186,13 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
                                  "image": item.plan.key, "split": s, "label": item.label, "task": task, "maps": {}}
         source = read_image(item.plan).array
         for method in methods:
-            if layer is None and method != Method.OCCLUSION:
-                layer = target_layer(model, tuple(image.shape))  # once per run, not per image
-                grid = layer_grid(model, layer, tuple(image.shape))
-            with torch.enable_grad():
-                result = saliency(model, image, method, layer=layer, grid=grid)
+            explained = explainer.explain(image, method, plan=item.plan)
+            result, on_source = explained.result, explained.on_source
+            assert on_source is not None  # a plan was given
             # A mammography study has two views: their files are told apart by the image's key.
             stem = f"{method.value}-{item.plan.key[-12:]}" if images_of[item.study_uid] > 1 else method.value
             np.save(folder / f"{stem}.npy", result.map)
             png = folder / f"{stem}.png"
-            on_source = network_to_source(result.map, item.plan, preset)
             side = f" · {item.plan.laterality} {item.plan.view}" if item.plan.laterality else ""
             _overlay(png, overlay_planes(source, on_source, item.plan, probability=result.probability),
                      f"{task} · {method.value} · p = {result.probability:.2f} · label {item.label}{side}",
@@ -234,13 +218,3 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
            "methods": [m.value for m in methods], "images": records}
     (out / "explain.json").write_text(json.dumps(doc, indent=1))
     return doc
-
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (the model's identity in outputs and review verdicts)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -30,19 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from fl_client.explain import file_sha256
+from fl_client.explainer import Explainer
 from imaging.catalog import Catalog, Item
 from imaging.dataset import cached_dataset
 from imaging.dicom import read_image
 from imaging.presets import get_preset
-from imaging.transforms import network_to_source
-from models.config import from_flat
-from models.nets import build_model
-from models.saliency import Method, layer_grid, saliency, target_layer
-from models.weights import WeightsError, load_arrays, load_checkpoint
+from models.saliency import Method
+from models.weights import WeightsError
 
 VERDICTS = ("agree", "disagree", "unsure")
 READER = re.compile(r"^[A-Za-z][A-Za-z .'-]{0,15}$")
@@ -76,16 +71,6 @@ class ReviewError(ValueError):
 
 
 @dataclass(frozen=True)
-class Model:
-    """One task's model: the network, its file and hash."""
-
-    task: str
-    net: nn.Module
-    path: Path
-    sha256: str
-
-
-@dataclass(frozen=True)
 class Case:
     """One image on the worklist."""
 
@@ -107,26 +92,22 @@ class Case:
         return " ".join(v for v in (plan.laterality, plan.view) if v) or plan.modality
 
 
-def load_models(paths: Sequence[Path]) -> dict[str, Model]:
+def load_models(paths: Sequence[Path]) -> dict[str, Explainer]:
     """One model per task from ``model.pt`` files.
 
     Raises:
         ReviewError: A file is not a model, or two models are for the same task.
     """
-    models: dict[str, Model] = {}
+    models: dict[str, Explainer] = {}
     for path in paths:
         try:
-            arrays, run_config, _ = load_checkpoint(path)
+            explainer = Explainer.load(path)
         except WeightsError as exc:
             raise ReviewError(str(exc)) from None
-        config = from_flat(run_config)
-        net = build_model(config.model)
-        load_arrays(net, arrays)
-        net.eval()
-        task = config.model.task
+        task = explainer.task
         if task in models:
             raise ReviewError(f"--model {path} and {models[task].path} are both for {task}: give one model per task")
-        models[task] = Model(task, net, Path(path), file_sha256(Path(path)))
+        models[task] = explainer
     return models
 
 
@@ -145,7 +126,7 @@ class VerdictStore:
         db.row_factory = sqlite3.Row
         return db
 
-    def add(self, case: Case, model: Model, *, verdict: str, comment: str, reader: str) -> dict[str, Any]:
+    def add(self, case: Case, model: Explainer, *, verdict: str, comment: str, reader: str) -> dict[str, Any]:
         """Record a verdict; return it as stored.
 
         Raises:
@@ -216,7 +197,7 @@ class ReviewSession:
         ReviewError: The workspace has no catalog or no images of the models' tasks.
     """
 
-    def __init__(self, workspace: Path, models: dict[str, Model], *,
+    def __init__(self, workspace: Path, models: dict[str, Explainer], *,
                  methods: Sequence[Method] = (Method.GRADCAM, Method.GRADCAMPP),
                  on_progress: Callable[[int, int], None] | None = None) -> None:
         self.workspace = Path(workspace)
@@ -230,7 +211,6 @@ class ReviewSession:
         self._lock = threading.Lock()  # one saliency computation at a time (hooks on shared modules)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._layers: dict[str, tuple[str, tuple[tuple[float, float], ...]]] = {}  # task -> layer, its grid
         self._score(on_progress)
         if not self.cases:
             raise ReviewError(f"no images of {', '.join(models)} in {self.workspace}: "
@@ -245,9 +225,7 @@ class ReviewSession:
             dataset = cached_dataset(items, get_preset(task), workspace=self.workspace, train=False)
             for start in range(0, len(items), 16):
                 batch = [dataset[i]["image"] for i in range(start, min(start + 16, len(items)))]
-                x = torch.stack([b.as_tensor() if hasattr(b, "as_tensor") else torch.as_tensor(b) for b in batch])
-                with torch.no_grad():
-                    probs = torch.sigmoid(model.net(x.float()).reshape(-1)).tolist()
+                probs = model.probabilities(batch)
                 for item, p in zip(items[start:start + len(batch)], probs, strict=True):
                     label = item.label if item.label in (0, 1) else None  # the catalog's -1: no label
                     self.cases[item.plan.key] = Case(item.plan.key, item.study_uid, task, item.split or "unassigned",
@@ -306,19 +284,9 @@ class ReviewSession:
             if cached is not None:
                 return cached
             model = self.models[case.task]
-            preset = get_preset(case.task)
-            sample = cached_dataset([case.item], preset, workspace=self.workspace, train=False)[0]["image"]
-            x = sample.as_tensor() if hasattr(sample, "as_tensor") else torch.as_tensor(sample)
-            chosen = Method(method)
-            layer, grid = None, None
-            if chosen != Method.OCCLUSION:
-                if case.task not in self._layers:
-                    name = target_layer(model.net, tuple(x.shape))
-                    self._layers[case.task] = (name, layer_grid(model.net, name, tuple(x.shape)))
-                layer, grid = self._layers[case.task]
-            with torch.enable_grad():
-                result = saliency(model.net, x.float(), chosen, layer=layer, grid=grid)
-            on_source = network_to_source(result.map, case.item.plan, preset)
+            x = model.network_input(case.item, workspace=self.workspace)
+            on_source = model.explain(x, Method(method), plan=case.item.plan).on_source
+            assert on_source is not None  # a plan was given
             on_source = on_source[None] if on_source.ndim == 2 else on_source
             self._maps[(key, method)] = on_source
             while len(self._maps) > 32:

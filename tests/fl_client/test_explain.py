@@ -28,7 +28,8 @@ def test_axial_ct_planes_follow_the_radiological_convention(tmp_path: Path) -> N
     # Head up: the top row of a reformat is the last slice (furthest along the normal, towards the head).
     np.testing.assert_array_equal(row_reformat.image[0], source[-1, 4, :])
     assert [p.label for p in planes[3:]] == ["slice 0", "slice 6", "slice 13", "slice 19"]
-    assert axial.aspect == plan.spacing[1] / plan.spacing[2] and row_reformat.aspect == plan.spacing[0] / plan.spacing[2]
+    assert axial.aspect == plan.spacing[1] / plan.spacing[2]
+    assert row_reformat.aspect == plan.spacing[0] / plan.spacing[2]
     out = tmp_path / "overlay.png"
     _overlay(out, planes, "lung-ct · gradcam · p = 0.35", (-1000.0, 400.0))
     assert out.stat().st_size > 10_000

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.explain import file_sha256
+from fl_client.explainer import file_sha256
 from models.config import from_flat
 from models.nets import build_model
 from models.weights import state_arrays

@@ -1,0 +1,120 @@
+"""A trained model at the site and the one per-image saliency pipeline: ``explain``, the review page and the
+saliency benchmark all go through :class:`Explainer`.
+
+For one image: the network input as the model saw it in training (the task preset's transforms, from the site's
+cache), the model's probability, a saliency map by one of :class:`models.saliency.Method` (the target layer and
+its grid chosen once per input shape), and the map carried back onto the image's own DICOM grid
+(:func:`imaging.transforms.network_to_source`). Adding a saliency method is a change to :mod:`models.saliency`
+alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from imaging.catalog import Item
+from imaging.dataset import cached_dataset
+from imaging.dicom import ImagePlan
+from imaging.presets import TaskPreset, get_preset
+from imaging.transforms import network_to_source
+from models.config import from_flat
+from models.nets import build_model
+from models.saliency import Method, Saliency, layer_grid, saliency, target_layer
+from models.weights import load_arrays, load_checkpoint
+
+__all__ = ["Explainer", "Explanation", "file_sha256"]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (the model's identity in outputs and review verdicts)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One saliency map of one image.
+
+    Attributes:
+        result: The map on the network's input grid, the probability, the layer and the time it took.
+        on_source: The map on the image's DICOM grid (``(slices, rows, cols)`` or ``(rows, cols)``), in [0, 1];
+            None when no image plan was given.
+    """
+
+    result: Saliency
+    on_source: np.ndarray | None
+
+
+class Explainer:
+    """One task's trained network, ready to score and explain the site's images.
+
+    Args:
+        net: The network (put in eval mode here).
+        task: The task it was trained for.
+        path: The ``model.pt`` it came from (None for a network built in memory).
+        sha256: That file's SHA-256 ("" if none).
+    """
+
+    def __init__(self, net: nn.Module, task: str, *, path: Path | None = None, sha256: str = "") -> None:
+        self.net = net.eval()
+        self.task = task
+        self.path = path
+        self.sha256 = sha256
+        self.preset: TaskPreset = get_preset(task)
+        self._layers: dict[tuple[int, ...], tuple[str, tuple[tuple[float, float], ...]]] = {}
+
+    @classmethod
+    def load(cls, path: Path | str) -> Explainer:
+        """The model of a ``model.pt`` (a local run's, a federated checkpoint or global model).
+
+        Raises:
+            WeightsError: The file is missing, not an oncofed model, or does not fit its own network.
+            ConfigError: Its run configuration is not valid.
+        """
+        path = Path(path)
+        arrays, run_config, _ = load_checkpoint(path)
+        config = from_flat(run_config)
+        net = build_model(config.model)
+        load_arrays(net, arrays)
+        return cls(net, config.model.task, path=path, sha256=file_sha256(path))
+
+    def network_input(self, item: Item, *, workspace: Path) -> torch.Tensor:
+        """An image as the network takes it (the preset's transforms; read from the site's cache when there)."""
+        sample = cached_dataset([item], self.preset, workspace=workspace, train=False)[0]["image"]
+        return _tensor(sample)
+
+    def probabilities(self, images: Sequence[torch.Tensor]) -> list[float]:
+        """The model's probability of a finding for each image (one batch, no gradients)."""
+        with torch.no_grad():
+            logits = self.net(torch.stack([_tensor(x) for x in images]).float())
+        return [float(p) for p in torch.sigmoid(logits.reshape(-1)).tolist()]
+
+    def explain(self, image: torch.Tensor, method: Method, *, plan: ImagePlan | None = None) -> Explanation:
+        """A saliency map of ``image`` by ``method``, and on ``plan``'s DICOM grid if given."""
+        x = _tensor(image).float()
+        layer, grid = None, None
+        if method != Method.OCCLUSION:
+            shape = tuple(x.shape)
+            if shape not in self._layers:  # once per input shape, not per image
+                name = target_layer(self.net, shape)
+                self._layers[shape] = (name, layer_grid(self.net, name, shape))
+            layer, grid = self._layers[shape]
+        with torch.enable_grad():
+            result = saliency(self.net, x, method, layer=layer, grid=grid)
+        on_source = network_to_source(result.map, plan, self.preset) if plan is not None else None
+        return Explanation(result, on_source)
+
+
+def _tensor(sample: object) -> torch.Tensor:
+    as_tensor = getattr(sample, "as_tensor", None)  # a MONAI MetaTensor: its plain tensor
+    return as_tensor() if callable(as_tensor) else torch.as_tensor(sample)

@@ -1,0 +1,56 @@
+"""One per-image saliency pipeline (``fl_client.explainer``), as ``explain``, the review page and the saliency
+benchmark use it: a ``model.pt`` loaded and checked, the network input from the site's cache, probabilities,
+and a map on the network grid carried back onto the image's own DICOM grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from consortium import make_workspaces
+
+from fl_client.explainer import Explainer, file_sha256
+from imaging.catalog import Catalog
+from models.config import from_flat
+from models.nets import build_model
+from models.saliency import Method
+from models.weights import WeightsError, save_checkpoint, state_arrays
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("explainer")
+    ws = make_workspaces(root, sites=1, studies_per_task=4, seed=3, tasks=["lung-ct"]) / "site-a"
+    torch.manual_seed(0)
+    flat = {"task": "lung-ct", "model-width": 8}
+    model = root / "model.pt"
+    save_checkpoint(model, state_arrays(build_model(from_flat(flat).model)), flat, round_number=2)
+    return ws, model
+
+
+def test_a_model_explains_an_image_on_its_own_dicom_grid(site: tuple[Path, Path]) -> None:
+    ws, model_path = site
+    explainer = Explainer.load(model_path)
+    assert explainer.task == "lung-ct" and explainer.sha256 == file_sha256(model_path) and not explainer.net.training
+    with Catalog.open(ws, create=False) as catalog:
+        items = catalog.items("lung-ct")[:2]
+    images = [explainer.network_input(item, workspace=ws) for item in items]
+    probabilities = explainer.probabilities(images)
+    assert len(probabilities) == 2 and all(0.0 < p < 1.0 for p in probabilities)
+    first = explainer.explain(images[0], Method.GRADCAM, plan=items[0].plan)
+    assert first.on_source is not None and first.on_source.shape == items[0].plan.shape
+    assert 0.0 <= float(first.on_source.min()) and float(first.on_source.max()) <= 1.0 + 1e-6
+    assert first.result.probability == pytest.approx(probabilities[0], abs=1e-5)
+    explainer.explain(images[1], Method.GRADCAMPP)
+    assert len(explainer._layers) == 1  # the target layer is chosen once per input shape
+    occlusion = explainer.explain(images[0], Method.OCCLUSION)
+    assert occlusion.on_source is None and np.isfinite(occlusion.result.map).all()
+
+
+def test_a_file_that_is_not_a_model_is_a_weights_error(tmp_path: Path) -> None:
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(WeightsError, match="not an oncofed model file"):
+        Explainer.load(bad)
