@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,7 +21,11 @@ from rich.table import Table
 from imaging.catalog import Catalog
 from imaging.ingest import IngestReport, ingest_folder
 from imaging.labels import LabelFileError, LabelReport, load_labels
+from imaging.presets import PRESETS
 from imaging.summary import series_listing, site_status
+
+if TYPE_CHECKING:
+    from models.saliency import Method
 
 EPILOG_INGEST = """examples:
   oncofed-site ingest --workspace ws/site-a --source /data/dicom --labels /data/labels.csv
@@ -106,6 +110,21 @@ class UserError(Exception):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
+def _listing(names: Sequence[str], *, last: str = "or") -> str:
+    """``"a, b or c"``: names for a help text or an error."""
+    return f"{', '.join(names[:-1])} {last} {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _saliency_methods(option: str) -> list[Method]:
+    """The saliency methods a comma-separated ``--method`` names."""
+    from models.saliency import Method
+
+    try:
+        return [Method(m.strip()) for m in option.split(",") if m.strip()]
+    except ValueError:
+        raise UserError(f"--method {option}: expected {_listing(list(Method), last='and/or')}") from None
+
+
 def _quiet_pydicom() -> None:
     """pydicom warns about every odd value it meets; the catalog records what matters."""
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
@@ -168,38 +187,24 @@ def _print_labels(console: Console, report: LabelReport) -> None:
         )
 
 
-def _pacs_client(url: str, credentials: Path | None) -> Any:
-    import os
-
-    from imaging.dicomweb import DicomWebError, credentials_from, make_client, probe
-
-    try:
-        client = make_client(url, credentials_from(os.environ, credentials))
-        probe(client)
-    except DicomWebError as exc:
-        raise UserError(str(exc)) from None
-    return client
-
-
 def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Console) -> int:
-    from imaging.dicomweb import STORE, DicomWebError, fetch_studies, find_studies, parse_query
+    from fl_client.pacs_transfer import STORE, FetchStatus, connect, fetch_and_record, find_cohort
+    from imaging.pacs import PacsError, parse_query
 
     if not args.study and args.query is None:
         raise UserError("with --dicomweb give the cohort: --study UID (repeatable) and/or --query "
                         "'Modality=CT&StudyDate=20200101-20211231'")
     try:
-        parse_query(args.query or "")  # a malformed query is named before anything is asked of the PACS
-    except DicomWebError as exc:
-        raise UserError(str(exc)) from None
-    client = _pacs_client(args.dicomweb, args.credentials)
-    try:
-        studies = find_studies(client, studies=args.study or (), query=args.query, retries=args.retries)
-    except DicomWebError as exc:
+        # A malformed query, or a key the PACS could ignore, is named before anything is asked of the PACS.
+        filters = None if args.query is None else parse_query(args.query)
+        pacs = connect(args.dicomweb, credentials=args.credentials)
+        studies = find_cohort(pacs, studies=args.study or (), filters=filters, retries=args.retries)
+    except PacsError as exc:
         raise UserError(str(exc)) from None
     if not studies:
         raise UserError(f"the query {args.query!r} found no studies on {args.dicomweb}")
     if args.dry_run:
-        console.print(f"PACS {client.base_url}: the cohort holds {len(studies)} studies; nothing was fetched "
+        console.print(f"PACS {pacs.url}: the cohort holds {len(studies)} studies; nothing was fetched "
                       "(run again without --dry-run to fetch them)", highlight=False)
         return 0
     with _progress(console) as bar:
@@ -208,21 +213,17 @@ def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Consol
         def done(n: int, total: int, result: Any) -> None:
             bar.update(task, completed=n, total=total)
 
-        results = fetch_studies(client, args.workspace, studies, retries=args.retries, on_study=done)
-    with catalog.transaction():
-        for r in results:
-            catalog.record_fetch(client.base_url, r.study_uid, status=r.status, instances=r.instances,
-                                 fetched=r.fetched, reason=r.reason)
-    counts = {s: sum(r.status == s for r in results) for s in ("fetched", "up-to-date", "failed")}
-    console.print(f"PACS {client.base_url}: {len(results)} studies: {counts['fetched']} fetched "
-                  f"({sum(r.fetched for r in results)} instances), {counts['up-to-date']} already here, "
-                  f"{counts['failed']} failed", highlight=False)
-    for r in [r for r in results if r.status == "failed"][:20]:
+        results = fetch_and_record(pacs, catalog, args.workspace, studies, retries=args.retries, on_study=done)
+    counts = {s: sum(r.status == s for r in results) for s in FetchStatus}
+    console.print(f"PACS {pacs.url}: {len(results)} studies: {counts[FetchStatus.FETCHED]} fetched "
+                  f"({sum(r.fetched for r in results)} instances), {counts[FetchStatus.UP_TO_DATE]} already here, "
+                  f"{counts[FetchStatus.FAILED]} failed", highlight=False)
+    for r in [r for r in results if r.status == FetchStatus.FAILED][:20]:
         console.print(f"  [red]failed[/] {r.study_uid}: {r.reason}", highlight=False)
     store = args.workspace / STORE
     if store.is_dir():
         _ingest_with_progress(catalog, store, console)
-    return 1 if counts["failed"] else 0
+    return 1 if counts[FetchStatus.FAILED] else 0
 
 
 def _ingest_with_progress(catalog: Catalog, folder: Path, console: Console) -> None:
@@ -241,6 +242,19 @@ def _ingest_with_progress(catalog: Catalog, folder: Path, console: Console) -> N
 
 
 def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site ingest``: catalog a DICOM folder or a PACS cohort (DICOMweb), and/or a label CSV.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0, or 1 when some PACS studies could not be fetched.
+
+    Raises:
+        UserError: No source given, both a folder and a PACS, a missing folder, a bad label file, or a PACS
+            problem (one line that says what to do).
+    """
     if args.source is None and args.labels is None and args.dicomweb is None:
         raise UserError("give --source DIR (DICOM folder) or --dicomweb URL, and/or --labels CSV")
     if args.source is not None and args.dicomweb is not None:
@@ -306,6 +320,18 @@ def _open_existing(workspace: Path) -> Catalog:
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site status``: the catalog's counts, as a table or JSON (no patient data).
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: The workspace has no catalog.
+    """
     with _open_existing(args.workspace) as catalog:
         status = site_status(catalog)
     if args.json:
@@ -316,6 +342,18 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_series(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site series``: every series with its status and reason, as a table or JSON.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: The workspace has no catalog.
+    """
     with _open_existing(args.workspace) as catalog:
         listing = series_listing(catalog)
     if args.json:
@@ -344,6 +382,18 @@ def cmd_series(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site train-local``: train and evaluate on this site's data (or several sites pooled).
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: A bad option, or training or the privacy budget refused (with the reason).
+    """
     from fl_client.local_run import run_local
     from fl_client.privacy import PrivacyError
     from fl_client.train import TrainingError
@@ -400,6 +450,18 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site privacy``: show the site's privacy ledger, or set its budget.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: No workspace, or a budget the ledger refuses.
+    """
     from fl_client.privacy import PrivacyError, PrivacyLedger
 
     if not args.workspace.is_dir():
@@ -454,6 +516,18 @@ first (oncofed-site policy / runs / approve / refuse)."""
 
 
 def cmd_join(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site join``: run this site's SuperNode in the consortium until Ctrl-C.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: The SuperNode's exit code.
+
+    Raises:
+        UserError: The kit or the connection is unusable (with the reason).
+    """
     from fl_client.join import JoinError, join
 
     try:
@@ -464,14 +538,23 @@ def cmd_join(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_explain(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site explain``: saliency maps of a model on the site's studies; with ``--store-to``, the
+    DICOM objects stored to the PACS and recorded in the catalog.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: A bad ``--method``, no workspace, an unusable model, or a PACS problem.
+    """
     from fl_client.explain import ExplainError, explain
-    from models.saliency import Method
     from models.weights import WeightsError
 
-    try:
-        methods = [Method(m.strip()) for m in args.method.split(",") if m.strip()]
-    except ValueError:
-        raise UserError(f"--method {args.method}: expected gradcam, gradcampp and/or occlusion") from None
+    methods = _saliency_methods(args.method)
     if not args.workspace.is_dir():
         raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
     with _progress(console) as bar:
@@ -495,26 +578,37 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     console.print(f"Overlays: {args.out}/<study uid>/*.png; DICOM: {args.out}/<study uid>/dicom/; "
                   f"index: {args.out / 'explain.json'}")
     if args.store_to:
-        from imaging.dicomweb import DicomWebError, store_files
+        from fl_client.pacs_transfer import connect, store_and_record
+        from imaging.pacs import PacsError
 
         files = [args.out / f for entry in doc["images"] for m in entry["maps"].values() for f in m.get("dicom", [])]
         if not files:
             raise UserError("nothing to store: the DICOM objects were not written (drop --no-dicom)")
-        client = _pacs_client(args.store_to, args.credentials)
         try:
-            stored = store_files(client, files)
-        except DicomWebError as exc:
+            pacs = connect(args.store_to, credentials=args.credentials)
+            with Catalog.open(args.workspace) as catalog:
+                stored = store_and_record(pacs, catalog, files)
+        except PacsError as exc:
             raise UserError(str(exc)) from None
-        with Catalog.open(args.workspace) as catalog, catalog.transaction():
-            catalog.record_stored(client.base_url, stored)
-        console.print(f"Stored {len(stored)} DICOM object(s) of {len({s[1] for s in stored})} study(ies) to "
-                      f"{client.base_url} (recorded in the site catalog)", highlight=False)
+        console.print(f"Stored {len(stored)} DICOM object(s) of {len({s.study_uid for s in stored})} study(ies) "
+                      f"to {pacs.url} (recorded in the site catalog)", highlight=False)
     return 0
 
 
 def cmd_review(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site review``: serve the review page (or export the verdicts) until Ctrl-C.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: No model, a non-loopback address, a bad ``--method`` or an unusable model.
+    """
     from fl_client.review import ReviewError, ReviewSession, VerdictStore, check_address, load_models, serve
-    from models.saliency import Method
 
     if not args.workspace.is_dir():
         raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
@@ -533,10 +627,7 @@ def cmd_review(args: argparse.Namespace, console: Console) -> int:
         check_address(args.host, args.port)
     except ReviewError as exc:
         raise UserError(str(exc)) from None
-    try:
-        methods = [Method(m.strip()) for m in args.method.split(",") if m.strip()]
-    except ValueError:
-        raise UserError(f"--method {args.method}: expected gradcam, gradcampp and/or occlusion") from None
+    methods = _saliency_methods(args.method)
     try:
         models = load_models(args.model)
         with _progress(console) as bar:
@@ -557,7 +648,15 @@ def cmd_review(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``oncofed-site`` argument parser."""
+    """The ``oncofed-site`` argument parser.
+
+    Returns:
+        The parser; tasks and saliency methods in its help come from the presets and ``models.saliency``.
+    """
+    from models.saliency import Method
+
+    explain_methods = (Method.GRADCAM,)
+    review_methods = (Method.GRADCAM, Method.GRADCAMPP)
     parser = argparse.ArgumentParser(
         prog="oncofed-site",
         description="oncofed at a hospital site: ingest DICOM, check the catalog, train, review.",
@@ -600,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.series/1)")
     p = add("train-local", "Train and evaluate a model on this site's data (or several sites pooled).",
             EPILOG_TRAIN, cmd_train_local, many=True)
-    p.add_argument("--task", required=True, help="lung-ct, breast-mg, colorectal-ct or prostate-mr")
+    p.add_argument("--task", required=True, help=_listing(list(PRESETS)))
     p.add_argument("--out", type=Path, required=True, help="output folder for model.pt, metrics.json, curves.png")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training split (default 20)")
     p.add_argument("--model", default="compact-cnn", help="compact-cnn (default), densenet-small or densenet121")
@@ -627,7 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="studies to explain (default test)")
     p.add_argument("--study", help="one StudyInstanceUID instead of a split")
-    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcampp, occlusion; comma-separated")
+    p.add_argument("--method", default=",".join(explain_methods),
+                   help=", ".join(f"{m} (default)" if m in explain_methods else m for m in Method)
+                   + "; comma-separated")
     p.add_argument("--no-dicom", action="store_true", help="skip the DICOM objects (PNG and NumPy maps only)")
     p.add_argument("--store-to", metavar="URL",
                    help="store the DICOM objects to the PACS at this DICOMweb URL (STOW-RS)")
@@ -640,8 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="loopback address to listen on: 127.0.0.1 (default), localhost or ::1; the page has no login, "
                         "so it is never served to the network (use an SSH tunnel from another machine)")
-    p.add_argument("--method", default="gradcam,gradcampp",
-                   help="saliency methods offered (default gradcam,gradcampp; occlusion is slow)")
+    p.add_argument("--method", default=",".join(review_methods),
+                   help=f"saliency methods offered, of {', '.join(Method)} (default {','.join(review_methods)}; "
+                   f"{Method.OCCLUSION} is slow)")
     p.add_argument("--export-csv", type=Path, metavar="FILE", help="write every verdict to FILE as CSV and exit")
     p = add("join", "Join the consortium: run this site's Flower SuperNode until Ctrl-C.", EPILOG_JOIN, cmd_join)
     p.add_argument("--kit", type=Path, required=True, help="this site's start-up kit folder from the lead")
@@ -655,7 +757,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``oncofed-site``."""
+    """Entry point of ``oncofed-site``.
+
+    Args:
+        argv: The arguments (default: the process's).
+
+    Returns:
+        The exit code: 0 on success, 2 for a mistake in what was asked (said in one line on stderr), else
+        the command's own.
+    """
     _quiet_pydicom()
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)

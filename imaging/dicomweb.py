@@ -1,15 +1,12 @@
-"""A site's PACS over DICOMweb: pull a cohort's studies (QIDO-RS, WADO-RS) into the site's local store,
-and store objects back (STOW-RS). Built on the ``dicomweb-client`` package.
+"""A site's PACS over DICOMweb: :class:`DicomWebPacs` searches it (QIDO-RS), retrieves series and instances
+from it (WADO-RS) and stores objects to it (STOW-RS), as :class:`imaging.pacs.PacsSource` and
+:class:`imaging.pacs.PacsStore` ask. Built on the ``dicomweb-client`` package.
 
-Pulled instances land in ``WS/pacs/store/<study>/<series>/<sop>.dcm`` and are then cataloged by the
-same folder ingest as any DICOM folder (same validation, same reasons). A study's new instances are
-downloaded into ``WS/pacs/partial/<study>/`` first and moved into the store only when every one of
-them arrived and is the instance that was asked for; a study that fails half-way leaves nothing in
-the store and is reported with its reason, so a half-downloaded study is never cataloged. A series that
-is new as a whole comes in one WADO-RS series request, streamed to disk instance by instance; only a
-series partly here already is asked for instance by instance. Re-running asks the PACS what each study
-holds and fetches only the instances not in the store yet. Network errors and 5xx answers are retried
-with exponential back-off (a series from its start).
+What the site does with it (a cohort pulled into the workspace all of a study or none, re-runs that fetch
+only what is new, retries with back-off, the site catalog's records) is :mod:`fl_client.pacs_transfer`,
+the same for any protocol. Each method here makes one request (or one paged search) and turns any
+failure into a :class:`DicomWebError` that says what to do, marked transient for network errors and 5xx
+or 429 answers. A whole series comes in one WADO-RS series request, streamed to disk instance by instance.
 
 Credentials come from the environment (``ONCOFED_PACS_USER`` and ``ONCOFED_PACS_PASSWORD``, or
 ``ONCOFED_PACS_TOKEN``) or from a file only the site user can read, never from the command line or
@@ -19,32 +16,39 @@ the URL, and are never printed or logged.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial as partial_call
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from types import MappingProxyType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import pydicom
 
-STORE = Path("pacs") / "store"
-PARTIAL = Path("pacs") / "partial"
+from imaging.pacs import Instance, PacsError, StoredObject
+
+__all__ = [
+    "ENV_PASSWORD",
+    "ENV_TOKEN",
+    "ENV_USER",
+    "Credentials",
+    "DicomWebError",
+    "DicomWebPacs",
+    "check_url",
+    "credentials_from",
+    "make_client",
+    "search_all",
+]
+
 ENV_USER, ENV_PASSWORD, ENV_TOKEN = "ONCOFED_PACS_USER", "ONCOFED_PACS_PASSWORD", "ONCOFED_PACS_TOKEN"
-UID_TAGS = {"study": "0020000D", "series": "0020000E", "sop": "00080018"}
-# Study-level QIDO matches these; "Modality" is a series attribute, asked as ModalitiesInStudy.
-STUDY_KEYS = {"Modality": "ModalitiesInStudy"}
-# The study-level matching keys a PACS must support (PS3.18 QIDO-RS, Study): a key outside them may be ignored
-# by the PACS, which would then answer with every study it holds.
-STUDY_QUERY_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
-                    "PatientName", "PatientID", "StudyInstanceUID", "StudyID", "StudyDescription")
+UID_TAGS = MappingProxyType({"study": "0020000D", "series": "0020000E", "sop": "00080018"})
+MEDIA_TYPES = (("application/dicom", "*"),)  # each instance in the transfer syntax the PACS holds it in
+T = TypeVar("T")
 
 
-class DicomWebError(Exception):
-    """The PACS cannot be reached or refused, or bad credentials/query; the message says what to do."""
+class DicomWebError(PacsError):
+    """The PACS cannot be reached or refused, or bad credentials/URL; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,11 @@ class Credentials:
     source: str = ""  # where they came from, for messages
 
     def apply(self, session: Any) -> None:
-        """Set them on a ``requests`` session."""
+        """Set them on a ``requests`` session.
+
+        Args:
+            session: The ``requests.Session`` every request of the client goes through.
+        """
         if self.kind == "basic":
             session.auth = (self.user, self.secret)
         elif self.kind == "bearer":
@@ -69,6 +77,14 @@ def credentials_from(env: Mapping[str, str], file: Path | None = None) -> Creden
 
     The file holds one line, ``user:password`` or ``Bearer TOKEN``, and must be a regular file owned
     by this user and readable by nobody else (``chmod 600``), like an SSH key.
+
+    Args:
+        env: The environment (``os.environ``): ``ONCOFED_PACS_TOKEN``, or ``ONCOFED_PACS_USER`` and
+            ``ONCOFED_PACS_PASSWORD``.
+        file: A credentials file, which takes precedence over the environment.
+
+    Returns:
+        The credentials (kind ``none`` when neither gives any).
 
     Raises:
         DicomWebError: The file is missing, readable by others, or malformed; or the environment
@@ -107,6 +123,12 @@ def credentials_from(env: Mapping[str, str], file: Path | None = None) -> Creden
 def check_url(url: str) -> str:
     """A DICOMweb base URL (``http(s)://host[:port]/path``), without credentials in it.
 
+    Args:
+        url: The URL the user gave.
+
+    Returns:
+        The URL without a trailing slash.
+
     Raises:
         DicomWebError: Not http(s), or user:password in the URL.
     """
@@ -121,7 +143,20 @@ def check_url(url: str) -> str:
 
 
 def make_client(url: str, credentials: Credentials, *, session: Any = None, timeout: float = 60.0) -> Any:
-    """A ``dicomweb_client.DICOMwebClient`` for ``url`` with the credentials applied."""
+    """A ``dicomweb_client.DICOMwebClient`` for ``url`` with the credentials applied.
+
+    Args:
+        url: The DICOMweb base URL, without credentials.
+        credentials: From :func:`credentials_from`.
+        session: A ``requests.Session`` to use (default: a new one).
+        timeout: Seconds to wait for each answer.
+
+    Returns:
+        The client; it does not retry (the caller does, see :func:`fl_client.pacs_transfer.with_retries`).
+
+    Raises:
+        DicomWebError: A URL that is not http(s) or holds credentials.
+    """
     import requests
     from dicomweb_client.api import DICOMwebClient
 
@@ -129,7 +164,7 @@ def make_client(url: str, credentials: Credentials, *, session: Any = None, time
     credentials.apply(session)
     client = DICOMwebClient(check_url(url), session=session, timeout=timeout)
     # Its own retrying retries every exception, a refused connection included, for about 30 s per request:
-    # :func:`with_retries` is the one retry loop, with our counts and back-off.
+    # the caller's retry loop (fl_client.pacs_transfer.with_retries) is the one, with its counts and back-off.
     client.set_http_retry_params(retry=False)
     return client
 
@@ -159,6 +194,7 @@ def _explain(exc: BaseException, url: str) -> str:
 
 
 def _retryable(exc: BaseException) -> bool:
+    """Whether asking again may help: network errors, 5xx and 429 answers."""
     import requests
 
     if isinstance(exc, requests.HTTPError):
@@ -166,254 +202,187 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
-def with_retries(call: Callable[[], Any], *, retries: int, backoff: float,
-                 sleep: Callable[[float], None] = time.sleep) -> tuple[Any, int]:
-    """``call()``, retried on network errors, 5xx and 429 answers ``retries`` times with back-off
-    ``backoff · 2^k`` seconds; returns the result and the attempts it took. Other errors are raised at once."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return call(), attempt
-        except Exception as exc:  # noqa: BLE001 - re-raised unless retryable
-            if attempt > retries or not _retryable(exc):
-                raise
-            sleep(backoff * 2 ** (attempt - 1))
-
-
-def parse_query(query: str) -> dict[str, str]:
-    """``"Modality=CT&StudyDate=20200101-20201231"`` as study-level QIDO filters.
-
-    Raises:
-        DicomWebError: A part is not ``key=value``.
-    """
-    filters: dict[str, str] = {}
-    for part in [p for p in query.split("&") if p.strip()]:
-        if "=" not in part:
-            raise DicomWebError(f"--query part {part!r}: expected KEY=VALUE pairs joined by '&', "
-                                "e.g. Modality=CT&StudyDate=20200101-20201231")
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        name = STUDY_KEYS.get(key.strip(), key.strip())
-        if name not in STUDY_QUERY_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(key.strip(), [*STUDY_KEYS, *STUDY_QUERY_KEYS], n=1)
-            raise DicomWebError(f"--query key {key.strip()!r} is not a study search key"
-                                + (f"; did you mean {close[0]!r}?" if close else "")
-                                + f" (a PACS may ignore an unknown key and return every study it holds). Keys: "
-                                f"Modality, {', '.join(STUDY_QUERY_KEYS)}")
-        if not value.strip():
-            raise DicomWebError(f"--query key {key.strip()!r} has no value: give one or leave the key out")
-        filters[name] = value.strip()
-    return filters
-
-
-def probe(client: Any, *, retries: int = 1, backoff: float = 1.0) -> None:
-    """One small QIDO-RS query, so a wrong address or refused credentials are one clear error up front.
-
-    Raises:
-        DicomWebError: The PACS cannot be reached or refuses.
-    """
-    try:
-        with_retries(lambda: client.search_for_studies(limit=1), retries=retries, backoff=backoff)
-    except Exception as exc:  # noqa: BLE001 - every failure gets one line
-        raise DicomWebError(_explain(exc, client.base_url)) from None
-
-
 PAGE = 500
 
 
-def search_all(search: Callable[..., list[dict[str, Any]]], key: str, *, retries: int, backoff: float,
-               sleep: Callable[[float], None] = time.sleep, **kwargs: Any) -> tuple[list[dict[str, Any]], int]:
+def search_all(search: Callable[..., list[dict[str, Any]]], key: str, **kwargs: Any) -> list[dict[str, Any]]:
     """Every record of a QIDO-RS search, page by page (``limit``/``offset``), once per ``key`` tag value.
 
     Stops at a short page or at a page with nothing new: some servers ignore ``offset`` and send the
     first page again (dicomweb-client's own ``get_remaining`` then never ends).
+
+    Args:
+        search: A ``DICOMwebClient.search_for_*`` method.
+        key: The tag (``"0020000D"``) whose value tells records apart.
+        **kwargs: Passed to ``search`` with each page's ``limit`` and ``offset``.
+
+    Returns:
+        The records, in the server's order.
     """
     seen: dict[str, dict[str, Any]] = {}
-    attempts = 0
     offset = 0
     while True:
-        page, n = with_retries(partial_call(search, limit=PAGE, offset=offset, **kwargs), retries=retries,
-                               backoff=backoff, sleep=sleep)
-        attempts += n
+        page = search(limit=PAGE, offset=offset, **kwargs) or []
         new = 0
-        for record in page or []:
+        for record in page:
             uid = _value(record, key)
             if uid and uid not in seen:
                 seen[uid] = record
                 new += 1
-        if len(page or []) < PAGE or new == 0:
-            return list(seen.values()), attempts
+        if len(page) < PAGE or new == 0:
+            return list(seen.values())
         offset += len(page)
 
 
-def find_studies(client: Any, *, studies: Sequence[str] = (), query: str | None = None, retries: int = 3,
-                 backoff: float = 1.0) -> list[str]:
-    """The StudyInstanceUIDs to pull: those given, and those the query finds (QIDO-RS), in order, once each.
-
-    Raises:
-        DicomWebError: The PACS cannot be queried (the message says why).
-    """
-    found = list(dict.fromkeys(studies))
-    if query is not None:
-        filters = parse_query(query)
-        try:
-            records, _ = search_all(client.search_for_studies, UID_TAGS["study"], retries=retries, backoff=backoff,
-                                    search_filters=filters)
-        except Exception as exc:  # noqa: BLE001 - every failure gets one line
-            raise DicomWebError(f"QIDO-RS study query failed: {_explain(exc, client.base_url)}") from None
-        for record in records:
-            uid = _value(record, UID_TAGS["study"])
-            if uid and uid not in found:
-                found.append(uid)
-    return found
-
-
-@dataclass
-class StudyFetch:
-    """What happened to one study."""
-
-    study_uid: str
-    status: str = "pending"  # fetched, up-to-date, failed
-    instances: int = 0  # on the PACS
-    fetched: int = 0  # new this run
-    attempts: int = 0  # requests made, retries included
-    seconds: float = 0.0
-    reason: str = ""
-
-
-def local_instances(store: Path, study_uid: str) -> set[str]:
-    """SOPInstanceUIDs of a study already in the local store (file names are the UIDs)."""
-    folder = store / study_uid
-    return {p.stem for p in folder.rglob("*.dcm")} if folder.is_dir() else set()
-
-
-def fetch_study(client: Any, workspace: Path, study_uid: str, *, retries: int = 3, backoff: float = 1.0,
-                sleep: Callable[[float], None] = time.sleep) -> StudyFetch:
-    """Bring one study's new instances into the local store, all of them or none.
-
-    Never raises for a PACS or network failure: the result says ``failed`` with the reason.
-    """
-    t0 = time.perf_counter()
-    result = StudyFetch(study_uid)
-    store, partial = workspace / STORE, workspace / PARTIAL / study_uid
-    url = getattr(client, "base_url", "the PACS")
-    try:
-        records, attempts = search_all(client.search_for_instances, UID_TAGS["sop"], retries=retries,
-                                       backoff=backoff, sleep=sleep, study_instance_uid=study_uid)
-        result.attempts += attempts
-        wanted = [(_value(r, UID_TAGS["series"]), _value(r, UID_TAGS["sop"])) for r in records]
-        wanted = [(series, sop) for series, sop in wanted if series and sop]
-        result.instances = len(wanted)
-        if not wanted:
-            result.status, result.reason = "failed", "the PACS lists no instances of this study; check the UID"
-            return result
-        have = local_instances(store, study_uid)
-        missing = [(series, sop) for series, sop in wanted if sop not in have]
-        if not missing:
-            result.status = "up-to-date"
-            return result
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        listed: dict[str, set[str]] = {}
-        for series, sop in wanted:
-            listed.setdefault(series, set()).add(sop)
-        needed: dict[str, set[str]] = {}
-        for series, sop in missing:
-            needed.setdefault(series, set()).add(sop)
-        for series, sops in needed.items():
-            if sops == listed[series]:
-                # A whole series is new: one WADO-RS series request, streamed to disk instance by instance.
-                _, attempts = with_retries(partial_call(_save_series, client, study_uid, series, sops, partial),
-                                           retries=retries, backoff=backoff, sleep=sleep)
-                result.attempts += attempts
-                continue
-            for sop in sorted(sops):  # a few instances of a series already here: only those are asked for
-                ds, attempts = with_retries(
-                    partial_call(client.retrieve_instance, study_uid, series, sop,
-                                 media_types=(("application/dicom", "*"),)),
-                    retries=retries, backoff=backoff, sleep=sleep)
-                result.attempts += attempts
-                _save_instance(ds, study_uid, sop, partial / series)
-        # Complete: move the study's new files into the store (renames within one file system).
-        for file in sorted(partial.rglob("*.dcm")):
-            final = store / study_uid / file.relative_to(partial)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(file, final)
-        result.status, result.fetched = "fetched", len(missing)
-    except DicomWebError as exc:
-        result.status, result.reason = "failed", str(exc)
-    except Exception as exc:  # noqa: BLE001 - one study's failure never stops the others
-        result.status, result.reason = "failed", _explain(exc, url)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        result.seconds = time.perf_counter() - t0
-    return result
-
-
-def _save_instance(ds: Any, study_uid: str, sop: str, folder: Path) -> None:
-    """Write one retrieved instance, if it is the one asked for."""
-    if str(ds.get("SOPInstanceUID", "")) != sop or str(ds.get("StudyInstanceUID", "")) != study_uid:
-        raise DicomWebError(f"the PACS sent another instance ({ds.get('SOPInstanceUID', '?')}) for {sop}")
+def _save_instance(ds: Any, folder: Path, *, study_uid: str, sop: str | None = None) -> str:
+    """Write one retrieved instance as ``<SOPInstanceUID>.dcm``, if it is of the study (and the instance) asked
+    for; return its SOPInstanceUID."""
+    got = str(ds.get("SOPInstanceUID", ""))
+    if (sop is not None and got != sop) or str(ds.get("StudyInstanceUID", "")) != study_uid or not got:
+        raise DicomWebError(f"the PACS sent another instance ({got or '?'}) for {sop or f'study {study_uid}'}")
     folder.mkdir(parents=True, exist_ok=True)
-    ds.save_as(folder / f"{sop}.dcm", enforce_file_format=False)
+    ds.save_as(folder / f"{got}.dcm", enforce_file_format=False)
+    return got
 
 
-def _save_series(client: Any, study_uid: str, series: str, sops: set[str], partial: Path) -> None:
-    """Retrieve a whole series (WADO-RS), writing each instance as it arrives; raise unless exactly the listed
-    instances came (a retry starts the series again)."""
-    folder = partial / series
-    shutil.rmtree(folder, ignore_errors=True)
-    got: set[str] = set()
-    for ds in client.iter_series(study_uid, series, media_types=(("application/dicom", "*"),)):
-        sop = str(ds.get("SOPInstanceUID", ""))
-        if sop not in sops:
-            raise DicomWebError(f"the PACS sent an instance ({sop or '?'}) that series {series} does not list")
-        _save_instance(ds, study_uid, sop, folder)
-        got.add(sop)
-    if got != sops:
-        raise DicomWebError(f"series {series}: the PACS sent {len(got)} of its {len(sops)} instances")
+@dataclass(frozen=True)
+class DicomWebPacs:
+    """A PACS over DICOMweb, as :class:`imaging.pacs.PacsSource` and :class:`imaging.pacs.PacsStore`.
 
-
-def fetch_studies(client: Any, workspace: Path, studies: Sequence[str], *, retries: int = 3, backoff: float = 1.0,
-                  on_study: Callable[[int, int, StudyFetch], None] | None = None) -> list[StudyFetch]:
-    """:func:`fetch_study` for each study; ``on_study(done, total, result)`` after each."""
-    out = []
-    for i, uid in enumerate(studies, start=1):
-        out.append(fetch_study(client, workspace, uid, retries=retries, backoff=backoff))
-        if on_study is not None:
-            on_study(i, len(studies), out[-1])
-    return out
-
-
-def store_files(client: Any, paths: Sequence[Path], *, retries: int = 3,
-                backoff: float = 1.0) -> list[tuple[str, str, str, str]]:
-    """STOW-RS the DICOM files, one request per study; return ``(sop, study, series, file)`` of each object
-    the PACS accepted.
-
-    Raises:
-        DicomWebError: The PACS refused or failed (the message names the study and why).
+    Args:
+        client: A ``dicomweb_client.DICOMwebClient`` (see :func:`make_client`).
     """
-    by_study: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
-    for path in paths:
-        ds: pydicom.Dataset = pydicom.dcmread(path)
-        by_study.setdefault(str(ds.StudyInstanceUID), []).append((path, ds))
-    accepted: list[tuple[str, str, str, str]] = []
-    for study, items in by_study.items():
+
+    client: Any
+
+    @classmethod
+    def open(cls, url: str, credentials: Credentials, *, session: Any = None, timeout: float = 60.0) -> DicomWebPacs:
+        """The PACS at ``url`` with the credentials applied (no request is made yet).
+
+        Args:
+            url: The DICOMweb base URL, without credentials.
+            credentials: From :func:`credentials_from`.
+            session: A ``requests.Session`` to use (default: a new one).
+            timeout: Seconds to wait for each answer.
+
+        Returns:
+            The client.
+
+        Raises:
+            DicomWebError: A URL that is not http(s) or holds credentials.
+        """
+        return cls(make_client(url, credentials, session=session, timeout=timeout))
+
+    @property
+    def url(self) -> str:
+        """The DICOMweb base URL (no credentials, no trailing slash)."""
+        return str(self.client.base_url)
+
+    def _call(self, call: Callable[[], T], prefix: str = "") -> T:
+        """``call()``, with any failure as one :class:`DicomWebError` line (transient for network errors,
+        5xx and 429 answers)."""
         try:
-            answer, _ = with_retries(partial_call(client.store_instances, [ds for _, ds in items],
-                                                  study_instance_uid=study), retries=retries, backoff=backoff)
-        except Exception as exc:  # noqa: BLE001 - one line with the study
-            raise DicomWebError(f"STOW-RS of study {study} failed: {_explain(exc, client.base_url)}") from None
+            return call()
+        except PacsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure gets one line
+            raise DicomWebError(prefix + _explain(exc, self.url), transient=_retryable(exc)) from None
+
+    def verify(self) -> None:
+        """One QIDO-RS study search for one study.
+
+        Raises:
+            DicomWebError: The PACS cannot be reached or refuses.
+        """
+        self._call(lambda: self.client.search_for_studies(limit=1))
+
+    def find_studies(self, filters: Mapping[str, str]) -> list[str]:
+        """The StudyInstanceUIDs a QIDO-RS study search finds, each once, page by page.
+
+        Args:
+            filters: Study search keys and values (as :func:`imaging.pacs.parse_query` gives them).
+
+        Returns:
+            The StudyInstanceUIDs, in the PACS's order.
+
+        Raises:
+            DicomWebError: The search failed.
+        """
+        records = self._call(lambda: search_all(self.client.search_for_studies, UID_TAGS["study"],
+                                                search_filters=dict(filters)),
+                             "QIDO-RS study query failed: ")
+        return [uid for uid in (_value(r, UID_TAGS["study"]) for r in records) if uid]
+
+    def find_instances(self, study_uid: str) -> list[Instance]:
+        """Every instance the PACS lists for a study (QIDO-RS), page by page.
+
+        Args:
+            study_uid: The StudyInstanceUID.
+
+        Returns:
+            The instances with their series (empty for a study the PACS does not know).
+
+        Raises:
+            DicomWebError: The search failed.
+        """
+        records = self._call(lambda: search_all(self.client.search_for_instances, UID_TAGS["sop"],
+                                                study_instance_uid=study_uid))
+        listed = [Instance(study_uid, _value(r, UID_TAGS["series"]), _value(r, UID_TAGS["sop"])) for r in records]
+        return [i for i in listed if i.series_uid and i.sop_instance_uid]
+
+    def retrieve_series(self, study_uid: str, series_uid: str, *, folder: Path) -> None:
+        """One WADO-RS series request, each instance written to ``folder`` as it arrives.
+
+        Args:
+            study_uid: The StudyInstanceUID.
+            series_uid: The SeriesInstanceUID.
+            folder: Where the ``<SOPInstanceUID>.dcm`` files go.
+
+        Raises:
+            DicomWebError: The request failed or the PACS sent an instance of another study.
+        """
+        def stream() -> None:
+            for ds in self.client.iter_series(study_uid, series_uid, media_types=MEDIA_TYPES):
+                _save_instance(ds, folder, study_uid=study_uid)
+
+        self._call(stream)
+
+    def retrieve_instance(self, instance: Instance, *, folder: Path) -> None:
+        """One WADO-RS instance request, written to ``folder`` as ``<SOPInstanceUID>.dcm``.
+
+        Args:
+            instance: The instance.
+            folder: Where the file goes.
+
+        Raises:
+            DicomWebError: The request failed or the PACS sent another instance.
+        """
+        ds = self._call(lambda: self.client.retrieve_instance(instance.study_uid, instance.series_uid,
+                                                             instance.sop_instance_uid, media_types=MEDIA_TYPES))
+        self._call(lambda: _save_instance(ds, folder, study_uid=instance.study_uid, sop=instance.sop_instance_uid))
+
+    def store_instances(self, study_uid: str, paths: Sequence[Path]) -> list[StoredObject]:
+        """One STOW-RS request with the files of one study.
+
+        Args:
+            study_uid: The StudyInstanceUID every file carries.
+            paths: The DICOM files.
+
+        Returns:
+            The objects the PACS accepted.
+
+        Raises:
+            DicomWebError: The PACS refused any object (with the failure reasons) or the request failed.
+        """
+        items = [(path, pydicom.dcmread(path)) for path in paths]
+        answer = self._call(lambda: self.client.store_instances([ds for _, ds in items], study_instance_uid=study_uid),
+                            f"STOW-RS of study {study_uid} failed: ")
         failed = answer.get("FailedSOPSequence", []) if answer is not None else []
         if failed:
             reasons = ", ".join(str(item.get("FailureReason", "?")) for item in failed)
-            raise DicomWebError(f"the PACS refused {len(failed)} object(s) of study {study} (failure reasons "
+            raise DicomWebError(f"the PACS refused {len(failed)} object(s) of study {study_uid} (failure reasons "
                                 f"{reasons})")
         ok = {str(item.ReferencedSOPInstanceUID)
               for item in (answer.get("ReferencedSOPSequence", []) if answer is not None else [])}
-        for path, ds in items:
-            if str(ds.SOPInstanceUID) in ok:
-                accepted.append((str(ds.SOPInstanceUID), study, str(ds.SeriesInstanceUID), str(path)))
-    return accepted
+        return [StoredObject(str(ds.SOPInstanceUID), study_uid, str(ds.SeriesInstanceUID), str(path))
+                for path, ds in items if str(ds.SOPInstanceUID) in ok]

@@ -1,5 +1,9 @@
 """The PACS over DICOMweb, against a real Orthanc: a PACS ingest catalogs exactly what a folder ingest
-does, re-runs fetch only what is new, failures leave no half study, objects go back and read again."""
+does, re-runs fetch only what is new, failures leave no half study, objects go back and read again.
+
+:class:`imaging.dicomweb.DicomWebPacs` is driven here by the site's transfer code
+(:mod:`fl_client.pacs_transfer`), as at a site; ``tests/fl_client/test_pacs_transfer.py`` covers that code
+against an in-process PACS."""
 
 from __future__ import annotations
 
@@ -17,22 +21,19 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
-from imaging.catalog import Catalog
-from imaging.dicomweb import (
+from fl_client.pacs_transfer import (
     PARTIAL,
     STORE,
-    Credentials,
-    DicomWebError,
-    credentials_from,
     fetch_studies,
     fetch_study,
-    find_studies,
-    make_client,
-    parse_query,
-    store_files,
+    find_cohort,
+    store_and_record,
     with_retries,
 )
+from imaging.catalog import Catalog
+from imaging.dicomweb import Credentials, DicomWebError, DicomWebPacs, credentials_from, make_client
 from imaging.ingest import ingest_folder
+from imaging.pacs import Instance, PacsError, PacsSource, PacsStore, parse_query
 
 # Real files from other software, one SOP instance each (the lossless twins share their UID with MR_small,
 # so one of them stands for all); rtdose is not an image and must be rejected the same way both times.
@@ -57,8 +58,8 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]
         yield server, held
 
 
-def client_of(server: Any, session: requests.Session | None = None) -> Any:
-    return make_client(server.dicomweb, Credentials("basic", server.user, server.password), session=session)
+def client_of(server: Any, session: requests.Session | None = None) -> DicomWebPacs:
+    return DicomWebPacs.open(server.dicomweb, Credentials("basic", server.user, server.password), session=session)
 
 
 def _strip(value: Any) -> Any:
@@ -98,7 +99,7 @@ def test_a_pacs_ingest_catalogs_what_a_folder_ingest_does(pacs: tuple[Any, Path]
     with Catalog.open(tmp_path / "folder") as catalog:
         ingest_folder(catalog, held)
     client = client_of(server)
-    studies = find_studies(client, query="")
+    studies = find_cohort(client, filters={})
     assert len(studies) == server.statistics()["CountStudies"]
     ws = tmp_path / "pacs"
     results = fetch_studies(client, ws, studies)
@@ -148,11 +149,11 @@ class FlakySession(requests.Session):
 def test_a_study_that_fails_half_way_is_not_kept_and_comes_next_time(pacs: tuple[Any, Path], tmp_path: Path) -> None:
     server, _ = pacs
     client = client_of(server)
-    study = max(find_studies(client, query="Modality=CT"),
-                key=lambda uid: len(client.search_for_instances(study_instance_uid=uid)))
+    study = max(find_cohort(client, filters=parse_query("Modality=CT")),
+                key=lambda uid: len(client.find_instances(uid)))
     ws = tmp_path / "ws"
     waits: list[float] = []
-    series = {r["0020000E"]["Value"][0] for r in client.search_for_instances(study_instance_uid=study)}
+    series = {i.series_uid for i in client.find_instances(study)}
     # Every retrieval fails: after the retries the study is failed, and nothing of it is kept.
     broken = client_of(server, FlakySession(fail_at=set(range(1, 100))))
     result = fetch_study(broken, ws, study, retries=2, backoff=0.5, sleep=waits.append)
@@ -181,7 +182,7 @@ def test_saliency_objects_go_back_to_the_pacs_and_read_again(pacs: tuple[Any, Pa
 
     server, held = pacs
     client = client_of(server)
-    studies = find_studies(client, query="Modality=CT")
+    studies = find_cohort(client, filters=parse_query("Modality=CT"))
     ws = tmp_path / "ws"
     fetch_study(client, ws, studies[0])
     (plan,) = plan_images([read_header(p) for p in (ws / STORE / studies[0]).rglob("*.dcm")])
@@ -190,15 +191,19 @@ def test_saliency_objects_go_back_to_the_pacs_and_read_again(pacs: tuple[Any, Pa
     objects = write_saliency_objects(plan, heat, read_image(plan).array, tmp_path / "out", method="gradcam",
                                      probability=0.9, model_sha256="cd" * 32, task="lung-ct", window=None)
     before = int(server.statistics()["CountInstances"])
-    stored = store_files(client, objects.paths)
+    with Catalog.open(ws) as catalog:
+        stored = store_and_record(client, catalog, objects.paths)
+        recorded = [(r["sop_instance_uid"], r["url"]) for r in catalog.stored_rows()]
     assert sorted(s[0] for s in stored) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in objects.paths)
+    assert sorted(recorded) == sorted((s.sop_instance_uid, server.dicomweb) for s in stored)
     assert int(server.statistics()["CountInstances"]) == before + len(objects.paths)
     pm = pydicom.dcmread(objects.parametric_map)
-    back = client.retrieve_instance(pm.StudyInstanceUID, pm.SeriesInstanceUID, pm.SOPInstanceUID)
+    back = client.client.retrieve_instance(pm.StudyInstanceUID, pm.SeriesInstanceUID, pm.SOPInstanceUID)
     assert back.SOPClassUID == pm.SOPClassUID and back.StudyInstanceUID == plan.study_uid
     np.testing.assert_array_equal(back.pixel_array, pm.pixel_array)
     # Stored again (same UIDs): the PACS keeps one copy.
-    store_files(client, objects.paths)
+    with Catalog.open(ws) as catalog:
+        store_and_record(client, catalog, objects.paths)
     assert int(server.statistics()["CountInstances"]) == before + len(objects.paths)
 
 
@@ -224,19 +229,57 @@ def test_credentials_come_from_the_environment_or_a_private_file(tmp_path: Path)
         make_client("http://u:p@127.0.0.1:1/dicom-web", Credentials("none"))
     assert parse_query("Modality=CT&StudyDate=20200101-20201231") == {"ModalitiesInStudy": "CT",
                                                                       "StudyDate": "20200101-20201231"}
-    with pytest.raises(DicomWebError, match="KEY=VALUE"):
+    with pytest.raises(PacsError, match="KEY=VALUE"):
         parse_query("Modality")
 
 
+class _Answers:
+    """Stands in for ``dicomweb_client``'s client: each search raises the next of ``errors``."""
+
+    base_url = "http://pacs.invalid/dicom-web"
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors, self.calls = list(errors), 0
+
+    def search_for_studies(self, **_kwargs: Any) -> list[dict[str, Any]]:
+        self.calls += 1
+        raise self.errors.pop(0)
+
+
+def _http(code: int) -> requests.HTTPError:
+    response = requests.Response()
+    response.status_code = code
+    return requests.HTTPError(response=response)
+
+
 def test_retries_stop_at_errors_that_will_not_pass() -> None:
-    calls = []
+    refusing = _Answers(_http(401), _http(401))
+    with pytest.raises(DicomWebError, match=r"refused the credentials \(HTTP 401\)") as caught:
+        with_retries(DicomWebPacs(refusing).verify, retries=3, backoff=0.0)
+    assert not caught.value.transient and refusing.calls == 1  # a refusal is not retried
+    busy = _Answers(_http(503), requests.ConnectionError("reset"), _http(503))
+    waits: list[float] = []
+    with pytest.raises(DicomWebError, match="HTTP 503") as caught:
+        with_retries(DicomWebPacs(busy).verify, retries=2, backoff=0.5, sleep=waits.append)
+    assert caught.value.transient and busy.calls == 3 and waits == [0.5, 1.0]
 
-    def refused() -> None:
-        calls.append(1)
-        response = requests.Response()
-        response.status_code = 401
-        raise requests.HTTPError(response=response)
 
-    with pytest.raises(requests.HTTPError):
-        with_retries(refused, retries=3, backoff=0.0)
-    assert len(calls) == 1  # a refusal is not retried
+def test_the_dicomweb_client_is_a_pacs_source_and_store(pacs: tuple[Any, Path], tmp_path: Path) -> None:
+    server, _ = pacs
+    client: PacsSource = client_of(server)  # mypy checks the protocols here; the run checks the behaviour
+    store: PacsStore = client_of(server)
+    assert client.url == store.url == server.dicomweb
+    client.verify()
+    (study, *_) = client.find_studies({"ModalitiesInStudy": "CT"})
+    listed = client.find_instances(study)
+    assert listed and all(isinstance(i, Instance) and i.study_uid == study for i in listed)
+    assert client.find_instances("1.2.3.4.5") == []
+    series = listed[0].series_uid
+    client.retrieve_series(study, series, folder=tmp_path / "series")
+    assert {p.stem for p in (tmp_path / "series").iterdir()} == {i.sop_instance_uid for i in listed
+                                                                 if i.series_uid == series}
+    client.retrieve_instance(listed[0], folder=tmp_path / "one")
+    assert [p.name for p in (tmp_path / "one").iterdir()] == [f"{listed[0].sop_instance_uid}.dcm"]
+    with pytest.raises(DicomWebError, match="not found on the PACS") as caught:
+        client.retrieve_instance(listed[0]._replace(sop_instance_uid="1.2.3.4.5"), folder=tmp_path / "none")
+    assert not caught.value.transient
