@@ -23,10 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fl_client.workspace import Workspace
 from models.protocol import ALLOWED_METRICS, ALLOWED_STRINGS, LONG_STRINGS
-
-EGRESS_LOG = "egress.jsonl"
-
 
 
 def append_line(path: Path, line: str) -> None:
@@ -119,7 +117,7 @@ class EgressLog:
     """
 
     def __init__(self, workspace: Path) -> None:
-        self.path = Path(workspace) / EGRESS_LOG
+        self.path = Workspace.of(workspace).egress_log
 
     def append(self, *, run: str, round_number: int, kind: str, arrays: Mapping[str, np.ndarray],
                metrics: Mapping[str, float], strings: Mapping[str, str] | None = None) -> EgressRecord:

@@ -17,9 +17,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from fl_client.workspace import Workspace
 from models.protocol import FailureCode, SiteKey, failure_text, reason_codes
-
-ERROR_LOG = "site-errors.log"
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def record_failure(workspace: Path | None, failure: Failure, *, run: str, round_
     if workspace is None or not Path(workspace).is_dir():
         return
     details = "".join(traceback.format_exception(exc)) if exc is not None else ""
-    append_line(Path(workspace) / ERROR_LOG, f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} run {run} round "
+    append_line(Workspace.of(workspace).error_log, f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} run {run} round "
                                              f"{round_number}: {failure.code}: {failure.sentence}\n{details}")
     EgressLog(Path(workspace)).append(run=run, round_number=round_number, kind="error", arrays={}, metrics={},
                                       strings={SiteKey.REASON: failure.code, SiteKey.DETAIL: failure.sentence})

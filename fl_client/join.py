@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STATE_DIR = "supernode"
+from fl_client.workspace import Workspace
+
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _CONNECTED = "SuperNode ID:"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -149,11 +150,10 @@ def check_workspace(workspace: Path) -> Path:
     Raises:
         JoinError: The folder or its catalog is missing.
     """
-    from imaging.catalog import CATALOG_FILE
-
     ws = Path(workspace).expanduser().resolve()
-    if not (ws / CATALOG_FILE).is_file():
-        raise JoinError(f"workspace {ws} holds no site catalog ({CATALOG_FILE}): ingest this site's DICOM first "
+    if not Workspace(ws).catalog.is_file():
+        raise JoinError(f"workspace {ws} holds no site catalog ({Workspace(ws).catalog.name}): ingest this site's "
+                        "DICOM first "
                         f"(oncofed-site ingest --workspace {workspace} --source DIR --labels CSV)")
     return ws
 
@@ -198,7 +198,7 @@ class SuperNode:
 
     @property
     def state_dir(self) -> Path:
-        return self.workspace / STATE_DIR
+        return Workspace.of(self.workspace).supernode
 
     @property
     def log_path(self) -> Path:

@@ -37,11 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from fl_client.egress import append_line
+from fl_client.workspace import Workspace
 from models.protocol import Refusal
 
-POLICY_DIR = "policy"
-POLICY_FILE = "policy.json"
-AUDIT_FILE = "audit.jsonl"
 SITE_POLICY = "site policy"  # the "who" of automatic decisions
 
 
@@ -234,8 +232,9 @@ class RunBook:
     """
 
     def __init__(self, workspace: Path | str) -> None:
-        self.root = Path(workspace) / POLICY_DIR
-        self.audit_path = self.root / AUDIT_FILE
+        self.workspace = Workspace.of(workspace)
+        self.root = self.workspace.policy
+        self.audit_path = self.workspace.audit
 
     # -- the policy ---------------------------------------------------------------------------------
     def policy(self) -> SitePolicy:
@@ -244,7 +243,7 @@ class RunBook:
         Raises:
             PolicyError: The policy file is damaged (nothing is allowed until it is set again).
         """
-        path = self.root / POLICY_FILE
+        path = self.workspace.policy_file
         if not path.exists():
             return SitePolicy()
         try:
@@ -259,7 +258,7 @@ class RunBook:
         """Store ``policy`` (checked) and audit it."""
         policy = replace(policy.check(), set_at=_now(), set_by=who)
         with self._locked():
-            _write_atomic(self.root / POLICY_FILE, json.dumps(asdict(policy), indent=1, sort_keys=True) + "\n")
+            _write_atomic(self.workspace.policy_file, json.dumps(asdict(policy), indent=1, sort_keys=True) + "\n")
             self._audit(who=who, action="policy-set", run="", shown=policy.lines())
         return policy
 
@@ -267,7 +266,7 @@ class RunBook:
     def _run_path(self, run: str) -> Path:
         if not run or not run.isdigit():
             raise PolicyError(f"run {run!r} is not a run id: use the number 'oncofed-site runs' shows")
-        return self.root / "runs" / f"{run}.json"
+        return self.workspace.runs / f"{run}.json"
 
     def get(self, run: str) -> RunRecord | None:
         """The site's record of ``run``, or None if the site has never seen it."""
@@ -279,7 +278,7 @@ class RunBook:
 
     def runs(self) -> list[RunRecord]:
         """Every run the site has seen, oldest first."""
-        folder = self.root / "runs"
+        folder = self.workspace.runs
         found = [self.get(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()] if folder.is_dir() else []
         return sorted((r for r in found if r is not None), key=lambda r: (r.first_seen, int(r.run)))
 

@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_client.workspace import Workspace
+
 if TYPE_CHECKING:  # Opacus is imported only when privacy is computed: a ClientApp process pays for it then
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-PRIVACY_DIR = "privacy"
-BUDGET_FILE = "budget.json"
-LEDGER_FILE = "ledger.jsonl"
 LEDGER_SCHEMA = "oncofed.privacy-ledger/1"
 
 
@@ -119,9 +118,10 @@ class PrivacyLedger:
     """
 
     def __init__(self, workspace: Path | str) -> None:
-        self.folder = Path(workspace) / PRIVACY_DIR
-        self.budget_path = self.folder / BUDGET_FILE
-        self.ledger_path = self.folder / LEDGER_FILE
+        ws = Workspace.of(workspace)
+        self.folder = ws.privacy
+        self.budget_path = ws.budget
+        self.ledger_path = ws.ledger
 
     # The ceiling -----------------------------------------------------------------------------------
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from imaging.dicom import Frame, ImagePlan, InstanceHeader, SliceRef
+from imaging.layout import CATALOG_FILE
 
 SCHEMA_VERSION = 1
-CATALOG_FILE = "catalog.sqlite"
 
 
 class Status(StrEnum):

@@ -19,10 +19,9 @@ from typing import Any
 from monai.data import PersistentDataset
 
 from imaging.catalog import Item, plan_to_json
+from imaging.layout import CACHE_DIR
 from imaging.presets import TaskPreset
 from imaging.transforms import pipeline
-
-CACHE_DIR = "cache"
 
 
 def preprocessing_key(preset: TaskPreset) -> str:

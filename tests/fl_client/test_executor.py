@@ -30,9 +30,9 @@ from consortium import make_workspaces
 
 from fl_client.egress import EgressLog
 from fl_client.executor import installed_app
-from fl_client.failures import ERROR_LOG
 from fl_client.join import SiteKit, SuperNode
 from fl_client.policy import Refusal, RunBook, RunState, SitePolicy
+from fl_client.workspace import Workspace
 from fl_server.deploy import Deployment, ServerKit, connection_home, start
 from fl_server.flower_ops import app_dir, flwr_run, free_port
 from fl_server.provision import provision
@@ -269,7 +269,7 @@ def test_failed_and_killed_tasks_leave_phi_free_reasons_and_the_next_round_train
     assert node.executor.poll() is None and node.executor.pid == executor_pid
     errors = [r for r in _egress(fed, "a", history["run_id"]) if r.kind == "error"]
     assert [e.strings["reason"] for e in errors] == ["data-unreadable", "task-crashed"]
-    details = (fed.workspaces / "site-a" / ERROR_LOG).read_text()
+    details = Workspace(fed.workspaces / "site-a").error_log.read_text()
     assert "FileNotFoundError" in details and str(dicom) in details  # the details stay in the site's error log
     log = (fed.workspaces / "site-a" / "supernode" / "supernode.log").read_text()
     assert "the task process died (signal 9); failed reply sent" in log

@@ -41,7 +41,7 @@ def test_a_model_explains_an_image_on_its_own_dicom_grid(site: tuple[Path, Path]
     assert len(probabilities) == 2 and all(0.0 < p < 1.0 for p in probabilities)
     first = explainer.explain(images[0], Method.GRADCAM, plan=items[0].plan)
     assert first.on_source is not None and first.on_source.shape == items[0].plan.shape
-    assert 0.0 <= float(first.on_source.min()) and float(first.on_source.max()) <= 1.0 + 1e-6
+    assert float(first.on_source.min()) >= 0.0 and float(first.on_source.max()) <= 1.0 + 1e-6
     assert first.result.probability == pytest.approx(probabilities[0], abs=1e-5)
     explainer.explain(images[1], Method.GRADCAMPP)
     assert len(explainer._layers) == 1  # the target layer is chosen once per input shape

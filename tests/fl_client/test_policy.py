@@ -16,10 +16,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from fl_client.app import app
 from fl_client.cli import main as site_main
 from fl_client.egress import EgressLog
-from fl_client.failures import ERROR_LOG, SiteFailure, failure_of
+from fl_client.failures import SiteFailure, failure_of
 from fl_client.federated import Refused, run_manifest
 from fl_client.policy import PolicyError, Refusal, RunBook, RunState, SitePolicy
 from fl_client.privacy import PrivacyLedger
+from fl_client.workspace import Workspace
 from models.config import ConfigError, from_flat
 from models.nets import build_model
 from models.weights import pack, state_arrays
@@ -190,7 +191,7 @@ def test_a_handler_failure_leaves_as_a_code_and_a_sentence_and_the_details_stay(
     (error,) = [r for r in EgressLog(workspace).records() if r.kind == "error"]
     assert error.strings == {"reason": "data-unreadable", "detail": info.value.failure.sentence}
     assert error.run == "lead-7" and error.round == 1
-    assert "/data/Doe^Jane_1960/MG/IM0001.dcm" in (workspace / ERROR_LOG).read_text()  # kept at the site
+    assert "/data/Doe^Jane_1960/MG/IM0001.dcm" in Workspace(workspace).error_log.read_text()  # kept at the site
     # A run-config mistake of the lead's names the key; the refusal of a split the site does not know too.
     msg = _message()
     msg.content["config"]["evaluate-split"] = "everything"

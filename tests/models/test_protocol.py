@@ -51,7 +51,7 @@ def test_text_that_is_not_a_failure_is_not_read_as_one() -> None:
 
 def test_the_whitelists_are_the_enums_and_the_codes_do_not_collide() -> None:
     assert ALLOWED_METRICS == set(TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS + REFUSAL_METRICS) == set(Metric)
-    assert ALLOWED_STRINGS == set(SiteKey)
+    assert set(SiteKey) == ALLOWED_STRINGS
     assert not set(Refusal) & set(FailureCode)
     assert reason_codes() == set(Refusal) | set(FailureCode)
 
@@ -67,7 +67,8 @@ def _spelled(path: Path, values: set[str]) -> list[tuple[int, str]]:
         if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             constant = node.slice
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr in ("get", "setdefault", "pop") and node.args and isinstance(node.args[0], ast.Constant)):
+              and node.func.attr in ("get", "setdefault", "pop") and node.args
+              and isinstance(node.args[0], ast.Constant)):
             constant = node.args[0]
         elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) and any(
                 isinstance(op, ast.In | ast.NotIn) for op in node.ops):
