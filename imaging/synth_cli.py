@@ -11,22 +11,31 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from imaging.presets import PRESETS
 from imaging.synth import ALL_TASKS, generate_consortium, site_profiles, validate_tasks
 
-EPILOG = f"""examples:
+
+def _epilog() -> str:
+    """The help's closing text; the tasks come from the presets that have a synthetic phantom."""
+    width = max(len(task) for task in ALL_TASKS)
+    tasks = "\n".join(f"  {task:<{width}}  {PRESETS[task].title}" for task in ALL_TASKS)
+    return f"""examples:
   oncofed-synth --out /tmp/consortium --sites 3 --studies-per-task 24 --seed 0
   oncofed-synth --out /tmp/consortium --sites 2 --studies-per-task 12 --tasks lung-ct,prostate-mr
 
 Writes DIR/<site>/dicom/... (DICOM files), DIR/<site>/labels.csv (study_instance_uid,task,label),
 DIR/<site>/lesions.json (lesion centre in patient mm and voxel indices, radius, mask file) and
-DIR/consortium.json. Tasks: {", ".join(ALL_TASKS)}. The same seed gives the same files."""
+DIR/consortium.json. The same seed gives the same files.
+
+tasks (imaging.presets):
+{tasks}"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oncofed-synth",
-        description="Write a synthetic multi-site consortium of DICOM studies for the four cancer tasks.",
-        epilog=EPILOG,
+        description="Write a synthetic multi-site consortium of DICOM studies for the cancer tasks.",
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (empty, or an earlier consortium)")
@@ -34,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--studies-per-task", type=int, default=24,
                         help="studies per task at a site of average size (default 24; sites vary by ±25%%)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma-separated tasks (default: all four)")
+    parser.add_argument("--tasks", default=",".join(ALL_TASKS),
+                        help=f"comma-separated tasks (default: all {len(ALL_TASKS)}, listed below)")
     parser.add_argument("--scale", type=int, default=1,
                         help="in-plane matrix multiplier (default 1: 64×64 CT/MR, 160×128 MG; 8: 512×512 CT)")
     parser.add_argument("--force", action="store_true", help="replace an earlier consortium in --out")
