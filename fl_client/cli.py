@@ -25,7 +25,7 @@ from imaging.presets import PRESETS
 from imaging.summary import series_listing, site_status
 
 if TYPE_CHECKING:
-    from models.saliency import Method
+    from models.methods import Method
 
 EPILOG_INGEST = """examples:
   oncofed-site ingest --workspace ws/site-a --source /data/dicom --labels /data/labels.csv
@@ -117,7 +117,7 @@ def _listing(names: Sequence[str], *, last: str = "or") -> str:
 
 def _saliency_methods(option: str) -> list[Method]:
     """The saliency methods a comma-separated ``--method`` names."""
-    from models.saliency import Method
+    from models.methods import Method
 
     try:
         return [Method(m.strip()) for m in option.split(",") if m.strip()]
@@ -188,7 +188,8 @@ def _print_labels(console: Console, report: LabelReport) -> None:
 
 
 def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Console) -> int:
-    from fl_client.pacs_transfer import STORE, FetchStatus, connect, fetch_and_record, find_cohort
+    from fl_client.pacs_transfer import FetchStatus, connect, fetch_and_record, find_cohort
+    from fl_client.workspace import Workspace
     from imaging.pacs import PacsError, parse_query
 
     if not args.study and args.query is None:
@@ -220,7 +221,7 @@ def _ingest_dicomweb(args: argparse.Namespace, catalog: Catalog, console: Consol
                   f"{counts[FetchStatus.FAILED]} failed", highlight=False)
     for r in [r for r in results if r.status == FetchStatus.FAILED][:20]:
         console.print(f"  [red]failed[/] {r.study_uid}: {r.reason}", highlight=False)
-    store = args.workspace / STORE
+    store = Workspace.of(args.workspace).pacs_store
     if store.is_dir():
         _ingest_with_progress(catalog, store, console)
     return 1 if counts[FetchStatus.FAILED] else 0
@@ -653,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser; tasks and saliency methods in its help come from the presets and ``models.saliency``.
     """
-    from models.saliency import Method
+    from models.methods import Method
 
     explain_methods = (Method.GRADCAM,)
     review_methods = (Method.GRADCAM, Method.GRADCAMPP)

@@ -31,13 +31,12 @@ from typing import TypeAlias, TypeVar
 
 import pydicom
 
+from fl_client.workspace import Workspace
 from imaging.catalog import Catalog
 from imaging.dicomweb import DicomWebPacs, credentials_from
 from imaging.pacs import Instance, PacsError, PacsSource, PacsStore, StoredObject
 
 __all__ = [
-    "PARTIAL",
-    "STORE",
     "FetchStatus",
     "Pacs",
     "StudyFetch",
@@ -50,8 +49,6 @@ __all__ = [
     "with_retries",
 ]
 
-STORE = Path("pacs") / "store"
-PARTIAL = Path("pacs") / "partial"
 # The clients :func:`connect` opens; each has the methods of both PacsSource and PacsStore.
 Pacs: TypeAlias = DicomWebPacs
 T = TypeVar("T")
@@ -232,7 +229,8 @@ def fetch_study(source: PacsSource, workspace: Path, study_uid: str, *, retries:
         What happened. A PACS or network failure is a ``failed`` result with the reason, never raised.
     """
     t0 = time.perf_counter()
-    store, partial = workspace / STORE, workspace / PARTIAL / study_uid
+    ws = Workspace.of(workspace)
+    store, partial = ws.pacs_store, ws.pacs_partial / study_uid
     status, reason, instances, fetched, attempts = FetchStatus.FAILED, "", 0, 0, 0
     try:
         listed, attempts = with_retries(partial_call(source.find_instances, study_uid), retries=retries,
@@ -291,7 +289,7 @@ def fetch_and_record(source: PacsSource, catalog: Catalog, workspace: Path, stud
                      on_study: Callable[[int, int, StudyFetch], None] | None = None) -> list[StudyFetch]:
     """:func:`fetch_studies`, then each study's outcome recorded in the site catalog (one transaction).
 
-    The fetched files are not cataloged here: ingest ``workspace / STORE`` as a DICOM folder next.
+    The fetched files are not cataloged here: ingest ``Workspace(workspace).pacs_store`` as a DICOM folder next.
 
     Args:
         source: The PACS.

@@ -10,6 +10,8 @@
     WS/egress.jsonl          everything that left the site (append-only)
     WS/site-errors.log       the details of failures (their codes and sentences left the site)
     WS/supernode/            the SuperNode's and the executor's state while the site is joined
+    WS/pacs/store/           studies fetched from the PACS (ingested like any DICOM folder)
+    WS/pacs/partial/         a study being fetched (moved to the store only when complete)
 
 Every module that reads or writes one of these takes its path from :class:`Workspace`; nothing else joins a
 workspace path with a file name. Deleting ``cache/`` loses nothing that cannot be rebuilt; the ledger, the
@@ -100,3 +102,13 @@ class Workspace:
     def supernode(self) -> Path:
         """The SuperNode's and the executor's state while the site is joined."""
         return self.root / "supernode"
+
+    @property
+    def pacs_store(self) -> Path:
+        """Studies fetched from the PACS, complete (ingested like any DICOM folder)."""
+        return self.root / "pacs" / "store"
+
+    @property
+    def pacs_partial(self) -> Path:
+        """Studies being fetched from the PACS (moved to the store only when complete)."""
+        return self.root / "pacs" / "partial"

@@ -22,19 +22,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import torch
 from torch import nn
 
-
-class Method(StrEnum):
-    """Saliency methods."""
-
-    GRADCAM = "gradcam"
-    GRADCAMPP = "gradcampp"
-    OCCLUSION = "occlusion"
+from models.methods import Method
 
 
 class SaliencyError(ValueError):

@@ -18,8 +18,6 @@ import pytest
 from dicom_factory import write_series
 
 from fl_client.pacs_transfer import (
-    PARTIAL,
-    STORE,
     FetchStatus,
     StudyFetch,
     fetch_and_record,
@@ -28,6 +26,7 @@ from fl_client.pacs_transfer import (
     store_and_record,
     with_retries,
 )
+from fl_client.workspace import Workspace
 from imaging.catalog import Catalog
 from imaging.pacs import Instance, PacsError, PacsSource, PacsStore, StoredObject, parse_query
 
@@ -97,7 +96,7 @@ def _pacs(**kwargs: object) -> FakePacs:
 
 
 def _here(ws: Path, study: str = STUDY) -> set[str]:
-    return {p.stem for p in (ws / STORE / study).rglob("*.dcm")}
+    return {p.stem for p in (Workspace(ws).pacs_store / study).rglob("*.dcm")}
 
 
 def test_the_fake_has_the_protocols_methods() -> None:
@@ -135,14 +134,15 @@ def test_new_series_come_whole_and_only_missing_instances_are_asked_again(tmp_pa
     assert (first.status, first.instances, first.fetched) == (FetchStatus.FETCHED, 5, 5)
     assert pacs.requests == [f"instances {STUDY}", "series s1", "series s2"]  # one request per new series
     assert first.attempts == 3 and _here(tmp_path) == {"i1", "i2", "i3", "i4", "i5"}
-    assert (tmp_path / STORE / STUDY / "s2" / "i5.dcm").is_file() and not (tmp_path / PARTIAL / STUDY).exists()
+    assert (Workspace(tmp_path).pacs_store / STUDY / "s2" / "i5.dcm").is_file()
+    assert not (Workspace(tmp_path).pacs_partial / STUDY).exists()
     # Nothing new: the listing only.
     pacs.requests.clear()
     again = fetch_study(pacs, tmp_path, STUDY)
     assert (again.status, again.fetched) == (FetchStatus.UP_TO_DATE, 0) and pacs.requests == [f"instances {STUDY}"]
     # Two instances of s1 lost here, and the PACS has a new series: those instances alone, the series whole.
     for sop in ("i1", "i3"):
-        (tmp_path / STORE / STUDY / "s1" / f"{sop}.dcm").unlink()
+        (Workspace(tmp_path).pacs_store / STUDY / "s1" / f"{sop}.dcm").unlink()
     pacs.holds[STUDY]["s9"] = ["i9"]
     pacs.requests.clear()
     third = fetch_study(pacs, tmp_path, STUDY)
@@ -157,7 +157,8 @@ def test_a_study_that_fails_half_way_leaves_nothing_and_says_why(tmp_path: Path)
     result = fetch_study(down, tmp_path, STUDY, retries=2, backoff=0.5, sleep=waits.append)
     assert (result.status, result.reason) == (FetchStatus.FAILED, "cannot connect to fake://pacs-a")
     assert waits == [0.5, 1.0] and down.requests.count("series s2") == 3  # retried with back-off, from the start
-    assert _here(tmp_path) == set() and not (tmp_path / PARTIAL / STUDY).exists()  # s1 came, but is not kept
+    assert _here(tmp_path) == set()  # s1 came, but is not kept
+    assert not (Workspace(tmp_path).pacs_partial / STUDY).exists()
     # A refusal is not retried.
     refused = _pacs(fail={"series s1": [PacsError("the PACS refused the credentials (HTTP 401)")]})
     assert fetch_study(refused, tmp_path, STUDY, sleep=waits.append).status == FetchStatus.FAILED
