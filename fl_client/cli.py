@@ -398,6 +398,7 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
     from fl_client.local_run import run_local
     from fl_client.privacy import PrivacyError
     from fl_client.train import TrainingError
+    from imaging.sitedata import NoSiteData
     from models.config import ConfigError, from_flat
 
     args.out.mkdir(parents=True, exist_ok=True)  # an unusable --out is said before training, not after
@@ -426,7 +427,7 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
 
         try:
             doc = run_local(args.workspace, config, args.out, epochs=args.epochs, on_epoch=on_epoch)
-        except (TrainingError, PrivacyError) as exc:
+        except (TrainingError, NoSiteData, PrivacyError) as exc:
             raise UserError(str(exc)) from None
     console.print(table)
     result = Table(title="Study-level metrics (threshold 0.5)")

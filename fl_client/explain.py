@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from fl_client.explainer import Explainer
-from fl_client.train import TrainingError, load_site_data
 from imaging.dicom import read_image
 from imaging.saliency_dicom import write_saliency_objects
+from imaging.sitedata import NoSiteData, load_site_data
 from models.saliency import Method
 
 SCHEMA = "oncofed.explain/1"
@@ -160,7 +160,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     model_sha256, task = explainer.sha256, explainer.task
     try:
         data = load_site_data([workspace], task)
-    except TrainingError as exc:
+    except NoSiteData as exc:
         raise ExplainError(str(exc)) from None
     splits = [s for s in ("train", "val", "test", "unassigned") if data.count(s)]
     chosen: list[tuple[str, int]] = []  # (split, index in that split's dataset)

@@ -18,16 +18,8 @@ import torch
 from fl_client.egress import EgressLog, check_reply
 from fl_client.policy import Admission, RunBook, RunManifest
 from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
-from fl_client.train import (
-    SiteData,
-    TrainingError,
-    dp_sample_rate,
-    dp_steps,
-    evaluate_local,
-    load_site_data,
-    plan_dp,
-    train_local,
-)
+from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
+from imaging.sitedata import NoSiteData, SiteData, load_site_data
 from models.config import RunConfig, resolved_grad_sample_mode
 from models.nets import build_model, parameter_count
 from models.protocol import (
@@ -213,7 +205,7 @@ def _site_data(site: Site, config: RunConfig) -> SiteData | None:
     """The site's labelled data for the run's task, or None if it holds none."""
     try:
         return load_site_data([site.workspace], config.model.task)
-    except TrainingError:
+    except NoSiteData:
         return None
 
 

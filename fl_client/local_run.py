@@ -25,10 +25,10 @@ from fl_client.train import (
     dp_sample_rate,
     dp_steps,
     evaluate_local,
-    load_site_data,
     plan_dp,
     train_local,
 )
+from imaging.sitedata import load_site_data
 from models.config import RunConfig, resolved_grad_sample_mode
 from models.nets import build_model, parameter_count
 from models.weights import save_checkpoint, state_arrays
@@ -57,7 +57,8 @@ def run_local(
         The metrics document written to ``metrics.json``.
 
     Raises:
-        TrainingError: No data, or DP asked for on pooled workspaces.
+        NoSiteData: A workspace holds no labelled data of both classes for the task.
+        TrainingError: DP asked for on pooled workspaces.
         NoBudget / BudgetExceeded: Under DP, the site's ceiling is missing or would be passed.
     """
     task = config.model.task

@@ -31,7 +31,6 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from imaging.errors import DicomError, Reason
 from imaging.integrity import CodestreamError, SignatureError, check_codestream, verify_signatures
-from imaging.presets import PRESETS, is_2d_modality, min_slices_for_modality, tasks_for_modality
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
@@ -509,8 +508,33 @@ def _check_values(h: InstanceHeader) -> None:
                              "stored values to modality values")
 
 
-def usable_modality(header: InstanceHeader) -> None:
-    """Check that a header is an image of a modality some task reads.
+# Projection radiography: each instance is one 2D image (DICOM semantics, not a task's choice).
+PROJECTION_MODALITIES = frozenset({"MG", "DX", "CR", "RG", "IO", "PX", "XA", "RF"})
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """What the caller reads: which modalities, which of them as single 2D images, and the fewest slices a volume
+    of each modality needs. :func:`imaging.presets.read_policy` builds the one the tasks need (ingest uses it);
+    the default reads every greyscale modality, projection modalities as 2D, volumes of two slices or more.
+
+    Attributes:
+        modalities: The modalities read (None: all).
+        two_d: The modalities whose instances are each one 2D image.
+        min_slices: ``(modality, fewest slices)`` pairs; a modality not listed needs two.
+    """
+
+    modalities: frozenset[str] | None = None
+    two_d: frozenset[str] = PROJECTION_MODALITIES
+    min_slices: tuple[tuple[str, int], ...] = ()
+
+    def fewest_slices(self, modality: str) -> int:
+        """The fewest slices a volume of ``modality`` may have."""
+        return max(2, dict(self.min_slices).get(modality, 2))
+
+
+def usable_modality(header: InstanceHeader, policy: ReadPolicy = ReadPolicy()) -> None:
+    """Check that a header is a greyscale image of a modality ``policy`` reads.
 
     Raises:
         DicomError: ``not-an-image``, ``modality-unused`` or ``colour-image``.
@@ -521,8 +545,8 @@ def usable_modality(header: InstanceHeader) -> None:
             Reason.NOT_AN_IMAGE,
             f"no pixel data (SOP class {header.sop_class_uid or 'unknown'}, modality {header.modality or '?'})",
         )
-    if not tasks_for_modality(header.modality):
-        used = sorted({p.modality for p in PRESETS.values()})
+    if policy.modalities is not None and header.modality not in policy.modalities:
+        used = sorted(policy.modalities)
         raise DicomError(
             header.path,
             Reason.MODALITY_UNUSED,
@@ -543,11 +567,12 @@ def _normal(orientation: Sequence[float]) -> np.ndarray:
     return normal / np.linalg.norm(normal)
 
 
-def plan_images(headers: Sequence[InstanceHeader]) -> list[ImagePlan]:
+def plan_images(headers: Sequence[InstanceHeader], *, policy: ReadPolicy = ReadPolicy()) -> list[ImagePlan]:
     """Plan the images of one series: one volume, or one 2D image per instance for 2D modalities.
 
     Args:
         headers: All headers of one series (same SeriesInstanceUID), any order.
+        policy: The modalities read, which are 2D, and the fewest slices of a volume.
 
     Returns:
         The validated plans.
@@ -559,7 +584,7 @@ def plan_images(headers: Sequence[InstanceHeader]) -> list[ImagePlan]:
         raise ValueError("plan_images needs at least one header")
     first = min(headers, key=lambda h: str(h.path))
     for h in headers:
-        usable_modality(h)
+        usable_modality(h, policy)
         _check_values(h)
     for what, values in (("studies", {h.study_uid for h in headers}), ("modalities", {h.modality for h in headers})):
         if len(values) > 1:
@@ -573,9 +598,9 @@ def plan_images(headers: Sequence[InstanceHeader]) -> list[ImagePlan]:
             Reason.MIXED_SIZE,
             f"series mixes image sizes {sorted(sizes)}; split it into one series per size",
         )
-    if is_2d_modality(first.modality):
+    if first.modality in policy.two_d:
         return [_plan_2d(h) for h in sorted(headers, key=lambda h: str(h.path))]
-    return [_plan_volume(headers, first)]
+    return [_plan_volume(headers, first, min_slices=policy.fewest_slices(first.modality))]
 
 
 def _plan_2d(h: InstanceHeader) -> ImagePlan:
@@ -603,9 +628,8 @@ def _plan_2d(h: InstanceHeader) -> ImagePlan:
     )
 
 
-def _plan_volume(headers: Sequence[InstanceHeader], first: InstanceHeader) -> ImagePlan:
+def _plan_volume(headers: Sequence[InstanceHeader], first: InstanceHeader, *, min_slices: int) -> ImagePlan:
     entries = [(h, f) for h in headers for f in h.frames]
-    min_slices = min_slices_for_modality(first.modality)
 
     def too_few() -> DicomError:
         return DicomError(

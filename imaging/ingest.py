@@ -34,7 +34,7 @@ import pydicom
 from imaging.catalog import Catalog, Status, header_from_json, header_to_json, plan_to_json
 from imaging.dicom import InstanceHeader, plan_images, read_header, read_image
 from imaging.errors import DicomError, Reason
-from imaging.presets import tasks_for_series
+from imaging.presets import read_policy, tasks_for_series
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: called as ingest advances."""
@@ -287,7 +287,7 @@ def _check_series(catalog: Catalog, series_uid: str) -> int:
     status, reason, message = Status.OK, None, None
     decoded = 0
     try:
-        plans = plan_images(headers)
+        plans = plan_images(headers, policy=read_policy())
     except DicomError as err:
         plans = []
         status, reason, message = Status.REJECTED, err.reason, f"{err.path.name}: {err.message}"

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imaging.dicom import ReadPolicy
 
 
 class Intensity(StrEnum):
@@ -190,6 +194,16 @@ def min_slices_for_modality(modality: str) -> int:
     """The fewest slices any 3D task of ``modality`` accepts (1 if no 3D task reads it)."""
     counts = [p.min_slices for p in PRESETS.values() if p.modality == modality and p.spatial_dims == 3]
     return min(counts) if counts else 1
+
+
+def read_policy() -> ReadPolicy:
+    """What ingest reads for the tasks: their modalities, the 2D ones, and each modality's fewest slices."""
+    from imaging.dicom import ReadPolicy
+
+    return ReadPolicy(modalities=frozenset(p.modality for p in PRESETS.values()),
+                      two_d=frozenset(p.modality for p in PRESETS.values() if is_2d_modality(p.modality)),
+                      min_slices=tuple((m, min_slices_for_modality(m)) for m in sorted({p.modality for p in
+                                                                                       PRESETS.values()})))
 
 
 def is_2d_modality(modality: str) -> bool:

@@ -75,7 +75,8 @@ def test_auroc(model_path: Path, site_dirs: list[Path], task: str) -> float | No
     """AUROC of a saved model on the test studies of all sites pooled (the same yardstick for every model)."""
     import torch
 
-    from fl_client.train import evaluate_local, load_site_data
+    from fl_client.train import evaluate_local
+    from imaging.sitedata import load_site_data
     from models.nets import build_model
     from models.weights import load_checkpoint
 

@@ -34,11 +34,11 @@ import torch
 from rich.console import Console
 
 from fl_client.local_run import run_local
-from fl_client.train import load_site_data
 from imaging.catalog import Catalog
 from imaging.ingest import ingest_folder
 from imaging.labels import load_labels
 from imaging.presets import PRESETS
+from imaging.sitedata import load_site_data
 from imaging.synth import generate_consortium
 from imaging.transforms import mask_to_network_grid
 from models.config import from_flat

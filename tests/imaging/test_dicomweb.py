@@ -22,14 +22,13 @@ import requests
 from pydicom.data import get_testdata_file
 
 from fl_client.pacs_transfer import (
-    PARTIAL,
-    STORE,
     fetch_studies,
     fetch_study,
     find_cohort,
     store_and_record,
     with_retries,
 )
+from fl_client.workspace import Workspace
 from imaging.catalog import Catalog
 from imaging.dicomweb import Credentials, DicomWebError, DicomWebPacs, credentials_from, make_client
 from imaging.ingest import ingest_folder
@@ -106,7 +105,7 @@ def test_a_pacs_ingest_catalogs_what_a_folder_ingest_does(pacs: tuple[Any, Path]
     assert {r.status for r in results} == {"fetched"}, [(r.study_uid, r.reason) for r in results]
     assert sum(r.fetched for r in results) == server.statistics()["CountInstances"] == len(list(held.iterdir()))
     with Catalog.open(ws) as catalog:
-        ingest_folder(catalog, ws / STORE)
+        ingest_folder(catalog, Workspace(ws).pacs_store)
     folder_rows, pacs_rows = catalog_rows(tmp_path / "folder"), catalog_rows(ws)
     for table in ("files", "series", "images", "studies"):
         assert pacs_rows[table] == folder_rows[table], table
@@ -114,7 +113,7 @@ def test_a_pacs_ingest_catalogs_what_a_folder_ingest_does(pacs: tuple[Any, Path]
     assert any(r[0] == "rejected" for r in pacs_rows["files"]) or any("rejected" in r for r in pacs_rows["series"])
     # The RLE file came back in its own transfer syntax and decodes to the same pixels.
     rle = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
-    (fetched,) = [p for p in (ws / STORE).rglob(f"{rle.SOPInstanceUID}.dcm")]
+    (fetched,) = [p for p in Workspace(ws).pacs_store.rglob(f"{rle.SOPInstanceUID}.dcm")]
     back = pydicom.dcmread(fetched)
     assert back.file_meta.TransferSyntaxUID == rle.file_meta.TransferSyntaxUID
     np.testing.assert_array_equal(back.pixel_array, rle.pixel_array)
@@ -159,15 +158,15 @@ def test_a_study_that_fails_half_way_is_not_kept_and_comes_next_time(pacs: tuple
     result = fetch_study(broken, ws, study, retries=2, backoff=0.5, sleep=waits.append)
     assert result.status == "failed" and "cannot connect" in result.reason
     assert waits == [0.5, 1.0]  # exponential back-off between the attempts
-    assert not (ws / STORE / study).exists() and not (ws / PARTIAL / study).exists()
+    assert not (Workspace(ws).pacs_store / study).exists() and not (Workspace(ws).pacs_partial / study).exists()
     # Transient trouble (a reset, a 503) is retried and the study arrives whole, one request per series.
     flaky = client_of(server, FlakySession(fail_at={1}, http_error_at={2}))
     result = fetch_study(flaky, ws, study, retries=2, backoff=0.0)
     assert result.status == "fetched" and result.fetched == result.instances > 5
     assert result.attempts == 1 + len(series) + 2  # the instance listing, each series once, two retries
-    assert len(list((ws / STORE / study).rglob("*.dcm"))) == result.instances
+    assert len(list((Workspace(ws).pacs_store / study).rglob("*.dcm"))) == result.instances
     # One instance lost locally: only that one is asked for again, by itself.
-    victim = next((ws / STORE / study).rglob("*.dcm"))
+    victim = next((Workspace(ws).pacs_store / study).rglob("*.dcm"))
     victim.unlink()
     counting = FlakySession()
     again = fetch_study(client_of(server, counting), ws, study)
@@ -185,7 +184,7 @@ def test_saliency_objects_go_back_to_the_pacs_and_read_again(pacs: tuple[Any, Pa
     studies = find_cohort(client, filters=parse_query("Modality=CT"))
     ws = tmp_path / "ws"
     fetch_study(client, ws, studies[0])
-    (plan,) = plan_images([read_header(p) for p in (ws / STORE / studies[0]).rglob("*.dcm")])
+    (plan,) = plan_images([read_header(p) for p in (Workspace(ws).pacs_store / studies[0]).rglob("*.dcm")])
     heat = np.zeros(plan.shape, np.float32)
     heat[10:14, 20:30, 20:30] = 0.8
     objects = write_saliency_objects(plan, heat, read_image(plan).array, tmp_path / "out", method="gradcam",

@@ -1,0 +1,102 @@
+"""A site's data for one task, by split, as datasets the training and evaluation loops read.
+
+:func:`load_site_data` reads each workspace's catalog for the task's labelled images; :class:`SiteData`
+turns a split into a dataset of ``(image, label)`` tensors, each workspace caching its own preprocessed
+images (:func:`imaging.dataset.cached_dataset`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from imaging.catalog import Catalog, Item
+from imaging.dataset import cached_dataset
+from imaging.presets import get_preset
+
+__all__ = ["NoSiteData", "SiteData", "TensorDataset", "load_site_data"]
+
+
+class NoSiteData(Exception):
+    """A workspace holds no catalog, or no labelled training data of both classes for the task; the message
+    names the workspace and the task and says what to do."""
+
+
+class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """``(image, label)`` pairs of plain tensors from a cached MONAI dataset (Opacus' loader needs tuples)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.inner[index]
+        image = sample["image"]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        return image.float(), torch.tensor([float(sample["label"])])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One task's items at one or more site workspaces, per split."""
+
+    task: str
+    items: dict[str, list[tuple[Path, Item]]]  # split -> (workspace, item)
+
+    def count(self, split: str) -> int:
+        """Images in a split."""
+        return len(self.items.get(split, []))
+
+    def labels(self, split: str) -> list[int]:
+        """The labels of a split's images, in order."""
+        return [item.label for _, item in self.items.get(split, [])]
+
+    def dataset(self, split: str, *, train: bool) -> TensorDataset:
+        """The split as a dataset; each workspace caches its own preprocessed tensors."""
+        preset = get_preset(self.task)
+        parts = []
+        by_ws: dict[Path, list[Item]] = {}
+        for ws, item in self.items.get(split, []):
+            by_ws.setdefault(ws, []).append(item)
+        for ws, items in by_ws.items():
+            parts.append(cached_dataset(items, preset, workspace=ws, train=train))
+        return TensorDataset(torch.utils.data.ConcatDataset(parts) if len(parts) != 1 else parts[0])
+
+    def study_uids(self, split: str) -> list[str]:
+        """The study of each of a split's images, in order."""
+        return [item.study_uid for _, item in self.items.get(split, [])]
+
+
+def load_site_data(workspaces: Sequence[Path], task: str) -> SiteData:
+    """The labelled items of ``task`` in each workspace, by split.
+
+    Raises:
+        NoSiteData: A workspace has no catalog, or no labelled training items for the task.
+    """
+    get_preset(task)
+    items: dict[str, list[tuple[Path, Item]]] = {}
+    for ws in workspaces:
+        try:
+            catalog = Catalog.open(ws, create=False)
+        except FileNotFoundError as exc:
+            raise NoSiteData(str(exc)) from None
+        with catalog:
+            for item in catalog.items(task):
+                items.setdefault(item.split or "unassigned", []).append((Path(ws), item))
+    data = SiteData(task, items)
+    labels = data.labels("train")
+    if not labels:
+        raise NoSiteData(
+            f"no labelled training studies for task {task} in {', '.join(map(str, workspaces))}; "
+            "ingest with --labels first (oncofed-site status shows what is there)"
+        )
+    if len(set(labels)) < 2:
+        raise NoSiteData(f"the training split of task {task} holds only label {labels[0]}; both classes are needed")
+    return data
