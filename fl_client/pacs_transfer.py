@@ -326,7 +326,8 @@ def store_and_record(store: PacsStore, catalog: Catalog, paths: Sequence[Path], 
         The objects the PACS accepted.
 
     Raises:
-        PacsError: The PACS refused or failed for a study (nothing is recorded then).
+        PacsError: The PACS refused or failed for a study; what it accepted before (earlier studies) is recorded
+            first, so the catalog never forgets an object that is in the PACS.
     """
     by_study: dict[str, list[Path]] = {}
     for path in paths:
@@ -337,7 +338,7 @@ def store_and_record(store: PacsStore, catalog: Catalog, paths: Sequence[Path], 
     for study_uid, files in by_study.items():
         accepted, _ = with_retries(partial_call(store.store_instances, study_uid, files), retries=retries,
                                    backoff=backoff)
+        with catalog.transaction():  # each study's objects as soon as the PACS holds them
+            catalog.record_stored(store.url, accepted)
         stored += accepted
-    with catalog.transaction():
-        catalog.record_stored(store.url, stored)
     return stored

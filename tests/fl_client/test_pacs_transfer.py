@@ -228,12 +228,14 @@ def test_what_the_pacs_accepts_is_recorded_one_request_per_study(tmp_path: Path)
                                    (sops[1], "fake://pacs-a", OTHER, str(files[1]))])
 
 
-def test_a_refused_store_is_raised_and_records_nothing(tmp_path: Path) -> None:
+def test_a_refused_store_is_raised_and_what_the_pacs_already_holds_is_recorded(tmp_path: Path) -> None:
     pacs = _pacs(fail={f"store {OTHER}": [PacsError(f"the PACS refused 1 object(s) of study {OTHER}")]})
+    files = _objects(tmp_path)
     with Catalog.open(tmp_path / "ws") as catalog:
         with pytest.raises(PacsError, match="refused 1 object"):
-            store_and_record(pacs, catalog, _objects(tmp_path))
-        assert catalog.stored_rows() == []
+            store_and_record(pacs, catalog, files)
+        # The first study's two objects are in the PACS: the catalog knows them; nothing of the refused study.
+        assert sorted(r["file"] for r in catalog.stored_rows()) == sorted([str(files[0]), str(files[2])])
     assert pacs.requests == [f"store {STUDY}", f"store {OTHER}"]
 
 
