@@ -21,6 +21,26 @@ from typing import Any
 
 from models.tasks import TASK_DIMS
 
+__all__ = [
+    "Accountant",
+    "Arch",
+    "ConfigError",
+    "FederationSpec",
+    "GradSampleMode",
+    "ModelSpec",
+    "Norm",
+    "PrivacySpec",
+    "RunConfig",
+    "RunKey",
+    "ServerSpec",
+    "Strategy",
+    "TrainSpec",
+    "from_flat",
+    "parse_bool",
+    "resolved_grad_sample_mode",
+    "validate",
+]
+
 
 class ConfigError(ValueError):
     """A run configuration value or combination is wrong; the message names the key and the fix."""

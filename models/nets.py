@@ -22,6 +22,8 @@ from torch import nn
 
 from models.config import Arch, ModelSpec, Norm
 
+__all__ = ["CompactCNN", "GeMPool", "build_model", "norm_layer", "parameter_count"]
+
 ACT = ("relu", {"inplace": False})
 
 
@@ -60,6 +62,7 @@ class GeMPool(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool ``(batch, channels, *spatial)`` to ``(batch, channels)``."""
         return x.clamp(min=1e-6).pow(self.p).flatten(2).mean(dim=2).pow(1.0 / self.p)
 
 
@@ -97,6 +100,7 @@ class CompactCNN(nn.Module):
         self.head = nn.Linear(channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits, ``(batch, 1)``, of images ``(batch, in_channels, *spatial)``."""
         return self.head(self.dropout(self.pool(self.features(x))))
 
 

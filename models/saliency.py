@@ -29,6 +29,22 @@ from torch import nn
 
 from models.methods import Method
 
+__all__ = [
+    "Method",
+    "Saliency",
+    "SaliencyError",
+    "aligned_upsampler",
+    "energy_inside",
+    "layer_grid",
+    "occlusion_mask",
+    "occlusion_windows",
+    "pointing_game",
+    "rank_correlation",
+    "region_box",
+    "saliency",
+    "target_layer",
+]
+
 
 class SaliencyError(ValueError):
     """The network has no layer a saliency map can be read from, or a bad request; the message says why."""

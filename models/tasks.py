@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+__all__ = ["TASK_DIMS"]
+
 TASK_DIMS: MappingProxyType[str, int] = MappingProxyType(
     {
         "lung-ct": 3,

@@ -19,6 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
+__all__ = [
+    "WeightsError",
+    "check_arrays",
+    "load_arrays",
+    "load_checkpoint",
+    "pack",
+    "save_checkpoint",
+    "state_arrays",
+    "unpack",
+]
+
 OPACUS_PREFIX = "_module."
 
 
