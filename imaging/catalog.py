@@ -24,6 +24,18 @@ from typing import Any
 from imaging.dicom import Frame, ImagePlan, InstanceHeader, SliceRef
 from imaging.layout import CATALOG_FILE
 
+__all__ = [
+    "Catalog",
+    "Item",
+    "Split",
+    "Status",
+    "header_from_json",
+    "header_to_json",
+    "plan_from_json",
+    "plan_to_json",
+    "row_dict",
+]
+
 SCHEMA_VERSION = 1
 
 

@@ -23,6 +23,8 @@ from imaging.layout import CACHE_DIR
 from imaging.presets import TaskPreset
 from imaging.transforms import pipeline
 
+__all__ = ["cache_folder", "cached_dataset", "file_fingerprint", "preprocessing_key", "sample_dicts"]
+
 
 def preprocessing_key(preset: TaskPreset) -> str:
     """A short hash of everything in a preset that changes the cached tensors."""

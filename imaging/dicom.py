@@ -32,6 +32,21 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from imaging.errors import DicomError, Reason
 from imaging.integrity import CodestreamError, SignatureError, check_codestream, verify_signatures
 
+__all__ = [
+    "Frame",
+    "Image",
+    "ImagePlan",
+    "InstanceHeader",
+    "ReadPolicy",
+    "SliceRef",
+    "affine_lps",
+    "decode_pixels",
+    "plan_images",
+    "read_header",
+    "read_image",
+    "usable_modality",
+]
+
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
+__all__ = ["DicomError", "Reason"]
+
 
 class Reason(StrEnum):
     """Stable reason codes for rejected files and series (they appear in ``--json`` output)."""

@@ -24,6 +24,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELos
 
 from imaging.errors import Reason
 
+__all__ = ["VARIANTS", "Variant", "apply", "write_deflate_bomb"]
+
 
 @dataclass(frozen=True)
 class Variant:

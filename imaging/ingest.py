@@ -36,6 +36,8 @@ from imaging.dicom import InstanceHeader, plan_images, read_header, read_image
 from imaging.errors import DicomError, Reason
 from imaging.presets import read_policy, tasks_for_series
 
+__all__ = ["IngestReport", "Progress", "ingest_folder", "walk_files"]
+
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: called as ingest advances."""
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from imaging.catalog import Catalog
 from imaging.presets import PRESETS
 
+__all__ = ["LabelFileError", "LabelReport", "label_gaps", "load_labels", "read_manifest"]
+
 REQUIRED_COLUMNS = ("study_instance_uid", "task", "label")
 
 

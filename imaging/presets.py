@@ -15,6 +15,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from imaging.dicom import ReadPolicy
 
+__all__ = [
+    "PRESETS",
+    "Augment",
+    "Intensity",
+    "TaskPreset",
+    "get_preset",
+    "is_2d_modality",
+    "min_slices_for_modality",
+    "read_policy",
+    "tasks_for_modality",
+    "tasks_for_series",
+]
+
 
 class Intensity(StrEnum):
     """How raw intensities become network inputs."""

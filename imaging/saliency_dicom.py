@@ -30,6 +30,18 @@ from pydicom.uid import generate_uid
 
 from imaging.dicom import ImagePlan
 
+__all__ = [
+    "PM_SCALE",
+    "RESEARCH_NOTE",
+    "SaliencyDicomError",
+    "SaliencyObjects",
+    "blend",
+    "key_images",
+    "key_slices",
+    "parametric_map",
+    "write_saliency_objects",
+]
+
 RESEARCH_NOTE = "RESEARCH USE ONLY - not for diagnostic use"
 MANUFACTURER = "oncofed"
 SOFTWARE_VERSION = "0.1.0"

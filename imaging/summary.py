@@ -15,6 +15,8 @@ from imaging.catalog import Catalog, Split
 from imaging.labels import label_gaps
 from imaging.presets import PRESETS
 
+__all__ = ["series_listing", "site_status"]
+
 STATUS_SCHEMA = "oncofed.site-status/1"
 SERIES_SCHEMA = "oncofed.series/1"
 

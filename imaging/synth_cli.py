@@ -14,6 +14,8 @@ from rich.table import Table
 from imaging.presets import PRESETS
 from imaging.synth import ALL_TASKS, generate_consortium, site_profiles, validate_tasks
 
+__all__ = ["build_parser", "main"]
+
 
 def _epilog() -> str:
     """The help's closing text; the tasks come from the presets that have a synthetic phantom."""
@@ -32,6 +34,7 @@ tasks (imaging.presets):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``oncofed-synth`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="oncofed-synth",
         description="Write a synthetic multi-site consortium of DICOM studies for the cancer tasks.",

@@ -37,6 +37,21 @@ from imaging.catalog import plan_from_json
 from imaging.dicom import ImagePlan, affine_lps, read_image
 from imaging.presets import Intensity, TaskPreset
 
+__all__ = [
+    "FlipToLateralityd",
+    "LoadPlanImaged",
+    "LungFieldd",
+    "RobustScaled",
+    "SuppressBrightd",
+    "augmentations",
+    "deterministic_transforms",
+    "mask_to_network_grid",
+    "network_to_source",
+    "network_to_source_index",
+    "pipeline",
+    "to_meta_tensor",
+]
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
