@@ -18,6 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split
 
+__all__ = ["app", "final_evaluation", "main"]
+
 app = ServerApp()
 log = logging.getLogger("flwr")
 

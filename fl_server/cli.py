@@ -12,6 +12,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+__all__ = [
+    "UserError",
+    "app_defaults",
+    "build_parser",
+    "cmd_provision",
+    "cmd_report",
+    "cmd_run",
+    "cmd_simulate",
+    "cmd_start",
+    "main",
+    "nothing_trained",
+    "parse_sets",
+]
+
 EPILOG_SIMULATE = """examples:
   oncofed-server simulate --sites ws --run-dir runs/lung-sim --set task=lung-ct --set num-rounds=5
   oncofed-server simulate --sites ws --run-dir runs/mg --set task=breast-mg --set strategy=fedprox \\
@@ -124,6 +138,20 @@ def nothing_trained(run_dir: Path) -> str | None:
 
 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server simulate``: a federated training of the workspaces under ``--sites`` as a Flower
+    simulation on this machine, then its report and the final test table.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: ``--sites`` holds no workspace, a bad ``--set``, a run directory that holds a run without
+            ``--resume`` (or none with it), Flower could not start, or the run did not finish or trained nothing.
+    """
     from fl_server.flower_ops import FlowerError, simulate
     from fl_server.report import write_report
 
@@ -171,6 +199,18 @@ def _print_final(console: Console, run_dir: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server report``: write the HTML report (plots, tables, TensorBoard events) of a run directory.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: The folder holds no run.
+    """
     from fl_server.report import write_report
 
     try:
@@ -210,6 +250,20 @@ model.pt, report.html) on the SuperLink's host. --set takes any key of [tool.flw
 
 
 def cmd_provision(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server provision``: make a consortium (CA, SuperLink certificate, one kit per site), or add
+    sites to one with ``--add``; prints each new kit with its key fingerprint.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: ``--add`` together with ``--sites`` or ``--names``, neither given, a bad site id, or any other
+            provisioning problem (with the reason).
+    """
     from fl_server.provision import ProvisionError, add_sites, parse_site_ids, provision
 
     try:
@@ -240,6 +294,18 @@ def cmd_provision(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_start(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server start``: run the consortium's SuperLink (TLS, only provisioned sites) until Ctrl-C.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0 once stopped.
+
+    Raises:
+        UserError: The kit is unusable, or the SuperLink did not start or stopped on its own.
+    """
     from fl_server.deploy import DeployError, serve
 
     try:
@@ -250,6 +316,20 @@ def cmd_start(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server run``: a federated training on the SuperLink that ``start`` runs, one line per round,
+    then the final test table.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: A bad ``--set``, a run directory that holds a run without ``--resume`` (or none with it), no
+            SuperLink running for the kit, or the run did not finish or trained nothing.
+    """
     from fl_server.deploy import DeployError, connection_home, run
 
     run_config = _run_config(args)

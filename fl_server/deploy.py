@@ -40,6 +40,20 @@ from fl_server.flower_ops import (
     write_connection,
 )
 
+__all__ = [
+    "READY",
+    "DeployError",
+    "Deployment",
+    "ServerKit",
+    "connection_home",
+    "local_address",
+    "register_site",
+    "run",
+    "serve",
+    "start",
+    "state_dir_for",
+]
+
 STATE_DIR = "superlink"
 READY = "oncofed: SuperLink ready at"
 
@@ -176,9 +190,11 @@ class Deployment:
 
     @property
     def flwr_home(self) -> Path:
+        """The SuperLink's ``FLWR_HOME``, where the ``flwr`` connection the lead's tools use is written."""
         return self.link.flwr_home
 
     def stop(self) -> None:
+        """Stop the SuperLink and release its state folder for the next start."""
         self.link.stop()
         if self.lock is not None:
             self.lock.close()

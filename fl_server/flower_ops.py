@@ -25,6 +25,22 @@ from typing import Any
 
 import fl_server
 
+__all__ = [
+    "CONNECTION",
+    "FlowerError",
+    "RunOutcome",
+    "SuperLink",
+    "app_dir",
+    "ensure_executables",
+    "flower_env",
+    "flwr_run",
+    "free_port",
+    "run_config_arg",
+    "simulate",
+    "wait_for_port",
+    "write_connection",
+]
+
 CONNECTION = "oncofed"
 
 
@@ -127,17 +143,21 @@ class SuperLink:
 
     @property
     def address(self) -> str:
+        """``host:port`` the SuperLink listens on."""
         return f"{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
+        """The SuperLink's log file."""
         return self.workdir / "superlink.log"
 
     @property
     def flwr_home(self) -> Path:
+        """The ``FLWR_HOME`` folder the SuperLink runs with."""
         return self.workdir / "flwr-home"
 
     def command(self) -> list[str]:
+        """The ``flower-superlink`` command line for these settings."""
         cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", self.host, "--port", str(self.port),
                "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
         if self.simulation:
@@ -152,6 +172,17 @@ class SuperLink:
         return cmd
 
     def start(self, *, timeout: float = 60.0) -> SuperLink:
+        """Start the SuperLink (on a free port unless ``port`` was given) and wait until it listens.
+
+        Args:
+            timeout: Seconds to wait for it to listen.
+
+        Returns:
+            This SuperLink, started.
+
+        Raises:
+            FlowerError: It exited, or did not listen within ``timeout`` seconds (the message names its log).
+        """
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it until stop()

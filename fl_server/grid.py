@@ -17,6 +17,8 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+__all__ = ["PromptGrid"]
+
 
 class PromptGrid(Grid):
     """A Flower ``Grid`` that delegates to ``inner`` and polls for replies every ``poll`` seconds.
@@ -32,23 +34,29 @@ class PromptGrid(Grid):
         self._sent_to: dict[str, int] = {}  # message id -> the node it went to
 
     def set_run(self, run: Run) -> None:
+        """Set the run the grid sends messages for (Flower's own call)."""
         self.inner.set_run(run)
 
     @property
     def run(self) -> Run:
+        """The run the grid sends messages for."""
         return self.inner.run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
+        """A message for node ``dst_node_id`` in this run (Flower's own call)."""
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
+        """The ids of the nodes connected now."""
         return self.inner.get_node_ids()
 
     def get_nodes(self) -> Iterable[Any]:
+        """The nodes connected now."""
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Send ``messages``, remembering the node each went to (see :meth:`node_of`); returns their ids."""
         messages = list(messages)
         ids = list(self.inner.push_messages(messages))
         self._sent_to.update({i: int(m.metadata.dst_node_id) for i, m in zip(ids, messages, strict=False)})
@@ -60,6 +68,7 @@ class PromptGrid(Grid):
         return self._sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies that have arrived so far to the messages ``message_ids``."""
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

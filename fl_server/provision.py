@@ -40,6 +40,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+__all__ = [
+    "ProvisionError",
+    "Provisioned",
+    "SiteKit",
+    "add_sites",
+    "cert_fingerprint",
+    "check_site_id",
+    "load_manifest",
+    "make_ca",
+    "make_server_cert",
+    "make_site_keys",
+    "parse_site_ids",
+    "provision",
+    "split_names",
+    "ssh_fingerprint",
+]
+
 SCHEMA = "oncofed.consortium/1"
 MANIFEST = "consortium.json"
 DEFAULT_PORT = 9092

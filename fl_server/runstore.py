@@ -28,6 +28,8 @@ from fl_server.rounds import new_round
 from models.config import RunKey
 from models.weights import load_checkpoint, save_checkpoint
 
+__all__ = ["RunStore", "RunStoreError"]
+
 SCHEMA = "oncofed.run/1"
 _CKPT = re.compile(r"round-(\d+)\.pt$")
 
@@ -97,14 +99,17 @@ class RunStore:
 
     @staticmethod
     def last_checkpoint(root: Path) -> Path | None:
+        """The checkpoint of the latest round saved in run directory ``root``, or None if there is none."""
         found = [(int(m.group(1)), p) for p in (Path(root) / "checkpoints").glob("round-*.pt")
                  if (m := _CKPT.search(p.name))]
         return max(found)[1] if found else None
 
     def config(self) -> dict[str, Any]:
+        """The flat run configuration the run was started with."""
         return dict(json.loads((self.root / "config.json").read_text())["run_config"])
 
     def save(self) -> None:
+        """Write the history document to ``history.json``, atomically (a crash leaves the old or the new one)."""
         _atomic_write(self.root / "history.json", json.dumps(self.history, indent=1, default=float).encode())
 
     def checkpoint(self, round_number: int, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any]) -> Path:

@@ -172,6 +172,8 @@ class ConsortiumStrategy(FlowerStrategy):
         self._grid: Grid | None = None
 
     def summary(self) -> None:
+        """Log how the run is set up (norm limit, where evaluation happens, rounds done before), then the
+        stock strategy's summary."""
         log.info("oncofed: %s with update validation (norm limit %gx), evaluation %s, %d round(s) done before",
                  type(self.inner).__name__, self.norm_factor,
                  "inside the training messages" if self.evaluate_in_train else "in messages of its own", self.offset)
@@ -180,6 +182,16 @@ class ConsortiumStrategy(FlowerStrategy):
     # -- training ---------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """The round's training messages, from the stock strategy (which samples the sites).
+
+        Args:
+            server_round: Flower's round number in this process; the run's round adds the rounds done before a
+                resume.
+            arrays: The global model to send.
+            config: The round's configuration; it asks for the sites' validation metrics when they evaluate in
+                the training messages.
+            grid: Flower's grid.
+        """
         rnd = server_round + self.offset
         self._t0[rnd] = time.perf_counter()
         self._sent[rnd] = _plain(arrays)
@@ -193,6 +205,18 @@ class ConsortiumStrategy(FlowerStrategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record every site's training reply (failures and refusals included), drop malformed or outlying
+        updates and aggregate the rest with the stock strategy.
+
+        Args:
+            server_round: Flower's round number in this process; the run's round adds the rounds done before a
+                resume.
+            replies: The sites' replies.
+
+        Returns:
+            The new global model and the aggregated training metrics, or ``(None, None)`` when no update was
+            valid (the global model stays as it was).
+        """
         rnd = server_round + self.offset
         recorder = RoundRecorder(self.store.round_record(rnd))
         sent = self._sent.get(rnd, {})
@@ -250,6 +274,16 @@ class ConsortiumStrategy(FlowerStrategy):
     # -- evaluation -------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """The round's evaluation messages (on the sites' validation split); none when the sites evaluate in
+        the training messages.
+
+        Args:
+            server_round: Flower's round number in this process; the run's round adds the rounds done before a
+                resume.
+            arrays: The global model to evaluate.
+            config: The round's configuration.
+            grid: Flower's grid.
+        """
         if self.evaluate_in_train:
             return []
         rnd = server_round + self.offset
@@ -257,6 +291,16 @@ class ConsortiumStrategy(FlowerStrategy):
         return self.inner.configure_evaluate(rnd, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record the sites' evaluation replies (failures and refusals included) and aggregate their metrics.
+
+        Args:
+            server_round: Flower's round number in this process; the run's round adds the rounds done before a
+                resume.
+            replies: The sites' replies.
+
+        Returns:
+            The metrics weighted by studies, or None when no site sent any.
+        """
         rnd = server_round + self.offset
         recorder = RoundRecorder(self.store.round_record(rnd))
         results = []

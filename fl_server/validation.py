@@ -14,6 +14,8 @@ import numpy as np
 
 from models.weights import WeightsError, check_arrays
 
+__all__ = ["screen_updates", "shape_problem", "update_norm"]
+
 DEFAULT_NORM_FACTOR = 10.0
 
 
