@@ -27,6 +27,8 @@ from flwr.clientapp import ClientApp
 
 from models.protocol import WEIGHTS, Metric, NodeKey, Record, RoundKey, SiteKey, Split
 
+__all__ = ["app", "evaluate", "refusal_message", "train"]
+
 app = ClientApp()
 
 

@@ -27,6 +27,20 @@ from imaging.summary import series_listing, site_status
 if TYPE_CHECKING:
     from models.methods import Method
 
+__all__ = [
+    "UserError",
+    "build_parser",
+    "cmd_explain",
+    "cmd_ingest",
+    "cmd_join",
+    "cmd_privacy",
+    "cmd_review",
+    "cmd_series",
+    "cmd_status",
+    "cmd_train_local",
+    "main",
+]
+
 EPILOG_INGEST = """examples:
   oncofed-site ingest --workspace ws/site-a --source /data/dicom --labels /data/labels.csv
   oncofed-site ingest --workspace ws/site-a --dicomweb https://pacs.local/dicom-web \\

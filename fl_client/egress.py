@@ -26,6 +26,8 @@ import numpy as np
 from fl_client.workspace import Workspace
 from models.protocol import ALLOWED_METRICS, ALLOWED_STRINGS, LONG_STRINGS
 
+__all__ = ["EgressError", "EgressLog", "EgressRecord", "append_line", "check_reply", "digest"]
+
 
 def append_line(path: Path, line: str) -> None:
     """Append one line to an append-only site log (mode 0600) and fsync it before returning."""

@@ -43,6 +43,8 @@ from fl_client.failures import Failure, FailureCode, SiteFailure, checked, failu
 from models.config import RunKey
 from models.protocol import NodeKey, Record, Refusal, RoundKey
 
+__all__ = ["Executor", "installed_app", "main", "pull_task_input", "serve_task", "version_refusal", "warm_up"]
+
 APP_ID = "oncofed/oncofed"  # [tool.flwr.app] publisher / [project] name
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 _REPLIED = b"R"
@@ -220,6 +222,7 @@ class Executor:
         self.child: int | None = None
 
     def supernode_alive(self) -> bool:
+        """Whether the SuperNode is still running (always true when no ``supernode_pid`` was given)."""
         if self.supernode_pid is None:
             return True
         try:
@@ -231,6 +234,7 @@ class Executor:
         return True
 
     def run_forever(self) -> None:
+        """Acquire and serve tasks one after another until the SuperNode is gone."""
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
@@ -319,6 +323,11 @@ class Executor:
             time.sleep(0.02)
 
     def stop(self, *_: Any) -> None:
+        """Kill the task process in progress, if any, and exit; installed as the SIGTERM and SIGINT handler.
+
+        Raises:
+            SystemExit: Always, with status 0.
+        """
         if self.child is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.child, signal.SIGKILL)
@@ -347,6 +356,14 @@ def warm_up(say: Callable[[str], None] = _say) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the executor from the command line (``python -m fl_client.executor``) until the SuperNode is gone.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status, 0.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m fl_client.executor", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The site's executor for a SuperNode started with --isolation process (oncofed-site join "

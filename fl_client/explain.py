@@ -31,6 +31,8 @@ from imaging.saliency_dicom import write_saliency_objects
 from imaging.sitedata import NoSiteData, load_site_data
 from models.saliency import Method
 
+__all__ = ["ExplainError", "Plane", "explain", "overlay_planes"]
+
 SCHEMA = "oncofed.explain/1"
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from fl_client.workspace import Workspace
 from models.protocol import FailureCode, SiteKey, failure_text, reason_codes
 
+__all__ = ["Failure", "FailureCode", "SiteFailure", "checked", "failure_of", "record_failure"]
+
 
 @dataclass(frozen=True)
 class Failure:

@@ -36,6 +36,20 @@ from models.protocol import (
 )
 from models.weights import load_arrays, pack, state_arrays, unpack
 
+__all__ = [
+    "Refused",
+    "Reply",
+    "Site",
+    "SiteConfigError",
+    "admit",
+    "evaluate",
+    "fit",
+    "refusal",
+    "run_manifest",
+    "site_from_config",
+    "steps_per_round",
+]
+
 
 class SiteConfigError(ValueError):
     """The SuperNode's node config does not say where the site's workspace is."""

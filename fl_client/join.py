@@ -40,6 +40,20 @@ from typing import Any
 
 from fl_client.workspace import Workspace
 
+__all__ = [
+    "JoinError",
+    "SiteKit",
+    "SuperNode",
+    "check_address",
+    "check_workspace",
+    "explain_exit",
+    "flower_env",
+    "free_port",
+    "join",
+    "key_fingerprint",
+    "node_config_arg",
+]
+
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _CONNECTED = "SuperNode ID:"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -198,21 +212,26 @@ class SuperNode:
 
     @property
     def state_dir(self) -> Path:
+        """The folder the SuperNode and the executor keep their state in while the site is joined."""
         return Workspace.of(self.workspace).supernode
 
     @property
     def log_path(self) -> Path:
+        """The SuperNode's log file."""
         return self.state_dir / "supernode.log"
 
     @property
     def address(self) -> str:
+        """``host:port`` of the SuperLink to connect to: ``superlink`` if given, else the kit's."""
         return self.superlink or self.kit.superlink
 
     @property
     def secret_path(self) -> Path:
+        """The file holding the SuperExec secret that only the SuperNode and this site's executor share."""
         return self.state_dir / "superexec.secret"
 
     def command(self) -> list[str]:
+        """The ``flower-supernode`` command line: TLS, the site's key, its node config, process isolation."""
         return [str(Path(sys.executable).parent / "flower-supernode"),
                 "--superlink", self.address,
                 "--root-certificates", str(self.kit.ca_certificate),
@@ -222,6 +241,11 @@ class SuperNode:
                 "--isolation", "process", "--superexec-auth-secret-file", str(self.secret_path)]
 
     def executor_command(self, supernode_pid: int) -> list[str]:
+        """The command line of the site's executor (:mod:`fl_client.executor`) for this SuperNode.
+
+        Args:
+            supernode_pid: The SuperNode's process id; the executor exits when that process is gone.
+        """
         return [sys.executable, "-m", "fl_client.executor", "--runtime-api", f"127.0.0.1:{self.port}",
                 "--secret-file", str(self.secret_path), "--supernode-pid", str(supernode_pid)]
 

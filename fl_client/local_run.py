@@ -33,6 +33,8 @@ from models.config import RunConfig, resolved_grad_sample_mode
 from models.nets import build_model, parameter_count
 from models.weights import save_checkpoint, state_arrays
 
+__all__ = ["run_local"]
+
 SCHEMA = "oncofed.local-run/1"
 
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+__all__ = ["BinaryMetrics", "auroc", "binary_metrics", "study_scores"]
+
 
 @dataclass(frozen=True)
 class BinaryMetrics:
@@ -27,6 +29,7 @@ class BinaryMetrics:
     loss: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
+        """The metrics as a plain dict, one entry per field."""
         return asdict(self)
 
 

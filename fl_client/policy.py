@@ -40,6 +40,18 @@ from fl_client.egress import append_line
 from fl_client.workspace import Workspace
 from models.protocol import Refusal
 
+__all__ = [
+    "Admission",
+    "PolicyError",
+    "Refusal",
+    "RunBook",
+    "RunManifest",
+    "RunRecord",
+    "RunState",
+    "SitePolicy",
+    "operator_name",
+]
+
 SITE_POLICY = "site policy"  # the "who" of automatic decisions
 
 

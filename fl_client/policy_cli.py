@@ -18,6 +18,8 @@ from rich.table import Table
 
 from fl_client.policy import PolicyError, RunBook, RunRecord, RunState, operator_name
 
+__all__ = ["add_commands", "cmd_approve", "cmd_policy", "cmd_refuse", "cmd_runs"]
+
 EPILOG_POLICY = """examples:
   oncofed-site policy --workspace ws/site-a
   oncofed-site policy --workspace ws/site-a --tasks lung-ct,prostate-mr --max-rounds 50 --approval required
@@ -80,6 +82,19 @@ def _limit(text: str, option: str, kind: Callable[[str], Any]) -> Any:
 
 
 def cmd_policy(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site policy``: show the site's policy, or change the limits given (an audited change).
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        PolicyError: No workspace, a list or limit that cannot be read, a policy out of range, or a damaged
+            policy file.
+    """
     from models.config import Arch
     from models.tasks import TASK_DIMS
 
@@ -116,6 +131,18 @@ def _record_doc(record: RunRecord) -> dict[str, Any]:
 
 
 def cmd_runs(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site runs``: every run that asked this site to take part, or one run with its audit trail.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        PolicyError: No workspace, or ``--run`` is not a run id or names a run this site has not seen.
+    """
     book = _book(args.workspace)
     if args.run:
         record = book.get(args.run)
@@ -172,10 +199,35 @@ def _decide(args: argparse.Namespace, console: Console, state: RunState) -> int:
 
 
 def cmd_approve(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site approve``: approve a run and show what it asks; the decision goes to the audit log.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        PolicyError: No workspace, a run id this site has not seen, or a run that has finished.
+    """
     return _decide(args, console, RunState.APPROVED)
 
 
 def cmd_refuse(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site refuse``: refuse a run, keeping the reason in the site's audit log (it is not sent).
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        PolicyError: An empty ``--why``, no workspace, a run id this site has not seen, or a run that has
+            finished.
+    """
     if not args.why.strip():
         raise PolicyError("--why must say why (it is kept in the site's audit log)")
     return _decide(args, console, RunState.REFUSED)

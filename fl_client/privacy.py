@@ -29,6 +29,18 @@ from fl_client.workspace import Workspace
 if TYPE_CHECKING:  # Opacus is imported only when privacy is computed: a ClientApp process pays for it then
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+__all__ = [
+    "Budget",
+    "BudgetExceeded",
+    "NoBudget",
+    "PrivacyError",
+    "PrivacyLedger",
+    "Session",
+    "default_delta",
+    "epsilon_of",
+    "noise_for",
+]
+
 LEDGER_SCHEMA = "oncofed.privacy-ledger/1"
 
 
@@ -209,6 +221,11 @@ class PrivacyLedger:
         return self._epsilon(others, delta) if others else 0.0
 
     def require_budget(self) -> Budget:
+        """The site's privacy budget (its ε ceiling and δ).
+
+        Raises:
+            NoBudget: The site has set no budget yet; the message gives the command that sets one.
+        """
         budget = self.budget()
         if budget is None:
             raise NoBudget(

@@ -39,6 +39,21 @@ from imaging.presets import get_preset
 from models.saliency import Method
 from models.weights import WeightsError
 
+__all__ = [
+    "Case",
+    "Guard",
+    "ReviewError",
+    "ReviewSession",
+    "VerdictStore",
+    "check_address",
+    "create_app",
+    "load_models",
+    "overlay_png",
+    "page_html",
+    "serve",
+    "slice_png",
+]
+
 VERDICTS = ("agree", "disagree", "unsure")
 READER = re.compile(r"^[A-Za-z][A-Za-z .'-]{0,15}$")
 MAX_COMMENT = 2000
@@ -84,10 +99,12 @@ class Case:
 
     @property
     def modality(self) -> str:
+        """The image's DICOM modality."""
         return self.item.plan.modality
 
     @property
     def view(self) -> str:
+        """How the worklist names the image: its laterality and view (mammography), else its modality."""
         plan = self.item.plan
         return " ".join(v for v in (plan.laterality, plan.view) if v) or plan.modality
 

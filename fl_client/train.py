@@ -26,6 +26,20 @@ from fl_client.privacy import PrivacyLedger, default_delta, noise_for
 from imaging.sitedata import SiteData
 from models.config import GradSampleMode, PrivacySpec, TrainSpec
 
+__all__ = [
+    "DPPlan",
+    "EvalResult",
+    "TrainResult",
+    "TrainingError",
+    "dp_sample_rate",
+    "dp_steps",
+    "evaluate_local",
+    "plan_dp",
+    "pos_weight_of",
+    "predict",
+    "train_local",
+]
+
 
 class TrainingError(Exception):
     """Training cannot start (no data, one class only...); the message names the site and task."""
