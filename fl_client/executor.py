@@ -39,9 +39,9 @@ from typing import Any
 
 from flwr.app import Message
 
-from fl_client.failures import Failure, FailureCode, SiteFailure, checked, failure_of, record_failure
+from fl_client.failures import Failure, SiteFailure, checked, failure_of, record_failure
 from models.config import RunKey
-from models.protocol import NodeKey, Record, Refusal, RoundKey
+from models.protocol import FailureCode, NodeKey, Record, Refusal, RoundKey
 
 __all__ = ["Executor", "installed_app", "main", "pull_task_input", "serve_task", "version_refusal", "warm_up"]
 

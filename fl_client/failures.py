@@ -20,7 +20,7 @@ from pathlib import Path
 from fl_client.workspace import Workspace
 from models.protocol import FailureCode, SiteKey, failure_text, reason_codes
 
-__all__ = ["Failure", "FailureCode", "SiteFailure", "checked", "failure_of", "record_failure"]
+__all__ = ["Failure", "SiteFailure", "checked", "failure_of", "record_failure"]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ from models.protocol import Refusal
 __all__ = [
     "Admission",
     "PolicyError",
-    "Refusal",
     "RunBook",
     "RunManifest",
     "RunRecord",

@@ -31,11 +31,12 @@ from consortium import make_workspaces
 from fl_client.egress import EgressLog
 from fl_client.executor import installed_app
 from fl_client.join import SiteKit, SuperNode
-from fl_client.policy import Refusal, RunBook, RunState, SitePolicy
+from fl_client.policy import RunBook, RunState, SitePolicy
 from fl_client.workspace import Workspace
 from fl_server.deploy import Deployment, ServerKit, connection_home, start
 from fl_server.flower_ops import app_dir, flwr_run, free_port
 from fl_server.provision import provision
+from models.protocol import Refusal
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,12 @@ from fl_client.cli import main as site_main
 from fl_client.egress import EgressLog
 from fl_client.failures import SiteFailure, failure_of
 from fl_client.federated import Refused, run_manifest
-from fl_client.policy import PolicyError, Refusal, RunBook, RunState, SitePolicy
+from fl_client.policy import PolicyError, RunBook, RunState, SitePolicy
 from fl_client.privacy import PrivacyLedger
 from fl_client.workspace import Workspace
 from models.config import ConfigError, from_flat
 from models.nets import build_model
+from models.protocol import Refusal
 from models.weights import pack, state_arrays
 
 RUN_CONFIG = {"task": "breast-mg", "num-rounds": 3, "threads": 1}
