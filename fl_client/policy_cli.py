@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fl_client.policy import PolicyError, RunBook, RunRecord, RunState, operator_name
+from imaging.presets import PRESETS
+from models.config import Arch
 
 __all__ = ["add_commands", "cmd_approve", "cmd_policy", "cmd_refuse", "cmd_runs"]
 
@@ -237,8 +239,8 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Register the four commands with ``oncofed-site``'s ``add(name, help, epilog, func)``."""
     p = add("policy", "Show or set which runs this site takes part in (tasks, rounds, networks, ε, approval).",
             EPILOG_POLICY, cmd_policy)
-    p.add_argument("--tasks", metavar="T1,T2|all", help="tasks the site takes part in")
-    p.add_argument("--networks", metavar="N1,N2|any", help="networks allowed (compact-cnn, densenet-small, ...)")
+    p.add_argument("--tasks", metavar="T1,T2|all", help=f"tasks the site takes part in ({', '.join(PRESETS)})")
+    p.add_argument("--networks", metavar="N1,N2|any", help=f"networks allowed ({', '.join(Arch)})")
     p.add_argument("--max-rounds", metavar="N|none", help="the most rounds per run")
     p.add_argument("--max-local-epochs", metavar="N|none", help="the most local epochs per round")
     p.add_argument("--max-epsilon", metavar="EPS|none", help="the most ε one run may spend at this site")

@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from models.config import RunKey
+
 __all__ = [
     "UserError",
     "app_defaults",
@@ -77,6 +79,9 @@ def parse_sets(values: Sequence[str]) -> dict[str, Any]:
         raise UserError(f"--set: {exc}") from None
     return {key: flat[key] for key in raw}
 
+
+SET_HELP = ("a run-config value (repeat); keys: " + ", ".join(RunKey) +
+            " (defaults and meaning: README, 'Run federated training')")
 
 _ROUND = re.compile(r"oncofed: (round .*)$")
 
@@ -372,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
             EPILOG_SIMULATE, cmd_simulate)
     p.add_argument("--sites", type=Path, required=True, help="folder with one site workspace per sub-folder")
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config value (repeat)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--cpus-per-site", type=int, default=1,
                    help="CPUs Flower reserves per simulated site (default 1: sites train side by side)")
@@ -397,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "Run a federated training on the SuperLink started with 'start'.", EPILOG_RUN, cmd_run)
     p.add_argument("--kit", type=Path, required=True, help="the lead's kit folder given to 'start'")
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config value (repeat)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--state", type=Path, help="the --state folder given to 'start' (default KIT/superlink)")
     return parser
