@@ -1,0 +1,301 @@
+"""What a site does in a federated round (fl_client/federated.py), called directly with no Flower: which workspace
+a process serves, what the run's manifest lists, refusals, training and evaluation replies, all of them logged in
+the site's egress log as they leave."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from consortium import make_workspaces
+
+from fl_client.egress import EgressLog, digest
+from fl_client.federated import (
+    Site,
+    SiteConfigError,
+    evaluate,
+    fit,
+    refusal,
+    run_manifest,
+    site_from_config,
+    steps_per_round,
+)
+from fl_client.privacy import PrivacyLedger
+from fl_client.train import dp_sample_rate, dp_steps
+from imaging.sitedata import load_site_data
+from models.config import RunConfig, from_flat
+from models.nets import build_model, parameter_count
+from models.protocol import (
+    ALLOWED_METRICS,
+    ALLOWED_STRINGS,
+    EVAL_METRICS,
+    PRIVACY_METRICS,
+    TRAIN_METRICS,
+    WEIGHTS,
+    Metric,
+    Refusal,
+    SiteKey,
+)
+from models.weights import pack, state_arrays
+
+TINY = {"task": "lung-ct", "model-width": 8, "batch-size": 4, "local-epochs": 1, "augment": False}
+
+
+def _config(**extra: object) -> RunConfig:
+    return from_flat({**TINY, **extra})
+
+
+def _global(config: RunConfig, seed: int = 0) -> np.ndarray:
+    torch.manual_seed(seed)
+    return pack(state_arrays(build_model(config.model)))
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_workspaces(tmp_path_factory.mktemp("federated"), sites=1, studies_per_task=12, seed=0,
+                           tasks=["lung-ct"]) / "site-a"
+
+
+@pytest.fixture()
+def site(ingested: Path, tmp_path: Path) -> Site:
+    """A fresh copy of the ingested site: its egress log and ledger start empty."""
+    ws = tmp_path / "site-a"
+    shutil.copytree(ingested, ws)
+    return Site("a", ws)
+
+
+# Which site this process serves ----------------------------------------------------------------------------------
+
+
+def test_the_node_configs_workspace_wins_over_a_simulation(tmp_path: Path) -> None:
+    ws = tmp_path / "hospital-1"
+    ws.mkdir()
+    (tmp_path / "sims" / "x").mkdir(parents=True)
+    run_config = {"sim-sites": str(tmp_path / "sims")}
+    assert site_from_config({"workspace": str(ws), "site-id": "a", "partition-id": 0}, run_config) == Site("a", ws)
+    assert site_from_config({"workspace": str(ws)}, {}) == Site("hospital-1", ws)  # the folder names the site
+
+
+def test_a_workspace_under_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ws").mkdir()
+    assert site_from_config({"workspace": "~/ws", "site-id": "b"}, {}) == Site("b", tmp_path / "ws")
+
+
+def test_a_simulated_partition_takes_the_ith_sorted_folder(tmp_path: Path) -> None:
+    for name in ("site-c", "site-a", "site-b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("not a site")
+    run_config = {"sim-sites": str(tmp_path)}
+    for pid, name in enumerate(["site-a", "site-b", "site-c"]):
+        assert site_from_config({"partition-id": pid}, run_config) == Site(name, tmp_path / name)
+    # An empty workspace in the node config does not count: the simulation decides.
+    assert site_from_config({"workspace": "", "partition-id": 1}, run_config) == Site("site-b", tmp_path / "site-b")
+
+
+@pytest.mark.parametrize("pid", [3, -1, None])
+def test_a_partition_without_a_folder_is_refused_with_the_count(tmp_path: Path, pid: int | None) -> None:
+    for name in ("site-a", "site-b", "site-c"):
+        (tmp_path / name).mkdir()
+    node_config = {} if pid is None else {"partition-id": pid}
+    shown = -1 if pid is None else pid
+    expected = rf"simulation partition {shown} has no workspace in .*\(3 site folders\): use as many supernodes"
+    with pytest.raises(SiteConfigError, match=expected):
+        site_from_config(node_config, {"sim-sites": str(tmp_path)})
+
+
+def test_a_missing_simulation_folder_has_no_sites(tmp_path: Path) -> None:
+    with pytest.raises(SiteConfigError, match=r"partition 0 has no workspace in .*nowhere \(0 site folders\)"):
+        site_from_config({"partition-id": 0}, {"sim-sites": str(tmp_path / "nowhere")})
+
+
+def test_no_workspace_anywhere_says_how_to_start_the_supernode() -> None:
+    with pytest.raises(SiteConfigError, match="this SuperNode has no workspace: start it with --node-config"):
+        site_from_config({}, {})
+    with pytest.raises(SiteConfigError, match="no workspace"):
+        site_from_config({"workspace": ""}, {"sim-sites": ""})
+
+
+def test_a_workspace_that_does_not_exist_says_to_ingest_first(tmp_path: Path) -> None:
+    with pytest.raises(SiteConfigError, match=f"site workspace {tmp_path / 'gone'} does not exist: ingest"):
+        site_from_config({"workspace": str(tmp_path / "gone"), "site-id": "a"}, {})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SiteConfigError, match="does not exist"):
+        site_from_config({"workspace": str(tmp_path / "file")}, {})
+
+
+# The run's manifest ----------------------------------------------------------------------------------------------
+
+
+def test_the_manifest_lists_train_and_eval_metrics_and_privacy_ones_only_under_dp() -> None:
+    plain = run_manifest(_config(), {}, {}, run="11", lead_run_id="lead-11")
+    assert tuple(plain.metrics) == TRAIN_METRICS + EVAL_METRICS
+    assert not plain.dp and not set(PRIVACY_METRICS) & set(plain.metrics)
+    private = run_manifest(_config(dp=True, **{"dp-epsilon": 2.5}), {}, {}, run="12", lead_run_id="lead-12")
+    assert tuple(private.metrics) == TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS
+    assert private.dp and private.dp_epsilon == 2.5
+    assert set(private.metrics) <= ALLOWED_METRICS
+
+
+def test_the_manifest_describes_the_run_from_the_typed_config() -> None:
+    config = _config(**{"num-rounds": 4, "local-epochs": 2, "strategy": "fedprox", "proximal-mu": 0.1})
+    m = run_manifest(config, {}, {"app-bundle": "oncofed/oncofed==0.1.0", "app-bundle-sha256": "ab" * 32}, run="5",
+                     lead_run_id="lead-3")
+    assert (m.run, m.lead_run_id, m.task, m.rounds, m.local_epochs) == ("5", "lead-3", "lung-ct", 4, 2)
+    assert (m.strategy, m.network) == ("fedprox", "compact-cnn")
+    assert m.parameters == parameter_count(build_model(config.model)) > 0
+    assert (m.app, m.app_hash) == ("oncofed/oncofed==0.1.0", "ab" * 32)
+    assert not m.secure_aggregation
+    simulated = run_manifest(config, {}, {}, run="5", lead_run_id="lead-3")
+    assert (simulated.app, simulated.app_hash) == ("simulation", "")
+
+
+def test_secure_aggregation_is_read_from_the_typed_config_not_the_flat_keys() -> None:
+    secure = _config(**{"secure-aggregation": "true", "min-sites": 3})
+    assert run_manifest(secure, {}, {}, run="1", lead_run_id="1").secure_aggregation
+    # The flat run config is not where the manifest reads it.
+    assert not run_manifest(_config(), {"secure-aggregation": "true"}, {}, run="1", lead_run_id="1").secure_aggregation
+
+
+def test_steps_per_round_are_the_dp_step_formula() -> None:
+    assert steps_per_round(_config(**{"batch-size": 7, "local-epochs": 3}), 25) == 12
+    assert steps_per_round(_config(**{"batch-size": 16, "local-epochs": 2}), 5) == 2
+    for samples, batch, epochs in ((7, 4, 1), (100, 16, 3), (37, 8, 2)):
+        config = _config(**{"batch-size": batch, "local-epochs": epochs})
+        assert steps_per_round(config, samples) == dp_steps(dp_sample_rate(samples, batch), epochs=epochs)
+
+
+# Refusals ------------------------------------------------------------------------------------------------------
+
+
+def test_a_refusal_sends_no_arrays_only_whitelisted_keys_and_is_logged(site: Site) -> None:
+    reply = refusal(site, task="lung-ct", run_id="run-9", round_number=2, kind="train", code=Refusal.PENDING,
+                    detail="the run waits for the site's approval")
+    assert reply.arrays == {} and reply.evaluation == {}
+    assert reply.metrics == {Metric.REFUSED: 1, Metric.NUM_EXAMPLES: 0}
+    assert reply.strings == {SiteKey.SITE_ID: "a", SiteKey.REFUSAL: "pending-approval",
+                             SiteKey.DETAIL: "the run waits for the site's approval", SiteKey.TASK: "lung-ct"}
+    assert set(reply.strings) <= ALLOWED_STRINGS and set(reply.metrics) <= ALLOWED_METRICS
+    (record,) = EgressLog(site.workspace).records()
+    assert (record.run, record.round, record.kind, record.bytes, record.sha256) == ("run-9", 2, "train-refused", 0, "")
+    assert record.metrics == {"refused": 1.0, "num-examples": 0.0} and record.strings == reply.strings
+
+
+def test_a_refusal_without_a_task_or_with_a_long_one(site: Site) -> None:
+    bare = refusal(site, task="", run_id="r", round_number=0, kind="evaluate", code=Refusal.VERSION, detail="old")
+    assert SiteKey.TASK not in bare.strings
+    long = refusal(site, task="t" * 100, run_id="r", round_number=0, kind="evaluate", code=Refusal.TASK,
+                   detail="not this task")
+    assert long.strings[SiteKey.TASK] == "t" * 64  # a code field stays short
+    assert [r.kind for r in EgressLog(site.workspace).records()] == ["evaluate-refused", "evaluate-refused"]
+
+
+# Training ------------------------------------------------------------------------------------------------------
+
+
+def test_fit_returns_float32_weights_of_the_models_length_and_counts_samples(site: Site) -> None:
+    config = _config()
+    flat = _global(config)
+    train = load_site_data([site.workspace], "lung-ct")
+    reply = fit(site, config, run_id="run-1", round_number=1, global_flat=flat, evaluate_split="val")
+    assert list(reply.arrays) == [WEIGHTS]
+    sent = reply.arrays[WEIGHTS]
+    assert sent.dtype == np.float32 and sent.shape == flat.shape and np.isfinite(sent).all()
+    assert not np.array_equal(sent, flat)  # it trained
+    samples = train.count("train")
+    assert reply.metrics[Metric.NUM_EXAMPLES] == samples  # samples, not batches
+    assert reply.metrics[Metric.SAMPLES_SEEN] == samples
+    assert reply.metrics[Metric.STEPS] == math.ceil(samples / 4)
+    assert reply.metrics[Metric.DP] == 0 and Metric.EPSILON not in reply.metrics
+    assert set(reply.metrics) <= set(TRAIN_METRICS) | {Metric.DP}
+    assert reply.strings == {SiteKey.SITE_ID: "a", SiteKey.TASK: "lung-ct"}
+    # The received model's evaluation on the val split travels with the reply.
+    assert reply.evaluation[Metric.STUDIES] == len(set(train.study_uids("val"))) > 0
+    evaluated, trained = EgressLog(site.workspace).records()
+    assert (evaluated.kind, evaluated.round, evaluated.bytes) == ("evaluate-val", 0, 0)
+    assert evaluated.metrics == {k: float(v) for k, v in reply.evaluation.items()}
+    assert (trained.kind, trained.run, trained.round) == ("train", "run-1", 1)
+    assert (trained.sha256, trained.bytes) == digest(reply.arrays) and trained.bytes == 4 * flat.size
+    assert trained.metrics == {k: float(v) for k, v in reply.metrics.items()}
+
+
+def test_fit_under_dp_takes_the_planned_steps_and_reports_the_sites_epsilon(site: Site) -> None:
+    PrivacyLedger(site.workspace).set_budget(20.0, 1e-5)
+    config = _config(dp=True, **{"dp-epsilon": 4.0, "num-rounds": 2})
+    reply = fit(site, config, run_id="run-dp", round_number=1, global_flat=_global(config))
+    samples = load_site_data([site.workspace], "lung-ct").count("train")
+    (session,) = PrivacyLedger(site.workspace).sessions()
+    assert reply.metrics[Metric.DP] == 1
+    assert reply.metrics[Metric.STEPS] == session.steps == steps_per_round(config, samples)
+    assert reply.metrics[Metric.EPSILON] == pytest.approx(session.epsilon_cumulative)
+    assert 0 < reply.metrics[Metric.EPSILON] < 4.0  # one round of two spends part of the run's ε
+    assert reply.metrics[Metric.EPSILON_MAX] == 20.0 and reply.metrics[Metric.DELTA] == 1e-5
+    assert reply.metrics[Metric.SAMPLE_RATE] == pytest.approx(dp_sample_rate(samples, 4))
+    assert set(reply.metrics) <= set(TRAIN_METRICS) | set(PRIVACY_METRICS)
+    (record,) = EgressLog(site.workspace).records()
+    assert record.kind == "train" and record.metrics[Metric.EPSILON] == reply.metrics[Metric.EPSILON]
+
+
+def test_fit_under_dp_without_a_budget_is_refused_before_training(site: Site) -> None:
+    config = _config(dp=True)
+    reply = fit(site, config, run_id="run-nb", round_number=1, global_flat=_global(config))
+    assert reply.arrays == {}
+    assert reply.metrics[Metric.REFUSED] == 1 and reply.metrics[Metric.REFUSED_BUDGET] == 1
+    assert Metric.EPSILON_MAX not in reply.metrics  # the site has set no budget at all
+    assert reply.strings[SiteKey.REFUSAL] == Refusal.BUDGET
+    assert "no privacy budget" in reply.strings[SiteKey.DETAIL]
+    assert PrivacyLedger(site.workspace).sessions() == []
+    assert [r.kind for r in EgressLog(site.workspace).records()] == ["train-refused"]
+
+
+@pytest.mark.parametrize("where", ["other-task", "no-catalog"])
+def test_fit_without_data_for_the_task_answers_a_no_data_refusal(site: Site, tmp_path: Path, where: str) -> None:
+    if where == "other-task":
+        config = from_flat({"task": "breast-mg", "model-width": 8})  # the site holds lung CT only
+        target = site
+    else:
+        config = _config()
+        target = Site("b", tmp_path / "empty")
+        target.workspace.mkdir()
+    reply = fit(target, config, run_id="run-2", round_number=3, global_flat=_global(config))
+    assert reply.arrays == {}
+    assert reply.metrics == {Metric.REFUSED: 1, Metric.REFUSED_NO_DATA: 1, Metric.NUM_EXAMPLES: 0}
+    assert reply.strings[SiteKey.REFUSAL] == Refusal.NO_DATA == "no-data"
+    assert reply.strings[SiteKey.TASK] == config.model.task
+    (record,) = EgressLog(target.workspace).records()
+    assert (record.kind, record.round, record.bytes) == ("train-refused", 3, 0)
+    assert record.strings == reply.strings
+
+
+# Evaluation ----------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_gives_study_counts_for_the_split_and_the_extra_split(site: Site) -> None:
+    config = _config()
+    data = load_site_data([site.workspace], "lung-ct")
+    reply = evaluate(site, config, run_id="run-4", round_number=2, global_flat=_global(config), split="val",
+                     evaluate_split="test")
+    val_studies = len(set(data.study_uids("val")))
+    assert reply.arrays == {}
+    assert reply.metrics[Metric.STUDIES] == reply.metrics[Metric.NUM_EXAMPLES] == val_studies > 0
+    assert reply.metrics[Metric.POSITIVES] + reply.metrics[Metric.NEGATIVES] == val_studies
+    assert reply.metrics[Metric.POSITIVES] == sum(data.labels("val"))
+    assert set(reply.metrics) <= set(EVAL_METRICS) | {Metric.NUM_EXAMPLES}
+    assert reply.strings == {SiteKey.SITE_ID: "a", SiteKey.TASK: "lung-ct", SiteKey.SPLIT: "val"}
+    assert reply.evaluation[Metric.STUDIES] == len(set(data.study_uids("test"))) > 0
+    records = EgressLog(site.workspace).records()
+    assert [(r.kind, r.round) for r in records] == [("evaluate-val", 2), ("evaluate-test", 2)]
+    assert records[0].metrics == {k: float(v) for k, v in reply.metrics.items()}
+
+
+def test_evaluate_without_data_reports_zero_studies(site: Site) -> None:
+    config = from_flat({"task": "prostate-mr", "model-width": 8})
+    reply = evaluate(site, config, run_id="run-5", round_number=1, global_flat=_global(config))
+    assert reply.metrics == {Metric.STUDIES: 0, Metric.NUM_EXAMPLES: 0}
+    assert reply.strings[SiteKey.SPLIT] == "val"
+    (record,) = EgressLog(site.workspace).records()
+    assert record.kind == "evaluate-val"

@@ -1,0 +1,264 @@
+"""Local training and evaluation (fl_client/train.py): the one DP step formula, DP sessions that take exactly the
+steps the ledger reserved, the class weighting, the DP plan's calibration, and study-level evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from consortium import make_workspaces
+from torch.utils.data import TensorDataset
+
+from fl_client.privacy import BudgetExceeded, NoBudget, PrivacyLedger, epsilon_of
+from fl_client.train import (
+    DPPlan,
+    TrainingError,
+    dp_sample_rate,
+    dp_steps,
+    evaluate_local,
+    plan_dp,
+    pos_weight_of,
+    predict,
+    train_local,
+)
+from imaging.sitedata import SiteData, load_site_data
+from models.config import Accountant, GradSampleMode, PrivacySpec, TrainSpec, from_flat
+from models.nets import build_model
+from models.weights import state_arrays
+
+TINY = from_flat({"task": "lung-ct", "model-width": 8})
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(TINY.model)
+
+
+def _volumes(n: int, seed: int = 0) -> tuple[TensorDataset, list[int]]:
+    """``n`` tiny 3D images (8³ voxels), half of them with a bright cube."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, 8, generator=generator) * 0.2
+    labels = [i % 2 for i in range(n)]
+    y = torch.tensor(labels, dtype=torch.float32)[:, None]
+    x[y[:, 0] == 1, :, 2:6, 2:6, 2:6] += 0.8
+    return TensorDataset(x, y), labels
+
+
+def _ledger(folder: Path, epsilon: float = 50.0) -> PrivacyLedger:
+    ledger = PrivacyLedger(folder)
+    ledger.set_budget(epsilon, 1e-5)
+    return ledger
+
+
+# The DP step formula ---------------------------------------------------------------------------------------------
+
+
+def test_dp_sample_rate_is_the_expected_batch_over_the_samples_at_most_one() -> None:
+    assert dp_sample_rate(25, 7) == pytest.approx(0.28)
+    assert dp_sample_rate(200, 20) == pytest.approx(0.1)
+    assert dp_sample_rate(5, 16) == 1.0  # a batch larger than the data takes every sample
+    assert dp_sample_rate(0, 4) == 1.0  # no division by zero
+
+
+@pytest.mark.parametrize(("rate", "epochs", "steps"), [
+    (0.28, 3, 12),  # round(1/q) = 4 a pass; round(epochs/q) would give 11
+    (0.28, 1, 4),
+    (0.4, 3, 6),  # 1/q = 2.5 rounds to 2 (Python rounds half to even); round(3/0.4) would give 8
+    (0.3, 3, 9),  # round(3/0.3) would give 10
+    (0.1, 2, 20),
+    (1.0, 2, 2),
+    (0.7, 4, 4),  # 1/q = 1.43: one step a pass
+])
+def test_dp_steps_are_epochs_times_round_one_over_q(rate: float, epochs: int, steps: int) -> None:
+    assert dp_steps(rate, epochs=epochs) == steps
+    assert dp_steps(rate, epochs=epochs) == epochs * dp_steps(rate)
+
+
+def test_dp_steps_take_at_least_one_step_a_pass() -> None:
+    for epochs in (1, 2, 5):
+        assert dp_steps(1.0, epochs=epochs) == epochs
+        assert dp_steps(0.9, epochs=epochs) == epochs
+
+
+# DP sessions take exactly what the ledger reserved ------------------------------------------------------------
+
+
+def _plan(samples: int, batch_size: int, *, epochs: int, noise: float = 1.0) -> DPPlan:
+    """A DP plan with a fixed noise multiplier: calibrating it costs seconds at large sample rates."""
+    rate = dp_sample_rate(samples, batch_size)
+    return DPPlan(noise_multiplier=noise, sample_rate=rate, delta=1e-5, max_grad_norm=1.0,
+                  planned_steps=dp_steps(rate, epochs=epochs), epsilon_target=8.0,
+                  grad_sample_mode=GradSampleMode.EW, accountant="rdp")
+
+
+@pytest.mark.parametrize(("samples", "batch_size", "epochs"), [(25, 7, 3), (20, 8, 3), (6, 16, 2)],
+                         ids=["q=0.28", "q=0.4", "q=1"])
+def test_a_dp_session_takes_exactly_the_steps_the_ledger_reserved(tmp_path: Path, samples: int, batch_size: int,
+                                                                 epochs: int) -> None:
+    ledger = _ledger(tmp_path)
+    data, labels = _volumes(samples)
+    plan = _plan(samples, batch_size, epochs=epochs)
+    planned = plan.planned_steps
+    assert planned != round(epochs / plan.sample_rate) or batch_size >= samples  # where the old formula was off
+    spec = TrainSpec(batch_size=batch_size, local_epochs=epochs, augment=False)
+    result = train_local(_model(), data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="run-q",
+                         round_number=1, task="lung-ct")
+    assert result.steps == planned
+    assert result.num_examples == samples  # samples, not batches
+    assert result.noise_multiplier == plan.noise_multiplier
+    lines = [json.loads(line) for line in ledger.ledger_path.read_text().splitlines()]
+    assert [(line["status"], line["steps"]) for line in lines] == [("planned", planned), ("done", planned)]
+    assert lines[0]["id"] == lines[1]["id"]
+    (session,) = ledger.sessions()
+    assert (session.run_id, session.round, session.task, session.samples) == ("run-q", 1, "lung-ct", samples)
+    assert session.steps == planned and session.sample_rate == pytest.approx(plan.sample_rate)
+    assert result.epsilon == session.epsilon_cumulative
+    assert session.epsilon_cumulative == pytest.approx(epsilon_of([(1.0, plan.sample_rate, planned)], 1e-5))
+
+
+def test_a_dp_session_past_the_ceiling_trains_nothing_and_records_nothing(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path, epsilon=1.0)
+    data, labels = _volumes(20)
+    plan = plan_dp(PrivacySpec(enabled=True, epsilon=0.9), samples=20, batch_size=5, steps_per_round=4, rounds=1,
+                   ledger=ledger, grad_sample_mode=GradSampleMode.EW)
+    spec = TrainSpec(batch_size=5, local_epochs=1, augment=False)
+    model = _model()
+    train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="a")
+    before = state_arrays(model)
+    with pytest.raises(BudgetExceeded, match="Nothing was trained or sent"):
+        train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="b")
+    for key, value in state_arrays(model).items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    assert [s.run_id for s in ledger.sessions()] == ["a"]
+
+
+def test_dp_needs_the_ledger_and_training_needs_data(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    data, labels = _volumes(10)
+    plan = _plan(10, 5, epochs=1)
+    with pytest.raises(ValueError, match="needs the site's ledger"):
+        train_local(_model(), data, spec=TrainSpec(batch_size=5), labels=labels, dp=plan)
+    empty = TensorDataset(torch.zeros(0, 1, 8, 8, 8), torch.zeros(0, 1))
+    with pytest.raises(TrainingError, match="empty"):
+        train_local(_model(), empty, spec=TrainSpec(), labels=[])
+    assert ledger.sessions() == []
+
+
+def test_plain_training_counts_samples_steps_and_epochs() -> None:
+    data, labels = _volumes(10)
+    seen: list[tuple[int, float]] = []
+    model = _model()
+    before = state_arrays(model)
+    result = train_local(model, data, spec=TrainSpec(batch_size=4, local_epochs=2, augment=False), labels=labels,
+                         on_epoch=lambda epoch, loss: seen.append((epoch, loss)))
+    assert result.num_examples == 10 and result.samples_seen == 20
+    assert result.steps == 2 * math.ceil(10 / 4)  # without DP every batch of every pass, the last one short
+    assert result.epsilon is None and result.noise_multiplier is None
+    assert [e for e, _ in seen] == [0, 1] and all(math.isfinite(loss) and loss > 0 for _, loss in seen)
+    assert result.loss == pytest.approx(sum(loss for _, loss in seen) / 2)
+    assert not model.training  # left in eval mode
+    assert any(not np.array_equal(v, before[k]) for k, v in state_arrays(model).items())
+
+
+# Class weighting ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("labels", "weight"), [
+    ([0, 0, 0, 1], 3.0),
+    ([1, 1, 0], 0.5),
+    ([0, 1] * 5, 1.0),
+    ([0, 0, 0], 1.0),  # one class only: no weighting
+    ([1, 1], 1.0),
+    ([], 1.0),
+])
+def test_pos_weight_is_negatives_over_positives(labels: list[int], weight: float) -> None:
+    assert pos_weight_of(labels) == pytest.approx(weight)
+
+
+# The DP plan ---------------------------------------------------------------------------------------------------
+
+
+def test_plan_dp_refuses_a_site_without_a_budget(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    with pytest.raises(NoBudget, match="--set-budget"):
+        plan_dp(PrivacySpec(enabled=True), samples=100, batch_size=10, steps_per_round=10, rounds=3, ledger=ledger,
+                grad_sample_mode=GradSampleMode.EW)
+    assert not ledger.ledger_path.exists() and not ledger.budget_path.exists()
+
+
+@pytest.mark.parametrize("accountant", [Accountant.RDP, Accountant.PRV])
+def test_plan_dp_spends_the_target_epsilon_over_the_planned_steps(tmp_path: Path, accountant: Accountant) -> None:
+    ledger = _ledger(tmp_path, epsilon=10.0)
+    steps_per_round = dp_steps(dp_sample_rate(200, 20), epochs=2)
+    plan = plan_dp(PrivacySpec(enabled=True, epsilon=3.0, accountant=accountant), samples=200, batch_size=20,
+                   steps_per_round=steps_per_round, rounds=5, ledger=ledger, grad_sample_mode=GradSampleMode.HOOKS)
+    assert plan.planned_steps == 100 and plan.sample_rate == pytest.approx(0.1)
+    assert plan.delta == 1e-5  # the budget's δ when the run sets none
+    assert plan.epsilon_target == 3.0 and plan.accountant == accountant.value
+    assert plan.grad_sample_mode == GradSampleMode.HOOKS and plan.max_grad_norm == 1.0
+    spent = epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)], plan.delta, accountant.value)
+    assert 2.9 <= spent <= 3.0 + 1e-6
+    # Over half the steps it spends clearly less; over twice as many, clearly more.
+    half = epsilon_of([(plan.noise_multiplier, plan.sample_rate, 50)], plan.delta, accountant.value)
+    double = epsilon_of([(plan.noise_multiplier, plan.sample_rate, 200)], plan.delta, accountant.value)
+    assert half < 0.9 * spent and double > 1.1 * spent
+
+
+def test_plan_dp_takes_the_runs_delta_and_more_steps_need_more_noise(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    privacy = PrivacySpec(enabled=True, epsilon=2.0, delta=1e-6)
+    short = plan_dp(privacy, samples=50, batch_size=10, steps_per_round=5, rounds=2, ledger=ledger,
+                    grad_sample_mode=GradSampleMode.EW)
+    long = plan_dp(privacy, samples=50, batch_size=10, steps_per_round=5, rounds=8, ledger=ledger,
+                   grad_sample_mode=GradSampleMode.EW)
+    assert short.delta == long.delta == 1e-6
+    assert long.noise_multiplier > short.noise_multiplier
+    assert epsilon_of([(long.noise_multiplier, 0.2, 40)], 1e-6) == pytest.approx(2.0, abs=0.1)
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        plan_dp(privacy, samples=50, batch_size=10, steps_per_round=5, rounds=2, ledger=ledger,
+                grad_sample_mode=GradSampleMode.AUTO)
+
+
+# Evaluation -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One site with lung CT (one volume a study) and mammography (two views a study)."""
+    ws = make_workspaces(tmp_path_factory.mktemp("train"), sites=1, studies_per_task=12, seed=0,
+                         tasks=["lung-ct", "breast-mg"])
+    return ws / "site-a"
+
+
+def test_evaluate_local_scores_each_study_by_its_highest_image(site: Path) -> None:
+    data = load_site_data([site], "breast-mg")
+    uids, labels = data.study_uids("val"), data.labels("val")
+    assert len(uids) > len(set(uids)) >= 2  # several views a study
+    torch.manual_seed(0)
+    model = build_model(from_flat({"task": "breast-mg", "model-width": 8}).model)
+    result = evaluate_local(model, data, "val")
+    assert result is not None
+    m = result.metrics
+    assert result.images == len(uids) and m.studies == len(set(uids))
+    truth = {u: y for u, y in zip(uids, labels, strict=True)}
+    assert m.positives == sum(truth.values()) and m.negatives == m.studies - m.positives
+    probs = predict(model, data.dataset("val", train=False))
+    best = {u: max(float(p) for v, p in zip(uids, probs, strict=True) if v == u) for u in truth}
+    assert m.brier == pytest.approx(np.mean([(best[u] - truth[u]) ** 2 for u in truth]), rel=1e-5)
+    assert m.threshold == 0.5 and m.loss is not None and m.loss > 0
+    assert result.seconds >= 0
+
+
+def test_evaluate_local_on_one_image_a_study_and_on_an_empty_split(site: Path) -> None:
+    data = load_site_data([site], "lung-ct")
+    result = evaluate_local(_model(), data, "test", threshold=0.0)
+    assert result is not None
+    m = result.metrics
+    assert result.images == m.studies == data.count("test") == len(set(data.study_uids("test")))
+    assert m.sensitivity == 1.0 and m.specificity == 0.0  # threshold 0: every study called positive
+    assert m.auroc is None or 0.0 <= m.auroc <= 1.0
+    assert evaluate_local(_model(), SiteData("lung-ct", {"train": data.items["train"]}), "val") is None
