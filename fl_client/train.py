@@ -10,6 +10,7 @@ forgets).
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -60,15 +61,18 @@ class DPPlan:
 
 
 def dp_sample_rate(samples: int, batch_size: int) -> float:
-    """Poisson sampling rate of DP-SGD: the expected batch over the training samples (at most 1)."""
-    return min(1.0, batch_size / max(samples, 1))
+    """The Poisson sampling rate of DP-SGD, as Opacus' private loader sets it: one over the batches a pass of the
+    plain loader takes, ``1 / ceil(samples / batch_size)`` (at most 1). The accountant, the ledger and the loader
+    all count with this rate."""
+    return 1.0 / max(1, math.ceil(max(samples, 1) / batch_size))
 
 
 def dp_steps(sample_rate: float, *, epochs: int = 1) -> int:
-    """Optimizer steps of ``epochs`` passes under Poisson sampling at ``sample_rate``: ``round(1 / q)`` per epoch
-    (Opacus' expected number of batches). The one formula the DP plan, the ledger's write-ahead and the training
-    loop all use, so what is reserved is what is taken."""
-    return epochs * max(1, int(round(1.0 / sample_rate)))
+    """Optimizer steps of ``epochs`` passes under Poisson sampling at ``sample_rate``: ``int(1 / q)`` per pass,
+    computed as Opacus' sampler computes its length (its float rounding included: ``1 / (1 / 93)`` is just under
+    93, so such a pass is 92 steps). The one formula the DP plan, the ledger's write-ahead and the training loop
+    use, so what is reserved is what is taken."""
+    return epochs * max(1, int(1 / sample_rate))
 
 
 def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_round: int, rounds: int,
@@ -190,6 +194,10 @@ def train_local(
             else:
                 trained, optimizer, loader = engine.make_private(**common)
         steps_per_epoch = dp_steps(dp.sample_rate)
+        actual = getattr(loader, "sample_rate", dp.sample_rate)
+        if abs(actual - dp.sample_rate) > 1e-12 or len(loader) != steps_per_epoch:
+            raise ValueError(f"the DP plan samples at {dp.sample_rate:.6g} for {steps_per_epoch} steps a pass; the "
+                             f"private loader at {actual:.6g} for {len(loader)}: plan with the loader's batch size")
     prox = spec.proximal_mu if global_params is not None and spec.proximal_mu > 0 else 0.0
     anchors = ({k: v.detach().clone() for k, v in global_params.items()} if prox and global_params is not None
                else {})
