@@ -129,6 +129,30 @@ def _listing(names: Sequence[str], *, last: str = "or") -> str:
     return f"{', '.join(names[:-1])} {last} {names[-1]}" if len(names) > 1 else "".join(names)
 
 
+def _placement_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision``: where this site runs the model (its own choice)."""
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: auto (default: the first CUDA GPU, else the CPU), cpu, cuda, "
+                             "cuda:N")
+    parser.add_argument("--precision", default="auto",
+                        help="auto (default: bf16 or fp16 mixed precision on a GPU, fp32 on the CPU), fp32, bf16, "
+                             "fp16 (GPU only)")
+
+
+def _placement(args: argparse.Namespace) -> Any:
+    """The checked :class:`models.device.Placement` of ``--device``/``--precision``.
+
+    Raises:
+        UserError: A device this machine does not have, or a precision it cannot run (one line).
+    """
+    from models.device import DeviceError, place
+
+    try:
+        return place(args.device, args.precision)
+    except DeviceError as exc:
+        raise UserError(f"--device/--precision: {exc}") from None
+
+
 def _saliency_methods(option: str) -> list[Method]:
     """The saliency methods a comma-separated ``--method`` names."""
     from models.methods import Method
@@ -414,8 +438,10 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
     from fl_client.train import TrainingError
     from imaging.sitedata import NoSiteData
     from models.config import ConfigError, from_flat
+    from models.device import DeviceError
 
     args.out.mkdir(parents=True, exist_ok=True)  # an unusable --out is said before training, not after
+    _placement(args)  # a device this machine lacks is said before training, not after
     flat: dict[str, Any] = {"task": args.task, "model": args.model, "batch-size": args.batch_size,
                             "learning-rate": args.lr, "seed": args.seed, "threads": args.threads}
     if args.dp_epsilon is not None:
@@ -440,8 +466,9 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
             bar.update(task, advance=1)
 
         try:
-            doc = run_local(args.workspace, config, args.out, epochs=args.epochs, on_epoch=on_epoch)
-        except (TrainingError, NoSiteData, PrivacyError) as exc:
+            doc = run_local(args.workspace, config, args.out, epochs=args.epochs, on_epoch=on_epoch,
+                            device=args.device, precision=args.precision)
+        except (TrainingError, NoSiteData, PrivacyError, DeviceError) as exc:
             raise UserError(str(exc)) from None
     console.print(table)
     result = Table(title="Study-level metrics (threshold 0.5)")
@@ -548,6 +575,7 @@ def cmd_join(args: argparse.Namespace, console: Console) -> int:
 
     try:
         return join(args.kit, args.workspace, superlink=args.superlink, connect_timeout=args.connect_timeout,
+                    device=args.device, precision=args.precision,
                     say=lambda line: console.print(line, highlight=False, markup=False, emoji=False, soft_wrap=True))
     except JoinError as exc:
         raise UserError(str(exc)) from None
@@ -573,6 +601,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     methods = _saliency_methods(args.method)
     if not args.workspace.is_dir():
         raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
+    placement = _placement(args)
     with _progress(console) as bar:
         task = bar.add_task("saliency maps", total=None)
 
@@ -581,7 +610,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
 
         try:
             doc = explain(args.workspace, args.model, args.out, split=args.split, study=args.study, methods=methods,
-                          dicom=not args.no_dicom, on_study=step)
+                          dicom=not args.no_dicom, on_study=step, placement=placement)
         except (ExplainError, WeightsError) as exc:
             raise UserError(str(exc)) from None
     table = Table(title=f"{doc['task']}: {len(doc['images'])} image(s), maps in {args.out}")
@@ -645,7 +674,7 @@ def cmd_review(args: argparse.Namespace, console: Console) -> int:
         raise UserError(str(exc)) from None
     methods = _saliency_methods(args.method)
     try:
-        models = load_models(args.model)
+        models = load_models(args.model, placement=_placement(args))
         with _progress(console) as bar:
             task = bar.add_task("scoring the worklist", total=None)
             session = ReviewSession(args.workspace, models, methods=methods,
@@ -728,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm (default 1)")
     p.add_argument("--dp-grad-sample-mode", default="auto",
                    help="Opacus mode: auto (default: ew for compact-cnn, hooks otherwise), hooks, functorch, ew, ghost")
+    _placement_options(p)
     p = add("privacy", "Show this site's privacy ledger and remaining budget, or set the budget.", EPILOG_PRIVACY,
             cmd_privacy)
     p.add_argument("--set-budget", type=float, metavar="EPS", help="set the site's ceiling on cumulative ε")
@@ -746,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=", ".join(f"{m} (default)" if m in explain_methods else m for m in Method)
                    + "; comma-separated")
     p.add_argument("--no-dicom", action="store_true", help="skip the DICOM objects (PNG and NumPy maps only)")
+    _placement_options(p)
     p.add_argument("--store-to", metavar="URL",
                    help="store the DICOM objects to the PACS at this DICOMweb URL (STOW-RS)")
     p.add_argument("--credentials", type=Path, metavar="FILE",
@@ -761,11 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"saliency methods offered, of {', '.join(Method)} (default {','.join(review_methods)}; "
                    f"{Method.OCCLUSION} is slow)")
     p.add_argument("--export-csv", type=Path, metavar="FILE", help="write every verdict to FILE as CSV and exit")
+    _placement_options(p)
     p = add("join", "Join the consortium: run this site's Flower SuperNode until Ctrl-C.", EPILOG_JOIN, cmd_join)
     p.add_argument("--kit", type=Path, required=True, help="this site's start-up kit folder from the lead")
     p.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the kit's)")
     p.add_argument("--connect-timeout", type=float, default=0.0,
                    help="give up if not accepted after this many seconds (default 0: keep trying)")
+    _placement_options(p)
     from fl_client.policy_cli import add_commands
 
     add_commands(add)

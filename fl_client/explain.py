@@ -29,6 +29,7 @@ from fl_client.explainer import Explainer
 from imaging.dicom import read_image
 from imaging.saliency_dicom import write_saliency_objects
 from imaging.sitedata import NoSiteData, load_site_data
+from models.device import Placement
 from models.saliency import Method
 
 __all__ = ["ExplainError", "Plane", "explain", "overlay_planes"]
@@ -141,7 +142,8 @@ def _overlay(path: Path, planes: Sequence[Plane], title: str, window: tuple[floa
 
 def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None = "test", study: str | None = None,
             methods: Sequence[Method] = (Method.GRADCAM,), dicom: bool = False,
-            on_study: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+            on_study: Callable[[int, int, str], None] | None = None,
+            placement: Placement | None = None) -> dict[str, Any]:
     """Write saliency maps of ``model_path`` for a split's studies (or one study) of the site's task.
 
     Args:
@@ -153,12 +155,13 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         methods: Saliency methods.
         dicom: Also write each map as DICOM on the source grid (Parametric Map of a volume, key images).
         on_study: Called as ``on_study(done, total, study uid)`` after each image.
+        placement: Where the model runs (default the CPU).
 
     Raises:
         ExplainError: The model file, the task's data or the study is missing.
         WeightsError: The model file is not an oncofed model.
     """
-    explainer = Explainer.load(model_path)
+    explainer = Explainer.load(model_path, placement=placement)
     model_sha256, task = explainer.sha256, explainer.task
     try:
         data = load_site_data([workspace], task)

@@ -25,6 +25,7 @@ from imaging.dicom import ImagePlan
 from imaging.presets import TaskPreset, get_preset
 from imaging.transforms import network_to_source
 from models.config import from_flat
+from models.device import Placement, autocast
 from models.nets import build_model
 from models.saliency import Method, Saliency, layer_grid, saliency, target_layer
 from models.weights import load_arrays, load_checkpoint
@@ -59,14 +60,18 @@ class Explainer:
     """One task's trained network, ready to score and explain the site's images.
 
     Args:
-        net: The network (put in eval mode here).
+        net: The network (put in eval mode here, and on ``placement``'s device).
         task: The task it was trained for.
         path: The ``model.pt`` it came from (None for a network built in memory).
         sha256: That file's SHA-256 ("" if none).
+        placement: Where the network runs (default the CPU in fp32). Scores use its mixed precision; saliency
+            maps are computed in fp32 (gradients of a bf16 forward pass are too coarse for a map).
     """
 
-    def __init__(self, net: nn.Module, task: str, *, path: Path | None = None, sha256: str = "") -> None:
-        self.net = net.eval()
+    def __init__(self, net: nn.Module, task: str, *, path: Path | None = None, sha256: str = "",
+                 placement: Placement | None = None) -> None:
+        self.placement = placement or Placement(torch.device("cpu"))
+        self.net = net.eval().to(self.placement.device)
         self.task = task
         self.path = path
         self.sha256 = sha256
@@ -74,7 +79,7 @@ class Explainer:
         self._layers: dict[tuple[int, ...], tuple[str, tuple[tuple[float, float], ...]]] = {}
 
     @classmethod
-    def load(cls, path: Path | str) -> Explainer:
+    def load(cls, path: Path | str, *, placement: Placement | None = None) -> Explainer:
         """The model of a ``model.pt`` (a local run's, a federated checkpoint or global model).
 
         Raises:
@@ -86,7 +91,7 @@ class Explainer:
         config = from_flat(run_config)
         net = build_model(config.model)
         load_arrays(net, arrays)
-        return cls(net, config.model.task, path=path, sha256=file_sha256(path))
+        return cls(net, config.model.task, path=path, sha256=file_sha256(path), placement=placement)
 
     def network_input(self, item: Item, *, workspace: Path) -> torch.Tensor:
         """An image as the network takes it (the preset's transforms; read from the site's cache when there)."""
@@ -95,9 +100,10 @@ class Explainer:
 
     def probabilities(self, images: Sequence[torch.Tensor]) -> list[float]:
         """The model's probability of a finding for each image (one batch, no gradients)."""
-        with torch.no_grad():
-            logits = self.net(torch.stack([_tensor(x) for x in images]).float())
-        return [float(p) for p in torch.sigmoid(logits.reshape(-1)).tolist()]
+        batch = torch.stack([_tensor(x) for x in images]).float().to(self.placement.device)
+        with torch.no_grad(), autocast(self.placement):
+            logits = self.net(batch)
+        return [float(p) for p in torch.sigmoid(logits.float().reshape(-1)).tolist()]
 
     def explain(self, image: torch.Tensor, method: Method, *, plan: ImagePlan | None = None) -> Explanation:
         """A saliency map of ``image`` by ``method``, and on ``plan``'s DICOM grid if given."""

@@ -76,6 +76,7 @@ def _failure_of(exc: BaseException) -> Failure:
     from fl_client.egress import EgressError
     from fl_client.federated import Refused, SiteConfigError
     from models.config import ConfigError
+    from models.device import DeviceError
 
     if isinstance(exc, SiteFailure):
         return exc.failure
@@ -85,6 +86,8 @@ def _failure_of(exc: BaseException) -> Failure:
         return Failure(FailureCode.EGRESS, "the site's egress guard stopped the reply; nothing was sent")
     if isinstance(exc, ConfigError):
         return Failure(FailureCode.RUN_CONFIG, " ".join(str(exc).split())[:200])
+    if isinstance(exc, DeviceError):
+        return Failure(FailureCode.SITE_CONFIG, " ".join(str(exc).split())[:200])  # names devices, nothing else
     if isinstance(exc, SiteConfigError):
         return Failure(FailureCode.SITE_CONFIG, "the site's SuperNode is not configured with an ingested workspace")
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):

@@ -21,6 +21,7 @@ from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
 from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
 from models.config import RunConfig, resolved_grad_sample_mode
+from models.device import Placement, place
 from models.nets import build_model, parameter_count
 from models.protocol import (
     EVAL_METRICS,
@@ -73,10 +74,21 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital site: its id and its workspace folder."""
+    """One hospital site: its id, its workspace folder, and where its models run (its own settings, from its
+    SuperNode's node config: ``device`` auto/cpu/cuda[:N], ``precision`` auto/fp32/bf16/fp16)."""
 
     site_id: str
     workspace: Path
+    device: str = "auto"
+    precision: str = "auto"
+
+    def placement(self, *, dp_mode: str | None = None) -> Placement:
+        """Where and how this site runs a model (see :func:`models.device.place`).
+
+        Raises:
+            DeviceError: The site's device or precision cannot run here.
+        """
+        return place(self.device, self.precision, dp_mode=dp_mode)
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,8 @@ def site_from_config(node_config: Mapping[str, Any], run_config: Mapping[str, An
     if not ws.is_dir():
         raise SiteConfigError(f"site workspace {ws} does not exist: ingest the site's DICOM first "
                               "(oncofed-site ingest --workspace ...)")
-    return Site(site_id, ws)
+    return Site(site_id, ws, device=str(node_config.get(NodeKey.DEVICE) or "auto"),
+                precision=str(node_config.get(NodeKey.PRECISION) or "auto"))
 
 
 def run_manifest(config: RunConfig, run_config: Mapping[str, Any], node_config: Mapping[str, Any], *, run: str,
@@ -248,10 +261,11 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
         except NoBudget:
             return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if spec.proximal_mu else None
+    placement = site.placement(dp_mode=dp.grad_sample_mode.value if dp is not None else None)
     try:
         result = train_local(model, data.dataset("train", train=spec.augment), spec=spec, labels=data.labels("train"),
                              global_params=global_params, dp=dp, ledger=ledger, run_id=run_id,
-                             round_number=round_number, task=config.model.task)
+                             round_number=round_number, task=config.model.task, placement=placement)
     except BudgetExceeded:
         return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
     metrics: dict[str, float] = {Metric.NUM_EXAMPLES: result.num_examples, Metric.TRAIN_LOSS: result.loss,
@@ -293,7 +307,7 @@ def evaluate(site: Site, config: RunConfig, *, run_id: str, round_number: int, g
 def _evaluate(site: Site, config: RunConfig, model: torch.nn.Module, data: SiteData | None, *, run_id: str,
               round_number: int, split: str) -> Reply:
     strings = {SiteKey.SITE_ID: site.site_id, SiteKey.TASK: config.model.task, SiteKey.SPLIT: split}
-    result = evaluate_local(model, data, split) if data is not None else None
+    result = evaluate_local(model, data, split, placement=site.placement()) if data is not None else None
     if result is None:
         reply = Reply(metrics={Metric.STUDIES: 0, Metric.NUM_EXAMPLES: 0}, strings=strings)
     else:

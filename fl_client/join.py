@@ -45,6 +45,7 @@ __all__ = [
     "SiteKit",
     "SuperNode",
     "check_address",
+    "check_placement",
     "check_workspace",
     "explain_exit",
     "flower_env",
@@ -85,9 +86,10 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def node_config_arg(workspace: Path, site_id: str) -> str:
+def node_config_arg(workspace: Path, site_id: str, *, device: str = "auto", precision: str = "auto") -> str:
     """The ``--node-config`` text our ClientApp reads (see ``fl_client.federated.site_from_config``)."""
-    return f"workspace={_toml_string(str(workspace))} site-id={_toml_string(site_id)}"
+    return (f"workspace={_toml_string(str(workspace))} site-id={_toml_string(site_id)} "
+            f"device={_toml_string(device)} precision={_toml_string(precision)}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,20 @@ def check_workspace(workspace: Path) -> Path:
     return ws
 
 
+def check_placement(device: str, precision: str) -> str:
+    """``device`` and ``precision`` in words (``cuda:0 bf16``), checked on this machine before the site joins.
+
+    Raises:
+        JoinError: The device does not exist here or cannot run that precision (one line, with what there is).
+    """
+    from models.device import DeviceError, place
+
+    try:
+        return place(device, precision).describe()
+    except DeviceError as exc:
+        raise JoinError(f"--device/--precision: {exc}") from None
+
+
 def check_address(address: str) -> str:
     """``address`` if it looks like ``host:port``.
 
@@ -194,6 +210,8 @@ class SuperNode:
         superlink: ``host:port`` of the SuperLink (default: the kit's).
         port: The SuperNode's local runtime API port on 127.0.0.1 (default: a free one).
         extra_env: Extra environment variables for the SuperNode and the ClientApps it starts.
+        device: Where the site runs models (auto, cpu, cuda, cuda:N).
+        precision: The arithmetic precision (auto, fp32, bf16, fp16).
     """
 
     kit: SiteKit
@@ -201,6 +219,8 @@ class SuperNode:
     superlink: str = ""
     port: int = 0
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    precision: str = "auto"
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     executor: subprocess.Popen[bytes] | None = field(default=None, init=False)
     log_offset: int = field(default=0, init=False)
@@ -236,7 +256,8 @@ class SuperNode:
                 "--superlink", self.address,
                 "--root-certificates", str(self.kit.ca_certificate),
                 "--auth-supernode-private-key", str(self.kit.private_key),
-                "--node-config", node_config_arg(self.workspace, self.kit.site_id),
+                "--node-config", node_config_arg(self.workspace, self.kit.site_id, device=self.device,
+                                                 precision=self.precision),
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--isolation", "process", "--superexec-auth-secret-file", str(self.secret_path)]
 
@@ -404,7 +425,7 @@ def _progress(line: str) -> str | None:
 
 
 def join(kit_dir: Path, workspace: Path, *, superlink: str | None = None, say: Callable[[str], None] = print,
-         connect_timeout: float = 0.0) -> int:
+         connect_timeout: float = 0.0, device: str = "auto", precision: str = "auto") -> int:
     """Run this site's SuperNode in the foreground until Ctrl-C (or SIGTERM); then leave cleanly.
 
     Args:
@@ -414,6 +435,8 @@ def join(kit_dir: Path, workspace: Path, *, superlink: str | None = None, say: C
         say: Receives each progress line for the user.
         connect_timeout: Give up if the SuperLink has not accepted the site after this many seconds
             (0: keep trying; Flower retries while the SuperLink is unreachable).
+        device: Where the site runs models (auto: the first CUDA device, else the CPU).
+        precision: Arithmetic precision (auto: bf16/fp16 mixed precision on a GPU, fp32 on the CPU).
 
     Returns:
         0 after a clean stop.
@@ -424,7 +447,9 @@ def join(kit_dir: Path, workspace: Path, *, superlink: str | None = None, say: C
     """
     kit = SiteKit.load(kit_dir)
     ws = check_workspace(workspace)
-    node = SuperNode(kit, ws, superlink=check_address(superlink) if superlink else "")
+    placement = check_placement(device, precision)
+    node = SuperNode(kit, ws, superlink=check_address(superlink) if superlink else "", device=device,
+                     precision=precision)
     check_address(node.address)
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -433,7 +458,7 @@ def join(kit_dir: Path, workspace: Path, *, superlink: str | None = None, say: C
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     node.start()
     say(f"site {kit.site_id}: connecting to the SuperLink at {node.address} (TLS, site key {kit.fingerprint}); "
-        f"workspace {ws}; log {node.log_path}")
+        f"workspace {ws}; models on {placement}; log {node.log_path}")
     try:
         node_id = node.wait_connected(timeout=connect_timeout or 10 * 365 * 86400.0)
         say(f"site {kit.site_id}: joined as SuperNode {node_id}; waiting for training rounds (Ctrl-C to leave)")

@@ -30,6 +30,7 @@ from fl_client.train import (
 )
 from imaging.sitedata import load_site_data
 from models.config import RunConfig, resolved_grad_sample_mode
+from models.device import place
 from models.nets import build_model, parameter_count
 from models.weights import save_checkpoint, state_arrays
 
@@ -45,6 +46,8 @@ def run_local(
     *,
     epochs: int,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
+    device: str = "cpu",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Train and evaluate on the workspaces' data (pooled if several) and write the results.
 
@@ -54,6 +57,8 @@ def run_local(
         out: Output folder (created).
         epochs: Passes over the training split.
         on_epoch: Called as ``on_epoch(epoch, training loss, validation AUROC or None)``.
+        device: Where training and evaluation run: auto, cpu, cuda or cuda:N (default the CPU).
+        precision: auto (mixed precision on a GPU, fp32 on the CPU), fp32, bf16 or fp16.
 
     Returns:
         The metrics document written to ``metrics.json``.
@@ -62,6 +67,7 @@ def run_local(
         NoSiteData: A workspace holds no labelled data of both classes for the task.
         TrainingError: DP asked for on pooled workspaces.
         NoBudget / BudgetExceeded: Under DP, the site's ceiling is missing or would be passed.
+        DeviceError: The device does not exist here, or cannot run the precision.
     """
     task = config.model.task
     data = load_site_data(workspaces, task)
@@ -79,10 +85,11 @@ def run_local(
         dp = plan_dp(config.privacy, samples=samples, batch_size=config.training.batch_size,
                      steps_per_round=dp_steps(rate, epochs=epochs), rounds=1, ledger=ledger,
                      grad_sample_mode=resolved_grad_sample_mode(config))
+    placement = place(device, precision, dp_mode=dp.grad_sample_mode.value if dp is not None else None)
     curve: list[dict[str, float | None]] = []
 
     def after_epoch(epoch: int, loss: float) -> None:
-        val = evaluate_local(model, data, "val")
+        val = evaluate_local(model, data, "val", placement=placement)
         auc = val.metrics.auroc if val else None
         curve.append({"epoch": epoch + 1, "train_loss": loss, "val_auroc": auc,
                       "val_loss": val.metrics.loss if val else None})
@@ -91,11 +98,12 @@ def run_local(
 
     t0 = time.perf_counter()
     result = train_local(model, train_set, spec=config.training, labels=data.labels("train"), dp=dp, ledger=ledger,
-                         run_id=f"local-{uuid.uuid4().hex[:8]}", task=task, epochs=epochs, on_epoch=after_epoch)
+                         run_id=f"local-{uuid.uuid4().hex[:8]}", task=task, epochs=epochs, on_epoch=after_epoch,
+                         placement=placement)
     train_seconds = time.perf_counter() - t0
     splits = {}
     for split in ("train", "val", "test"):
-        ev = evaluate_local(model, data, split)
+        ev = evaluate_local(model, data, split, placement=placement)
         if ev is not None:
             splits[split] = {**ev.metrics.as_dict(), "images": ev.images}
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +114,7 @@ def run_local(
         "workspaces": [str(w) for w in workspaces],
         "run_config": config.to_flat(),
         "parameters": parameter_count(model),
+        "ran_on": placement.describe(),
         "epochs": epochs,
         "training_samples": samples,
         "train_seconds": train_seconds,

@@ -36,6 +36,7 @@ from imaging.catalog import Catalog, Item
 from imaging.dataset import cached_dataset
 from imaging.dicom import read_image
 from imaging.presets import get_preset
+from models.device import Placement
 from models.saliency import Method
 from models.weights import WeightsError
 
@@ -109,8 +110,8 @@ class Case:
         return " ".join(v for v in (plan.laterality, plan.view) if v) or plan.modality
 
 
-def load_models(paths: Sequence[Path]) -> dict[str, Explainer]:
-    """One model per task from ``model.pt`` files.
+def load_models(paths: Sequence[Path], *, placement: Placement | None = None) -> dict[str, Explainer]:
+    """One model per task from ``model.pt`` files, on ``placement``'s device (default the CPU).
 
     Raises:
         ReviewError: A file is not a model, or two models are for the same task.
@@ -118,7 +119,7 @@ def load_models(paths: Sequence[Path]) -> dict[str, Explainer]:
     models: dict[str, Explainer] = {}
     for path in paths:
         try:
-            explainer = Explainer.load(path)
+            explainer = Explainer.load(path, placement=placement)
         except WeightsError as exc:
             raise ReviewError(str(exc)) from None
         task = explainer.task

@@ -11,6 +11,7 @@ forgets).
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from fl_client.metrics import BinaryMetrics, binary_metrics, study_scores
 from fl_client.privacy import PrivacyLedger, default_delta, noise_for
 from imaging.sitedata import SiteData
 from models.config import GradSampleMode, PrivacySpec, TrainSpec
+from models.device import Placement, autocast
 
 __all__ = [
     "DPPlan",
@@ -35,6 +37,7 @@ __all__ = [
     "dp_sample_rate",
     "dp_steps",
     "evaluate_local",
+    "loader_options",
     "plan_dp",
     "pos_weight_of",
     "predict",
@@ -137,6 +140,7 @@ def train_local(
     task: str = "",
     epochs: int | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    placement: Placement | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.local_epochs`` (or ``epochs``) passes over ``dataset``.
 
@@ -154,6 +158,8 @@ def train_local(
         epochs: Overrides ``spec.local_epochs``.
         on_epoch: Called as ``on_epoch(epoch, mean training loss of the epoch)`` after each epoch
             (the model is in eval mode during the call).
+        placement: The device and precision (:func:`models.device.place`; default the CPU in fp32). The model is
+            moved there for training and back to the CPU after it.
 
     Raises:
         TrainingError: An empty dataset.
@@ -165,11 +171,17 @@ def train_local(
     epochs = epochs or spec.local_epochs
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    placement = placement or Placement(torch.device("cpu"))
+    device = placement.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the input size is fixed by the preset
+    model.to(device)
     generator = torch.Generator().manual_seed(spec.seed + 7919 * round_number)
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=min(spec.batch_size, n), shuffle=True, drop_last=False,
-                                         generator=generator, num_workers=0)
-    criterion: Any = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)]))
+                                         generator=generator, **loader_options(device))
+    criterion: Any = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)], device=device))
     optimizer = _optimizer(model, spec)
+    scaler = torch.amp.GradScaler(device.type) if placement.scaled and dp is None else None
     model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)
     trained: nn.Module = model
     steps_per_epoch = len(loader)
@@ -199,8 +211,8 @@ def train_local(
             raise ValueError(f"the DP plan samples at {dp.sample_rate:.6g} for {steps_per_epoch} steps a pass; the "
                              f"private loader at {actual:.6g} for {len(loader)}: plan with the loader's batch size")
     prox = spec.proximal_mu if global_params is not None and spec.proximal_mu > 0 else 0.0
-    anchors = ({k: v.detach().clone() for k, v in global_params.items()} if prox and global_params is not None
-               else {})
+    anchors = ({k: v.detach().to(device).clone() for k, v in global_params.items()}
+               if prox and global_params is not None else {})
     named = dict(model.named_parameters())
     trained.train()
     progress = {"loss": 0.0, "seen": 0, "steps": 0}
@@ -219,13 +231,21 @@ def train_local(
                     steps += 1
                     progress["steps"] = steps
                     continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(trained(x), y)
+                with autocast(placement):
+                    logits = trained(x)
+                loss = criterion(logits.float(), y)  # the loss in fp32 whatever the forward pass ran in
                 if prox and dp is None:
                     loss = loss + prox / 2 * sum(((named[k] - a) ** 2).sum() for k, a in anchors.items()
                                                  if k in named)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:  # fp16: scaled against gradient underflow
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 if prox and dp is not None:
                     # Under DP the proximal term is applied as its own step after the private update: it
                     # depends only on the public global weights, so it costs no privacy.
@@ -271,18 +291,38 @@ def train_local(
     seconds = time.perf_counter() - t0
     total_loss, seen = float(progress["loss"]), int(progress["seen"])
     model.eval()
+    model.to("cpu")
     return TrainResult(loss=total_loss / max(seen, 1), num_examples=n, samples_seen=seen, steps=steps,
                        seconds=seconds, epsilon=session_epsilon,
                        noise_multiplier=dp.noise_multiplier if dp else None)
 
 
+def loader_options(device: torch.device) -> dict[str, Any]:
+    """DataLoader options for a device: on a GPU, worker processes and pinned memory so that the next batch is
+    read and copied while the GPU computes; on the CPU, none (the CPU does both and workers would compete)."""
+    if device.type != "cuda":
+        return {"num_workers": 0}
+    workers = max(1, min(4, (os.cpu_count() or 2) // 2))
+    return {"num_workers": workers, "pin_memory": True, "persistent_workers": False}
+
+
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16) -> np.ndarray:
-    """Probabilities of the positive class, in dataset order."""
+def predict(model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16,
+            placement: Placement | None = None) -> np.ndarray:
+    """Probabilities of the positive class, in dataset order (computed on ``placement``; the model is left on the
+    device it was on)."""
+    placement = placement or Placement(torch.device("cpu"))
     model.eval()
+    was = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.to(placement.device)
     out = []
-    for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        out.append(torch.sigmoid(model(x)).squeeze(1).numpy())
+    try:
+        for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(placement.device)):
+            with autocast(placement):
+                logits = model(x.to(placement.device, non_blocking=True))
+            out.append(torch.sigmoid(logits.float()).squeeze(1).cpu().numpy())
+    finally:
+        model.to(was)
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -296,14 +336,14 @@ class EvalResult:
 
 
 def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,
-                   batch_size: int = 16) -> EvalResult | None:
+                   batch_size: int = 16, placement: Placement | None = None) -> EvalResult | None:
     """Evaluate on a split (None if the split is empty). Images of one study count as one study,
     scored by its highest image probability."""
     if data.count(split) == 0:
         return None
     t0 = time.perf_counter()
     dataset = data.dataset(split, train=False)
-    probs = predict(model, dataset, batch_size=batch_size)
+    probs = predict(model, dataset, batch_size=batch_size, placement=placement)
     labels = data.labels(split)
     loss = float(nn.functional.binary_cross_entropy(torch.tensor(probs).clamp(1e-6, 1 - 1e-6),
                                                     torch.tensor(labels, dtype=torch.float32)))

@@ -87,6 +87,8 @@ class NodeKey(StrEnum):
     PARTITION_ID = "partition-id"  # a simulated node's index (Flower sets it)
     APP_BUNDLE = "app-bundle"  # the run's app bundle, as the site's executor checked it
     APP_BUNDLE_SHA256 = "app-bundle-sha256"
+    DEVICE = "device"  # where the site runs models: auto, cpu, cuda, cuda:N
+    PRECISION = "precision"  # auto, fp32, bf16, fp16
 
 
 class Metric(StrEnum):

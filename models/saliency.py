@@ -78,7 +78,7 @@ def target_layer(model: nn.Module, input_shape: Sequence[int], *, min_size: int 
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape)))
+            model(torch.zeros((1, *input_shape), device=_device_of(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -115,7 +115,8 @@ def layer_grid(model: nn.Module, layer: str, input_shape: Sequence[int]) -> tupl
     handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
     model.eval()
     try:
-        x = (torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_(True)
+        x = (torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)) + 0.5)
+        x = x.to(_device_of(model)).requires_grad_(True)
         model(x)
         act = store["a"]
         size = act.shape[2:]
@@ -126,7 +127,7 @@ def layer_grid(model: nn.Module, layer: str, input_shape: Sequence[int]) -> tupl
             for n in size:  # one interior unit (all channels), then its neighbour along every axis
                 unit = unit.select(1, max(0, n // 2 - 1) + step)
             (grad,) = torch.autograd.grad(unit.abs().sum(), x, retain_graph=True)
-            support = (grad[0].abs().sum(0) > 0).numpy()
+            support = (grad[0].abs().sum(0) > 0).cpu().numpy()
             centre = []
             for axis in range(support.ndim):
                 idx = np.flatnonzero(support.any(axis=tuple(a for a in range(support.ndim) if a != axis)))
@@ -143,6 +144,11 @@ def layer_grid(model: nn.Module, layer: str, input_shape: Sequence[int]) -> tupl
         return tuple(out)
     finally:
         handle.remove()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device a model's parameters are on (the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _weights(n_out: int, n_in: int, scale: float, offset: float) -> torch.Tensor:
@@ -168,7 +174,7 @@ def aligned_upsampler(grid: Sequence[tuple[float, float]]) -> Callable[[Sequence
         def up(m: torch.Tensor) -> torch.Tensor:
             out = m
             for axis, (n_out, (scale, offset)) in enumerate(zip(spatial_size, grid, strict=True)):
-                w = _weights(int(n_out), int(m.shape[2 + axis]), scale, offset).to(m.dtype)
+                w = _weights(int(n_out), int(m.shape[2 + axis]), scale, offset).to(device=m.device, dtype=m.dtype)
                 out = torch.movedim(torch.movedim(out, 2 + axis, -1) @ w.T, -1, 2 + axis)
             return out
 
@@ -252,7 +258,7 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
     warnings.filterwarnings("ignore", message=".*retain_graph.*")
     method = Method(method)
     model.eval()
-    x = image.unsqueeze(0).float()
+    x = image.unsqueeze(0).float().to(_device_of(model))  # on the model's device (a GPU at a site that has one)
     if method in (Method.GRADCAM, Method.GRADCAMPP):
         layer = layer or target_layer(model, tuple(image.shape))
         grid = grid or layer_grid(model, layer, tuple(image.shape))

@@ -44,8 +44,16 @@ def _strip(key: str) -> str:
 
 
 def state_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
-    """The model's state (parameters and buffers) as named arrays, in ``state_dict`` order."""
-    return OrderedDict((_strip(k), v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
+    """The model's state (parameters and buffers) as named arrays on the CPU, in ``state_dict`` order; floating
+    tensors as float32 whatever device or precision they were trained in (what a site sends is always this)."""
+    return OrderedDict((_strip(k), _host(v)) for k, v in model.state_dict().items())
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().to("cpu")
+    if tensor.is_floating_point():
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy().copy()
 
 
 def check_arrays(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray], *,

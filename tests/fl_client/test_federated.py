@@ -299,3 +299,22 @@ def test_evaluate_without_data_reports_zero_studies(site: Site) -> None:
     assert reply.strings[SiteKey.SPLIT] == "val"
     (record,) = EgressLog(site.workspace).records()
     assert record.kind == "evaluate-val"
+
+
+def test_the_site_chooses_its_device_and_a_missing_one_fails_with_a_site_config_code(tmp_path: Path) -> None:
+    from fl_client.failures import failure_of
+    from models.device import DeviceError
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    site = site_from_config({"workspace": str(ws), "site-id": "a", "device": "cpu", "precision": "fp32"}, {})
+    assert (site.device, site.precision) == ("cpu", "fp32") and site.placement().describe() == "cpu fp32"
+    default = site_from_config({"workspace": str(ws)}, {})
+    assert (default.device, default.precision) == ("auto", "auto")
+    if torch.cuda.is_available():
+        return
+    gone = site_from_config({"workspace": str(ws), "device": "cuda:2"}, {})
+    with pytest.raises(DeviceError) as caught:
+        gone.placement()
+    failure = failure_of(caught.value)
+    assert failure.code == "site-config" and "cuda:2" in failure.sentence and str(ws) not in failure.sentence

@@ -262,3 +262,29 @@ def test_evaluate_local_on_one_image_a_study_and_on_an_empty_split(site: Path) -
     assert m.sensitivity == 1.0 and m.specificity == 0.0  # threshold 0: every study called positive
     assert m.auroc is None or 0.0 <= m.auroc <= 1.0
     assert evaluate_local(_model(), SiteData("lung-ct", {"train": data.items["train"]}), "val") is None
+
+
+# Mixed precision, where a CPU can run it ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [None, GradSampleMode.HOOKS], ids=["plain", "dp-hooks"])
+def test_bf16_mixed_precision_trains_and_the_weights_leave_as_float32(tmp_path: Path,
+                                                                      mode: GradSampleMode | None) -> None:
+    from dataclasses import replace
+
+    from models.device import place
+
+    data, labels = _volumes(12)
+    model = _model()
+    before = state_arrays(model)
+    dp = replace(_plan(12, 4, epochs=1), grad_sample_mode=mode) if mode is not None else None
+    placement = place("cpu", "bf16", dp_mode=mode.value if mode is not None else None)
+    assert placement.amp_dtype == torch.bfloat16
+    result = train_local(model, data, spec=TrainSpec(batch_size=4, local_epochs=1, augment=False), labels=labels,
+                         dp=dp, ledger=_ledger(tmp_path) if dp is not None else None, placement=placement)
+    after = state_arrays(model)
+    assert np.isfinite(result.loss) and result.steps == 3
+    assert {k: a.dtype for k, a in after.items()} == {k: a.dtype for k, a in before.items()}
+    assert all(np.isfinite(a).all() for a in after.values() if a.dtype.kind == "f")
+    assert any(not np.array_equal(after[k], before[k]) for k in before)  # it trained
+    assert next(model.parameters()).device == torch.device("cpu")
