@@ -442,7 +442,8 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)  # an unusable --out is said before training, not after
     _placement(args)  # a device this machine lacks is said before training, not after
-    flat: dict[str, Any] = {"task": args.task, "model": args.model, "batch-size": args.batch_size,
+    flat: dict[str, Any] = {"task": args.task, "model": args.model, "resolution": args.resolution,
+                            "batch-size": args.batch_size,
                             "learning-rate": args.lr, "seed": args.seed, "threads": args.threads}
     if args.dp_epsilon is not None:
         flat.update({"dp": True, "dp-epsilon": args.dp_epsilon, "dp-max-grad-norm": args.dp_max_grad_norm,
@@ -747,7 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help=_listing(list(PRESETS)))
     p.add_argument("--out", type=Path, required=True, help="output folder for model.pt, metrics.json, curves.png")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training split (default 20)")
-    p.add_argument("--model", default="compact-cnn", help="compact-cnn (default), densenet-small or densenet121")
+    p.add_argument("--model", default="auto",
+                   help="auto (default: compact-cnn at the cpu profile, densenet-small at diagnostic), compact-cnn, "
+                        "densenet-small or densenet121")
+    p.add_argument("--resolution", default="cpu",
+                   help="cpu (default: coarse voxels, for CPUs) or diagnostic (radiological voxel sizes, for GPUs)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0)

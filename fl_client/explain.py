@@ -164,7 +164,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     explainer = Explainer.load(model_path, placement=placement)
     model_sha256, task = explainer.sha256, explainer.task
     try:
-        data = load_site_data([workspace], task)
+        data = load_site_data([workspace], task, resolution=explainer.resolution)
     except NoSiteData as exc:
         raise ExplainError(str(exc)) from None
     splits = [s for s in ("train", "val", "test", "unassigned") if data.count(s)]

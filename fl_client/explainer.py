@@ -66,16 +66,18 @@ class Explainer:
         sha256: That file's SHA-256 ("" if none).
         placement: Where the network runs (default the CPU in fp32). Scores use its mixed precision; saliency
             maps are computed in fp32 (gradients of a bf16 forward pass are too coarse for a map).
+        resolution: The resolution profile the network was trained at (its images are preprocessed so).
     """
 
     def __init__(self, net: nn.Module, task: str, *, path: Path | None = None, sha256: str = "",
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, resolution: str = "cpu") -> None:
         self.placement = placement or Placement(torch.device("cpu"))
         self.net = net.eval().to(self.placement.device)
         self.task = task
         self.path = path
         self.sha256 = sha256
-        self.preset: TaskPreset = get_preset(task)
+        self.resolution = resolution
+        self.preset: TaskPreset = get_preset(task, resolution)
         self._layers: dict[tuple[int, ...], tuple[str, tuple[tuple[float, float], ...]]] = {}
 
     @classmethod
@@ -91,7 +93,8 @@ class Explainer:
         config = from_flat(run_config)
         net = build_model(config.model)
         load_arrays(net, arrays)
-        return cls(net, config.model.task, path=path, sha256=file_sha256(path), placement=placement)
+        return cls(net, config.model.task, path=path, sha256=file_sha256(path), placement=placement,
+                   resolution=config.model.resolution)
 
     def network_input(self, item: Item, *, workspace: Path) -> torch.Tensor:
         """An image as the network takes it (the preset's transforms; read from the site's cache when there)."""

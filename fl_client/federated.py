@@ -20,7 +20,7 @@ from fl_client.policy import Admission, RunBook, RunManifest
 from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
 from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
-from models.config import RunConfig, resolved_grad_sample_mode
+from models.config import ConfigError, RunConfig, resolved_grad_sample_mode
 from models.device import Placement, place
 from models.nets import build_model, parameter_count
 from models.protocol import (
@@ -35,7 +35,7 @@ from models.protocol import (
     Split,
     failure_text,
 )
-from models.weights import load_arrays, pack, state_arrays, unpack
+from models.weights import WeightsError, load_arrays, pack, state_arrays, unpack
 
 __all__ = [
     "Refused",
@@ -143,7 +143,8 @@ def run_manifest(config: RunConfig, run_config: Mapping[str, Any], node_config: 
     return RunManifest(
         run=run, lead_run_id=lead_run_id, task=config.model.task, rounds=config.federation.num_rounds,
         local_epochs=config.training.local_epochs, strategy=str(config.federation.strategy),
-        network=str(config.model.arch), parameters=parameter_count(build_model(config.model)),
+        network=str(config.model.network), parameters=parameter_count(build_model(config.model)),
+        resolution=str(config.model.resolution),
         dp=config.privacy.enabled, dp_epsilon=float(config.privacy.epsilon),
         secure_aggregation=config.server.secure_aggregation,
         metrics=metrics, app=str(node_config.get(NodeKey.APP_BUNDLE) or "simulation"),
@@ -173,7 +174,14 @@ def refusal(site: Site, *, task: str, run_id: str, round_number: int, kind: str,
 def _model_from(config: RunConfig, flat: np.ndarray) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     model = build_model(config.model)
     reference = state_arrays(model)
-    load_arrays(model, unpack(np.asarray(flat), reference))
+    try:
+        arrays = unpack(np.asarray(flat), reference)
+    except WeightsError:
+        m, need = config.model, sum(a.size for a in reference.values())
+        raise ConfigError(f"the global model has {np.asarray(flat).size:,} values; this site builds {m.network} for "
+                          f"{m.task} at the {m.resolution} resolution profile with {need:,}: the lead and this site "
+                          "disagree on the model (its version or run configuration)") from None
+    load_arrays(model, arrays)
     return model, {WEIGHTS: np.asarray(flat)}
 
 
@@ -231,7 +239,7 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
 def _site_data(site: Site, config: RunConfig) -> SiteData | None:
     """The site's labelled data for the run's task, or None if it holds none."""
     try:
-        return load_site_data([site.workspace], config.model.task)
+        return load_site_data([site.workspace], config.model.task, resolution=config.model.resolution)
     except NoSiteData:
         return None
 

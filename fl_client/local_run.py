@@ -70,7 +70,7 @@ def run_local(
         DeviceError: The device does not exist here, or cannot run the precision.
     """
     task = config.model.task
-    data = load_site_data(workspaces, task)
+    data = load_site_data(workspaces, task, resolution=config.model.resolution)
     if config.privacy.enabled and len(workspaces) != 1:
         raise TrainingError("DP-SGD is accounted per site: train one workspace at a time with --dp-epsilon "
                             "(the pooled run is the centralised baseline, without DP)")

@@ -76,6 +76,7 @@ class SitePolicy:
         max_rounds: The most rounds one run may have.
         max_local_epochs: The most local epochs per round.
         networks: Networks (``model`` run-config values) allowed.
+        resolutions: Resolution profiles allowed (``cpu``, ``diagnostic``): a site without a GPU may keep to cpu.
         max_epsilon_per_run: The most ε one run may spend at the site (a cap on the run's own DP target;
             the privacy budget still caps all runs together).
         require_approval: Every new run waits as pending until the site approves it.
@@ -87,6 +88,7 @@ class SitePolicy:
     max_rounds: int | None = None
     max_local_epochs: int | None = None
     networks: tuple[str, ...] = ()
+    resolutions: tuple[str, ...] = ()
     max_epsilon_per_run: float | None = None
     require_approval: bool = False
     set_at: str = ""
@@ -116,6 +118,7 @@ class SitePolicy:
                 f"rounds per run: at most {limit(self.max_rounds)}",
                 f"local epochs per round: at most {limit(self.max_local_epochs)}",
                 f"networks: {', '.join(self.networks) if self.networks else 'any'}",
+                f"resolution profiles: {', '.join(self.resolutions) if self.resolutions else 'any'}",
                 f"ε per run: at most {limit(self.max_epsilon_per_run)}",
                 "new runs: " + ("wait for the site's approval (oncofed-site approve)" if self.require_approval
                                 else "take part at once if within this policy")]
@@ -134,6 +137,7 @@ class RunManifest:
         strategy: The aggregation strategy.
         network: The network.
         parameters: The network's parameter count.
+        resolution: The resolution profile the run preprocesses images at (``cpu`` or ``diagnostic``).
         dp: Whether the run asks for DP-SGD.
         dp_epsilon: The run's ε target (when it asks for DP).
         secure_aggregation: Whether updates are masked (SecAgg+).
@@ -156,20 +160,22 @@ class RunManifest:
     metrics: tuple[str, ...]
     app: str
     app_hash: str
+    resolution: str = "cpu"
 
     @classmethod
     def foreign(cls, run: str, app: str, app_hash: str, run_config: Mapping[str, Any]) -> RunManifest:
         """What can be said of a run built for another app or version (its config is not read further)."""
         return cls(run=run, lead_run_id="", task=str(run_config.get("task", "?"))[:64], rounds=0, local_epochs=0,
                    strategy="?", network=str(run_config.get("model", "?"))[:64], parameters=0, dp=False,
-                   dp_epsilon=0.0, secure_aggregation=False, metrics=(), app=app, app_hash=app_hash)
+                   dp_epsilon=0.0, secure_aggregation=False, metrics=(), app=app, app_hash=app_hash,
+                   resolution=str(run_config.get("resolution", "?"))[:64])
 
     def lines(self) -> list[str]:
         """The manifest in plain words, as the site's operator sees it before approving."""
         dp = f"DP-SGD asked, ε ≤ {self.dp_epsilon:g} for the run" if self.dp else "no DP-SGD asked"
         return [f"task {self.task}; {self.rounds} round(s) of {self.local_epochs} local epoch(s); "
                 f"strategy {self.strategy}" + ("; secure aggregation" if self.secure_aggregation else ""),
-                f"network {self.network} ({self.parameters:,} parameters)",
+                f"network {self.network} ({self.parameters:,} parameters) at the {self.resolution} resolution profile",
                 dp,
                 f"leaves the site: the model's weights and the metrics {', '.join(self.metrics)}",
                 f"lead's run id {self.lead_run_id}; app {self.app}"
@@ -260,7 +266,8 @@ class RunBook:
         try:
             doc = json.loads(path.read_text())
             return SitePolicy(**{**doc, "tasks": tuple(doc.get("tasks", ())),
-                                 "networks": tuple(doc.get("networks", ()))}).check()
+                                 "networks": tuple(doc.get("networks", ())),
+                                 "resolutions": tuple(doc.get("resolutions", ()))}).check()
         except (OSError, ValueError, TypeError) as exc:
             raise PolicyError(f"{path} is damaged ({type(exc).__name__}): set the policy again with "
                               "oncofed-site policy --workspace WS ...") from None
@@ -405,4 +412,7 @@ def _outside(policy: SitePolicy, manifest: RunManifest) -> tuple[str, str]:
     if policy.networks and manifest.network not in policy.networks:
         return Refusal.NETWORK, f"this site allows the networks {', '.join(policy.networks)} only, not " \
                                 f"{manifest.network}"
+    if policy.resolutions and manifest.resolution not in policy.resolutions:
+        return Refusal.RESOLUTION, f"this site trains at the {', '.join(policy.resolutions)} resolution profile " \
+                                   f"only, not {manifest.resolution}"
     return "", ""

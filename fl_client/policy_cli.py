@@ -18,7 +18,7 @@ from rich.table import Table
 
 from fl_client.policy import PolicyError, RunBook, RunRecord, RunState, operator_name
 from imaging.presets import PRESETS
-from models.config import Arch
+from models.config import Arch, Resolution
 
 __all__ = ["add_commands", "cmd_approve", "cmd_policy", "cmd_refuse", "cmd_runs"]
 
@@ -97,7 +97,7 @@ def cmd_policy(args: argparse.Namespace, console: Console) -> int:
         PolicyError: No workspace, a list or limit that cannot be read, a policy out of range, or a damaged
             policy file.
     """
-    from models.config import Arch
+    from models.config import Arch, Resolution
     from models.tasks import TASK_DIMS
 
     book = _book(args.workspace)
@@ -106,7 +106,10 @@ def cmd_policy(args: argparse.Namespace, console: Console) -> int:
     if args.tasks is not None:
         changes["tasks"] = _names(args.tasks, tuple(TASK_DIMS), "--tasks", "all")
     if args.networks is not None:
-        changes["networks"] = _names(args.networks, tuple(a.value for a in Arch), "--networks", "any")
+        changes["networks"] = _names(args.networks, tuple(a.value for a in Arch if a != Arch.AUTO), "--networks",
+                                     "any")
+    if args.resolutions is not None:
+        changes["resolutions"] = _names(args.resolutions, tuple(r.value for r in Resolution), "--resolutions", "any")
     if args.max_rounds is not None:
         changes["max_rounds"] = _limit(args.max_rounds, "--max-rounds", int)
     if args.max_local_epochs is not None:
@@ -240,7 +243,10 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("policy", "Show or set which runs this site takes part in (tasks, rounds, networks, ε, approval).",
             EPILOG_POLICY, cmd_policy)
     p.add_argument("--tasks", metavar="T1,T2|all", help=f"tasks the site takes part in ({', '.join(PRESETS)})")
-    p.add_argument("--networks", metavar="N1,N2|any", help=f"networks allowed ({', '.join(Arch)})")
+    p.add_argument("--networks", metavar="N1,N2|any",
+                   help=f"networks allowed ({', '.join(a for a in Arch if a != Arch.AUTO)})")
+    p.add_argument("--resolutions", metavar="R1,R2|any",
+                   help=f"resolution profiles allowed ({', '.join(Resolution)}; a site without a GPU keeps to cpu)")
     p.add_argument("--max-rounds", metavar="N|none", help="the most rounds per run")
     p.add_argument("--max-local-epochs", metavar="N|none", help="the most local epochs per round")
     p.add_argument("--max-epsilon", metavar="EPS|none", help="the most ε one run may spend at this site")

@@ -240,7 +240,7 @@ class ReviewSession:
         total, done = sum(len(v) for v in per_task.values()), 0
         for task, items in per_task.items():
             model = self.models[task]
-            dataset = cached_dataset(items, get_preset(task), workspace=self.workspace, train=False)
+            dataset = cached_dataset(items, model.preset, workspace=self.workspace, train=False)
             for start in range(0, len(items), 16):
                 batch = [dataset[i]["image"] for i in range(start, min(start + 16, len(items)))]
                 probs = model.probabilities(batch)

@@ -29,8 +29,8 @@ __all__ = ["cache_folder", "cached_dataset", "file_fingerprint", "preprocessing_
 def preprocessing_key(preset: TaskPreset) -> str:
     """A short hash of everything in a preset that changes the cached tensors."""
     fields = asdict(preset)
-    fields.pop("augment")
-    fields.pop("title")
+    for name in ("augment", "title", "diagnostic_spacing", "diagnostic_size"):  # what does not shape the tensors
+        fields.pop(name)
     return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:12]
 
 

@@ -7,7 +7,7 @@ Spatial tuples are in MONAI's array axis order: ``(x, y[, z])`` = (column, row[,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -81,6 +81,8 @@ class TaskPreset:
         suppress_above_hu: For abdominal CT: replace bone and enhancing organs above this HU by fat
             (see ``imaging.transforms.SuppressBrightd``); None keeps them.
         augment: Training-time augmentations.
+        diagnostic_spacing: ``target_spacing`` of the diagnostic resolution profile.
+        diagnostic_size: ``spatial_size`` of the diagnostic resolution profile.
     """
 
     name: str
@@ -99,6 +101,17 @@ class TaskPreset:
     lung_field: bool = False
     suppress_above_hu: float | None = None
     augment: Augment = field(default_factory=Augment)
+    diagnostic_spacing: tuple[float, ...] = ()
+    diagnostic_size: tuple[int, ...] = ()
+
+    def at(self, resolution: str) -> TaskPreset:
+        """This preset at a resolution profile: ``cpu`` (itself) or ``diagnostic`` (its diagnostic voxel size and
+        field of view; the rest unchanged)."""
+        if resolution == "cpu":
+            return self
+        if resolution != "diagnostic":
+            raise ValueError(f"unknown resolution profile {resolution!r}: cpu or diagnostic")
+        return replace(self, target_spacing=self.diagnostic_spacing, spatial_size=self.diagnostic_size)
 
 
 PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
@@ -119,6 +132,9 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 min_slices=16,
                 lung_field=True,
                 augment=Augment(flip_axes=(0,), rotate_deg=8.0),
+                # 1.5 mm in-plane, 2.5 mm slices: a 6 mm nodule spans 4 voxels (1 at 5.5 mm); 336 x 336 x 320 mm.
+                diagnostic_spacing=(1.5, 1.5, 2.5),
+                diagnostic_size=(224, 224, 128),
             ),
             TaskPreset(
                 name="breast-mg",
@@ -133,6 +149,9 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 percentiles=(0.5, 99.5),
                 canonical_laterality="R",
                 augment=Augment(flip_axes=(1,), rotate_deg=5.0),
+                # 0.2 mm pixels (calcifications of 0.2-0.5 mm stay visible) over 205 x 256 mm, a full breast.
+                diagnostic_spacing=(0.2, 0.2),
+                diagnostic_size=(1024, 1280),
             ),
             TaskPreset(
                 name="colorectal-ct",
@@ -148,6 +167,9 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 min_slices=16,
                 suppress_above_hu=160.0,
                 augment=Augment(flip_axes=(0,), rotate_deg=8.0),
+                # 1.5 mm in-plane, 3 mm slices over 384 x 384 x 288 mm: abdomen and pelvis.
+                diagnostic_spacing=(1.5, 1.5, 3.0),
+                diagnostic_size=(256, 256, 96),
             ),
             TaskPreset(
                 name="prostate-mr",
@@ -162,22 +184,27 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 percentiles=(1.0, 99.0),
                 min_slices=10,
                 augment=Augment(flip_axes=(0,), rotate_deg=8.0),
+                # T2 at 0.5 mm in-plane and 3 mm slices (PI-RADS technical standard) over 128 x 128 x 72 mm.
+                diagnostic_spacing=(0.5, 0.5, 3.0),
+                diagnostic_size=(256, 256, 24),
             ),
         )
     }
 )
 
 
-def get_preset(name: str) -> TaskPreset:
-    """The preset called ``name``.
+def get_preset(name: str, resolution: str = "cpu") -> TaskPreset:
+    """The preset called ``name``, at a resolution profile (``cpu``, the default, or ``diagnostic``).
 
     Raises:
         KeyError: With the list of known tasks, if ``name`` is not one.
+        ValueError: An unknown resolution profile.
     """
     try:
-        return PRESETS[name]
+        preset = PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(PRESETS)}") from None
+    return preset.at(str(resolution))
 
 
 def tasks_for_series(modality: str, body_part: str = "", description: str = "") -> tuple[str, ...]:

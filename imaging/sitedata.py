@@ -49,6 +49,7 @@ class SiteData:
 
     task: str
     items: dict[str, list[tuple[Path, Item]]]  # split -> (workspace, item)
+    resolution: str = "cpu"  # the preset's resolution profile
 
     def count(self, split: str) -> int:
         """Images in a split."""
@@ -60,7 +61,7 @@ class SiteData:
 
     def dataset(self, split: str, *, train: bool) -> TensorDataset:
         """The split as a dataset; each workspace caches its own preprocessed tensors."""
-        preset = get_preset(self.task)
+        preset = get_preset(self.task, self.resolution)
         parts = []
         by_ws: dict[Path, list[Item]] = {}
         for ws, item in self.items.get(split, []):
@@ -74,13 +75,13 @@ class SiteData:
         return [item.study_uid for _, item in self.items.get(split, [])]
 
 
-def load_site_data(workspaces: Sequence[Path], task: str) -> SiteData:
-    """The labelled items of ``task`` in each workspace, by split.
+def load_site_data(workspaces: Sequence[Path], task: str, *, resolution: str = "cpu") -> SiteData:
+    """The labelled items of ``task`` in each workspace, by split, preprocessed at ``resolution``'s profile.
 
     Raises:
         NoSiteData: A workspace has no catalog, or no labelled training items for the task.
     """
-    get_preset(task)
+    get_preset(task, resolution)
     items: dict[str, list[tuple[Path, Item]]] = {}
     for ws in workspaces:
         try:
@@ -90,7 +91,7 @@ def load_site_data(workspaces: Sequence[Path], task: str) -> SiteData:
         with catalog:
             for item in catalog.items(task):
                 items.setdefault(item.split or "unassigned", []).append((Path(ws), item))
-    data = SiteData(task, items)
+    data = SiteData(task, items, resolution)
     labels = data.labels("train")
     if not labels:
         raise NoSiteData(

@@ -30,6 +30,7 @@ __all__ = [
     "ModelSpec",
     "Norm",
     "PrivacySpec",
+    "Resolution",
     "RunConfig",
     "RunKey",
     "ServerSpec",
@@ -49,9 +50,17 @@ class ConfigError(ValueError):
 class Arch(StrEnum):
     """Network architectures ``build_model`` knows."""
 
+    AUTO = "auto"  # the profile's default: compact-cnn at the cpu profile, densenet-small at diagnostic
     COMPACT_CNN = "compact-cnn"  # the CPU default: fast, and DP-SGD costs little on it
     DENSENET_SMALL = "densenet-small"
     DENSENET121 = "densenet121"
+
+
+class Resolution(StrEnum):
+    """The resolution profile of the task presets (voxel sizes and fields of view; ``imaging.presets``)."""
+
+    CPU = "cpu"  # coarse: for tests, the demo and CPU-only sites (CT at 5.5 mm)
+    DIAGNOSTIC = "diagnostic"  # what a radiologist would accept (CT near 1.5 mm in-plane): for GPU sites
 
 
 class Norm(StrEnum):
@@ -101,7 +110,9 @@ class ModelSpec:
 
     Args:
         task: The task key (``lung-ct``, ``breast-mg``, ``colorectal-ct``, ``prostate-mr``).
-        arch: The architecture.
+        arch: The architecture (``auto``: the resolution profile's default, see :attr:`network`).
+        resolution: The preprocessing profile (voxel sizes, fields of view): part of what server and sites
+            agree on, as the network trained at one profile is meaningless on images of another.
         spatial_dims: 2 or 3, from the task.
         in_channels: Input channels (1: grey images).
         width: Base channel count of ``compact-cnn`` (doubled at each stage).
@@ -110,12 +121,21 @@ class ModelSpec:
     """
 
     task: str = "lung-ct"
-    arch: Arch = Arch.COMPACT_CNN
+    arch: Arch = Arch.AUTO
+    resolution: Resolution = Resolution.CPU
     spatial_dims: int = 3
     in_channels: int = 1
     width: int = 16
     norm: Norm = Norm.INSTANCE
     dropout: float = 0.1
+
+    @property
+    def network(self) -> Arch:
+        """The concrete architecture: ``arch``, or for ``auto`` the profile's default (the compact CNN at the cpu
+        profile; MONAI's small DenseNet, with the DP-compatible norm, at the diagnostic one)."""
+        if self.arch != Arch.AUTO:
+            return self.arch
+        return Arch.COMPACT_CNN if self.resolution == Resolution.CPU else Arch.DENSENET_SMALL
 
 
 @dataclass(frozen=True)
@@ -289,6 +309,7 @@ class RunKey(StrEnum):
 
     TASK = "task"
     MODEL = "model"
+    RESOLUTION = "resolution"
     MODEL_WIDTH = "model-width"
     NORM = "norm"
     DROPOUT = "dropout"
@@ -330,6 +351,7 @@ class RunKey(StrEnum):
 KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.TASK: ("model", "task", _str),
     RunKey.MODEL: ("model", "arch", _enum(Arch)),
+    RunKey.RESOLUTION: ("model", "resolution", _enum(Resolution)),
     RunKey.MODEL_WIDTH: ("model", "width", _int),
     RunKey.NORM: ("model", "norm", _enum(Norm)),
     RunKey.DROPOUT: ("model", "dropout", _float),
@@ -418,7 +440,7 @@ def resolved_grad_sample_mode(config: RunConfig) -> GradSampleMode:
     mode = config.privacy.grad_sample_mode
     if mode != GradSampleMode.AUTO:
         return mode
-    return GradSampleMode.EW if config.model.arch == Arch.COMPACT_CNN else GradSampleMode.HOOKS
+    return GradSampleMode.EW if config.model.network == Arch.COMPACT_CNN else GradSampleMode.HOOKS
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -438,7 +460,7 @@ def validate(config: RunConfig) -> None:
     _check(m.in_channels >= 1, "in-channels", "must be at least 1")
     _check(4 <= m.width <= 256 and m.width % 4 == 0, RunKey.MODEL_WIDTH, "must be a multiple of 4 from 4 to 256")
     _check(0.0 <= m.dropout < 1.0, RunKey.DROPOUT, "must be in [0, 1)")
-    _check(m.norm != Norm.NONE or m.arch == Arch.COMPACT_CNN, RunKey.NORM,
+    _check(m.norm != Norm.NONE or m.network == Arch.COMPACT_CNN, RunKey.NORM,
            "DenseNets need a norm layer; use instance or group")
     _check(t.local_epochs >= 1, RunKey.LOCAL_EPOCHS, "must be at least 1")
     _check(1 <= t.batch_size <= 4096, RunKey.BATCH_SIZE, "must be between 1 and 4096")
@@ -468,5 +490,5 @@ def validate(config: RunConfig) -> None:
     if p.enabled:
         _check(m.norm != Norm.BATCH, RunKey.NORM,
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")
-        _check(p.grad_sample_mode != GradSampleMode.EW or m.arch == Arch.COMPACT_CNN, RunKey.DP_GRAD_SAMPLE_MODE,
+        _check(p.grad_sample_mode != GradSampleMode.EW or m.network == Arch.COMPACT_CNN, RunKey.DP_GRAD_SAMPLE_MODE,
                "'ew' does not work on DenseNet; use hooks")

@@ -110,14 +110,14 @@ def build_model(spec: ModelSpec) -> nn.Module:
     Returns:
         A module mapping ``(batch, in_channels, *spatial)`` to ``(batch, 1)`` logits.
     """
-    if spec.arch == Arch.COMPACT_CNN:
+    if spec.network == Arch.COMPACT_CNN:
         return CompactCNN(spec.spatial_dims, spec.in_channels, spec.width, spec.norm, spec.dropout)
     # MONAI's DenseNet applies one norm argument to layers of many widths: GroupNorm needs a group
     # count dividing all of them (every DenseNet width here is a multiple of 8 or 16).
     norm = ("group", {"num_groups": 8}) if spec.norm == Norm.GROUP else norm_layer(spec.norm, 0)
     if norm is None:
         raise ValueError("DenseNets need a norm layer; use norm=instance or norm=group")
-    if spec.arch == Arch.DENSENET121:
+    if spec.network == Arch.DENSENET121:
         return DenseNet121(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels, out_channels=1,
                            act=ACT, norm=norm, dropout_prob=spec.dropout)
     return DenseNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels, out_channels=1,

@@ -161,6 +161,7 @@ class Refusal(StrEnum):
     ROUNDS = "policy-rounds"
     LOCAL_EPOCHS = "policy-local-epochs"
     NETWORK = "policy-network"
+    RESOLUTION = "policy-resolution"
     PENDING = "pending-approval"
     REFUSED = "refused-by-site"
     BUDGET = "budget"

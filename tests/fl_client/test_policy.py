@@ -103,6 +103,8 @@ def test_default_policy_trains_and_records_the_run_with_its_manifest(workspace: 
     (SitePolicy(max_rounds=2), {}, Refusal.ROUNDS, "at most 2 rounds per run; the run has 3"),
     (SitePolicy(max_local_epochs=1), {"local-epochs": 3}, Refusal.LOCAL_EPOCHS, "at most 1 local epochs"),
     (SitePolicy(networks=("densenet-small",)), {}, Refusal.NETWORK, "densenet-small only, not compact-cnn"),
+    (SitePolicy(resolutions=("cpu",)), {"resolution": "diagnostic"}, Refusal.RESOLUTION,
+     "trains at the cpu resolution profile only, not diagnostic"),
 ])
 def test_a_run_outside_the_policy_is_refused_before_any_training(workspace: Path, policy: SitePolicy,
                                                                    run_config: dict, code: str, needle: str) -> None:
@@ -180,7 +182,7 @@ def test_a_handler_failure_leaves_as_a_code_and_a_sentence_and_the_details_stay(
         workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fl_client.federated
 
-    def moved(*_: object) -> None:
+    def moved(*_: object, **__: object) -> None:
         raise FileNotFoundError(2, "No such file or directory", "/data/Doe^Jane_1960/MG/IM0001.dcm")
 
     monkeypatch.setattr(fl_client.federated, "load_site_data", moved)

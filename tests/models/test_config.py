@@ -35,7 +35,7 @@ def test_round_trip_through_flat_keys() -> None:
         ({"task": "liver-ct"}, "unknown task 'liver-ct'"),
         ({"local-epochs": "two"}, "'local-epochs': 'two' is not valid"),
         ({"local-epochs": "0"}, "'local-epochs': must be at least 1"),
-        ({"model": "resnet"}, "expected one of compact-cnn, densenet-small, densenet121"),
+        ({"model": "resnet"}, "expected one of auto, compact-cnn, densenet-small, densenet121"),
         ({"dp": "maybe"}, "expected true or false"),
         ({"dp": "true", "norm": "batch"}, "BatchNorm mixes samples"),
         ({"dp": "true", "dp-epsilon": "0"}, "'dp-epsilon': must be in (0, 100]"),
