@@ -318,3 +318,14 @@ def test_the_site_chooses_its_device_and_a_missing_one_fails_with_a_site_config_
         gone.placement()
     failure = failure_of(caught.value)
     assert failure.code == "site-config" and "cuda:2" in failure.sentence and str(ws) not in failure.sentence
+
+
+def test_join_checks_the_device_before_starting_and_passes_it_in_the_node_config(tmp_path: Path) -> None:
+    from fl_client.join import JoinError, check_placement, node_config_arg
+
+    assert check_placement("cpu", "fp32") == "cpu fp32"
+    text = node_config_arg(tmp_path, "a", device="cpu", precision="bf16")
+    assert 'device="cpu"' in text and 'precision="bf16"' in text and 'site-id="a"' in text
+    if not torch.cuda.is_available():
+        with pytest.raises(JoinError, match=r"--device/--precision: device 'cuda:3' does not exist on this machine"):
+            check_placement("cuda:3", "auto")
