@@ -18,6 +18,7 @@ __all__ = [
     "UserError",
     "app_defaults",
     "build_parser",
+    "cmd_export",
     "cmd_provision",
     "cmd_report",
     "cmd_run",
@@ -356,6 +357,44 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+EPILOG_EXPORT = """example:
+  oncofed-server export runs/lung-sim --out handoff/lung-ct
+  python -m monai.bundle run --config_file handoff/lung-ct/configs/inference.json \\
+      --meta_file handoff/lung-ct/configs/metadata.json --bundle_root handoff/lung-ct \\
+      --input_dir /data/study/series --output_dir out   # out/probabilities.json
+
+Writes a MONAI bundle (configs/, models/model.pt and model.ts, docs/README.md) and a model card
+(docs/model-card.md and .json: intended use, preprocessing, network, sites, DP epsilon, metrics with
+95 % CIs, code version, SHA-256 of every file) from a finished run directory."""
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    """``export``: the MONAI bundle and model card of a finished run."""
+    import json
+
+    from fl_server.export import ExportError, export_run
+    from models.config import ConfigError, from_flat
+
+    try:
+        config = json.loads((args.run_dir / "config.json").read_text()) if (args.run_dir / "config.json").is_file() \
+            else {}
+        spec = from_flat(config.get("run_config") or {}).model
+    except (ConfigError, ValueError) as exc:
+        raise UserError(f"{args.run_dir / 'config.json'}: {exc}") from None
+    # The one place the lead's code reads imaging: the task preset's preprocessing, as data for the bundle.
+    from imaging.bundle import BundleError, inference_config, preprocessing_summary
+
+    try:
+        exported = export_run(args.run_dir, args.out, inference=inference_config(spec.task, spec.resolution),
+                              preprocessing=preprocessing_summary(spec.task, spec.resolution), force=args.force)
+    except (ExportError, BundleError) as exc:
+        raise UserError(str(exc)) from None
+    card = exported.out / "docs" / "model-card.md"
+    console.print(f"Bundle and model card: {exported.out} ({len(exported.files)} files; TorchScript within "
+                  f"{exported.max_logit_difference:.1e} of the network)\nModel card: {card}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oncofed-server`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -405,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--state", type=Path, help="the --state folder given to 'start' (default KIT/superlink)")
+    p = add("export", "Write a finished run's model as a MONAI bundle with a model card.", EPILOG_EXPORT, cmd_export)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory written by the server")
+    p.add_argument("--out", type=Path, required=True, help="the bundle folder to write (must be empty)")
+    p.add_argument("--force", action="store_true", help="replace what --out holds")
     return parser
 
 

@@ -1,0 +1,141 @@
+"""``oncofed-server export``: a finished run as a MONAI bundle that MONAI's own runner executes on a DICOM series,
+with the same network input and probability as oncofed's own preprocessing and model, and a model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from fl_client.explainer import Explainer
+from fl_server.cli import main
+from fl_server.export import hanley_mcneil, wilson
+from imaging.catalog import Catalog
+from models.config import RunConfig, from_flat
+from models.nets import build_model
+from models.weights import save_checkpoint, state_arrays
+from tests.consortium import make_workspaces
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _site_metrics(pos: int, neg: int, auroc: float) -> dict[str, float]:
+    return {"studies": pos + neg, "positives": pos, "negatives": neg, "threshold": 0.5, "auroc": auroc,
+            "sensitivity": 0.5, "specificity": 0.75}
+
+
+def _finished_run(run_dir: Path) -> Path:
+    """A run directory as the server leaves it after two rounds (no Flower: written by hand)."""
+    flat = {**RunConfig().to_flat(), "task": "lung-ct", "dp": True}
+    torch.manual_seed(7)
+    arrays = state_arrays(build_model(from_flat(flat).model))
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for rnd in (1, 2):
+        save_checkpoint(run_dir / "checkpoints" / f"round-{rnd:03d}.pt", arrays, flat, round_number=rnd)
+    save_checkpoint(run_dir / "model.pt", arrays, flat, round_number=2)
+    (run_dir / "config.json").write_text(json.dumps({"schema": "oncofed.run/1", "run_id": "42", "started": 1.0,
+                                                     "run_config": flat}))
+    train = {"site-a": {"num-examples": 20, "train-loss": 0.6, "dp": 1, "epsilon": 1.5, "epsilon-max": 8.0},
+             "site-b": {"num-examples": 10, "train-loss": 0.7, "dp": 1, "epsilon": 2.25, "epsilon-max": 4.0}}
+    rounds = [{"round": r, "train": train, "evaluate": {"site-a": _site_metrics(2, 2, 0.75)}, "aggregated_sites": 2,
+               "checkpoint": f"checkpoints/round-{r:03d}.pt"} for r in (1, 2)]
+    final = {"split": "test", "sites": {"site-a": _site_metrics(6, 4, 0.8), "site-b": _site_metrics(4, 8, 0.7)}}
+    (run_dir / "history.json").write_text(json.dumps({"schema": "oncofed.run/1", "run_id": "42", "task": "lung-ct",
+                                                      "strategy": "fedavg", "rounds": rounds, "final": final,
+                                                      "finished": 2.0}))
+    return run_dir
+
+
+def test_export_is_a_monai_bundle_that_scores_a_series_as_oncofed_does(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    ws = make_workspaces(tmp_path / "c", sites=1, studies_per_task=4, seed=11, tasks=["lung-ct"])
+    run_dir, out = _finished_run(tmp_path / "run"), tmp_path / "bundle"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "TorchScript within" in capsys.readouterr().out
+
+    for path in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
+                 "docs/README.md", "docs/model-card.md", "docs/model-card.json"):
+        assert (out / path).is_file(), path
+    sums = dict(reversed(line.split("  ")) for line in (out / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"SHA256SUMS"}
+    assert all(hashlib.sha256((out / p).read_bytes()).hexdigest() == d for p, d in sums.items())
+
+    card = json.loads((out / "docs" / "model-card.json").read_text())
+    assert card["research_use_only"] and "not for clinical decisions" in (out / "docs" / "model-card.md").read_text()
+    assert card["preprocessing"]["voxel_size_mm"] == [5.5, 5.5, 5.0]
+    assert card["preprocessing"]["field_of_view_mm"] == [352.0, 352.0, 160.0]
+    assert card["preprocessing"]["oncofed_transforms"] == ["imaging.transforms.LungFieldd"]
+    assert card["sites"] == {"trained": ["site-a", "site-b"], "evaluated": ["site-a", "site-b"],
+                             "studies": {"site-a": 10, "site-b": 12}}
+    assert card["privacy"]["epsilon_per_site"]["site-b"] == {"epsilon": 2.25, "epsilon_max": 4.0}
+    pooled = card["metrics"]["pooled"]
+    assert pooled["sensitivity"]["value"] == pytest.approx(0.5)
+    assert pooled["specificity"]["value"] == pytest.approx(0.75)
+    assert pooled["auroc"]["value"] == pytest.approx((0.8 * 10 + 0.7 * 12) / 22)
+    low, high = card["metrics"]["per_site"]["site-a"]["auroc"]["ci95"]
+    assert low < 0.8 < high
+    assert card["network"]["parameters"] > 0 and card["code_version"]["oncofed"]
+    assert card["files_sha256"]["models/model.ts"] == sums["models/model.ts"]
+
+    with Catalog.open(ws / "site-a", create=False) as catalog:
+        item = catalog.items("lung-ct")[0]
+    series = Path(item.plan.slices[0].path).parent
+    explainer = Explainer.load(run_dir / "model.pt")
+    ours = explainer.network_input(item, workspace=ws / "site-a")
+    expected = explainer.probabilities([ours])[0]
+
+    # The bundle's own preprocessing, parsed by MONAI from inference.json, gives oncofed's network input.
+    parser = ConfigParser()
+    parser.read_config(out / "configs" / "inference.json")
+    parser.update({"bundle_root": str(out), "input_dir": str(series)})
+    theirs = parser.get_parsed_content("dataset")[0]["image"]
+    assert theirs.shape == ours.shape
+    assert float((torch.as_tensor(theirs) - ours).abs().max()) < 1e-5
+
+    # MONAI's bundle runner, in a fresh interpreter, writes the same probability. (``monai.bundle.run`` is what
+    # ``python -m monai.bundle run --config_file ...`` calls; that command line also needs the ``fire`` package.)
+    result = tmp_path / "result"
+    args = {"run_id": "run", "config_file": str(out / "configs" / "inference.json"),
+            "meta_file": str(out / "configs" / "metadata.json"), "bundle_root": str(out), "input_dir": str(series),
+            "output_dir": str(result)}
+    done = subprocess.run([sys.executable, "-c", f"from monai.bundle import run; run(**{args!r})"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads((result / "probabilities.json").read_text())
+    assert [s["image"] for s in scores] == [str(series)]
+    assert scores[0]["probability"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_export_says_what_is_wrong_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    run_dir = _finished_run(tmp_path / "run")
+    history = json.loads((run_dir / "history.json").read_text())
+    (run_dir / "history.json").write_text(json.dumps({**history, "finished": None}))
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "b")]) == 2
+    assert "has not finished" in capsys.readouterr().err
+    (run_dir / "history.json").write_text(json.dumps(history))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "full"), "--force"]) == 0
+    assert not (tmp_path / "full" / "x").exists() and (tmp_path / "full" / "models" / "model.ts").is_file()
+
+
+def test_confidence_intervals() -> None:
+    # Hanley & McNeil's variance by hand for A = 0.8, 10 positives, 20 negatives.
+    q1, q2 = 0.8 / 1.2, 2 * 0.64 / 1.8
+    se = ((0.8 * 0.2 + 9 * (q1 - 0.64) + 19 * (q2 - 0.64)) / 200) ** 0.5
+    low, high = hanley_mcneil(0.8, 10, 20) or (0.0, 0.0)
+    assert (low, high) == pytest.approx((0.8 - 1.959964 * se, 0.8 + 1.959964 * se), abs=1e-6)
+    assert hanley_mcneil(0.8, 0, 5) is None and wilson(0.5, 0) is None
+    assert wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
