@@ -154,6 +154,24 @@ def evaluate(msg: Message, context: Context) -> Message:
                                      evaluate_split=also))
 
 
+@app.query()
+@_guarded
+def query(msg: Message, context: Context) -> Message:
+    """The lead's data-summary query: the site's summary (see :mod:`fl_client.summary`) if its policy shares it,
+    else a refusal; either passes the egress guard and is logged."""
+    from fl_client.federated import data_summary, site_from_config
+
+    site = site_from_config(dict(context.node_config), dict(context.run_config))
+    round_config: dict[str, Any] = dict(msg.content[Record.CONFIG]) if Record.CONFIG in msg.content else {}
+    run_id = str(round_config.get(RoundKey.RUN_ID) or msg.metadata.run_id)
+    reply = data_summary(site, run_id=run_id)
+    content = RecordDict({Record.METRICS: MetricRecord(dict(reply.metrics)),
+                          Record.SITE: ConfigRecord(dict(reply.strings))})
+    if reply.summary:
+        content[Record.SUMMARY] = MetricRecord(dict(reply.summary))
+    return Message(content=content, reply_to=msg)
+
+
 def refusal_message(msg: Message, site: Any, *, task: str, code: str, detail: str) -> Message:
     """The reply with which the site refuses a message before reading its run config (a run built for another
     version): a refusal reply, or for Flower's legacy SecAgg+ records an error reply (a drop-out)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_client.workspace import Workspace
-from models.protocol import ALLOWED_METRICS, ALLOWED_STRINGS, LONG_STRINGS
+from models.protocol import ALLOWED_METRICS, ALLOWED_STRINGS, LONG_STRINGS, SUPPRESSED, summary_keys
 
 __all__ = ["EgressError", "EgressLog", "EgressRecord", "append_line", "check_reply", "digest"]
 
@@ -76,6 +76,7 @@ def check_reply(
     *,
     reference: Mapping[str, np.ndarray] | None,
     strings: Mapping[str, str] | None = None,
+    summary: Mapping[str, float] | None = None,
 ) -> None:
     """Raise unless the reply is only model arrays shaped like ``reference`` and whitelisted scalars.
 
@@ -84,6 +85,8 @@ def check_reply(
         metrics: Scalar metrics about to be sent.
         reference: The global arrays the site received (required when ``arrays`` is not empty).
         strings: Short strings about to be sent (site id, split, task).
+        summary: A data summary about to be sent: only keys of :func:`models.protocol.summary_keys`, each a
+            count, a share or :data:`models.protocol.SUPPRESSED`.
 
     Raises:
         EgressError: Naming the offending key.
@@ -104,6 +107,16 @@ def check_reply(
             raise EgressError(f"metric {key!r} must be a number, got {type(value).__name__}: not sent")
         if isinstance(value, float) and not math.isfinite(value):
             raise EgressError(f"metric {key!r} is {value}: not sent")
+    if summary:
+        from models.tasks import TASK_DIMS
+
+        allowed = summary_keys(tuple(TASK_DIMS))
+        for key, value in summary.items():
+            if key not in allowed:
+                raise EgressError(f"summary field {key[:80]!r} is not on the site's egress whitelist: not sent")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
+                    value < 0 and value != SUPPRESSED):
+                raise EgressError(f"summary field {key!r} must be a count or a share: not sent")
     for key, text in (strings or {}).items():
         if key not in ALLOWED_STRINGS:
             raise EgressError(f"text field {key!r} is not on the site's egress whitelist: not sent")

@@ -101,6 +101,8 @@ class Reply:
     # The received global model's metrics on another split, sent in the same message (saves a round
     # trip: in a deployment every message starts a new ClientApp process).
     evaluation: dict[str, float] = field(default_factory=dict)
+    # The site's data summary (a reply to the lead's query; keys of models.protocol.summary_keys).
+    summary: dict[str, float] = field(default_factory=dict)
 
 
 def site_from_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
@@ -169,6 +171,26 @@ def refusal(site: Site, *, task: str, run_id: str, round_number: int, kind: str,
         strings[SiteKey.TASK] = task[:64]
     reply = Reply(metrics={Metric.REFUSED: 1, Metric.NUM_EXAMPLES: 0}, strings=strings)
     return _send(site, run_id=run_id, round_number=round_number, kind=f"{kind}-refused", reply=reply, reference=None)
+
+
+def data_summary(site: Site, *, run_id: str) -> Reply:
+    """The site's data summary for the lead (``Reply.summary``), or a refusal if its policy does not
+    share one; checked by the egress guard and logged as kind ``summary``."""
+    from fl_client.summary import site_summary
+
+    policy = RunBook(site.workspace).policy()
+    strings = {SiteKey.SITE_ID: site.site_id}
+    if not policy.share_summary:
+        reply = Reply(metrics={Metric.REFUSED: 1, Metric.NUM_EXAMPLES: 0},
+                      strings={**strings, SiteKey.REFUSAL: Refusal.NO_SUMMARY,
+                               SiteKey.DETAIL: "this site does not share a data summary"})
+        return _send(site, run_id=run_id, round_number=0, kind="summary-refused", reply=reply, reference=None)
+    summary = site_summary(site.workspace, min_count=policy.min_count)
+    reply = Reply(metrics={Metric.NUM_EXAMPLES: 0}, strings=strings, summary=summary)
+    check_reply({}, reply.metrics, reference=None, strings=reply.strings, summary=summary)
+    EgressLog(site.workspace).append(run=run_id, round_number=0, kind="summary", arrays={}, metrics=summary,
+                                     strings=reply.strings)
+    return reply
 
 
 def _model_from(config: RunConfig, flat: np.ndarray) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:

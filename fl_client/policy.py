@@ -80,6 +80,8 @@ class SitePolicy:
         max_epsilon_per_run: The most ε one run may spend at the site (a cap on the run's own DP target;
             the privacy budget still caps all runs together).
         require_approval: Every new run waits as pending until the site approves it.
+        share_summary: Answer the lead's data-summary query (counts and distributions, no identifiers).
+        min_count: In the summary, counts from 1 to this minus one are sent as "fewer than this".
         set_at: When the policy was last set.
         set_by: Who set it.
     """
@@ -91,6 +93,8 @@ class SitePolicy:
     resolutions: tuple[str, ...] = ()
     max_epsilon_per_run: float | None = None
     require_approval: bool = False
+    share_summary: bool = True
+    min_count: int = 5
     set_at: str = ""
     set_by: str = ""
 
@@ -100,6 +104,8 @@ class SitePolicy:
         Raises:
             PolicyError: Naming the value.
         """
+        if isinstance(self.min_count, bool) or not isinstance(self.min_count, int) or self.min_count < 1:
+            raise PolicyError(f"min-count must be a whole number of at least 1, got {self.min_count!r}")
         for name in ("max_rounds", "max_local_epochs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -121,7 +127,9 @@ class SitePolicy:
                 f"resolution profiles: {', '.join(self.resolutions) if self.resolutions else 'any'}",
                 f"ε per run: at most {limit(self.max_epsilon_per_run)}",
                 "new runs: " + ("wait for the site's approval (oncofed-site approve)" if self.require_approval
-                                else "take part at once if within this policy")]
+                                else "take part at once if within this policy"),
+                "data summary: " + (f"shared, counts below {self.min_count} suppressed" if self.share_summary
+                                    else "not shared")]
 
 
 @dataclass(frozen=True)

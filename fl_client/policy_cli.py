@@ -118,6 +118,10 @@ def cmd_policy(args: argparse.Namespace, console: Console) -> int:
         changes["max_epsilon_per_run"] = _limit(args.max_epsilon, "--max-epsilon", float)
     if args.approval is not None:
         changes["require_approval"] = args.approval == "required"
+    if args.share_summary is not None:
+        changes["share_summary"] = args.share_summary == "yes"
+    if args.min_count is not None:
+        changes["min_count"] = args.min_count
     if changes:
         policy = book.set_policy(replace(policy, **changes), who=operator_name(args.by))
         console.print(f"policy set by {policy.set_by} at {policy.set_at}")
@@ -245,6 +249,10 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--tasks", metavar="T1,T2|all", help=f"tasks the site takes part in ({', '.join(PRESETS)})")
     p.add_argument("--networks", metavar="N1,N2|any",
                    help=f"networks allowed ({', '.join(a for a in Arch if a != Arch.AUTO)})")
+    p.add_argument("--share-summary", choices=("yes", "no"),
+                   help="answer the lead's data-summary query (counts and distributions, no identifiers)")
+    p.add_argument("--min-count", type=int, metavar="N",
+                   help="in the data summary, counts from 1 to N-1 are sent as 'fewer than N' (default 5)")
     p.add_argument("--resolutions", metavar="R1,R2|any",
                    help=f"resolution profiles allowed ({', '.join(Resolution)}; a site without a GPU keeps to cpu)")
     p.add_argument("--max-rounds", metavar="N|none", help="the most rounds per run")

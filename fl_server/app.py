@@ -62,6 +62,13 @@ def main(grid: Grid, context: Context) -> None:
         store = RunStore.create(Path(run_dir), run_id=str(context.run_id), run_config=flat_config)
         initial = pack(reference)
         log.info("oncofed: run directory %s", store.root)
+    if (srv.data_summary and offset == 0) or srv.summary_only:
+        data_summary(grid, store, flat_config, need=config.federation.min_sites, timeout=srv.round_timeout)
+        if srv.summary_only:
+            store.history.update(summary_only=True, finished=time.time())
+            store.save()
+            log.info("oncofed: finished; data summary %s", store.root / "summary" / "summary.html")
+            return
     remaining = config.federation.num_rounds - offset
     in_train = srv.evaluate_in_train
     strategy = ConsortiumStrategy(build_strategy(config), store=store, reference=reference,
@@ -107,6 +114,24 @@ def main(grid: Grid, context: Context) -> None:
 
     page = write_report(store.root)
     log.info("oncofed: finished; global model %s, report %s", store.root / "model.pt", page)
+
+
+def data_summary(grid: Grid, store: Any, flat_config: dict[str, Any], *, need: int, timeout: float) -> None:
+    """Ask every site for its data summary (once ``need`` sites are connected, or after ``timeout``) and keep it in
+    ``RUN_DIR/summary/``; its warnings go to the log."""
+    from fl_server.summary import build_summary, query_sites, write_summary
+
+    end = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < need and time.monotonic() < end:
+        time.sleep(0.5)
+    doc = build_summary(query_sites(grid, run_id=str(store.history["run_id"]), timeout=timeout),
+                        run_config=flat_config)
+    page = write_summary(store.root, doc)
+    shared = sum(1 for task in doc["tasks"].values() for _ in task["sites"]) // max(1, len(doc["tasks"]))
+    log.info("oncofed: data summary of %d site(s) (%d refused, %d failed): %s", shared, len(doc["refused"]),
+             len(doc["failed"]), page)
+    for warning in doc["warnings"]:
+        log.warning("oncofed: data summary: %s", warning)
 
 
 def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int, timeout: float,

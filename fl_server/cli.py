@@ -24,6 +24,7 @@ __all__ = [
     "cmd_run",
     "cmd_simulate",
     "cmd_start",
+    "cmd_summary",
     "main",
     "nothing_trained",
     "parse_sets",
@@ -99,8 +100,10 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     return run_config
 
 
-def _launch(console: Console, run_dir: Path, what: str, launch: Callable[[Callable[[str], None]], Any]) -> None:
-    """Run a federation, streaming its log to RUN_DIR.log and one line per round to the console."""
+def _launch(console: Console, run_dir: Path, what: str, launch: Callable[[Callable[[str], None]], Any], *,
+            trains: bool = True) -> None:
+    """Run a federation, streaming its log to RUN_DIR.log and one line per round to the console (``trains``:
+    a run in which no site trained is an error)."""
     log_path = run_dir.resolve().with_name(run_dir.name + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"{what}; full log in {log_path}")
@@ -119,7 +122,7 @@ def _launch(console: Console, run_dir: Path, what: str, launch: Callable[[Callab
         tail = "\n".join(outcome.output.splitlines()[-15:])
         raise UserError(f"the run did not finish (exit code {outcome.returncode}); last lines:\n{tail}\n"
                         f"full log: {log_path}")
-    why = nothing_trained(run_dir)
+    why = nothing_trained(run_dir) if trains else None
     if why is not None:
         raise UserError(f"the run finished but no site trained in any round, so the global model is the initial "
                         f"one: {why}; see {run_dir / 'report.html'}")
@@ -141,6 +144,79 @@ def nothing_trained(run_dir: Path) -> str | None:
             for e in entries:
                 seen.setdefault(str(e.get("site", "?")), f"{kind}: {e.get('reason', '')}")
     return "; ".join(f"site {site} {what}" for site, what in sorted(seen.items())) or "no site answered"
+
+
+def cmd_summary(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server summary``: every site's data summary, before any training — in a simulation of the
+    workspaces under ``--sites`` or on the SuperLink of ``--kit`` — as tables, plots and warnings in ``--out``.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: Neither or both of ``--sites``/``--kit``, a bad ``--set``, an ``--out`` that holds a run, or the
+            run did not finish.
+    """
+    import json
+
+    if bool(args.sites) == bool(args.kit):
+        raise UserError("give --sites WS_ROOT (a simulation of local workspaces) or --kit DIR (the consortium)")
+    if (args.out / "history.json").exists():
+        raise UserError(f"{args.out} already holds a run: pick a new --out")
+    run_config = {**parse_sets(args.set), "summary-only": True, "run-dir": str(args.out.resolve())}
+    if args.sites:
+        from fl_server.flower_ops import FlowerError, simulate
+
+        if not args.sites.is_dir() or not any(p.is_dir() for p in args.sites.iterdir()):
+            raise UserError(f"--sites {args.sites}: expected a folder with one workspace folder per site")
+
+        def launch(on_line: Callable[[str], None]) -> Any:
+            try:
+                return simulate(args.sites, args.out, run_config, on_line=on_line)
+            except FlowerError as exc:
+                raise UserError(str(exc)) from None
+    else:
+        from fl_server.deploy import DeployError, connection_home, run
+
+        try:
+            connection_home(args.kit, args.state)
+        except DeployError as exc:
+            raise UserError(str(exc)) from None
+
+        def launch(on_line: Callable[[str], None]) -> Any:
+            try:
+                return run(args.kit, run_config, state=args.state, on_line=on_line)
+            except DeployError as exc:
+                raise UserError(str(exc)) from None
+
+    _launch(console, args.out, "Asking every site for its data summary", launch, trains=False)
+    doc = json.loads((args.out / "summary" / "summary.json").read_text())
+    for task, entry in doc["tasks"].items():
+        rows = [r for r in entry["sites"] if r["labelled"] != 0]
+        if not rows:
+            continue
+        table = Table(title=f"{task}: studies per site (train/val/test positives/negatives; <min: suppressed)")
+        for col in ("site", "studies", "labelled", "train", "val", "test", "vendors"):
+            table.add_column(col)
+        for r in rows:
+            def shown(v: Any) -> str:
+                return "<min" if v is None else f"{v:g}"
+
+            table.add_row(r["site"], shown(r["studies"]), shown(r["labelled"]),
+                          *[f"{shown(r[f'{s}_pos'])}/{shown(r[f'{s}_neg'])}" for s in ("train", "val", "test")],
+                          ", ".join(r["vendor"]))
+        console.print(table)
+    for kind in ("refused", "failed"):
+        for e in doc[kind]:
+            console.print(f"site {e['site']} {kind}: {e.get('reason', '')}", highlight=False)
+    for warning in doc["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    console.print(f"Summary: {args.out / 'summary' / 'summary.html'}")
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
@@ -226,6 +302,18 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     console.print(f"Report: {page}")
     return 0
 
+
+EPILOG_SUMMARY = """examples:
+  oncofed-server summary --sites ws --out runs/summary                 # a simulation of local workspaces
+  oncofed-server summary --kit consortium/server --out runs/summary --set task=lung-ct --set dp=true
+
+Each site answers with counts and distributions on fixed bins (usable and labelled studies, label balance per
+split, scanner vendors, slice thickness, pixel spacing, MR field strength, an intensity histogram of its
+preprocessed images), with counts below its own minimum suppressed, or refuses (its policy decides). Writes
+OUT/summary/summary.json, summary.html and plots, and prints the warnings (a site without positives in val, a
+scanner or slice thickness no other site has, intensities far from the others, too few studies for DP).
+Every run does the same before round 1 (RUN_DIR/summary/; --set data-summary=false turns it off).
+"""
 
 EPILOG_PROVISION = """examples:
   oncofed-server provision --out consortium --sites a,b,c
@@ -438,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port to listen on (default: the kit's)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--state", type=Path, help="folder for the SuperLink's log and state (default KIT/superlink)")
+    p = add("summary", "Ask every site for its data summary before training: tables, plots, warnings.",
+            EPILOG_SUMMARY, cmd_summary)
+    p.add_argument("--sites", type=Path, help="a simulation: folder with one site workspace per sub-folder")
+    p.add_argument("--kit", type=Path, help="the consortium: the lead's kit folder given to 'start'")
+    p.add_argument("--out", type=Path, required=True, help="where the summary (JSON, HTML, plots) goes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--state", type=Path, help="with --kit: the --state folder given to 'start'")
     p = add("run", "Run a federated training on the SuperLink started with 'start'.", EPILOG_RUN, cmd_run)
     p.add_argument("--kit", type=Path, required=True, help="the lead's kit folder given to 'start'")
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")

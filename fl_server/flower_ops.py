@@ -211,7 +211,7 @@ class SuperLink:
         self.stop()
 
 
-_FINISHED = re.compile(r"oncofed: finished; global model (\S+), report (\S+)")
+_FINISHED = re.compile(r"oncofed: finished; (global model (\S+), report (\S+)|data summary (\S+))")
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,8 @@ class ServerSpec:
         evaluate_in_train: Sites evaluate the model they receive inside the next training message.
         reconstruction_threshold: SecAgg+ shares needed to reconstruct (0: min-sites - 1).
         clipping_range: SecAgg+ clips each value to plus or minus this before masking.
+        data_summary: Ask every site for its data summary before round 1 (kept in ``RUN_DIR/summary/``).
+        summary_only: Ask for the data summary and stop: no training (``oncofed-server summary``).
     """
 
     run_dir: str = ""
@@ -236,6 +238,8 @@ class ServerSpec:
     evaluate_in_train: bool = True
     reconstruction_threshold: int = 0
     clipping_range: float = 8.0
+    data_summary: bool = True
+    summary_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -344,6 +348,8 @@ class RunKey(StrEnum):
     SECURE_AGGREGATION = "secure-aggregation"
     EVALUATE_IN_TRAIN = "evaluate-in-train"
     RECONSTRUCTION_THRESHOLD = "reconstruction-threshold"
+    DATA_SUMMARY = "data-summary"
+    SUMMARY_ONLY = "summary-only"
     CLIPPING_RANGE = "clipping-range"
 
 
@@ -387,6 +393,8 @@ KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.EVALUATE_IN_TRAIN: ("server", "evaluate_in_train", parse_bool),
     RunKey.RECONSTRUCTION_THRESHOLD: ("server", "reconstruction_threshold", _int),
     RunKey.CLIPPING_RANGE: ("server", "clipping_range", _float),
+    RunKey.DATA_SUMMARY: ("server", "data_summary", parse_bool),
+    RunKey.SUMMARY_ONLY: ("server", "summary_only", parse_bool),
 }
 
 

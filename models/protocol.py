@@ -26,11 +26,17 @@ __all__ = [
     "ALLOWED_STRINGS",
     "EVAL_AGGREGATED",
     "EVAL_METRICS",
+    "FIELD_T_BINS",
+    "INTENSITY_BINS",
     "LONG_STRINGS",
+    "PIXEL_MM_BINS",
     "PRIVACY_METRICS",
     "REFUSAL_METRICS",
+    "SLICE_MM_BINS",
+    "SUPPRESSED",
     "TRAIN_AGGREGATED",
     "TRAIN_METRICS",
+    "VENDORS",
     "WEIGHTS",
     "FailureCode",
     "Metric",
@@ -44,6 +50,8 @@ __all__ = [
     "failure_text",
     "parse_failure",
     "reason_codes",
+    "summary_keys",
+    "vendor_of",
 ]
 
 
@@ -55,6 +63,7 @@ class Record(StrEnum):
     METRICS = "metrics"  # whitelisted scalars (from a site)
     EVALUATION = "evaluation"  # the received model's metrics on another split (from a site)
     SITE = "site"  # the site's short strings (from a site)
+    SUMMARY = "summary"  # the site's data summary, every key from :func:`summary_keys` (from a site)
 
 
 WEIGHTS = "weights"
@@ -166,6 +175,7 @@ class Refusal(StrEnum):
     REFUSED = "refused-by-site"
     BUDGET = "budget"
     NO_DATA = "no-data"
+    NO_SUMMARY = "summary-not-shared"  # the site's policy does not share its data summary
 
 
 class FailureCode(StrEnum):
@@ -179,6 +189,43 @@ class FailureCode(StrEnum):
     IO_ERROR = "io-error"
     TASK_CRASHED = "task-crashed"
     SITE_ERROR = "site-error"
+
+
+# The site's data summary: counts and distributions on fixed vocabularies and bins, so that no free text and no
+# tag value leaves (a Manufacturer is mapped to a vendor of this list, a slice thickness to a bin).
+VENDORS = ("siemens", "ge", "philips", "canon", "fujifilm", "hologic", "agfa", "carestream", "konica", "samsung",
+           "other")
+SLICE_MM_BINS = ("lt1", "1-2", "2-3", "3-5", "ge5")  # slice thickness / spacing, mm
+PIXEL_MM_BINS = ("lt0.2", "0.2-0.5", "0.5-1", "ge1")  # in-plane pixel spacing, mm
+FIELD_T_BINS = ("1.5", "3", "other")  # MR field strength, tesla
+INTENSITY_BINS = 16  # histogram of the preprocessed images' values (the network's input), fixed edges
+SUPPRESSED = -1.0  # a count above 0 and below the site's minimum: "fewer than the minimum", not the count
+
+
+def summary_keys(tasks: tuple[str, ...]) -> frozenset[str]:
+    """Every key a site's data summary may hold for ``tasks`` (``models.tasks.TASK_DIMS`` in practice)."""
+    keys = set()
+    for task in tasks:
+        keys |= {f"{task}:studies", f"{task}:labelled", f"{task}:suppressed"}
+        keys |= {f"{task}:{split}:{label}" for split in Split for label in ("pos", "neg")}
+        keys |= {f"{task}:vendor:{v}" for v in VENDORS}
+        keys |= {f"{task}:slice-mm:{b}" for b in SLICE_MM_BINS}
+        keys |= {f"{task}:pixel-mm:{b}" for b in PIXEL_MM_BINS}
+        keys |= {f"{task}:field-t:{b}" for b in FIELD_T_BINS}
+        keys |= {f"{task}:intensity:{i}" for i in range(INTENSITY_BINS)}
+    return frozenset(keys)
+
+
+def vendor_of(manufacturer: str) -> str:
+    """A Manufacturer tag's vendor, from :data:`VENDORS` (the tag's own text never leaves the site)."""
+    text = "".join(ch for ch in manufacturer.lower() if ch.isalnum())
+    aliases = {"siemens": "siemens", "ge": "ge", "gehealthcare": "ge", "gemedical": "ge", "philips": "philips",
+               "canon": "canon", "toshiba": "canon", "fuji": "fujifilm", "hologic": "hologic", "agfa": "agfa",
+               "carestream": "carestream", "kodak": "carestream", "konica": "konica", "samsung": "samsung"}
+    for alias, vendor in aliases.items():
+        if text == alias or (len(alias) > 2 and text.startswith(alias)):
+            return vendor
+    return "other"
 
 
 def reason_codes() -> frozenset[str]:

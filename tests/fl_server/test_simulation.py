@@ -62,6 +62,9 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
         assert 0 <= record["aggregated_evaluate"]["auroc"] <= 1
     final = history["final"]
     assert set(final["sites"]) == {"site-a", "site-b", "site-c"} and "auroc" in final["weighted"]
+    summary = json.loads((run_dir / "summary" / "summary.json").read_text())  # asked before round 1
+    assert summary["schema"] == "oncofed.data-summary/1" and (run_dir / "summary" / "summary.html").is_file()
+    assert {r["site"] for r in summary["tasks"]["lung-ct"]["sites"]} == set(history["final"]["sites"])
     page = (run_dir / "report.html").read_text()
     assert "privacy budget spent" in page and "site-c" in page
     assert {p.name for p in (run_dir / "plots").iterdir()} >= {"val-auroc.png", "train-loss.png", "epsilon.png"}
