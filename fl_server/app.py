@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split
 
-__all__ = ["app", "final_evaluation", "main"]
+__all__ = ["app", "cross_site", "data_summary", "final_evaluation", "main"]
 
 app = ServerApp()
 log = logging.getLogger("flwr")
@@ -96,13 +96,17 @@ def main(grid: Grid, context: Context) -> None:
                                 evaluate_config=ConfigRecord(dict(run_tag)), evaluate_fn=strategy.end_of_round)
         final_arrays = result.arrays if result.arrays is not None and len(result.arrays) else final_arrays
     store.history["train_seconds"] = time.perf_counter() - t0
-    if srv.final_evaluation or in_train:
+    if srv.final_evaluation or in_train or srv.cross_site_eval:
         final, val = final_evaluation(grid, final_arrays, run_id=store.history["run_id"],
                                       round_number=config.federation.num_rounds, timeout=timeout, also_val=in_train)
         if in_train:  # the last model's validation figures come with the final evaluation
             strategy.record_evaluation(config.federation.num_rounds, val)
         if srv.final_evaluation:
             store.history["final"] = final
+        if srv.cross_site_eval:
+            store.history["cross_site"] = cross_site(grid, final, strategy.local_models, secure=secure,
+                                                     run_id=store.history["run_id"],
+                                                     round_number=config.federation.num_rounds, timeout=timeout)
     store.history["finished"] = time.time()
     store.save()
     flat = final_arrays[WEIGHTS].numpy()
@@ -132,6 +136,29 @@ def data_summary(grid: Grid, store: Any, flat_config: dict[str, Any], *, need: i
              len(doc["failed"]), page)
     for warning in doc["warnings"]:
         log.warning("oncofed: data summary: %s", warning)
+
+
+def cross_site(grid: Grid, final: dict[str, Any], local_models: dict[str, Any], *, secure: bool, run_id: str,
+               round_number: int, timeout: float) -> dict[str, Any]:
+    """The cross-site matrix: the global model (from the final evaluation) and each site's last local model,
+    each evaluated by every site on its test split. Under secure aggregation the server never saw a local model:
+    only the global row.
+
+    Returns:
+        ``{"models": {"global" | "site X": {evaluating site: metrics}}, "refused": [...], "failed": [...],
+        "note": ...}``.
+    """
+    models: dict[str, Any] = {"global": final.get("sites", {})}
+    refused, failed = list(final.get("refused", [])), list(final.get("failed", []))
+    for site, arrays in sorted(local_models.items()):
+        doc, _ = final_evaluation(grid, arrays, run_id=run_id, round_number=round_number, timeout=timeout)
+        models[f"site {site}"] = doc["sites"]
+        refused += [{**e, "model": f"site {site}"} for e in doc["refused"]]
+        failed += [{**e, "model": f"site {site}"} for e in doc["failed"]]
+    note = ("secure aggregation: the server never saw a site's local model, so only the global model is evaluated"
+            if secure else "each local model is the site's last accepted update")
+    log.info("oncofed: cross-site evaluation of %d model(s)", len(models))
+    return {"split": "test", "models": models, "refused": refused, "failed": failed, "note": note}
 
 
 def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int, timeout: float,

@@ -167,6 +167,17 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
     if final_rows:
         final_rows.append(["all sites (weighted)", sum(int(r[1]) for r in final_rows), "",
                            *(_f(weighted.get(k)) for k in _FINAL_METRICS)])
+    cross = history.get("cross_site") or {}
+    cross_models = cross.get("models") or {}
+    cross_sites = sorted({s for per in cross_models.values() for s in per})
+    cross_rows = [[name, *[(f"{per[s][Metric.AUROC]:.3f} ({int(per[s].get(Metric.STUDIES, 0))})"
+                            if Metric.AUROC in per.get(s, {}) else "—") for s in cross_sites]]
+                  for name, per in cross_models.items()]
+    cross_html = ("<h2>Cross-site evaluation (test split)</h2>"
+                  + _table(["model \\ evaluated at", *cross_sites], cross_rows)
+                  + f"<p class='note'>AUROC (studies). {html.escape(str(cross.get('note', '')))}. Sending a site's "
+                    "local model to the others shows them a model trained on that site alone.</p>"
+                  if cross_rows else "")
     page_path = Path(page_path or run_dir / "report.html")
     rel = Path(os.path.relpath(run_dir / "plots", page_path.parent)).as_posix()
     imgs = "".join(f'<figure><img src="{rel}/{n}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption>'
@@ -193,6 +204,7 @@ Global model: <code>{html.escape(str(run_dir / 'model.pt'))}</code>.</p>
  if final_rows else '<p class="note">No final evaluation in this run.</p>'}
 <p class="note">Study-level metrics at threshold 0.5, computed at each site on its own data; only the figures left the
 site.</p>
+{cross_html}
 <h2>Sites</h2>
 {_table(['site', 'rounds aggregated', 'last val AUROC', 'val studies', 'ε spent (DP)'], site_rows)}
 <h2>Rounds</h2>

@@ -169,6 +169,7 @@ class ConsortiumStrategy(FlowerStrategy):
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._t0: dict[int, float] = {}
         self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
+        self.local_models: dict[str, ArrayRecord] = {}  # site id -> its last accepted update (cross-site eval)
         self._grid: Grid | None = None
 
     def summary(self) -> None:
@@ -259,6 +260,7 @@ class ConsortiumStrategy(FlowerStrategy):
                 log.warning("round %d: dropped the update of site %s: %s", rnd, site, reason)
             else:
                 kept.append(msg)
+                self.local_models[site] = msg.content[Record.ARRAYS]  # its last accepted update
         recorder.aggregated(len(kept))
         if not kept:
             log.warning("round %d: no valid update; the global model stays as it was", rnd)

@@ -226,6 +226,8 @@ class ServerSpec:
         clipping_range: SecAgg+ clips each value to plus or minus this before masking.
         data_summary: Ask every site for its data summary before round 1 (kept in ``RUN_DIR/summary/``).
         summary_only: Ask for the data summary and stop: no training (``oncofed-server summary``).
+        cross_site_eval: After the last round, every site evaluates the global model and every site's last local
+            model on its test split (the cross-site matrix of the report).
     """
 
     run_dir: str = ""
@@ -240,6 +242,7 @@ class ServerSpec:
     clipping_range: float = 8.0
     data_summary: bool = True
     summary_only: bool = False
+    cross_site_eval: bool = False
 
 
 @dataclass(frozen=True)
@@ -349,6 +352,7 @@ class RunKey(StrEnum):
     EVALUATE_IN_TRAIN = "evaluate-in-train"
     RECONSTRUCTION_THRESHOLD = "reconstruction-threshold"
     DATA_SUMMARY = "data-summary"
+    CROSS_SITE_EVAL = "cross-site-eval"
     SUMMARY_ONLY = "summary-only"
     CLIPPING_RANGE = "clipping-range"
 
@@ -395,6 +399,7 @@ KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.CLIPPING_RANGE: ("server", "clipping_range", _float),
     RunKey.DATA_SUMMARY: ("server", "data_summary", parse_bool),
     RunKey.SUMMARY_ONLY: ("server", "summary_only", parse_bool),
+    RunKey.CROSS_SITE_EVAL: ("server", "cross_site_eval", parse_bool),
 }
 
 

@@ -111,10 +111,19 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(run: dict[str, Path]) ->
     # Resumed with evaluation in messages of its own (the other placement) for round 4.
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run["run"]), "--resume",
                     "--set", "task=breast-mg", "--set", "num-rounds=4", "--set", "threads=1", "--set", "dp-epsilon=4",
-                    "--set", "evaluate-in-train=false")
+                    "--set", "evaluate-in-train=false", "--set", "cross-site-eval=true")
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run["run"] / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3, 4]
+    # Cross-site: the global model and the last local model of each site that trained, at every site's test split.
+    cross = history["cross_site"]
+    assert set(cross["models"]) == {"global", "site site-a", "site site-b"}  # site-c's budget is spent
+    for name, per_site in cross["models"].items():
+        assert set(per_site) == {"site-a", "site-b", "site-c"}, name
+        # Every model is scored on the same test studies at a site.
+        assert {s: m["studies"] for s, m in per_site.items()} == {
+            s: m["studies"] for s, m in cross["models"]["global"].items()}, name
+    assert "Cross-site evaluation (test split)" in (run["run"] / "report.html").read_text()
     assert set(history["rounds"][4]["evaluate"]) == {"site-a", "site-b", "site-c"}
     assert history["resumed_at"][0]["round"] == 3
     assert (run["run"] / "checkpoints" / "round-004.pt").exists()
