@@ -24,6 +24,8 @@ __all__ = [
     "cmd_run",
     "cmd_simulate",
     "cmd_start",
+    "cmd_status",
+    "cmd_stop",
     "cmd_summary",
     "main",
     "nothing_trained",
@@ -219,6 +221,79 @@ def cmd_summary(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server status``: sites registered and connected, runs and their state, and where the current run
+    stands (with ``--run-dir``), from Flower's own API.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: No SuperLink runs for the kit, or Flower refused the query.
+    """
+    import json
+
+    from fl_server.deploy import DeployError
+    from fl_server.status import consortium_status
+
+    try:
+        doc = consortium_status(args.kit, state=args.state, run_dir=args.run_dir)
+    except DeployError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    table = Table(title="Sites")
+    for col in ("site", "status", "online since", "offline since"):
+        table.add_column(col)
+    for s in doc["sites"]:
+        table.add_row(s["site"], str(s["status"]), str(s["online_since"] or "—"), str(s["offline_since"] or "—"))
+    console.print(table)
+    runs = Table(title="Runs")
+    for col in ("run", "status", "app", "elapsed", "started"):
+        runs.add_column(col)
+    for r in doc["runs"]:
+        runs.add_row(str(r["run"]), str(r["status"]), r["app"], str(r["elapsed"]), str(r["started"] or "—"))
+    console.print(runs)
+    current = doc.get("current")
+    if current:
+        console.print(f"Run {current['run_id']} ({current['task']}): {current['rounds_done']} round(s) done"
+                      + (", finished" if current["finished"] else ""), highlight=False)
+        if "line" in current:
+            console.print(current["line"], highlight=False, markup=False)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-server stop``: stop a run on the SuperLink; its last checkpoint stays and ``run --resume``
+    continues it.
+
+    Args:
+        args: The parsed command line.
+        console: Where the messages go.
+
+    Returns:
+        The exit code: 0.
+
+    Raises:
+        UserError: No SuperLink runs for the kit, or Flower refused (an unknown or finished run).
+    """
+    from fl_server.deploy import DeployError
+    from fl_server.status import stop_run
+
+    try:
+        stop_run(args.kit, args.run, state=args.state)
+    except DeployError as exc:
+        raise UserError(str(exc)) from None
+    console.print(f"run {args.run} stopped; continue it with 'oncofed-server run --kit {args.kit} --run-dir "
+                  "RUN_DIR --resume'", highlight=False)
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     """``oncofed-server simulate``: a federated training of the workspaces under ``--sites`` as a Flower
     simulation on this machine, then its report and the final test table.
@@ -302,6 +377,22 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     console.print(f"Report: {page}")
     return 0
 
+
+EPILOG_STATUS = """examples:
+  oncofed-server status --kit consortium/server
+  oncofed-server status --kit consortium/server --run-dir runs/fed-1 --json
+
+Sites are named by their site id (the SuperNode ids Flower gave them at 'start'), with online/offline since;
+runs with Flower's state; with --run-dir, the current run's latest round: who answered, refused or failed and
+why, and its aggregated metrics.
+"""
+
+EPILOG_STOP = """example:
+  oncofed-server stop 4213 --kit consortium/server
+
+The run ends cleanly; its last checkpoint stays in its run directory and
+'oncofed-server run --kit KIT --run-dir RUN_DIR --resume' continues it.
+"""
 
 EPILOG_SUMMARY = """examples:
   oncofed-server summary --sites ws --out runs/summary                 # a simulation of local workspaces
@@ -533,6 +624,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="where the summary (JSON, HTML, plots) goes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--state", type=Path, help="with --kit: the --state folder given to 'start'")
+    p = add("status", "Sites connected, runs and where the current run stands (Flower's own API).", EPILOG_STATUS,
+            cmd_status)
+    p.add_argument("--kit", type=Path, required=True, help="the lead's kit folder given to 'start'")
+    p.add_argument("--run-dir", type=Path, help="the current run's directory (its latest round)")
+    p.add_argument("--state", type=Path, help="the --state folder given to 'start' (default KIT/superlink)")
+    p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.consortium-status/1)")
+    p = add("stop", "Stop a run on the SuperLink (its last checkpoint stays; run --resume continues it).",
+            EPILOG_STOP, cmd_stop)
+    p.add_argument("run", metavar="RUN", help="the run id ('oncofed-server status' lists them)")
+    p.add_argument("--kit", type=Path, required=True, help="the lead's kit folder given to 'start'")
+    p.add_argument("--state", type=Path, help="the --state folder given to 'start' (default KIT/superlink)")
     p = add("run", "Run a federated training on the SuperLink started with 'start'.", EPILOG_RUN, cmd_run)
     p.add_argument("--kit", type=Path, required=True, help="the lead's kit folder given to 'start'")
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")

@@ -260,6 +260,9 @@ def start(kit: ServerKit, *, state: Path | None = None, host: str = "127.0.0.1",
             deployment.registered[site_id] = register_site(link.flwr_home, site_id, key)
             if on_site is not None:
                 on_site(site_id, deployment.registered[site_id])
+        # Node id -> site id, for the lead's status (Flower's node listing does not show the names).
+        (workdir / "sites.json").write_text(json.dumps(
+            {node: site for site, node in deployment.registered.items() if node.isdigit()}, indent=1))
     except BaseException:
         deployment.stop()
         raise

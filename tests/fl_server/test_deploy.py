@@ -170,7 +170,8 @@ def test_a_second_supernode_on_the_same_workspace_is_refused(federation: Federat
 
 
 @pytest.mark.slow
-def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Federation) -> None:
+def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Federation,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = federation.root / "run"
     args = ["run", "--kit", str(federation.server_kit), "--state", str(federation.root / "superlink"),
             "--run-dir", str(run_dir)]
@@ -221,6 +222,22 @@ def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Feder
         weights.append(arrays["weights"] if "weights" in arrays else pack(arrays))
     assert weights[0].shape == initial.shape
     assert not np.allclose(weights[0], initial) and not np.allclose(weights[1], weights[0])
+    # The data summary was asked of the three sites before round 1 (site c was still there).
+    summary = json.loads((run_dir / "summary" / "summary.json").read_text())
+    assert {r["site"] for r in summary["tasks"][RUN_CONFIG["task"]]["sites"]} == {"a", "b", "c"}
+    # The lead's live status, from Flower's own API: sites by their site id, the run, its last round.
+    capsys.readouterr()
+    assert server_main(["status", "--kit", str(federation.server_kit), "--state", str(federation.root / "superlink"),
+                        "--run-dir", str(run_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    by_site = {s["site"]: s["status"] for s in status["sites"]}
+    assert by_site["a"] == by_site["b"] == "online" and by_site["c"] != "online"
+    assert any(r["status"].startswith("finished") for r in status["runs"])
+    assert status["current"]["rounds_done"] == 2 and status["current"]["answered"] == ["a", "b"]
+    # Stopping a run that does not exist is Flower's refusal in one line.
+    assert server_main(["stop", "987654", "--kit", str(federation.server_kit), "--state",
+                        str(federation.root / "superlink")]) == 2
+    assert "flwr stop" in capsys.readouterr().err
     # Both surviving sites logged what they sent: two trainings, two evaluations and the final evaluation.
     for site in "ab":
         egress = (federation.workspaces / f"site-{site}" / "egress.jsonl").read_text().splitlines()
