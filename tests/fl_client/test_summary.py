@@ -91,13 +91,14 @@ def test_the_lead_reads_warnings_in_plain_words(tmp_path: Path) -> None:
                _site("c", val_pos=SUPPRESSED, vendor="ge", slices="1-2", hist=peaked, train=120),
                {"site": "d", "refused": {"code": "summary-not-shared", "reason": "this site does not share a data "
                                                                                  "summary"}}]
-    doc = build_summary(replies, run_config={"task": "lung-ct", "dp": True})
+    doc = build_summary(replies, run_config={"task": "lung-ct", "dp": True, "dp-epsilon": 2.0, "num-rounds": 10})
     text = "\n".join(doc["warnings"])
     assert "site b has no positive study in its val split" in text
     assert "site c has no positive" not in text  # suppressed means 1 to 4, not none
     assert "only site c has a scanner vendor ge" in text
     assert "site c's preprocessed intensities are far from the others'" in text
-    assert "site a has about 30 training studies" in text and "site c has about" not in text
+    assert "site a has about 30 training studies; DP-SGD at the run's ε over all its rounds needs a noise " in text
+    assert "site c has about" not in text  # 120 training studies: little noise needed
     assert doc["refused"] == [{"site": "d", "code": "summary-not-shared",
                                "reason": "this site does not share a data summary"}]
     assert warnings_of(doc, {"task": "lung-ct"}) == [w for w in doc["warnings"] if "DP-SGD" not in w]
