@@ -183,7 +183,7 @@ def refusal_message(msg: Message, site: Any, *, task: str, code: str, detail: st
     legacy = any(k in msg.content.array_records for k in ("fitins.parameters", "evaluateins.parameters"))
     round_config: dict[str, Any] = ({} if legacy or Record.CONFIG not in msg.content
                                     else dict(msg.content[Record.CONFIG]))
-    kind = "train" if msg.metadata.message_type == "train" else "evaluate"
+    kind = {"train": "train", "query": "summary"}.get(str(msg.metadata.message_type), "evaluate")
     reply = refusal(site, task=task, run_id=str(round_config.get(RoundKey.RUN_ID) or msg.metadata.run_id),
                     round_number=int(round_config.get(RoundKey.SERVER_ROUND, 0) or 0), kind=kind, code=code,
                     detail=detail)

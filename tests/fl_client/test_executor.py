@@ -40,7 +40,8 @@ from models.protocol import Refusal
 
 pytestmark = pytest.mark.slow
 
-BASE = {"task": "breast-mg", "min-sites": 2, "threads": 1, "round-timeout": 120.0}
+# The data summary before round 1 is tested in test_deploy and test_simulation; here the messages are the rounds'.
+BASE = {"task": "breast-mg", "min-sites": 2, "threads": 1, "round-timeout": 120.0, "data-summary": False}
 TAMPERED = '''
 
 # --- the lead's edit: run at the site, write there, and send more than the site allows ---------------
