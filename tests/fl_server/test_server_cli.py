@@ -37,3 +37,14 @@ def test_a_run_in_which_no_site_trained_says_why(tmp_path: Path) -> None:
                    "site b failed: oncofed site b: data-unreadable: a file ...")
     assert nothing_trained(_history(tmp_path, [{"round": 1, "aggregated_sites": 0}])) == "no site answered"
     assert nothing_trained(_history(tmp_path, [refused, {"round": 2, "aggregated_sites": 1}])) is None
+
+
+@pytest.mark.parametrize("command", ["simulate", "report", "provision", "start", "summary", "status", "stop", "run",
+                                     "export"])
+def test_every_command_has_help_with_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fl_server.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and ("example:" in out or "examples:" in out) and f"oncofed-server {command}" in out
