@@ -102,6 +102,49 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     return run_config
 
 
+def _on_superlink(args: argparse.Namespace, run_config: dict[str, Any]) -> Callable[[Callable[[str], None]], Any]:
+    """A launcher of ``run_config`` on the SuperLink of ``--kit``/``--state``, checked to be running first.
+
+    Raises:
+        UserError: No SuperLink runs for the kit.
+    """
+    from fl_server.deploy import DeployError, connection_home, run
+
+    try:
+        connection_home(args.kit, args.state)
+    except DeployError as exc:
+        raise UserError(str(exc)) from None
+
+    def launch(on_line: Callable[[str], None]) -> Any:
+        try:
+            return run(args.kit, run_config, state=args.state, on_line=on_line)
+        except DeployError as exc:
+            raise UserError(str(exc)) from None
+
+    return launch
+
+
+def _in_simulation(sites: Path, run_dir: Path, run_config: dict[str, Any], *,
+                   cpus_per_site: int = 1) -> Callable[[Callable[[str], None]], Any]:
+    """A launcher of ``run_config`` as a Flower simulation of the workspaces under ``sites``.
+
+    Raises:
+        UserError: ``sites`` holds no workspace folder.
+    """
+    from fl_server.flower_ops import FlowerError, simulate
+
+    if not sites.is_dir() or not any(p.is_dir() for p in sites.iterdir()):
+        raise UserError(f"--sites {sites}: expected a folder with one workspace folder per site")
+
+    def launch(on_line: Callable[[str], None]) -> Any:
+        try:
+            return simulate(sites, run_dir, run_config, cpus_per_site=cpus_per_site, on_line=on_line)
+        except FlowerError as exc:
+            raise UserError(str(exc)) from None
+
+    return launch
+
+
 def _launch(console: Console, run_dir: Path, what: str, launch: Callable[[Callable[[str], None]], Any], *,
             trains: bool = True) -> None:
     """Run a federation, streaming its log to RUN_DIR.log and one line per round to the console (``trains``:
@@ -170,31 +213,8 @@ def cmd_summary(args: argparse.Namespace, console: Console) -> int:
     if (args.out / "history.json").exists():
         raise UserError(f"{args.out} already holds a run: pick a new --out")
     run_config = {**parse_sets(args.set), "summary-only": True, "run-dir": str(args.out.resolve())}
-    if args.sites:
-        from fl_server.flower_ops import FlowerError, simulate
-
-        if not args.sites.is_dir() or not any(p.is_dir() for p in args.sites.iterdir()):
-            raise UserError(f"--sites {args.sites}: expected a folder with one workspace folder per site")
-
-        def launch(on_line: Callable[[str], None]) -> Any:
-            try:
-                return simulate(args.sites, args.out, run_config, on_line=on_line)
-            except FlowerError as exc:
-                raise UserError(str(exc)) from None
-    else:
-        from fl_server.deploy import DeployError, connection_home, run
-
-        try:
-            connection_home(args.kit, args.state)
-        except DeployError as exc:
-            raise UserError(str(exc)) from None
-
-        def launch(on_line: Callable[[str], None]) -> Any:
-            try:
-                return run(args.kit, run_config, state=args.state, on_line=on_line)
-            except DeployError as exc:
-                raise UserError(str(exc)) from None
-
+    launch = (_in_simulation(args.sites, args.out, run_config) if args.sites
+              else _on_superlink(args, run_config))
     _launch(console, args.out, "Asking every site for its data summary", launch, trains=False)
     doc = json.loads((args.out / "summary" / "summary.json").read_text())
     for task, entry in doc["tasks"].items():
@@ -309,21 +329,12 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         UserError: ``--sites`` holds no workspace, a bad ``--set``, a run directory that holds a run without
             ``--resume`` (or none with it), Flower could not start, or the run did not finish or trained nothing.
     """
-    from fl_server.flower_ops import FlowerError, simulate
     from fl_server.report import write_report
 
     sites = args.sites
-    if not sites.is_dir() or not any(p.is_dir() for p in sites.iterdir()):
-        raise UserError(f"--sites {sites}: expected a folder with one workspace folder per site")
     run_config = _run_config(args)
+    launch = _in_simulation(sites, args.run_dir, run_config, cpus_per_site=args.cpus_per_site)
     n = sum(1 for p in sites.iterdir() if p.is_dir())
-
-    def launch(on_line: Callable[[str], None]) -> Any:
-        try:
-            return simulate(sites, args.run_dir, run_config, cpus_per_site=args.cpus_per_site, on_line=on_line)
-        except FlowerError as exc:
-            raise UserError(str(exc)) from None
-
     _launch(console, args.run_dir, f"Simulating {n} sites from {sites}", launch)
     page = write_report(args.run_dir)
     _print_final(console, args.run_dir)
@@ -515,22 +526,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         UserError: A bad ``--set``, a run directory that holds a run without ``--resume`` (or none with it), no
             SuperLink running for the kit, or the run did not finish or trained nothing.
     """
-    from fl_server.deploy import DeployError, connection_home, run
-
     run_config = _run_config(args)
     run_config["run-dir"] = str(args.run_dir.resolve())
-    try:
-        connection_home(args.kit, args.state)
-    except DeployError as exc:
-        raise UserError(str(exc)) from None
-
-    def launch(on_line: Callable[[str], None]) -> Any:
-        try:
-            return run(args.kit, run_config, state=args.state, on_line=on_line)
-        except DeployError as exc:
-            raise UserError(str(exc)) from None
-
-    _launch(console, args.run_dir, f"Running on the SuperLink of {args.kit}", launch)
+    _launch(console, args.run_dir, f"Running on the SuperLink of {args.kit}", _on_superlink(args, run_config))
     _print_final(console, args.run_dir)
     console.print(f"Global model: {args.run_dir / 'model.pt'}\nReport: {args.run_dir / 'report.html'}")
     return 0

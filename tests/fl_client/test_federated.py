@@ -311,13 +311,12 @@ def test_the_site_chooses_its_device_and_a_missing_one_fails_with_a_site_config_
     assert (site.device, site.precision) == ("cpu", "fp32") and site.placement().describe() == "cpu fp32"
     default = site_from_config({"workspace": str(ws)}, {})
     assert (default.device, default.precision) == ("auto", "auto")
-    if torch.cuda.is_available():
-        return
-    gone = site_from_config({"workspace": str(ws), "device": "cuda:2"}, {})
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 2}"  # past the last GPU
+    gone = site_from_config({"workspace": str(ws), "device": missing}, {})
     with pytest.raises(DeviceError) as caught:
         gone.placement()
     failure = failure_of(caught.value)
-    assert failure.code == "site-config" and "cuda:2" in failure.sentence and str(ws) not in failure.sentence
+    assert failure.code == "site-config" and missing in failure.sentence and str(ws) not in failure.sentence
 
 
 def test_join_checks_the_device_before_starting_and_passes_it_in_the_node_config(tmp_path: Path) -> None:
@@ -326,6 +325,6 @@ def test_join_checks_the_device_before_starting_and_passes_it_in_the_node_config
     assert check_placement("cpu", "fp32") == "cpu fp32"
     text = node_config_arg(tmp_path, "a", device="cpu", precision="bf16")
     assert 'device="cpu"' in text and 'precision="bf16"' in text and 'site-id="a"' in text
-    if not torch.cuda.is_available():
-        with pytest.raises(JoinError, match=r"--device/--precision: device 'cuda:3' does not exist on this machine"):
-            check_placement("cuda:3", "auto")
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 3}"  # past the last GPU
+    with pytest.raises(JoinError, match=rf"--device/--precision: device '{missing}' does not exist on this machine"):
+        check_placement(missing, "auto")
