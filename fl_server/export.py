@@ -236,19 +236,28 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _readme(task: str) -> str:
+def _readme(task: str, spatial_dims: int) -> str:
+    if spatial_dims == 2:
+        what, given, entry = ("every DICOM image under a folder (a mammography study's views), one score each",
+                              "/path/to/study", "<image file>")
+        study = ("\nA study's score is its most suspicious view's (the maximum), as oncofed scores it. Each image "
+                 "is read by oncofed's\n`LoadDicomImaged` (pixel spacing, laterality) and mirrored to one side "
+                 "before resampling.\n")
+    else:
+        what, given, entry = "one DICOM series folder", "/path/to/series", "<series folder>"
+        study = ""
     return f"""# oncofed bundle: {task}
 
 {RESEARCH_ONLY}
 
-Run on one DICOM series folder (from this folder's parent, or pass the absolute bundle path):
+Run on {what} (from this folder's parent, or pass the absolute bundle path):
 
     python -m monai.bundle run --config_file BUNDLE/configs/inference.json --meta_file BUNDLE/configs/metadata.json \\
-        --bundle_root BUNDLE --input_dir /path/to/series --output_dir /path/to/out
+        --bundle_root BUNDLE --input_dir {given} --output_dir /path/to/out
 
-It writes `out/probabilities.json`: `[{{"image": <series folder>, "probability": <0..1>}}]`.
-
-The preprocessing in `configs/inference.json` is MONAI's (PydicomReader, orientation to RAS, resampling, window,
+It writes `out/probabilities.json`: `[{{"image": {entry}, "probability": <0..1>}}]`.
+{study}
+The preprocessing in `configs/inference.json` is MONAI's (reader, orientation, resampling, window,
 crop/pad) except the steps MONAI has no equivalent for, which name oncofed's own transforms by `_target_`
 (`imaging.transforms.*`, listed in `model-card.md`): install the same oncofed version (see the model card) where
 the bundle runs. `models/model.ts` is TorchScript (no oncofed code needed for the network);
@@ -295,7 +304,7 @@ def export_run(run_dir: Path, out: Path, *, inference: Mapping[str, Any], prepro
     (out / "configs" / "inference.json").write_text(json.dumps(inference, indent=1))
     meta = _metadata(spec.task, preprocessing, shape)
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=1))
-    (out / "docs" / "README.md").write_text(_readme(spec.task))
+    (out / "docs" / "README.md").write_text(_readme(spec.task, spec.spatial_dims))
     files = {p.relative_to(out).as_posix(): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
     card = model_card(run_dir, preprocessing=preprocessing, parameters=parameter_count(net), files=files)
     (out / "docs" / "model-card.json").write_text(json.dumps(card, indent=1))

@@ -10,8 +10,10 @@ MONAI's ``PydicomReader`` returns a series as ``(cols, rows, slices)`` with a RA
 affine as :func:`imaging.transforms.to_meta_tensor` makes from oncofed's reader; after ``Orientationd`` both
 pipelines hold the same voxels (a test compares them).
 
-Mammography (2D, laterality mirror) is not exported yet: MONAI's reader gives a mammogram no pixel spacing
-(it has no patient position or orientation) and reads every image of a folder as one volume.
+Mammography (2D) is read by oncofed's ``LoadDicomImaged`` instead, one image per file of the input folder:
+MONAI's reader gives a mammogram no pixel spacing (it has no patient position or orientation) and reads every
+image of a folder as one volume. The image's laterality goes to ``FlipToLateralityd`` (oncofed's mirror to the
+preset's canonical side) before resampling, as in training.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from imaging.presets import Intensity, TaskPreset, get_preset
 
 __all__ = ["BundleError", "inference_config", "preprocessing_summary"]
 
-_ONCOFED_TRANSFORMS = {"lung_field": "imaging.transforms.LungFieldd",
+_ONCOFED_TRANSFORMS = {"load_2d": "imaging.transforms.LoadDicomImaged",
+                       "laterality": "imaging.transforms.FlipToLateralityd",
+                       "lung_field": "imaging.transforms.LungFieldd",
                        "suppress": "imaging.transforms.SuppressBrightd",
                        "robust": "imaging.transforms.RobustScaled"}
 
@@ -33,22 +37,27 @@ class BundleError(ValueError):
 
 def _preset(task: str, resolution: str) -> TaskPreset:
     preset = get_preset(task, resolution)
-    if preset.spatial_dims != 3 or preset.canonical_laterality:
-        raise BundleError(f"task {task}: only volume tasks (CT, MR series) can be exported as a MONAI bundle yet; "
-                          "MONAI's PydicomReader gives a mammogram no pixel spacing")
+    if preset.spatial_dims == 3 and preset.canonical_laterality:
+        raise BundleError(f"task {task}: a laterality mirror on volumes has no bundle form yet")
     return preset
 
 
 def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
     """The bundle's preprocessing transforms, in the order of :func:`imaging.transforms.deterministic_transforms`."""
     keys = ["image"]
-    steps: list[dict[str, Any]] = [
-        {"_target_": "monai.transforms.LoadImaged", "keys": keys, "reader": "PydicomReader", "image_only": True},
-        {"_target_": "monai.transforms.EnsureChannelFirstd", "keys": keys},
-        {"_target_": "monai.transforms.Orientationd", "keys": keys, "axcodes": "RAS", "labels": None},
-        {"_target_": "monai.transforms.Spacingd", "keys": keys, "pixdim": list(preset.target_spacing),
-         "mode": "bilinear", "padding_mode": "border"},
-    ]
+    steps: list[dict[str, Any]]
+    if preset.spatial_dims == 3:
+        steps = [{"_target_": "monai.transforms.LoadImaged", "keys": keys, "reader": "PydicomReader",
+                  "image_only": True},
+                 {"_target_": "monai.transforms.EnsureChannelFirstd", "keys": keys},
+                 {"_target_": "monai.transforms.Orientationd", "keys": keys, "axcodes": "RAS", "labels": None}]
+    else:
+        steps = [{"_target_": _ONCOFED_TRANSFORMS["load_2d"], "keys": keys}]
+    if preset.canonical_laterality:
+        steps.append({"_target_": _ONCOFED_TRANSFORMS["laterality"], "keys": keys,
+                      "canonical": preset.canonical_laterality})
+    steps.append({"_target_": "monai.transforms.Spacingd", "keys": keys, "pixdim": list(preset.target_spacing),
+                  "mode": "bilinear", "padding_mode": "border"})
     if preset.lung_field:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["lung_field"], "keys": keys})
     if preset.suppress_above_hu is not None:
@@ -72,9 +81,10 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
 
 
 def inference_config(task: str, resolution: str = "cpu") -> dict[str, Any]:
-    """The bundle's ``configs/inference.json``: read one DICOM series folder, preprocess it as the task's preset
-    does, run ``models/model.ts`` and write ``probabilities.json`` (``[{"image", "probability"}]``) to
-    ``output_dir``.
+    """The bundle's ``configs/inference.json``: read one DICOM series folder (volume tasks) or every DICOM file
+    under a folder, one image each (2D tasks: the views of a mammography study), preprocess as the task's preset
+    does, run ``models/model.ts`` and write ``probabilities.json`` (``[{"image", "probability"}]``, one entry per
+    series or image) to ``output_dir``.
 
     Args:
         task: The task preset's name.
@@ -84,7 +94,7 @@ def inference_config(task: str, resolution: str = "cpu") -> dict[str, Any]:
         The config as a JSON-ready dict (``input_dir`` is empty: pass ``--input_dir`` to the runner).
 
     Raises:
-        BundleError: A task that cannot be exported yet (mammography).
+        BundleError: A task whose preprocessing has no bundle form.
         KeyError: An unknown task.
         ValueError: An unknown resolution profile.
     """
@@ -93,13 +103,15 @@ def inference_config(task: str, resolution: str = "cpu") -> dict[str, Any]:
              "s['image'][None].to(@device)).float()).reshape(-1)[0])} for d, s in zip(@datalist, @dataset)], "
              "open(os.path.join(@output_dir, 'probabilities.json'), 'w'), indent=1)")
     return {
-        "imports": ["$import os", "$import json", "$import torch"],
+        "imports": ["$import os", "$import json", "$import pathlib", "$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "input_dir": "",
         "output_dir": "$@bundle_root + '/eval'",
         "save_execute_config": False,
-        "datalist": [{"image": "@input_dir"}],
+        "datalist": [{"image": "@input_dir"}] if preset.spatial_dims == 3 else
+        "$[{'image': str(p)} for p in sorted(pathlib.Path(@input_dir).rglob('*')) if p.is_file() and "
+        "p.name != 'DICOMDIR'] if os.path.isdir(@input_dir) else [{'image': @input_dir}]",
         "network": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device).eval()",
         "preprocessing": {"_target_": "monai.transforms.Compose", "transforms": _preprocessing(preset)},
         "dataset": {"_target_": "monai.data.Dataset", "data": "@datalist", "transform": "@preprocessing"},

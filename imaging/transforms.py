@@ -34,11 +34,12 @@ from monai.transforms import (
 )
 
 from imaging.catalog import plan_from_json
-from imaging.dicom import ImagePlan, affine_lps, read_image
+from imaging.dicom import ImagePlan, affine_lps, plan_images, read_header, read_image
 from imaging.presets import Intensity, TaskPreset
 
 __all__ = [
     "FlipToLateralityd",
+    "LoadDicomImaged",
     "LoadPlanImaged",
     "LungFieldd",
     "RobustScaled",
@@ -88,6 +89,34 @@ class LoadPlanImaged(MapTransform):
         for key in self.key_iterator(d):
             plan = d[key] if isinstance(d[key], ImagePlan) else plan_from_json(d[key])
             d[key] = to_meta_tensor(read_image(plan).array, plan)
+        return d
+
+
+class LoadDicomImaged(MapTransform):
+    """Read one 2D DICOM image (a mammogram) by its file path with oncofed's reader, as ingest does: pixel spacing
+    from Imager/Pixel Spacing, the checks of :func:`imaging.dicom.plan_images`, and the image's laterality into
+    ``laterality_key`` for :class:`FlipToLateralityd`.
+
+    MONAI's ``PydicomReader`` cannot stand in here: a mammogram has no patient position or orientation, so it
+    gets no pixel spacing, and a folder of views is read as one volume. Exported bundles of 2D tasks use this.
+
+    Args:
+        keys: Keys holding a DICOM file path.
+        laterality_key: Where the image's laterality (``L``/``R``, or empty) goes.
+    """
+
+    def __init__(self, keys: KeysCollection, laterality_key: str = "laterality") -> None:
+        super().__init__(keys)
+        self.laterality_key = laterality_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            (plan,) = plan_images([read_header(str(d[key]))])
+            if plan.spatial_dims != 2:
+                raise ValueError(f"{d[key]}: a {plan.modality} volume, not a 2D image")
+            d[key] = to_meta_tensor(read_image(plan).array, plan)
+            d[self.laterality_key] = plan.laterality
         return d
 
 

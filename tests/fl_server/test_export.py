@@ -31,9 +31,9 @@ def _site_metrics(pos: int, neg: int, auroc: float) -> dict[str, float]:
             "sensitivity": 0.5, "specificity": 0.75}
 
 
-def _finished_run(run_dir: Path) -> Path:
+def _finished_run(run_dir: Path, task: str = "lung-ct") -> Path:
     """A run directory as the server leaves it after two rounds (no Flower: written by hand)."""
-    flat = {**RunConfig().to_flat(), "task": "lung-ct", "dp": True}
+    flat = {**RunConfig().to_flat(), "task": task, "dp": True}
     torch.manual_seed(7)
     arrays = state_arrays(build_model(from_flat(flat).model))
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -47,7 +47,7 @@ def _finished_run(run_dir: Path) -> Path:
     rounds = [{"round": r, "train": train, "evaluate": {"site-a": _site_metrics(2, 2, 0.75)}, "aggregated_sites": 2,
                "checkpoint": f"checkpoints/round-{r:03d}.pt"} for r in (1, 2)]
     final = {"split": "test", "sites": {"site-a": _site_metrics(6, 4, 0.8), "site-b": _site_metrics(4, 8, 0.7)}}
-    (run_dir / "history.json").write_text(json.dumps({"schema": "oncofed.run/1", "run_id": "42", "task": "lung-ct",
+    (run_dir / "history.json").write_text(json.dumps({"schema": "oncofed.run/1", "run_id": "42", "task": task,
                                                       "strategy": "fedavg", "rounds": rounds, "final": final,
                                                       "finished": 2.0}))
     return run_dir
@@ -100,17 +100,58 @@ def test_export_is_a_monai_bundle_that_scores_a_series_as_oncofed_does(tmp_path:
     assert float((torch.as_tensor(theirs) - ours).abs().max()) < 1e-5
 
     # MONAI's own bundle runner, its command line as a hospital's team types it, writes the same probability.
-    result = tmp_path / "result"
+    scores = _monai_run(out, series, tmp_path / "result")
+    assert [s["image"] for s in scores] == [str(series)]
+    assert scores[0]["probability"] == pytest.approx(expected, abs=1e-5)
+
+
+def _monai_run(out: Path, input_dir: Path, result: Path) -> list[dict[str, object]]:
+    """MONAI's own bundle runner, its command line as a hospital's team types it."""
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
                            str(out / "configs" / "inference.json"), "--meta_file",
                            str(out / "configs" / "metadata.json"), "--bundle_root", str(out),
-                           "--input_dir", str(series), "--output_dir", str(result)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           "--input_dir", str(input_dir), "--output_dir", str(result)],
+                          capture_output=True, text=True, timeout=120, cwd=result.parent,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
-    scores = json.loads((result / "probabilities.json").read_text())
-    assert [s["image"] for s in scores] == [str(series)]
-    assert scores[0]["probability"] == pytest.approx(expected, abs=1e-5)
+    return json.loads((result / "probabilities.json").read_text())
+
+
+def test_mammography_export_scores_each_view_as_oncofed_does(tmp_path: Path) -> None:
+    """2D bundles read each view with oncofed's reader (pixel spacing, laterality), mirror left breasts and score
+    every image of a study folder: the same network input and probability as oncofed's, for both sides."""
+    ws = make_workspaces(tmp_path / "c", sites=1, studies_per_task=6, seed=5, tasks=["breast-mg"])
+    run_dir, out = _finished_run(tmp_path / "run", "breast-mg"), tmp_path / "bundle"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    card = json.loads((out / "docs" / "model-card.json").read_text())
+    assert card["preprocessing"]["voxel_size_mm"] == [0.8, 0.8]
+    assert card["preprocessing"]["oncofed_transforms"] == ["imaging.transforms.LoadDicomImaged",
+                                                           "imaging.transforms.FlipToLateralityd",
+                                                           "imaging.transforms.RobustScaled"]
+    assert "most suspicious view" in (out / "docs" / "README.md").read_text()
+
+    with Catalog.open(ws / "site-a", create=False) as catalog:
+        items = catalog.items("breast-mg")
+    sides = {item.plan.laterality for item in items}
+    assert sides == {"L", "R"}, sides  # both sides, so the mirror is exercised
+    study = {item.plan.laterality: item for item in items}
+    explainer = Explainer.load(run_dir / "model.pt")
+    parser = ConfigParser()
+    parser.read_config(out / "configs" / "inference.json")
+    for side, item in sorted(study.items()):
+        ours = explainer.network_input(item, workspace=ws / "site-a")
+        parser.update({"bundle_root": str(out), "input_dir": str(item.plan.slices[0].path)})
+        theirs = parser.get_parsed_content("dataset", lazy=False)[0]["image"]
+        assert theirs.shape == ours.shape, side
+        assert float((torch.as_tensor(theirs) - ours).abs().max()) < 1e-5, side
+
+    folder = Path(study["L"].plan.slices[0].path).parent
+    views = [item for item in items if Path(item.plan.slices[0].path).parent == folder]
+    expected = {str(item.plan.slices[0].path): p for item, p in
+                zip(views, explainer.probabilities([explainer.network_input(v, workspace=ws / "site-a")
+                                                    for v in views]), strict=True)}
+    scores = _monai_run(out, folder, tmp_path / "result")
+    assert {s["image"]: pytest.approx(s["probability"], abs=1e-5) for s in scores} == expected
 
 
 def test_export_says_what_is_wrong_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
