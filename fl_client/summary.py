@@ -25,6 +25,7 @@ from models.protocol import (
     SLICE_MM_BINS,
     SUPPRESSED,
     Split,
+    model_family_of,
     vendor_of,
 )
 
@@ -85,7 +86,7 @@ def site_summary(workspace: Path, *, min_count: int = 5) -> dict[str, float]:
         for name, preset in PRESETS.items():
             items = catalog.items(name)
             series = catalog.db.execute(
-                "SELECT manufacturer, slice_thickness, field_strength, pixel_spacing FROM series "
+                "SELECT manufacturer, slice_thickness, field_strength, pixel_spacing, model FROM series "
                 "WHERE status='ok' AND modality=? AND (',' || tasks || ',') LIKE ('%,' || ? || ',%')",
                 (preset.modality, name)).fetchall()
             studies = catalog.db.execute(
@@ -98,10 +99,12 @@ def site_summary(workspace: Path, *, min_count: int = 5) -> dict[str, float]:
                 put(f"{name}:{split}:pos", name, labels[1])
                 put(f"{name}:{split}:neg", name, labels[0])
             vendors = Counter(vendor_of(str(r[0] or "")) for r in series)
+            models = Counter(model_family_of(str(r[4] or "")) for r in series)
             slices = Counter(_slice_bin(float(r[1])) for r in series if r[1])
             pixels = Counter(_pixel_bin(float(json.loads(r[3])[0])) for r in series if r[3])
             fields = Counter(_field_bin(float(r[2])) for r in series if r[2] and preset.modality == "MR")
-            for prefix, counts in ((f"{name}:vendor:", vendors), (f"{name}:slice-mm:", slices),
+            for prefix, counts in ((f"{name}:vendor:", vendors), (f"{name}:model:", models),
+                                   (f"{name}:slice-mm:", slices),
                                    (f"{name}:pixel-mm:", pixels), (f"{name}:field-t:", fields)):
                 for key, count in counts.items():
                     put(prefix + key, name, count)

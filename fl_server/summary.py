@@ -19,6 +19,7 @@ from typing import Any
 from models.protocol import (
     FIELD_T_BINS,
     INTENSITY_BINS,
+    MODEL_FAMILIES,
     PIXEL_MM_BINS,
     SLICE_MM_BINS,
     SUPPRESSED,
@@ -96,7 +97,8 @@ def build_summary(replies: Iterable[Mapping[str, Any]], *, run_config: Mapping[s
             for split in Split:
                 row[f"{split}_pos"] = _count(v, f"{task}:{split}:pos")
                 row[f"{split}_neg"] = _count(v, f"{task}:{split}:neg")
-            for prefix, names in (("vendor", VENDORS), ("slice-mm", SLICE_MM_BINS), ("pixel-mm", PIXEL_MM_BINS),
+            for prefix, names in (("vendor", VENDORS), ("model", MODEL_FAMILIES),
+                                  ("slice-mm", SLICE_MM_BINS), ("pixel-mm", PIXEL_MM_BINS),
                                   ("field-t", FIELD_T_BINS)):
                 row[prefix] = {n: _count(v, f"{task}:{prefix}:{n}") for n in names if v.get(f"{task}:{prefix}:{n}")}
             hist = [v.get(f"{task}:intensity:{i}", 0.0) for i in range(INTENSITY_BINS)]
@@ -162,7 +164,8 @@ def warnings_of(doc: Mapping[str, Any], run_config: Mapping[str, Any]) -> list[s
                                f"{batch:.0f} ({sigma / batch:.2f} of the clipping norm on each averaged gradient, "
                                f"above {NOISE_PER_BATCH:g}): learning is unlikely; fewer rounds or a larger ε help")
         if len(rows) >= 2:
-            for prefix, what in (("vendor", "scanner vendor"), ("slice-mm", "slice thickness of"),
+            for prefix, what in (("vendor", "scanner vendor"), ("model", "scanner line"),
+                                 ("slice-mm", "slice thickness of"),
                                  ("field-t", "field strength of")):
                 holders: dict[str, list[str]] = {}
                 for r in rows:
@@ -201,12 +204,14 @@ def write_summary(run_dir: Path, doc: Mapping[str, Any]) -> Path:
         rows = entry["sites"]
         if not any((r["labelled"] or 0) > 0 or r["labelled"] is None for r in rows):
             continue
-        head = ["site", "studies", "labelled", *[f"{s} pos/neg" for s in Split], "vendors", "slice mm", "pixel mm"]
+        head = ["site", "studies", "labelled", *[f"{s} pos/neg" for s in Split], "vendors", "scanner lines",
+                "slice mm", "pixel mm"]
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
                 r["site"], _shown(r["studies"]), _shown(r["labelled"]),
                 *[f"{_shown(r[f'{s}_pos'])}/{_shown(r[f'{s}_neg'])}" for s in Split],
                 ", ".join(f"{k} {_shown(v)}" for k, v in r["vendor"].items()),
+                ", ".join(f"{k} {_shown(v)}" for k, v in r["model"].items()),
                 ", ".join(f"{k} {_shown(v)}" for k, v in r["slice-mm"].items()),
                 ", ".join(f"{k} {_shown(v)}" for k, v in r["pixel-mm"].items()))) + "</tr>" for r in rows)
         parts.append(f"<h2>{html.escape(task)}</h2><table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>"

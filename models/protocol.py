@@ -29,6 +29,7 @@ __all__ = [
     "FIELD_T_BINS",
     "INTENSITY_BINS",
     "LONG_STRINGS",
+    "MODEL_FAMILIES",
     "PIXEL_MM_BINS",
     "PRIVACY_METRICS",
     "REFUSAL_METRICS",
@@ -51,6 +52,7 @@ __all__ = [
     "parse_failure",
     "reason_codes",
     "summary_keys",
+    "model_family_of",
     "vendor_of",
 ]
 
@@ -195,6 +197,12 @@ class FailureCode(StrEnum):
 # tag value leaves (a Manufacturer is mapped to a vendor of this list, a slice thickness to a bin).
 VENDORS = ("siemens", "ge", "philips", "canon", "fujifilm", "hologic", "agfa", "carestream", "konica", "samsung",
            "other")
+# Scanner product lines, matched by a word of ManufacturerModelName ("SOMATOM Definition AS+" -> somatom); a model of
+# no line here is "other". Product lines, not free text: the model tag's own text never leaves the site either.
+MODEL_FAMILIES = ("somatom", "naeotom", "magnetom", "mammomat", "revolution", "lightspeed", "discovery", "optima",
+                  "signa", "senographe", "pristina", "aquilion", "vantage", "orian", "iqon", "brilliance",
+                  "ingenuity", "incisive", "spectral", "ingenia", "achieva", "selenia", "dimensions", "amulet",
+                  "other")
 SLICE_MM_BINS = ("lt1", "1-2", "2-3", "3-5", "ge5")  # slice thickness / spacing, mm
 PIXEL_MM_BINS = ("lt0.2", "0.2-0.5", "0.5-1", "ge1")  # in-plane pixel spacing, mm
 FIELD_T_BINS = ("1.5", "3", "other")  # MR field strength, tesla
@@ -209,6 +217,7 @@ def summary_keys(tasks: tuple[str, ...]) -> frozenset[str]:
         keys |= {f"{task}:studies", f"{task}:labelled", f"{task}:suppressed"}
         keys |= {f"{task}:{split}:{label}" for split in Split for label in ("pos", "neg")}
         keys |= {f"{task}:vendor:{v}" for v in VENDORS}
+        keys |= {f"{task}:model:{m}" for m in MODEL_FAMILIES}
         keys |= {f"{task}:slice-mm:{b}" for b in SLICE_MM_BINS}
         keys |= {f"{task}:pixel-mm:{b}" for b in PIXEL_MM_BINS}
         keys |= {f"{task}:field-t:{b}" for b in FIELD_T_BINS}
@@ -225,6 +234,16 @@ def vendor_of(manufacturer: str) -> str:
     for alias, vendor in aliases.items():
         if text == alias or (len(alias) > 2 and text.startswith(alias)):
             return vendor
+    return "other"
+
+
+def model_family_of(model: str) -> str:
+    """A ManufacturerModelName's product line, from :data:`MODEL_FAMILIES`: the first word of the name that is a
+    known line (so "Senographe Pristina" is senographe, "SIGNA Artist" signa), else "other"."""
+    words = ["".join(ch for ch in w if ch.isalnum()) for w in model.lower().replace("-", " ").split()]
+    for word in words:
+        if word in MODEL_FAMILIES and word != "other":
+            return word
     return "other"
 
 

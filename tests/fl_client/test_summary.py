@@ -14,7 +14,7 @@ from fl_client.app import app
 from fl_client.egress import EgressError, EgressLog, check_reply
 from fl_client.policy import RunBook, SitePolicy
 from fl_server.summary import build_summary, warnings_of, write_summary
-from models.protocol import SUPPRESSED, summary_keys
+from models.protocol import SUPPRESSED, model_family_of, summary_keys
 from models.tasks import TASK_DIMS
 
 
@@ -53,6 +53,8 @@ def test_the_site_answers_with_counts_on_fixed_bins_and_suppresses_small_ones(wo
     assert abs(sum(shares) - 1.0) < 1e-3  # a histogram of the preprocessed images, as shares
     assert any(k.startswith("lung-ct:vendor:") for k in summary) and any(k.startswith("prostate-mr:field-t:")
                                                                           for k in summary)
+    # Scanner lines from ManufacturerModelName: a fixed vocabulary, never the tag's text (site a: SOMATOM).
+    assert [k for k in summary if k.startswith("lung-ct:model:")] == ["lung-ct:model:somatom"]
     (record,) = [r for r in EgressLog(workspace).records() if r.kind == "summary"]
     assert record.metrics == summary and record.run == "lead-9"
     # The minimum is the site's: with 1 nothing is suppressed.
@@ -72,6 +74,15 @@ def test_the_egress_guard_refuses_any_other_summary_field() -> None:
         check_reply({}, {}, reference=None, summary={"lung-ct:manufacturer:ACME": 3.0})
     with pytest.raises(EgressError, match="must be a count or a share"):
         check_reply({}, {}, reference=None, summary={"lung-ct:studies": -5.0})
+
+
+def test_scanner_lines_are_a_fixed_vocabulary() -> None:
+    assert model_family_of("SOMATOM Definition AS+") == "somatom"
+    assert model_family_of("Senographe Pristina") == "senographe"
+    assert model_family_of("IQon - Spectral CT") == "iqon"
+    assert model_family_of("SIGNA Artist") == "signa"
+    assert model_family_of("Room 3 scanner of St Mary's") == "other"
+    assert model_family_of("") == "other"
 
 
 def _site(name: str, *, val_pos: float, vendor: str, slices: str, hist: list[float], train: float) -> dict:
