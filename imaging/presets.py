@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PRESETS",
+    "SEGMENTATION_PRESETS",
+    "SEGMENTATION_SUFFIX",
+    "TASKS",
     "Augment",
     "Intensity",
     "TaskPreset",
@@ -83,6 +86,10 @@ class TaskPreset:
         augment: Training-time augmentations.
         diagnostic_spacing: ``target_spacing`` of the diagnostic resolution profile.
         diagnostic_size: ``spatial_size`` of the diagnostic resolution profile.
+        segmentation: A lesion segmentation task (``<image task>-seg``): the image task's images and
+            preprocessing, with a lesion mask from the study's DICOM SEG or RT Structure Set as the target.
+        patch_size: Segmentation: the patch trained on and slid over the input at inference (MONAI axis order).
+        diagnostic_patch: ``patch_size`` of the diagnostic resolution profile.
     """
 
     name: str
@@ -103,6 +110,14 @@ class TaskPreset:
     augment: Augment = field(default_factory=Augment)
     diagnostic_spacing: tuple[float, ...] = ()
     diagnostic_size: tuple[int, ...] = ()
+    segmentation: bool = False
+    patch_size: tuple[int, ...] = ()
+    diagnostic_patch: tuple[int, ...] = ()
+
+    @property
+    def image_task(self) -> str:
+        """The task whose images this task reads: itself, or for ``X-seg`` the image task ``X``."""
+        return self.name.removesuffix(SEGMENTATION_SUFFIX) if self.segmentation else self.name
 
     def at(self, resolution: str) -> TaskPreset:
         """This preset at a resolution profile: ``cpu`` (itself) or ``diagnostic`` (its diagnostic voxel size and
@@ -111,7 +126,8 @@ class TaskPreset:
             return self
         if resolution != "diagnostic":
             raise ValueError(f"unknown resolution profile {resolution!r}: cpu or diagnostic")
-        return replace(self, target_spacing=self.diagnostic_spacing, spatial_size=self.diagnostic_size)
+        return replace(self, target_spacing=self.diagnostic_spacing, spatial_size=self.diagnostic_size,
+                       patch_size=self.diagnostic_patch)
 
 
 PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
@@ -192,6 +208,31 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
     }
 )
 
+SEGMENTATION_SUFFIX = "-seg"
+
+# Patches for segmentation (training crops, and the sliding window at inference): at the cpu profile most of the
+# input, so a patch holds the organ around a lesion; at the diagnostic profile what one GPU holds per sample.
+_PATCHES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "lung-ct": ((48, 48, 32), (96, 96, 64)),
+    "breast-mg": ((96, 96), (384, 384)),
+    "colorectal-ct": ((48, 48, 32), (128, 128, 64)),
+    "prostate-mr": ((48, 48, 16), (128, 128, 24)),
+}
+
+SEGMENTATION_PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
+    {
+        f"{base.name}{SEGMENTATION_SUFFIX}": replace(
+            base, name=f"{base.name}{SEGMENTATION_SUFFIX}", title=f"{base.title}: lesion segmentation",
+            segmentation=True, patch_size=_PATCHES[base.name][0], diagnostic_patch=_PATCHES[base.name][1])
+        for base in PRESETS.values()
+    }
+)
+"""One lesion segmentation task per image task: the same images and preprocessing, a mask as the target.
+:data:`PRESETS` (the image tasks) decide which series a task reads; these read their image task's series."""
+
+TASKS: tuple[str, ...] = (*PRESETS, *SEGMENTATION_PRESETS)
+"""Every task name, image tasks first."""
+
 
 def get_preset(name: str, resolution: str = "cpu") -> TaskPreset:
     """The preset called ``name``, at a resolution profile (``cpu``, the default, or ``diagnostic``).
@@ -200,10 +241,9 @@ def get_preset(name: str, resolution: str = "cpu") -> TaskPreset:
         KeyError: With the list of known tasks, if ``name`` is not one.
         ValueError: An unknown resolution profile.
     """
-    try:
-        preset = PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(PRESETS)}") from None
+    preset = PRESETS.get(name) or SEGMENTATION_PRESETS.get(name)
+    if preset is None:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return preset.at(str(resolution))
 
 

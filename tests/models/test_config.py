@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from imaging.presets import PRESETS
+from imaging.presets import TASKS, get_preset
 from models.config import Arch, ConfigError, Norm, RunConfig, Strategy, from_flat
-from models.tasks import TASK_DIMS
+from models.tasks import SEGMENTATION_TASKS, TASK_DIMS
 
 
 def test_task_table_matches_the_imaging_presets() -> None:
-    assert dict(TASK_DIMS) == {name: p.spatial_dims for name, p in PRESETS.items()}
+    assert dict(TASK_DIMS) == {name: get_preset(name).spatial_dims for name in TASKS}
+    assert {name for name in TASKS if get_preset(name).segmentation} == SEGMENTATION_TASKS
 
 
 def test_strings_from_the_command_line_parse_to_types() -> None:
