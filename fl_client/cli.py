@@ -75,9 +75,11 @@ EPILOG_TRAIN = """examples:
   oncofed-site train-local --workspace ws/site-a --task lung-ct --out runs/lung-a --epochs 20
   oncofed-site train-local --workspace ws/site-a --task lung-ct --out runs/lung-a-dp --dp-epsilon 4
   oncofed-site train-local --workspace ws/site-a --workspace ws/site-b --task breast-mg --out runs/pooled
+  oncofed-site train-local --workspace ws/site-a --task lung-ct-seg --out runs/lung-seg-a --epochs 30
 
 Writes OUT/model.pt, OUT/metrics.json (per split: AUROC, sensitivity and specificity at the
-threshold, balanced accuracy, Brier score, with the number of studies) and OUT/curves.png.
+threshold, balanced accuracy, Brier score, with the number of studies; for a *-seg task Dice,
+lesion-wise sensitivity, false-positive lesions per study and HD95) and OUT/curves.png.
 Several --workspace pool the sites (the centralised baseline; no DP). With --dp-epsilon the
 site's privacy ledger is checked first and written after: see 'oncofed-site privacy'."""
 
@@ -456,8 +458,9 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
         raise UserError(str(exc).replace("run-config key", "option").replace("'dp-", "'--dp-")) from None
     if args.epochs < 1:
         raise UserError("--epochs must be at least 1")
+    segmenting = config.model.network == "unet"
     table = Table(title=f"{args.task}: training on {', '.join(str(w) for w in args.workspace)}")
-    for col in ("epoch", "train loss", "val AUROC"):
+    for col in ("epoch", "train loss", "val Dice" if segmenting else "val AUROC"):
         table.add_column(col, justify="right")
     with _progress(console) as bar:
         task = bar.add_task("epochs", total=args.epochs)
@@ -472,16 +475,26 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
         except (TrainingError, NoSiteData, PrivacyError, DeviceError) as exc:
             raise UserError(str(exc)) from None
     console.print(table)
-    result = Table(title="Study-level metrics (threshold 0.5)")
-    for col in ("split", "studies", "pos/neg", "AUROC", "sensitivity", "specificity", "bal. acc.", "Brier"):
-        result.add_column(col, justify="right")
 
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    for split, m in doc["splits"].items():
-        result.add_row(split, str(m["studies"]), f"{m['positives']}/{m['negatives']}", f(m["auroc"]),
-                       f(m["sensitivity"]), f(m["specificity"]), f(m["balanced_accuracy"]), f(m["brier"]))
+    if segmenting:
+        result = Table(title="Lesion segmentation per study (voxels above 0.5; network grid)")
+        for col in ("split", "studies", "with lesion", "Dice", "lesions", "lesion sens. (IoU≥0.1)",
+                    "FP lesions/study", "HD95 mm"):
+            result.add_column(col, justify="right")
+        for split, m in doc["splits"].items():
+            result.add_row(split, str(m["studies"]), str(m["positives"]), f(m["dice"]), str(m["lesions"]),
+                           f(m["lesion_sensitivity"]), f(m["fp_lesions"]),
+                           "-" if m["hd95"] is None else f"{m['hd95']:.1f}")
+    else:
+        result = Table(title="Study-level metrics (threshold 0.5)")
+        for col in ("split", "studies", "pos/neg", "AUROC", "sensitivity", "specificity", "bal. acc.", "Brier"):
+            result.add_column(col, justify="right")
+        for split, m in doc["splits"].items():
+            result.add_row(split, str(m["studies"]), f"{m['positives']}/{m['negatives']}", f(m["auroc"]),
+                           f(m["sensitivity"]), f(m["specificity"]), f(m["balanced_accuracy"]), f(m["brier"]))
     console.print(result)
     if doc["privacy"]:
         p = doc["privacy"]

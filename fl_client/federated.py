@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fl_client.egress import EgressLog, check_reply
+from fl_client.metrics import SegMetrics
 from fl_client.policy import Admission, RunBook, RunManifest
 from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
 from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
@@ -295,7 +296,8 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
     try:
         result = train_local(model, data.dataset("train", train=spec.augment), spec=spec, labels=data.labels("train"),
                              global_params=global_params, dp=dp, ledger=ledger, run_id=run_id,
-                             round_number=round_number, task=config.model.task, placement=placement)
+                             round_number=round_number, task=config.model.task, placement=placement,
+                             segmentation=data.segmentation)
     except BudgetExceeded:
         return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
     metrics: dict[str, float] = {Metric.NUM_EXAMPLES: result.num_examples, Metric.TRAIN_LOSS: result.loss,
@@ -345,9 +347,16 @@ def _evaluate(site: Site, config: RunConfig, model: torch.nn.Module, data: SiteD
         metrics: dict[str, float] = {Metric.STUDIES: m.studies, Metric.POSITIVES: m.positives,
                                      Metric.NEGATIVES: m.negatives, Metric.THRESHOLD: m.threshold,
                                      Metric.NUM_EXAMPLES: m.studies, Metric.EVAL_SECONDS: result.seconds}
-        for key, value in ((Metric.AUROC, m.auroc), (Metric.SENSITIVITY, m.sensitivity),
-                           (Metric.SPECIFICITY, m.specificity), (Metric.BALANCED_ACCURACY, m.balanced_accuracy),
-                           (Metric.BRIER, m.brier), (Metric.EVAL_LOSS, m.loss)):
+        figures: tuple[tuple[Metric, float | int | None], ...]
+        if isinstance(m, SegMetrics):
+            figures = ((Metric.DICE, m.dice), (Metric.LESIONS, m.lesions),
+                       (Metric.LESION_SENSITIVITY, m.lesion_sensitivity), (Metric.FP_LESIONS, m.fp_lesions),
+                       (Metric.HD95, m.hd95), (Metric.EVAL_LOSS, m.loss))
+        else:
+            figures = ((Metric.AUROC, m.auroc), (Metric.SENSITIVITY, m.sensitivity),
+                       (Metric.SPECIFICITY, m.specificity), (Metric.BALANCED_ACCURACY, m.balanced_accuracy),
+                       (Metric.BRIER, m.brier), (Metric.EVAL_LOSS, m.loss))
+        for key, value in figures:
             if value is not None:
                 metrics[key] = float(value)
         reply = Reply(metrics=metrics, strings=strings)

@@ -88,18 +88,20 @@ def run_local(
     placement = place(device, precision, dp_mode=dp.grad_sample_mode.value if dp is not None else None)
     curve: list[dict[str, float | None]] = []
 
+    headline = "dice" if data.segmentation else "auroc"
+
     def after_epoch(epoch: int, loss: float) -> None:
         val = evaluate_local(model, data, "val", placement=placement)
-        auc = val.metrics.auroc if val else None
-        curve.append({"epoch": epoch + 1, "train_loss": loss, "val_auroc": auc,
+        score = getattr(val.metrics, headline) if val else None
+        curve.append({"epoch": epoch + 1, "train_loss": loss, f"val_{headline}": score,
                       "val_loss": val.metrics.loss if val else None})
         if on_epoch is not None:
-            on_epoch(epoch, loss, auc)
+            on_epoch(epoch, loss, score)
 
     t0 = time.perf_counter()
     result = train_local(model, train_set, spec=config.training, labels=data.labels("train"), dp=dp, ledger=ledger,
                          run_id=f"local-{uuid.uuid4().hex[:8]}", task=task, epochs=epochs, on_epoch=after_epoch,
-                         placement=placement)
+                         placement=placement, segmentation=data.segmentation)
     train_seconds = time.perf_counter() - t0
     splits = {}
     for split in ("train", "val", "test"):
@@ -126,11 +128,11 @@ def run_local(
                      "epsilon_site_cumulative": result.epsilon} if dp else None),
     }
     (out / "metrics.json").write_text(json.dumps(doc, indent=1))
-    _plot(out / "curves.png", curve, task)
+    _plot(out / "curves.png", curve, task, headline)
     return doc
 
 
-def _plot(path: Path, curve: list[dict[str, float | None]], task: str) -> None:
+def _plot(path: Path, curve: list[dict[str, float | None]], task: str, headline: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,12 +145,13 @@ def _plot(path: Path, curve: list[dict[str, float | None]], task: str) -> None:
     ax[0].set_xlabel("epoch")
     ax[0].set_ylabel("loss")
     ax[0].legend()
-    ax[1].plot(epochs, [c["val_auroc"] for c in curve], marker="o", color="tab:green")
-    ax[1].axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax[1].plot(epochs, [c[f"val_{headline}"] for c in curve], marker="o", color="tab:green")
+    if headline == "auroc":
+        ax[1].axhline(0.5, color="grey", linestyle=":", label="chance")
+        ax[1].legend()
     ax[1].set_ylim(0, 1)
     ax[1].set_xlabel("epoch")
-    ax[1].set_ylabel("validation AUROC (studies)")
-    ax[1].legend()
+    ax[1].set_ylabel("validation AUROC (studies)" if headline == "auroc" else "validation Dice (studies with a lesion)")
     fig.suptitle(f"{task}: local training")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -7,7 +7,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["BinaryMetrics", "auroc", "binary_metrics", "study_scores"]
+__all__ = ["LESION_IOU", "BinaryMetrics", "SegMetrics", "StudySegmentation", "auroc", "binary_metrics",
+           "segmentation_metrics", "study_scores", "study_segmentation"]
+
+LESION_IOU = 0.1
+"""A reference lesion is found when the predicted lesions touching it cover it at this intersection over union
+(the overlap criterion of lesion-wise detection metrics; a fixed, stated value)."""
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,104 @@ def binary_metrics(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | 
         sensitivity=sens, specificity=spec, balanced_accuracy=balanced,
         brier=float(np.mean((p - y) ** 2)) if len(y) else None, loss=loss,
     )
+
+
+@dataclass(frozen=True)
+class StudySegmentation:
+    """One study's segmentation figures (on the network's grid, voxel size ``spacing``).
+
+    ``dice`` is None for a study without a lesion (judged by its false-positive lesions instead); ``hd95`` is None
+    unless both the reference and the prediction have a voxel.
+    """
+
+    dice: float | None
+    hd95: float | None
+    lesions: int
+    found: int
+    false_positives: int
+
+
+def study_segmentation(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float]) -> StudySegmentation:
+    """Compare a predicted mask with the reference of one study (boolean arrays of one shape, 2D or 3D).
+
+    Lesions are connected components (face and edge neighbours). A reference lesion is found when the predicted
+    components touching it have an IoU of at least :data:`LESION_IOU` with it; a predicted component touching
+    no reference lesion is a false positive. HD95 is the 95th percentile of the symmetric surface distance in mm.
+    """
+    from scipy import ndimage
+
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
+    structure = ndimage.generate_binary_structure(ref.ndim, 2)
+    ref_labels, n_ref = ndimage.label(ref, structure)
+    pred_labels, n_pred = ndimage.label(pred, structure)
+    found = 0
+    for k in range(1, n_ref + 1):
+        lesion = ref_labels == k
+        touching = np.setdiff1d(np.unique(pred_labels[lesion]), [0])
+        if len(touching):
+            covered = np.isin(pred_labels, touching)
+            iou = (covered & lesion).sum() / (covered | lesion).sum()
+            found += int(iou >= LESION_IOU)
+    fp = sum(1 for k in range(1, n_pred + 1) if not ref[pred_labels == k].any())
+    dice = None
+    if n_ref:
+        dice = float(2 * (pred & ref).sum() / (pred.sum() + ref.sum()))
+    hd95 = None
+    if n_ref and pred.any():
+        import torch
+        from monai.metrics import compute_hausdorff_distance
+
+        hd = compute_hausdorff_distance(torch.from_numpy(pred[None, None]), torch.from_numpy(ref[None, None]),
+                                        include_background=True, percentile=95, spacing=list(spacing))
+        hd95 = float(hd.reshape(-1)[0])
+    return StudySegmentation(dice, hd95, n_ref, found, fp)
+
+
+@dataclass(frozen=True)
+class SegMetrics:
+    """Lesion segmentation metrics of a split, with the counts behind each.
+
+    Attributes:
+        studies: Studies evaluated.
+        positives: Studies with a reference lesion (the ``dice`` and ``hd95`` means run over these).
+        negatives: Studies without one.
+        dice: Mean Dice over ``positives`` (None without one).
+        lesions: Reference lesions.
+        lesion_sensitivity: Lesions found / ``lesions`` (None without a lesion).
+        fp_lesions: False-positive lesions per study.
+        hd95: Mean HD95 (mm) over the positive studies with a prediction (None if there is none).
+        loss: The segmentation loss on the split.
+        threshold: The probability above which a voxel is lesion.
+    """
+
+    studies: int
+    positives: int
+    negatives: int
+    dice: float | None
+    lesions: int
+    lesion_sensitivity: float | None
+    fp_lesions: float | None
+    hd95: float | None
+    loss: float | None = None
+    threshold: float = 0.5
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """The metrics as a plain dict, one entry per field."""
+        return asdict(self)
+
+
+def segmentation_metrics(studies: Sequence[StudySegmentation], *, loss: float | None = None,
+                         threshold: float = 0.5) -> SegMetrics:
+    """Aggregate per-study figures of one split."""
+    positive = [s for s in studies if s.lesions > 0]
+    dice = [s.dice for s in positive if s.dice is not None]
+    hd = [s.hd95 for s in positive if s.hd95 is not None and np.isfinite(s.hd95)]
+    lesions = sum(s.lesions for s in studies)
+    return SegMetrics(
+        studies=len(studies), positives=len(positive), negatives=len(studies) - len(positive),
+        dice=float(np.mean(dice)) if dice else None, lesions=lesions,
+        lesion_sensitivity=sum(s.found for s in studies) / lesions if lesions else None,
+        fp_lesions=sum(s.false_positives for s in studies) / len(studies) if studies else None,
+        hd95=float(np.mean(hd)) if hd else None, loss=loss, threshold=threshold)

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fl_client.metrics import BinaryMetrics, binary_metrics, study_scores
+from fl_client.metrics import (
+    BinaryMetrics,
+    SegMetrics,
+    StudySegmentation,
+    binary_metrics,
+    segmentation_metrics,
+    study_scores,
+    study_segmentation,
+)
 from fl_client.privacy import PrivacyLedger, default_delta, noise_for
 from imaging.sitedata import SiteData
 from models.config import GradSampleMode, PrivacySpec, TrainSpec
@@ -37,10 +45,13 @@ __all__ = [
     "dp_sample_rate",
     "dp_steps",
     "evaluate_local",
+    "evaluate_segmentation",
     "loader_options",
     "plan_dp",
     "pos_weight_of",
     "predict",
+    "predict_masks",
+    "segmentation_loss",
     "train_local",
 ]
 
@@ -126,6 +137,14 @@ def pos_weight_of(labels: Sequence[int]) -> float:
     return neg / pos if pos and neg else 1.0
 
 
+def segmentation_loss() -> nn.Module:
+    """The segmentation loss: Dice + binary cross-entropy on the voxel logits (MONAI's ``DiceCELoss`` with a
+    sigmoid), Dice per sample, so each sample's loss depends on its own voxels only, as DP-SGD needs."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(sigmoid=True, batch=False, smooth_nr=1e-5, smooth_dr=1e-5)
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset[Any],
@@ -141,14 +160,15 @@ def train_local(
     epochs: int | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     placement: Placement | None = None,
+    segmentation: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.local_epochs`` (or ``epochs``) passes over ``dataset``.
 
     Args:
         model: The network (not wrapped by Opacus).
-        dataset: ``(image, label)`` pairs.
+        dataset: ``(image, label)`` pairs (``(image, mask)`` patches for segmentation).
         spec: The training recipe.
-        labels: The dataset's labels, for the class weighting.
+        labels: The dataset's labels, for the class weighting (classification).
         global_params: The round's global weights, for the FedProx term (used when ``proximal_mu > 0``).
         dp: A DP plan; the session is checked against and recorded in ``ledger``.
         ledger: The site's privacy ledger (required with ``dp``).
@@ -160,6 +180,7 @@ def train_local(
             (the model is in eval mode during the call).
         placement: The device and precision (:func:`models.device.place`; default the CPU in fp32). The model is
             moved there for training and back to the CPU after it.
+        segmentation: The model segments: voxel logits against masks, with :func:`segmentation_loss`.
 
     Raises:
         TrainingError: An empty dataset.
@@ -179,7 +200,8 @@ def train_local(
     generator = torch.Generator().manual_seed(spec.seed + 7919 * round_number)
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=min(spec.batch_size, n), shuffle=True, drop_last=False,
                                          generator=generator, **loader_options(device))
-    criterion: Any = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)], device=device))
+    criterion: Any = (segmentation_loss() if segmentation else
+                      nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)], device=device)))
     optimizer = _optimizer(model, spec)
     scaler = torch.amp.GradScaler(device.type) if placement.scaled and dp is None else None
     model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)
@@ -326,11 +348,41 @@ def predict(model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16,
     return np.concatenate(out) if out else np.zeros(0)
 
 
+@torch.no_grad()
+def predict_masks(model: nn.Module, dataset: Dataset[Any], *, roi_size: Sequence[int],
+                  placement: Placement | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    """Lesion probabilities of a segmentation model over each whole input, by MONAI's sliding-window inference
+    with patches of ``roi_size`` (a quarter overlap, Gaussian-weighted), in dataset order.
+
+    Yields:
+        ``(probabilities, target mask, loss)`` per sample: arrays of the input's spatial shape, and the sample's
+        segmentation loss.
+    """
+    from monai.inferers import sliding_window_inference
+
+    placement = placement or Placement(torch.device("cpu"))
+    model.eval()
+    was = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.to(placement.device)
+    criterion = segmentation_loss()
+    try:
+        for x, y in DataLoader(dataset, batch_size=1, shuffle=False, **loader_options(placement.device)):
+            x = x.to(placement.device, non_blocking=True)
+            with autocast(placement):
+                logits = sliding_window_inference(x, roi_size=tuple(roi_size), sw_batch_size=4, predictor=model,
+                                                  overlap=0.25, mode="gaussian")
+            logits = torch.as_tensor(logits).float().cpu()
+            loss = float(criterion(logits, y))
+            yield torch.sigmoid(logits)[0, 0].numpy(), y[0, 0].numpy() > 0.5, loss
+    finally:
+        model.to(was)
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Study-level metrics of one split, and the image count behind them."""
 
-    metrics: BinaryMetrics
+    metrics: BinaryMetrics | SegMetrics
     images: int
     seconds: float
 
@@ -338,9 +390,11 @@ class EvalResult:
 def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,
                    batch_size: int = 16, placement: Placement | None = None) -> EvalResult | None:
     """Evaluate on a split (None if the split is empty). Images of one study count as one study,
-    scored by its highest image probability."""
+    scored by its highest image probability; for a segmentation task see :func:`evaluate_segmentation`."""
     if data.count(split) == 0:
         return None
+    if data.segmentation:
+        return evaluate_segmentation(model, data, split, threshold=threshold, placement=placement)
     t0 = time.perf_counter()
     dataset = data.dataset(split, train=False)
     probs = predict(model, dataset, batch_size=batch_size, placement=placement)
@@ -350,3 +404,42 @@ def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: f
     _, y, p = study_scores(data.study_uids(split), labels, probs.tolist())
     return EvalResult(binary_metrics(y, p, threshold=threshold, loss=loss), images=len(labels),
                       seconds=time.perf_counter() - t0)
+
+
+def evaluate_segmentation(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,
+                          placement: Placement | None = None) -> EvalResult | None:
+    """Segmentation metrics of a split, per study (the images of a mammography study pooled), on the network's
+    grid at the preset's voxel size: Dice, lesion-wise sensitivity, false-positive lesions per study, HD95 and the
+    Dice + cross-entropy loss (None if the split is empty)."""
+    from imaging.presets import get_preset
+
+    if data.count(split) == 0:
+        return None
+    preset = get_preset(data.task, data.resolution)
+    roi = preset.patch_size or preset.spatial_size
+    t0 = time.perf_counter()
+    per_image: list[tuple[str, np.ndarray, np.ndarray]] = []
+    losses = []
+    for uid, (prob, target, loss) in zip(data.study_uids(split), predict_masks(
+            model, data.dataset(split, train=False), roi_size=roi, placement=placement), strict=True):
+        per_image.append((uid, prob >= threshold, target))
+        losses.append(loss)
+    studies: list[StudySegmentation] = []
+    by_study: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for uid, pred, target in per_image:
+        by_study.setdefault(uid, []).append((pred, target))
+    for uid in sorted(by_study):
+        figures = [study_segmentation(p, t, spacing=preset.target_spacing) for p, t in by_study[uid]]
+        if len(figures) == 1:
+            studies.append(figures[0])
+            continue
+        overlap = sum(2 * float((p & t).sum()) for p, t in by_study[uid])
+        volume = sum(float(p.sum() + t.sum()) for p, t in by_study[uid])
+        lesions = sum(f.lesions for f in figures)
+        hds = [f.hd95 for f in figures if f.hd95 is not None]
+        studies.append(StudySegmentation(dice=overlap / volume if lesions and volume else None,
+                                         hd95=float(np.mean(hds)) if hds else None, lesions=lesions,
+                                         found=sum(f.found for f in figures),
+                                         false_positives=sum(f.false_positives for f in figures)))
+    return EvalResult(segmentation_metrics(studies, loss=float(np.mean(losses)), threshold=threshold),
+                      images=len(per_image), seconds=time.perf_counter() - t0)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.protocol import EVAL_AGGREGATED, Metric
+from models.protocol import EVAL_AGGREGATED, HEADLINE_METRICS, Metric
 
 __all__ = ["RoundRecord", "RoundRecorder", "new_round", "weighted_by_studies"]
 
@@ -33,8 +33,8 @@ def new_round(round_number: int) -> dict[str, Any]:
 
 def weighted_by_studies(per_site: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Evaluation metrics over sites, each site weighted by its studies (sites without an AUROC, i.e. with
-    one class only or no studies, are left out)."""
-    usable = [m for m in per_site if m.get(Metric.STUDIES, 0) > 0 and Metric.AUROC in m]
+    one class only or no studies, and segmenters without a study with a lesion, are left out)."""
+    usable = [m for m in per_site if m.get(Metric.STUDIES, 0) > 0 and any(k in m for k in HEADLINE_METRICS)]
     out: dict[str, float] = {}
     for key in EVAL_AGGREGATED:
         have = [(m[key], m[Metric.STUDIES]) for m in usable if key in m]

@@ -32,6 +32,7 @@ from fl_server.validation import screen_updates
 from models.config import RunConfig, Strategy
 from models.protocol import (
     EVAL_AGGREGATED,
+    HEADLINE_METRICS,
     TRAIN_AGGREGATED,
     WEIGHTS,
     Metric,
@@ -324,7 +325,7 @@ class ConsortiumStrategy(FlowerStrategy):
         usable = []
         for site, metrics in results:
             recorder.evaluated(site, metrics)
-            if metrics.get(Metric.STUDIES, 0) > 0 and Metric.AUROC in metrics:
+            if metrics.get(Metric.STUDIES, 0) > 0 and any(k in metrics for k in HEADLINE_METRICS):
                 usable.append(metrics)
         aggregated = None
         if usable:

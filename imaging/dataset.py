@@ -29,7 +29,8 @@ __all__ = ["cache_folder", "cached_dataset", "file_fingerprint", "preprocessing_
 def preprocessing_key(preset: TaskPreset) -> str:
     """A short hash of everything in a preset that changes the cached tensors."""
     fields = asdict(preset)
-    for name in ("augment", "title", "diagnostic_spacing", "diagnostic_size"):  # what does not shape the tensors
+    # What does not shape the cached tensors (patches are cut after the cache).
+    for name in ("augment", "title", "diagnostic_spacing", "diagnostic_size", "patch_size", "diagnostic_patch"):
         fields.pop(name)
     return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:12]
 
@@ -43,18 +44,20 @@ def file_fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def sample_dicts(items: Sequence[Item]) -> list[dict[str, Any]]:
-    """The MONAI sample dicts of catalog items."""
-    return [
-        {
-            "image": plan_to_json(item.plan),
-            "label": item.label,
-            "laterality": item.plan.laterality,
-            "study_uid": item.study_uid,
-            "fingerprint": file_fingerprint(item.plan.paths),
-        }
-        for item in items
-    ]
+def sample_dicts(items: Sequence[Item], *, masks: bool = False) -> list[dict[str, Any]]:
+    """The MONAI sample dicts of catalog items; with ``masks``, each with its lesion mask's path (``""``: none),
+    whose size and time are part of the fingerprint, so a changed annotation is never served stale."""
+    out = []
+    for item in items:
+        sample: dict[str, Any] = {"image": plan_to_json(item.plan), "label": item.label,
+                                  "laterality": item.plan.laterality, "study_uid": item.study_uid}
+        paths = list(item.plan.paths)
+        if masks:
+            sample["mask"] = str(item.mask) if item.mask else ""
+            paths += [Path(item.mask)] if item.mask else []
+        sample["fingerprint"] = file_fingerprint(paths)
+        out.append(sample)
+    return out
 
 
 def cache_folder(workspace: Path | str, preset: TaskPreset) -> Path:
@@ -75,8 +78,10 @@ def cached_dataset(
 
     Returns:
         A MONAI PersistentDataset yielding dicts with ``image`` (channel-first float32 tensor),
-        ``label`` and ``study_uid``.
+        ``label`` and ``study_uid`` (and ``mask`` for a segmentation preset; when training, a list of one such
+        dict: the patch MONAI's crop returns).
     """
     folder = cache_folder(workspace, preset)
     folder.mkdir(parents=True, exist_ok=True)
-    return PersistentDataset(data=sample_dicts(items), transform=pipeline(preset, train=train), cache_dir=folder)
+    data = sample_dicts(items, masks=preset.segmentation)
+    return PersistentDataset(data=data, transform=pipeline(preset, train=train), cache_dir=folder)

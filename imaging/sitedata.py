@@ -1,8 +1,8 @@
 """A site's data for one task, by split, as datasets the training and evaluation loops read.
 
 :func:`load_site_data` reads each workspace's catalog for the task's labelled images; :class:`SiteData`
-turns a split into a dataset of ``(image, label)`` tensors, each workspace caching its own preprocessed
-images (:func:`imaging.dataset.cached_dataset`).
+turns a split into a dataset of ``(image, label)`` tensors (``(image, mask)`` for a segmentation task), each
+workspace caching its own preprocessed images (:func:`imaging.dataset.cached_dataset`).
 """
 
 from __future__ import annotations
@@ -27,20 +27,33 @@ class NoSiteData(Exception):
     names the workspace and the task and says what to do."""
 
 
-class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """``(image, label)`` pairs of plain tensors from a cached MONAI dataset (Opacus' loader needs tuples)."""
+def _plain(value: Any) -> torch.Tensor:
+    return (value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)).float()
 
-    def __init__(self, inner: Any) -> None:
+
+class TensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """``(image, target)`` pairs of plain tensors from a cached MONAI dataset (Opacus' loader needs tuples): the
+    target is the label as ``(1,)`` for a classification task, the lesion mask ``(1, *spatial)`` for segmentation.
+
+    Args:
+        inner: The MONAI dataset.
+        masks: Targets are the samples' masks.
+    """
+
+    def __init__(self, inner: Any, *, masks: bool = False) -> None:
         self.inner = inner
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.inner[index]
-        image = sample["image"]
-        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        return image.float(), torch.tensor([float(sample["label"])])
+        if isinstance(sample, list):  # a random crop's list of one patch
+            sample = sample[0]
+        if self.masks:
+            return _plain(sample["image"]), (_plain(sample["mask"]) > 0.5).float()
+        return _plain(sample["image"]), torch.tensor([float(sample["label"])])
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,13 @@ class SiteData:
             by_ws.setdefault(ws, []).append(item)
         for ws, items in by_ws.items():
             parts.append(cached_dataset(items, preset, workspace=ws, train=train))
-        return TensorDataset(torch.utils.data.ConcatDataset(parts) if len(parts) != 1 else parts[0])
+        return TensorDataset(torch.utils.data.ConcatDataset(parts) if len(parts) != 1 else parts[0],
+                             masks=preset.segmentation)
+
+    @property
+    def segmentation(self) -> bool:
+        """Whether the task segments lesions (targets are masks)."""
+        return get_preset(self.task).segmentation
 
     def study_uids(self, split: str) -> list[str]:
         """The study of each of a split's images, in order."""
@@ -98,6 +117,11 @@ def load_site_data(workspaces: Sequence[Path], task: str, *, resolution: str = "
             f"no labelled training studies for task {task} in {', '.join(map(str, workspaces))}; "
             "ingest with --labels first (oncofed-site status shows what is there)"
         )
+    if data.segmentation:
+        if 1 not in labels:
+            raise NoSiteData(f"no annotated lesion in the training split of task {task}: ingest the studies' DICOM "
+                             "SEG or RT Structure Set objects (oncofed-site ingest)")
+        return data
     if len(set(labels)) < 2:
         raise NoSiteData(f"the training split of task {task} holds only label {labels[0]}; both classes are needed")
     return data

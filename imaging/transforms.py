@@ -4,6 +4,10 @@ Each sample is a dict ``{"image": <ImagePlan JSON>, "label": int, "laterality": 
 deterministic part of the pipeline (load, orient, resample, normalise, crop) is what the on-disk
 cache stores; the random augmentations follow it and run every epoch (training split only).
 
+A segmentation task's samples also hold ``"mask"``: the path of the image's lesion mask (an ``.npz`` holding
+``mask`` in the image's DICOM layout), or an empty string for an image without a lesion; the mask goes through
+the same geometric steps as the image, with nearest-neighbour resampling, and none of the intensity steps.
+
 Arrays follow MONAI's layout: channel first, then ``(x, y[, z])`` = (column, row[, slice]), with a
 RAS affine (MONAI's convention) built from the DICOM geometry.
 """
@@ -23,6 +27,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAffined,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     RandScaleIntensityd,
@@ -40,6 +45,7 @@ from imaging.presets import Intensity, TaskPreset
 __all__ = [
     "FlipToLateralityd",
     "LoadDicomImaged",
+    "LoadMaskd",
     "LoadPlanImaged",
     "LungFieldd",
     "RobustScaled",
@@ -117,6 +123,37 @@ class LoadDicomImaged(MapTransform):
                 raise ValueError(f"{d[key]}: a {plan.modality} volume, not a 2D image")
             d[key] = to_meta_tensor(read_image(plan).array, plan)
             d[self.laterality_key] = plan.laterality
+        return d
+
+
+class LoadMaskd(MapTransform):
+    """Load an image's lesion mask onto the image's grid, as a MetaTensor with the image's affine. Runs before
+    :class:`LoadPlanImaged` (it reads the plan the image key still holds).
+
+    Args:
+        keys: Keys holding the mask's ``.npz`` path (array ``mask``, the image's DICOM layout); an empty path is
+            an image without a lesion (an empty mask).
+        plan_key: The key holding the image's :class:`ImagePlan` or its JSON.
+    """
+
+    def __init__(self, keys: KeysCollection, plan_key: str = "image") -> None:
+        super().__init__(keys)
+        self.plan_key = plan_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        plan = d[self.plan_key] if isinstance(d[self.plan_key], ImagePlan) else plan_from_json(d[self.plan_key])
+        for key in self.key_iterator(d):
+            path = str(d[key] or "")
+            if path:
+                with np.load(path) as npz:
+                    mask = np.asarray(npz["mask"]) > 0
+                if mask.shape != tuple(plan.shape):
+                    raise ValueError(f"lesion mask {path} is {mask.shape}, its image {tuple(plan.shape)}: re-ingest "
+                                     "the annotation (oncofed-site ingest)")
+            else:
+                mask = np.zeros(plan.shape, bool)
+            d[key] = to_meta_tensor(mask.astype(np.float32), plan)
         return d
 
 
@@ -272,13 +309,18 @@ class SuppressBrightd(MapTransform):
 
 
 def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:
-    """Load, orient, resample, normalise and crop/pad: the cached part of the pipeline."""
-    steps: list[Transform] = [LoadPlanImaged(keys)]
+    """Load, orient, resample, normalise and crop/pad: the cached part of the pipeline. For a segmentation preset
+    the ``mask`` key is loaded too and follows every geometric step (nearest neighbour), no intensity step."""
+    geo: tuple[str, ...] = (*keys, "mask") if preset.segmentation else keys
+    modes = tuple("nearest" if k == "mask" else "bilinear" for k in geo)
+    pads = tuple("zeros" if k == "mask" else "border" for k in geo)
+    steps: list[Transform] = [LoadMaskd(["mask"], plan_key=keys[0])] if preset.segmentation else []
+    steps.append(LoadPlanImaged(keys))
     if preset.spatial_dims == 3:
-        steps.append(Orientationd(keys, axcodes="RAS", labels=None))
+        steps.append(Orientationd(geo, axcodes="RAS", labels=None))
     if preset.canonical_laterality:
-        steps.append(FlipToLateralityd(keys, preset.canonical_laterality))
-    steps.append(Spacingd(keys, pixdim=preset.target_spacing, mode="bilinear", padding_mode="border"))
+        steps.append(FlipToLateralityd(geo, preset.canonical_laterality))
+    steps.append(Spacingd(geo, pixdim=preset.target_spacing, mode=modes, padding_mode=pads))
     if preset.lung_field:
         steps.append(LungFieldd(keys))
     if preset.suppress_above_hu is not None:
@@ -292,8 +334,8 @@ def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("im
         steps.append(RobustScaled(keys, *preset.percentiles, mode="zscore"))
     else:
         steps.append(RobustScaled(keys, *preset.percentiles, mode="range"))
-    steps.append(ResizeWithPadOrCropd(keys, spatial_size=preset.spatial_size, mode="constant"))
-    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+    steps.append(ResizeWithPadOrCropd(geo, spatial_size=preset.spatial_size, mode="constant"))
+    steps.append(EnsureTyped(geo, dtype=torch.float32, track_meta=False))
     return steps
 
 
@@ -358,15 +400,23 @@ def network_to_source(volume: np.ndarray, plan: ImagePlan, preset: TaskPreset) -
 
 
 def augmentations(preset: TaskPreset, *, keys: tuple[str, ...] = ("image",)) -> list[Transform]:
-    """The preset's random training augmentations."""
+    """The preset's random training augmentations. A segmentation preset first crops a patch of
+    ``preset.patch_size`` centred on lesion and background voxels alike (MONAI's ``RandCropByPosNegLabeld``, one
+    patch per image per epoch: a list of one sample), then moves image and mask together (mask: nearest)."""
     a = preset.augment
-    steps: list[Transform] = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in a.flip_axes]
+    geo: tuple[str, ...] = (*keys, "mask") if preset.segmentation else keys
+    modes = tuple("nearest" if k == "mask" else "bilinear" for k in geo)
+    steps: list[Transform] = []
+    if preset.segmentation and preset.patch_size and tuple(preset.patch_size) != tuple(preset.spatial_size):
+        steps.append(RandCropByPosNegLabeld(geo, label_key="mask", spatial_size=preset.patch_size, pos=1.0, neg=1.0,
+                                            num_samples=1, allow_smaller=True))
+    steps += [RandFlipd(geo, prob=0.5, spatial_axis=axis) for axis in a.flip_axes]
     if a.rotate_deg or a.zoom:
         rad = float(np.radians(a.rotate_deg))
         rotate = (rad,) if preset.spatial_dims == 2 else (0.0, 0.0, rad)  # in-plane rotation for volumes
         steps.append(
-            RandAffined(keys, prob=0.5, rotate_range=rotate, scale_range=(a.zoom,) * preset.spatial_dims,
-                        mode="bilinear", padding_mode="zeros")
+            RandAffined(geo, prob=0.5, rotate_range=rotate, scale_range=(a.zoom,) * preset.spatial_dims,
+                        mode=modes, padding_mode="zeros")
         )
     if a.intensity_scale:
         steps.append(RandScaleIntensityd(keys, factors=a.intensity_scale, prob=0.5))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
-from models.tasks import TASK_DIMS
+from models.tasks import TASK_DIMS, is_segmentation
 
 __all__ = [
     "Accountant",
@@ -54,6 +54,7 @@ class Arch(StrEnum):
     COMPACT_CNN = "compact-cnn"  # the CPU default: fast, and DP-SGD costs little on it
     DENSENET_SMALL = "densenet-small"
     DENSENET121 = "densenet121"
+    UNET = "unet"  # lesion segmentation (every ``*-seg`` task): MONAI's UNet, one logit per voxel
 
 
 class Resolution(StrEnum):
@@ -135,6 +136,8 @@ class ModelSpec:
         profile; MONAI's small DenseNet, with the DP-compatible norm, at the diagnostic one)."""
         if self.arch != Arch.AUTO:
             return self.arch
+        if is_segmentation(self.task):
+            return Arch.UNET
         return Arch.COMPACT_CNN if self.resolution == Resolution.CPU else Arch.DENSENET_SMALL
 
 
@@ -474,7 +477,10 @@ def validate(config: RunConfig) -> None:
     _check(4 <= m.width <= 256 and m.width % 4 == 0, RunKey.MODEL_WIDTH, "must be a multiple of 4 from 4 to 256")
     _check(0.0 <= m.dropout < 1.0, RunKey.DROPOUT, "must be in [0, 1)")
     _check(m.norm != Norm.NONE or m.network == Arch.COMPACT_CNN, RunKey.NORM,
-           "DenseNets need a norm layer; use instance or group")
+           "DenseNets and the UNet need a norm layer; use instance or group")
+    _check((m.network == Arch.UNET) == is_segmentation(m.task), RunKey.MODEL,
+           f"task {m.task} needs " + ("model=unet (or auto): it segments lesions" if is_segmentation(m.task) else
+                                      "a classifier (auto, compact-cnn, densenet-small, densenet121), not the unet"))
     _check(t.local_epochs >= 1, RunKey.LOCAL_EPOCHS, "must be at least 1")
     _check(1 <= t.batch_size <= 4096, RunKey.BATCH_SIZE, "must be between 1 and 4096")
     _check(0.0 < t.learning_rate <= 10.0, RunKey.LEARNING_RATE, "must be in (0, 10]")
@@ -504,4 +510,6 @@ def validate(config: RunConfig) -> None:
         _check(m.norm != Norm.BATCH, RunKey.NORM,
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")
         _check(p.grad_sample_mode != GradSampleMode.EW or m.network == Arch.COMPACT_CNN, RunKey.DP_GRAD_SAMPLE_MODE,
-               "'ew' does not work on DenseNet; use hooks")
+               "'ew' does not work on DenseNet or the UNet; use hooks")
+        _check(p.grad_sample_mode != GradSampleMode.GHOST or m.network != Arch.UNET, RunKey.DP_GRAD_SAMPLE_MODE,
+               "ghost clipping needs a per-sample loss reduction the Dice loss does not have; use hooks")

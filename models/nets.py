@@ -10,19 +10,20 @@ All networks come from MONAI, for 2D and 3D through ``spatial_dims``, and are bu
 - activations are not in place: Opacus' per-sample gradient hooks fail on MONAI's default in-place
   ReLU ("Output 0 of BackwardHookFunction is a view and is being modified inplace").
 
-Every network outputs one logit per image (binary: lesion or not).
+Classifiers output one logit per image (binary: lesion or not); the segmentation network (MONAI's ``UNet``,
+for every ``*-seg`` task) outputs one logit per voxel (lesion or background), at the input's size.
 """
 
 from __future__ import annotations
 
 import torch
 from monai.networks.blocks import Convolution
-from monai.networks.nets import DenseNet, DenseNet121
+from monai.networks.nets import DenseNet, DenseNet121, UNet
 from torch import nn
 
 from models.config import Arch, ModelSpec, Norm
 
-__all__ = ["CompactCNN", "GeMPool", "build_model", "norm_layer", "parameter_count"]
+__all__ = ["CompactCNN", "GeMPool", "build_model", "norm_layer", "parameter_count", "segmentation_net"]
 
 ACT = ("relu", {"inplace": False})
 
@@ -108,10 +109,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """The network of ``spec``, with fresh weights from torch's current seed.
 
     Returns:
-        A module mapping ``(batch, in_channels, *spatial)`` to ``(batch, 1)`` logits.
+        A module mapping ``(batch, in_channels, *spatial)`` to ``(batch, 1)`` logits (a classifier) or to
+        ``(batch, 1, *spatial)`` logits (the segmentation UNet).
     """
     if spec.network == Arch.COMPACT_CNN:
         return CompactCNN(spec.spatial_dims, spec.in_channels, spec.width, spec.norm, spec.dropout)
+    if spec.network == Arch.UNET:
+        return segmentation_net(spec)
     # MONAI's DenseNet applies one norm argument to layers of many widths: GroupNorm needs a group
     # count dividing all of them (every DenseNet width here is a multiple of 8 or 16).
     norm = ("group", {"num_groups": 8}) if spec.norm == Norm.GROUP else norm_layer(spec.norm, 0)
@@ -123,6 +127,22 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return DenseNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels, out_channels=1,
                     init_features=32, growth_rate=16, block_config=(4, 8, 8), act=ACT, norm=norm,
                     dropout_prob=spec.dropout)
+
+
+def segmentation_net(spec: ModelSpec) -> nn.Module:
+    """MONAI's ``UNet`` for lesion segmentation: four levels of ``width/2 .. 4*width`` channels (8 to 64 by
+    default), stride 2 in every axis (patches must be multiples of 8), one residual unit per level, the spec's
+    DP-compatible norm and a non-in-place ReLU (not MONAI's default PReLU, which Opacus has no per-sample rule for).
+    Its transposed convolutions train under Opacus' ``hooks`` mode."""
+    norm = norm_layer(spec.norm, 0)
+    if spec.norm == Norm.GROUP:
+        norm = ("group", {"num_groups": 1})  # MONAI's top up-layer normalises the one output channel too
+    if norm is None:
+        raise ValueError("the UNet needs a norm layer; use norm=instance or norm=group")
+    w = spec.width
+    return UNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels, out_channels=1,
+                channels=(w // 2, w, 2 * w, 4 * w), strides=(2, 2, 2), num_res_units=1, act=ACT, norm=norm,
+                dropout=spec.dropout)
 
 
 def parameter_count(model: nn.Module) -> int:

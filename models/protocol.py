@@ -26,6 +26,7 @@ __all__ = [
     "ALLOWED_STRINGS",
     "EVAL_AGGREGATED",
     "EVAL_METRICS",
+    "HEADLINE_METRICS",
     "FIELD_T_BINS",
     "INTENSITY_BINS",
     "LONG_STRINGS",
@@ -121,6 +122,11 @@ class Metric(StrEnum):
     POSITIVES = "positives"
     NEGATIVES = "negatives"
     EVAL_SECONDS = "eval-seconds"
+    DICE = "dice"  # segmentation: mean Dice over the studies with a lesion
+    LESIONS = "lesions"  # segmentation: reference lesions (connected components) in the split
+    LESION_SENSITIVITY = "lesion-sensitivity"  # reference lesions found (IoU >= 0.1) / all
+    FP_LESIONS = "fp-lesions"  # predicted lesions touching no reference lesion, per study
+    HD95 = "hd95"  # mm, mean over studies with a lesion and a prediction
     DP = "dp"
     EPSILON = "epsilon"  # cumulative over every round and run on the site's data
     EPSILON_MAX = "epsilon-max"
@@ -135,7 +141,8 @@ class Metric(StrEnum):
 TRAIN_METRICS = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS, Metric.TRAIN_SECONDS, Metric.SAMPLES_SEEN, Metric.STEPS)
 EVAL_METRICS = (Metric.EVAL_LOSS, Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BALANCED_ACCURACY,
                 Metric.BRIER, Metric.THRESHOLD, Metric.STUDIES, Metric.POSITIVES, Metric.NEGATIVES,
-                Metric.EVAL_SECONDS)
+                Metric.EVAL_SECONDS, Metric.DICE, Metric.LESIONS, Metric.LESION_SENSITIVITY, Metric.FP_LESIONS,
+                Metric.HD95)
 PRIVACY_METRICS = (Metric.DP, Metric.EPSILON, Metric.EPSILON_MAX, Metric.DELTA, Metric.NOISE_MULTIPLIER,
                    Metric.SAMPLE_RATE)
 REFUSAL_METRICS = (Metric.REFUSED, Metric.REFUSED_BUDGET, Metric.REFUSED_NO_DATA)
@@ -145,7 +152,10 @@ ALLOWED_METRICS = frozenset(Metric)
 # What the server aggregates over sites (each reply must carry the same keys for Flower's checks).
 TRAIN_AGGREGATED = (Metric.TRAIN_LOSS,)
 EVAL_AGGREGATED = (Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BALANCED_ACCURACY, Metric.BRIER,
-                   Metric.EVAL_LOSS)
+                   Metric.EVAL_LOSS, Metric.DICE, Metric.LESION_SENSITIVITY, Metric.FP_LESIONS, Metric.HD95)
+HEADLINE_METRICS = (Metric.AUROC, Metric.DICE)
+"""A site's evaluation counts in an aggregate when it has studies and one of these (a classifier's AUROC needs
+both classes; a segmenter's Dice needs a study with a lesion)."""
 
 
 class SiteKey(StrEnum):
