@@ -198,6 +198,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
         if Record.EVALUATION in reply.content:
             val.append((site, {k: float(v) for k, v in reply.content[Record.EVALUATION].items()}))  # type: ignore
     pooled = weighted_by_studies(per_site.values())
-    log.info("oncofed: final test evaluation: %s", {s: round(m.get(Metric.AUROC, float("nan")), 3)
-                                                     for s, m in per_site.items()})
+    head = Metric.DICE if any(Metric.DICE in m for m in per_site.values()) else Metric.AUROC
+    log.info("oncofed: final test evaluation (%s): %s", head, {s: round(m.get(head, float("nan")), 3)
+                                                              for s, m in per_site.items()})
     return {"split": Split.TEST.value, "sites": per_site, "weighted": pooled, "failed": failed, "refused": refused}, val

@@ -349,16 +349,17 @@ def _print_final(console: Console, run_dir: Path) -> None:
     final = history.get("final") or {}
     if not final.get("sites"):
         return
+    from models.protocol import Metric, report_metrics
+
+    columns = report_metrics(str(history.get("task") or ""))
     table = Table(title="Final global model on each site's test split")
-    for col in ("site", "studies", "AUROC", "sensitivity", "specificity", "Brier"):
+    for col in ("site", "studies", *(t for t, _ in columns)):
         table.add_column(col, justify="right" if col != "site" else "left")
 
     def f(v: Any) -> str:
         return "—" if v is None else f"{v:.3f}"
 
-    from models.protocol import Metric
-
-    shown = (Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BRIER)
+    shown = tuple(k for _, k in columns)
     for site, m in sorted(final["sites"].items()):
         table.add_row(site, str(int(m.get(Metric.STUDIES, 0))), *(f(m.get(k)) for k in shown))
     w = final.get("weighted") or {}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_server.rounds import RoundRecord
-from models.protocol import Metric
+from models.protocol import Metric, headline_metric, report_metrics
 
 __all__ = ["write_report"]
 
@@ -39,7 +39,7 @@ def _aggregated(rounds: list[RoundRecord], stage: str, key: str) -> list[tuple[i
     return [(r.round, float(getattr(r, stage)[key])) for r in rounds if key in getattr(r, stage)]
 
 
-def _plots(rounds: list[RoundRecord], out: Path) -> list[tuple[str, str]]:
+def _plots(rounds: list[RoundRecord], out: Path, headline: Metric) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +47,8 @@ def _plots(rounds: list[RoundRecord], out: Path) -> list[tuple[str, str]]:
 
     out.mkdir(parents=True, exist_ok=True)
     made = []
-    panels = [("val-auroc.png", "Validation AUROC (studies)", "evaluate", Metric.AUROC, "aggregated_evaluate", (0, 1)),
+    title = "Validation AUROC (studies)" if headline == Metric.AUROC else "Validation Dice (studies with a lesion)"
+    panels = [(f"val-{headline}.png", title, "evaluate", headline, "aggregated_evaluate", (0, 1)),
               ("val-loss.png", "Validation loss", "evaluate", Metric.EVAL_LOSS, "aggregated_evaluate", None),
               ("train-loss.png", "Training loss", "train", Metric.TRAIN_LOSS, "aggregated_train", None),
               ("epsilon.png", "Cumulative ε per site (DP)", "train", Metric.EPSILON, None, None)]
@@ -102,9 +103,6 @@ def _tensorboard(rounds: list[RoundRecord], out: Path) -> bool:
     return True
 
 
-_FINAL_METRICS = (Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BALANCED_ACCURACY, Metric.BRIER)
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -128,7 +126,10 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     history = _load(run_dir)
     rounds = [RoundRecord.from_dict(r) for r in history["rounds"]]
-    plots = _plots(rounds, run_dir / "plots")
+    task = str(history.get("task") or "")
+    headline, shown = headline_metric(task), report_metrics(task)
+    name = dict((m, t) for t, m in shown)[headline]
+    plots = _plots(rounds, run_dir / "plots", headline)
     has_tb = _tensorboard(rounds, run_dir / "tensorboard")
     sites = sorted({s for r in rounds for s in r.sites()})
     round_rows = []
@@ -138,7 +139,7 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
         round_rows.append([r.round, _f(r.seconds, 1), _f(r.slowest_site_seconds, 1),
                            f"{100 * r.overhead:.0f} %" if r.overhead is not None else "—",
                            f"{r.aggregated_sites}/{r.asked_train}", _f(r.aggregated_train.get(Metric.TRAIN_LOSS)),
-                           _f(r.aggregated_evaluate.get(Metric.AUROC))])
+                           _f(r.aggregated_evaluate.get(headline))])
     events = []
     for r in rounds:
         for kind, entries in (("dropped", r.dropped), ("refused", r.refused), ("failed", r.failed)):
@@ -155,28 +156,28 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
         eps_max = next((r.train[site][Metric.EPSILON_MAX] for r in reversed(rounds)
                         if r.train.get(site, {}).get(Metric.EPSILON_MAX) is not None), None)
         took = sum(1 for r in rounds if r.took_part(site))
-        site_rows.append([site, took, _f(last_eval.get(Metric.AUROC)), int(last_eval.get(Metric.STUDIES, 0)),
+        site_rows.append([site, took, _f(last_eval.get(headline)), int(last_eval.get(Metric.STUDIES, 0)),
                           "off" if eps is None else f"{eps:.2f} of {_f(eps_max, 2)}"])
     final = history.get("final") or {}
     final_rows = []
     for site, m in sorted((final.get("sites") or {}).items()):
         final_rows.append([site, int(m.get(Metric.STUDIES, 0)),
                            f"{int(m.get(Metric.POSITIVES, 0))}/{int(m.get(Metric.NEGATIVES, 0))}",
-                           *(_f(m.get(k)) for k in _FINAL_METRICS)])
+                           *(_f(m.get(k)) for _, k in shown)])
     weighted = final.get("weighted") or {}
     if final_rows:
         final_rows.append(["all sites (weighted)", sum(int(r[1]) for r in final_rows), "",
-                           *(_f(weighted.get(k)) for k in _FINAL_METRICS)])
+                           *(_f(weighted.get(k)) for _, k in shown)])
     cross = history.get("cross_site") or {}
     cross_models = cross.get("models") or {}
     cross_sites = sorted({s for per in cross_models.values() for s in per})
-    cross_rows = [[name, *[(f"{per[s][Metric.AUROC]:.3f} ({int(per[s].get(Metric.STUDIES, 0))})"
-                            if Metric.AUROC in per.get(s, {}) else "—") for s in cross_sites]]
-                  for name, per in cross_models.items()]
+    cross_rows = [[model, *[(f"{per[s][headline]:.3f} ({int(per[s].get(Metric.STUDIES, 0))})"
+                             if headline in per.get(s, {}) else "—") for s in cross_sites]]
+                  for model, per in cross_models.items()]
     cross_html = ("<h2>Cross-site evaluation (test split)</h2>"
                   + _table(["model \\ evaluated at", *cross_sites], cross_rows)
-                  + f"<p class='note'>AUROC (studies). {html.escape(str(cross.get('note', '')))}. Sending a site's "
-                    "local model to the others shows them a model trained on that site alone.</p>"
+                  + f"<p class='note'>{html.escape(name)} (studies). {html.escape(str(cross.get('note', '')))}. "
+                    "Sending a site's local model to the others shows them a model trained on that site alone.</p>"
                   if cross_rows else "")
     page_path = Path(page_path or run_dir / "report.html")
     rel = Path(os.path.relpath(run_dir / "plots", page_path.parent)).as_posix()
@@ -200,16 +201,18 @@ Global model: <code>{html.escape(str(run_dir / 'model.pt'))}</code>.</p>
  'updates could not be validated; each site clipped its values before masking.</p>'
  if any(r.secure_aggregation for r in rounds) else ''}
 <h2>Final evaluation on each site's test split</h2>
-{_table(['site', 'studies', 'pos/neg', 'AUROC', 'sensitivity', 'specificity', 'bal. acc.', 'Brier'], final_rows)
- if final_rows else '<p class="note">No final evaluation in this run.</p>'}
-<p class="note">Study-level metrics at threshold 0.5, computed at each site on its own data; only the figures left the
-site.</p>
+{_table(['site', 'studies', 'with/without lesion' if headline == Metric.DICE else 'pos/neg', *(t for t, _ in shown)],
+        final_rows) if final_rows else '<p class="note">No final evaluation in this run.</p>'}
+<p class="note">{'Per study, voxels above 0.5 on the network grid: Dice over the studies with a lesion; a lesion is '
+ 'found when the predicted lesions touching it reach an IoU of 0.1; HD95 over the studies with a lesion and a '
+ 'prediction' if headline == Metric.DICE else 'Study-level metrics at threshold 0.5'}, computed at each site on its
+own data; only the figures left the site.</p>
 {cross_html}
 <h2>Sites</h2>
-{_table(['site', 'rounds aggregated', 'last val AUROC', 'val studies', 'ε spent (DP)'], site_rows)}
+{_table(['site', 'rounds aggregated', f'last val {name}', 'val studies', 'ε spent (DP)'], site_rows)}
 <h2>Rounds</h2>
 {_table(['round', 'wall s', 'slowest site s', 'framework overhead', 'aggregated/asked', 'train loss',
-         'val AUROC (weighted)'], round_rows)}
+         f'val {name} (weighted)'], round_rows)}
 <h2>Dropped, refused and failed replies</h2>
 {_table(['round', 'site', 'what', 'why'], events) if events else '<p>None: every site took part in every round.</p>'}
 <h2>Plots</h2>

@@ -172,17 +172,26 @@ class RoundRecord:
         return (site in self.train and not self.train[site].get(Metric.REFUSED)
                 and not any(d.get("site") == site for d in self.dropped))
 
+    @property
+    def headline(self) -> Metric:
+        """The figure the round is judged by: Dice when the sites sent one (segmentation), else AUROC."""
+        seen = [self.aggregated_evaluate, *self.evaluate.values()]
+        return Metric.DICE if any(Metric.DICE in m for m in seen) else Metric.AUROC
+
     def progress_line(self) -> str:
-        """One line for the live log: aggregated validation AUROC, per site, ε, dropped, refused, failed."""
+        """One line for the live log: aggregated validation AUROC (Dice for segmentation), per site, ε, dropped,
+        refused, failed."""
         def fmt(value: Any, spec: str = ".3f") -> str:
             return "—" if value is None else format(value, spec)
 
-        sites = " ".join(f"{s}={fmt(m.get(Metric.AUROC), '.2f')}" for s, m in sorted(self.evaluate.items()))
+        head = self.headline
+        sites = " ".join(f"{s}={fmt(m.get(head), '.2f')}" for s, m in sorted(self.evaluate.items()))
         eps = " ".join(f"{s}:ε={m[Metric.EPSILON]:.2f}" for s, m in sorted(self.train.items())
                        if m.get(Metric.EPSILON))
         parts = [f"round {self.round:>3}", f"{self.seconds or 0:6.1f}s",
                  f"train loss {fmt(self.aggregated_train.get(Metric.TRAIN_LOSS))}",
-                 f"val AUROC {fmt(self.aggregated_evaluate.get(Metric.AUROC))} [{sites}]"]
+                 f"val {'Dice' if head == Metric.DICE else 'AUROC'} {fmt(self.aggregated_evaluate.get(head))} "
+                 f"[{sites}]"]
         if eps:
             parts.append(eps)
         if self.dropped:

@@ -14,6 +14,7 @@ from typing import Any
 from fl_server.deploy import DeployError, ServerKit, connection_home, state_dir_for
 from fl_server.flower_ops import CONNECTION, flower_env
 from fl_server.rounds import RoundRecord
+from models.protocol import Metric
 
 __all__ = ["SCHEMA", "consortium_status", "stop_run"]
 
@@ -68,8 +69,9 @@ def consortium_status(kit_dir: Path, *, state: Path | None = None, run_dir: Path
                            refused=[{"site": e.get("site"), "reason": e.get("reason")} for e in last.refused],
                            failed=[{"site": e.get("site"), "reason": e.get("reason")} for e in last.failed],
                            dropped=[{"site": e.get("site"), "reason": e.get("reason")} for e in last.dropped],
-                           train_loss=last.aggregated_train.get("train-loss"),
-                           val_auroc=last.aggregated_evaluate.get("auroc"), line=last.progress_line())
+                           train_loss=last.aggregated_train.get(Metric.TRAIN_LOSS),
+                           val_auroc=last.aggregated_evaluate.get(Metric.AUROC),
+                           val_dice=last.aggregated_evaluate.get(Metric.DICE), line=last.progress_line())
         doc["current"] = current
     return doc
 

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from models.tasks import is_segmentation
+
 __all__ = [
     "ALLOWED_METRICS",
     "ALLOWED_STRINGS",
@@ -50,8 +52,10 @@ __all__ = [
     "SiteKey",
     "Split",
     "failure_text",
+    "headline_metric",
     "parse_failure",
     "reason_codes",
+    "report_metrics",
     "summary_keys",
     "model_family_of",
     "vendor_of",
@@ -156,6 +160,20 @@ EVAL_AGGREGATED = (Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.
 HEADLINE_METRICS = (Metric.AUROC, Metric.DICE)
 """A site's evaluation counts in an aggregate when it has studies and one of these (a classifier's AUROC needs
 both classes; a segmenter's Dice needs a study with a lesion)."""
+
+
+def headline_metric(task: str) -> Metric:
+    """The figure a task is judged by: Dice for a segmentation task, AUROC for a classifier."""
+    return Metric.DICE if is_segmentation(task) else Metric.AUROC
+
+
+def report_metrics(task: str) -> tuple[tuple[str, Metric], ...]:
+    """The evaluation figures a report shows for ``task``, with their column titles."""
+    if is_segmentation(task):
+        return (("Dice", Metric.DICE), ("lesion sens. (IoU≥0.1)", Metric.LESION_SENSITIVITY),
+                ("FP lesions/study", Metric.FP_LESIONS), ("HD95 mm", Metric.HD95))
+    return (("AUROC", Metric.AUROC), ("sensitivity", Metric.SENSITIVITY), ("specificity", Metric.SPECIFICITY),
+            ("bal. acc.", Metric.BALANCED_ACCURACY), ("Brier", Metric.BRIER))
 
 
 class SiteKey(StrEnum):
