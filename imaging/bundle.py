@@ -37,6 +37,9 @@ class BundleError(ValueError):
 
 def _preset(task: str, resolution: str) -> TaskPreset:
     preset = get_preset(task, resolution)
+    if preset.segmentation:
+        raise BundleError(f"task {task}: segmentation models are not exported as MONAI bundles yet; use the run's "
+                          "model.pt with 'oncofed-site predict' at the site, which writes DICOM SEG")
     if preset.spatial_dims == 3 and preset.canonical_laterality:
         raise BundleError(f"task {task}: a laterality mirror on volumes has no bundle form yet")
     return preset

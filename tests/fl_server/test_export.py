@@ -169,6 +169,9 @@ def test_export_says_what_is_wrong_in_one_line(tmp_path: Path, capsys: pytest.Ca
     assert "not empty" in capsys.readouterr().err
     assert main(["export", str(run_dir), "--out", str(tmp_path / "full"), "--force"]) == 0
     assert not (tmp_path / "full" / "x").exists() and (tmp_path / "full" / "models" / "model.ts").is_file()
+    seg = _finished_run(tmp_path / "seg", "lung-ct-seg")
+    assert main(["export", str(seg), "--out", str(tmp_path / "s")]) == 2
+    assert "oncofed-site predict" in capsys.readouterr().err
 
 
 def test_confidence_intervals() -> None:
