@@ -23,6 +23,7 @@ from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, t
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
 from models.config import ConfigError, RunConfig, resolved_grad_sample_mode
 from models.device import Placement, place
+from models.evaluation import score_histogram
 from models.nets import build_model, parameter_count
 from models.protocol import (
     EVAL_METRICS,
@@ -35,6 +36,7 @@ from models.protocol import (
     SiteKey,
     Split,
     failure_text,
+    histogram_metrics,
 )
 from models.weights import WeightsError, load_arrays, pack, state_arrays, unpack
 
@@ -353,9 +355,13 @@ def _evaluate(site: Site, config: RunConfig, model: torch.nn.Module, data: SiteD
                        (Metric.LESION_SENSITIVITY, m.lesion_sensitivity), (Metric.FP_LESIONS, m.fp_lesions),
                        (Metric.HD95, m.hd95), (Metric.EVAL_LOSS, m.loss))
         else:
-            figures = ((Metric.AUROC, m.auroc), (Metric.SENSITIVITY, m.sensitivity),
+            figures = ((Metric.AUROC, m.auroc), (Metric.AUROC_LOW, m.auroc_low), (Metric.AUROC_HIGH, m.auroc_high),
+                       (Metric.ECE, m.ece), (Metric.SENSITIVITY, m.sensitivity),
                        (Metric.SPECIFICITY, m.specificity), (Metric.BALANCED_ACCURACY, m.balanced_accuracy),
                        (Metric.BRIER, m.brier), (Metric.EVAL_LOSS, m.loss))
+            if result.labels is not None and result.scores is not None:
+                # The studies' scores leave only as per-class counts on fixed bins (for the consortium's AUROC).
+                metrics.update(histogram_metrics(*score_histogram(result.labels, result.scores)))
         for key, value in figures:
             if value is not None:
                 metrics[key] = float(value)

@@ -31,6 +31,7 @@ from fl_client.train import (
 from imaging.sitedata import load_site_data
 from models.config import RunConfig, resolved_grad_sample_mode
 from models.device import place
+from models.evaluation import choose_threshold, parse_rule
 from models.nets import build_model, parameter_count
 from models.weights import save_checkpoint, state_arrays
 
@@ -104,8 +105,18 @@ def run_local(
                          placement=placement, segmentation=data.segmentation)
     train_seconds = time.perf_counter() - t0
     splits = {}
+    operating: dict[str, Any] | None = None
+    threshold = 0.5
+    if not data.segmentation:
+        # The operating point: chosen on the validation split by the run's rule, then applied to every split.
+        rule = parse_rule(config.federation.operating_point)
+        val = evaluate_local(model, data, "val", placement=placement)
+        if val is not None and val.labels is not None and val.scores is not None:
+            threshold = choose_threshold(val.labels, val.scores, rule)
+        operating = {"rule": str(rule), "rule_text": rule.describe(), "threshold": threshold,
+                     "chosen_on": "val" if val is not None else "no validation split: 0.5"}
     for split in ("train", "val", "test"):
-        ev = evaluate_local(model, data, split, placement=placement)
+        ev = evaluate_local(model, data, split, placement=placement, threshold=threshold)
         if ev is not None:
             splits[split] = {**ev.metrics.as_dict(), "images": ev.images}
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +134,7 @@ def run_local(
         "samples_per_second": result.samples_seen / max(result.seconds, 1e-9),
         "steps": result.steps,
         "splits": splits,
+        "operating_point": operating,
         "curve": curve,
         "privacy": ({**asdict(dp), "grad_sample_mode": dp.grad_sample_mode.value,
                      "epsilon_site_cumulative": result.epsilon} if dp else None),

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from models.evaluation import auroc_ci, ece
+
 __all__ = ["LESION_IOU", "BinaryMetrics", "SegMetrics", "StudySegmentation", "auroc", "binary_metrics",
            "segmentation_metrics", "study_scores", "study_segmentation"]
 
@@ -32,6 +34,9 @@ class BinaryMetrics:
     balanced_accuracy: float | None
     brier: float | None
     loss: float | None = None
+    auroc_low: float | None = None  # DeLong 95 % interval
+    auroc_high: float | None = None
+    ece: float | None = None  # expected calibration error, 10 bins
 
     def as_dict(self) -> dict[str, float | int | None]:
         """The metrics as a plain dict, one entry per field."""
@@ -81,10 +86,12 @@ def binary_metrics(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | 
     sens = float((pred & (y == 1)).sum() / pos) if pos else None
     spec = float((~pred & (y == 0)).sum() / neg) if neg else None
     balanced = (sens + spec) / 2 if sens is not None and spec is not None else None
+    ci = auroc_ci(y, p)
     return BinaryMetrics(
         studies=len(y), positives=pos, negatives=neg, threshold=threshold, auroc=auroc(y, p),
         sensitivity=sens, specificity=spec, balanced_accuracy=balanced,
         brier=float(np.mean((p - y) ** 2)) if len(y) else None, loss=loss,
+        auroc_low=ci.low if ci else None, auroc_high=ci.high if ci else None, ece=ece(y, p),
     )
 
 

@@ -380,11 +380,14 @@ def predict_masks(model: nn.Module, dataset: Dataset[Any], *, roi_size: Sequence
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Study-level metrics of one split, and the image count behind them."""
+    """Study-level metrics of one split, the image count behind them and, for a classifier, the studies' labels
+    and scores (which stay at the site: only their histograms on fixed bins may leave)."""
 
     metrics: BinaryMetrics | SegMetrics
     images: int
     seconds: float
+    labels: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
 
 def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,
@@ -403,7 +406,7 @@ def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: f
                                                     torch.tensor(labels, dtype=torch.float32)))
     _, y, p = study_scores(data.study_uids(split), labels, probs.tolist())
     return EvalResult(binary_metrics(y, p, threshold=threshold, loss=loss), images=len(labels),
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, labels=y, scores=p)
 
 
 def evaluate_segmentation(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,

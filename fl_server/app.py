@@ -16,7 +16,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split
+from fl_server.evaluation import consortium_figures, too_small
+from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split, split_histograms
 
 __all__ = ["app", "cross_site", "data_summary", "final_evaluation", "main"]
 
@@ -98,7 +99,8 @@ def main(grid: Grid, context: Context) -> None:
     store.history["train_seconds"] = time.perf_counter() - t0
     if srv.final_evaluation or in_train or srv.cross_site_eval:
         final, val = final_evaluation(grid, final_arrays, run_id=store.history["run_id"],
-                                      round_number=config.federation.num_rounds, timeout=timeout, also_val=in_train)
+                                      round_number=config.federation.num_rounds, timeout=timeout, also_val=True,
+                                      operating_point=config.federation.operating_point)
         if in_train:  # the last model's validation figures come with the final evaluation
             strategy.record_evaluation(config.federation.num_rounds, val)
         if srv.final_evaluation:
@@ -162,8 +164,14 @@ def cross_site(grid: Grid, final: dict[str, Any], local_models: dict[str, Any], 
 
 
 def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int, timeout: float,
-                     also_val: bool = False) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
+                     also_val: bool = False, operating_point: str = ""
+                     ) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
     """Evaluate the final global model on every connected site's test split (and validation split).
+
+    With ``operating_point`` (the run's rule) and the validation split asked too, the document also holds the
+    consortium's figures from the sites' score histograms (:func:`fl_server.evaluation.consortium_figures`):
+    AUROC with its interval, the threshold the rule picks on the pooled validation scores and the test rates at
+    it, calibration and ROC curves.
 
     Returns:
         The test-split document for the history, and each site's validation metrics (if asked).
@@ -181,6 +189,8 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
         content = RecordDict({Record.ARRAYS: arrays, Record.CONFIG: ConfigRecord(config)})
         messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE))
     per_site: dict[str, Any] = {}
+    test_hists: dict[str, dict[str, list[float]]] = {}
+    val_hists: dict[str, dict[str, list[float]]] = {}
     failed = []
     refused = []
     names = registered_names(grid)
@@ -194,11 +204,29 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
         if (refusal := refusal_of(reply)) is not None:
             refused.append({"site": site, **refusal})
             continue
-        per_site[site] = {k: float(v) for k, v in reply.content[Record.METRICS].items()}  # type: ignore[arg-type]
+        metrics, pos, neg = split_histograms(reply.content[Record.METRICS])  # type: ignore[arg-type]
+        per_site[site] = metrics
+        if pos is not None and neg is not None:
+            test_hists[site] = {"pos": pos, "neg": neg}
         if Record.EVALUATION in reply.content:
-            val.append((site, {k: float(v) for k, v in reply.content[Record.EVALUATION].items()}))  # type: ignore
+            extra = {k: float(v) for k, v in reply.content[Record.EVALUATION].items()}  # type: ignore[arg-type]
+            val.append((site, extra))
+            _, vpos, vneg = split_histograms(extra)
+            if vpos is not None and vneg is not None:
+                val_hists[site] = {"pos": vpos, "neg": vneg}
     pooled = weighted_by_studies(per_site.values())
     head = Metric.DICE if any(Metric.DICE in m for m in per_site.values()) else Metric.AUROC
     log.info("oncofed: final test evaluation (%s): %s", head, {s: round(m.get(head, float("nan")), 3)
                                                               for s, m in per_site.items()})
-    return {"split": Split.TEST.value, "sites": per_site, "weighted": pooled, "failed": failed, "refused": refused}, val
+    doc: dict[str, Any] = {"split": Split.TEST.value, "sites": per_site, "weighted": pooled, "failed": failed,
+                           "refused": refused}
+    if operating_point and test_hists:
+        doc["consortium"] = consortium_figures(test_hists, val_hists, rule=operating_point)
+        doc["histograms"] = test_hists
+        doc["too_small"] = sorted(site for site, m in per_site.items() if too_small(m))
+        auc = (doc["consortium"] or {}).get("auroc")
+        if auc:
+            log.info("oncofed: consortium test AUROC %.3f (95 %% CI %.3f-%.3f, %d+/%d-, binning error <= %.3f); "
+                     "operating point %s", auc["auroc"], auc["low"], auc["high"], auc["positives"], auc["negatives"],
+                     auc["max_error"], doc["consortium"]["operating_point"]["threshold"])
+    return doc, val

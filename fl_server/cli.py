@@ -361,10 +361,25 @@ def _print_final(console: Console, run_dir: Path) -> None:
 
     shown = tuple(k for _, k in columns)
     for site, m in sorted(final["sites"].items()):
-        table.add_row(site, str(int(m.get(Metric.STUDIES, 0))), *(f(m.get(k)) for k in shown))
+        cells = [f(m.get(k)) for k in shown]
+        if Metric.AUROC in shown and m.get(Metric.AUROC_LOW) is not None:
+            cells[shown.index(Metric.AUROC)] += f" ({m[Metric.AUROC_LOW]:.2f}-{m[Metric.AUROC_HIGH]:.2f})"
+        flag = " (too few to judge)" if site in (final.get("too_small") or []) else ""
+        table.add_row(site + flag, str(int(m.get(Metric.STUDIES, 0))), *cells)
     w = final.get("weighted") or {}
-    table.add_row("all (weighted)", "", *(f(w.get(k)) for k in shown))
+    table.add_row("mean of sites (weighted)", "", *(f(w.get(k)) for k in shown))
+    consortium = final.get("consortium") or {}
+    auc = consortium.get("auroc")
+    if auc:
+        table.add_row("consortium (histograms)", str(auc["positives"] + auc["negatives"]),
+                      f"{auc['auroc']:.3f} ({auc['low']:.2f}-{auc['high']:.2f})", *([""] * (len(shown) - 1)))
     console.print(table)
+    op = consortium.get("operating_point")
+    if op:
+        c = op["consortium"]
+        console.print(f"Operating point ({op['rule_text']}): threshold {op['threshold']:.4f}; consortium test "
+                      f"sensitivity {f(c['sensitivity'])}, specificity {f(c['specificity'])}"
+                      + (f"; AUROC within {auc['max_error']:.4f} of the pooled studies' exact value" if auc else ""))
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:

@@ -30,6 +30,7 @@ import torch
 
 from fl_server.rounds import RoundRecord
 from models.config import ConfigError, from_flat
+from models.evaluation import wilson
 from models.nets import build_model, parameter_count
 from models.protocol import Metric
 from models.torchscript import trace_network
@@ -73,16 +74,6 @@ def hanley_mcneil(auroc: float, positives: int, negatives: int) -> tuple[float, 
     var = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (positives * negatives)
     half = Z95 * math.sqrt(max(var, 0.0))
     return max(0.0, a - half), min(1.0, a + half)
-
-
-def wilson(proportion: float, n: int) -> tuple[float, float] | None:
-    """The 95 % Wilson score interval of a proportion over ``n`` cases (None when ``n`` is 0)."""
-    if n < 1:
-        return None
-    z2 = Z95 * Z95
-    centre = (proportion + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z95 * math.sqrt(proportion * (1 - proportion) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _metrics_with_ci(m: Mapping[str, float]) -> dict[str, Any]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fl_server.evaluation import MIN_CASES
 from fl_server.rounds import RoundRecord
+from models.evaluation import SCORE_BINS
 from models.protocol import Metric, headline_metric, report_metrics
 
 __all__ = ["write_report"]
@@ -113,6 +116,92 @@ def _f(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{float(value):.{digits}f}"
 
 
+def _with_ci(m: Mapping[str, Any], key: Metric) -> str:
+    """A figure, with its 95 % interval when the site sent one (AUROC: DeLong)."""
+    if key == Metric.AUROC and m.get(Metric.AUROC_LOW) is not None and m.get(key) is not None:
+        return f"{m[key]:.3f} ({m[Metric.AUROC_LOW]:.3f}–{m[Metric.AUROC_HIGH]:.3f})"
+    return _f(m.get(key))
+
+
+def _operating_point_html(consortium: Mapping[str, Any]) -> str:
+    """The operating point section: the rule, the threshold and the test rates at it, pooled and per site."""
+    op = consortium.get("operating_point")
+    if not op:
+        return ""
+
+    def rate(r: Mapping[str, Any], key: str) -> str:
+        value, ci = r.get(key), r.get(f"{key}_ci95")
+        return "—" if value is None else f"{value:.3f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+
+    rows = [[site, f"{r['positives']}/{r['negatives']}", rate(r, "sensitivity"), rate(r, "specificity")]
+            for site, r in op["sites"].items()]
+    c = op["consortium"]
+    rows.append(["consortium", f"{c['positives']}/{c['negatives']}", rate(c, "sensitivity"), rate(c, "specificity")])
+    auc = consortium.get("auroc") or {}
+    cal = consortium.get("calibration") or {}
+    return (f"<h2>Operating point</h2><p>Rule: <b>{html.escape(op['rule_text'])}</b> (run-config "
+            f"<code>operating-point={html.escape(op['rule'])}</code>), chosen on {html.escape(op['chosen_on'])}: "
+            f"threshold <b>{op['threshold']:.4f}</b>. Test split at that threshold (95 % Wilson intervals):</p>"
+            + _table(["site", "pos/neg", "sensitivity", "specificity"], rows)
+            + (f"<p class='note'>Consortium AUROC {auc['auroc']:.3f} (95 % CI {auc['low']:.3f}–{auc['high']:.3f}, "
+               f"{html.escape(auc['method'])}) from the sites' score histograms on {SCORE_BINS} fixed bins: it "
+               f"differs from the AUROC of all studies pooled by at most {auc['max_error']:.4f}. No per-study score "
+               "left a site.</p>" if auc else "")
+            + (f"<p class='note'>Calibration: expected calibration error {cal['ece']:.3f} (10 bins, from the "
+               "histograms).</p>" if cal.get("ece") is not None else ""))
+
+
+def _consortium_plots(consortium: Mapping[str, Any], out: Path) -> list[tuple[str, str]]:
+    """ROC curves (pooled and per site) and the reliability diagram of the final model on the test split."""
+    if not consortium.get("roc"):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, points in consortium["roc"].items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=2.5 if name == "consortium" else 1.2,
+                    color="black" if name == "consortium" else None, label=name)
+    op = consortium.get("operating_point") or {}
+    c = op.get("consortium") or {}
+    if c.get("sensitivity") is not None and c.get("specificity") is not None:
+        ax.plot([1 - c["specificity"]], [c["sensitivity"]], "r*", markersize=12,
+                label=f"operating point {op['threshold']:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC on the test split (from histograms)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=90)
+    plt.close(fig)
+    made = [("roc.png", "ROC on the test split")]
+    curve = (consortium.get("calibration") or {}).get("curve") or []
+    if curve:
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        ax.plot([c["predicted"] for c in curve], [c["observed"] for c in curve], marker="o", color="tab:blue",
+                label="consortium")
+        for c in curve:
+            ax.annotate(str(c["studies"]), (c["predicted"], c["observed"]), fontsize=7, xytext=(3, -8),
+                        textcoords="offset points")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("observed share of positive studies")
+        ax.set_title("Reliability (test split; studies per bin)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "reliability.png", dpi=90)
+        plt.close(fig)
+        made.append(("reliability.png", "Reliability diagram (calibration)"))
+    return made
+
+
 def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
     """Write the HTML report (and plots, TensorBoard events) of a run; return the page's path.
 
@@ -139,7 +228,9 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
         round_rows.append([r.round, _f(r.seconds, 1), _f(r.slowest_site_seconds, 1),
                            f"{100 * r.overhead:.0f} %" if r.overhead is not None else "—",
                            f"{r.aggregated_sites}/{r.asked_train}", _f(r.aggregated_train.get(Metric.TRAIN_LOSS)),
-                           _f(r.aggregated_evaluate.get(headline))])
+                           _f(r.aggregated_evaluate.get(headline)),
+                           (f"{r.consortium['auroc']:.3f} ({r.consortium['low']:.2f}–{r.consortium['high']:.2f})"
+                            if r.consortium else "—")])
     events = []
     for r in rounds:
         for kind, entries in (("dropped", r.dropped), ("refused", r.refused), ("failed", r.failed)):
@@ -159,15 +250,25 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
         site_rows.append([site, took, _f(last_eval.get(headline)), int(last_eval.get(Metric.STUDIES, 0)),
                           "off" if eps is None else f"{eps:.2f} of {_f(eps_max, 2)}"])
     final = history.get("final") or {}
+    small = set(final.get("too_small") or [])
     final_rows = []
     for site, m in sorted((final.get("sites") or {}).items()):
-        final_rows.append([site, int(m.get(Metric.STUDIES, 0)),
+        final_rows.append([site + (" ⚠ too few to judge" if site in small else ""), int(m.get(Metric.STUDIES, 0)),
                            f"{int(m.get(Metric.POSITIVES, 0))}/{int(m.get(Metric.NEGATIVES, 0))}",
-                           *(_f(m.get(k)) for _, k in shown)])
+                           *(_with_ci(m, k) for _, k in shown)])
     weighted = final.get("weighted") or {}
+    consortium = final.get("consortium") or {}
     if final_rows:
-        final_rows.append(["all sites (weighted)", sum(int(r[1]) for r in final_rows), "",
+        final_rows.append(["mean of sites (weighted by studies)", sum(int(r[1]) for r in final_rows), "",
                            *(_f(weighted.get(k)) for _, k in shown)])
+    auc = consortium.get("auroc")
+    if auc:
+        final_rows.append(["consortium (all studies, from histograms)", auc["positives"] + auc["negatives"],
+                           f"{auc['positives']}/{auc['negatives']}",
+                           f"{auc['auroc']:.3f} ({auc['low']:.3f}–{auc['high']:.3f})",
+                           *(["—"] * (len(shown) - 1))])
+    operating_html = _operating_point_html(consortium)
+    plots += _consortium_plots(consortium, run_dir / "plots")
     cross = history.get("cross_site") or {}
     cross_models = cross.get("models") or {}
     cross_sites = sorted({s for per in cross_models.values() for s in per})
@@ -206,13 +307,15 @@ Global model: <code>{html.escape(str(run_dir / 'model.pt'))}</code>.</p>
 <p class="note">{'Per study, voxels above 0.5 on the network grid: Dice over the studies with a lesion; a lesion is '
  'found when the predicted lesions touching it reach an IoU of 0.1; HD95 over the studies with a lesion and a '
  'prediction' if headline == Metric.DICE else 'Study-level metrics at threshold 0.5'}, computed at each site on its
-own data; only the figures left the site.</p>
+own data; only the figures left the site. AUROC intervals: DeLong, 95 %. ⚠: fewer than {MIN_CASES} positive or
+negative test studies, too few to judge.</p>
+{operating_html}
 {cross_html}
 <h2>Sites</h2>
 {_table(['site', 'rounds aggregated', f'last val {name}', 'val studies', 'ε spent (DP)'], site_rows)}
 <h2>Rounds</h2>
 {_table(['round', 'wall s', 'slowest site s', 'framework overhead', 'aggregated/asked', 'train loss',
-         f'val {name} (weighted)'], round_rows)}
+         f'val {name} (weighted)', 'val AUROC, consortium (95 % CI)'], round_rows)}
 <h2>Dropped, refused and failed replies</h2>
 {_table(['round', 'site', 'what', 'why'], events) if events else '<p>None: every site took part in every round.</p>'}
 <h2>Plots</h2>

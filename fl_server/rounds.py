@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.protocol import EVAL_AGGREGATED, HEADLINE_METRICS, Metric
+from fl_server.evaluation import consortium_auroc
+from models.protocol import EVAL_AGGREGATED, HEADLINE_METRICS, Metric, split_histograms
 
 __all__ = ["RoundRecord", "RoundRecorder", "new_round", "weighted_by_studies"]
 
@@ -71,8 +72,12 @@ class RoundRecorder:
         self.record["train"].setdefault(site, {})["update-norm"] = norm
 
     def evaluated(self, site: str, metrics: Mapping[str, float]) -> None:
-        """A site's validation metrics of the global model."""
-        self.record["evaluate"][site] = {str(k): float(v) for k, v in metrics.items()}
+        """A site's validation metrics of the global model (its score histograms kept apart, under
+        ``histograms``)."""
+        rest, pos, neg = split_histograms(metrics)
+        self.record["evaluate"][site] = rest
+        if pos is not None and neg is not None:
+            self.record.setdefault("histograms", {})[site] = {"pos": pos, "neg": neg}
 
     def refused(self, site: str, refusal: Mapping[str, Any], *, stage: str = "train",
                 metrics: Mapping[str, float] | None = None) -> None:
@@ -105,6 +110,9 @@ class RoundRecorder:
         aggregated = dict(metrics) if metrics is not None else weighted_by_studies(self.record["evaluate"].values())
         if aggregated:
             self.record["aggregated_evaluate"] = {str(k): float(v) for k, v in aggregated.items()}
+        pooled = consortium_auroc(self.record.get("histograms") or {})
+        if pooled is not None:
+            self.record["consortium"] = pooled
         return aggregated
 
     def site_seconds(self, seconds: float) -> None:
@@ -150,6 +158,7 @@ class RoundRecord:
     overhead: float | None = None
     checkpoint: str | None = None
     secure_aggregation: bool = False
+    consortium: dict[str, Any] = field(default_factory=dict)  # AUROC of all sites' studies, from histograms
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> RoundRecord:
@@ -161,7 +170,8 @@ class RoundRecord:
                    dropped=tuple(doc.get("dropped") or ()), refused=tuple(doc.get("refused") or ()),
                    failed=tuple(doc.get("failed") or ()), seconds=doc.get("seconds"),
                    slowest_site_seconds=doc.get("slowest_site_seconds"), overhead=doc.get("overhead"),
-                   checkpoint=doc.get("checkpoint"), secure_aggregation=bool(doc.get("secure_aggregation", False)))
+                   checkpoint=doc.get("checkpoint"), secure_aggregation=bool(doc.get("secure_aggregation", False)),
+                   consortium=dict(doc.get("consortium") or {}))
 
     def sites(self) -> list[str]:
         """Every site that answered in this round, sorted."""
@@ -192,6 +202,10 @@ class RoundRecord:
                  f"train loss {fmt(self.aggregated_train.get(Metric.TRAIN_LOSS))}",
                  f"val {'Dice' if head == Metric.DICE else 'AUROC'} {fmt(self.aggregated_evaluate.get(head))} "
                  f"[{sites}]"]
+        if self.consortium:
+            c = self.consortium
+            parts.append(f"consortium AUROC {c['auroc']:.3f} ({c['low']:.2f}-{c['high']:.2f}, "
+                         f"{c['positives']}+/{c['negatives']}-)")
         if eps:
             parts.append(eps)
         if self.dropped:

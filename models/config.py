@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
+from models.evaluation import parse_rule
 from models.tasks import TASK_DIMS, is_segmentation
 
 __all__ = [
@@ -201,6 +202,9 @@ class FederationSpec:
         min_sites: Sites needed before a round starts.
         server_learning_rate: The server optimizer's step for FedAdam / FedYogi (Flower's ``eta``).
         trim_beta: Share of updates cut at each end per coordinate by the trimmed mean.
+        operating_point: How the final model's threshold is chosen on the consortium's pooled validation scores
+            (``youden``, ``sensitivity>=0.9``, ``specificity>=0.9`` or ``fixed:0.5``; ``models.evaluation``), then
+            reported on the test split.
     """
 
     num_rounds: int = 3
@@ -210,6 +214,7 @@ class FederationSpec:
     min_sites: int = 2
     server_learning_rate: float = 0.01
     trim_beta: float = 0.2
+    operating_point: str = "youden"
 
 
 @dataclass(frozen=True)
@@ -345,6 +350,7 @@ class RunKey(StrEnum):
     MIN_SITES = "min-sites"
     SERVER_LEARNING_RATE = "server-learning-rate"
     TRIM_BETA = "trim-beta"
+    OPERATING_POINT = "operating-point"
     RUN_DIR = "run-dir"
     RESUME = "resume"
     SIM_SITES = "sim-sites"
@@ -390,6 +396,7 @@ KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.MIN_SITES: ("federation", "min_sites", _int),
     RunKey.SERVER_LEARNING_RATE: ("federation", "server_learning_rate", _float),
     RunKey.TRIM_BETA: ("federation", "trim_beta", _float),
+    RunKey.OPERATING_POINT: ("federation", "operating_point", _str),
     RunKey.RUN_DIR: ("server", "run_dir", _str),
     RunKey.RESUME: ("server", "resume", _str),
     RunKey.SIM_SITES: ("server", "sim_sites", _str),
@@ -494,6 +501,10 @@ def validate(config: RunConfig) -> None:
     _check(f.min_sites >= 1, RunKey.MIN_SITES, "must be at least 1")
     _check(0.0 < f.server_learning_rate <= 1.0, RunKey.SERVER_LEARNING_RATE, "must be in (0, 1]; 0.01 is a safe start")
     _check(0.0 <= f.trim_beta < 0.5, RunKey.TRIM_BETA, "must be in [0, 0.5)")
+    try:
+        parse_rule(f.operating_point)
+    except ValueError as exc:
+        raise ConfigError(f"run-config key {str(RunKey.OPERATING_POINT)!r}: {exc}") from None
     if f.strategy == Strategy.FEDPROX:
         _check(t.proximal_mu > 0.0, RunKey.PROXIMAL_MU, "strategy fedprox needs proximal-mu > 0 (e.g. 0.01)")
     # Checked with DP off too: a site that trains only with DP-SGD uses them whatever the run asks.

@@ -18,9 +18,11 @@ Usage::
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from models.evaluation import SCORE_BINS
 from models.tasks import is_segmentation
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "ALLOWED_STRINGS",
     "EVAL_AGGREGATED",
     "EVAL_METRICS",
+    "HISTOGRAM_KEYS",
     "HEADLINE_METRICS",
     "FIELD_T_BINS",
     "INTENSITY_BINS",
@@ -37,6 +40,8 @@ __all__ = [
     "PRIVACY_METRICS",
     "REFUSAL_METRICS",
     "SLICE_MM_BINS",
+    "SCORE_NEG",
+    "SCORE_POS",
     "SUPPRESSED",
     "TRAIN_AGGREGATED",
     "TRAIN_METRICS",
@@ -53,9 +58,11 @@ __all__ = [
     "Split",
     "failure_text",
     "headline_metric",
+    "histogram_metrics",
     "parse_failure",
     "reason_codes",
     "report_metrics",
+    "split_histograms",
     "summary_keys",
     "model_family_of",
     "vendor_of",
@@ -117,6 +124,9 @@ class Metric(StrEnum):
     STEPS = "steps"
     EVAL_LOSS = "eval-loss"
     AUROC = "auroc"
+    AUROC_LOW = "auroc-low"  # DeLong 95 % interval
+    AUROC_HIGH = "auroc-high"
+    ECE = "ece"  # expected calibration error, 10 equal-width bins
     SENSITIVITY = "sensitivity"
     SPECIFICITY = "specificity"
     BALANCED_ACCURACY = "balanced-accuracy"
@@ -143,15 +153,36 @@ class Metric(StrEnum):
 
 
 TRAIN_METRICS = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS, Metric.TRAIN_SECONDS, Metric.SAMPLES_SEEN, Metric.STEPS)
-EVAL_METRICS = (Metric.EVAL_LOSS, Metric.AUROC, Metric.SENSITIVITY, Metric.SPECIFICITY, Metric.BALANCED_ACCURACY,
-                Metric.BRIER, Metric.THRESHOLD, Metric.STUDIES, Metric.POSITIVES, Metric.NEGATIVES,
-                Metric.EVAL_SECONDS, Metric.DICE, Metric.LESIONS, Metric.LESION_SENSITIVITY, Metric.FP_LESIONS,
-                Metric.HD95)
+EVAL_METRICS = (Metric.EVAL_LOSS, Metric.AUROC, Metric.AUROC_LOW, Metric.AUROC_HIGH, Metric.ECE, Metric.SENSITIVITY,
+                Metric.SPECIFICITY, Metric.BALANCED_ACCURACY, Metric.BRIER, Metric.THRESHOLD, Metric.STUDIES,
+                Metric.POSITIVES, Metric.NEGATIVES, Metric.EVAL_SECONDS, Metric.DICE, Metric.LESIONS,
+                Metric.LESION_SENSITIVITY, Metric.FP_LESIONS, Metric.HD95)
 PRIVACY_METRICS = (Metric.DP, Metric.EPSILON, Metric.EPSILON_MAX, Metric.DELTA, Metric.NOISE_MULTIPLIER,
                    Metric.SAMPLE_RATE)
 REFUSAL_METRICS = (Metric.REFUSED, Metric.REFUSED_BUDGET, Metric.REFUSED_NO_DATA)
-ALLOWED_METRICS = frozenset(Metric)
+SCORE_POS = "score-pos:"  # + bin index: positive studies whose score falls in the bin (models.evaluation)
+SCORE_NEG = "score-neg:"
+HISTOGRAM_KEYS = frozenset(f"{prefix}{b}" for prefix in (SCORE_POS, SCORE_NEG) for b in range(SCORE_BINS))
+"""A classifier's evaluation also carries its study scores as two histograms on fixed bins (per class), from
+which the server computes the consortium's AUROC and operating point without any per-study score."""
+ALLOWED_METRICS = frozenset(Metric) | HISTOGRAM_KEYS
 """The egress whitelist of scalars: anything else is refused by the site's guard."""
+
+
+def histogram_metrics(pos: Sequence[float], neg: Sequence[float]) -> dict[str, float]:
+    """The metric entries of per-class score histograms (:data:`SCORE_BINS` counts each)."""
+    return {**{f"{SCORE_POS}{b}": float(v) for b, v in enumerate(pos)},
+            **{f"{SCORE_NEG}{b}": float(v) for b, v in enumerate(neg)}}
+
+
+def split_histograms(metrics: Mapping[str, float]) -> tuple[dict[str, float], list[float] | None, list[float] | None]:
+    """A reply's metrics without its histogram entries, and the histograms (None when it sent none)."""
+    rest = {k: float(v) for k, v in metrics.items() if k not in HISTOGRAM_KEYS}
+    if f"{SCORE_POS}0" not in metrics:
+        return rest, None, None
+    pos = [float(metrics.get(f"{SCORE_POS}{b}", 0.0)) for b in range(SCORE_BINS)]
+    neg = [float(metrics.get(f"{SCORE_NEG}{b}", 0.0)) for b in range(SCORE_BINS)]
+    return rest, pos, neg
 
 # What the server aggregates over sites (each reply must carry the same keys for Flower's checks).
 TRAIN_AGGREGATED = (Metric.TRAIN_LOSS,)

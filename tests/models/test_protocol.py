@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from models.evaluation import SCORE_BINS
 from models.protocol import (
     ALLOWED_METRICS,
     ALLOWED_STRINGS,
     EVAL_METRICS,
+    HISTOGRAM_KEYS,
     PRIVACY_METRICS,
     REFUSAL_METRICS,
     TRAIN_METRICS,
@@ -50,7 +52,8 @@ def test_text_that_is_not_a_failure_is_not_read_as_one() -> None:
 
 
 def test_the_whitelists_are_the_enums_and_the_codes_do_not_collide() -> None:
-    assert ALLOWED_METRICS == set(TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS + REFUSAL_METRICS) == set(Metric)
+    assert set(TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS + REFUSAL_METRICS) == set(Metric)
+    assert set(Metric) | HISTOGRAM_KEYS == ALLOWED_METRICS and len(HISTOGRAM_KEYS) == 2 * SCORE_BINS
     assert set(SiteKey) == ALLOWED_STRINGS
     assert not set(Refusal) & set(FailureCode)
     assert reason_codes() == set(Refusal) | set(FailureCode)
