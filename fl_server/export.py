@@ -79,7 +79,14 @@ def hanley_mcneil(auroc: float, positives: int, negatives: int) -> tuple[float, 
 def _metrics_with_ci(m: Mapping[str, float]) -> dict[str, Any]:
     pos, neg = int(m.get(Metric.POSITIVES, 0)), int(m.get(Metric.NEGATIVES, 0))
     out: dict[str, Any] = {"studies": int(m.get(Metric.STUDIES, pos + neg)), "positives": pos, "negatives": neg}
-    for key, ci in ((Metric.AUROC, lambda v: hanley_mcneil(v, pos, neg)),
+
+    def auroc_ci(v: float) -> tuple[float, float] | None:
+        # The site's own DeLong interval on its studies' scores when it sent one, else Hanley & McNeil.
+        if m.get(Metric.AUROC_LOW) is not None and m.get(Metric.AUROC_HIGH) is not None:
+            return float(m[Metric.AUROC_LOW]), float(m[Metric.AUROC_HIGH])
+        return hanley_mcneil(v, pos, neg)
+
+    for key, ci in ((Metric.AUROC, auroc_ci),
                     (Metric.SENSITIVITY, lambda v: wilson(v, pos)), (Metric.SPECIFICITY, lambda v: wilson(v, neg))):
         if key in m:
             interval = ci(float(m[key]))
@@ -154,6 +161,21 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
     else:  # no final evaluation: the last round's validation
         last = next((r for r in reversed(rounds) if r.evaluate), None)
         split, sites_metrics = "validation (last round)", dict(last.evaluate if last else {})
+    figures = final.get("consortium") or {}
+    consortium = figures.get("auroc")
+    pooled = _pooled(sites_metrics)
+    if consortium:  # all sites' studies together, from their score histograms (no per-study score left a site)
+        pooled["auroc"] = {"value": consortium["auroc"], "ci95": [consortium["low"], consortium["high"]],
+                           "max_binning_error": consortium["max_error"]}
+    op = figures.get("operating_point")
+    operating = None
+    if op:
+        c = op["consortium"]
+        operating = {"rule": op["rule"], "rule_text": op["rule_text"], "threshold": op["threshold"],
+                     "chosen_on": op["chosen_on"],
+                     "sensitivity": {"value": c["sensitivity"], "ci95": c["sensitivity_ci95"]},
+                     "specificity": {"value": c["specificity"], "ci95": c["specificity_ci95"]},
+                     "calibration_ece": (figures.get("calibration") or {}).get("ece")}
     spec = from_flat(run_config).model
     return {
         "intended_use": ("Research: detection of a lesion in one study of the task below (one probability per "
@@ -172,12 +194,17 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
                     "note": "ε is cumulative over every round and run on the site's data, as the site reported it"},
         "metrics": {"split": split, "threshold": next((float(m["threshold"]) for m in sites_metrics.values()
                                                        if "threshold" in m), None),
-                    "ci_methods": {"auroc": "Hanley & McNeil (1982), 95 %",
+                    "ci_methods": {"auroc": "DeLong, 95 %, computed at each site on its studies' scores (Hanley & "
+                                            "McNeil where a site sent no interval)",
                                    "sensitivity": "Wilson score, 95 %", "specificity": "Wilson score, 95 %",
-                                   "pooled_auroc": "mean of site AUROCs weighted by studies; CI by Hanley & McNeil "
+                                   "pooled_auroc": ("all sites' studies together from their score histograms on "
+                                                    f"fixed bins, DeLong 95 % (within {consortium['max_error']:.4f} "
+                                                    "of the exact pooled AUROC)") if consortium else
+                                                   "mean of site AUROCs weighted by studies; CI by Hanley & McNeil "
                                                    "on the pooled counts (approximate)"},
+                    "operating_point": operating,
                     "per_site": {s: _metrics_with_ci(m) for s, m in sorted(sites_metrics.items())},
-                    "pooled": _pooled(sites_metrics)},
+                    "pooled": pooled},
         "code_version": {"oncofed": importlib.metadata.version("oncofed"), "torch": torch.__version__},
         "files_sha256": dict(files),
     }
@@ -214,6 +241,13 @@ def render_card(card: Mapping[str, Any]) -> str:
     for name, row in [*sorted(m["per_site"].items()), ("pooled", m["pooled"])]:
         lines.append(f"| {name} | {row['studies']} ({row['positives']}/{row['negatives']}) | {_fmt(row.get('auroc'))} "
                      f"| {_fmt(row.get('sensitivity'))} | {_fmt(row.get('specificity'))} |")
+    op = m.get("operating_point")
+    if op:
+        lines += ["", f"Operating point: threshold {op['threshold']:.4f} ({op['rule_text']}; chosen on "
+                      f"{op['chosen_on']}): consortium sensitivity {_fmt(op['sensitivity'])}, specificity "
+                      f"{_fmt(op['specificity'])} on the test split"
+                      + (f"; expected calibration error {op['calibration_ece']:.3f}"
+                         if op.get("calibration_ece") is not None else "") + "."]
     lines += ["", "CI methods: " + "; ".join(f"{k}: {v}" for k, v in m["ci_methods"].items()) + ".", "",
               "## Run", "", f"- run {card['run']['run_id']}, strategy {card['run']['strategy']}, "
               f"{card['run']['rounds']} rounds; configuration in model-card.json",

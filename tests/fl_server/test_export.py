@@ -182,3 +182,25 @@ def test_confidence_intervals() -> None:
     assert (low, high) == pytest.approx((0.8 - 1.959964 * se, 0.8 + 1.959964 * se), abs=1e-6)
     assert hanley_mcneil(0.8, 0, 5) is None and wilson(0.5, 0) is None
     assert wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+
+
+def test_model_card_takes_the_consortium_figures_when_the_sites_sent_histograms(tmp_path: Path) -> None:
+    from fl_server.evaluation import consortium_figures
+    from fl_server.export import model_card
+    from models.evaluation import score_histogram
+
+    run_dir = _finished_run(tmp_path / "run")
+    history = json.loads((run_dir / "history.json").read_text())
+    y = [0, 0, 0, 1, 1, 0, 1, 1, 0, 1]
+    s = [0.1, 0.2, 0.6, 0.7, 0.9, 0.3, 0.4, 0.8, 0.05, 0.95]
+    pos, neg = score_histogram(y, s)
+    hists = {"site-a": {"pos": pos.tolist(), "neg": neg.tolist()}}
+    history["final"]["consortium"] = consortium_figures(hists, hists, rule="sensitivity>=0.9")
+    history["final"]["sites"]["site-a"].update({"auroc-low": 0.55, "auroc-high": 0.95})
+    (run_dir / "history.json").write_text(json.dumps(history))
+    card = model_card(run_dir, preprocessing={"task": "lung-ct"}, parameters=1, files={})
+    m = card["metrics"]
+    assert m["per_site"]["site-a"]["auroc"]["ci95"] == [0.55, 0.95]  # the site's DeLong interval
+    assert m["pooled"]["auroc"]["value"] == pytest.approx(history["final"]["consortium"]["auroc"]["auroc"])
+    assert "histograms" in m["ci_methods"]["pooled_auroc"]
+    assert m["operating_point"]["rule"] == "sensitivity>=0.9" and m["operating_point"]["sensitivity"]["value"] == 1.0
