@@ -158,11 +158,15 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         placement: Where the model runs (default the CPU).
 
     Raises:
-        ExplainError: The model file, the task's data or the study is missing.
+        ExplainError: The model file, the task's data or the study is missing, or the model is a segmentation model.
         WeightsError: The model file is not an oncofed model.
     """
     explainer = Explainer.load(model_path, placement=placement)
     model_sha256, task = explainer.sha256, explainer.task
+    if explainer.segmentation:
+        raise ExplainError(f"{model_path} is a {task} lesion segmentation model: 'oncofed-site explain' draws a "
+                           "classifier's saliency maps; for this model's lesion masks (DICOM SEG) use "
+                           "'oncofed-site predict'")
     try:
         data = load_site_data([workspace], task, resolution=explainer.resolution)
     except NoSiteData as exc:

@@ -1,5 +1,6 @@
 """A trained model at the site and the one per-image saliency pipeline: ``explain``, the review page and the
-saliency benchmark all go through :class:`Explainer`.
+saliency benchmark all go through :class:`Explainer`; so do ``predict`` and the review page for a lesion segmentation
+model (:meth:`Explainer.lesion_probabilities`).
 
 For one image: the network input as the model saw it in training (the task preset's transforms, from the site's
 cache), the model's probability, a saliency map by one of :class:`models.saliency.Method` (the target layer and
@@ -100,6 +101,35 @@ class Explainer:
         """An image as the network takes it (the preset's transforms; read from the site's cache when there)."""
         sample = cached_dataset([item], self.preset, workspace=workspace, train=False)[0]["image"]
         return _tensor(sample)
+
+    @property
+    def segmentation(self) -> bool:
+        """Whether the model outlines lesions (a ``*-seg`` task's UNet) rather than scoring images."""
+        return self.preset.segmentation
+
+    def lesion_probabilities(self, image: torch.Tensor) -> np.ndarray:
+        """A segmentation model's lesion probability per voxel of one network input, as evaluation computes it
+        (:func:`fl_client.train.predict_masks`: MONAI's sliding window of the preset's patch size, a quarter
+        overlap, Gaussian-weighted), without a data loader (no worker processes in the review page's server).
+
+        Args:
+            image: The network input, ``(channels, *spatial)`` (:meth:`network_input`).
+
+        Returns:
+            Float32 probabilities on the network's grid, ``(x, y[, z])``.
+
+        Raises:
+            ValueError: The model is a classifier.
+        """
+        from monai.inferers import sliding_window_inference
+
+        if not self.segmentation:
+            raise ValueError(f"the {self.task} model scores images; lesion probabilities need a *-seg model")
+        x = _tensor(image).float()[None].to(self.placement.device)
+        with torch.no_grad(), autocast(self.placement):
+            logits = sliding_window_inference(x, roi_size=tuple(self.preset.patch_size), sw_batch_size=4,
+                                              predictor=self.net, overlap=0.25, mode="gaussian")
+        return np.ascontiguousarray(torch.sigmoid(torch.as_tensor(logits).float())[0, 0].cpu().numpy())
 
     def probabilities(self, images: Sequence[torch.Tensor]) -> list[float]:
         """The model's probability of a finding for each image (one batch, no gradients)."""
