@@ -9,7 +9,7 @@ __all__ = ["DicomError", "Reason"]
 
 
 class Reason(StrEnum):
-    """Stable reason codes for rejected files and series (they appear in ``--json`` output)."""
+    """Stable reason codes for rejected files, series, images and annotations (they appear in ``--json`` output)."""
 
     NOT_DICOM = "not-dicom"
     DICOMDIR = "dicomdir"  # an index of a media set, read for the files it lists
@@ -37,6 +37,11 @@ class Reason(StrEnum):
     CORRUPT_CODESTREAM = "corrupt-codestream"  # compressed frames whose structure contradicts the header
     SIGNATURE_MISMATCH = "signature-mismatch"  # a DICOM digital signature that no longer matches the content
     SYMLINK = "symlink-not-followed"  # a link in the source folder: not followed (it may point outside it)
+    # Lesion annotations (DICOM SEG and RT Structure Sets), matched to the image they mark:
+    ANNOTATION_UNREFERENCED = "annotation-unreferenced"  # the image it references is not in the catalog (or rejected)
+    ANNOTATION_GEOMETRY = "annotation-geometry"  # its grid is not the image's: size, spacing, orientation or positions
+    ANNOTATION_UNREADABLE = "annotation-unreadable"  # malformed or unsupported: no segment, no contour, bad values
+    ANNOTATION_AUTOMATIC = "annotation-automatic"  # a SEG made by an algorithm (a model's prediction), not a reference
 
 
 class DicomError(Exception):
