@@ -33,6 +33,7 @@ __all__ = [
     "cmd_explain",
     "cmd_ingest",
     "cmd_join",
+    "cmd_predict",
     "cmd_privacy",
     "cmd_review",
     "cmd_series",
@@ -120,6 +121,25 @@ studies with the model's score (sortable, filters for task, split, label and rev
 image the slices with window/level presets, the saliency overlay (opacity, method) and the verdict
 form (agree / disagree / unsure, comment, initials). Verdicts are kept in the site catalog with the
 time and the model file's SHA-256; --export-csv writes them all. One --model per task. Ctrl-C stops."""
+
+
+EPILOG_PREDICT = """examples:
+  oncofed-site predict --workspace ws/site-a --model runs/lung-seg-a/model.pt --out predict/lung
+  oncofed-site predict --workspace ws/site-a --model runs/fed-seg/model.pt --out predict/all --split all
+  oncofed-site predict --workspace ws/site-a --model runs/lung-seg-a/model.pt --out predict/one --study 1.2.826.0.1.3
+  oncofed-site predict --workspace ws/site-a --model runs/lung-seg-a/model.pt --out predict/lung \\
+      --store-to https://pacs.local/dicom-web
+
+For a lesion segmentation model (a *-seg task): per image the lesion probabilities by sliding window,
+carried back onto the image's own DICOM grid and cut at 0.5. Writes per study OUT/study-<hash>/
+(a hash of the study, no UID in a name): seg-<hash>.dcm, the mask as a DICOM Segmentation on the source
+series (marked RESEARCH USE ONLY; written also when no lesion is found, saying so) and overlay-<hash>.png
+(the slices with the most lesion, the predicted outline in orange, the reference annotation's in cyan
+where the study has one); and OUT/predictions.json (per image: voxels, lesions, volume in ml or area in
+cm2, and the Dice against the reference annotation on the DICOM grid). Writing again gives the same
+UIDs, so the PACS replaces rather than duplicates. --split all includes studies without a split yet.
+Nothing leaves the site, unless --store-to sends the SEG objects to the site's own PACS (STOW-RS;
+credentials as for 'oncofed-site ingest --dicomweb'), which the catalog records."""
 
 
 class UserError(Exception):
@@ -654,6 +674,67 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    """``oncofed-site predict``: lesion masks of a segmentation model on the site's studies, as DICOM SEG, PNG
+    overlays and ``predictions.json``; with ``--store-to``, the SEG objects stored to the PACS and recorded.
+
+    Args:
+        args: The parsed command line.
+        console: Where the tables and messages go.
+
+    Returns:
+        The exit code: 0, or 1 when some images could not be predicted (their reasons are printed).
+
+    Raises:
+        UserError: No workspace, a classification model, an unusable model, no image to predict, or a PACS problem.
+    """
+    from fl_client.predict import PredictError, predict, store
+    from imaging.pacs import PacsError
+    from models.weights import WeightsError
+
+    if not args.workspace.is_dir():
+        raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
+    placement = _placement(args)
+    with _progress(console) as bar:
+        task = bar.add_task("lesion masks", total=None)
+
+        def step(done: int, total: int, uid: str) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            doc = predict(args.workspace, args.model, args.out, split=args.split, study=args.study, on_study=step,
+                          placement=placement)
+        except (PredictError, WeightsError) as exc:
+            raise UserError(str(exc)) from None
+    images = doc["images"]
+    done = [e for e in images if "error" not in e]
+    table = Table(title=f"{doc['task']}: {len(done)} image(s) outlined, in {args.out}")
+    for col in ("folder", "split", "voxels", "lesions", "size", "Dice"):
+        table.add_column(col, overflow="fold")
+    for e in done[:30]:
+        size = f"{e['volume_ml']:.2f} ml" if e["volume_ml"] is not None else f"{e['area_cm2']:.2f} cm²"
+        table.add_row(e["folder"] + (f" {e['view']}" if "view" in e else ""), e["split"], str(e["voxels"]),
+                      str(e["lesions"]), size, "-" if e["dice"] is None else f"{e['dice']:.3f}")
+    console.print(table)
+    if len(done) > 30:
+        console.print(f"... and {len(done) - 30} more in {args.out / 'predictions.json'}")
+    for e in [e for e in images if "error" in e][:20]:
+        console.print(f"  [red]not predicted[/] {e['folder']}: {e['error']}", highlight=False, markup=False)
+    console.print(f"SEG and overlays: {args.out}/study-<hash>/; index: {args.out / 'predictions.json'}",
+                  highlight=False)
+    if args.store_to:
+        files = [args.out / e["seg"] for e in done]
+        if not files:
+            raise UserError("nothing to store: no image could be predicted (reasons above)")
+        try:
+            stored = store(args.workspace, files, url=args.store_to, credentials=args.credentials)
+        except PacsError as exc:
+            raise UserError(str(exc)) from None
+        console.print(f"Stored {len(stored)} SEG object(s) of {len({s.study_uid for s in stored})} study(ies) to "
+                      f"{args.store_to} (recorded in the site catalog)", highlight=False)
+    return 1 if len(done) < len(images) else 0
+
+
 def cmd_review(args: argparse.Namespace, console: Console) -> int:
     """``oncofed-site review``: serve the review page (or export the verdicts) until Ctrl-C.
 
@@ -797,6 +878,18 @@ def build_parser() -> argparse.ArgumentParser:
     _placement_options(p)
     p.add_argument("--store-to", metavar="URL",
                    help="store the DICOM objects to the PACS at this DICOMweb URL (STOW-RS)")
+    p.add_argument("--credentials", type=Path, metavar="FILE",
+                   help="PACS credentials file for --store-to ('user:password' or 'Bearer TOKEN', chmod 600)")
+    p = add("predict", "Lesion masks of a segmentation model on this site's studies: DICOM SEG, PNG overlays.",
+            EPILOG_PREDICT, cmd_predict)
+    p.add_argument("--model", type=Path, required=True, help="a model.pt of a *-seg task (train-local or federated)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "unassigned", "all"),
+                   help="studies to outline (default test; unassigned: studies without a split; all: every study)")
+    p.add_argument("--study", help="one StudyInstanceUID instead of a split")
+    _placement_options(p)
+    p.add_argument("--store-to", metavar="URL",
+                   help="store the SEG objects to the PACS at this DICOMweb URL (STOW-RS)")
     p.add_argument("--credentials", type=Path, metavar="FILE",
                    help="PACS credentials file for --store-to ('user:password' or 'Bearer TOKEN', chmod 600)")
     p = add("review", "Serve the radiologists' review page: scores, saliency overlays, verdicts.", EPILOG_REVIEW,
