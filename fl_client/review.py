@@ -11,6 +11,12 @@ Images are shown on their own DICOM grid (as stored, slice by slice); the map co
 network's grid is carried back onto it (:func:`imaging.transforms.network_to_source`). Maps are
 computed when an image is first opened and kept in memory. Nothing leaves the site: the page, its
 images and the verdicts stay on this machine.
+
+For a lesion segmentation model (a ``*-seg`` task) the worklist shows the predicted lesion's volume (the area of a
+mammogram) instead of a probability, and the viewer the predicted lesion's outline over the slices, with the
+reference annotation's outline in another colour where the study has one (:mod:`fl_client.predict`: the same
+masks and colours as ``oncofed-site predict``). The verdict is recorded as for a classifier; its ``probability`` is
+then the highest lesion probability of any voxel of the image.
 """
 
 from __future__ import annotations
@@ -32,10 +38,20 @@ from typing import Any
 import numpy as np
 
 from fl_client.explainer import Explainer
+from fl_client.predict import (
+    PREDICTED_COLOUR,
+    REFERENCE_COLOUR,
+    LesionSummary,
+    PredictError,
+    lesion_slices,
+    lesion_summary,
+    reference_mask,
+)
 from imaging.catalog import Catalog, Item
 from imaging.dataset import cached_dataset
 from imaging.dicom import read_image
 from imaging.presets import get_preset
+from imaging.seg_dicom import predicted_mask
 from models.device import Placement
 from models.saliency import Method
 from models.weights import WeightsError
@@ -47,6 +63,7 @@ __all__ = [
     "ReviewSession",
     "VerdictStore",
     "check_address",
+    "contour_png",
     "create_app",
     "load_models",
     "overlay_png",
@@ -97,6 +114,12 @@ class Case:
     label: int | None
     probability: float
     item: Item
+    lesion: LesionSummary | None = None
+
+    @property
+    def segmentation(self) -> bool:
+        """Whether the image's model outlines lesions (then :attr:`lesion` holds the prediction's size)."""
+        return self.lesion is not None
 
     @property
     def modality(self) -> str:
@@ -229,6 +252,7 @@ class ReviewSession:
         self._lock = threading.Lock()  # one saliency computation at a time (hooks on shared modules)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._masks: OrderedDict[str, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self._score(on_progress)
         if not self.cases:
             raise ReviewError(f"no images of {', '.join(models)} in {self.workspace}: "
@@ -241,16 +265,63 @@ class ReviewSession:
         for task, items in per_task.items():
             model = self.models[task]
             dataset = cached_dataset(items, model.preset, workspace=self.workspace, train=False)
+            if model.segmentation:
+                for i, item in enumerate(items):
+                    self._add_case(item, task, *self._outline(item, model, dataset[i]["image"]))
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, total)
+                continue
             for start in range(0, len(items), 16):
                 batch = [dataset[i]["image"] for i in range(start, min(start + 16, len(items)))]
                 probs = model.probabilities(batch)
                 for item, p in zip(items[start:start + len(batch)], probs, strict=True):
-                    label = item.label if item.label in (0, 1) else None  # the catalog's -1: no label
-                    self.cases[item.plan.key] = Case(item.plan.key, item.study_uid, task, item.split or "unassigned",
-                                                     label, float(p), item)
+                    self._add_case(item, task, float(p))
                 done += len(batch)
                 if on_progress is not None:
                     on_progress(done, total)
+
+    def _add_case(self, item: Item, task: str, probability: float, lesion: LesionSummary | None = None) -> None:
+        label = item.label if item.label in (0, 1) else None  # the catalog's -1: no label
+        self.cases[item.plan.key] = Case(item.plan.key, item.study_uid, task, item.split or "unassigned", label,
+                                         probability, item, lesion)
+
+    def _outline(self, item: Item, model: Explainer, image: Any) -> tuple[float, LesionSummary]:
+        """Predict an image's lesion mask on its DICOM grid and keep it (and the reference) in memory; return the
+        highest voxel probability and the lesion's size."""
+        probabilities = model.lesion_probabilities(image)
+        mask = predicted_mask(probabilities, item.plan, model.preset)
+        try:
+            ref = reference_mask(item)
+        except PredictError as exc:
+            raise ReviewError(str(exc)) from None
+        with self._lock:
+            self._masks[item.plan.key] = (mask, ref)
+            while len(self._masks) > 8:
+                self._masks.popitem(last=False)
+        return float(probabilities.max()), lesion_summary(mask, item.plan)
+
+    def outlines(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The predicted lesion mask and the reference annotation (None if unknown) of a segmentation model's image
+        on its DICOM grid, ``(slices, rows, cols)``.
+
+        Raises:
+            ReviewError: The image's model is not a segmentation model.
+        """
+        case = self.case(key)
+        if not case.segmentation:
+            raise ReviewError(f"image {key}: its {case.task} model scores images; it has saliency maps, not outlines")
+        with self._lock:
+            cached = self._masks.get(key)
+            if cached is not None:
+                self._masks.move_to_end(key)
+        if cached is None:
+            model = self.models[case.task]
+            self._outline(case.item, model, model.network_input(case.item, workspace=self.workspace))
+            with self._lock:
+                cached = self._masks[key]
+        mask, ref = cached
+        return (mask[None], None if ref is None else ref[None]) if mask.ndim == 2 else (mask, ref)
 
     def case(self, key: str) -> Case:
         """A worklist image by key.
@@ -271,7 +342,9 @@ class ReviewSession:
             v = latest.get(c.key)
             rows.append({"key": c.key, "study_uid": c.study_uid, "task": c.task, "split": c.split, "label": c.label,
                          "probability": round(c.probability, 4), "view": c.view, "modality": c.modality,
-                         "verdict": v["verdict"] if v else None, "reader": v["reader"] if v else None})
+                         "verdict": v["verdict"] if v else None, "reader": v["reader"] if v else None,
+                         "segmentation": c.segmentation, "lesion_size": None if c.lesion is None else round(
+                             c.lesion.size, 3), "size_unit": None if c.lesion is None else c.lesion.unit})
         return rows
 
     def image(self, key: str) -> np.ndarray:
@@ -292,8 +365,10 @@ class ReviewSession:
         """The saliency map of ``method`` on the image's DICOM grid, in [0, 1].
 
         Raises:
-            ReviewError: A method this page does not offer.
+            ReviewError: A method this page does not offer, or the image's model is a segmentation model.
         """
+        if self.case(key).segmentation:
+            raise ReviewError(f"image {key}: its model outlines lesions; it has outlines, not saliency maps")
         if method not in {m.value for m in self.methods}:
             raise ReviewError(f"method {method!r}: choose one of {', '.join(m.value for m in self.methods)}")
         case = self.case(key)
@@ -329,15 +404,28 @@ class ReviewSession:
         """What the viewer needs of an image: geometry, score, label, presets, the map's peak slice, verdicts."""
         case = self.case(key)
         image = self.image(key)
-        heat = self.heat(key, self.methods[0].value)
-        peak = int(np.argmax(heat.reshape(heat.shape[0], -1).max(axis=1)))
+        extra: dict[str, Any] = {"segmentation": case.segmentation}
+        if case.lesion is not None:
+            mask, ref = self.outlines(key)
+            peak = lesion_slices(mask, ref, 1)[0]
+            extra.update({"lesion": {"voxels": case.lesion.voxels, "lesions": case.lesion.lesions,
+                                     "size": case.lesion.size, "unit": case.lesion.unit},
+                          "reference": ref is not None and bool(ref.any()),
+                          "colours": {"predicted": PREDICTED_COLOUR, "reference": REFERENCE_COLOUR}})
+            methods: list[str] = []
+        else:
+            heat = self.heat(key, self.methods[0].value)
+            peak = int(np.argmax(heat.reshape(heat.shape[0], -1).max(axis=1)))
+            methods = [m.value for m in self.methods]
         model = self.models[case.task]
         return {"key": key, "study_uid": case.study_uid, "task": case.task, "title": get_preset(case.task).title,
                 "split": case.split, "label": case.label, "probability": case.probability, "view": case.view,
                 "modality": case.modality, "slices": int(image.shape[0]), "rows": int(image.shape[1]),
                 "cols": int(image.shape[2]), "spacing": list(case.item.plan.spacing), "peak_slice": peak,
-                "methods": [m.value for m in self.methods], "presets": self.presets(key),
-                "model_sha256": model.sha256, "model_file": model.path.name, "verdicts": self.verdicts.history(key)}
+                "methods": methods, "presets": self.presets(key),
+                "model_sha256": model.sha256, "model_file": model.path.name if model.path else "",
+                "verdicts": self.verdicts.history(key),
+                **extra}
 
     def add_verdict(self, key: str, *, verdict: str, comment: str, reader: str) -> dict[str, Any]:
         """Record a verdict on an image (see :meth:`VerdictStore.add`)."""
@@ -367,6 +455,30 @@ def overlay_png(heat: np.ndarray, k: int, *, threshold: float = 0.15) -> bytes:
     h = np.clip(heat[k], 0, 1)
     rgba = (colormaps["jet"](h) * 255).astype(np.uint8)
     rgba[..., 3] = (np.clip((h - threshold) / (1 - threshold), 0, 1) ** 0.5 * 255).astype(np.uint8)
+    return _png(rgba)
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+def contour_png(pred: np.ndarray, ref: np.ndarray | None, k: int) -> bytes:
+    """One slice's outlines as colour on transparency (RGBA PNG): the predicted lesion's in
+    :data:`fl_client.predict.PREDICTED_COLOUR`, over the reference annotation's in ``REFERENCE_COLOUR``. Drawn at
+    up to 8 times the slice's size (at least 512 pixels where it can), so the lines stay thin on the page."""
+    from scipy import ndimage
+
+    rows, cols = pred.shape[-2:]
+    scale = max(1, min(8, 512 // max(rows, cols)))
+    rgba = np.zeros((rows * scale, cols * scale, 4), np.uint8)
+    for mask, colour in ((ref, REFERENCE_COLOUR), (pred, PREDICTED_COLOUR)):
+        if mask is None or not mask[k].any():
+            continue
+        big = np.kron(mask[k].astype(np.uint8), np.ones((scale, scale), np.uint8)).astype(bool)
+        edge = big & ~ndimage.binary_erosion(big, border_value=0)
+        if scale > 2:
+            edge = ndimage.binary_dilation(edge) & big  # two pixels wide, inside the lesion
+        rgba[edge] = (*_rgb(colour), 255)
     return _png(rgba)
 
 
@@ -502,6 +614,12 @@ def create_app(session: ReviewSession, *, token: str | None = None, port: int | 
         check_slice(key, k)
         return Response(overlay_png(session.heat(key, method), k), media_type="image/png",
                         headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/images/{key}/outlines/{k}.png")
+    def outline_slice(key: str, k: int) -> Response:
+        check_slice(key, k)
+        pred, ref = session.outlines(key)
+        return Response(contour_png(pred, ref, k), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.post("/api/images/{key}/verdicts")
     def verdict(key: str, body: dict[str, Any], x_review_token: str = Header(default="")) -> dict[str, Any]:
