@@ -212,6 +212,9 @@ def _print_ingest(console: Console, report: IngestReport) -> None:
     table.add_row("images decoded", str(report.images_decoded))
     table.add_row("series accepted / rejected", f"{report.series_ok} / {report.series_rejected}")
     table.add_row("usable images", str(report.images_ok))
+    if report.annotations_ok or report.annotations_rejected:
+        table.add_row("lesion annotations matched / rejected",
+                      f"{report.annotations_ok} / {report.annotations_rejected}")
     table.add_row("time", f"{report.seconds:.1f} s")
     console.print(table)
     if report.rejected:
@@ -294,7 +297,8 @@ def _ingest_with_progress(catalog: Catalog, folder: Path, console: Console) -> N
 
         def tick(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
-                label = "reading headers" if phase == "headers" else "checking series"
+                label = {"headers": "reading headers", "annotations": "matching annotations"}.get(phase,
+                                                                                                  "checking series")
                 tasks[phase] = bar.add_task(label, total=total)
             bar.update(tasks[phase], completed=done, total=total)
 
@@ -343,6 +347,7 @@ def _print_status(console: Console, status: dict[str, Any]) -> None:
     top = Table(title="Site catalog", show_header=False)
     for key in ("files", "series", "images"):
         top.add_row(key, ", ".join(f"{k} {v}" for k, v in sorted(status[key].items())) or "0")
+    top.add_row("lesion annotations", ", ".join(f"{k} {v}" for k, v in sorted(status["annotations"].items())) or "0")
     top.add_row("studies / patients", f"{status['studies']} / {status['patients']}")
     top.add_row("modalities (usable series)", ", ".join(f"{k} {v}" for k, v in status["modalities"].items()))
     top.add_row("manufacturers", ", ".join(f"{k or '?'} {v}" for k, v in status["manufacturers"].items()))
@@ -432,6 +437,14 @@ def cmd_series(args: argparse.Namespace, console: Console) -> int:
             s["status"], (s["message"] or "") if s["status"] != "ok" else "",
         )
     console.print(table)
+    rejected = [a for a in listing["annotations"] if a["status"] != "ok"]
+    if rejected:
+        annotations = Table(title="Lesion annotations not used")
+        for col in ("file", "kind", "reason", "message"):
+            annotations.add_column(col, overflow="fold")
+        for a in rejected:
+            annotations.add_row(a["path"], a["kind"], a["reason"], a["message"])
+        console.print(annotations)
     if listing["rejected_files"]:
         files = Table(title="Files not in any series")
         for col in ("file", "reason", "message"):

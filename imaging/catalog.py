@@ -1,4 +1,4 @@
-"""The site catalog: an SQLite index of a site's DICOM files, series, images, labels and split.
+"""The site catalog: an SQLite index of a site's DICOM files, series, images, lesion annotations, labels and split.
 
 It lives in the site workspace (``<workspace>/catalog.sqlite``) and never leaves the site. It is the
 only place that holds PatientID and other identifying tags; anything meant to leave the site uses
@@ -131,6 +131,31 @@ CREATE TABLE IF NOT EXISTS splits (
     patient_pseudonym TEXT PRIMARY KEY,
     split TEXT NOT NULL
 );
+-- Lesion annotations (DICOM SEG, RT Structure Sets), one row per annotation object: the image it marks (matched by
+-- referenced series for a volume, by referenced SOP instance for a 2D image), or why it was rejected. series_uid is
+-- the image series it references (also while that series is not here), so its arrival matches it. The mask of an
+-- image (all its ok annotations united) is one file in the workspace, mask_file, relative to the workspace.
+CREATE TABLE IF NOT EXISTS annotations (
+    sop_instance_uid TEXT PRIMARY KEY,
+    annotation_series_uid TEXT NOT NULL,
+    study_uid TEXT,
+    series_uid TEXT,
+    image_key TEXT,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    mask_file TEXT,
+    voxels INTEGER,
+    lesions INTEGER,
+    status TEXT NOT NULL,
+    reason TEXT,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS annotations_image ON annotations(image_key);
+CREATE INDEX IF NOT EXISTS annotations_series ON annotations(series_uid);
+CREATE INDEX IF NOT EXISTS annotations_own_series ON annotations(annotation_series_uid);
+-- Annotations to match again: written with the check of a series they belong to or reference, removed with the
+-- annotation's own match, so an ingest killed in between matches them on its next run.
+CREATE TABLE IF NOT EXISTS pending_annotations (sop_instance_uid TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS pacs_fetches (
     study_uid TEXT NOT NULL,
     url TEXT NOT NULL,
@@ -197,7 +222,20 @@ def plan_from_json(text: str) -> ImagePlan:
 
 @dataclass(frozen=True)
 class Item:
-    """One labelled training/evaluation sample: an image of a study for a task."""
+    """One labelled training/evaluation sample: an image of a study for a task.
+
+    Args:
+        study_uid: StudyInstanceUID.
+        task: The task name.
+        label: 1 (lesion), 0 (none) or -1 (unknown; only with ``labelled_only=False``).
+        split: train, val, test, or None if the patient has none yet.
+        patient_pseudonym: The site's pseudonym of the patient.
+        plan: The image.
+        mask: Segmentation tasks only: the absolute path of the image's lesion mask (a ``.npz`` whose uint8 array
+            ``mask`` has the layout of ``read_image(plan).array``), the union of its annotations. None for a
+            segmentation item means an empty mask (a study the CSV labels 0, without annotation) or, with label
+            -1, an unknown one. Always None for image tasks.
+    """
 
     study_uid: str
     task: str
@@ -205,6 +243,7 @@ class Item:
     split: str | None
     patient_pseudonym: str
     plan: ImagePlan
+    mask: Path | None = None
 
 
 class Catalog:
@@ -321,6 +360,19 @@ class Catalog:
             """
         ).fetchall()
 
+    def annotation_rows(self) -> list[sqlite3.Row]:
+        """Every annotation row (see the ``annotations`` table), ordered by status, study and SOP instance."""
+        return self.db.execute(
+            "SELECT * FROM annotations ORDER BY status, study_uid, sop_instance_uid"
+        ).fetchall()
+
+    def mask_path(self, image_key: str) -> Path | None:
+        """The absolute path of an image's lesion mask (its ok annotations united), or None if it has none."""
+        row = self.db.execute(
+            "SELECT MIN(mask_file) FROM annotations WHERE image_key=? AND status='ok'", (image_key,)
+        ).fetchone()
+        return None if row is None or row[0] is None else self.path.parent / row[0]
+
     def rejected_files(self) -> list[sqlite3.Row]:
         """Files rejected before they could join a series."""
         return self.db.execute(
@@ -359,16 +411,84 @@ class Catalog:
             n += 1
         return n
 
+    def _task_images(self, image_task: str) -> list[dict[str, Any]]:
+        """The usable images of an image task, with their study's CSV label, split, pseudonym and annotation.
+
+        ``annotated`` is None for an image without an ok annotation that counts for the task, else whether its
+        mask has a voxel. An annotation counts for every task its image's series is routed to when that is one
+        task; for a series routed to several (a chest-abdomen-pelvis CT), only for the tasks the CSV labels the
+        study for, since a mask does not say which task's lesion it marks.
+        """
+        from imaging.presets import get_preset
+
+        preset = get_preset(image_task)
+        rows = self.db.execute(
+            """
+            SELECT i.study_uid, i.image_key, i.plan, i.shape, se.tasks, l.label, sp.split, st.patient_pseudonym,
+                   a.voxels AS ann_voxels, a.mask_file
+            FROM images i
+            JOIN studies st ON st.study_uid = i.study_uid
+            JOIN series se ON se.series_uid = i.series_uid
+            LEFT JOIN labels l ON l.study_uid = i.study_uid AND l.task = ?
+            LEFT JOIN splits sp ON sp.patient_pseudonym = st.patient_pseudonym
+            LEFT JOIN (SELECT image_key, MAX(voxels) AS voxels, MIN(mask_file) AS mask_file FROM annotations
+                       WHERE status = 'ok' GROUP BY image_key) a ON a.image_key = i.image_key
+            WHERE i.status = 'ok' AND i.modality = ? AND i.dims = ?
+              AND (',' || se.tasks || ',') LIKE ('%,' || ? || ',%')
+            ORDER BY i.study_uid, i.image_key
+            """,
+            (image_task, preset.modality, preset.spatial_dims, image_task),
+        ).fetchall()
+        out = []
+        for r in rows:
+            d = row_dict(r)
+            routed = [t for t in (r["tasks"] or "").split(",") if t]
+            counts = r["mask_file"] is not None and (len(routed) == 1 or r["label"] is not None)
+            d["annotated"] = (int(r["ann_voxels"] or 0) > 0) if counts else None
+            d["slices"] = json.loads(r["shape"])[0]
+            out.append(d)
+        return out
+
+    @staticmethod
+    def _derived_labels(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+        """Study -> label its annotations give (1 if any counted annotation has a voxel), for studies with one."""
+        derived: dict[str, int] = {}
+        for r in rows:
+            if r["annotated"] is not None:
+                derived[r["study_uid"]] = max(derived.get(r["study_uid"], 0), int(r["annotated"]))
+        return derived
+
+    def annotation_labels(self) -> list[tuple[str, str, int]]:
+        """``(study_uid, image task, label)`` that annotations give studies the CSV does not label for that task."""
+        from imaging.presets import PRESETS
+
+        out = []
+        for task in PRESETS:
+            rows = self._task_images(task)
+            csv = {r["study_uid"] for r in rows if r["label"] is not None}
+            out += [(study, task, label) for study, label in sorted(self._derived_labels(rows).items())
+                    if study not in csv]
+        return out
+
     def items(self, task: str, *, split: str | None = None, labelled_only: bool = True) -> list[Item]:
         """The samples of a task: for each labelled study, its usable images of the task's kind.
 
-        A volume task takes the study's volume with the most slices (ties: the most recent series UID
-        order); a 2D task takes every usable image of the study.
+        A volume task takes the study's volume with the most slices (ties: the last series UID in sort order); a
+        2D task takes every usable image of the study.
+
+        Image task ``X``: a study's label is its CSV label for ``X``; without one, the label its annotations give
+        (1 if a mask of one of its images has a voxel, else 0), so the CSV is optional where annotations exist.
+
+        Segmentation task ``X-seg``: the images of ``X`` (same routing, split and volume rule) that have an ok
+        annotation (label 1 if the mask has a voxel, else 0; ``mask`` set), and the images without annotation of
+        studies the CSV labels 0 for ``X`` (label 0, ``mask`` None: an empty mask). A volume task prefers an
+        annotated volume, then the one with the most slices.
 
         Args:
             task: The task name.
             split: Only this split (train/val/test), or all.
-            labelled_only: Skip studies without a label for the task.
+            labelled_only: Skip studies (segmentation: images) whose label (mask) is unknown; with False they come
+                with label -1 (and no mask).
 
         Returns:
             The items, ordered by study UID then image key.
@@ -376,23 +496,21 @@ class Catalog:
         from imaging.presets import get_preset
 
         preset = get_preset(task)
-        rows = self.db.execute(
-            """
-            SELECT i.study_uid, i.image_key, i.plan, i.shape, l.label, sp.split, st.patient_pseudonym
-            FROM images i
-            JOIN studies st ON st.study_uid = i.study_uid
-            JOIN series se ON se.series_uid = i.series_uid
-            LEFT JOIN labels l ON l.study_uid = i.study_uid AND l.task = ?
-            LEFT JOIN splits sp ON sp.patient_pseudonym = st.patient_pseudonym
-            WHERE i.status = 'ok' AND i.modality = ? AND i.dims = ?
-              AND (',' || se.tasks || ',') LIKE ('%,' || ? || ',%')
-            ORDER BY i.study_uid, i.image_key
-            """,
-            (task, preset.modality, preset.spatial_dims, task),
-        ).fetchall()
-        chosen: dict[str, list[sqlite3.Row]] = {}
+        rows = self._task_images(preset.image_task)
+        derived = self._derived_labels(rows)
+        chosen: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            if labelled_only and r["label"] is None:
+            if preset.segmentation:
+                if r["annotated"] is not None:
+                    r["item_label"], r["item_mask"] = int(r["annotated"]), self.path.parent / r["mask_file"]
+                elif r["label"] is not None and int(r["label"]) == 0:
+                    r["item_label"], r["item_mask"] = 0, None
+                else:
+                    r["item_label"], r["item_mask"] = -1, None
+            else:
+                label = r["label"] if r["label"] is not None else derived.get(r["study_uid"])
+                r["item_label"], r["item_mask"] = (-1 if label is None else int(label)), None
+            if labelled_only and r["item_label"] == -1:
                 continue
             if split is not None and r["split"] != split:
                 continue
@@ -400,16 +518,21 @@ class Catalog:
         items: list[Item] = []
         for study_rows in chosen.values():
             if preset.spatial_dims == 3:
-                study_rows = [max(study_rows, key=lambda r: (json.loads(r["shape"])[0], r["image_key"]))]
+                if preset.segmentation:
+                    study_rows = [max(study_rows, key=lambda r: (r["item_mask"] is not None, r["slices"],
+                                                                 r["image_key"]))]
+                else:
+                    study_rows = [max(study_rows, key=lambda r: (r["slices"], r["image_key"]))]
             for r in study_rows:
                 items.append(
                     Item(
                         study_uid=r["study_uid"],
                         task=task,
-                        label=-1 if r["label"] is None else int(r["label"]),
+                        label=r["item_label"],
                         split=r["split"],
                         patient_pseudonym=r["patient_pseudonym"],
                         plan=plan_from_json(r["plan"]),
+                        mask=r["item_mask"],
                     )
                 )
         return items
@@ -417,7 +540,8 @@ class Catalog:
     def assign_splits(
         self, *, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: str = "oncofed-split-v1"
     ) -> int:
-        """Give every labelled patient without a split one, deterministically and for good.
+        """Give every labelled patient without a split one, deterministically and for good (labels from the CSV and,
+        for studies it does not label, from their lesion annotations).
 
         Patients are stratified by task and label (a patient with several studies by a positive one
         first, then by task name) and, within each stratum, taken in the order of a keyed hash of
@@ -442,11 +566,17 @@ class Catalog:
             FROM studies st JOIN labels l ON l.study_uid = st.study_uid
             """
         ).fetchall()
+        labelled = [(r["patient_pseudonym"], r["patient_id"], r["task"], int(r["label"])) for r in rows]
+        derived = self.annotation_labels()
+        if derived:
+            patients = {r[0]: (r[1], r[2]) for r in self.db.execute(
+                "SELECT study_uid, patient_pseudonym, patient_id FROM studies")}
+            labelled += [(*patients[study], task, label) for study, task, label in derived if study in patients]
         strata: dict[str, set[tuple[str, int]]] = {}
         ids: dict[str, str] = {}
-        for r in rows:
-            strata.setdefault(r["patient_pseudonym"], set()).add((r["task"], int(r["label"])))
-            ids[r["patient_pseudonym"]] = r["patient_id"]
+        for pseudo, patient_id, task, label in labelled:
+            strata.setdefault(pseudo, set()).add((task, label))
+            ids[pseudo] = patient_id
         existing = {r[0]: r[1] for r in self.db.execute("SELECT patient_pseudonym, split FROM splits")}
         splits = list(Split)
         counts: dict[str, list[int]] = {}

@@ -13,7 +13,7 @@ from typing import Any
 
 from imaging.catalog import Catalog, Split
 from imaging.labels import label_gaps
-from imaging.presets import PRESETS
+from imaging.presets import PRESETS, SEGMENTATION_PRESETS
 
 __all__ = ["series_listing", "site_status"]
 
@@ -26,7 +26,8 @@ def _counts(catalog: Catalog, sql: str, *args: object) -> dict[str, int]:
 
 
 def site_status(catalog: Catalog) -> dict[str, Any]:
-    """Counts per task, modality, manufacturer, label and split, and rejects grouped by reason.
+    """Counts per task (image and segmentation tasks), modality, manufacturer, label and split, annotations, and
+    rejects grouped by reason.
 
     Returns:
         A JSON-ready dict (schema ``oncofed.site-status/1``); see the README for every field.
@@ -36,7 +37,7 @@ def site_status(catalog: Catalog) -> dict[str, Any]:
     series = _counts(catalog, "SELECT status, COUNT(*) FROM series GROUP BY status")
     images = _counts(catalog, "SELECT status, COUNT(*) FROM images GROUP BY status")
     tasks: dict[str, Any] = {}
-    for preset in PRESETS.values():
+    for preset in (*PRESETS.values(), *SEGMENTATION_PRESETS.values()):
         items = catalog.items(preset.name)
         by_split: dict[str, Counter[str]] = {s.value: Counter() for s in Split}
         by_split["unassigned"] = Counter()
@@ -45,7 +46,7 @@ def site_status(catalog: Catalog) -> dict[str, Any]:
         studies_with_images = db.execute(
             "SELECT COUNT(DISTINCT i.study_uid) FROM images i JOIN series se ON se.series_uid = i.series_uid "
             "WHERE i.status='ok' AND i.modality=? AND i.dims=? AND (',' || se.tasks || ',') LIKE ('%,' || ? || ',%')",
-            (preset.modality, preset.spatial_dims, preset.name),
+            (preset.modality, preset.spatial_dims, preset.image_task),
         ).fetchone()[0]
         labelled = {i.study_uid for i in items}
         tasks[preset.name] = {
@@ -57,15 +58,20 @@ def site_status(catalog: Catalog) -> dict[str, Any]:
             "labels": dict(sorted(Counter(str(i.label) for i in items).items())),
             "splits": {k: dict(sorted(v.items())) for k, v in by_split.items() if v},
         }
-    unlabelled = db.execute(
-        """
-        SELECT COUNT(DISTINCT i.study_uid) FROM images i WHERE i.status='ok'
-        AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.study_uid = i.study_uid)
-        """
-    ).fetchone()[0]
+        if preset.segmentation:
+            tasks[preset.name]["masked_samples"] = sum(i.mask is not None for i in items)
+    annotated = {study for study, _, _ in catalog.annotation_labels()}
+    unlabelled = len({
+        r[0] for r in db.execute(
+            """
+            SELECT DISTINCT i.study_uid FROM images i WHERE i.status='ok'
+            AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.study_uid = i.study_uid)
+            """
+        )
+    } - annotated)
     unknown, without_image = label_gaps(catalog)
     rejects = []
-    for level, table in (("file", "files"), ("series", "series"), ("image", "images")):
+    for level, table in (("file", "files"), ("series", "series"), ("image", "images"), ("annotation", "annotations")):
         for reason, n in db.execute(
             f"SELECT reason, COUNT(*) FROM {table} WHERE status='rejected' GROUP BY reason ORDER BY 2 DESC"
         ):
@@ -75,6 +81,7 @@ def site_status(catalog: Catalog) -> dict[str, Any]:
         "files": files,
         "series": series,
         "images": images,
+        "annotations": _counts(catalog, "SELECT status, COUNT(*) FROM annotations GROUP BY status"),
         "studies": int(db.execute("SELECT COUNT(*) FROM studies").fetchone()[0]),
         "patients": int(db.execute("SELECT COUNT(DISTINCT patient_pseudonym) FROM studies").fetchone()[0]),
         "modalities": _counts(
@@ -94,10 +101,11 @@ def site_status(catalog: Catalog) -> dict[str, Any]:
 
 
 def series_listing(catalog: Catalog) -> dict[str, Any]:
-    """Every series: UIDs, modality, matching tasks, slices/frames, shape, spacing, status and reason.
+    """Every series: UIDs, modality, matching tasks, slices/frames, shape, spacing, status and reason; every lesion
+    annotation with the image it marks or why it was rejected; the files that joined no series.
 
     Returns:
-        A JSON-ready dict (schema ``oncofed.series/1``) with a ``series`` list.
+        A JSON-ready dict (schema ``oncofed.series/1``) with ``series``, ``annotations`` and ``rejected_files``.
     """
     out = []
     for r in catalog.series_rows():
@@ -128,4 +136,20 @@ def series_listing(catalog: Catalog) -> dict[str, Any]:
     rejected_files = [
         {"path": r["path"], "reason": r["reason"], "message": r["message"]} for r in catalog.rejected_files()
     ]
-    return {"schema": SERIES_SCHEMA, "series": out, "rejected_files": rejected_files}
+    annotations = [
+        {
+            "sop_instance_uid": r["sop_instance_uid"],
+            "kind": r["kind"],
+            "study_instance_uid": r["study_uid"],
+            "series_instance_uid": r["series_uid"],
+            "image_key": r["image_key"],
+            "path": r["path"],
+            "voxels": r["voxels"],
+            "lesions": r["lesions"],
+            "status": r["status"],
+            "reason": r["reason"],
+            "message": r["message"],
+        }
+        for r in catalog.annotation_rows()
+    ]
+    return {"schema": SERIES_SCHEMA, "series": out, "annotations": annotations, "rejected_files": rejected_files}
