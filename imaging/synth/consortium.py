@@ -138,12 +138,16 @@ def _generate_site(root: Path, site: SiteProfile, site_index: int, tasks: Sequen
     dicom_dir = site_dir / "dicom"
     plans = _studies_for_site(site, site_index, tasks, studies_per_task, seed)
     namer = Namer(site, dicom_dir, np.random.default_rng([seed, site_index, 2]))
+    # The lesion SEG objects are named in the same style from their own random source, so the image files' names
+    # do not depend on which studies have a lesion.
+    annotations = Namer(site, dicom_dir, np.random.default_rng([seed, site_index, 3]))
     files = 0
     lesions: list[dict[str, Any]] = []
     per_task: dict[str, dict[str, int]] = {}
     for plan in plans:
         rng = np.random.default_rng(list(plan.seed))
-        n, records = phantom_for(plan.task).write(plan, rng, site_dir=site_dir, namer=namer, scale=scale)
+        n, records = phantom_for(plan.task).write(plan, rng, site_dir=site_dir, namer=namer, scale=scale,
+                                                  annotations=annotations)
         files += n
         lesions.extend(records)
         counts = per_task.setdefault(plan.task, {"studies": 0, "positives": 0})
@@ -176,9 +180,22 @@ def _site_worker(args: tuple[Any, ...]) -> SiteResult:
     return _generate_site(out, profile, i, task_list, studies_per_task, seed, scale, report, [0], 0)
 
 
+def _load_highdicom_tables() -> None:
+    """Load the tables of the standard that highdicom reads on first use (a quarter of a second) once, before the
+    site processes fork, rather than once in each. They live in a private module: a name it no longer has only
+    costs that time."""
+    from highdicom import _standard_utils as tables
+
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        loader = getattr(tables, name, None)
+        if callable(loader):
+            loader()
+
+
 def _generate_parallel(out: Path, profiles: list[SiteProfile], task_list: list[str], studies_per_task: int,
                        seed: int, scale: int, progress: Progress | None, total: int, workers: int) -> list[SiteResult]:
     """One process per site (at most ``workers`` at a time); progress comes back through a queue."""
+    _load_highdicom_tables()
     # fork: works without a __main__ guard in the caller; the workers never touch torch.
     context = multiprocessing.get_context("fork")
     with context.Manager() as manager:

@@ -35,6 +35,7 @@ from imaging.synth.dicom_writers import (
 )
 from imaging.synth.geometry import Grid, smooth_noise
 from imaging.synth.naming import Namer
+from imaging.synth.segmentation import slice_source, write_segmentation
 from imaging.synth.study import Lesion, StudyPlan, lesion_record, mask_of, save_mask, volume_lesion_record
 
 __all__ = [
@@ -78,7 +79,7 @@ class Phantom(Protocol):
         ...
 
     def write(self, plan: StudyPlan, rng: np.random.Generator, *, site_dir: Path, namer: Namer,
-              scale: int) -> Written:
+              scale: int, annotations: Namer | None = None) -> Written:
         """Draw, scan and write one study.
 
         Args:
@@ -87,6 +88,8 @@ class Phantom(Protocol):
             site_dir: The site's output folder (lesion masks go under it).
             namer: The site's file names.
             scale: In-plane matrix multiplier.
+            annotations: The site's names for the lesion SEG objects (one per image with a lesion); None writes
+                none.
 
         Returns:
             The number of files written and the study's lesion records.
@@ -121,8 +124,8 @@ class CtPhantom:
     patient_sex: str | None = None
 
     def write(self, plan: StudyPlan, rng: np.random.Generator, *, site_dir: Path, namer: Namer,
-              scale: int) -> Written:
-        """Draw, scan and write one CT series (see :meth:`Phantom.write`)."""
+              scale: int, annotations: Namer | None = None) -> Written:
+        """Draw, scan and write one CT series and its lesion's SEG (see :meth:`Phantom.write`)."""
         site = plan.site
         cols = rows = 64 * scale
         pixel = site.ct_pixel * rng.uniform(0.97, 1.03) / scale
@@ -178,6 +181,10 @@ class CtPhantom:
         records = []
         if lesion is not None:
             records.append(volume_lesion_record(plan, lesion, grid=grid, series_uid=series_uid, site_dir=site_dir))
+            if annotations is not None:  # the slices are in the grid's (the reader's) order, as the mask is
+                n += write_segmentation(plan, [slice_source(ds, values) for _, values in slices],
+                                        mask_of(lesion.weight, grid.voxel(lesion.centre)), image_key=series_uid,
+                                        instance_number=1, namer=annotations)
         return n, records
 
 
@@ -207,8 +214,8 @@ class MrPhantom:
     patient_sex: str | None = None
 
     def write(self, plan: StudyPlan, rng: np.random.Generator, *, site_dir: Path, namer: Namer,
-              scale: int) -> Written:
-        """Draw, scan and write one T2-weighted MR series (see :meth:`Phantom.write`)."""
+              scale: int, annotations: Namer | None = None) -> Written:
+        """Draw, scan and write one T2-weighted MR series and its lesion's SEG (see :meth:`Phantom.write`)."""
         site = plan.site
         rows = cols = 64 * scale
         pixel = rng.uniform(2.8, 3.1) / scale
@@ -242,6 +249,7 @@ class MrPhantom:
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.InstanceNumber = 1
             files += write_file(ds, namer.file(folder, 1))
+            sources = [ds]
         else:
             ds = base_dataset(plan, MR_IMAGE, modality="MR", series_uid=series_uid, series_number=5,
                               description=desc, study_description=self.study_description)
@@ -265,9 +273,14 @@ class MrPhantom:
                     generate_uid(entropy_srcs=[series_uid, str(k)]), k + 1, position=pos,
                     location=float(pos @ grid.normal), pixels=stored[k])))
             files += write_series(ds, slices)
+            order = np.arange(n)
+            sources = [slice_source(ds, values) for _, values in slices]
         records = []
         if lesion is not None:
             records.append(volume_lesion_record(plan, lesion, grid=grid, series_uid=series_uid, site_dir=site_dir))
+            if annotations is not None:  # one SEG frame per source frame, in the order the source stores them
+                files += write_segmentation(plan, sources, mask_of(lesion.weight, grid.voxel(lesion.centre))[order],
+                                            image_key=series_uid, instance_number=1, namer=annotations)
         return files, records
 
 
@@ -334,8 +347,9 @@ class MgPhantom:
     patient_sex: str | None = None
 
     def write(self, plan: StudyPlan, rng: np.random.Generator, *, site_dir: Path, namer: Namer,
-              scale: int) -> Written:
-        """Draw, expose and write the two views of one side (see :meth:`Phantom.write`)."""
+              scale: int, annotations: Namer | None = None) -> Written:
+        """Draw, expose and write the two views of one side and a SEG per view with a lesion (see
+        :meth:`Phantom.write`)."""
         site = plan.site
         rows, cols = 160 * scale, 128 * scale
         spacing = rng.uniform(0.78, 0.82) / scale
@@ -383,4 +397,7 @@ class MgPhantom:
                                        voxel=(0.0, *voxel), mask=mask, mask_path=rel)
                 record["laterality"], record["view"] = laterality, view
                 records.append(record)
+                if annotations is not None:
+                    files += write_segmentation(plan, [ds], mask[None], image_key=sop, instance_number=number,
+                                                namer=annotations)
         return files, records

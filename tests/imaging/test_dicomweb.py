@@ -89,8 +89,12 @@ def catalog_rows(workspace: Path) -> dict[str, list[tuple[Any, ...]]]:
         series = [_unnamed(r) for r in db.execute("SELECT * FROM series")]
         images = [(*r[:-1], json.dumps(_plan(json.loads(r[-1])))) for r in db.execute("SELECT * FROM images")]
         studies = list(db.execute("SELECT study_uid, patient_id, patient_name, accession, study_date FROM studies"))
+        annotations = [_unnamed(r) for r in db.execute(
+            "SELECT sop_instance_uid, annotation_series_uid, study_uid, series_uid, image_key, kind, mask_file, "
+            "voxels, lesions, status, reason, message FROM annotations")]
     return {name: sorted(rows, key=repr) for name, rows in
-            (("files", files), ("series", series), ("images", images), ("studies", studies))}
+            (("files", files), ("series", series), ("images", images), ("studies", studies),
+             ("annotations", annotations))}
 
 
 def test_a_pacs_ingest_catalogs_what_a_folder_ingest_does(pacs: tuple[Any, Path], tmp_path: Path) -> None:
@@ -107,8 +111,10 @@ def test_a_pacs_ingest_catalogs_what_a_folder_ingest_does(pacs: tuple[Any, Path]
     with Catalog.open(ws) as catalog:
         ingest_folder(catalog, Workspace(ws).pacs_store)
     folder_rows, pacs_rows = catalog_rows(tmp_path / "folder"), catalog_rows(ws)
-    for table in ("files", "series", "images", "studies"):
+    for table in ("files", "series", "images", "studies", "annotations"):
         assert pacs_rows[table] == folder_rows[table], table
+    # The lesions' SEG objects came with their studies and mark their images.
+    assert pacs_rows["annotations"] and {r[9] for r in pacs_rows["annotations"]} == {"ok"}
     # rtdose is not an image: rejected, with the same reason both ways (the rows above are equal).
     assert any(r[0] == "rejected" for r in pacs_rows["files"]) or any("rejected" in r for r in pacs_rows["series"])
     # The RLE file came back in its own transfer syntax and decodes to the same pixels.
@@ -184,7 +190,8 @@ def test_saliency_objects_go_back_to_the_pacs_and_read_again(pacs: tuple[Any, Pa
     studies = find_cohort(client, filters=parse_query("Modality=CT"))
     ws = tmp_path / "ws"
     fetch_study(client, ws, studies[0])
-    (plan,) = plan_images([read_header(p) for p in (Workspace(ws).pacs_store / studies[0]).rglob("*.dcm")])
+    headers = [read_header(p) for p in (Workspace(ws).pacs_store / studies[0]).rglob("*.dcm")]
+    (plan,) = plan_images([h for h in headers if h.modality == "CT"])  # the study may hold its lesion's SEG too
     heat = np.zeros(plan.shape, np.float32)
     heat[10:14, 20:30, 20:30] = 0.8
     objects = write_saliency_objects(plan, heat, read_image(plan).array, tmp_path / "out", method="gradcam",

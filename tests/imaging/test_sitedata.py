@@ -4,8 +4,10 @@ has nothing to train on, datasets of ``(image, label)`` tensors of the preset's 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 import torch
 from consortium import make_workspaces
@@ -32,10 +34,24 @@ def _sites(consortium: Path) -> list[Path]:
     return sorted(p for p in (consortium / "ws").iterdir() if p.is_dir())
 
 
-def _ingest(consortium: Path, ws: Path, *, labels: list[tuple[str, str, str]] | None) -> Path:
-    """Ingest site a's DICOM into a new workspace, with these label rows (or none)."""
+def _images_only(source: Path, copy: Path) -> Path:
+    """A copy of a DICOM folder without its lesion SEG objects (they label the studies they mark)."""
+    def segs(folder: str, names: list[str]) -> list[str]:
+        files = [n for n in names if (Path(folder) / n).is_file()]
+        return [n for n in files if pydicom.dcmread(Path(folder) / n, stop_before_pixels=True).Modality == "SEG"]
+
+    shutil.copytree(source, copy, ignore=segs)
+    return copy
+
+
+def _ingest(consortium: Path, ws: Path, *, labels: list[tuple[str, str, str]] | None,
+            annotations: bool = True) -> Path:
+    """Ingest site a's DICOM into a new workspace, with these label rows (or none), and its SEG objects or not."""
+    source = consortium / "data" / "site-a" / "dicom"
+    if not annotations:
+        source = _images_only(source, ws.parent / f"{ws.name}-images")
     with Catalog.open(ws) as catalog:
-        ingest_folder(catalog, consortium / "data" / "site-a" / "dicom")
+        ingest_folder(catalog, source)
         if labels is not None:
             manifest = ws.parent / f"{ws.name}-labels.csv"
             with manifest.open("w", newline="") as fh:
@@ -89,7 +105,7 @@ def test_a_missing_workspace_among_several_is_named(consortium: Path, tmp_path: 
 
 
 def test_a_workspace_without_labels_says_to_ingest_with_labels(consortium: Path, tmp_path: Path) -> None:
-    ws = _ingest(consortium, tmp_path / "unlabelled", labels=None)
+    ws = _ingest(consortium, tmp_path / "unlabelled", labels=None, annotations=False)
     with Catalog.open(ws, create=False) as catalog:
         assert len(catalog.items(TASK, labelled_only=False)) > 0  # the images are there, unlabelled
     with pytest.raises(NoSiteData, match=f"no labelled training studies for task {TASK} in {ws}; ingest with "
