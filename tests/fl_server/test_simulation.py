@@ -62,12 +62,21 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
         assert 0 <= record["aggregated_evaluate"]["auroc"] <= 1
     final = history["final"]
     assert set(final["sites"]) == {"site-a", "site-b", "site-c"} and "auroc" in final["weighted"]
+    # The consortium's AUROC from the sites' histograms covers every test study the sites counted.
+    consortium = final["consortium"]
+    assert consortium["auroc"]["positives"] == sum(m.get("positives", 0) for m in final["sites"].values())
+    assert consortium["auroc"]["low"] <= consortium["auroc"]["auroc"] <= consortium["auroc"]["high"]
+    assert consortium["operating_point"]["rule"] == "youden"
+    assert set(final["histograms"]) == {s for s, m in final["sites"].items() if m["studies"] > 0}
+    assert not any(k.startswith("score-") for m in final["sites"].values() for k in m)  # kept apart
     summary = json.loads((run_dir / "summary" / "summary.json").read_text())  # asked before round 1
     assert summary["schema"] == "oncofed.data-summary/1" and (run_dir / "summary" / "summary.html").is_file()
     assert {r["site"] for r in summary["tasks"]["lung-ct"]["sites"]} == set(history["final"]["sites"])
     page = (run_dir / "report.html").read_text()
     assert "privacy budget spent" in page and "site-c" in page
-    assert {p.name for p in (run_dir / "plots").iterdir()} >= {"val-auroc.png", "train-loss.png", "epsilon.png"}
+    assert {p.name for p in (run_dir / "plots").iterdir()} >= {"val-auroc.png", "train-loss.png", "epsilon.png",
+                                                               "roc.png", "reliability.png"}
+    assert "Operating point" in page
     assert any((run_dir / "tensorboard").iterdir())
     stdout = run["stdout"].read_text()
     assert "round   3" in stdout and "Final global model" in stdout
