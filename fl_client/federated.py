@@ -7,6 +7,7 @@ shapes. Every reply passes the egress guard and is logged before it leaves.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from fl_client.policy import Admission, RunBook, RunManifest
 from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
 from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
-from models.config import ConfigError, RunConfig, resolved_grad_sample_mode
+from models.config import ConfigError, RunConfig, dp_outlook, resolved_grad_sample_mode
 from models.device import Placement, place
 from models.evaluation import score_histogram
 from models.nets import build_model, parameter_count
@@ -39,6 +40,8 @@ from models.protocol import (
     histogram_metrics,
 )
 from models.weights import WeightsError, load_arrays, pack, state_arrays, unpack
+
+log = logging.getLogger("oncofed.site")
 
 __all__ = [
     "Refused",
@@ -293,6 +296,8 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
                          ledger=ledger, grad_sample_mode=resolved_grad_sample_mode(config))
         except NoBudget:
             return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
+        if round_number <= 1 and (outlook := dp_outlook(dp.noise_multiplier, dp.sample_rate * samples)):
+            log.warning("oncofed site %s, run %s: %s", site.site_id, run_id, outlook)
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if spec.proximal_mu else None
     placement = site.placement(dp_mode=dp.grad_sample_mode.value if dp is not None else None)
     try:

@@ -29,7 +29,7 @@ from fl_client.train import (
     train_local,
 )
 from imaging.sitedata import load_site_data
-from models.config import RunConfig, resolved_grad_sample_mode
+from models.config import RunConfig, dp_outlook, resolved_grad_sample_mode
 from models.device import place
 from models.evaluation import choose_threshold, parse_rule
 from models.nets import build_model, parameter_count
@@ -49,6 +49,7 @@ def run_local(
     on_epoch: Callable[[int, float, float | None], None] | None = None,
     device: str = "cpu",
     precision: str = "auto",
+    on_warning: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate on the workspaces' data (pooled if several) and write the results.
 
@@ -57,9 +58,11 @@ def run_local(
         config: The run configuration (task, model, recipe, DP request).
         out: Output folder (created).
         epochs: Passes over the training split.
-        on_epoch: Called as ``on_epoch(epoch, training loss, validation AUROC or None)``.
+        on_epoch: Called as ``on_epoch(epoch, training loss, validation AUROC (Dice for segmentation) or None)``.
         device: Where training and evaluation run: auto, cpu, cuda or cuda:N (default the CPU).
         precision: auto (mixed precision on a GPU, fp32 on the CPU), fp32, bf16 or fp16.
+        on_warning: Called before the first step with a sentence when DP-SGD's noise at this site's sample count
+            makes learning unlikely (:func:`models.config.dp_outlook`).
 
     Returns:
         The metrics document written to ``metrics.json``.
@@ -86,6 +89,9 @@ def run_local(
         dp = plan_dp(config.privacy, samples=samples, batch_size=config.training.batch_size,
                      steps_per_round=dp_steps(rate, epochs=epochs), rounds=1, ledger=ledger,
                      grad_sample_mode=resolved_grad_sample_mode(config))
+    outlook = dp_outlook(dp.noise_multiplier, dp.sample_rate * samples) if dp is not None else None
+    if outlook and on_warning is not None:
+        on_warning(outlook)  # before the first step: the operator can stop now
     placement = place(device, precision, dp_mode=dp.grad_sample_mode.value if dp is not None else None)
     curve: list[dict[str, float | None]] = []
 
@@ -137,7 +143,7 @@ def run_local(
         "operating_point": operating,
         "curve": curve,
         "privacy": ({**asdict(dp), "grad_sample_mode": dp.grad_sample_mode.value,
-                     "epsilon_site_cumulative": result.epsilon} if dp else None),
+                     "epsilon_site_cumulative": result.epsilon, "warning": outlook} if dp else None),
     }
     (out / "metrics.json").write_text(json.dumps(doc, indent=1))
     _plot(out / "curves.png", curve, task, headline)

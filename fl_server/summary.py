@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from models.config import DP_NOISE_PER_BATCH
 from models.protocol import (
     FIELD_T_BINS,
     INTENSITY_BINS,
@@ -33,10 +34,7 @@ from models.tasks import TASK_DIMS
 __all__ = ["SCHEMA", "build_summary", "dp_noise", "query_sites", "warnings_of", "write_summary"]
 
 SCHEMA = "oncofed.data-summary/1"
-# DP-SGD's noise on the averaged gradient is the noise multiplier over the expected batch (in units of the clipping
-# norm). On the synthetic tasks 70 training studies at ε = 8 learned (0.07); 25 studies at noise 4.8-7.7 did not
-# (about 0.4): warn above this.
-NOISE_PER_BATCH = 0.2
+NOISE_PER_BATCH = DP_NOISE_PER_BATCH  # see models.config.DP_NOISE_PER_BATCH
 INTENSITY_FAR = 0.35  # total-variation distance of a site's intensity histogram from the others' mean
 
 

@@ -23,6 +23,7 @@ from models.evaluation import parse_rule
 from models.tasks import TASK_DIMS, is_segmentation
 
 __all__ = [
+    "DP_NOISE_PER_BATCH",
     "Accountant",
     "Arch",
     "ConfigError",
@@ -37,6 +38,7 @@ __all__ = [
     "ServerSpec",
     "Strategy",
     "TrainSpec",
+    "dp_outlook",
     "from_flat",
     "parse_bool",
     "resolved_grad_sample_mode",
@@ -456,6 +458,28 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
         raise ConfigError("run-config key 'secure-aggregation' needs min-sites of 3 or more (with two sites each "
                           "could work out the other's update from the sum): set min-sites=3")
     return result
+
+
+DP_NOISE_PER_BATCH = 0.2
+"""DP-SGD adds noise of ``noise_multiplier × clipping norm`` to the sum of a batch's clipped gradients; divided by
+the expected batch, it is the noise on each averaged gradient. On the synthetic tasks 70 training studies at ε = 8
+learned (0.07); 25 studies at noise 4.8-7.7 did not (about 0.4): above this share of the clipping norm the data
+summary warns the lead, and a site warns before it trains."""
+
+
+def dp_outlook(noise_multiplier: float, expected_batch: float) -> str | None:
+    """A sentence saying why DP-SGD is unlikely to learn at this noise and batch, or None when it may.
+
+    Args:
+        noise_multiplier: The calibrated noise multiplier.
+        expected_batch: The expected (Poisson) batch size: sample rate × training samples.
+    """
+    share = noise_multiplier / max(expected_batch, 1e-9)
+    if share <= DP_NOISE_PER_BATCH:
+        return None
+    return (f"DP-SGD noise multiplier {noise_multiplier:.2f} on batches of about {expected_batch:.0f}: the noise on "
+            f"each averaged gradient is {share:.2f} of the clipping norm (above {DP_NOISE_PER_BATCH:g}), so learning "
+            "is unlikely; more studies per site, a larger batch, fewer rounds or epochs, or a larger ε help")
 
 
 def resolved_grad_sample_mode(config: RunConfig) -> GradSampleMode:

@@ -94,3 +94,11 @@ def test_pyproject_run_config_equals_the_typed_defaults() -> None:
     typed = RunConfig().to_flat()
     assert declared == typed
     assert {k: type(v) for k, v in declared.items()} == {k: type(v) for k, v in typed.items()}
+
+
+def test_dp_outlook_warns_when_the_noise_drowns_the_averaged_gradient() -> None:
+    from models.config import dp_outlook
+
+    assert dp_outlook(0.8, 12.0) is None  # 0.07 of the clipping norm: learned on the synthetic tasks
+    text = dp_outlook(6.0, 8.0)  # a site of 25 studies at ε = 8 over 10 rounds: learned nothing
+    assert text is not None and "0.75 of the clipping norm" in text and "larger ε" in text
