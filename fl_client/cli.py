@@ -21,7 +21,7 @@ from rich.table import Table
 from imaging.catalog import Catalog
 from imaging.ingest import IngestReport, ingest_folder
 from imaging.labels import LabelFileError, LabelReport, load_labels
-from imaging.presets import PRESETS
+from imaging.presets import TASKS
 from imaging.summary import series_listing, site_status
 
 if TYPE_CHECKING:
@@ -478,7 +478,7 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
     args.out.mkdir(parents=True, exist_ok=True)  # an unusable --out is said before training, not after
     _placement(args)  # a device this machine lacks is said before training, not after
     flat: dict[str, Any] = {"task": args.task, "model": args.model, "resolution": args.resolution,
-                            "batch-size": args.batch_size,
+                            "batch-size": args.batch_size, "operating-point": args.operating_point,
                             "learning-rate": args.lr, "seed": args.seed, "threads": args.threads}
     if args.dp_epsilon is not None:
         flat.update({"dp": True, "dp-epsilon": args.dp_epsilon, "dp-max-grad-norm": args.dp_max_grad_norm,
@@ -504,7 +504,8 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
 
         try:
             doc = run_local(args.workspace, config, args.out, epochs=args.epochs, on_epoch=on_epoch,
-                            device=args.device, precision=args.precision)
+                            device=args.device, precision=args.precision,
+                            on_warning=lambda text: console.print(f"[yellow]warning:[/] {text}"))
         except (TrainingError, NoSiteData, PrivacyError, DeviceError) as exc:
             raise UserError(str(exc)) from None
     console.print(table)
@@ -522,13 +523,22 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
                            f(m["lesion_sensitivity"]), f(m["fp_lesions"]),
                            "-" if m["hd95"] is None else f"{m['hd95']:.1f}")
     else:
-        result = Table(title="Study-level metrics (threshold 0.5)")
-        for col in ("split", "studies", "pos/neg", "AUROC", "sensitivity", "specificity", "bal. acc.", "Brier"):
+        op = doc["operating_point"]
+        result = Table(title=f"Study-level metrics at threshold {op['threshold']:.3f} ({op['rule_text']}); "
+                             "AUROC with DeLong 95 % CI")
+        for col in ("split", "studies", "pos/neg", "AUROC (95 % CI)", "sensitivity", "specificity", "bal. acc.",
+                    "Brier", "ECE"):
             result.add_column(col, justify="right")
         for split, m in doc["splits"].items():
-            result.add_row(split, str(m["studies"]), f"{m['positives']}/{m['negatives']}", f(m["auroc"]),
-                           f(m["sensitivity"]), f(m["specificity"]), f(m["balanced_accuracy"]), f(m["brier"]))
+            auc = f(m["auroc"]) + (f" ({m['auroc_low']:.2f}-{m['auroc_high']:.2f})" if m["auroc_low"] is not None
+                                   else "")
+            small = " ⚠" if min(m["positives"], m["negatives"]) < 10 else ""
+            result.add_row(split + small, str(m["studies"]), f"{m['positives']}/{m['negatives']}", auc,
+                           f(m["sensitivity"]), f(m["specificity"]), f(m["balanced_accuracy"]), f(m["brier"]),
+                           f(m["ece"]))
     console.print(result)
+    if not segmenting and any(min(m["positives"], m["negatives"]) < 10 for m in doc["splits"].values()):
+        console.print("⚠ fewer than 10 positive or negative studies: too few to judge the split's figures")
     if doc["privacy"]:
         p = doc["privacy"]
         console.print(f"DP-SGD: noise multiplier {p['noise_multiplier']:.3f}, clipping {p['max_grad_norm']:g}, "
@@ -852,16 +862,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (schema oncofed.series/1)")
     p = add("train-local", "Train and evaluate a model on this site's data (or several sites pooled).",
             EPILOG_TRAIN, cmd_train_local, many=True)
-    p.add_argument("--task", required=True, help=_listing(list(PRESETS)))
+    p.add_argument("--task", required=True, help=_listing(list(TASKS)))
     p.add_argument("--out", type=Path, required=True, help="output folder for model.pt, metrics.json, curves.png")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training split (default 20)")
     p.add_argument("--model", default="auto",
-                   help="auto (default: compact-cnn at the cpu profile, densenet-small at diagnostic), compact-cnn, "
-                        "densenet-small or densenet121")
+                   help="auto (default: compact-cnn at the cpu profile, densenet-small at diagnostic, unet for a "
+                        "*-seg task), compact-cnn, densenet-small, densenet121 or unet")
     p.add_argument("--resolution", default="cpu",
                    help="cpu (default: coarse voxels, for CPUs) or diagnostic (radiological voxel sizes, for GPUs)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--operating-point", default="youden",
+                   help="how the threshold is chosen on the validation split: youden (default), sensitivity>=0.9, "
+                        "specificity>=0.9 or fixed:0.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dp-epsilon", type=float, help="train with DP-SGD spending at most this ε in this run")
