@@ -56,6 +56,7 @@ from imaging.dicom import (
     read_header,
 )
 from imaging.errors import DicomError, Reason
+from imaging.layout import ANNOTATIONS_DIR
 
 __all__ = [
     "ANNOTATIONS_DIR",
@@ -73,9 +74,6 @@ __all__ = [
     "slice_geometry",
     "write_mask",
 ]
-
-ANNOTATIONS_DIR = "annotations"
-"""Where ingest keeps the lesion masks in a site workspace (one ``.npz`` per image, named by a hash)."""
 
 GEOMETRY_TOL = 0.1
 """How far a frame or contour may be from a slice: this fraction of the slice spacing along the normal, and of a
