@@ -16,6 +16,8 @@ for every ``*-seg`` task) outputs one logit per voxel (lesion or background), at
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.nets import DenseNet, DenseNet121, UNet
@@ -23,9 +25,10 @@ from torch import nn
 
 from models.config import Arch, ModelSpec, Norm
 
-__all__ = ["CompactCNN", "GeMPool", "build_model", "norm_layer", "parameter_count", "segmentation_net"]
+__all__ = ["LESION_PRIOR", "CompactCNN", "GeMPool", "build_model", "norm_layer", "parameter_count", "segmentation_net"]
 
 ACT = ("relu", {"inplace": False})
+LESION_PRIOR = 0.01  # the segmentation network's starting voxel probability of lesion
 
 
 def _groups(channels: int) -> int:
@@ -140,9 +143,17 @@ def segmentation_net(spec: ModelSpec) -> nn.Module:
     if norm is None:
         raise ValueError("the UNet needs a norm layer; use norm=instance or norm=group")
     w = spec.width
-    return UNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels, out_channels=1,
-                channels=(w // 2, w, 2 * w, 4 * w), strides=(2, 2, 2), num_res_units=1, act=ACT, norm=norm,
-                dropout=spec.dropout)
+    net = UNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels, out_channels=1,
+               channels=(w // 2, w, 2 * w, 4 * w), strides=(2, 2, 2), num_res_units=1, act=ACT, norm=norm,
+               dropout=spec.dropout)
+    # Start from "lesions are rare" (a voxel probability of LESION_PRIOR, as RetinaNet's focal-loss prior): from
+    # 0.5 everywhere the network first learned to predict nothing and stayed there (validation Dice 0 after 20
+    # epochs on the synthetic lung task); from the prior it reached 0.66 in 30 epochs on 9 training volumes.
+    last = [m for m in net.modules() if isinstance(m, nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+            and m.out_channels == 1][-1]
+    if last.bias is not None:
+        nn.init.constant_(last.bias, -math.log((1 - LESION_PRIOR) / LESION_PRIOR))
+    return net
 
 
 def parameter_count(model: nn.Module) -> int:
