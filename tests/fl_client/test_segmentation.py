@@ -106,3 +106,25 @@ def test_a_unet_learns_to_outline_lesions(dp: bool, tmp_path: Path) -> None:
     assert m.lesion_sensitivity is not None and m.lesion_sensitivity >= 0.85, m
     assert m.fp_lesions is not None and m.fp_lesions < 1.0, m
     assert float(segmentation_loss()(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))) >= 0
+
+
+def test_a_unet_learns_lung_nodules_from_dicom_seg_annotations(tmp_path: Path) -> None:
+    """The whole site path: synthetic DICOM with DICOM SEG annotations, ingested; train-local on lung-ct-seg."""
+    from consortium import make_workspaces
+
+    from fl_client.local_run import run_local
+    from models.config import from_flat
+
+    ws = make_workspaces(tmp_path, sites=1, studies_per_task=24, seed=3, tasks=["lung-ct"])
+    doc = run_local([ws / "site-a"], from_flat({"task": "lung-ct-seg", "learning-rate": 3e-3, "batch-size": 2,
+                                                "seed": 0}), tmp_path / "out", epochs=20)
+    held_out = [doc["splits"][s] for s in ("val", "test")]
+    assert all(m["positives"] >= 1 and m["lesions"] >= m["positives"] for m in held_out)
+    # Floor 0.4 on both held-out splits: predicting no lesion scores 0 and the whole lung field about 0.01; with
+    # seeds 0 and 1 this measured validation 0.62 / 0.74 and test 0.77 / 0.91 (9 training volumes with a nodule,
+    # 20 epochs, 12-14 s on 2 cores). With 16 studies (6 training nodules) a 20 mm test nodule, larger than every
+    # training one, was missed: hence 24.
+    for m in held_out:
+        assert m["dice"] is not None and m["dice"] > 0.4, m
+        assert m["lesion_sensitivity"] >= 0.5 and m["hd95"] is not None
+    assert doc["curve"][-1]["val_dice"] is not None and (tmp_path / "out" / "curves.png").is_file()
