@@ -537,6 +537,15 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
                            f(m["sensitivity"]), f(m["specificity"]), f(m["balanced_accuracy"]), f(m["brier"]),
                            f(m["ece"]))
     console.print(result)
+    if doc.get("subgroups_test"):
+        groups = Table(title="Test split by subgroup (the series each study was scored on)")
+        for col in ("subgroup", "studies", "pos/neg", "AUROC (95 % CI)"):
+            groups.add_column(col, justify="right")
+        for name, g in doc["subgroups_test"].items():
+            auc = f(g["auroc"]) + (f" ({g['auroc-low']:.2f}-{g['auroc-high']:.2f})" if g["auroc-low"] is not None
+                                   else "")
+            groups.add_row(name, str(g["studies"]), f"{g['positives']}/{g['negatives']}", auc)
+        console.print(groups)
     if not segmenting and any(min(m["positives"], m["negatives"]) < 10 for m in doc["splits"].values()):
         console.print("⚠ fewer than 10 positive or negative studies: too few to judge the split's figures")
     if doc["privacy"]:

@@ -20,6 +20,7 @@ from fl_client.egress import EgressLog, check_reply
 from fl_client.metrics import SegMetrics
 from fl_client.policy import Admission, RunBook, RunManifest
 from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
+from fl_client.subgroups import study_subgroups, subgroup_figures, subgroup_metrics
 from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
 from models.config import ConfigError, RunConfig, dp_outlook, resolved_grad_sample_mode
@@ -367,6 +368,11 @@ def _evaluate(site: Site, config: RunConfig, model: torch.nn.Module, data: SiteD
             if result.labels is not None and result.scores is not None:
                 # The studies' scores leave only as per-class counts on fixed bins (for the consortium's AUROC).
                 metrics.update(histogram_metrics(*score_histogram(result.labels, result.scores)))
+                if split == Split.TEST and data is not None:  # figures per scanner vendor, slice band, field
+                    groups = study_subgroups(data, split)
+                    min_count = RunBook(site.workspace).policy().min_count
+                    metrics.update(subgroup_metrics(subgroup_figures(groups, result.study_uids, result.labels,
+                                                                     result.scores, min_count=min_count)))
         for key, value in figures:
             if value is not None:
                 metrics[key] = float(value)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fl_client.privacy import PrivacyLedger
+from fl_client.subgroups import study_subgroups, subgroup_figures
 from fl_client.train import (
     DPPlan,
     TrainingError,
@@ -121,10 +122,14 @@ def run_local(
             threshold = choose_threshold(val.labels, val.scores, rule)
         operating = {"rule": str(rule), "rule_text": rule.describe(), "threshold": threshold,
                      "chosen_on": "val" if val is not None else "no validation split: 0.5"}
+    subgroups: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         ev = evaluate_local(model, data, split, placement=placement, threshold=threshold)
         if ev is not None:
             splits[split] = {**ev.metrics.as_dict(), "images": ev.images}
+            if split == "test" and ev.labels is not None and ev.scores is not None:
+                subgroups = subgroup_figures(study_subgroups(data, split), ev.study_uids, ev.labels, ev.scores,
+                                             min_count=1)  # the site's own view: every subgroup
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "model.pt", state_arrays(model), config.to_flat(), round_number=0)
     doc: dict[str, Any] = {
@@ -141,6 +146,7 @@ def run_local(
         "steps": result.steps,
         "splits": splits,
         "operating_point": operating,
+        "subgroups_test": subgroups,
         "curve": curve,
         "privacy": ({**asdict(dp), "grad_sample_mode": dp.grad_sample_mode.value,
                      "epsilon_site_cumulative": result.epsilon, "warning": outlook} if dp else None),

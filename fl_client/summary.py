@@ -19,41 +19,19 @@ from imaging.catalog import Catalog
 from imaging.dataset import cached_dataset
 from imaging.presets import PRESETS
 from models.protocol import (
-    FIELD_T_BINS,
     INTENSITY_BINS,
-    PIXEL_MM_BINS,
-    SLICE_MM_BINS,
     SUPPRESSED,
     Split,
+    field_bin,
     model_family_of,
+    pixel_bin,
+    slice_bin,
     vendor_of,
 )
 
 __all__ = ["INTENSITY_SAMPLE", "site_summary"]
 
 INTENSITY_SAMPLE = 24  # training images read for the intensity histogram (from the cache after the first time)
-
-
-def _slice_bin(mm: float) -> str:
-    for edge, name in ((1.0, "lt1"), (2.0, "1-2"), (3.0, "2-3"), (5.0, "3-5")):
-        if mm < edge:
-            return name
-    return SLICE_MM_BINS[-1]
-
-
-def _pixel_bin(mm: float) -> str:
-    for edge, name in ((0.2, "lt0.2"), (0.5, "0.2-0.5"), (1.0, "0.5-1")):
-        if mm < edge:
-            return name
-    return PIXEL_MM_BINS[-1]
-
-
-def _field_bin(tesla: float) -> str:
-    if abs(tesla - 1.5) < 0.3:
-        return "1.5"
-    if abs(tesla - 3.0) < 0.5:
-        return "3"
-    return FIELD_T_BINS[-1]
 
 
 def _intensity_edges(intensity: str) -> np.ndarray:
@@ -100,9 +78,9 @@ def site_summary(workspace: Path, *, min_count: int = 5) -> dict[str, float]:
                 put(f"{name}:{split}:neg", name, labels[0])
             vendors = Counter(vendor_of(str(r[0] or "")) for r in series)
             models = Counter(model_family_of(str(r[4] or "")) for r in series)
-            slices = Counter(_slice_bin(float(r[1])) for r in series if r[1])
-            pixels = Counter(_pixel_bin(float(json.loads(r[3])[0])) for r in series if r[3])
-            fields = Counter(_field_bin(float(r[2])) for r in series if r[2] and preset.modality == "MR")
+            slices = Counter(slice_bin(float(r[1])) for r in series if r[1])
+            pixels = Counter(pixel_bin(float(json.loads(r[3])[0])) for r in series if r[3])
+            fields = Counter(field_bin(float(r[2])) for r in series if r[2] and preset.modality == "MR")
             for prefix, counts in ((f"{name}:vendor:", vendors), (f"{name}:model:", models),
                                    (f"{name}:slice-mm:", slices),
                                    (f"{name}:pixel-mm:", pixels), (f"{name}:field-t:", fields)):

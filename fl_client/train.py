@@ -388,6 +388,7 @@ class EvalResult:
     seconds: float
     labels: np.ndarray | None = None
     scores: np.ndarray | None = None
+    study_uids: tuple[str, ...] = ()
 
 
 def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,
@@ -404,9 +405,9 @@ def evaluate_local(model: nn.Module, data: SiteData, split: str, *, threshold: f
     labels = data.labels(split)
     loss = float(nn.functional.binary_cross_entropy(torch.tensor(probs).clamp(1e-6, 1 - 1e-6),
                                                     torch.tensor(labels, dtype=torch.float32)))
-    _, y, p = study_scores(data.study_uids(split), labels, probs.tolist())
+    uids, y, p = study_scores(data.study_uids(split), labels, probs.tolist())
     return EvalResult(binary_metrics(y, p, threshold=threshold, loss=loss), images=len(labels),
-                      seconds=time.perf_counter() - t0, labels=y, scores=p)
+                      seconds=time.perf_counter() - t0, labels=y, scores=p, study_uids=tuple(uids))
 
 
 def evaluate_segmentation(model: nn.Module, data: SiteData, split: str, *, threshold: float = 0.5,

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fl_server.evaluation import consortium_figures, too_small
-from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split, split_histograms
+from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split, split_histograms, split_subgroups
 
 __all__ = ["app", "cross_site", "data_summary", "final_evaluation", "main"]
 
@@ -190,6 +190,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
         messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.EVALUATE))
     per_site: dict[str, Any] = {}
     test_hists: dict[str, dict[str, list[float]]] = {}
+    subgroups: dict[str, dict[str, dict[str, float]]] = {}
     val_hists: dict[str, dict[str, list[float]]] = {}
     failed = []
     refused = []
@@ -205,7 +206,10 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
             refused.append({"site": site, **refusal})
             continue
         metrics, pos, neg = split_histograms(reply.content[Record.METRICS])  # type: ignore[arg-type]
+        metrics, groups = split_subgroups(metrics)
         per_site[site] = metrics
+        if groups:
+            subgroups[site] = groups
         if pos is not None and neg is not None:
             test_hists[site] = {"pos": pos, "neg": neg}
         if Record.EVALUATION in reply.content:
@@ -219,7 +223,7 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
     log.info("oncofed: final test evaluation (%s): %s", head, {s: round(m.get(head, float("nan")), 3)
                                                               for s, m in per_site.items()})
     doc: dict[str, Any] = {"split": Split.TEST.value, "sites": per_site, "weighted": pooled, "failed": failed,
-                           "refused": refused}
+                           "refused": refused, "subgroups": subgroups}
     if operating_point and test_hists:
         doc["consortium"] = consortium_figures(test_hists, val_hists, rule=operating_point)
         doc["histograms"] = test_hists

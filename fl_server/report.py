@@ -151,6 +151,25 @@ def _operating_point_html(consortium: Mapping[str, Any]) -> str:
                "histograms).</p>" if cal.get("ece") is not None else ""))
 
 
+def _subgroups_html(subgroups: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Per site, the test figures per scanner vendor, slice thickness band and MR field strength band."""
+    rows = []
+    for site, groups in sorted(subgroups.items()):
+        for name, g in sorted(groups.items()):
+            kind, value = name.split(":", 1)
+            unit = {"slice-mm": " mm", "field-t": " T"}.get(kind, "")
+            auc = ("—" if g.get("auroc") is None else f"{g['auroc']:.3f}"
+                   + (f" ({g['auroc-low']:.2f}–{g['auroc-high']:.2f})" if g.get("auroc-low") is not None else ""))
+            rows.append([site, kind, value + unit, int(g.get("studies", 0)),
+                         f"{int(g.get('positives', 0))}/{int(g.get('negatives', 0))}", auc])
+    if not rows:
+        return ""
+    return ("<h2>Subgroups (test split)</h2>" + _table(["site", "subgroup", "value", "studies", "pos/neg",
+                                                       "AUROC (95 % CI)"], rows)
+            + "<p class='note'>Each site's studies by the series they were scored on; a subgroup of fewer studies "
+              "than the site's minimum count is not sent.</p>")
+
+
 def _consortium_plots(consortium: Mapping[str, Any], out: Path) -> list[tuple[str, str]]:
     """ROC curves (pooled and per site) and the reliability diagram of the final model on the test split."""
     if not consortium.get("roc"):
@@ -267,7 +286,7 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
                            f"{auc['positives']}/{auc['negatives']}",
                            f"{auc['auroc']:.3f} ({auc['low']:.3f}–{auc['high']:.3f})",
                            *(["—"] * (len(shown) - 1))])
-    operating_html = _operating_point_html(consortium)
+    operating_html = _operating_point_html(consortium) + _subgroups_html(final.get("subgroups") or {})
     plots += _consortium_plots(consortium, run_dir / "plots")
     cross = history.get("cross_site") or {}
     cross_models = cross.get("models") or {}

@@ -42,6 +42,10 @@ __all__ = [
     "SLICE_MM_BINS",
     "SCORE_NEG",
     "SCORE_POS",
+    "SUBGROUP",
+    "SUBGROUP_KEYS",
+    "SUBGROUP_KINDS",
+    "SUBGROUP_STATS",
     "SUPPRESSED",
     "TRAIN_AGGREGATED",
     "TRAIN_METRICS",
@@ -57,12 +61,16 @@ __all__ = [
     "SiteKey",
     "Split",
     "failure_text",
+    "field_bin",
     "headline_metric",
     "histogram_metrics",
     "parse_failure",
+    "pixel_bin",
     "reason_codes",
     "report_metrics",
+    "slice_bin",
     "split_histograms",
+    "split_subgroups",
     "summary_keys",
     "model_family_of",
     "vendor_of",
@@ -165,8 +173,6 @@ SCORE_NEG = "score-neg:"
 HISTOGRAM_KEYS = frozenset(f"{prefix}{b}" for prefix in (SCORE_POS, SCORE_NEG) for b in range(SCORE_BINS))
 """A classifier's evaluation also carries its study scores as two histograms on fixed bins (per class), from
 which the server computes the consortium's AUROC and operating point without any per-study score."""
-ALLOWED_METRICS = frozenset(Metric) | HISTOGRAM_KEYS
-"""The egress whitelist of scalars: anything else is refused by the site's guard."""
 
 
 def histogram_metrics(pos: Sequence[float], neg: Sequence[float]) -> dict[str, float]:
@@ -304,6 +310,57 @@ def model_family_of(model: str) -> str:
         if word in MODEL_FAMILIES and word != "other":
             return word
     return "other"
+
+
+def slice_bin(mm: float) -> str:
+    """A slice thickness's band, from :data:`SLICE_MM_BINS`."""
+    for edge, name in ((1.0, "lt1"), (2.0, "1-2"), (3.0, "2-3"), (5.0, "3-5")):
+        if mm < edge:
+            return name
+    return SLICE_MM_BINS[-1]
+
+
+def pixel_bin(mm: float) -> str:
+    """An in-plane pixel spacing's band, from :data:`PIXEL_MM_BINS`."""
+    for edge, name in ((0.2, "lt0.2"), (0.5, "0.2-0.5"), (1.0, "0.5-1")):
+        if mm < edge:
+            return name
+    return PIXEL_MM_BINS[-1]
+
+
+def field_bin(tesla: float) -> str:
+    """An MR field strength's band, from :data:`FIELD_T_BINS`."""
+    if abs(tesla - 1.5) < 0.3:
+        return "1.5"
+    if abs(tesla - 3.0) < 0.5:
+        return "3"
+    return FIELD_T_BINS[-1]
+
+
+SUBGROUP = "subgroup:"
+SUBGROUP_KINDS: dict[str, tuple[str, ...]] = {"vendor": VENDORS, "slice-mm": SLICE_MM_BINS, "field-t": FIELD_T_BINS}
+SUBGROUP_STATS = ("studies", "positives", "negatives", "auroc", "auroc-low", "auroc-high")
+SUBGROUP_KEYS = frozenset(f"{SUBGROUP}{kind}:{value}:{stat}" for kind, values in SUBGROUP_KINDS.items()
+                          for value in values for stat in SUBGROUP_STATS)
+"""A classifier's test evaluation also carries its figures per subgroup of studies a site can tell apart: scanner
+vendor, slice thickness band, MR field strength band (fixed vocabularies); a subgroup of fewer studies than the
+site's minimum count is not sent."""
+
+ALLOWED_METRICS = frozenset(Metric) | HISTOGRAM_KEYS | SUBGROUP_KEYS
+"""The egress whitelist of scalars: anything else is refused by the site's guard."""
+
+
+def split_subgroups(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """A reply's metrics without its subgroup entries, and the subgroups (``"vendor:siemens"`` -> stat -> value)."""
+    rest: dict[str, float] = {}
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key in SUBGROUP_KEYS:
+            kind, name, stat = key[len(SUBGROUP):].split(":")
+            groups.setdefault(f"{kind}:{name}", {})[stat] = float(value)
+        else:
+            rest[key] = float(value)
+    return rest, groups
 
 
 def reason_codes() -> frozenset[str]:

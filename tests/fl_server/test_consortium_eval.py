@@ -79,7 +79,9 @@ def test_the_report_shows_intervals_the_operating_point_and_the_curves(tmp_path:
                        Metric.AUROC: ci.auroc, Metric.AUROC_LOW: ci.low, Metric.AUROC_HIGH: ci.high}
     final = {"split": "test", "sites": sites, "weighted": {}, "consortium": consortium_figures(hists, _hists(val),
                                                                                                 rule="youden"),
-             "too_small": sorted(s for s, m in sites.items() if too_small(m))}
+             "too_small": sorted(s for s, m in sites.items() if too_small(m)),
+             "subgroups": {"site-a": {"vendor:siemens": {"studies": 30, "positives": 12, "negatives": 18,
+                                                         "auroc": 0.81, "auroc-low": 0.66, "auroc-high": 0.96}}}}
     history = {"run_id": "7", "task": "lung-ct", "strategy": "fedavg", "final": final,
                "rounds": [{"round": 1, "train": {}, "evaluate": {}, "aggregated_evaluate": {},
                            "consortium": final["consortium"]["auroc"]}]}
@@ -90,4 +92,5 @@ def test_the_report_shows_intervals_the_operating_point_and_the_curves(tmp_path:
     assert "Youden" in page and "too few to judge" in page  # site-b has 8 studies
     low, high = sites["site-a"][Metric.AUROC_LOW], sites["site-a"][Metric.AUROC_HIGH]
     assert f"({low:.3f}–{high:.3f})" in page
+    assert "Subgroups (test split)" in page and "0.810 (0.66–0.96)" in page
     assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "reliability.png").is_file()
