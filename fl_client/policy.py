@@ -39,6 +39,7 @@ from typing import Any
 from fl_client.egress import append_line
 from fl_client.workspace import Workspace
 from models.protocol import Refusal
+from models.tasks import is_segmentation
 
 __all__ = [
     "Admission",
@@ -185,7 +186,11 @@ class RunManifest:
                 f"strategy {self.strategy}" + ("; secure aggregation" if self.secure_aggregation else ""),
                 f"network {self.network} ({self.parameters:,} parameters) at the {self.resolution} resolution profile",
                 dp,
-                f"leaves the site: the model's weights and the metrics {', '.join(self.metrics)}",
+                f"leaves the site: the model's weights and the metrics {', '.join(self.metrics)}"
+                + ("" if is_segmentation(self.task) else
+                   "; the studies' scores as per-class counts on 64 fixed bins (no per-study score); test "
+                   "figures per scanner vendor, slice band and field strength with at least the site's minimum "
+                   "count of studies"),
                 f"lead's run id {self.lead_run_id}; app {self.app}"
                 + (f" (sha256 {self.app_hash[:16]}…)" if self.app_hash else "")]
 
