@@ -29,6 +29,50 @@ def _load(run_dir: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+_SETTINGS = (("task", "task"), ("resolution", "resolution profile"), ("model", "network"),
+             ("strategy", "strategy"), ("num-rounds", "rounds"), ("local-epochs", "local epochs"),
+             ("batch-size", "batch size"), ("learning-rate", "learning rate"), ("optimizer", "optimizer"),
+             ("proximal-mu", "FedProx μ"), ("server-learning-rate", "server learning rate"),
+             ("dp", "DP-SGD"), ("dp-epsilon", "DP ε per site (run)"), ("dp-delta", "DP δ (0: the site's)"),
+             ("dp-max-grad-norm", "DP clipping norm"), ("dp-accountant", "DP accountant"),
+             ("secure-aggregation", "secure aggregation"), ("operating-point", "operating point rule"),
+             ("seed", "seed"))
+_PACKAGES = ("oncofed", "flwr", "torch", "monai", "opacus", "pydicom", "highdicom", "numpy")
+
+
+def _utc(seconds: Any) -> str:
+    import datetime
+
+    if not seconds:
+        return "—"
+    return datetime.datetime.fromtimestamp(float(seconds), tz=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
+    """What a clinician files with the figures: the run, its dates, its settings and the software that made it."""
+    import importlib.metadata
+
+    config = {}
+    if (run_dir / "config.json").is_file():
+        doc = json.loads((run_dir / "config.json").read_text())
+        config = dict(doc.get("run_config") or {})
+        started = doc.get("started")
+    else:
+        started = None
+    rows = [[label, str(config[key])] for key, label in _SETTINGS if key in config]
+    versions = []
+    for name in _PACKAGES:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return (f"<h2>Run</h2><p>Run <b>{html.escape(str(history.get('run_id')))}</b>, started "
+            f"{_utc(started or history.get('started'))}, finished {_utc(history.get('finished'))}. Research use only: "
+            "not for clinical decisions.</p>" + (_table(["setting", "value"], rows) if rows else "")
+            + f"<p class='note'>Software (the lead's machine, when this page was written): "
+              f"{html.escape(', '.join(versions))}.</p>")
+
+
 def _series(rounds: list[RoundRecord], stage: str, key: str) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for record in rounds:
@@ -335,6 +379,7 @@ negative test studies, too few to judge.</p>
 <h2>Rounds</h2>
 {_table(['round', 'wall s', 'slowest site s', 'framework overhead', 'aggregated/asked', 'train loss',
          f'val {name} (weighted)', 'val AUROC, consortium (95 % CI)'], round_rows)}
+{_run_html(run_dir, history)}
 <h2>Dropped, refused and failed replies</h2>
 {_table(['round', 'site', 'what', 'why'], events) if events else '<p>None: every site took part in every round.</p>'}
 <h2>Plots</h2>

@@ -86,11 +86,15 @@ def test_the_report_shows_intervals_the_operating_point_and_the_curves(tmp_path:
                "rounds": [{"round": 1, "train": {}, "evaluate": {}, "aggregated_evaluate": {},
                            "consortium": final["consortium"]["auroc"]}]}
     (tmp_path / "history.json").write_text(json.dumps(history))
-    (tmp_path / "config.json").write_text(json.dumps({"run_id": "7", "run_config": {}}))
+    (tmp_path / "config.json").write_text(json.dumps({"run_id": "7", "started": 1.79e9, "run_config": {
+        "task": "lung-ct", "dp": True, "dp-epsilon": 8.0, "operating-point": "youden"}}))
     page = write_report(tmp_path).read_text()
     assert "consortium (all studies, from histograms)" in page and "Operating point" in page
     assert "Youden" in page and "too few to judge" in page  # site-b has 8 studies
     low, high = sites["site-a"][Metric.AUROC_LOW], sites["site-a"][Metric.AUROC_HIGH]
     assert f"({low:.3f}–{high:.3f})" in page
+    # What a clinician files: the run, its date, its settings (DP included) and the software versions.
+    assert "Research use only" in page and "2026-" in page and "DP ε per site (run)" in page
+    assert "torch " in page and "monai " in page
     assert "Subgroups (test split)" in page and "0.810 (0.66–0.96)" in page
     assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "reliability.png").is_file()
