@@ -115,11 +115,14 @@ EPILOG_REVIEW = """examples:
   oncofed-site review --workspace ws/site-a --model runs/fed-1/model.pt
   oncofed-site review --workspace ws/site-a --model runs/lung/model.pt --model runs/breast/model.pt --port 8800
   oncofed-site review --workspace ws/site-a --export-csv verdicts.csv
+  oncofed-site review --workspace ws/site-a --model runs/lung-seg/model.pt     # a segmentation model
 
 Serves the review page on http://127.0.0.1:PORT/ (this machine only): the worklist of the site's
 studies with the model's score (sortable, filters for task, split, label and review state), and per
 image the slices with window/level presets, the saliency overlay (opacity, method) and the verdict
-form (agree / disagree / unsure, comment, initials). Verdicts are kept in the site catalog with the
+form (agree / disagree / unsure, comment, initials). For a segmentation model (a *-seg task) the
+score is the predicted lesion volume and the slices show its outline, with the reference
+annotation's outline in another colour where the study has one. Verdicts are kept in the site catalog with the
 time and the model file's SHA-256; --export-csv writes them all. One --model per task. Ctrl-C stops."""
 
 
