@@ -302,7 +302,8 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if spec.proximal_mu else None
     placement = site.placement(dp_mode=dp.grad_sample_mode.value if dp is not None else None)
     try:
-        result = train_local(model, data.dataset("train", train=spec.augment), spec=spec, labels=data.labels("train"),
+        augmented = data.dataset("train", train=spec.augment, seed=spec.seed + 7919 * round_number)
+        result = train_local(model, augmented, spec=spec, labels=data.labels("train"),
                              global_params=global_params, dp=dp, ledger=ledger, run_id=run_id,
                              round_number=round_number, task=config.model.task, placement=placement,
                              segmentation=data.segmentation)

@@ -81,7 +81,7 @@ def run_local(
                             "(the pooled run is the centralised baseline, without DP)")
     torch.manual_seed(config.training.seed)
     model = build_model(config.model)
-    train_set = data.dataset("train", train=config.training.augment)
+    train_set = data.dataset("train", train=config.training.augment, seed=config.training.seed)
     samples = data.count("train")
     ledger = PrivacyLedger(workspaces[0]) if config.privacy.enabled else None
     dp: DPPlan | None = None

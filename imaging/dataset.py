@@ -66,7 +66,7 @@ def cache_folder(workspace: Path | str, preset: TaskPreset) -> Path:
 
 
 def cached_dataset(
-    items: Sequence[Item], preset: TaskPreset, *, workspace: Path | str, train: bool
+    items: Sequence[Item], preset: TaskPreset, *, workspace: Path | str, train: bool, seed: int | None = None
 ) -> PersistentDataset:
     """A dataset of items whose preprocessed tensors are cached in the site workspace.
 
@@ -75,6 +75,8 @@ def cached_dataset(
         preset: The task preset.
         workspace: The site workspace (the cache goes in its ``cache/`` folder).
         train: Apply the preset's random augmentations after the cached steps.
+        seed: Seed of the augmentations' random state (MONAI's transforms otherwise draw theirs from the operating
+            system, so two runs of one configuration would differ).
 
     Returns:
         A MONAI PersistentDataset yielding dicts with ``image`` (channel-first float32 tensor),
@@ -84,4 +86,7 @@ def cached_dataset(
     folder = cache_folder(workspace, preset)
     folder.mkdir(parents=True, exist_ok=True)
     data = sample_dicts(items, masks=preset.segmentation)
-    return PersistentDataset(data=data, transform=pipeline(preset, train=train), cache_dir=folder)
+    transform = pipeline(preset, train=train)
+    if seed is not None:
+        transform.set_random_state(seed=seed)
+    return PersistentDataset(data=data, transform=transform, cache_dir=folder)

@@ -72,15 +72,17 @@ class SiteData:
         """The labels of a split's images, in order."""
         return [item.label for _, item in self.items.get(split, [])]
 
-    def dataset(self, split: str, *, train: bool) -> TensorDataset:
-        """The split as a dataset; each workspace caches its own preprocessed tensors."""
+    def dataset(self, split: str, *, train: bool, seed: int | None = None) -> TensorDataset:
+        """The split as a dataset; each workspace caches its own preprocessed tensors. ``seed`` fixes the random
+        augmentations (each workspace's part from ``seed + its index``), so a run can be repeated exactly."""
         preset = get_preset(self.task, self.resolution)
         parts = []
         by_ws: dict[Path, list[Item]] = {}
         for ws, item in self.items.get(split, []):
             by_ws.setdefault(ws, []).append(item)
-        for ws, items in by_ws.items():
-            parts.append(cached_dataset(items, preset, workspace=ws, train=train))
+        for k, (ws, items) in enumerate(by_ws.items()):
+            parts.append(cached_dataset(items, preset, workspace=ws, train=train,
+                                        seed=None if seed is None else seed + k))
         return TensorDataset(torch.utils.data.ConcatDataset(parts) if len(parts) != 1 else parts[0],
                              masks=preset.segmentation)
 

@@ -177,3 +177,15 @@ def test_site_data_built_by_hand_reads_the_same(consortium: Path) -> None:
     only_val = SiteData(TASK, {"val": data.items["val"]})
     assert only_val.count("train") == 0 and only_val.labels("val") == data.labels("val")
     assert len(only_val.dataset("val", train=False)) == data.count("val")
+
+
+def test_a_seed_makes_the_augmentations_repeatable(consortium: Path) -> None:
+    data = load_site_data(_sites(consortium), TASK)
+
+    def first_images(seed: int | None) -> list[torch.Tensor]:
+        ds = data.dataset("train", train=True, seed=seed)
+        return [ds[i][0] for i in range(4)]
+
+    a, b, c = first_images(3), first_images(3), first_images(4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
