@@ -16,6 +16,7 @@ from models.protocol import (
     HISTOGRAM_KEYS,
     PRIVACY_METRICS,
     REFUSAL_METRICS,
+    SUBGROUP_KEYS,
     TRAIN_METRICS,
     WEIGHTS,
     FailureCode,
@@ -53,7 +54,8 @@ def test_text_that_is_not_a_failure_is_not_read_as_one() -> None:
 
 def test_the_whitelists_are_the_enums_and_the_codes_do_not_collide() -> None:
     assert set(TRAIN_METRICS + EVAL_METRICS + PRIVACY_METRICS + REFUSAL_METRICS) == set(Metric)
-    assert set(Metric) | HISTOGRAM_KEYS == ALLOWED_METRICS and len(HISTOGRAM_KEYS) == 2 * SCORE_BINS
+    assert set(Metric) | HISTOGRAM_KEYS | SUBGROUP_KEYS == ALLOWED_METRICS and len(HISTOGRAM_KEYS) == 2 * SCORE_BINS
+    assert not (HISTOGRAM_KEYS | SUBGROUP_KEYS) & set(Metric)
     assert set(SiteKey) == ALLOWED_STRINGS
     assert not set(Refusal) & set(FailureCode)
     assert reason_codes() == set(Refusal) | set(FailureCode)
