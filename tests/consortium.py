@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,3 +21,17 @@ def make_workspaces(root: Path, *, sites: int, studies_per_task: int, seed: int,
             ingest_folder(catalog, site_dir / "dicom")
             load_labels(catalog, site_dir / "labels.csv")
     return root / "ws"
+
+
+def run_side_by_side(commands: Sequence[Sequence[str]], *,
+                     timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
+    """Run command lines at once and wait for all: for checks of one-line errors, which spend their time starting
+    the interpreter, not working."""
+    env = {**os.environ, "COLUMNS": "200"}
+    procs = [(list(c), subprocess.Popen(list(c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+             for c in commands]
+    out = []
+    for argv, proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr))
+    return out

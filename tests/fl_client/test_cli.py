@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from consortium import run_side_by_side
 from dicom_factory import write_mammogram, write_series
 
 from imaging.catalog import Catalog
@@ -105,12 +106,14 @@ def test_a_device_this_machine_lacks_is_one_clear_line(tmp_path: Path) -> None:
     missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 1}"  # one past the last GPU
     model = tmp_path / "model.pt"
     model.write_bytes(b"")
-    for args in (["train-local", "--workspace", str(tmp_path), "--task", "lung-ct", "--out", str(tmp_path / "o")],
-                 ["explain", "--workspace", str(tmp_path), "--model", str(model), "--out", str(tmp_path / "e")],
-                 ["review", "--workspace", str(tmp_path), "--model", str(model), "--port", "0"]):
-        done = run(*args, "--device", missing)
+    commands = [["train-local", "--workspace", str(tmp_path), "--task", "lung-ct", "--out", str(tmp_path / "o")],
+                ["explain", "--workspace", str(tmp_path), "--model", str(model), "--out", str(tmp_path / "e")],
+                ["review", "--workspace", str(tmp_path), "--model", str(model), "--port", "0"]]
+    *answers, bad = run_side_by_side(
+        [[sys.executable, "-m", "fl_client.cli", *c, "--device", missing] for c in commands]
+        + [[sys.executable, "-m", "fl_client.cli", "train-local", "--workspace", str(tmp_path), "--task", "lung-ct",
+            "--out", str(tmp_path / "o"), "--device", "cpu", "--precision", "fp16"]])  # fp16 is CUDA's alone
+    for done in answers:
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert f"device '{missing}' does not exist on this machine" in done.stderr, done.stderr
-    bad = run("train-local", "--workspace", str(tmp_path), "--task", "lung-ct", "--out", str(tmp_path / "o"),
-              "--device", "cpu", "--precision", "fp16")  # fp16 is CUDA's alone, on any machine
     assert bad.returncode == 2 and "fp16 needs a CUDA device" in bad.stderr

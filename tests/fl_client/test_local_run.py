@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from consortium import run_side_by_side
 
 from imaging.catalog import Catalog
 from imaging.ingest import ingest_folder
@@ -111,11 +112,13 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
     result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
                  str(tmp_path / "one"), "--study", one)
     assert result.returncode == 0 and len(json.loads((tmp_path / "one" / "explain.json").read_text())["images"]) == 1
-    for args, needle in [(["--model", str(tmp_path / "nope.pt")], "does not exist"),
-                         (["--model", str(model_dir / "metrics.json")], "not an oncofed model file"),
-                         (["--model", str(model_dir / "model.pt"), "--study", "1.2.3"], "no labelled image of study"),
-                         (["--model", str(model_dir / "model.pt"), "--method", "lime"], "expected gradcam")]:
-        bad = run("explain", "--workspace", str(workspaces[0]), "--out", str(tmp_path / "bad"), *args)
+    cases = [(["--model", str(tmp_path / "nope.pt")], "does not exist"),
+             (["--model", str(model_dir / "metrics.json")], "not an oncofed model file"),
+             (["--model", str(model_dir / "model.pt"), "--study", "1.2.3"], "no labelled image of study"),
+             (["--model", str(model_dir / "model.pt"), "--method", "lime"], "expected gradcam")]
+    done = run_side_by_side([[sys.executable, "-m", "fl_client.cli", "explain", "--workspace", str(workspaces[0]),
+                              "--out", str(tmp_path / f"bad{k}"), *args] for k, (args, _) in enumerate(cases)])
+    for bad, (_, needle) in zip(done, cases, strict=True):
         assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 

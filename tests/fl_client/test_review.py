@@ -239,6 +239,7 @@ def test_the_page_answers_only_its_own_address_and_token(server: str) -> None:
 
 def test_review_refuses_bad_input_in_one_line(site: tuple[Path, Path, Path], tmp_path: Path) -> None:
     ws, lung, _ = site
+    procs = []
     for args, needle in [(["--workspace", str(ws), "--model", str(lung), "--host", "0.0.0.0"],
                           "listens on this machine only"),
                          (["--workspace", str(ws), "--model", str(lung), "--port", "99999"], "from 1 to 65535"),
@@ -247,6 +248,7 @@ def test_review_refuses_bad_input_in_one_line(site: tuple[Path, Path, Path], tmp
                          (["--workspace", str(ws), "--model", str(tmp_path / "x.pt")], "does not exist"),
                          (["--workspace", str(ws), "--model", str(lung), "--model", str(lung)], "one model per task"),
                          (["--workspace", str(ws), "--model", str(lung), "--method", "lime"], "expected gradcam")]:
-        proc = cli("review", *args)
+        procs.append((cli("review", *args), needle))  # side by side: each is mostly interpreter start-up
+    for proc, needle in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and needle in err and "Traceback" not in err, err
