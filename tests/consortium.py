@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from imaging.catalog import Catalog
@@ -13,13 +15,24 @@ from imaging.labels import load_labels
 from imaging.synth import generate_consortium
 
 
+def _ingest_site(site_dir: Path, ws: Path) -> None:
+    with Catalog.open(ws) as catalog:
+        ingest_folder(catalog, site_dir / "dicom")
+        load_labels(catalog, site_dir / "labels.csv")
+
+
 def make_workspaces(root: Path, *, sites: int, studies_per_task: int, seed: int, tasks: Sequence[str]) -> Path:
-    """Generate a consortium under ``root/data`` and ingest each site into ``root/ws/<site>``; return ``root/ws``."""
+    """Generate a consortium under ``root/data`` and ingest each site into ``root/ws/<site>``; return ``root/ws``.
+    The sites are ingested side by side (two processes), as hospitals would."""
     generate_consortium(root / "data", sites=sites, studies_per_task=studies_per_task, seed=seed, tasks=list(tasks))
-    for site_dir in sorted(p for p in (root / "data").iterdir() if p.is_dir() and (p / "dicom").is_dir()):
-        with Catalog.open(root / "ws" / site_dir.name) as catalog:
-            ingest_folder(catalog, site_dir / "dicom")
-            load_labels(catalog, site_dir / "labels.csv")
+    site_dirs = sorted(p for p in (root / "data").iterdir() if p.is_dir() and (p / "dicom").is_dir())
+    if len(site_dirs) == 1:
+        _ingest_site(site_dirs[0], root / "ws" / site_dirs[0].name)
+    else:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads forked
+        with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+            for done in [pool.submit(_ingest_site, d, root / "ws" / d.name) for d in site_dirs]:
+                done.result()
     return root / "ws"
 
 

@@ -95,12 +95,12 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
     assert trained.returncode == 0, trained.stderr
     out = tmp_path / "explain"
     result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
-                 str(out), "--split", "train", "--method", "gradcam,gradcampp")
+                 str(out), "--split", "val", "--method", "gradcam,gradcampp")
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads((out / "explain.json").read_text())
     assert doc["schema"] == "oncofed.explain/1" and doc["task"] == "prostate-mr" and doc["images"]
     for entry in doc["images"]:
-        assert 0.0 < entry["probability"] < 1.0 and entry["split"] == "train"
+        assert 0.0 < entry["probability"] < 1.0 and entry["split"] == "val"
         for method in ("gradcam", "gradcampp"):
             heat = np.load(out / entry["maps"][method]["map"])
             assert heat.shape == (48, 48, 16) and heat.min() >= 0.0 and heat.max() <= 1.0
