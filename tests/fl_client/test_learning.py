@@ -18,7 +18,9 @@ from models.config import from_flat
 pytestmark = pytest.mark.slow
 
 # task -> epochs of pooled training (3 sites × 48 studies)
-POOLED = {"lung-ct": 8, "breast-mg": 12, "prostate-mr": 30, "colorectal-ct": 30}
+# Training is repeatable (seeded augmentations); measured validation AUROC at these epochs: lung 1.0 (5),
+# colorectal 0.88 (26; it crosses 0.75 only after 22 epochs).
+POOLED = {"lung-ct": 5, "breast-mg": 12, "prostate-mr": 30, "colorectal-ct": 26}
 # task -> (epochs, learning rate) of DP training at one site (96 studies, 69 for training), ε = 8. DP-SGD
 # wants larger steps than plain training (its noise averages out over them). Only the lung task is asserted:
 # with about 70 training studies at one site, breast and prostate under DP stayed between 0.47 and 0.77

@@ -25,7 +25,7 @@ def test_federated_segmentation_with_dp_and_secure_aggregation(tmp_path: Path) -
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "fl_server.cli", "simulate", "--sites", str(sites), "--run-dir", str(run_dir),
-         "--set", "task=prostate-mr-seg", "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp=true",
+         "--set", "task=prostate-mr-seg", "--set", "num-rounds=1", "--set", "threads=1", "--set", "dp=true",
          "--set", "dp-epsilon=8", "--set", "secure-aggregation=true", "--set", "min-sites=3",
          "--set", "batch-size=2"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
