@@ -366,12 +366,15 @@ def _evaluate(site: Site, config: RunConfig, model: torch.nn.Module, data: SiteD
                        (Metric.ECE, m.ece), (Metric.SENSITIVITY, m.sensitivity),
                        (Metric.SPECIFICITY, m.specificity), (Metric.BALANCED_ACCURACY, m.balanced_accuracy),
                        (Metric.BRIER, m.brier), (Metric.EVAL_LOSS, m.loss))
+            min_count = RunBook(site.workspace).policy().min_count
             if result.labels is not None and result.scores is not None:
-                # The studies' scores leave only as per-class counts on fixed bins (for the consortium's AUROC).
-                metrics.update(histogram_metrics(*score_histogram(result.labels, result.scores)))
+                # The studies' scores leave only as per-class counts on fixed bins (for the consortium's AUROC), and
+                # only when each class holds at least the site's minimum count: a histogram of two positives
+                # places each of those patients' scores in a bin.
+                if min(m.positives, m.negatives) >= min_count:
+                    metrics.update(histogram_metrics(*score_histogram(result.labels, result.scores)))
                 if split == Split.TEST and data is not None:  # figures per scanner vendor, slice band, field
                     groups = study_subgroups(data, split)
-                    min_count = RunBook(site.workspace).policy().min_count
                     metrics.update(subgroup_metrics(subgroup_figures(groups, result.study_uids, result.labels,
                                                                      result.scores, min_count=min_count)))
         for key, value in figures:

@@ -224,6 +224,9 @@ def final_evaluation(grid: Grid, arrays: Any, *, run_id: str, round_number: int,
                                                               for s, m in per_site.items()})
     doc: dict[str, Any] = {"split": Split.TEST.value, "sites": per_site, "weighted": pooled, "failed": failed,
                            "refused": refused, "subgroups": subgroups}
+    # Classifier sites that scored test studies but sent no histogram: a class below the site's minimum count.
+    doc["without_histograms"] = sorted(s for s, m in per_site.items() if m.get(Metric.STUDIES, 0) > 0
+                                       and Metric.DICE not in m and s not in test_hists)
     if operating_point and test_hists:
         doc["consortium"] = consortium_figures(test_hists, val_hists, rule=operating_point)
         doc["histograms"] = test_hists

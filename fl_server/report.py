@@ -331,6 +331,11 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
                            f"{auc['auroc']:.3f} ({auc['low']:.3f}–{auc['high']:.3f})",
                            *(["—"] * (len(shown) - 1))])
     operating_html = _operating_point_html(consortium) + _subgroups_html(final.get("subgroups") or {})
+    if final.get("without_histograms"):
+        operating_html += ("<p class='note'>Not in the consortium figures: "
+                           + ", ".join(html.escape(s) for s in final["without_histograms"])
+                           + " (a test class smaller than the site's minimum count, so the site sent no score "
+                             "histogram).</p>")
     plots += _consortium_plots(consortium, run_dir / "plots")
     cross = history.get("cross_site") or {}
     cross_models = cross.get("models") or {}

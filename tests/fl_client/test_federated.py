@@ -24,6 +24,7 @@ from fl_client.federated import (
     site_from_config,
     steps_per_round,
 )
+from fl_client.policy import RunBook, SitePolicy
 from fl_client.privacy import PrivacyLedger
 from fl_client.train import dp_sample_rate, dp_steps
 from imaging.sitedata import load_site_data
@@ -278,6 +279,7 @@ def test_fit_without_data_for_the_task_answers_a_no_data_refusal(site: Site, tmp
 def test_evaluate_gives_study_counts_for_the_split_and_the_extra_split(site: Site) -> None:
     config = _config()
     data = load_site_data([site.workspace], "lung-ct")
+    RunBook(site.workspace).set_policy(SitePolicy(min_count=1), who="site DPO")  # this small split's histograms
     reply = evaluate(site, config, run_id="run-4", round_number=2, global_flat=_global(config), split="val",
                      evaluate_split="test")
     val_studies = len(set(data.study_uids("val")))
@@ -296,6 +298,23 @@ def test_evaluate_gives_study_counts_for_the_split_and_the_extra_split(site: Sit
     records = EgressLog(site.workspace).records()
     assert [(r.kind, r.round) for r in records] == [("evaluate-val", 2), ("evaluate-test", 2)]
     assert records[0].metrics == {k: float(v) for k, v in reply.metrics.items()}
+
+
+def test_score_histograms_stay_at_a_site_whose_classes_are_below_its_minimum_count(site: Site) -> None:
+    config = _config()
+    data = load_site_data([site.workspace], "lung-ct")
+    smaller = min(sum(data.labels("val")), len(data.labels("val")) - sum(data.labels("val")))
+    assert smaller > 0
+    RunBook(site.workspace).set_policy(SitePolicy(min_count=smaller + 1), who="site DPO")
+    reply = evaluate(site, config, run_id="run-6", round_number=1, global_flat=_global(config), split="val")
+    assert split_histograms(reply.metrics)[1] is None
+    assert not any(k.startswith("score-") for k in reply.metrics)
+    assert Metric.AUROC in reply.metrics  # the site's own figures still leave
+    (record,) = EgressLog(site.workspace).records()
+    assert not any(k.startswith("score-") for k in record.metrics)
+    RunBook(site.workspace).set_policy(SitePolicy(min_count=smaller), who="site DPO")
+    reply = evaluate(site, config, run_id="run-6", round_number=2, global_flat=_global(config), split="val")
+    assert sum(split_histograms(reply.metrics)[1] or []) == sum(data.labels("val"))
 
 
 def test_evaluate_without_data_reports_zero_studies(site: Site) -> None:

@@ -64,10 +64,14 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
     assert set(final["sites"]) == {"site-a", "site-b", "site-c"} and "auroc" in final["weighted"]
     # The consortium's AUROC from the sites' histograms covers every test study the sites counted.
     consortium = final["consortium"]
-    assert consortium["auroc"]["positives"] == sum(m.get("positives", 0) for m in final["sites"].values())
+    assert consortium["auroc"]["positives"] == sum(m.get("positives", 0) for s, m in final["sites"].items()
+                                                   if s in final["histograms"])
     assert consortium["auroc"]["low"] <= consortium["auroc"]["auroc"] <= consortium["auroc"]["high"]
     assert consortium["operating_point"]["rule"] == "youden"
-    assert set(final["histograms"]) == {s for s, m in final["sites"].items() if m["studies"] > 0}
+    # Histograms leave a site only when each class holds at least its minimum count (5 by default).
+    sent = {s for s, m in final["sites"].items() if min(m.get("positives", 0), m.get("negatives", 0)) >= 5}
+    assert set(final["histograms"]) == sent
+    assert set(final["without_histograms"]) == {s for s, m in final["sites"].items() if m["studies"] > 0} - sent
     assert not any(k.startswith("score-") for m in final["sites"].values() for k in m)  # kept apart
     summary = json.loads((run_dir / "summary" / "summary.json").read_text())  # asked before round 1
     assert summary["schema"] == "oncofed.data-summary/1" and (run_dir / "summary" / "summary.html").is_file()
