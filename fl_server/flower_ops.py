@@ -11,6 +11,7 @@ written to the user's home.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -36,6 +37,7 @@ __all__ = [
     "flwr_run",
     "free_port",
     "run_config_arg",
+    "run_failure_details",
     "simulate",
     "wait_for_port",
     "write_connection",
@@ -260,7 +262,33 @@ def flwr_run(flwr_home: Path, *, run_config: Mapping[str, Any], app: Path | None
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if not finished:
+        why = run_failure_details(flwr_home, "".join(lines))
+        if why:
+            lines.append(why + "\n")
     return RunOutcome(proc.returncode if proc.returncode is not None else -1, "".join(lines), finished)
+
+
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def run_failure_details(flwr_home: Path, output: str) -> str:
+    """Flower's own status of the run ``output`` started (``flwr list --run-id``), for a run that ended without our
+    ServerApp saying so: e.g. ``finished:failed`` with why (the ServerApp process never started, sent no
+    heartbeat, ...). Empty when no run was started or Flower cannot be asked."""
+    m = _STARTED.search(output)
+    if m is None:
+        return ""
+    cmd = [str(Path(sys.executable).parent / "flwr"), "list", CONNECTION, "--run-id", m.group(1), "--format", "json"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(flwr_home), timeout=60)
+        runs = json.loads(done.stdout[done.stdout.find("{"):]).get("runs", [])
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return ""
+    if not runs:
+        return ""
+    run = runs[0]
+    return f"oncofed: Flower says run {m.group(1)} is {run.get('status')}: {run.get('status-details') or 'no details'}"
 
 
 def simulate(sites_dir: Path, run_dir: Path, run_config: Mapping[str, Any], *, workdir: Path | None = None,

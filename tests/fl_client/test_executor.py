@@ -101,7 +101,9 @@ class Consortium:
         finally:
             if side is not None:
                 side.join(timeout=310)
-        assert outcome.finished, outcome.output[-4000:]
+        if not outcome.finished:  # what Flower's SuperLink logged says why (e.g. the ServerApp never started)
+            link_log = self.deployment.link.log_path.read_text(errors="replace").splitlines()[-40:]
+            raise AssertionError(outcome.output[-3000:] + "\n--- superlink log ---\n" + "\n".join(link_log))
         history: dict[str, Any] = json.loads((run_dir / "history.json").read_text())
         return history
 
