@@ -494,12 +494,13 @@ def cmd_provision(args: argparse.Namespace, console: Console) -> int:
     for col in ("site", "kit", "site key fingerprint"):
         table.add_column(col, overflow="fold")
     for kit in done.new_sites:
-        table.add_row(kit.site_id, str(kit.folder), kit.fingerprint)
+        table.add_row(kit.site_id, kit.folder.name, kit.fingerprint)  # the title names the folder they are in
     console.print(table)
     console.print(f"Consortium CA SHA-256: {done.ca_fingerprint}\nSuperLink address in the kits: {done.address}\n"
                   f"Lead's kit: {done.server_kit} (start it with: oncofed-server start --kit {done.server_kit})\n"
                   "Send each site its kit folder over a trusted channel; they join with "
-                  "'oncofed-site join --kit KIT --workspace WS'.", highlight=False, markup=False, emoji=False)
+                  "'oncofed-site join --kit KIT --workspace WS'.", highlight=False, markup=False, emoji=False,
+                  soft_wrap=True)  # paths stay whole, to be copied
     if args.add:
         console.print("A running SuperLink learns the new sites when restarted (oncofed-server start).")
     return 0
