@@ -3,7 +3,8 @@
 The config reproduces :func:`imaging.transforms.deterministic_transforms` with MONAI transforms where MONAI has
 the step (``LoadImaged`` with ``PydicomReader`` on a series folder, ``EnsureChannelFirstd``, ``Orientationd``,
 ``Spacingd``, ``ScaleIntensityRanged``, ``ResizeWithPadOrCropd``, ``EnsureTyped``) and references oncofed's own
-transforms by ``_target_`` where it has not (``LungFieldd``, ``SuppressBrightd``, ``RobustScaled``): a hospital
+transforms by ``_target_`` where it has not (``LungFieldd``, ``PectoralMuscled``, ``SuppressBrightd``,
+``RobustScaled``): a hospital
 running such a bundle needs oncofed installed.
 
 MONAI's ``PydicomReader`` returns a series as ``(cols, rows, slices)`` with a RAS affine, the same array and
@@ -27,6 +28,7 @@ __all__ = ["BundleError", "inference_config", "preprocessing_summary"]
 _ONCOFED_TRANSFORMS = {"load_2d": "imaging.transforms.LoadDicomImaged",
                        "laterality": "imaging.transforms.FlipToLateralityd",
                        "lung_field": "imaging.transforms.LungFieldd",
+                       "pectoral": "imaging.transforms.PectoralMuscled",
                        "suppress": "imaging.transforms.SuppressBrightd",
                        "robust": "imaging.transforms.RobustScaled"}
 
@@ -63,6 +65,8 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
                   "mode": "bilinear", "padding_mode": "border"})
     if preset.lung_field:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["lung_field"], "keys": keys})
+    if preset.remove_pectoral:
+        steps.append({"_target_": _ONCOFED_TRANSFORMS["pectoral"], "keys": keys})
     if preset.suppress_above_hu is not None:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["suppress"], "keys": keys,
                       "threshold": preset.suppress_above_hu})
@@ -147,6 +151,7 @@ def preprocessing_summary(task: str, resolution: str = "cpu") -> dict[str, Any]:
         "field_of_view_mm": [round(s * n, 1) for s, n in zip(preset.target_spacing, preset.spatial_size, strict=True)],
         "intensity": str(preset.intensity), "window_hu": list(preset.window) if preset.window else None,
         "percentiles": list(preset.percentiles) if preset.intensity is not Intensity.CT_WINDOW else None,
-        "lung_field": preset.lung_field, "suppress_above_hu": preset.suppress_above_hu,
+        "lung_field": preset.lung_field, "remove_pectoral": preset.remove_pectoral,
+        "suppress_above_hu": preset.suppress_above_hu,
         "oncofed_transforms": oncofed,
     }

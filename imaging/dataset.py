@@ -23,15 +23,28 @@ from imaging.layout import CACHE_DIR
 from imaging.presets import TaskPreset
 from imaging.transforms import pipeline
 
-__all__ = ["cache_folder", "cached_dataset", "file_fingerprint", "preprocessing_key", "sample_dicts"]
+__all__ = [
+    "PREPROCESSING_VERSION",
+    "cache_folder",
+    "cached_dataset",
+    "file_fingerprint",
+    "preprocessing_key",
+    "sample_dicts",
+]
+
+
+# Bumped whenever a cached step's code changes what it writes (2: the lung field keeps juxtapleural nodules and
+# lungs behind a thin chest wall; the pectoral muscle step): a site's old cache is then never served.
+PREPROCESSING_VERSION = 2
 
 
 def preprocessing_key(preset: TaskPreset) -> str:
-    """A short hash of everything in a preset that changes the cached tensors."""
+    """A short hash of everything in a preset that changes the cached tensors, and of the steps' version."""
     fields = asdict(preset)
     # What does not shape the cached tensors (patches are cut after the cache).
     for name in ("augment", "title", "diagnostic_spacing", "diagnostic_size", "patch_size", "diagnostic_patch"):
         fields.pop(name)
+    fields["preprocessing_version"] = PREPROCESSING_VERSION
     return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:12]
 
 
@@ -50,7 +63,8 @@ def sample_dicts(items: Sequence[Item], *, masks: bool = False) -> list[dict[str
     out = []
     for item in items:
         sample: dict[str, Any] = {"image": plan_to_json(item.plan), "label": item.label,
-                                  "laterality": item.plan.laterality, "study_uid": item.study_uid}
+                                  "laterality": item.plan.laterality, "view": item.plan.view,
+                                  "study_uid": item.study_uid}
         paths = list(item.plan.paths)
         if masks:
             sample["mask"] = str(item.mask) if item.mask else ""

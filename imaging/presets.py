@@ -81,6 +81,8 @@ class TaskPreset:
         min_slices: A 3D series with fewer slices is rejected.
         canonical_laterality: For mammography: images of the other side are mirrored to this one.
         lung_field: For chest CT: keep only the lung fields (see ``imaging.transforms.LungFieldd``).
+        remove_pectoral: For mammography: set the pectoral muscle of MLO views to background
+            (see ``imaging.transforms.PectoralMuscled``).
         suppress_above_hu: For abdominal CT: replace bone and enhancing organs above this HU by fat
             (see ``imaging.transforms.SuppressBrightd``); None keeps them.
         augment: Training-time augmentations.
@@ -106,6 +108,7 @@ class TaskPreset:
     min_slices: int = 1
     canonical_laterality: str | None = None
     lung_field: bool = False
+    remove_pectoral: bool = False
     suppress_above_hu: float | None = None
     augment: Augment = field(default_factory=Augment)
     diagnostic_spacing: tuple[float, ...] = ()
@@ -164,6 +167,7 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 intensity=Intensity.MG_SCALE,
                 percentiles=(0.5, 99.5),
                 canonical_laterality="R",
+                remove_pectoral=True,
                 augment=Augment(flip_axes=(1,), rotate_deg=5.0),
                 # 0.2 mm pixels (calcifications of 0.2-0.5 mm stay visible) over 205 x 256 mm, a full breast.
                 diagnostic_spacing=(0.2, 0.2),

@@ -127,6 +127,7 @@ def test_mammography_export_scores_each_view_as_oncofed_does(tmp_path: Path) -> 
     assert card["preprocessing"]["voxel_size_mm"] == [0.8, 0.8]
     assert card["preprocessing"]["oncofed_transforms"] == ["imaging.transforms.LoadDicomImaged",
                                                            "imaging.transforms.FlipToLateralityd",
+                                                           "imaging.transforms.PectoralMuscled",
                                                            "imaging.transforms.RobustScaled"]
     assert "most suspicious view" in (out / "docs" / "README.md").read_text()
 
@@ -134,7 +135,9 @@ def test_mammography_export_scores_each_view_as_oncofed_does(tmp_path: Path) -> 
         items = catalog.items("breast-mg")
     sides = {item.plan.laterality for item in items}
     assert sides == {"L", "R"}, sides  # both sides, so the mirror is exercised
-    study = {item.plan.laterality: item for item in items}
+    # An MLO view of each side: the bundle removes its pectoral muscle as oncofed does.
+    study = {item.plan.laterality: item for item in sorted(items, key=lambda i: i.plan.view == "MLO")}
+    assert {item.plan.view for item in study.values()} == {"MLO"}
     explainer = Explainer.load(run_dir / "model.pt")
     parser = ConfigParser()
     parser.read_config(out / "configs" / "inference.json")
@@ -144,6 +147,7 @@ def test_mammography_export_scores_each_view_as_oncofed_does(tmp_path: Path) -> 
         theirs = parser.get_parsed_content("dataset", lazy=False)[0]["image"]
         assert theirs.shape == ours.shape, side
         assert float((torch.as_tensor(theirs) - ours).abs().max()) < 1e-5, side
+        assert float(ours[0, -4:, :4].max()) == float(ours.min()), side  # the muscle's corner is background
 
     folder = Path(study["L"].plan.slices[0].path).parent
     views = [item for item in items if Path(item.plan.slices[0].path).parent == folder]
