@@ -3,7 +3,7 @@
 The config reproduces :func:`imaging.transforms.deterministic_transforms` with MONAI transforms where MONAI has
 the step (``LoadImaged`` with ``PydicomReader`` on a series folder, ``EnsureChannelFirstd``, ``Orientationd``,
 ``Spacingd``, ``ScaleIntensityRanged``, ``ResizeWithPadOrCropd``, ``EnsureTyped``) and references oncofed's own
-transforms by ``_target_`` where it has not (``LungFieldd``, ``PectoralMuscled``, ``SuppressBrightd``,
+transforms by ``_target_`` where it has not (``LungFieldd``, ``FindPectorald``/``RemovePectorald``, ``SuppressBrightd``,
 ``RobustScaled``): a hospital
 running such a bundle needs oncofed installed.
 
@@ -28,7 +28,8 @@ __all__ = ["BundleError", "inference_config", "preprocessing_summary"]
 _ONCOFED_TRANSFORMS = {"load_2d": "imaging.transforms.LoadDicomImaged",
                        "laterality": "imaging.transforms.FlipToLateralityd",
                        "lung_field": "imaging.transforms.LungFieldd",
-                       "pectoral": "imaging.transforms.PectoralMuscled",
+                       "find_pectoral": "imaging.transforms.FindPectorald",
+                       "remove_pectoral": "imaging.transforms.RemovePectorald",
                        "suppress": "imaging.transforms.SuppressBrightd",
                        "robust": "imaging.transforms.RobustScaled"}
 
@@ -66,7 +67,7 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
     if preset.lung_field:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["lung_field"], "keys": keys})
     if preset.remove_pectoral:
-        steps.append({"_target_": _ONCOFED_TRANSFORMS["pectoral"], "keys": keys})
+        steps.append({"_target_": _ONCOFED_TRANSFORMS["find_pectoral"], "keys": keys})
     if preset.suppress_above_hu is not None:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["suppress"], "keys": keys,
                       "threshold": preset.suppress_above_hu})
@@ -80,6 +81,8 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
         mode = "zscore" if preset.intensity is Intensity.MR_ZSCORE else "range"
         steps.append({"_target_": _ONCOFED_TRANSFORMS["robust"], "keys": keys, "lower": preset.percentiles[0],
                       "upper": preset.percentiles[1], "mode": mode})
+    if preset.remove_pectoral:
+        steps.append({"_target_": _ONCOFED_TRANSFORMS["remove_pectoral"], "keys": keys})
     steps.append({"_target_": "monai.transforms.ResizeWithPadOrCropd", "keys": keys,
                   "spatial_size": list(preset.spatial_size), "mode": "constant"})
     steps.append({"_target_": "monai.transforms.EnsureTyped", "keys": keys, "dtype": "$torch.float32",

@@ -82,7 +82,7 @@ class TaskPreset:
         canonical_laterality: For mammography: images of the other side are mirrored to this one.
         lung_field: For chest CT: keep only the lung fields (see ``imaging.transforms.LungFieldd``).
         remove_pectoral: For mammography: set the pectoral muscle of MLO views to background
-            (see ``imaging.transforms.PectoralMuscled``).
+            (``imaging.transforms.FindPectorald`` and ``RemovePectorald``).
         suppress_above_hu: For abdominal CT: replace bone and enhancing organs above this HU by fat
             (see ``imaging.transforms.SuppressBrightd``); None keeps them.
         augment: Training-time augmentations.

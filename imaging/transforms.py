@@ -48,7 +48,8 @@ __all__ = [
     "LoadMaskd",
     "LoadPlanImaged",
     "LungFieldd",
-    "PectoralMuscled",
+    "FindPectorald",
+    "RemovePectorald",
     "RobustScaled",
     "SuppressBrightd",
     "augmentations",
@@ -320,30 +321,37 @@ class LungFieldd(MapTransform):
         return d
 
 
-class PectoralMuscled(MapTransform):
-    """Set the pectoral muscle of an MLO mammogram to the background level (a mammography-CAD step).
+class FindPectorald(MapTransform):
+    """Find the pectoral muscle of an MLO mammogram (a mammography-CAD step), for :class:`RemovePectorald`.
 
-    The muscle is found as a straight edge from the top of the image to the chest wall with a bright triangle
-    behind it (:func:`imaging.pectoral.find_pectoral`). Views whose ViewPosition names no oblique or lateral
-    projection (CC, XCCL, ...) are left as they are; an image without the tag is searched, and one where no such
-    edge stands out is left as it is. Runs after resampling, before intensity scaling (so the muscle does not
-    set the breast's percentiles).
+    The muscle is a straight edge from the top of the image to the chest wall with a bright triangle behind it
+    (:func:`imaging.pectoral.find_pectoral`); what is denser than the muscle inside the triangle (a mass over it)
+    is not part of it. Views whose ViewPosition names no oblique or lateral projection (CC, XCCL, ...) are left
+    alone; an image without the tag is searched, and one where no such edge stands out gets no mask.
+
+    Runs before intensity scaling, on the resampled image's own values (where a mass is still denser than the
+    muscle); the muscle is removed after scaling, so that it stays in the percentiles the breast is scaled by, an
+    internal reference of density. Removed before scaling, the densest normal tissue of a negative image was
+    stretched to the brightness of a mass: validation AUROC 0.76 against 0.91 without the step, and the Grad-CAM
+    pointing game fell from 85 % to 61 % (BENCHMARKS.md).
 
     Args:
         keys: Image keys (2D, ``(1, columns, rows)``).
         view_key: The sample key holding the image's ViewPosition.
+        mask_key: Where the muscle's mask goes (None: no muscle found).
     """
 
     _OBLIQUE = ("MLO", "ML", "LM", "LMO", "SIO", "FB")
 
-    def __init__(self, keys: KeysCollection, view_key: str = "view") -> None:
+    def __init__(self, keys: KeysCollection, view_key: str = "view", mask_key: str = "pectoral") -> None:
         super().__init__(keys)
-        self.view_key = view_key
+        self.view_key, self.mask_key = view_key, mask_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from imaging.pectoral import find_pectoral, pectoral_mask
 
         d = dict(data)
+        d[self.mask_key] = None
         view = str(d.get(self.view_key) or "").upper()
         if view and view not in self._OBLIQUE:
             return d
@@ -351,10 +359,31 @@ class PectoralMuscled(MapTransform):
             img = d[key]
             plane = np.asarray(img[0].detach().cpu().numpy() if hasattr(img, "detach") else img[0])
             line = find_pectoral(plane)
-            if line is None:
-                continue
-            mask = torch.as_tensor(pectoral_mask(plane, line), device=img.device)[None]
-            d[key] = torch.where(mask, torch.full_like(img, float(plane.min())), img)
+            if line is not None:
+                d[self.mask_key] = torch.as_tensor(pectoral_mask(plane, line), device=img.device)[None]
+        return d
+
+
+class RemovePectorald(MapTransform):
+    """Set the pectoral muscle :class:`FindPectorald` found to the image's minimum (after intensity scaling).
+
+    Args:
+        keys: Image keys.
+        mask_key: The key :class:`FindPectorald` wrote; it is dropped.
+    """
+
+    def __init__(self, keys: KeysCollection, mask_key: str = "pectoral") -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = d.pop(self.mask_key, None)
+        if mask is None:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            d[key] = torch.where(mask.to(img.device), torch.full_like(img, float(img.min())), img)
         return d
 
 
@@ -410,7 +439,7 @@ def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("im
     if preset.lung_field:
         steps.append(LungFieldd(keys))
     if preset.remove_pectoral:
-        steps.append(PectoralMuscled(keys))
+        steps.append(FindPectorald(keys))
     if preset.suppress_above_hu is not None:
         steps.append(SuppressBrightd(keys, threshold=preset.suppress_above_hu))
     if preset.intensity is Intensity.CT_WINDOW:
@@ -422,6 +451,8 @@ def deterministic_transforms(preset: TaskPreset, *, keys: tuple[str, ...] = ("im
         steps.append(RobustScaled(keys, *preset.percentiles, mode="zscore"))
     else:
         steps.append(RobustScaled(keys, *preset.percentiles, mode="range"))
+    if preset.remove_pectoral:
+        steps.append(RemovePectorald(keys))
     steps.append(ResizeWithPadOrCropd(geo, spatial_size=preset.spatial_size, mode="constant"))
     steps.append(EnsureTyped(geo, dtype=torch.float32, track_meta=False))
     return steps

@@ -127,8 +127,9 @@ def test_mammography_export_scores_each_view_as_oncofed_does(tmp_path: Path) -> 
     assert card["preprocessing"]["voxel_size_mm"] == [0.8, 0.8]
     assert card["preprocessing"]["oncofed_transforms"] == ["imaging.transforms.LoadDicomImaged",
                                                            "imaging.transforms.FlipToLateralityd",
-                                                           "imaging.transforms.PectoralMuscled",
-                                                           "imaging.transforms.RobustScaled"]
+                                                           "imaging.transforms.FindPectorald",
+                                                           "imaging.transforms.RobustScaled",
+                                                           "imaging.transforms.RemovePectorald"]
     assert "most suspicious view" in (out / "docs" / "README.md").read_text()
 
     with Catalog.open(ws / "site-a", create=False) as catalog:

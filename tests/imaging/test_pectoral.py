@@ -18,7 +18,7 @@ from imaging.ingest import ingest_folder
 from imaging.pectoral import find_pectoral, pectoral_mask, remove_pectoral
 from imaging.presets import get_preset
 from imaging.synth import generate_consortium
-from imaging.transforms import PectoralMuscled, deterministic_transforms
+from imaging.transforms import FindPectorald, RemovePectorald, deterministic_transforms
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +90,22 @@ def test_no_muscle_no_change() -> None:
     assert find_pectoral(np.ones((4, 4), np.float32)) is None
 
 
-def test_the_transform_skips_craniocaudal_views_and_searches_untagged_ones(mammograms: Path) -> None:
+def test_the_transforms_skip_craniocaudal_views_and_search_untagged_ones(mammograms: Path) -> None:
     (mlo,) = [ds for ds in _views(mammograms) if ds.ViewPosition == "MLO"][:1]
     image = torch.as_tensor(mlo.pixel_array.astype(np.float32).T)[None]
-    step = PectoralMuscled(["image"])
-    kept = step({"image": image, "view": "CC"})["image"]
-    assert torch.equal(kept, image)
+    find, remove = FindPectorald(["image"]), RemovePectorald(["image"])
+    found = find({"image": image, "view": "CC"})
+    assert found["pectoral"] is None and torch.equal(found["image"], image)
+    kept = remove(found)
+    assert "pectoral" not in kept and torch.equal(kept["image"], image)
     for view in ("MLO", ""):
-        out = step({"image": image, "view": view})["image"]
+        found = find({"image": image, "view": view})
+        assert torch.equal(found["image"], image)  # found now, removed after the intensity scaling
+        scaled = found["image"] / 1000.0
+        out = remove({**found, "image": scaled})["image"]
         truth = torch.as_tensor(_truth(mlo))[None]
-        assert (out[truth] == image.min()).float().mean() >= 0.97
-        assert torch.equal(out[~truth & (out != image.min())], image[~truth & (out != image.min())])
+        assert (out[truth] == scaled.min()).float().mean() >= 0.97
+        assert torch.equal(out[~truth & (out != scaled.min())], scaled[~truth & (out != scaled.min())])
 
 
 def test_breast_preprocessing_removes_the_muscle_and_keeps_the_lesion(mammograms: Path, tmp_path: Path) -> None:
