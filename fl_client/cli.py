@@ -882,7 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "*-seg task), compact-cnn, densenet-small, densenet121 or unet")
     p.add_argument("--resolution", default="cpu",
                    help="cpu (default: coarse voxels, for CPUs) or diagnostic (radiological voxel sizes, for GPUs)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="samples per step; 0 (default): 4, or an expected 16 under DP-SGD")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--operating-point", default="youden",
                    help="how the threshold is chosen on the validation split: youden (default), sensitivity>=0.9, "

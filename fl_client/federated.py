@@ -23,7 +23,7 @@ from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
 from fl_client.subgroups import study_subgroups, subgroup_figures, subgroup_metrics
 from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
-from models.config import ConfigError, RunConfig, dp_outlook, resolved_grad_sample_mode
+from models.config import ConfigError, RunConfig, dp_outlook, resolve_batch, resolved_grad_sample_mode
 from models.device import Placement, place
 from models.evaluation import score_histogram
 from models.nets import build_model, parameter_count
@@ -224,8 +224,10 @@ def _send(site: Site, *, run_id: str, round_number: int, kind: str, reply: Reply
 
 
 def steps_per_round(config: RunConfig, samples: int) -> int:
-    """DP-SGD steps a site takes per round (the DP plan's unit; see :func:`fl_client.train.dp_steps`)."""
-    return dp_steps(dp_sample_rate(samples, config.training.batch_size), epochs=config.training.local_epochs)
+    """DP-SGD steps a site takes per round (the DP plan's unit; see :func:`fl_client.train.dp_steps`), at the
+    run's DP batch (also where the site's own policy turns DP on for a run that did not ask for it)."""
+    return dp_steps(dp_sample_rate(samples, resolve_batch(config.training.batch_size, dp=True)),
+                    epochs=config.training.local_epochs)
 
 
 def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global_flat: np.ndarray,
@@ -292,7 +294,7 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
             privacy = replace(privacy, enabled=True,
                               epsilon=min(privacy.epsilon, left, epsilon_cap if epsilon_cap is not None else left))
         try:
-            dp = plan_dp(privacy, samples=samples, batch_size=spec.batch_size,
+            dp = plan_dp(privacy, samples=samples, batch_size=resolve_batch(spec.batch_size, dp=True),
                          steps_per_round=steps_per_round(config, samples), rounds=config.federation.num_rounds,
                          ledger=ledger, grad_sample_mode=resolved_grad_sample_mode(config))
         except NoBudget:

@@ -30,7 +30,7 @@ from fl_client.train import (
     train_local,
 )
 from imaging.sitedata import load_site_data
-from models.config import RunConfig, dp_outlook, resolved_grad_sample_mode
+from models.config import RunConfig, batch_size_of, dp_outlook, resolved_grad_sample_mode
 from models.device import place
 from models.evaluation import choose_threshold, parse_rule
 from models.nets import build_model, parameter_count
@@ -86,8 +86,8 @@ def run_local(
     ledger = PrivacyLedger(workspaces[0]) if config.privacy.enabled else None
     dp: DPPlan | None = None
     if ledger is not None:
-        rate = dp_sample_rate(samples, config.training.batch_size)
-        dp = plan_dp(config.privacy, samples=samples, batch_size=config.training.batch_size,
+        rate = dp_sample_rate(samples, batch_size_of(config))
+        dp = plan_dp(config.privacy, samples=samples, batch_size=batch_size_of(config),
                      steps_per_round=dp_steps(rate, epochs=epochs), rounds=1, ledger=ledger,
                      grad_sample_mode=resolved_grad_sample_mode(config))
     outlook = dp_outlook(dp.noise_multiplier, dp.sample_rate * samples) if dp is not None else None

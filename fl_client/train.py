@@ -34,7 +34,7 @@ from fl_client.metrics import (
 )
 from fl_client.privacy import PrivacyLedger, default_delta, noise_for
 from imaging.sitedata import SiteData
-from models.config import GradSampleMode, PrivacySpec, TrainSpec
+from models.config import GradSampleMode, PrivacySpec, TrainSpec, resolve_batch
 from models.device import Placement, autocast
 
 __all__ = [
@@ -198,7 +198,8 @@ def train_local(
         torch.backends.cudnn.benchmark = True  # the input size is fixed by the preset
     model.to(device)
     generator = torch.Generator().manual_seed(spec.seed + 7919 * round_number)
-    loader: DataLoader[Any] = DataLoader(dataset, batch_size=min(spec.batch_size, n), shuffle=True, drop_last=False,
+    batch = resolve_batch(spec.batch_size, dp=dp is not None)
+    loader: DataLoader[Any] = DataLoader(dataset, batch_size=min(batch, n), shuffle=True, drop_last=False,
                                          generator=generator, **loader_options(device))
     criterion: Any = (segmentation_loss() if segmentation else
                       nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)], device=device)))

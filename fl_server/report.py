@@ -15,6 +15,7 @@ from typing import Any
 
 from fl_server.evaluation import MIN_CASES
 from fl_server.rounds import RoundRecord
+from models.config import resolve_batch
 from models.evaluation import SCORE_BINS
 from models.protocol import Metric, headline_metric, report_metrics
 
@@ -60,6 +61,10 @@ def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
     else:
         started = None
     rows = [[label, str(config[key])] for key, label in _SETTINGS if key in config]
+    if str(config.get("batch-size", "")) == "0":  # the default: say what it means
+        dp = str(config.get("dp", "")).lower() == "true"
+        rows = [[label, f"{resolve_batch(0, dp=dp)} (default{', DP-SGD' if dp else ''})" if label == "batch size"
+                 else value] for label, value in rows]
     versions = []
     for name in _PACKAGES:
         try:

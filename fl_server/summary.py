@@ -117,10 +117,10 @@ def dp_noise(samples: int, run_config: Mapping[str, Any]) -> tuple[float, float]
 
     from opacus.accountants.utils import get_noise_multiplier
 
-    from models.config import from_flat
+    from models.config import batch_size_of, from_flat
 
     config = from_flat({k: v for k, v in run_config.items() if k not in ("sim-sites",)})
-    rate = 1.0 / max(1, math.ceil(samples / config.training.batch_size))
+    rate = 1.0 / max(1, math.ceil(samples / batch_size_of(config)))
     steps = config.training.local_epochs * max(1, int(1 / rate)) * config.federation.num_rounds
     delta = config.privacy.delta or 1.0 / (10 * samples)
     import warnings

@@ -23,7 +23,9 @@ from models.evaluation import parse_rule
 from models.tasks import TASK_DIMS, is_segmentation
 
 __all__ = [
+    "DP_BATCH",
     "DP_NOISE_PER_BATCH",
+    "PLAIN_BATCH",
     "Accountant",
     "Arch",
     "ConfigError",
@@ -38,9 +40,11 @@ __all__ = [
     "ServerSpec",
     "Strategy",
     "TrainSpec",
+    "batch_size_of",
     "dp_outlook",
     "from_flat",
     "parse_bool",
+    "resolve_batch",
     "resolved_grad_sample_mode",
     "validate",
 ]
@@ -150,7 +154,8 @@ class TrainSpec:
 
     Args:
         local_epochs: Passes over the site's training split per round.
-        batch_size: Expected batch size (under DP: the expected Poisson batch).
+        batch_size: Batch size (under DP: the expected Poisson batch); 0 (the default) lets
+            :func:`batch_size_of` choose.
         learning_rate: Optimiser step size.
         weight_decay: L2 weight decay (decoupled for AdamW).
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
@@ -161,7 +166,7 @@ class TrainSpec:
     """
 
     local_epochs: int = 1
-    batch_size: int = 16
+    batch_size: int = 0
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
@@ -169,6 +174,26 @@ class TrainSpec:
     seed: int = 0
     augment: bool = True
     threads: int = 0
+
+
+# The batch a run trains with when it sets none (batch-size 0). Without DP: 4 samples per step. The synthetic
+# consortium's sites hold 30-100 training studies, so a batch of 16 gives 2-7 optimizer steps per epoch; with 4,
+# colorectal CT pooled reaches validation AUROC 0.97 in 15 epochs where 16 was at 0.88 after 26 (and at 0.56 with
+# one CPU thread instead of two: that slow a learner was at the mercy of rounding), and federated rounds of one
+# local epoch take four times the steps. Under DP-SGD an expected 16: the noise on the averaged gradient falls
+# with the batch, and a batch of 4 drowns it.
+PLAIN_BATCH = 4
+DP_BATCH = 16
+
+
+def resolve_batch(batch_size: int, *, dp: bool) -> int:
+    """``batch_size``, or for 0 the default of :data:`PLAIN_BATCH` (:data:`DP_BATCH` under DP-SGD)."""
+    return batch_size if batch_size > 0 else (DP_BATCH if dp else PLAIN_BATCH)
+
+
+def batch_size_of(config: RunConfig) -> int:
+    """The batch size a run trains with (its ``batch-size``, or the default for plain or DP-SGD training)."""
+    return resolve_batch(config.training.batch_size, dp=config.privacy.enabled)
 
 
 @dataclass(frozen=True)
@@ -513,7 +538,7 @@ def validate(config: RunConfig) -> None:
            f"task {m.task} needs " + ("model=unet (or auto): it segments lesions" if is_segmentation(m.task) else
                                       "a classifier (auto, compact-cnn, densenet-small, densenet121), not the unet"))
     _check(t.local_epochs >= 1, RunKey.LOCAL_EPOCHS, "must be at least 1")
-    _check(1 <= t.batch_size <= 4096, RunKey.BATCH_SIZE, "must be between 1 and 4096")
+    _check(0 <= t.batch_size <= 4096, RunKey.BATCH_SIZE, "must be between 1 and 4096, or 0 (auto)")
     _check(0.0 < t.learning_rate <= 10.0, RunKey.LEARNING_RATE, "must be in (0, 10]")
     _check(t.weight_decay >= 0.0, RunKey.WEIGHT_DECAY, "must be 0 or more")
     _check(t.optimizer in ("adamw", "sgd"), RunKey.OPTIMIZER, "must be adamw or sgd")

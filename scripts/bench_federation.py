@@ -7,6 +7,8 @@
    the centralised baseline (all sites' data pooled, R epochs), and each single site alone (R epochs).
    (A benchmark may pool the test studies because it runs on synthetic data on one machine; in a
    real consortium each site evaluates on its own and only the figures travel.)
+3. DP (``--dp-epsilons``): FedAvg without DP and under DP-SGD at each ε per site, same rounds, test AUROC and
+   its change against the run without DP.
 
 Prints markdown tables and writes ``OUT/bench-federation.json``.
 
@@ -14,6 +16,7 @@ Example::
 
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed --tasks lung-ct,breast-mg --rounds 10
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed --overhead-only --sites 2,4
+    .venv/bin/python scripts/bench_federation.py --out bench-output/fed-dp --studies 96 --dp-epsilons 1,3,8 --dp-only
 """
 
 from __future__ import annotations
@@ -87,6 +90,34 @@ def test_auroc(model_path: Path, site_dirs: list[Path], task: str) -> float | No
     return None if result is None else result.metrics.auroc
 
 
+def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], tasks: list[str], epsilons: list[float],
+            results: dict[str, Any], out_json: Path, console: Console) -> None:
+    """FedAvg without DP and under DP-SGD at each ε per site, on the same consortium and rounds: AUROC on every
+    site's test studies. Each site gets a budget that covers all the runs (a benchmark spends it freely)."""
+    from fl_client.privacy import PrivacyLedger
+
+    for ws in site_dirs:
+        ledger = PrivacyLedger(ws)
+        if ledger.budget() is None:
+            ledger.set_budget(1000.0, 1e-5)
+    for task in tasks:
+        row: dict[str, Any] = dict(results["dp"].get(task, {}))
+        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": args.rounds}
+        dp = {"dp": True, "learning-rate": args.dp_learning_rate}
+        runs: list[tuple[str, dict[str, Any]]] = [("plain", {})]
+        runs += [(f"{e:g}", {**dp, "dp-epsilon": e}) for e in epsilons]
+        for name, extra in runs:
+            if name in row and not args.again:
+                continue
+            run_dir = args.out / "quality" / f"{task}-dp-{name}"
+            h = federated(sites, run_dir, {**common, **extra})
+            row[name] = test_auroc(run_dir / "model.pt", site_dirs, task)
+            row[f"{name}_seconds"] = h["total_seconds"]
+            console.print(f"{task} {'no DP' if name == 'plain' else f'DP ε={name}'}: AUROC {row[name]}")
+            results["dp"][task] = row
+            out_json.write_text(json.dumps(results, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-output/federation"))
@@ -99,12 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true")
     parser.add_argument("--again", action="store_true", help="redo tasks already in OUT/bench-federation.json")
+    parser.add_argument("--dp-epsilons", default="",
+                        help="also FedAvg under DP-SGD at each of these ε per site (e.g. 1,3,8); quality runs only")
+    parser.add_argument("--dp-learning-rate", type=float, default=3e-3,
+                        help="the DP runs' learning rate (DP-SGD wants larger steps than plain training)")
+    parser.add_argument("--dp-only", action="store_true", help="only the DP runs (with --dp-epsilons)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"overhead": {}, "quality": {}}
+    results: dict[str, Any] = {"overhead": {}, "quality": {}, "dp": {}}
     out_json = args.out / "bench-federation.json"
     if out_json.exists():
         results = {**results, **json.loads(out_json.read_text())}
@@ -128,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         sites = make_sites(args.out / "quality", sites=3, studies=args.studies, seed=args.seed, tasks=tasks)
         site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
-        for task in tasks:
+        epsilons = [float(e) for e in args.dp_epsilons.split(",") if e.strip()]
+        if epsilons:
+            dp_runs(args, sites, site_dirs, tasks, epsilons, results, out_json, console)
+        for task in [] if args.dp_only else tasks:
             if task in results["quality"] and not args.again:
                 console.print(f"{task}: done before, kept (--again redoes it)")
                 continue
@@ -164,6 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         for task, row in results["quality"].items():
             console.print(f"| {task} | {f(row['fedavg'])} | {f(row['fedprox'])} | {f(row['pooled'])} | "
                           + " | ".join(f(row.get(f"single-{p.name}")) for p in site_dirs) + " |")
+        if results["dp"]:
+            eps = sorted({float(e) for row in results["dp"].values() for e in row if e != "plain"})
+            console.print("\n| task | FedAvg | " + " | ".join(f"DP ε = {e:g}" for e in eps) + " |")
+            console.print("|---|---|" + "---|" * len(eps))
+            for task, row in results["dp"].items():
+                plain = row.get("plain")
+                cells = []
+                for e in eps:
+                    v = row.get(f"{e:g}")
+                    drop = "" if v is None or not plain else f" ({100 * (v - plain) / plain:+.0f} %)"
+                    cells.append(f(v) + drop)
+                console.print(f"| {task} | {f(plain)} | " + " | ".join(cells) + " |")
     console.print(f"\nwrote {out_json}")
     return 0
 

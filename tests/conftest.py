@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # tests/ is not a package: make its helper modules importable.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """Each test starts with torch's default CPU threads: a training run with the ``threads`` key sets them for
+    its process, and a slow learner's result depends on them (a pooled colorectal run reached validation AUROC
+    0.88 with two threads and 0.56 with one), so a test must not inherit another's setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from imaging.presets import TASKS, get_preset
-from models.config import Arch, ConfigError, Norm, RunConfig, Strategy, from_flat
+from models.config import (
+    DP_BATCH,
+    PLAIN_BATCH,
+    Arch,
+    ConfigError,
+    Norm,
+    RunConfig,
+    Strategy,
+    batch_size_of,
+    from_flat,
+)
 from models.tasks import SEGMENTATION_TASKS, TASK_DIMS
 
 
@@ -27,6 +37,15 @@ def test_round_trip_through_flat_keys() -> None:
     config = from_flat({"task": "prostate-mr", "batch-size": 8, "dp": True, "norm": "group"})
     assert from_flat(config.to_flat()) == config
     assert from_flat({}) == from_flat(RunConfig().to_flat())
+
+
+def test_the_default_batch_is_small_without_dp_and_larger_under_dp() -> None:
+    assert from_flat({}).training.batch_size == 0
+    assert batch_size_of(from_flat({})) == PLAIN_BATCH == 4
+    assert batch_size_of(from_flat({"dp": "true"})) == DP_BATCH == 16
+    assert batch_size_of(from_flat({"batch-size": "8", "dp": "true"})) == 8  # a run's own value wins
+    with pytest.raises(ConfigError, match="'batch-size': must be between 1 and 4096, or 0"):
+        from_flat({"batch-size": "-1"})
 
 
 @pytest.mark.parametrize(
