@@ -66,8 +66,11 @@ def free_port() -> int:
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for Flower's commands: a private FLWR_HOME, no telemetry, no update check."""
+    """The environment for Flower's commands: a private FLWR_HOME, no telemetry, no update check; and OpenMP threads
+    that sleep when idle (``OMP_WAIT_POLICY=PASSIVE`` unless set), since simulated sites share the machine's cores
+    and spinning threads of one site's torch starve another's (two trainings on 2 cores: 41 s each against 14 s)."""
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "PYTHONUNBUFFERED": "1"})
     env.update(extra or {})

@@ -1,6 +1,6 @@
 """Training recipes compared: pooled learning curves of one task under several run configurations.
 
-On the synthetic consortium (3 sites × N studies per task, the learning test's data), train the task's
+On the synthetic consortium (3 sites × N studies of every image task, the learning test's data), train the task's
 default network pooled over the sites for E epochs under each recipe given (flat run-config keys, as
 ``--set`` takes them), and print per recipe the validation AUROC after every epoch (Dice for a
 segmentation task), the final validation and test figure and the training time. Training is repeatable: a
@@ -35,6 +35,8 @@ from imaging.ingest import ingest_folder
 from imaging.labels import load_labels
 from imaging.synth import generate_consortium
 from models.config import from_flat
+
+IMAGE_TASKS = ["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"]
 
 
 def make_sites(root: Path, *, sites: int, studies: int, seed: int, tasks: list[str]) -> Path:
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     recipes = [parse_recipe(r) for r in args.recipe] or [{}]
     args.out.mkdir(parents=True, exist_ok=True)
-    ws = make_sites(args.out / "consortium", sites=3, studies=args.studies, seed=args.seed, tasks=[args.task])
+    # The learning test's consortium: every image task generated, so a task's studies are the test's.
+    ws = make_sites(args.out / "consortium", sites=3, studies=args.studies, seed=args.seed, tasks=IMAGE_TASKS)
     sites = sorted(p for p in ws.iterdir() if p.is_dir())
     rows: list[dict[str, Any]] = []
     import torch
