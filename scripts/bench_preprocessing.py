@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
+    # The learning test's consortium (every image task generated, seed 0): its lung and breast studies.
     ws = make_sites(args.out / "consortium", sites=3, studies=args.studies, seed=args.seed,
-                    tasks=["lung-ct", "breast-mg"])
+                    tasks=["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"])
     results = {"lung_field": lung_field(ws), "pectoral": pectoral(args.out / "consortium" / "data")}
     for name, figures in results.items():
         console.print(f"[bold]{name}[/]")
