@@ -82,7 +82,9 @@ class SitePolicy:
             the privacy budget still caps all runs together).
         require_approval: Every new run waits as pending until the site approves it.
         share_summary: Answer the lead's data-summary query (counts and distributions, no identifiers).
-        min_count: In the summary, counts from 1 to this minus one are sent as "fewer than this".
+        min_count: The least count that leaves the site: in the summary, counts from 1 to this minus one are
+            sent as "fewer than this"; score histograms of a split with a class below it, and subgroup figures
+            of fewer studies, are not sent.
         set_at: When the policy was last set.
         set_by: Who set it.
     """

@@ -252,7 +252,9 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--share-summary", choices=("yes", "no"),
                    help="answer the lead's data-summary query (counts and distributions, no identifiers)")
     p.add_argument("--min-count", type=int, metavar="N",
-                   help="in the data summary, counts from 1 to N-1 are sent as 'fewer than N' (default 5)")
+                   help="the least count that leaves the site (default 5): in the data summary, counts from 1 to "
+                        "N-1 are sent as 'fewer than N'; score histograms and subgroup figures of smaller groups "
+                        "are not sent")
     p.add_argument("--resolutions", metavar="R1,R2|any",
                    help=f"resolution profiles allowed ({', '.join(Resolution)}; a site without a GPU keeps to cpu)")
     p.add_argument("--max-rounds", metavar="N|none", help="the most rounds per run")
