@@ -36,22 +36,8 @@ from rich.console import Console
 
 from fl_client.local_run import run_local
 from fl_server.flower_ops import simulate
-from imaging.catalog import Catalog
-from imaging.ingest import ingest_folder
-from imaging.labels import load_labels
-from imaging.synth import generate_consortium
+from imaging.synth import ingested_consortium
 from models.config import from_flat
-
-
-def make_sites(root: Path, *, sites: int, studies: int, seed: int, tasks: list[str]) -> Path:
-    if (root / "ws").is_dir():
-        return root / "ws"
-    generate_consortium(root / "data", sites=sites, studies_per_task=studies, seed=seed, tasks=tasks)
-    for site in sorted(p for p in (root / "data").iterdir() if (p / "dicom").is_dir()):
-        with Catalog.open(root / "ws" / site.name) as catalog:
-            ingest_folder(catalog, site / "dicom")
-            load_labels(catalog, site / "labels.csv")
-    return root / "ws"
 
 
 def federated(sites: Path, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.quality_only:
         for n in [int(s) for s in args.sites.split(",")]:
-            sites = make_sites(args.out / f"overhead-{n}", sites=n, studies=16, seed=args.seed,
-                               tasks=[args.overhead_task])
+            sites = ingested_consortium(args.out / f"overhead-{n}", sites=n, studies_per_task=16, seed=args.seed,
+                                        tasks=[args.overhead_task])
             history = federated(sites, args.out / f"overhead-{n}" / "run",
                                 {"task": args.overhead_task, "num-rounds": 4, "threads": 1, "min-sites": n})
             results["overhead"][str(n)] = overhead(history)
@@ -162,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.overhead_only:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        sites = make_sites(args.out / "quality", sites=3, studies=args.studies, seed=args.seed, tasks=tasks)
+        sites = ingested_consortium(args.out / "quality", sites=3, studies_per_task=args.studies,
+                                    seed=args.seed, tasks=tasks)
         site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
         epsilons = [float(e) for e in args.dp_epsilons.split(",") if e.strip()]
         if epsilons:

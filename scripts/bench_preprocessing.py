@@ -34,23 +34,9 @@ from rich.progress import track
 import imaging.transforms as T
 from imaging.catalog import Catalog
 from imaging.dataset import sample_dicts
-from imaging.ingest import ingest_folder
-from imaging.labels import load_labels
 from imaging.pectoral import find_pectoral, pectoral_mask
 from imaging.presets import get_preset
-from imaging.synth import generate_consortium
-
-
-def make_sites(root: Path, *, sites: int, studies: int, seed: int, tasks: list[str]) -> Path:
-    """The consortium's site workspaces under ``root/ws`` (generated and ingested once)."""
-    if (root / "ws").is_dir():
-        return root / "ws"
-    generate_consortium(root / "data", sites=sites, studies_per_task=studies, seed=seed, tasks=tasks)
-    for site in sorted(p for p in (root / "data").iterdir() if (p / "dicom").is_dir()):
-        with Catalog.open(root / "ws" / site.name) as catalog:
-            ingest_folder(catalog, site / "dicom")
-            load_labels(catalog, site / "labels.csv")
-    return root / "ws"
+from imaging.synth import ingested_consortium
 
 
 def lung_field(ws: Path) -> dict[str, Any]:
@@ -131,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     # The learning test's consortium (every image task generated, seed 0): its lung and breast studies.
-    ws = make_sites(args.out / "consortium", sites=3, studies=args.studies, seed=args.seed,
-                    tasks=["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"])
+    ws = ingested_consortium(args.out / "consortium", sites=3, studies_per_task=args.studies, seed=args.seed,
+                             tasks=["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"])
     results = {"lung_field": lung_field(ws), "pectoral": pectoral(args.out / "consortium" / "data")}
     for name, figures in results.items():
         console.print(f"[bold]{name}[/]")

@@ -30,25 +30,11 @@ from rich.console import Console
 from rich.progress import Progress
 
 from fl_client.local_run import run_local
-from imaging.catalog import Catalog
-from imaging.ingest import ingest_folder
-from imaging.labels import load_labels
-from imaging.synth import generate_consortium
+from imaging.synth import ingested_consortium
 from models.config import from_flat
 
 IMAGE_TASKS = ["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"]
 
-
-def make_sites(root: Path, *, sites: int, studies: int, seed: int, tasks: list[str]) -> Path:
-    """The consortium's site workspaces under ``root/ws`` (generated and ingested once)."""
-    if (root / "ws").is_dir():
-        return root / "ws"
-    generate_consortium(root / "data", sites=sites, studies_per_task=studies, seed=seed, tasks=tasks)
-    for site in sorted(p for p in (root / "data").iterdir() if (p / "dicom").is_dir()):
-        with Catalog.open(root / "ws" / site.name) as catalog:
-            ingest_folder(catalog, site / "dicom")
-            load_labels(catalog, site / "labels.csv")
-    return root / "ws"
 
 
 def parse_recipe(text: str) -> dict[str, str]:
@@ -78,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [parse_recipe(r) for r in args.recipe] or [{}]
     args.out.mkdir(parents=True, exist_ok=True)
     # The learning test's consortium: every image task generated, so a task's studies are the test's.
-    ws = make_sites(args.out / "consortium", sites=3, studies=args.studies, seed=args.seed, tasks=IMAGE_TASKS)
+    ws = ingested_consortium(args.out / "consortium", sites=3, studies_per_task=args.studies,
+                             seed=args.seed, tasks=IMAGE_TASKS)
     sites = sorted(p for p in ws.iterdir() if p.is_dir())
     rows: list[dict[str, Any]] = []
     import torch
@@ -100,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads or default_threads)  # a recipe's threads key must not carry over
             t0 = time.perf_counter()
             doc = run_local(sites, from_flat(flat), args.out / f"run-{i}", epochs=args.epochs, on_epoch=on_epoch)
-            head = "dice" if "dice" in doc["splits"]["val"] else "auroc"
-            rows.append({"recipe": name, "val": doc["splits"]["val"].get(head), "test": doc["splits"]["test"].get(head),
+            val, test = doc["splits"].get("val", {}), doc["splits"].get("test", {})  # a split may be empty
+            head = "dice" if "dice" in val else "auroc"
+            rows.append({"recipe": name, "val": val.get(head), "test": test.get(head),
                          "seconds": time.perf_counter() - t0, "curve": curve, "metric": head})
             (args.out / "bench-recipe.json").write_text(json.dumps({"task": args.task, "epochs": args.epochs,
                                                                      "rows": rows}, indent=1))

@@ -33,24 +33,9 @@ from rich.console import Console
 
 from fl_client.local_run import run_local
 from fl_server.flower_ops import simulate
-from imaging.catalog import Catalog
-from imaging.ingest import ingest_folder
-from imaging.labels import load_labels
 from imaging.presets import get_preset
-from imaging.synth import generate_consortium
+from imaging.synth import ingested_consortium
 from models.config import from_flat
-
-
-def make_sites(root: Path, *, sites: int, studies: int, seed: int, tasks: list[str]) -> Path:
-    """A synthetic consortium ingested per site (SEG annotations included); reused when already there."""
-    if (root / "ws").is_dir():
-        return root / "ws"
-    generate_consortium(root / "data", sites=sites, studies_per_task=studies, seed=seed, tasks=tasks)
-    for site in sorted(p for p in (root / "data").iterdir() if (p / "dicom").is_dir()):
-        with Catalog.open(root / "ws" / site.name) as catalog:
-            ingest_folder(catalog, site / "dicom")
-            load_labels(catalog, site / "labels.csv")
-    return root / "ws"
 
 
 def score(model_path: Path, site_dirs: list[Path], task: str) -> dict[str, Any]:
@@ -103,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.exists() else {}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     image_tasks = sorted({get_preset(t).image_task for t in tasks})
-    sites = make_sites(args.out / "data", sites=3, studies=args.studies, seed=args.seed, tasks=image_tasks)
+    sites = ingested_consortium(args.out / "data", sites=3, studies_per_task=args.studies,
+                                seed=args.seed, tasks=image_tasks)
     site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
     for task in tasks:
         if task in results and not args.again:

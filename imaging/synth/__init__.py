@@ -32,6 +32,7 @@ from imaging.synth.consortium import (
     Progress,
     SiteResult,
     generate_consortium,
+    ingested_consortium,
     validate_tasks,
 )
 from imaging.synth.dicom_writers import CT_IMAGE, ENHANCED_MR_IMAGE, MG_FOR_PRESENTATION, MR_IMAGE
@@ -64,6 +65,7 @@ __all__ = [
     "StudyPlan",
     "ellipsoid",
     "generate_consortium",
+    "ingested_consortium",
     "paint",
     "phantom_for",
     "site_names",

@@ -32,6 +32,7 @@ __all__ = [
     "Progress",
     "SiteResult",
     "generate_consortium",
+    "ingested_consortium",
     "validate_tasks",
 ]
 
@@ -319,3 +320,23 @@ def generate_consortium(
     }
     (out / MARKER).write_text(json.dumps(manifest, indent=1))
     return ConsortiumResult(out=out, sites=results, seconds=seconds)
+
+
+def ingested_consortium(root: Path | str, *, sites: int, studies_per_task: int, seed: int,
+                        tasks: Iterable[str]) -> Path:
+    """A synthetic consortium written under ``root/data`` and ingested (DICOM, annotations, labels) into one site
+    workspace per site under ``root/ws``; returns ``root/ws``. Reused as it is when ``root/ws`` already exists.
+    For benchmarks and demos: a site's own ingest is ``oncofed-site ingest``."""
+    from imaging.catalog import Catalog
+    from imaging.ingest import ingest_folder
+    from imaging.labels import load_labels
+
+    root = Path(root)
+    if (root / "ws").is_dir():
+        return root / "ws"
+    generate_consortium(root / "data", sites=sites, studies_per_task=studies_per_task, seed=seed, tasks=list(tasks))
+    for site in sorted(p for p in (root / "data").iterdir() if (p / "dicom").is_dir()):
+        with Catalog.open(root / "ws" / site.name) as catalog:
+            ingest_folder(catalog, site / "dicom")
+            load_labels(catalog, site / "labels.csv")
+    return root / "ws"

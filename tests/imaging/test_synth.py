@@ -16,7 +16,7 @@ from imaging.dicom import read_image
 from imaging.ingest import ingest_folder
 from imaging.labels import load_labels
 from imaging.presets import PRESETS
-from imaging.synth import ALL_TASKS, generate_consortium
+from imaging.synth import ALL_TASKS, generate_consortium, ingested_consortium
 from imaging.synth_cli import main as synth_main
 
 STUDIES = 6  # per task at an average site: sites get 6, 4 and 8 (size factors 1, 0.75, 1.25)
@@ -233,3 +233,14 @@ def test_cli_writes_a_consortium(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert "site-b" in out and "oncofed-site ingest" in out
     assert (tmp_path / "c" / "site-b" / "labels.csv").exists()
+
+
+def test_an_ingested_consortium_has_one_labelled_workspace_per_site_and_is_reused(tmp_path: Path) -> None:
+    ws = ingested_consortium(tmp_path, sites=2, studies_per_task=4, seed=2, tasks=["breast-mg"])
+    assert ws == tmp_path / "ws" and sorted(p.name for p in ws.iterdir()) == ["site-a", "site-b"]
+    for site in ws.iterdir():
+        with Catalog.open(site, create=False) as catalog:
+            assert catalog.items("breast-mg")  # ingested and labelled
+    stamp = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()}
+    assert ingested_consortium(tmp_path, sites=2, studies_per_task=4, seed=2, tasks=["breast-mg"]) == ws
+    assert {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()} == stamp  # nothing redone
