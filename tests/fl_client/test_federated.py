@@ -28,7 +28,7 @@ from fl_client.policy import RunBook, SitePolicy
 from fl_client.privacy import PrivacyLedger
 from fl_client.train import dp_sample_rate, dp_steps
 from imaging.sitedata import load_site_data
-from models.config import RunConfig, from_flat
+from models.config import DP_BATCH, RunConfig, from_flat
 from models.nets import build_model, parameter_count
 from models.protocol import (
     ALLOWED_METRICS,
@@ -240,6 +240,20 @@ def test_fit_under_dp_takes_the_planned_steps_and_reports_the_sites_epsilon(site
     assert set(reply.metrics) <= set(TRAIN_METRICS) | set(PRIVACY_METRICS)
     (record,) = EgressLog(site.workspace).records()
     assert record.kind == "train" and record.metrics[Metric.EPSILON] == reply.metrics[Metric.EPSILON]
+
+
+def test_a_site_that_requires_dp_trains_a_plain_run_at_the_dp_batch_it_reserved(site: Site) -> None:
+    """The run asks for no DP and leaves the batch to the default (4 per step without DP); the site's policy turns
+    DP on, so it plans, reserves and takes its steps at DP's expected batch of 16, the same in all three."""
+    PrivacyLedger(site.workspace).set_budget(20.0, 1e-5, require_dp=True)
+    config = _config(**{"batch-size": 0, "num-rounds": 2})
+    assert not config.privacy.enabled
+    reply = fit(site, config, run_id="run-forced", round_number=1, global_flat=_global(config))
+    samples = load_site_data([site.workspace], "lung-ct").count("train")
+    (session,) = PrivacyLedger(site.workspace).sessions()
+    assert reply.metrics[Metric.DP] == 1
+    assert reply.metrics[Metric.STEPS] == session.steps == steps_per_round(config, samples)
+    assert reply.metrics[Metric.SAMPLE_RATE] == pytest.approx(dp_sample_rate(samples, DP_BATCH))
 
 
 def test_fit_under_dp_without_a_budget_is_refused_before_training(site: Site) -> None:
