@@ -24,6 +24,7 @@ def _epilog() -> str:
     return f"""examples:
   oncofed-synth --out /tmp/consortium --sites 3 --studies-per-task 24 --seed 0
   oncofed-synth --out /tmp/consortium --sites 2 --studies-per-task 12 --tasks lung-ct,prostate-mr
+  oncofed-synth --out /tmp/non-iid --sites 3 --studies-per-task 24 --unlike-site site-c
 
 Writes DIR/<site>/dicom/... (DICOM files), DIR/<site>/labels.csv (study_instance_uid,task,label),
 DIR/<site>/lesions.json (lesion centre in patient mm and voxel indices, radius, mask file) and
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="in-plane matrix multiplier (default 1: 64×64 CT/MR, 160×128 MG; 8: 512×512 CT)")
     parser.add_argument("--force", action="store_true", help="replace an earlier consortium in --out")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    parser.add_argument("--unlike-site", default=None, metavar="SITE",
+                        help="the non-IID variant: this site's scanners (CT, MR, mammography) are unlike the others' "
+                             "(an older low-dose CT, a noisy 1.5 T MR, a steeper mammography detector), e.g. site-c")
     return parser
 
 
@@ -74,11 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             result = generate_consortium(args.out, sites=args.sites, studies_per_task=args.studies_per_task,
                                          seed=args.seed, tasks=tasks, scale=args.scale, overwrite=args.force,
-                                         progress=progress, workers=args.workers)
+                                         progress=progress, workers=args.workers, unlike=args.unlike_site)
     except (ValueError, FileExistsError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
-    profiles = {p.name: p for p in site_profiles(args.sites, args.seed)}
+    profiles = {p.name: p for p in site_profiles(args.sites, args.seed, unlike=args.unlike_site)}
     table = Table(title=f"Synthetic consortium in {result.out} ({result.seconds:.1f} s)")
     for col in ("site", "studies", "with lesion", "patients", "files", "CT", "MR", "MG"):
         table.add_column(col, justify="right" if col in ("studies", "with lesion", "patients", "files") else "left")

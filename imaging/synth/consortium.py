@@ -248,6 +248,7 @@ def generate_consortium(
     overwrite: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
+    unlike: str | None = None,
 ) -> ConsortiumResult:
     """Write a synthetic consortium under ``out``.
 
@@ -268,6 +269,8 @@ def generate_consortium(
         progress: Called as ``progress(done, total, site)`` after each study.
         workers: Processes writing sites in parallel (default: one per core, at most one per site).
             The output does not depend on it.
+        unlike: The non-IID variant: this site's scanners are unlike the others'
+            (:data:`~imaging.synth.profiles.UNLIKE_SCANNERS`); the other sites are written as without it.
 
     Returns:
         What was written, per site.
@@ -282,7 +285,7 @@ def generate_consortium(
         raise ValueError(f"studies_per_task must be at least 4 (2 per class), got {studies_per_task}")
     if not 1 <= scale <= 16:
         raise ValueError(f"scale must be between 1 and 16, got {scale}")
-    profiles = site_profiles(sites, seed)
+    profiles = site_profiles(sites, seed, unlike=unlike)
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FileExistsError(f"{out} is not empty and holds no synthetic consortium; choose an empty folder")
@@ -311,6 +314,7 @@ def generate_consortium(
         "studies_per_task": studies_per_task,
         "tasks": task_list,
         "scale": scale,
+        "unlike": unlike,
         "profiles": [asdict(p) for p in profiles],
         "results": [
             {"site": r.name, "studies": r.studies, "positives": r.positives, "files": r.files, "patients": r.patients,
@@ -323,7 +327,7 @@ def generate_consortium(
 
 
 def ingested_consortium(root: Path | str, *, sites: int, studies_per_task: int, seed: int,
-                        tasks: Iterable[str]) -> Path:
+                        tasks: Iterable[str], unlike: str | None = None) -> Path:
     """A synthetic consortium written under ``root/data`` and ingested (DICOM, annotations, labels) into one site
     workspace per site under ``root/ws``; returns ``root/ws``. Reused as it is when ``root/ws`` already exists.
     For benchmarks and demos: a site's own ingest is ``oncofed-site ingest``."""
@@ -334,7 +338,8 @@ def ingested_consortium(root: Path | str, *, sites: int, studies_per_task: int, 
     root = Path(root)
     if (root / "ws").is_dir():
         return root / "ws"
-    generate_consortium(root / "data", sites=sites, studies_per_task=studies_per_task, seed=seed, tasks=list(tasks))
+    generate_consortium(root / "data", sites=sites, studies_per_task=studies_per_task, seed=seed, tasks=list(tasks),
+                        unlike=unlike)
     for site in sorted(p for p in (root / "data").iterdir() if (p / "dicom").is_dir()):
         with Catalog.open(root / "ws" / site.name) as catalog:
             ingest_folder(catalog, site / "dicom")

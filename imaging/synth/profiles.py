@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SiteProfile", "site_names", "site_profiles"]
+__all__ = ["UNLIKE_SCANNERS", "SiteProfile", "site_names", "site_profiles"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,16 @@ _BASE_PROFILES: tuple[Mapping[str, Any], ...] = tuple(MappingProxyType(p) for p 
 ))
 
 
+# The scanners of a site unlike the others (the non-IID variant of a consortium): an older, low-dose CT with thick
+# slices and a calibration drift, a noisy 1.5 T MR, a mammography detector with a much steeper response. Everything
+# else about the site (its PACS export, its size, its prevalence) stays as it was, so that only the scanner differs.
+UNLIKE_SCANNERS: Mapping[str, Any] = MappingProxyType(dict(
+    vendors={"CT": ("TOSHIBA", "Aquilion 16"), "MR": ("Hitachi", "Echelon Oval"), "MG": ("FUJIFILM", "AMULET")},
+    ct_thickness=5.0, ct_offset_hu=35.0, ct_noise_hu=40.0, ct_kvp=80.0, mr_field=1.5, mr_gain=3.5, mr_noise=0.10,
+    mg_gamma=1.7,
+))
+
+
 def site_names(n: int) -> list[str]:
     """The ids of ``n`` sites: ``site-a``, ``site-b``, ...
 
@@ -111,19 +121,22 @@ def site_names(n: int) -> list[str]:
     return [f"site-{chr(ord('a') + i)}" for i in range(n)]
 
 
-def site_profiles(n: int, seed: int) -> list[SiteProfile]:
+def site_profiles(n: int, seed: int, *, unlike: str | None = None) -> list[SiteProfile]:
     """The profiles of ``n`` sites: three distinct hospitals, then variations of them.
 
     Args:
         n: Number of sites (1-26).
         seed: Seeds the settings of the fourth and later sites.
+        unlike: A site whose scanners are unlike all the others' (:data:`UNLIKE_SCANNERS`): the non-IID variant.
 
     Returns:
         One profile per site, in the order of :func:`site_names`.
 
     Raises:
-        ValueError: ``n`` is not between 1 and 26.
+        ValueError: ``n`` is not between 1 and 26, or ``unlike`` is not one of the sites.
     """
+    if unlike is not None and unlike not in site_names(n):
+        raise ValueError(f"unlike: {unlike!r} is not one of the {n} sites ({', '.join(site_names(n))})")
     profiles = []
     for i, name in enumerate(site_names(n)):
         base = dict(_BASE_PROFILES[i % len(_BASE_PROFILES)])
@@ -139,5 +152,7 @@ def site_profiles(n: int, seed: int) -> list[SiteProfile]:
                 prevalence=round(float(rng.uniform(0.35, 0.6)), 2),
                 size_factor=round(float(rng.uniform(0.75, 1.25)), 2),
             )
+        if name == unlike:
+            base.update(UNLIKE_SCANNERS)
         profiles.append(SiteProfile(name=name, **base))
     return profiles

@@ -244,3 +244,37 @@ def test_an_ingested_consortium_has_one_labelled_workspace_per_site_and_is_reuse
     stamp = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()}
     assert ingested_consortium(tmp_path, sites=2, studies_per_task=4, seed=2, tasks=["breast-mg"]) == ws
     assert {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()} == stamp  # nothing redone
+
+
+def _soft_tissue(site: Path) -> tuple[float, float]:
+    """Over a site's CT slices, the median HU of soft tissue (-150 to 250 HU) and the median absolute difference
+    between in-plane neighbours there (which grows with the noise)."""
+    values, steps = [], []
+    for p in sorted((site / "dicom").rglob("*")):
+        if p.is_file():
+            ds = pydicom.dcmread(p)
+            if ds.Modality == "CT":
+                hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                tissue = (hu > -150) & (hu < 250)
+                pair = tissue[:, 1:] & tissue[:, :-1]
+                values.append(hu[tissue])
+                steps.append(np.abs(np.diff(hu, axis=1))[pair])
+    return float(np.median(np.concatenate(values))), float(np.median(np.concatenate(steps)))
+
+
+def test_the_non_iid_variant_changes_one_sites_scanners_and_nothing_else(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    iid, non_iid = tmp_path / "iid", tmp_path / "non-iid"
+    generate_consortium(iid, sites=2, studies_per_task=4, seed=5, tasks=["lung-ct"])
+    generate_consortium(non_iid, sites=2, studies_per_task=4, seed=5, tasks=["lung-ct"], unlike="site-b")
+    assert _tree_digest(iid / "site-a") == _tree_digest(non_iid / "site-a")  # the others are written as without it
+    assert (iid / "site-b" / "labels.csv").read_text() == (non_iid / "site-b" / "labels.csv").read_text()
+    assert json.loads((non_iid / "consortium.json").read_text())["unlike"] == "site-b"
+    first = next(p for p in sorted((non_iid / "site-b" / "dicom").rglob("*")) if p.is_file())
+    ds = pydicom.dcmread(first, stop_before_pixels=True)
+    assert (ds.Manufacturer, float(ds.SliceThickness)) == ("TOSHIBA", 5.0)
+    (level, step), (level2, step2) = _soft_tissue(iid / "site-b"), _soft_tissue(non_iid / "site-b")
+    assert step2 > 1.5 * step, (step, step2)  # twice the noise of the site's usual scanner (20 → 40 HU)
+    assert level2 - level > 10, (level, level2)  # and a calibration drift (+12 → +35 HU)
+    assert synth_main(["--out", str(tmp_path / "x"), "--unlike-site", "site-z"]) == 2
+    assert "site-z" in capsys.readouterr().err
