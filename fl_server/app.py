@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ def main(grid: Grid, context: Context) -> None:
     from fl_server.grid import PromptGrid
     from fl_server.runstore import RunStore
     from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
-    from models.config import RunKey, from_flat
+    from models.config import RunKey, Strategy, from_flat, server_step
     from models.nets import build_model
     from models.weights import pack, state_arrays, unpack
+
+    adaptive = (Strategy.FEDADAM, Strategy.FEDYOGI)  # they step by themselves
 
     grid = PromptGrid(grid)
     flat_config = dict(context.run_config)
@@ -76,7 +79,9 @@ def main(grid: Grid, context: Context) -> None:
                                   run_config=flat_config, round_offset=offset,
                                   norm_factor=srv.update_norm_factor,
                                   evaluate_in_train=in_train,
-                                  on_round=lambda r: log.info("oncofed: %s", r.progress_line()))
+                                  on_round=lambda r: log.info("oncofed: %s", r.progress_line()),
+                                  server_step=None if config.federation.strategy in adaptive
+                                  else partial(server_step, config.federation))
     timeout = srv.round_timeout
     run_tag = ConfigRecord({RoundKey.RUN_ID: store.history["run_id"]})
     t0 = time.perf_counter()

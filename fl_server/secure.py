@@ -27,7 +27,7 @@ import numpy as np
 
 from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
-from models.config import RunConfig, Strategy
+from models.config import RunConfig, Strategy, server_step
 from models.protocol import Metric, RoundKey, SiteKey, Split, parse_failure
 from models.weights import unpack
 
@@ -93,7 +93,11 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
             if parameters is not None:
                 # The protocol's sum comes back as float64: the global model stays float32 (the sites'
                 # egress guard refuses to answer with another dtype than it received, and it should).
-                flat = parameters_to_ndarrays(parameters)[0].astype(np.float32)
+                mean = parameters_to_ndarrays(parameters)[0].astype(np.float64)
+                before = np.asarray(final["flat"], dtype=np.float64)
+                step = server_step(config.federation, len(results))  # on the mean of the sum the protocol revealed
+                recorder.record["server_step"] = step
+                flat = (before + step * (mean - before)).astype(np.float32)
                 parameters = ndarrays_to_parameters([flat])
                 final["flat"] = flat
                 path = store.checkpoint(rnd, unpack(flat, reference), flat_config)

@@ -8,7 +8,10 @@ FedMedian, FedTrimmedAvg). :class:`ConsortiumStrategy` wraps it: it is a Flower 
   reply is dropped with the site named, and the round goes on with the rest;
 - refusals (privacy budget spent, no data) counted per site, not aggregated;
 - per-site training and evaluation metrics, timings and framework overhead per round;
-- round numbers continued after a resume, and a checkpoint after every round.
+- round numbers continued after a resume, and a checkpoint after every round;
+- for the averaging strategies, the server's step on the round's mean update (:func:`models.config.server_step`:
+  by default the number of sites aggregated, so that a round of one local epoch moves the model as far as an
+  epoch over everyone's data would).
 
 The round loop itself is Flower's ``Strategy.start``; nothing here re-implements it.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
 from fl_server.validation import screen_updates
-from models.config import RunConfig, Strategy
+from models.config import RunConfig, Strategy, server_step
 from models.protocol import (
     EVAL_AGGREGATED,
     HEADLINE_METRICS,
@@ -43,7 +46,8 @@ from models.protocol import (
     parse_failure,
 )
 
-__all__ = ["ConsortiumStrategy", "build_strategy", "packed_record", "refusal_of", "registered_names", "site_of"]
+__all__ = ["ConsortiumStrategy", "build_strategy", "packed_record", "refusal_of", "registered_names", "site_of",
+           "stepped"]
 
 log = logging.getLogger("oncofed.server")
 
@@ -65,9 +69,9 @@ def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStra
     if f.strategy == Strategy.FEDPROX:
         return FedProx(proximal_mu=config.training.proximal_mu, **common)
     if f.strategy == Strategy.FEDADAM:
-        return FedAdam(eta=f.server_learning_rate, **common)
+        return FedAdam(eta=server_step(f, need), **common)
     if f.strategy == Strategy.FEDYOGI:
-        return FedYogi(eta=f.server_learning_rate, **common)
+        return FedYogi(eta=server_step(f, need), **common)
     if f.strategy == Strategy.FEDMEDIAN:
         return FedMedian(**common)
     if f.strategy == Strategy.FEDTRIMMEDAVG:
@@ -154,11 +158,15 @@ class ConsortiumStrategy(FlowerStrategy):
             instead of in a message of its own. Same figures, half the messages: in a deployment
             every message starts a new ClientApp process (about 5 s of imports on a small CPU).
         on_round: Called with a round's history record once it is complete (progress display).
+        server_step: For the averaging strategies, the server's step on the round's mean update given the number of
+            sites aggregated (:func:`models.config.server_step`); the new global model is
+            ``sent + step × (mean − sent)``. None for a strategy that steps by itself (FedAdam, FedYogi).
     """
 
     def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
                  run_config: dict[str, Any], round_offset: int = 0, norm_factor: float = 10.0,
-                 evaluate_in_train: bool = False, on_round: Any = None) -> None:
+                 evaluate_in_train: bool = False, on_round: Any = None,
+                 server_step: Callable[[int], float] | None = None) -> None:
         self.inner = inner
         self.store = store
         self.reference = reference
@@ -167,6 +175,7 @@ class ConsortiumStrategy(FlowerStrategy):
         self.norm_factor = norm_factor
         self.evaluate_in_train = evaluate_in_train
         self.on_round = on_round
+        self.server_step = server_step
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._t0: dict[int, float] = {}
         self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
@@ -270,6 +279,10 @@ class ConsortiumStrategy(FlowerStrategy):
         common = set.intersection(*(set(_metrics(m)) for m in kept))
         keys = [k for k in TRAIN_AGGREGATED if k in common]
         arrays, aggregated = self.inner.aggregate_train(rnd, [_normalised(m, keys, with_arrays=True) for m in kept])
+        if arrays is not None and self.server_step is not None and sent:
+            step = self.server_step(len(kept))
+            recorder.record["server_step"] = step
+            arrays = stepped(sent, arrays, step)
         recorder.aggregated(len(kept), {k: float(v) for k, v in (aggregated or {}).items()})  # type: ignore[arg-type]
         self.store.save()
         return arrays, aggregated
@@ -366,6 +379,19 @@ def _metric_message(metrics: dict[str, float], keys: Iterable[str]) -> Message:
     content = RecordDict({Record.METRICS: MetricRecord({Metric.NUM_EXAMPLES: metrics.get(Metric.NUM_EXAMPLES, 0.0),
                                                          **{k: metrics[k] for k in keys}})})
     return Message(content=content, dst_node_id=0, message_type=MessageType.EVALUATE)
+
+
+def stepped(sent: dict[str, np.ndarray], aggregated: ArrayRecord, step: float) -> ArrayRecord:
+    """``sent + step × (aggregated − sent)`` per array, computed in float64 and kept in the sent arrays' dtype
+    (step 1: the aggregate itself)."""
+    if step == 1.0:
+        return aggregated
+    new = _plain(aggregated)
+    out = {}
+    for key, value in new.items():
+        base = sent[key].astype(np.float64)
+        out[key] = Array(np.ascontiguousarray(base + step * (value.astype(np.float64) - base), dtype=sent[key].dtype))
+    return ArrayRecord(out)
 
 
 def packed_record(flat: np.ndarray) -> ArrayRecord:

@@ -58,6 +58,7 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
     # Round 0 is the initial model: evaluated (inside the first training message), not trained.
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3]
     assert set(history["rounds"][0]["evaluate"]) == {"site-a", "site-b", "site-c"}
+    assert all(r["server_step"] == 1.0 and r["aggregated_sites"] == 2 for r in history["rounds"][1:])  # the mean
     for record in history["rounds"][1:]:
         assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}  # every site evaluates on its val split
         assert record["aggregated_sites"] == 2  # site-c refuses to train
@@ -156,13 +157,15 @@ def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_p
     run_dir = tmp_path / "secure"
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
+                    "--set", "server-learning-rate=2",
                     "--set", "secure-aggregation=true", "--set", "min-sites=3")
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run_dir / "history.json").read_text())
     rounds = [r for r in history["rounds"] if r["round"] >= 1]
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
-        assert record["secure_aggregation"] and record["aggregated_sites"] == 2
+        # The server steps twice along the mean of the sum the protocol revealed.
+        assert record["secure_aggregation"] and record["aggregated_sites"] == 2 and record["server_step"] == 2.0
         assert set(record["train"]) == {"site-a", "site-b"}
         assert record["failed"] == [{"site": "site-c", "stage": "train", "reason": "privacy budget spent"}]
         assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}

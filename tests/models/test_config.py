@@ -121,3 +121,17 @@ def test_dp_outlook_warns_when_the_noise_drowns_the_averaged_gradient() -> None:
     assert dp_outlook(0.8, 12.0) is None  # 0.07 of the clipping norm: learned on the synthetic tasks
     text = dp_outlook(6.0, 8.0)  # a site of 25 studies at ε = 8 over 10 rounds: learned nothing
     assert text is not None and "0.75 of the clipping norm" in text and "larger ε" in text
+
+
+def test_num_rounds_zero_runs_the_tasks_count_alike_everywhere() -> None:
+    from models.tasks import TASK_ROUNDS
+
+    assert set(TASK_ROUNDS) == set(TASK_DIMS)
+    assert from_flat({"task": "prostate-mr"}).federation.num_rounds == TASK_ROUNDS["prostate-mr"] == 30  # default
+    assert from_flat({"task": "lung-ct", "num-rounds": "0"}).federation.num_rounds == TASK_ROUNDS["lung-ct"]
+    assert from_flat({"task": "lung-ct", "num-rounds": "4"}).federation.num_rounds == 4  # a run's own count wins
+    # The flat form the server sends carries the resolved count: a site reads the same rounds (its DP plan too).
+    sent = from_flat({"task": "colorectal-ct"}).to_flat()
+    assert sent["num-rounds"] == TASK_ROUNDS["colorectal-ct"] and from_flat(sent).federation.num_rounds == 20
+    with pytest.raises(ConfigError, match="'num-rounds': must be at least 1, or 0"):
+        from_flat({"num-rounds": "-2"})
