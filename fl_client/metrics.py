@@ -10,7 +10,7 @@ import numpy as np
 from models.evaluation import auroc_ci, ece
 
 __all__ = ["LESION_IOU", "BinaryMetrics", "SegMetrics", "StudySegmentation", "auroc", "binary_metrics",
-           "segmentation_metrics", "study_scores", "study_segmentation"]
+           "segmentation_metrics", "study_scores", "study_segmentation", "without_small_lesions"]
 
 LESION_IOU = 0.1
 """A reference lesion is found when the predicted lesions touching it cover it at this intersection over union
@@ -108,6 +108,30 @@ class StudySegmentation:
     lesions: int
     found: int
     false_positives: int
+
+
+def without_small_lesions(mask: np.ndarray, *, spacing: Sequence[float], min_diameter_mm: float) -> np.ndarray:
+    """``mask`` without its connected components (face and edge neighbours, as :func:`study_segmentation` counts
+    lesions) smaller than a sphere (3D) or disk (2D) of ``min_diameter_mm``; voxel size ``spacing`` in mm.
+
+    Returns:
+        A new boolean mask (``mask`` itself, as booleans, when ``min_diameter_mm`` is 0).
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    if min_diameter_mm <= 0 or not mask.any():
+        return mask
+    if len(spacing) != mask.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} for a {mask.ndim}D mask")
+    d = float(min_diameter_mm)
+    smallest = np.pi * d ** 3 / 6 if mask.ndim == 3 else np.pi * d ** 2 / 4
+    voxels = smallest / float(np.prod(spacing))
+    labels, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, 2))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= voxels
+    keep[0] = False
+    return keep[labels]
 
 
 def study_segmentation(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float]) -> StudySegmentation:

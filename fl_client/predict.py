@@ -2,8 +2,10 @@
 
 For each image of a ``*-seg`` task (a split's, all of them, or one study's): the network input as in training,
 MONAI's sliding-window lesion probabilities (:meth:`fl_client.explainer.Explainer.lesion_probabilities`), carried
-back onto the image's own DICOM grid and thresholded at 0.5 (:func:`imaging.seg_dicom.predicted_mask`), then written
-into ``OUT/study-<hash>/`` (a hash of the StudyInstanceUID: no UID or patient data in a file or folder name):
+back onto the image's own DICOM grid and thresholded at 0.5 (:func:`imaging.seg_dicom.predicted_mask`), without the
+lesions smaller than the task's smallest reported lesion (``min_lesion_mm`` of its preset, e.g. 10 mm for colorectal
+CT: :func:`fl_client.metrics.without_small_lesions`), then written into ``OUT/study-<hash>/`` (a hash of the
+StudyInstanceUID: no UID or patient data in a file or folder name):
 
 - ``seg-<hash>.dcm``: the mask as a DICOM Segmentation on the source series (:mod:`imaging.seg_dicom`); an image
   without a predicted lesion still gets one, which says so;
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fl_client.explainer import Explainer
+from fl_client.metrics import without_small_lesions
 from imaging.catalog import Catalog, Item
 from imaging.dicom import ImagePlan, read_image
 from imaging.errors import DicomError
@@ -258,7 +261,8 @@ def predict(workspace: Path, model_path: Path, out: Path, *, split: str = "test"
             entry["view"] = f"{item.plan.laterality} {item.plan.view}".strip()
         try:
             probabilities = explainer.lesion_probabilities(explainer.network_input(item, workspace=workspace))
-            mask = predicted_mask(probabilities, item.plan, preset, threshold=THRESHOLD)
+            mask = without_small_lesions(predicted_mask(probabilities, item.plan, preset, threshold=THRESHOLD),
+                                         spacing=item.plan.spacing, min_diameter_mm=preset.min_lesion_mm)
             ref = reference_mask(item)
             seg = write_lesion_segmentation(item.plan, mask, folder, model_sha256=explainer.sha256, task=task,
                                             threshold=THRESHOLD)

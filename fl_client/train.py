@@ -31,6 +31,7 @@ from fl_client.metrics import (
     segmentation_metrics,
     study_scores,
     study_segmentation,
+    without_small_lesions,
 )
 from fl_client.privacy import PrivacyLedger, default_delta, noise_for
 from imaging.sitedata import SiteData
@@ -415,7 +416,8 @@ def evaluate_segmentation(model: nn.Module, data: SiteData, split: str, *, thres
                           placement: Placement | None = None) -> EvalResult | None:
     """Segmentation metrics of a split, per study (the images of a mammography study pooled), on the network's
     grid at the preset's voxel size: Dice, lesion-wise sensitivity, false-positive lesions per study, HD95 and the
-    Dice + cross-entropy loss (None if the split is empty)."""
+    Dice + cross-entropy loss (None if the split is empty). Predicted lesions below the preset's smallest lesion
+    (``min_lesion_mm``) are dropped first, as they are from the masks ``predict`` writes."""
     from imaging.presets import get_preset
 
     if data.count(split) == 0:
@@ -427,7 +429,9 @@ def evaluate_segmentation(model: nn.Module, data: SiteData, split: str, *, thres
     losses = []
     for uid, (prob, target, loss) in zip(data.study_uids(split), predict_masks(
             model, data.dataset(split, train=False), roi_size=roi, placement=placement), strict=True):
-        per_image.append((uid, prob >= threshold, target))
+        pred = without_small_lesions(prob >= threshold, spacing=preset.target_spacing,
+                                     min_diameter_mm=preset.min_lesion_mm)
+        per_image.append((uid, pred, target))
         losses.append(loss)
     studies: list[StudySegmentation] = []
     by_study: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}

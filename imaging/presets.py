@@ -92,6 +92,8 @@ class TaskPreset:
             preprocessing, with a lesion mask from the study's DICOM SEG or RT Structure Set as the target.
         patch_size: Segmentation: the patch trained on and slid over the input at inference (MONAI axis order).
         diagnostic_patch: ``patch_size`` of the diagnostic resolution profile.
+        min_lesion_mm: Segmentation: a predicted lesion (connected component) smaller than a sphere (a disk in 2D)
+            of this diameter is not reported: it is dropped before the metrics and before the mask is written.
     """
 
     name: str
@@ -116,6 +118,7 @@ class TaskPreset:
     segmentation: bool = False
     patch_size: tuple[int, ...] = ()
     diagnostic_patch: tuple[int, ...] = ()
+    min_lesion_mm: float = 0.0
 
     @property
     def image_task(self) -> str:
@@ -223,11 +226,18 @@ _PATCHES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "prostate-mr": ((48, 48, 16), (128, 128, 24)),
 }
 
+# The smallest lesion a segmentation reports (diameter in mm): below it a predicted component is a speck, not a
+# finding. Lung: nodules under 4 mm need no follow-up (Fleischner); breast: 3 mm (a mass or a cluster's extent, not a
+# single calcification); colorectal: 10 mm (a cancer this small is a polyp for endoscopy, not CT staging); prostate:
+# 5 mm (below PI-RADS' smallest measurable lesion).
+_MIN_LESION_MM: dict[str, float] = {"lung-ct": 4.0, "breast-mg": 3.0, "colorectal-ct": 10.0, "prostate-mr": 5.0}
+
 SEGMENTATION_PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
     {
         f"{base.name}{SEGMENTATION_SUFFIX}": replace(
             base, name=f"{base.name}{SEGMENTATION_SUFFIX}", title=f"{base.title}: lesion segmentation",
-            segmentation=True, patch_size=_PATCHES[base.name][0], diagnostic_patch=_PATCHES[base.name][1])
+            segmentation=True, patch_size=_PATCHES[base.name][0], diagnostic_patch=_PATCHES[base.name][1],
+            min_lesion_mm=_MIN_LESION_MM[base.name])
         for base in PRESETS.values()
     }
 )

@@ -10,7 +10,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fl_client.metrics import LESION_IOU, StudySegmentation, segmentation_metrics, study_segmentation
+from fl_client.metrics import (
+    LESION_IOU,
+    StudySegmentation,
+    segmentation_metrics,
+    study_segmentation,
+    without_small_lesions,
+)
 from fl_client.train import predict_masks, segmentation_loss, train_local
 from models.config import Arch, ModelSpec, TrainSpec
 from models.nets import build_model
@@ -42,6 +48,30 @@ def test_study_figures_match_their_definitions() -> None:
     # A study without a lesion has no Dice; its predicted blobs are false positives.
     empty = study_segmentation(pred, np.zeros(shape, bool), spacing=(1, 1, 1))
     assert empty.dice is None and empty.hd95 is None and empty.false_positives == 2
+
+
+def test_lesions_below_the_smallest_reported_size_are_dropped() -> None:
+    """A 10 mm sphere is 523.6 mm³: at 2 × 2 × 4 mm voxels (16 mm³) a component needs 33 voxels to stay. Edge
+    neighbours join a component, as in the lesion count."""
+    from imaging.presets import get_preset
+
+    shape = (12, 20, 20)
+    big = _cube(shape, (1, 1, 1), 4)  # 64 voxels: kept
+    speck = _cube(shape, (8, 14, 14), 3)  # 27 voxels: dropped
+    diagonal = _cube(shape, (1, 10, 10), 3) | _cube(shape, (4, 13, 10), 2)  # 27 + 8 joined at an edge: kept
+    mask = big | speck | diagonal
+    kept = without_small_lesions(mask, spacing=(4.0, 2.0, 2.0), min_diameter_mm=10.0)
+    np.testing.assert_array_equal(kept, big | diagonal)
+    assert study_segmentation(kept, big, spacing=(4, 2, 2)).false_positives == 1  # the speck no longer counts
+    np.testing.assert_array_equal(without_small_lesions(mask, spacing=(4, 2, 2), min_diameter_mm=0), mask)
+    # 2D: a disk of 3 mm is 7.07 mm², 11.05 pixels of 0.8 mm: 12 pixels stay, 11 go.
+    flat = np.zeros((20, 20), bool)
+    flat[1:4, 1:5] = True  # 12
+    flat[10, 1:12] = True  # 11
+    assert without_small_lesions(flat, spacing=(0.8, 0.8), min_diameter_mm=3.0).sum() == 12
+    with pytest.raises(ValueError, match="spacing"):
+        without_small_lesions(flat, spacing=(1.0, 1.0, 1.0), min_diameter_mm=3.0)
+    assert get_preset("colorectal-ct-seg").min_lesion_mm == 10.0 and get_preset("colorectal-ct").min_lesion_mm == 0
 
 
 def test_split_figures_count_what_they_average() -> None:
