@@ -132,6 +132,6 @@ def test_num_rounds_zero_runs_the_tasks_count_alike_everywhere() -> None:
     assert from_flat({"task": "lung-ct", "num-rounds": "4"}).federation.num_rounds == 4  # a run's own count wins
     # The flat form the server sends carries the resolved count: a site reads the same rounds (its DP plan too).
     sent = from_flat({"task": "colorectal-ct"}).to_flat()
-    assert sent["num-rounds"] == TASK_ROUNDS["colorectal-ct"] and from_flat(sent).federation.num_rounds == 20
+    assert sent["num-rounds"] == TASK_ROUNDS["colorectal-ct"] and from_flat(sent).federation.num_rounds == 30
     with pytest.raises(ConfigError, match="'num-rounds': must be at least 1, or 0"):
         from_flat({"num-rounds": "-2"})
