@@ -1,0 +1,196 @@
+"""Federated recipe search: many FedAvg-family recipes quickly, in one process, scored on held-out studies.
+
+A real federated run (``bench_federation.py``) spends about 20 s starting Flower and a second or more per round on
+messages; a recipe search needs dozens of runs. This script runs the same arithmetic in one process: each round,
+every site of the synthetic consortium trains the global model for its local epochs with oncofed's own
+``train_local`` (the same seeds per site and round as a site uses), the updates are averaged weighted by training
+studies, and the server steps as Flower's strategies do:
+
+- ``avg``: ``global + step × (mean − global)`` (FedAvg at step 1; ``--schedule cos`` decays the step from its value
+  to 1 over the rounds along a half cosine);
+- ``avgm``: Flower's FedAvgM (server momentum on the pseudo-gradient);
+- ``adam``: Flower's FedAdam (β 0.9 / 0.99, τ 1e-3, bias-corrected step).
+
+``--pooled`` and ``--single SITE`` train the centralised and one-site baselines for ``rounds × local-epochs``
+epochs (equal training compute). Every model is scored by its AUROC on all the studies of a held-out consortium
+(the same sites' scanners, other patients: seed + 1000, 3 × 48 studies per task by default). One JSON line per run
+is appended to ``OUT/search.jsonl``; the figures a recipe earns here are to be confirmed by ``bench_federation.py``
+through Flower.
+
+Example::
+
+    .venv/bin/python scripts/search_fed_recipe.py --out bench-output/search --task colorectal-ct --rounds 10 \\
+        --server avg --step 3
+    .venv/bin/python scripts/search_fed_recipe.py --out bench-output/search --task prostate-mr --rounds 30 --pooled
+    .venv/bin/python scripts/search_fed_recipe.py --out bench-output/search --task colorectal-ct --rounds 20 \\
+        --set proximal-mu=0.1 --set seed=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from imaging.synth import ingested_consortium
+
+IMAGE_TASKS = ["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"]
+
+
+def holdout_auroc(model: Any, holdout: list[Any]) -> tuple[float | None, int]:
+    """AUROC of ``model`` on every study (all splits) of the held-out sites' data, and the study count."""
+    from fl_client.train import evaluate_local
+    from models.evaluation import auroc_ci
+
+    labels: list[int] = []
+    scores: list[float] = []
+    for data in holdout:
+        for split in ("train", "val", "test"):
+            result = evaluate_local(model, data, split)
+            if result is not None and result.labels is not None and result.scores is not None:
+                labels.extend(int(v) for v in result.labels)
+                scores.extend(float(v) for v in result.scores)
+    ci = auroc_ci(labels, scores)
+    return (None if ci is None else ci.auroc), len(labels)
+
+
+def server_update(kind: str, glob: dict[str, Any], mean: dict[str, Any], state: dict[str, Any], *, step: float,
+                  momentum: float, eta: float, rnd: int) -> dict[str, Any]:
+    """The new global weights after a round, as Flower's FedAvg (with a server step), FedAvgM or FedAdam."""
+    delta = {k: mean[k] - glob[k] for k in glob}
+    if kind == "avg":
+        return {k: glob[k] + step * delta[k] for k in glob}
+    if kind == "avgm":  # Flower's FedAvgM: momentum on the pseudo-gradient (old - new)
+        state["m"] = delta if "m" not in state else {k: momentum * state["m"][k] + delta[k] for k in glob}
+        return {k: glob[k] + step * state["m"][k] for k in glob}
+    b1, b2, tau = 0.9, 0.99, 1e-3  # Flower's FedAdam defaults
+    m = state.setdefault("m", {k: 0 * v for k, v in glob.items()})
+    v = state.setdefault("v", {k: 0 * v for k, v in glob.items()})
+    state["m"] = m = {k: b1 * m[k] + (1 - b1) * delta[k] for k in glob}
+    state["v"] = v = {k: b2 * v[k] + (1 - b2) * delta[k] ** 2 for k in glob}
+    eta_norm = eta * np.sqrt(1 - b2 ** (rnd + 1)) / (1 - b1 ** (rnd + 1))
+    return {k: glob[k] + eta_norm * m[k] / (v[k].sqrt() + tau) for k in glob}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench-output/search"))
+    parser.add_argument("--task", default="colorectal-ct", choices=IMAGE_TASKS)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds (= epochs of --pooled / --single)")
+    parser.add_argument("--server", default="avg", choices=["avg", "avgm", "adam"])
+    parser.add_argument("--step", type=float, default=1.0, help="the server step of avg and avgm")
+    parser.add_argument("--schedule", default="", choices=["", "cos"], help="cos: decay the step to 1 over the rounds")
+    parser.add_argument("--momentum", type=float, default=0.9, help="avgm's server momentum")
+    parser.add_argument("--eta", type=float, default=0.01, help="adam's server step")
+    parser.add_argument("--pooled", action="store_true", help="train on all sites' data pooled instead")
+    parser.add_argument("--single", default="", metavar="SITE", help="train on this site's data alone instead")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config values of the local training (learning-rate, local-epochs, seed, ...)")
+    parser.add_argument("--studies", type=int, default=48, help="studies per task per site (training consortium)")
+    parser.add_argument("--holdout-studies", type=int, default=48, help="studies per task per held-out site")
+    parser.add_argument("--seed", type=int, default=0, help="the consortium's seed")
+    parser.add_argument("--holdout-seed", type=int, default=None, help="the held-out consortium's seed (seed + 1000)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--name", default="", help="a name for the run's JSON line")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    import torch
+
+    from fl_client.train import train_local
+    from imaging.sitedata import load_site_data
+    from models.config import ConfigError, from_flat
+    from models.nets import build_model
+
+    console = Console()
+    flat: dict[str, str] = {"task": args.task}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            console.print(f"[red]--set {item!r}: give KEY=VALUE, e.g. --set learning-rate=3e-3[/]")
+            return 2
+        flat[key.strip()] = value.strip()
+    try:
+        config = from_flat(flat)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    torch.set_num_threads(args.threads)
+    sites_root = ingested_consortium(args.out / "consortium", sites=3, studies_per_task=args.studies, seed=args.seed,
+                                     tasks=IMAGE_TASKS)
+    held_root = ingested_consortium(args.out / "holdout", sites=3, studies_per_task=args.holdout_studies,
+                                    seed=args.seed + 1000 if args.holdout_seed is None else args.holdout_seed,
+                                    tasks=IMAGE_TASKS)
+    sites = sorted(p for p in sites_root.iterdir() if p.is_dir())
+    if args.single and args.single not in {p.name for p in sites}:
+        console.print(f"[red]--single {args.single!r}: not one of {', '.join(p.name for p in sites)}[/]")
+        return 2
+    holdout = [load_site_data([p], args.task) for p in sorted(held_root.iterdir()) if p.is_dir()]
+    spec = config.training
+    torch.manual_seed(spec.seed)
+    model = build_model(config.model)
+    t0 = time.perf_counter()
+    curve: list[tuple[int, float | None]] = []
+    if args.pooled or args.single:
+        chosen = sites if args.pooled else [p for p in sites if p.name == args.single]
+        data = load_site_data(chosen, args.task)
+        epochs = args.rounds * spec.local_epochs
+        with Progress(console=console) as bar:
+            job = bar.add_task(f"{'pooled' if args.pooled else args.single}: {epochs} epochs", total=epochs)
+            train_local(model, data.dataset("train", train=spec.augment, seed=spec.seed), spec=spec,
+                        labels=data.labels("train"), epochs=epochs, on_epoch=lambda e, _loss: bar.advance(job))
+    else:
+        datas = [load_site_data([p], args.task) for p in sites]
+        glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state: dict[str, Any] = {}
+        with Progress(console=console) as bar:
+            job = bar.add_task(f"{args.server} step {args.step:g}{' ' + args.schedule if args.schedule else ''}: "
+                               f"{args.rounds} rounds", total=args.rounds)
+            for rnd in range(1, args.rounds + 1):
+                updates, counts = [], []
+                for data in datas:
+                    model.load_state_dict(glob)
+                    torch.manual_seed(spec.seed + rnd)
+                    params = ({k: p.detach().clone() for k, p in model.named_parameters()}
+                              if spec.proximal_mu else None)
+                    train_local(model, data.dataset("train", train=spec.augment, seed=spec.seed + 7919 * rnd),
+                                spec=spec, labels=data.labels("train"), round_number=rnd, global_params=params)
+                    updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                    counts.append(data.count("train"))
+                weights = np.asarray(counts, float) / sum(counts)
+                mean = {k: sum(float(w) * u[k] for w, u in zip(weights, updates, strict=True)) for k in glob}
+                step = args.step
+                if args.schedule == "cos":
+                    step = 1 + (args.step - 1) * 0.5 * (1 + np.cos(np.pi * (rnd - 1) / max(1, args.rounds - 1)))
+                glob = server_update(args.server, glob, mean, state, step=float(step), momentum=args.momentum,
+                                     eta=args.eta, rnd=rnd)
+                model.load_state_dict(glob)
+                if rnd % max(1, args.rounds // 5) == 0 or rnd == args.rounds:
+                    curve.append((rnd, holdout_auroc(model, holdout)[0]))
+                bar.advance(job)
+    auroc, studies = holdout_auroc(model, holdout)
+    line = {"name": args.name, "task": args.task, "rounds": args.rounds, "server": args.server, "step": args.step,
+            "schedule": args.schedule, "momentum": args.momentum, "eta": args.eta, "pooled": args.pooled,
+            "single": args.single, "set": flat, "holdout_auroc": auroc, "holdout_studies": studies,
+            "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "search.jsonl").open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    what = "pooled" if args.pooled else (f"{args.single} alone" if args.single else
+                                         f"{args.server} step {args.step:g} {args.schedule}".strip())
+    console.print(f"{args.task} · {what} · {args.rounds} rounds: held-out AUROC "
+                  f"{'—' if auroc is None else f'{auroc:.3f}'} on {studies} studies ({line['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
