@@ -248,6 +248,12 @@ def fit(site: Site, config: RunConfig, *, run_id: str, round_number: int, global
             with the reply (``Reply.evaluation``; logged as its own egress record).
         epsilon_cap: The site policy's most ε per run (caps the run's own DP target).
     """
+    if round_number > config.federation.num_rounds:
+        # The site planned (DP noise, per-run ε) and approved this run for its count of rounds, as it reads the run
+        # config; a round past it would spend what was never planned.
+        return refusal(site, task=config.model.task, run_id=run_id, round_number=round_number, kind="train",
+                       code=Refusal.ROUNDS, detail=f"round {round_number} is past the {config.federation.num_rounds} "
+                                                   "rounds this site planned and approved for the run")
     # One model and one look at the catalog for both jobs of the message: the evaluation reads the received
     # weights before training changes them.
     torch.manual_seed(config.training.seed + round_number)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from fl_client.explainer import Explainer
+from fl_client.metrics import without_small_lesions
 from fl_client.predict import (
     PREDICTED_COLOUR,
     REFERENCE_COLOUR,
@@ -290,7 +291,8 @@ class ReviewSession:
         """Predict an image's lesion mask on its DICOM grid and keep it (and the reference) in memory; return the
         highest voxel probability and the lesion's size."""
         probabilities = model.lesion_probabilities(image)
-        mask = predicted_mask(probabilities, item.plan, model.preset)
+        mask = without_small_lesions(predicted_mask(probabilities, item.plan, model.preset), spacing=item.plan.spacing,
+                                     min_diameter_mm=model.preset.min_lesion_mm)  # as predict writes it
         try:
             ref = reference_mask(item)
         except PredictError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     grid = PromptGrid(grid)
     flat_config = dict(context.run_config)
     config = from_flat(flat_config)
+    flat_config[RunKey.NUM_ROUNDS] = config.federation.num_rounds  # stored resolved: the report and a resume read it
     import torch
 
     torch.manual_seed(config.training.seed)
@@ -81,7 +81,7 @@ def main(grid: Grid, context: Context) -> None:
                                   evaluate_in_train=in_train,
                                   on_round=lambda r: log.info("oncofed: %s", r.progress_line()),
                                   server_step=None if config.federation.strategy in adaptive
-                                  else partial(server_step, config.federation))
+                                  else server_step(config.federation))
     timeout = srv.round_timeout
     run_tag = ConfigRecord({RoundKey.RUN_ID: store.history["run_id"]})
     t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
                 # egress guard refuses to answer with another dtype than it received, and it should).
                 mean = parameters_to_ndarrays(parameters)[0].astype(np.float64)
                 before = np.asarray(final["flat"], dtype=np.float64)
-                step = server_step(config.federation, len(results))  # on the mean of the sum the protocol revealed
+                step = server_step(config.federation)  # along the mean of the sum the protocol revealed
                 recorder.record["server_step"] = step
                 flat = (before + step * (mean - before)).astype(np.float32)
                 parameters = ndarrays_to_parameters([flat])

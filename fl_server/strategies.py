@@ -9,9 +9,8 @@ FedMedian, FedTrimmedAvg). :class:`ConsortiumStrategy` wraps it: it is a Flower 
 - refusals (privacy budget spent, no data) counted per site, not aggregated;
 - per-site training and evaluation metrics, timings and framework overhead per round;
 - round numbers continued after a resume, and a checkpoint after every round;
-- for the averaging strategies, the server's step on the round's mean update (:func:`models.config.server_step`:
-  by default the number of sites aggregated, so that a round of one local epoch moves the model as far as an
-  epoch over everyone's data would).
+- for the averaging strategies, the server's step along the round's aggregated update
+  (:func:`models.config.server_step`: 1, the aggregate itself, unless the run sets ``server-learning-rate``).
 
 The round loop itself is Flower's ``Strategy.start``; nothing here re-implements it.
 """
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -69,9 +68,9 @@ def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStra
     if f.strategy == Strategy.FEDPROX:
         return FedProx(proximal_mu=config.training.proximal_mu, **common)
     if f.strategy == Strategy.FEDADAM:
-        return FedAdam(eta=server_step(f, need), **common)
+        return FedAdam(eta=server_step(f), **common)
     if f.strategy == Strategy.FEDYOGI:
-        return FedYogi(eta=server_step(f, need), **common)
+        return FedYogi(eta=server_step(f), **common)
     if f.strategy == Strategy.FEDMEDIAN:
         return FedMedian(**common)
     if f.strategy == Strategy.FEDTRIMMEDAVG:
@@ -158,15 +157,15 @@ class ConsortiumStrategy(FlowerStrategy):
             instead of in a message of its own. Same figures, half the messages: in a deployment
             every message starts a new ClientApp process (about 5 s of imports on a small CPU).
         on_round: Called with a round's history record once it is complete (progress display).
-        server_step: For the averaging strategies, the server's step on the round's mean update given the number of
-            sites aggregated (:func:`models.config.server_step`); the new global model is
-            ``sent + step × (mean − sent)``. None for a strategy that steps by itself (FedAdam, FedYogi).
+        server_step: For the averaging strategies, the server's step on the round's aggregate
+            (:func:`models.config.server_step`); the new global model is ``sent + step × (aggregate − sent)``. None
+            for a strategy that steps by itself (FedAdam, FedYogi).
     """
 
     def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
                  run_config: dict[str, Any], round_offset: int = 0, norm_factor: float = 10.0,
                  evaluate_in_train: bool = False, on_round: Any = None,
-                 server_step: Callable[[int], float] | None = None) -> None:
+                 server_step: float | None = None) -> None:
         self.inner = inner
         self.store = store
         self.reference = reference
@@ -280,7 +279,7 @@ class ConsortiumStrategy(FlowerStrategy):
         keys = [k for k in TRAIN_AGGREGATED if k in common]
         arrays, aggregated = self.inner.aggregate_train(rnd, [_normalised(m, keys, with_arrays=True) for m in kept])
         if arrays is not None and self.server_step is not None and sent:
-            step = self.server_step(len(kept))
+            step = self.server_step
             recorder.record["server_step"] = step
             arrays = stepped(sent, arrays, step)
         recorder.aggregated(len(kept), {k: float(v) for k, v in (aggregated or {}).items()})  # type: ignore[arg-type]

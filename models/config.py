@@ -24,6 +24,7 @@ from models.tasks import TASK_DIMS, TASK_ROUNDS, is_segmentation
 
 __all__ = [
     "ADAPTIVE_SERVER_LR",
+    "AVERAGING",
     "DP_BATCH",
     "DP_NOISE_PER_BATCH",
     "PLAIN_BATCH",
@@ -249,12 +250,15 @@ class FederationSpec:
     operating_point: str = "youden"
 
 
+# The strategies whose new global model is an aggregate of the sites' models (a server step may scale it).
+AVERAGING = (Strategy.FEDAVG, Strategy.FEDPROX, Strategy.FEDMEDIAN, Strategy.FEDTRIMMEDAVG)
+
 # FedAdam's and FedYogi's step when the run sets none: with Flower's τ of 1e-3 their first steps move each weight by
 # about this much, whatever the size of the sites' updates.
 ADAPTIVE_SERVER_LR = 0.01
 
 
-def server_step(federation: FederationSpec, sites: int) -> float:
+def server_step(federation: FederationSpec) -> float:
     """The server's step on a round's aggregated update: the run's ``server-learning-rate``, or by default
     :data:`ADAPTIVE_SERVER_LR` for FedAdam / FedYogi and 1 (the aggregate itself) for the averaging strategies
     (FedAvg, FedProx, FedMedian, FedTrimmedAvg).
@@ -269,7 +273,6 @@ def server_step(federation: FederationSpec, sites: int) -> float:
 
     Args:
         federation: The run's federation settings.
-        sites: Sites whose updates were aggregated in the round (1 or more).
     """
     if federation.server_learning_rate > 0:
         return federation.server_learning_rate
@@ -608,6 +611,14 @@ def validate(config: RunConfig) -> None:
     _check(srv.round_timeout > 0.0, RunKey.ROUND_TIMEOUT, "must be above 0 seconds (e.g. 3600)")
     _check(srv.reconstruction_threshold >= 0, RunKey.RECONSTRUCTION_THRESHOLD, "must be 0 (min-sites - 1) or more")
     _check(srv.clipping_range > 0.0, RunKey.CLIPPING_RANGE, "must be above 0 (e.g. 8)")
+    # A server step other than the aggregate itself moves every array of the model, BatchNorm's running statistics
+    # too: a running variance stepped past the sites' values can turn negative.
+    _check(m.norm != Norm.BATCH or server_step(f) == 1.0 or f.strategy not in AVERAGING, RunKey.NORM,
+           "BatchNorm's running statistics cannot take a server step other than 1; use norm=group or norm=instance, "
+           "or server-learning-rate=1")
+    _check(m.norm != Norm.BATCH or f.strategy in AVERAGING, RunKey.NORM,
+           f"BatchNorm's running statistics cannot take {f.strategy.value}'s adaptive server step; use norm=group "
+           "or norm=instance")
     if p.enabled:
         _check(m.norm != Norm.BATCH, RunKey.NORM,
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")

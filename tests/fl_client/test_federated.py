@@ -268,6 +268,18 @@ def test_fit_under_dp_without_a_budget_is_refused_before_training(site: Site) ->
     assert [r.kind for r in EgressLog(site.workspace).records()] == ["train-refused"]
 
 
+def test_a_round_past_the_runs_count_is_refused_before_anything_is_spent(site: Site) -> None:
+    """A site plans its DP noise and approves a run for the count of rounds it reads; a lead that goes on past it
+    (or a site whose version resolves num-rounds 0 to fewer rounds) gets a refusal, and no ε is spent."""
+    PrivacyLedger(site.workspace).set_budget(50.0, 1e-5)
+    config = _config(dp=True, **{"num-rounds": 2})
+    reply = fit(site, config, run_id="run-past", round_number=3, global_flat=_global(config))
+    assert reply.arrays == {} and reply.metrics[Metric.REFUSED] == 1
+    assert reply.strings[SiteKey.REFUSAL] == Refusal.ROUNDS
+    assert "round 3 is past the 2 rounds" in reply.strings[SiteKey.DETAIL]
+    assert [s for s in PrivacyLedger(site.workspace).sessions() if s.run_id == "run-past"] == []
+
+
 @pytest.mark.parametrize("where", ["other-task", "no-catalog"])
 def test_fit_without_data_for_the_task_answers_a_no_data_refusal(site: Site, tmp_path: Path, where: str) -> None:
     if where == "other-task":

@@ -48,3 +48,24 @@ def test_every_command_has_help_with_an_example(command: str, capsys: pytest.Cap
         main([command, "--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and ("example:" in out or "examples:" in out) and f"oncofed-server {command}" in out
+
+
+def test_the_run_config_sent_carries_the_count_of_rounds_the_server_runs(tmp_path: Path) -> None:
+    """Sites read the count the server runs (their DP plan, their approval), never their own version's default; a
+    resumed run keeps the count it started with unless --set says otherwise."""
+    import argparse
+
+    from fl_server.cli import _run_config
+    from models.tasks import TASK_ROUNDS
+
+    def args(*sets: str, resume: bool = False) -> argparse.Namespace:
+        return argparse.Namespace(set=list(sets), resume=resume, run_dir=tmp_path / "run")
+
+    assert _run_config(args("task=prostate-mr"))["num-rounds"] == TASK_ROUNDS["prostate-mr"]
+    assert _run_config(args("task=prostate-mr", "num-rounds=4"))["num-rounds"] == 4
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "history.json").write_text("{}")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"run_config": {"task": "colorectal-ct",
+                                                                             "num-rounds": 20}}))
+    assert _run_config(args("task=colorectal-ct", resume=True))["num-rounds"] == 20
+    assert _run_config(args("task=colorectal-ct", "num-rounds=25", resume=True))["num-rounds"] == 25

@@ -117,8 +117,6 @@ def test_the_server_steps_along_the_mean_update_by_the_runs_server_learning_rate
     """An averaging strategy moves the global model by its server step times the mean update: by default 1 (the
     mean itself), or the run's server-learning-rate (3: about as far as an epoch over everyone's data would with
     three sites); FedAdam keeps its own step."""
-    from functools import partial
-
     from models.config import ADAPTIVE_SERVER_LR, ConfigError, server_step
 
     base = np.linspace(-1, 1, N).astype(np.float32)
@@ -129,18 +127,23 @@ def test_the_server_steps_along_the_mean_update_by_the_runs_server_learning_rate
         config = from_flat({"task": "breast-mg", **extra})
         store = RunStore.create(tmp_path / str(step), run_id="t", run_config={"task": "breast-mg"})
         s = ConsortiumStrategy(build_strategy(config), store=store, reference={"weights": base}, run_config={},
-                               server_step=partial(server_step, config.federation))
+                               server_step=server_step(config.federation))
         s._sent[1] = {"weights": base}
         replies = [reply(f"s{i}", w[i], {"num-examples": counts[i], "train-loss": 1.0}) for i in range(3)]
         arrays, _ = s.aggregate_train(1, replies)
         np.testing.assert_allclose(arrays["weights"].numpy(), base + step * (mean - base), rtol=1e-5, atol=1e-6)
         assert arrays["weights"].numpy().dtype == np.float32
         assert json.loads((store.root / "history.json").read_text())["rounds"][0]["server_step"] == step
-    assert server_step(from_flat({}).federation, 2) == 1.0
     adam = from_flat({"strategy": "fedadam"})
-    assert server_step(adam.federation, 3) == ADAPTIVE_SERVER_LR == build_strategy(adam).eta
+    assert server_step(adam.federation) == ADAPTIVE_SERVER_LR == build_strategy(adam).eta
     assert build_strategy(from_flat({"strategy": "fedyogi", "server-learning-rate": 0.05})).eta == 0.05
     with pytest.raises(ConfigError, match="server-learning-rate"):
         from_flat({"strategy": "fedadam", "server-learning-rate": 2})
     with pytest.raises(ConfigError, match="server-learning-rate"):
         from_flat({"server-learning-rate": -1})
+    # BatchNorm's running statistics travel with the weights: a running variance stepped past the sites' values can
+    # turn negative, so only the plain aggregate may carry them.
+    assert from_flat({"norm": "batch"}).federation.server_learning_rate == 0
+    for extra in ({"server-learning-rate": 3}, {"strategy": "fedadam"}):
+        with pytest.raises(ConfigError, match="BatchNorm"):
+            from_flat({"norm": "batch", **extra})
