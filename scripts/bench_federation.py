@@ -2,19 +2,25 @@
 
 1. Overhead: for N simulated sites, per round ``(wall time - slowest site's train+eval time) / wall``,
    median over the rounds after the first (the first also starts Flower's workers and fills caches).
-2. Quality: on the same synthetic consortium and the same number of passes over the data, the AUROC
-   on the test studies of all sites pooled of: FedAvg and FedProx after R rounds of one local epoch,
-   the centralised baseline (all sites' data pooled, R epochs), and each single site alone (R epochs).
-   (A benchmark may pool the test studies because it runs on synthetic data on one machine; in a
-   real consortium each site evaluates on its own and only the figures travel.)
-3. DP (``--dp-epsilons``): FedAvg without DP and under DP-SGD at each ε per site, same rounds, test AUROC and
-   its change against the run without DP.
+2. Quality: on the same synthetic consortium and the same number of passes over the data (equal training
+   compute), the AUROC with its DeLong 95 % interval of: the federated recipes (``--strategies``: FedAvg, FedAvg
+   stepping three times along the mean update, FedProx, FedAdam) after R rounds of one local epoch (R: the
+   task's count of rounds unless ``--rounds``),
+   the centralised baseline (all sites' data pooled, R epochs), and each single site alone (R epochs). Every
+   model is scored on a held-out consortium: the same sites' scanners, other patients (seed + 1000), every
+   study of it (3 × 48 per task by default, against about 20 in the sites' own test splits). A benchmark may
+   score on pooled studies because it runs on synthetic data on one machine; in a real consortium each site
+   evaluates on its own and only the figures travel. ``--unlike-site`` runs the non-IID variant, where one
+   site's scanners are unlike the others' (and scores that site's held-out studies on their own too).
+3. DP (``--dp-epsilons``): FedAvg without DP and under DP-SGD at each ε per site, same rounds, held-out AUROC
+   and its change against the run without DP.
 
 Prints markdown tables and writes ``OUT/bench-federation.json``.
 
 Example::
 
-    .venv/bin/python scripts/bench_federation.py --out bench-output/fed --tasks lung-ct,breast-mg --rounds 10
+    .venv/bin/python scripts/bench_federation.py --out bench-output/fed --quality-only
+    .venv/bin/python scripts/bench_federation.py --out bench-output/fed --tasks colorectal-ct --unlike-site site-c
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed --overhead-only --sites 2,4
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed-dp --studies 96 --dp-epsilons 1,3,8 --dp-only
 """
@@ -38,6 +44,7 @@ from fl_client.local_run import run_local
 from fl_server.flower_ops import simulate
 from imaging.synth import ingested_consortium
 from models.config import from_flat
+from models.tasks import TASK_ROUNDS
 
 
 def federated(sites: Path, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -60,26 +67,50 @@ def overhead(history: dict[str, Any]) -> dict[str, float]:
             "first_round_seconds": rounds[0]["seconds"], "total_seconds": history["total_seconds"]}
 
 
-def test_auroc(model_path: Path, site_dirs: list[Path], task: str) -> float | None:
-    """AUROC of a saved model on the test studies of all sites pooled (the same yardstick for every model)."""
+def _model(model_path: Path) -> Any:
     import torch
 
-    from fl_client.train import evaluate_local
-    from imaging.sitedata import load_site_data
     from models.nets import build_model
     from models.weights import load_checkpoint
 
     arrays, run_config, _ = load_checkpoint(model_path)
     model = build_model(from_flat(run_config).model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
-    result = evaluate_local(model, load_site_data(site_dirs, task), "test")
-    return None if result is None else result.metrics.auroc
+    return model
 
 
-def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], tasks: list[str], epsilons: list[float],
-            results: dict[str, Any], out_json: Path, console: Console) -> None:
-    """FedAvg without DP and under DP-SGD at each ε per site, on the same consortium and rounds: AUROC on every
-    site's test studies. Each site gets a budget that covers all the runs (a benchmark spends it freely)."""
+def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: str | None = None) -> dict[str, Any]:
+    """AUROC (DeLong 95 % interval) of a saved model on every study of a held-out consortium: the same sites'
+    scanners, other patients, never trained or validated on (one yardstick for every model, and ten times the
+    studies of the sites' own test splits). With ``unlike``, also the AUROC on that site's held-out studies."""
+    from fl_client.train import evaluate_local
+    from imaging.sitedata import load_site_data
+    from models.evaluation import auroc_ci
+
+    model = _model(model_path)
+    labels: dict[str, list[int]] = {}
+    scores: dict[str, list[float]] = {}
+    for ws in holdout:
+        data = load_site_data([ws], task)
+        for split in ("train", "val", "test"):
+            result = evaluate_local(model, data, split)
+            if result is not None and result.labels is not None and result.scores is not None:
+                labels.setdefault(ws.name, []).extend(int(v) for v in result.labels)
+                scores.setdefault(ws.name, []).extend(float(v) for v in result.scores)
+    every = auroc_ci(sum(labels.values(), []), sum(scores.values(), []))
+    out: dict[str, Any] = {"auroc": None if every is None else every.auroc,
+                           "low": None if every is None else every.low, "high": None if every is None else every.high,
+                           "studies": sum(len(v) for v in labels.values())}
+    if unlike is not None and unlike in labels:
+        site = auroc_ci(labels[unlike], scores[unlike])
+        out["unlike_auroc"] = None if site is None else site.auroc
+    return out
+
+
+def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], holdout: list[Path], tasks: list[str],
+            epsilons: list[float], results: dict[str, Any], out_json: Path, console: Console, *, tag: str = "") -> None:
+    """FedAvg without DP and under DP-SGD at each ε per site, on the same consortium and rounds: AUROC on the
+    held-out studies. Each site gets a budget that covers all the runs (a benchmark spends it freely)."""
     from fl_client.privacy import PrivacyLedger
 
     for ws in site_dirs:
@@ -87,21 +118,60 @@ def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], tasks:
         if ledger.budget() is None:
             ledger.set_budget(1000.0, 1e-5)
     for task in tasks:
-        row: dict[str, Any] = dict(results["dp"].get(task, {}))
-        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": args.rounds}
+        row: dict[str, Any] = dict(results["dp"].get(f"{task}{tag}", {}))
+        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": args.rounds or TASK_ROUNDS[task]}
         dp = {"dp": True, "learning-rate": args.dp_learning_rate}
         runs: list[tuple[str, dict[str, Any]]] = [("plain", {})]
         runs += [(f"{e:g}", {**dp, "dp-epsilon": e}) for e in epsilons]
         for name, extra in runs:
             if name in row and not args.again:
                 continue
-            run_dir = args.out / "quality" / f"{task}-dp-{name}"
+            run_dir = args.out / f"quality{tag}" / f"{task}-dp-{name}"
             h = federated(sites, run_dir, {**common, **extra})
-            row[name] = test_auroc(run_dir / "model.pt", site_dirs, task)
+            row[name] = holdout_auroc(run_dir / "model.pt", holdout, task)["auroc"]
             row[f"{name}_seconds"] = h["total_seconds"]
             console.print(f"{task} {'no DP' if name == 'plain' else f'DP ε={name}'}: AUROC {row[name]}")
-            results["dp"][task] = row
+            results["dp"][f"{task}{tag}"] = row
             out_json.write_text(json.dumps(results, indent=1))
+
+
+# The federated recipes compared. "fedavg" is the default one (the plain weighted mean); "fedavg-step3" steps three
+# times along the mean update (server-learning-rate 3: with three sites, about as far as a pooled epoch).
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "fedavg": {"strategy": "fedavg"},
+    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0},
+    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
+    "fedadam": {"strategy": "fedadam"},
+}
+
+
+def _cell(result: Any) -> str:
+    if not isinstance(result, dict) or result.get("auroc") is None:
+        return "—"
+    return f"{result['auroc']:.3f} ({result['low']:.2f}–{result['high']:.2f})"
+
+
+def quality_table(quality: dict[str, Any], site_names: list[str], console: Console) -> None:
+    """The markdown table: per task, each federated recipe, pooled and each site alone, with FedAvg's ratio to
+    pooled and its margin over the best single site."""
+    names = [n for n in STRATEGIES if any(n in row for row in quality.values())]
+    console.print("\n| task | rounds | " + " | ".join(names) + " | pooled | "
+                  + " | ".join(f"{n} alone" for n in site_names) + " | FedAvg / pooled | FedAvg − best site |")
+    console.print("|---|---|" + "---|" * (len(names) + 1 + len(site_names) + 2))
+    for key, row in quality.items():
+        if "rounds" not in row:  # an earlier format
+            continue
+        fed, pooled = (row.get("fedavg") or {}).get("auroc"), (row.get("pooled") or {}).get("auroc")
+        singles = [r["auroc"] for n in site_names if (r := row.get(f"single-{n}")) and r.get("auroc") is not None]
+        ratio = "—" if fed is None or not pooled else f"{fed / pooled:.2f}"
+        margin = "—" if fed is None or not singles else f"{fed - max(singles):+.3f}"
+        console.print(f"| {key} | {row['rounds']} | " + " | ".join(_cell(row.get(n)) for n in names)
+                      + f" | {_cell(row.get('pooled'))} | "
+                      + " | ".join(_cell(row.get(f"single-{n}")) for n in site_names) + f" | {ratio} | {margin} |")
+        if row.get("unlike"):
+            parts = [f"{n} {r['unlike_auroc']:.3f}" for n in [*names, "pooled", *(f"single-{s}" for s in site_names)]
+                     if isinstance(r := row.get(n), dict) and r.get("unlike_auroc") is not None]
+            console.print(f"|  | on {row['unlike']}'s held-out studies: {', '.join(parts)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", default="2,4", help="site counts for the overhead measurement")
     parser.add_argument("--overhead-task", default="lung-ct")
     parser.add_argument("--studies", type=int, default=48, help="studies per task per site (quality runs)")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="federated rounds = epochs of the pooled and single-site models (0: each task's count, "
+                             "models.tasks.TASK_ROUNDS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overhead-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true")
@@ -121,7 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-learning-rate", type=float, default=3e-3,
                         help="the DP runs' learning rate (DP-SGD wants larger steps than plain training)")
     parser.add_argument("--dp-only", action="store_true", help="only the DP runs (with --dp-epsilons)")
+    parser.add_argument("--strategies", default="fedavg,fedprox,fedadam",
+                        help=f"federated recipes to compare, of {', '.join(STRATEGIES)}")
+    parser.add_argument("--unlike-site", default=None, metavar="SITE",
+                        help="the non-IID variant: this site's scanners are unlike the others' (e.g. site-c)")
+    parser.add_argument("--holdout-studies", type=int, default=48,
+                        help="studies per task per site of the held-out consortium every model is scored on")
     args = parser.parse_args(argv)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if unknown := [s for s in strategies if s not in STRATEGIES]:
+        parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
@@ -148,50 +229,56 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.overhead_only:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        sites = ingested_consortium(args.out / "quality", sites=3, studies_per_task=args.studies,
-                                    seed=args.seed, tasks=tasks)
+        tag = f"-unlike-{args.unlike_site}" if args.unlike_site else ""
+        sites = ingested_consortium(args.out / f"quality{tag}", sites=3, studies_per_task=args.studies,
+                                    seed=args.seed, tasks=tasks, unlike=args.unlike_site)
         site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
+        held = ingested_consortium(args.out / f"holdout{tag}", sites=3, studies_per_task=args.holdout_studies,
+                                   seed=args.seed + 1000, tasks=tasks, unlike=args.unlike_site)
+        holdout = sorted(p for p in held.iterdir() if p.is_dir())
         epsilons = [float(e) for e in args.dp_epsilons.split(",") if e.strip()]
         if epsilons:
-            dp_runs(args, sites, site_dirs, tasks, epsilons, results, out_json, console)
+            dp_runs(args, sites, site_dirs, holdout, tasks, epsilons, results, out_json, console, tag=tag)
         for task in [] if args.dp_only else tasks:
-            if task in results["quality"] and not args.again:
-                console.print(f"{task}: done before, kept (--again redoes it)")
+            key = f"{task}{tag}"
+            if key in results["quality"] and not args.again:
+                console.print(f"{key}: done before, kept (--again redoes it)")
                 continue
-            row: dict[str, Any] = {}
+            rounds = args.rounds or TASK_ROUNDS[task]
+            row: dict[str, Any] = {"rounds": rounds, "unlike": args.unlike_site}
             common = {"task": task, "threads": 0, "seed": args.seed}
-            for strategy, extra in (("fedavg", {}), ("fedprox", {"proximal-mu": 0.01})):
-                h = federated(sites, args.out / "quality" / f"{task}-{strategy}",
-                              {**common, "strategy": strategy, "num-rounds": args.rounds, **extra})
-                run_dir = args.out / "quality" / f"{task}-{strategy}"
-                row[strategy] = test_auroc(run_dir / "model.pt", site_dirs, task)
-                row[f"{strategy}_seconds"] = h["total_seconds"]
+
+            def score(model_path: Path, task: str = task) -> dict[str, Any]:
+                return holdout_auroc(model_path, holdout, task, unlike=args.unlike_site)
+
+            for name in strategies:
+                run_dir = args.out / f"quality{tag}" / f"{task}-{name}"
+                h = federated(sites, run_dir, {**common, **STRATEGIES[name], "num-rounds": rounds})
+                row[name] = score(run_dir / "model.pt")
+                row[f"{name}_seconds"] = h["total_seconds"]
+                console.print(f"{key} {name}: {row[name]}")
             config = from_flat(common)
-            out = args.out / "quality" / f"{task}-pooled"
-            run_local(site_dirs, config, out, epochs=args.rounds)
-            row["pooled"] = test_auroc(out / "model.pt", site_dirs, task)
+            out = args.out / f"quality{tag}" / f"{task}-pooled"
+            run_local(site_dirs, config, out, epochs=rounds)
+            row["pooled"] = score(out / "model.pt")
             for ws in site_dirs:
                 try:
-                    out = args.out / "quality" / f"{task}-{ws.name}"
-                    run_local([ws], config, out, epochs=args.rounds)
-                    row[f"single-{ws.name}"] = test_auroc(out / "model.pt", site_dirs, task)
+                    out = args.out / f"quality{tag}" / f"{task}-{ws.name}"
+                    run_local([ws], config, out, epochs=rounds)
+                    row[f"single-{ws.name}"] = score(out / "model.pt")
                 except Exception as exc:  # a site without both classes in training cannot train alone
                     row[f"single-{ws.name}"] = None
                     console.print(f"{task} {ws.name} alone: {exc}")
-            results["quality"][task] = row
-            console.print(f"{task}: {row}")
+            results["quality"][key] = row
+            console.print(f"{key}: {row}")
             out_json.write_text(json.dumps(results, indent=1))
-        console.print(f"\n| task | FedAvg | FedProx | pooled | {' | '.join(p.name + ' alone' for p in site_dirs)} |")
-        console.print("|---|---|---|---|" + "---|" * len(site_dirs))
-
-        def f(v: Any) -> str:
-            return "—" if v is None else f"{v:.3f}"
-
-        for task, row in results["quality"].items():
-            console.print(f"| {task} | {f(row['fedavg'])} | {f(row['fedprox'])} | {f(row['pooled'])} | "
-                          + " | ".join(f(row.get(f"single-{p.name}")) for p in site_dirs) + " |")
+        quality_table(results["quality"], [p.name for p in site_dirs], console)
         if results["dp"]:
-            eps = sorted({float(e) for row in results["dp"].values() for e in row if e != "plain"})
+            def f(v: Any) -> str:
+                return "—" if v is None else f"{v:.3f}"
+
+            eps = sorted({float(e) for row in results["dp"].values() for e in row
+                          if e.replace(".", "", 1).isdigit()})
             console.print("\n| task | FedAvg | " + " | ".join(f"DP ε = {e:g}" for e in eps) + " |")
             console.print("|---|---|" + "---|" * len(eps))
             for task, row in results["dp"].items():
