@@ -265,14 +265,20 @@ def _soft_tissue(site: Path) -> tuple[float, float]:
 def test_the_non_iid_variant_changes_one_sites_scanners_and_nothing_else(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     iid, non_iid = tmp_path / "iid", tmp_path / "non-iid"
-    generate_consortium(iid, sites=2, studies_per_task=4, seed=5, tasks=["lung-ct"])
-    generate_consortium(non_iid, sites=2, studies_per_task=4, seed=5, tasks=["lung-ct"], unlike="site-b")
+    tasks = ["lung-ct", "prostate-mr", "breast-mg"]
+    generate_consortium(iid, sites=2, studies_per_task=4, seed=5, tasks=tasks)
+    generate_consortium(non_iid, sites=2, studies_per_task=4, seed=5, tasks=tasks, unlike="site-b")
     assert _tree_digest(iid / "site-a") == _tree_digest(non_iid / "site-a")  # the others are written as without it
     assert (iid / "site-b" / "labels.csv").read_text() == (non_iid / "site-b" / "labels.csv").read_text()
     assert json.loads((non_iid / "consortium.json").read_text())["unlike"] == "site-b"
-    first = next(p for p in sorted((non_iid / "site-b" / "dicom").rglob("*")) if p.is_file())
-    ds = pydicom.dcmread(first, stop_before_pixels=True)
-    assert (ds.Manufacturer, float(ds.SliceThickness)) == ("TOSHIBA", 5.0)
+    headers = {}
+    for p in sorted((non_iid / "site-b" / "dicom").rglob("*")):
+        if p.is_file():
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            headers.setdefault(ds.Modality, ds)
+    assert (headers["CT"].Manufacturer, float(headers["CT"].SliceThickness)) == ("TOSHIBA", 5.0)
+    assert (headers["MR"].Manufacturer, float(headers["MR"].MagneticFieldStrength)) == ("Hitachi", 1.5)
+    assert headers["MG"].Manufacturer == "FUJIFILM"
     (level, step), (level2, step2) = _soft_tissue(iid / "site-b"), _soft_tissue(non_iid / "site-b")
     assert step2 > 1.5 * step, (step, step2)  # twice the noise of the site's usual scanner (20 → 40 HU)
     assert level2 - level > 10, (level, level2)  # and a calibration drift (+12 → +35 HU)
