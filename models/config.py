@@ -267,7 +267,8 @@ def server_step(federation: FederationSpec) -> float:
     one local epoch moves it about as far as an epoch over everyone's data. It is not the default because it did
     not hold up: on the synthetic consortium it lifted colorectal CT at 10 rounds (AUROC 0.57 → 0.87 on 144
     held-out studies, seed 0) but not at seed 1 (0.60 → 0.57), made lung unstable (0.997 → 0.86), and held
-    prostate MR at 30 rounds to 0.64-0.70 where the plain mean reached 0.86-0.91 (BENCHMARKS.md). The step needs
+    prostate MR at 30 rounds to 0.64-0.70 where the plain mean reached 0.86-0.91 (BENCHMARKS.md, "The recipe
+    search"). The step needs
     no state between rounds, so a resumed run steps as an uninterrupted one, and it works under secure
     aggregation, where the server sees only the sum.
 
