@@ -225,6 +225,19 @@ def test_fit_returns_float32_weights_of_the_models_length_and_counts_samples(sit
     assert trained.metrics == {k: float(v) for k, v in reply.metrics.items()}
 
 
+def test_the_proximal_term_applies_in_a_fedprox_run_only(site: Site) -> None:
+    """FedProx is the default strategy, with μ 0.01 in the run config: a FedAvg run trains without the term (the
+    same weights as at μ 0), a FedProx run with it (the run's μ, or the round's from Flower's FedProx)."""
+    def weights(**extra: object) -> np.ndarray:
+        config = _config(**extra)
+        return fit(site, config, run_id="run-mu", round_number=1, global_flat=_global(config)).arrays[WEIGHTS]
+
+    assert _config().federation.strategy.value == "fedprox" and _config().training.proximal_mu == 0.01
+    fedavg = weights(strategy="fedavg")
+    np.testing.assert_array_equal(fedavg, weights(strategy="fedavg", **{"proximal-mu": 0}))
+    assert not np.array_equal(fedavg, weights(**{"proximal-mu": 1.0}))
+
+
 def test_fit_under_dp_takes_the_planned_steps_and_reports_the_sites_epsilon(site: Site) -> None:
     PrivacyLedger(site.workspace).set_budget(20.0, 1e-5)
     config = _config(dp=True, **{"dp-epsilon": 4.0, "num-rounds": 2})

@@ -61,7 +61,7 @@ def test_the_default_batch_is_small_without_dp_and_larger_under_dp() -> None:
         ({"dp": "true", "dp-epsilon": "0"}, "'dp-epsilon': must be in (0, 100]"),
         ({"dp": "true", "dp-delta": "0.5"}, "'dp-delta'"),
         ({"dp": "true", "model": "densenet121", "dp-grad-sample-mode": "ew"}, "'ew' does not work on DenseNet"),
-        ({"strategy": "fedprox"}, "strategy fedprox needs proximal-mu > 0"),
+        ({"strategy": "fedprox", "proximal-mu": "0"}, "strategy fedprox needs proximal-mu > 0"),
         ({"model-width": "10"}, "multiple of 4"),
         ({"update-norm-factor": "nan"}, "'update-norm-factor': 'nan' is not valid (expected a finite number)"),
         ({"update-norm-factor": "0.5"}, "'update-norm-factor': must be 1 or more"),
@@ -93,7 +93,7 @@ def test_batchnorm_is_allowed_without_dp_only() -> None:
 
 
 def test_secure_aggregation_only_with_a_weighted_mean() -> None:
-    assert from_flat({"secure-aggregation": "true", "min-sites": 3}).federation.strategy.value == "fedavg"
+    assert from_flat({"secure-aggregation": "true", "min-sites": 3}).federation.strategy.value == "fedprox"
     with pytest.raises(ConfigError, match="min-sites of 3"):
         from_flat({"secure-aggregation": True, "min-sites": 2})
     with pytest.raises(ConfigError, match="secure-aggregation.*fedavg or fedprox, not fedmedian"):
