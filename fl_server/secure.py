@@ -70,7 +70,7 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
     def fit_config(rnd: int) -> dict[str, Any]:
         started[rnd + offset] = time.perf_counter()
         return {RoundKey.SERVER_ROUND: rnd + offset, RoundKey.RUN_ID: run_id,
-                RoundKey.PROXIMAL_MU: config.training.proximal_mu}
+                RoundKey.PROXIMAL_MU: config.training.proximal_mu if f.strategy == Strategy.FEDPROX else 0.0}
 
     def eval_config(rnd: int) -> dict[str, Any]:
         return {RoundKey.SERVER_ROUND: rnd + offset, RoundKey.RUN_ID: run_id, RoundKey.SPLIT: Split.VAL}
