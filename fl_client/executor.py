@@ -10,7 +10,7 @@ code would run on the hospital's data. ``oncofed-site join`` therefore starts th
    (``--superexec-auth-secret-file``: another local program cannot take the site's tasks);
 2. pulls the task's message, context, run and bundle with the task's token (Flower's own client code);
 3. checks the bundle's app id and version against this site's installed oncofed: a run built for
-   another version gets a refusal the lead sees ("site a runs oncofed 0.1.0; this run was built with
+   another version gets a refusal the lead sees ("site a runs oncofed 0.2.0; this run was built with
    0.4.0"); the bundle's hash is recorded. Nothing of the bundle is installed, imported or executed;
 4. forks a child from this warm process (torch, MONAI and oncofed are imported once, at start) and
    runs the site's installed ClientApp, :data:`fl_client.app.app`, in it; the child pushes the reply.

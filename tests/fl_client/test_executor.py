@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -81,7 +82,8 @@ class Consortium:
             shutil.rmtree(cache)
         if version is not None:
             toml = dst / "pyproject.toml"
-            toml.write_text(toml.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
+            toml.write_text(re.sub(r'^version = "[^"]+"', f'version = "{version}"', toml.read_text(), count=1,
+                                   flags=re.MULTILINE))
         if tampered:
             with open(dst / "fl_client" / "app.py", "a") as fh:
                 fh.write(TAMPERED)
