@@ -163,7 +163,8 @@ class TrainSpec:
         weight_decay: L2 weight decay (decoupled for AdamW).
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
         proximal_mu: FedProx's proximal term weight; a site applies it only in a FedProx run (the default strategy,
-            at 0.01: the best federated recipe on every task of the synthetic consortium, BENCHMARKS.md).
+            at 0.01: the best federated recipe on every task of the synthetic consortium, and tied or behind FedAvg
+            on the non-IID variant; BENCHMARKS.md).
         seed: Seed for weights, sampling and augmentation.
         augment: Apply the preset's training augmentations.
         threads: Torch CPU threads (0: leave torch's default).
