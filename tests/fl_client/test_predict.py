@@ -131,6 +131,36 @@ def test_what_a_constant_model_outlines_is_exactly_its_field_of_view(site: dict[
     assert all(e["area_cm2"] > 0 and e["volume_ml"] is None and e["lesions"] == 1 for e in breast["images"])
 
 
+def test_predict_and_evaluation_drop_lesions_below_the_tasks_smallest(site: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths pass their mask through the smallest-lesion filter with the preset's size (lung: 4 mm): on the
+    DICOM grid for predict, on the network's grid for evaluation. A filter that drops everything leaves nothing."""
+    import fl_client.predict as predict_module
+    import fl_client.train as train_module
+    from fl_client.train import evaluate_local
+    from imaging.presets import get_preset
+    from imaging.sitedata import load_site_data
+
+    calls: list[tuple[str, tuple[float, ...], float]] = []
+
+    def spy(where: str) -> Any:
+        def drop_all(mask: np.ndarray, *, spacing: Any, min_diameter_mm: float) -> np.ndarray:
+            calls.append((where, tuple(spacing), min_diameter_mm))
+            return np.zeros_like(np.asarray(mask, bool))
+        return drop_all
+
+    monkeypatch.setattr(predict_module, "without_small_lesions", spy("predict"))
+    monkeypatch.setattr(train_module, "without_small_lesions", spy("evaluate"))
+    doc = predict(site["ws"], site["full"], tmp_path / "out", split="all")
+    assert doc["images"] and all(e["voxels"] == 0 and e["lesions"] == 0 for e in doc["images"])
+    preset = get_preset("lung-ct-seg")
+    assert {(w, m) for w, _, m in calls} == {("predict", preset.min_lesion_mm)} and preset.min_lesion_mm == 4.0
+    calls.clear()
+    result = evaluate_local(Explainer.load(site["full"]).net, load_site_data([site["ws"]], "lung-ct-seg"), "train")
+    assert result is not None and result.metrics.fp_lesions == 0.0 and result.metrics.lesion_sensitivity == 0.0
+    assert calls and all(c == ("evaluate", preset.target_spacing, 4.0) for c in calls)
+
+
 def test_the_site_outlines_as_evaluation_does(site: dict[str, Path]) -> None:
     from torch.utils.data import TensorDataset
 
