@@ -23,7 +23,14 @@ from fl_client.privacy import Budget, BudgetExceeded, NoBudget, PrivacyLedger
 from fl_client.subgroups import study_subgroups, subgroup_figures, subgroup_metrics
 from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, train_local
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
-from models.config import ConfigError, RunConfig, Strategy, dp_outlook, resolve_batch, resolved_grad_sample_mode
+from models.config import (
+    ConfigError,
+    RunConfig,
+    dp_outlook,
+    proximal_mu_of,
+    resolve_batch,
+    resolved_grad_sample_mode,
+)
 from models.device import Placement, place
 from models.evaluation import score_histogram
 from models.nets import build_model, parameter_count
@@ -285,9 +292,8 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
            *, run_id: str, round_number: int, proximal_mu: float, strings: dict[str, str],
            epsilon_cap: float | None) -> Reply:
     samples = data.count("train")
-    # FedProx's term: the round's μ (Flower's FedProx sends it), else the run's, and only in a FedProx run.
-    fedprox = config.federation.strategy == Strategy.FEDPROX
-    spec = replace(config.training, proximal_mu=proximal_mu or (config.training.proximal_mu if fedprox else 0.0))
+    # FedProx's term: the round's μ (Flower's FedProx sends it), else the run's in a FedProx run.
+    spec = replace(config.training, proximal_mu=proximal_mu or proximal_mu_of(config))
     ledger = PrivacyLedger(site.workspace)
     budget = ledger.budget()
     dp = None

@@ -37,6 +37,7 @@ from imaging.catalog import Catalog, Item
 from imaging.dicom import ImagePlan, read_image
 from imaging.errors import DicomError
 from imaging.pacs import StoredObject
+from imaging.presets import TaskPreset
 from imaging.seg_dicom import SegDicomError, predicted_mask, short_hash, write_lesion_segmentation
 from models.device import Placement
 
@@ -52,6 +53,7 @@ __all__ = [
     "lesion_summary",
     "predict",
     "reference_mask",
+    "reported_mask",
     "store",
     "study_folder",
 ]
@@ -87,6 +89,14 @@ class LesionSummary:
     def text(self) -> str:
         """The size in words, e.g. ``1.25 ml``."""
         return f"{self.size:.2f} {self.unit}"
+
+
+def reported_mask(probabilities: np.ndarray, plan: ImagePlan, preset: TaskPreset) -> np.ndarray:
+    """The lesions a site reports for an image: the probabilities on its DICOM grid cut at :data:`THRESHOLD`
+    (:func:`imaging.seg_dicom.predicted_mask`), without those below the task's smallest lesion
+    (:func:`fl_client.metrics.without_small_lesions`). What ``predict`` writes and the review page outlines."""
+    return without_small_lesions(predicted_mask(probabilities, plan, preset, threshold=THRESHOLD),
+                                 spacing=plan.spacing, min_diameter_mm=preset.min_lesion_mm)
 
 
 def lesion_summary(mask: np.ndarray, plan: ImagePlan) -> LesionSummary:
@@ -261,8 +271,7 @@ def predict(workspace: Path, model_path: Path, out: Path, *, split: str = "test"
             entry["view"] = f"{item.plan.laterality} {item.plan.view}".strip()
         try:
             probabilities = explainer.lesion_probabilities(explainer.network_input(item, workspace=workspace))
-            mask = without_small_lesions(predicted_mask(probabilities, item.plan, preset, threshold=THRESHOLD),
-                                         spacing=item.plan.spacing, min_diameter_mm=preset.min_lesion_mm)
+            mask = reported_mask(probabilities, item.plan, preset)
             ref = reference_mask(item)
             seg = write_lesion_segmentation(item.plan, mask, folder, model_sha256=explainer.sha256, task=task,
                                             threshold=THRESHOLD)

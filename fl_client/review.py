@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from fl_client.explainer import Explainer
-from fl_client.metrics import without_small_lesions
 from fl_client.predict import (
     PREDICTED_COLOUR,
     REFERENCE_COLOUR,
@@ -47,12 +46,12 @@ from fl_client.predict import (
     lesion_slices,
     lesion_summary,
     reference_mask,
+    reported_mask,
 )
 from imaging.catalog import Catalog, Item
 from imaging.dataset import cached_dataset
 from imaging.dicom import read_image
 from imaging.presets import get_preset
-from imaging.seg_dicom import predicted_mask
 from models.device import Placement
 from models.saliency import Method
 from models.weights import WeightsError
@@ -291,8 +290,7 @@ class ReviewSession:
         """Predict an image's lesion mask on its DICOM grid and keep it (and the reference) in memory; return the
         highest voxel probability and the lesion's size."""
         probabilities = model.lesion_probabilities(image)
-        mask = without_small_lesions(predicted_mask(probabilities, item.plan, model.preset), spacing=item.plan.spacing,
-                                     min_diameter_mm=model.preset.min_lesion_mm)  # as predict writes it
+        mask = reported_mask(probabilities, item.plan, model.preset)  # as predict writes it
         try:
             ref = reference_mask(item)
         except PredictError as exc:

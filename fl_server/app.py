@@ -31,11 +31,9 @@ def main(grid: Grid, context: Context) -> None:
     from fl_server.grid import PromptGrid
     from fl_server.runstore import RunStore
     from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
-    from models.config import RunKey, Strategy, from_flat, server_step
+    from models.config import AVERAGING, RunKey, from_flat, server_step
     from models.nets import build_model
     from models.weights import pack, state_arrays, unpack
-
-    adaptive = (Strategy.FEDADAM, Strategy.FEDYOGI)  # they step by themselves
 
     grid = PromptGrid(grid)
     flat_config = dict(context.run_config)
@@ -80,8 +78,8 @@ def main(grid: Grid, context: Context) -> None:
                                   norm_factor=srv.update_norm_factor,
                                   evaluate_in_train=in_train,
                                   on_round=lambda r: log.info("oncofed: %s", r.progress_line()),
-                                  server_step=None if config.federation.strategy in adaptive
-                                  else server_step(config.federation))
+                                  server_step=server_step(config.federation)
+                                  if config.federation.strategy in AVERAGING else None)  # the others step themselves
     timeout = srv.round_timeout
     run_tag = ConfigRecord({RoundKey.RUN_ID: store.history["run_id"]})
     t0 = time.perf_counter()

@@ -27,7 +27,8 @@ import numpy as np
 
 from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
-from models.config import RunConfig, Strategy, server_step
+from fl_server.strategies import stepped_array
+from models.config import RunConfig, Strategy, proximal_mu_of, server_step
 from models.protocol import Metric, RoundKey, SiteKey, Split, parse_failure
 from models.weights import unpack
 
@@ -70,7 +71,7 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
     def fit_config(rnd: int) -> dict[str, Any]:
         started[rnd + offset] = time.perf_counter()
         return {RoundKey.SERVER_ROUND: rnd + offset, RoundKey.RUN_ID: run_id,
-                RoundKey.PROXIMAL_MU: config.training.proximal_mu if f.strategy == Strategy.FEDPROX else 0.0}
+                RoundKey.PROXIMAL_MU: proximal_mu_of(config)}
 
     def eval_config(rnd: int) -> dict[str, Any]:
         return {RoundKey.SERVER_ROUND: rnd + offset, RoundKey.RUN_ID: run_id, RoundKey.SPLIT: Split.VAL}
@@ -93,11 +94,10 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
             if parameters is not None:
                 # The protocol's sum comes back as float64: the global model stays float32 (the sites'
                 # egress guard refuses to answer with another dtype than it received, and it should).
-                mean = parameters_to_ndarrays(parameters)[0].astype(np.float64)
-                before = np.asarray(final["flat"], dtype=np.float64)
                 step = server_step(config.federation)  # along the mean of the sum the protocol revealed
                 recorder.record["server_step"] = step
-                flat = (before + step * (mean - before)).astype(np.float32)
+                flat = stepped_array(np.asarray(final["flat"]), parameters_to_ndarrays(parameters)[0], step,
+                                     dtype=np.float32)
                 parameters = ndarrays_to_parameters([flat])
                 final["flat"] = flat
                 path = store.checkpoint(rnd, unpack(flat, reference), flat_config)

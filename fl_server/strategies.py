@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
 from fl_server.validation import screen_updates
-from models.config import RunConfig, Strategy, server_step
+from models.config import RunConfig, Strategy, proximal_mu_of, server_step
 from models.protocol import (
     EVAL_AGGREGATED,
     HEADLINE_METRICS,
@@ -46,7 +46,7 @@ from models.protocol import (
 )
 
 __all__ = ["ConsortiumStrategy", "build_strategy", "packed_record", "refusal_of", "registered_names", "site_of",
-           "stepped"]
+           "stepped", "stepped_array"]
 
 log = logging.getLogger("oncofed.server")
 
@@ -66,7 +66,7 @@ def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStra
     if f.strategy == Strategy.FEDAVG:
         return FedAvg(**common)
     if f.strategy == Strategy.FEDPROX:
-        return FedProx(proximal_mu=config.training.proximal_mu, **common)
+        return FedProx(proximal_mu=proximal_mu_of(config), **common)
     if f.strategy == Strategy.FEDADAM:
         return FedAdam(eta=server_step(f), **common)
     if f.strategy == Strategy.FEDYOGI:
@@ -385,12 +385,14 @@ def stepped(sent: dict[str, np.ndarray], aggregated: ArrayRecord, step: float) -
     (step 1: the aggregate itself)."""
     if step == 1.0:
         return aggregated
-    new = _plain(aggregated)
-    out = {}
-    for key, value in new.items():
-        base = sent[key].astype(np.float64)
-        out[key] = Array(np.ascontiguousarray(base + step * (value.astype(np.float64) - base), dtype=sent[key].dtype))
-    return ArrayRecord(out)
+    return ArrayRecord({key: Array(stepped_array(sent[key], value, step, dtype=sent[key].dtype))
+                        for key, value in _plain(aggregated).items()})
+
+
+def stepped_array(before: np.ndarray, aggregate: np.ndarray, step: float, *, dtype: Any) -> np.ndarray:
+    """``before + step × (aggregate − before)``, computed in float64, as a contiguous array of ``dtype``."""
+    base = np.asarray(before, dtype=np.float64)
+    return np.ascontiguousarray(base + step * (np.asarray(aggregate, dtype=np.float64) - base), dtype=dtype)
 
 
 def packed_record(flat: np.ndarray) -> ArrayRecord:

@@ -47,6 +47,7 @@ __all__ = [
     "from_flat",
     "parse_bool",
     "resolve_batch",
+    "proximal_mu_of",
     "resolved_grad_sample_mode",
     "server_step",
     "validate",
@@ -270,18 +271,21 @@ def server_step(federation: FederationSpec) -> float:
     not hold up: on the synthetic consortium it lifted colorectal CT at 10 rounds (AUROC 0.57 → 0.87 on 144
     held-out studies, seed 0) but not at seed 1 (0.60 → 0.57), made lung unstable (0.997 → 0.86), and held
     prostate MR at 30 rounds to 0.64-0.70 where the plain mean reached 0.86-0.91 (BENCHMARKS.md, "The recipe
-    search"). The step needs
-    no state between rounds, so a resumed run steps as an uninterrupted one, and it works under secure
-    aggregation, where the server sees only the sum.
+    search"). The step needs no state between rounds, so a resumed run steps as an uninterrupted one, and it works
+    under secure aggregation, where the server sees only the sum.
 
     Args:
         federation: The run's federation settings.
     """
     if federation.server_learning_rate > 0:
         return federation.server_learning_rate
-    if federation.strategy in (Strategy.FEDADAM, Strategy.FEDYOGI):
-        return ADAPTIVE_SERVER_LR
-    return 1.0
+    return 1.0 if federation.strategy in AVERAGING else ADAPTIVE_SERVER_LR
+
+
+def proximal_mu_of(config: RunConfig) -> float:
+    """FedProx's μ where the run is a FedProx run, else 0 (the run config's ``proximal-mu`` has a default in every
+    run; only FedProx uses it)."""
+    return config.training.proximal_mu if config.federation.strategy == Strategy.FEDPROX else 0.0
 
 
 @dataclass(frozen=True)
@@ -616,12 +620,13 @@ def validate(config: RunConfig) -> None:
     _check(srv.clipping_range > 0.0, RunKey.CLIPPING_RANGE, "must be above 0 (e.g. 8)")
     # A server step other than the aggregate itself moves every array of the model, BatchNorm's running statistics
     # too: a running variance stepped past the sites' values can turn negative.
-    _check(m.norm != Norm.BATCH or server_step(f) == 1.0 or f.strategy not in AVERAGING, RunKey.NORM,
-           "BatchNorm's running statistics cannot take a server step other than 1; use norm=group or norm=instance, "
-           "or server-learning-rate=1")
-    _check(m.norm != Norm.BATCH or f.strategy in AVERAGING, RunKey.NORM,
-           f"BatchNorm's running statistics cannot take {f.strategy.value}'s adaptive server step; use norm=group "
-           "or norm=instance")
+    if m.norm == Norm.BATCH:
+        _check(f.strategy in AVERAGING, RunKey.NORM,
+               f"BatchNorm's running statistics cannot take {f.strategy.value}'s adaptive server step; use norm=group "
+               "or norm=instance")
+        _check(server_step(f) == 1.0, RunKey.NORM,
+               "BatchNorm's running statistics cannot take a server step other than 1; use norm=group or "
+               "norm=instance, or server-learning-rate=1")
     if p.enabled:
         _check(m.norm != Norm.BATCH, RunKey.NORM,
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")
