@@ -290,7 +290,9 @@ def test_a_round_past_the_runs_count_is_refused_before_anything_is_spent(site: S
     assert reply.arrays == {} and reply.metrics[Metric.REFUSED] == 1
     assert reply.strings[SiteKey.REFUSAL] == Refusal.ROUNDS
     assert "round 3 is past the 2 rounds" in reply.strings[SiteKey.DETAIL]
-    assert [s for s in PrivacyLedger(site.workspace).sessions() if s.run_id == "run-past"] == []
+    assert PrivacyLedger(site.workspace).sessions() == []  # nothing reserved, nothing spent
+    (logged,) = EgressLog(site.workspace).records()  # what left is logged, and it is only the refusal
+    assert logged.kind == "train-refused" and logged.bytes == 0
 
 
 @pytest.mark.parametrize("where", ["other-task", "no-catalog"])
