@@ -3,8 +3,8 @@
 The config reproduces :func:`imaging.transforms.deterministic_transforms` with MONAI transforms where MONAI has
 the step (``LoadImaged`` with ``PydicomReader`` on a series folder, ``EnsureChannelFirstd``, ``Orientationd``,
 ``Spacingd``, ``ScaleIntensityRanged``, ``ResizeWithPadOrCropd``, ``EnsureTyped``) and references oncofed's own
-transforms by ``_target_`` where it has not (``LungFieldd``, ``FindPectorald``/``RemovePectorald``, ``SuppressBrightd``,
-``RobustScaled``): a hospital
+transforms by ``_target_`` where it has not (``LungFieldd``, ``FindPectorald``/``RemovePectorald``, ``CalibrateHUd``,
+``SuppressBrightd``, ``RobustScaled``): a hospital
 running such a bundle needs oncofed installed.
 
 MONAI's ``PydicomReader`` returns a series as ``(cols, rows, slices)`` with a RAS affine, the same array and
@@ -30,6 +30,7 @@ _ONCOFED_TRANSFORMS = {"load_2d": "imaging.transforms.LoadDicomImaged",
                        "lung_field": "imaging.transforms.LungFieldd",
                        "find_pectoral": "imaging.transforms.FindPectorald",
                        "remove_pectoral": "imaging.transforms.RemovePectorald",
+                       "calibrate": "imaging.transforms.CalibrateHUd",
                        "suppress": "imaging.transforms.SuppressBrightd",
                        "robust": "imaging.transforms.RobustScaled"}
 
@@ -68,6 +69,9 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["lung_field"], "keys": keys})
     if preset.remove_pectoral:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["find_pectoral"], "keys": keys})
+    if preset.fat_reference_hu is not None:
+        steps.append({"_target_": _ONCOFED_TRANSFORMS["calibrate"], "keys": keys,
+                      "reference": preset.fat_reference_hu})
     if preset.suppress_above_hu is not None:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["suppress"], "keys": keys,
                       "threshold": preset.suppress_above_hu})
@@ -155,6 +159,6 @@ def preprocessing_summary(task: str, resolution: str = "cpu") -> dict[str, Any]:
         "intensity": str(preset.intensity), "window_hu": list(preset.window) if preset.window else None,
         "percentiles": list(preset.percentiles) if preset.intensity is not Intensity.CT_WINDOW else None,
         "lung_field": preset.lung_field, "remove_pectoral": preset.remove_pectoral,
-        "suppress_above_hu": preset.suppress_above_hu,
+        "fat_reference_hu": preset.fat_reference_hu, "suppress_above_hu": preset.suppress_above_hu,
         "oncofed_transforms": oncofed,
     }

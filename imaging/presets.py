@@ -83,6 +83,8 @@ class TaskPreset:
         lung_field: For chest CT: keep only the lung fields (see ``imaging.transforms.LungFieldd``).
         remove_pectoral: For mammography: set the pectoral muscle of MLO views to background
             (``imaging.transforms.FindPectorald`` and ``RemovePectorald``).
+        fat_reference_hu: For CT: shift each scan so that its fat peak reads this HU (see
+            ``imaging.transforms.CalibrateHUd``), before any fixed-HU step; None leaves the scanner's calibration.
         suppress_above_hu: For abdominal CT: replace bone and enhancing organs above this HU by fat
             (see ``imaging.transforms.SuppressBrightd``); None keeps them.
         augment: Training-time augmentations.
@@ -111,6 +113,7 @@ class TaskPreset:
     canonical_laterality: str | None = None
     lung_field: bool = False
     remove_pectoral: bool = False
+    fat_reference_hu: float | None = None
     suppress_above_hu: float | None = None
     augment: Augment = field(default_factory=Augment)
     diagnostic_spacing: tuple[float, ...] = ()
@@ -188,6 +191,7 @@ PRESETS: MappingProxyType[str, TaskPreset] = MappingProxyType(
                 intensity=Intensity.CT_WINDOW,
                 window=(-200.0, 250.0),
                 min_slices=16,
+                fat_reference_hu=-100.0,
                 suppress_above_hu=160.0,
                 augment=Augment(flip_axes=(0,), rotate_deg=8.0),
                 # 1.5 mm in-plane, 3 mm slices over 384 x 384 x 288 mm: abdomen and pelvis.

@@ -178,6 +178,63 @@ def test_bright_structure_suppression_keeps_the_enhancing_tumour() -> None:
     assert (mid[body & ~spine & ~kidney & ~tumour & ~rim] <= 110.0).all()
 
 
+def test_bright_structure_suppression_reads_through_noise() -> None:
+    from scipy import ndimage
+
+    from imaging.transforms import SuppressBrightd
+
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(np.arange(48), np.arange(48), np.arange(12), indexing="ij")
+    spine = (x - 24) ** 2 + (y - 36) ** 2 < 16
+    kidney = (x - 10) ** 2 + (y - 28) ** 2 < 25
+    tumour = ((x - 34) ** 2 + (y - 14) ** 2 < 16) & (abs(z - 6) < 4)
+    volume = np.full(x.shape, 45.0)
+    volume[spine], volume[kidney], volume[tumour] = 700.0, 185.0, 130.0
+    # Correlated noise of 40 HU, a low-dose scanner's: the raw threshold would punch holes into the tumour.
+    noise = ndimage.gaussian_filter(rng.standard_normal(x.shape), (0.7, 0.7, 0.3))
+    volume = volume + 40.0 * noise / noise.std()
+    out = SuppressBrightd(["image"], threshold=160.0)({"image": torch.as_tensor(volume[None], dtype=torch.float32)})
+    kept = out["image"][0].numpy() != -100.0
+    raw = SuppressBrightd(["image"], threshold=160.0, median=1)({"image": torch.as_tensor(volume[None])})
+    assert (raw["image"][0].numpy()[tumour] == -100.0).mean() > 0.5  # what the median is for
+    assert kept[tumour].all()
+    # Bone goes whole; a kidney 25 HU over the threshold, under 40 HU of noise, nearly whole.
+    assert not kept[spine].any() and kept[kidney].mean() < 0.03
+
+
+def test_fat_calibration_moves_the_fat_peak_and_leaves_unreadable_scans() -> None:
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from imaging.synth.geometry import Grid
+    from imaging.synth.phantoms.colorectal_ct import draw_abdomen
+    from imaging.transforms import CalibrateHUd, fat_peak_hu
+
+    # A real scan this project did not write: its fat reads about -91 HU, and a drift moves the peak with it.
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    real = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    peak = fat_peak_hu(real)
+    assert peak is not None and -110.0 <= peak <= -80.0
+    for drift in (-40.0, 25.0):
+        assert fat_peak_hu(real + drift) == pytest.approx(peak + drift, abs=2.0)
+    # The synthetic abdomen scanned twice, the second time +35 HU off: calibrated, both read the same numbers.
+    rng = np.random.default_rng(1)
+    grid = Grid.centred((0.0, 0.0, -250.0), (24, 64, 64), (5.0, 5.5, 5.5))
+    hu, _ = draw_abdomen(rng, grid, 1, 1.0)
+    scan = hu + 40.0 * rng.standard_normal(hu.shape)
+    calibrated = [CalibrateHUd(["image"])({"image": torch.as_tensor(v[None], dtype=torch.float32)})["image"][0].numpy()
+                  for v in (scan, scan + 35.0)]
+    assert fat_peak_hu(calibrated[1]) == pytest.approx(-100.0, abs=4.0)
+    shift = calibrated[1] - calibrated[0]  # one shift for the whole scan
+    assert float(shift.max() - shift.min()) < 1e-3 and abs(float(shift.mean())) <= 4.0
+    # No fat to read (a phantom of water and air), or a peak too far off to be drift: left as it is.
+    water = np.where(np.arange(4096).reshape(64, 64) % 2, 0.0, -1000.0)[None].astype(np.float32)
+    assert fat_peak_hu(water) is None
+    assert torch.equal(CalibrateHUd(["image"])({"image": torch.as_tensor(water)})["image"], torch.as_tensor(water))
+    odd = np.full((1, 32, 32), -250.0, np.float32)
+    assert torch.equal(CalibrateHUd(["image"])({"image": torch.as_tensor(odd)})["image"], torch.as_tensor(odd))
+
+
 def test_lesion_masks_land_on_the_lesion_in_the_network_grid(tmp_path: Path) -> None:
     import json
     from dataclasses import replace
