@@ -41,6 +41,7 @@ from models.device import Placement, autocast
 __all__ = [
     "DPPlan",
     "EvalResult",
+    "Multiplied",
     "TrainResult",
     "TrainingError",
     "dp_sample_rate",
@@ -48,6 +49,7 @@ __all__ = [
     "evaluate_local",
     "evaluate_segmentation",
     "loader_options",
+    "mean_over_copies",
     "plan_dp",
     "pos_weight_of",
     "predict",
@@ -146,6 +148,33 @@ def segmentation_loss() -> nn.Module:
     return DiceCELoss(sigmoid=True, batch=False, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
+class Multiplied(Dataset[Any]):
+    """A dataset whose every item is ``k`` draws of the inner item, stacked: ``(images [k, ...], targets [k, ...])``.
+    The inner dataset's random augmentations run once per draw, so the copies differ."""
+
+    def __init__(self, inner: Dataset[Any], k: int) -> None:
+        self.inner, self.k = inner, k
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = [self.inner[index] for _ in range(self.k)]
+        return torch.stack([torch.as_tensor(x) for x, _ in draws]), torch.stack([torch.as_tensor(y) for _, y in draws])
+
+
+def mean_over_copies(model: nn.Module, k: int) -> None:
+    """Replace each parameter's per-sample gradients (Opacus' ``grad_sample``, one row per copy) by their mean over
+    each sample's ``k`` consecutive copies: what DP-SGD then clips, sums and noises is one gradient per sample."""
+    for p in model.parameters():
+        rows = getattr(p, "grad_sample", None)
+        if rows is None:
+            continue
+        if not isinstance(rows, torch.Tensor):
+            raise TrainingError("augmentation multiplicity needs one backward pass per step")
+        p.grad_sample = rows.reshape(-1, k, *rows.shape[1:]).mean(dim=1)
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset[Any],
@@ -199,6 +228,9 @@ def train_local(
         torch.backends.cudnn.benchmark = True  # the input size is fixed by the preset
     model.to(device)
     generator = torch.Generator().manual_seed(spec.seed + 7919 * round_number)
+    copies = spec.augmentation_multiplicity
+    if copies > 1:
+        dataset = Multiplied(dataset, copies)
     batch = resolve_batch(spec.batch_size, dp=dp is not None)
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=min(batch, n), shuffle=True, drop_last=False,
                                          generator=generator, **loader_options(device))
@@ -255,6 +287,8 @@ def train_local(
                     steps += 1
                     progress["steps"] = steps
                     continue
+                if copies > 1:  # [samples, copies, ...] -> one row per copy, a sample's copies side by side
+                    x, y = x.flatten(0, 1), y.flatten(0, 1)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(placement):
@@ -269,6 +303,8 @@ def train_local(
                     scaler.update()
                 else:
                     loss.backward()
+                    if dp is not None and copies > 1:
+                        mean_over_copies(trained, copies)
                     optimizer.step()
                 if prox and dp is not None:
                     # Under DP the proximal term is applied as its own step after the private update: it
@@ -277,8 +313,8 @@ def train_local(
                         for k, a in anchors.items():
                             if k in named:
                                 named[k].sub_(spec.learning_rate * prox * (named[k] - a))
-                epoch_loss += float(loss.detach()) * len(x)
-                epoch_seen += len(x)
+                epoch_loss += float(loss.detach()) * len(x) / copies
+                epoch_seen += len(x) // copies
                 steps += 1
                 progress["steps"] = steps
             total_loss += epoch_loss

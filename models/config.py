@@ -168,6 +168,10 @@ class TrainSpec:
             on the non-IID variant; BENCHMARKS.md).
         seed: Seed for weights, sampling and augmentation.
         augment: Apply the preset's training augmentations.
+        augmentation_multiplicity: Each sample of a step is drawn this many times, each with its own random
+            augmentation, and its gradient is the mean over the copies: under DP-SGD that mean is what is clipped
+            and noised, so the copies lower the gradient's variance at no privacy cost (De et al., 2022). It costs
+            this many times the compute per step. 1: off.
         threads: Torch CPU threads (0: leave torch's default).
     """
 
@@ -179,6 +183,7 @@ class TrainSpec:
     proximal_mu: float = 0.01
     seed: int = 0
     augment: bool = True
+    augmentation_multiplicity: int = 1
     threads: int = 0
 
 
@@ -407,6 +412,7 @@ class RunKey(StrEnum):
     PROXIMAL_MU = "proximal-mu"
     SEED = "seed"
     AUGMENT = "augment"
+    AUGMENTATION_MULTIPLICITY = "augmentation-multiplicity"
     THREADS = "threads"
     DP = "dp"
     DP_EPSILON = "dp-epsilon"
@@ -453,6 +459,7 @@ KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.PROXIMAL_MU: ("training", "proximal_mu", _float),
     RunKey.SEED: ("training", "seed", _int),
     RunKey.AUGMENT: ("training", "augment", parse_bool),
+    RunKey.AUGMENTATION_MULTIPLICITY: ("training", "augmentation_multiplicity", _int),
     RunKey.THREADS: ("training", "threads", _int),
     RunKey.DP: ("privacy", "enabled", parse_bool),
     RunKey.DP_EPSILON: ("privacy", "epsilon", _float),
@@ -591,6 +598,11 @@ def validate(config: RunConfig) -> None:
     _check(t.optimizer in ("adamw", "sgd"), RunKey.OPTIMIZER, "must be adamw or sgd")
     _check(t.proximal_mu >= 0.0, RunKey.PROXIMAL_MU, "must be 0 (off) or more")
     _check(t.threads >= 0, RunKey.THREADS, "must be 0 (torch default) or more")
+    _check(1 <= t.augmentation_multiplicity <= 32, RunKey.AUGMENTATION_MULTIPLICITY,
+           "must be from 1 (off) to 32 (each copy costs a forward and backward pass)")
+    _check(t.augmentation_multiplicity == 1 or p.grad_sample_mode != GradSampleMode.GHOST,
+           RunKey.AUGMENTATION_MULTIPLICITY, "needs per-sample gradients: dp-grad-sample-mode ghost keeps none; "
+           "use auto, ew or hooks")
     _check(f.num_rounds >= 1, RunKey.NUM_ROUNDS, "must be at least 1, or 0 for the task's count")
     _check(0.0 < f.fraction_train <= 1.0, RunKey.FRACTION_TRAIN, "must be in (0, 1]")
     _check(0.0 <= f.fraction_evaluate <= 1.0, RunKey.FRACTION_EVALUATE, "must be in [0, 1]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch.utils.data import TensorDataset
 from fl_client.privacy import BudgetExceeded, NoBudget, PrivacyLedger, epsilon_of
 from fl_client.train import (
     DPPlan,
+    Multiplied,
     TrainingError,
     dp_sample_rate,
     dp_steps,
@@ -118,6 +120,50 @@ def test_a_dp_session_takes_exactly_the_steps_the_ledger_reserved(tmp_path: Path
     assert session.steps == planned and session.sample_rate == pytest.approx(plan.sample_rate)
     assert result.epsilon == session.epsilon_cumulative
     assert session.epsilon_cumulative == pytest.approx(epsilon_of([(1.0, plan.sample_rate, planned)], 1e-5))
+
+
+@pytest.mark.parametrize("mode", [GradSampleMode.EW, GradSampleMode.HOOKS])
+def test_augmentation_multiplicity_clips_one_mean_gradient_per_sample(tmp_path: Path, mode: GradSampleMode) -> None:
+    # Copies that do not differ (no augmentation; the same noise drawn): the mean over a sample's copies is its one
+    # gradient, so the run must equal the run without copies. Treating the copies as samples would clip and sum twice as
+    # many gradients (SGD: twice the step) and spend the same ε on a batch twice the size it accounts for.
+    data, labels = _volumes(12)
+    plan = replace(_plan(12, 4, epochs=2), max_grad_norm=0.05, grad_sample_mode=mode)
+    weights = []
+    for k in (1, 3):
+        torch.manual_seed(0)
+        model = build_model(from_flat({"task": "lung-ct", "model-width": 8, "dropout": 0}).model)  # no random masks
+        spec = TrainSpec(batch_size=4, local_epochs=2, augment=False, optimizer="sgd", learning_rate=0.1,
+                         augmentation_multiplicity=k)
+        torch.manual_seed(1)  # the noise
+        result = train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=_ledger(tmp_path / f"k{k}"),
+                             run_id="run-k", round_number=1, task="lung-ct")
+        assert result.steps == plan.planned_steps and result.samples_seen <= 2 * 12
+        weights.append(state_arrays(model))
+    torch.manual_seed(0)
+    start = state_arrays(build_model(from_flat({"task": "lung-ct", "model-width": 8, "dropout": 0}).model))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(start.values(), weights[0].values(), strict=True)) > 1e-3
+    for name, a in weights[0].items():
+        np.testing.assert_allclose(weights[1][name], a, atol=1e-5, err_msg=name)
+
+
+def test_multiplied_draws_each_item_k_times() -> None:
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            self.calls += 1
+            return torch.full((1, 2, 2), float(self.calls)), torch.tensor([float(index)])
+
+    inner = Counting()
+    x, y = Multiplied(inner, 3)[1]
+    assert x.shape == (3, 1, 2, 2) and y.shape == (3, 1)
+    assert x[:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0] and y[:, 0].tolist() == [1.0, 1.0, 1.0]
+    assert len(Multiplied(inner, 3)) == 2
 
 
 def test_a_dp_session_past_the_ceiling_trains_nothing_and_records_nothing(tmp_path: Path) -> None:
