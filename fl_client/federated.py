@@ -161,6 +161,7 @@ def run_manifest(config: RunConfig, run_config: Mapping[str, Any], node_config: 
         local_epochs=config.training.local_epochs, strategy=str(config.federation.strategy),
         network=str(config.model.network), parameters=parameter_count(build_model(config.model)),
         resolution=str(config.model.resolution),
+        augmentation_multiplicity=config.training.augmentation_multiplicity,
         dp=config.privacy.enabled, dp_epsilon=float(config.privacy.epsilon),
         secure_aggregation=config.server.secure_aggregation,
         metrics=metrics, app=str(node_config.get(NodeKey.APP_BUNDLE) or "simulation"),

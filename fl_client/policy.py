@@ -145,6 +145,8 @@ class RunManifest:
         task: The task.
         rounds: Rounds the run plans.
         local_epochs: Local epochs per round.
+        augmentation_multiplicity: Draws of each sample per step (each a forward and backward pass): a round's
+            compute is ``local_epochs`` × this many passes, and the site's cap on local epochs counts it so.
         strategy: The aggregation strategy.
         network: The network.
         parameters: The network's parameter count.
@@ -172,6 +174,7 @@ class RunManifest:
     app: str
     app_hash: str
     resolution: str = "cpu"
+    augmentation_multiplicity: int = 1
 
     @classmethod
     def foreign(cls, run: str, app: str, app_hash: str, run_config: Mapping[str, Any]) -> RunManifest:
@@ -184,7 +187,9 @@ class RunManifest:
     def lines(self) -> list[str]:
         """The manifest in plain words, as the site's operator sees it before approving."""
         dp = f"DP-SGD asked, ε ≤ {self.dp_epsilon:g} for the run" if self.dp else "no DP-SGD asked"
-        return [f"task {self.task}; {self.rounds} round(s) of {self.local_epochs} local epoch(s); "
+        draws = f", each sample drawn {self.augmentation_multiplicity} times" if self.augmentation_multiplicity > 1 \
+            else ""
+        return [f"task {self.task}; {self.rounds} round(s) of {self.local_epochs} local epoch(s){draws}; "
                 f"strategy {self.strategy}" + ("; secure aggregation" if self.secure_aggregation else ""),
                 f"network {self.network} ({self.parameters:,} parameters) at the {self.resolution} resolution profile",
                 dp,
@@ -421,9 +426,13 @@ def _outside(policy: SitePolicy, manifest: RunManifest) -> tuple[str, str]:
     if policy.max_rounds is not None and manifest.rounds > policy.max_rounds:
         return Refusal.ROUNDS, f"this site allows at most {policy.max_rounds} rounds per run; the run has " \
                                f"{manifest.rounds}"
-    if policy.max_local_epochs is not None and manifest.local_epochs > policy.max_local_epochs:
+    passes = manifest.local_epochs * manifest.augmentation_multiplicity
+    if policy.max_local_epochs is not None and passes > policy.max_local_epochs:
+        k = manifest.augmentation_multiplicity
+        asks = str(manifest.local_epochs) if k == 1 else \
+            f"{manifest.local_epochs} with each sample drawn {k} times ({passes} passes)"
         return Refusal.LOCAL_EPOCHS, f"this site allows at most {policy.max_local_epochs} local epochs per round; " \
-                                     f"the run asks {manifest.local_epochs}"
+                                     f"the run asks {asks}"
     if policy.networks and manifest.network not in policy.networks:
         return Refusal.NETWORK, f"this site allows the networks {', '.join(policy.networks)} only, not " \
                                 f"{manifest.network}"

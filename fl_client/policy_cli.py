@@ -258,7 +258,8 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--resolutions", metavar="R1,R2|any",
                    help=f"resolution profiles allowed ({', '.join(Resolution)}; a site without a GPU keeps to cpu)")
     p.add_argument("--max-rounds", metavar="N|none", help="the most rounds per run")
-    p.add_argument("--max-local-epochs", metavar="N|none", help="the most local epochs per round")
+    p.add_argument("--max-local-epochs", metavar="N|none",
+                   help="the most local epochs per round (a run drawing each sample k times counts k times)")
     p.add_argument("--max-epsilon", metavar="EPS|none", help="the most ε one run may spend at this site")
     p.add_argument("--approval", choices=("required", "automatic"), help="does each new run wait for approval?")
     p.add_argument("--by", metavar="NAME", help="who decides (default: your login name)")

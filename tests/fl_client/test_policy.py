@@ -102,6 +102,8 @@ def test_default_policy_trains_and_records_the_run_with_its_manifest(workspace: 
     (SitePolicy(tasks=("lung-ct",)), {}, Refusal.TASK, "takes part in lung-ct only, not breast-mg"),
     (SitePolicy(max_rounds=2), {}, Refusal.ROUNDS, "at most 2 rounds per run; the run has 3"),
     (SitePolicy(max_local_epochs=1), {"local-epochs": 3}, Refusal.LOCAL_EPOCHS, "at most 1 local epochs"),
+    (SitePolicy(max_local_epochs=2), {"augmentation-multiplicity": 3}, Refusal.LOCAL_EPOCHS,
+     "the run asks 1 with each sample drawn 3 times (3 passes)"),
     (SitePolicy(networks=("densenet-small",)), {}, Refusal.NETWORK, "densenet-small only, not compact-cnn"),
     (SitePolicy(resolutions=("cpu",)), {"resolution": "diagnostic"}, Refusal.RESOLUTION,
      "trains at the cpu resolution profile only, not diagnostic"),
