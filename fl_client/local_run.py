@@ -51,6 +51,7 @@ def run_local(
     device: str = "cpu",
     precision: str = "auto",
     on_warning: Callable[[str], None] | None = None,
+    dp_seed: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate on the workspaces' data (pooled if several) and write the results.
 
@@ -64,6 +65,8 @@ def run_local(
         precision: auto (mixed precision on a GPU, fp32 on the CPU), fp32, bf16 or fp16.
         on_warning: Called before the first step with a sentence when DP-SGD's noise at this site's sample count
             makes learning unlikely (:func:`models.config.dp_outlook`).
+        dp_seed: Seeds DP-SGD's noise and batches, for tests only (see :func:`fl_client.train.train_local`); None
+            draws them from the operating system's entropy.
 
     Returns:
         The metrics document written to ``metrics.json``.
@@ -109,7 +112,7 @@ def run_local(
     t0 = time.perf_counter()
     result = train_local(model, train_set, spec=config.training, labels=data.labels("train"), dp=dp, ledger=ledger,
                          run_id=f"local-{uuid.uuid4().hex[:8]}", task=task, epochs=epochs, on_epoch=after_epoch,
-                         placement=placement, segmentation=data.segmentation)
+                         placement=placement, segmentation=data.segmentation, dp_seed=dp_seed)
     train_seconds = time.perf_counter() - t0
     splits = {}
     operating: dict[str, Any] | None = None

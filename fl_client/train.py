@@ -166,6 +166,7 @@ class Multiplied(Dataset[Any]):
 def mean_over_copies(model: nn.Module, k: int) -> None:
     """Replace each parameter's per-sample gradients (Opacus' ``grad_sample``, one row per copy) by their mean over
     each sample's ``k`` consecutive copies: what DP-SGD then clips, sums and noises is one gradient per sample."""
+    averaged = 0
     for p in model.parameters():
         rows = getattr(p, "grad_sample", None)
         if rows is None:
@@ -173,6 +174,9 @@ def mean_over_copies(model: nn.Module, k: int) -> None:
         if not isinstance(rows, torch.Tensor):
             raise TrainingError("augmentation multiplicity needs one backward pass per step")
         p.grad_sample = rows.reshape(-1, k, *rows.shape[1:]).mean(dim=1)
+        averaged += 1
+    if not averaged:  # each copy would be clipped on its own: k times the sensitivity the noise was set for
+        raise TrainingError("augmentation multiplicity under DP-SGD found no per-sample gradients to average")
 
 
 def train_local(
@@ -191,6 +195,7 @@ def train_local(
     on_epoch: Callable[[int, float], None] | None = None,
     placement: Placement | None = None,
     segmentation: bool = False,
+    dp_seed: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.local_epochs`` (or ``epochs``) passes over ``dataset``.
 
@@ -211,6 +216,10 @@ def train_local(
         placement: The device and precision (:func:`models.device.place`; default the CPU in fp32). The model is
             moved there for training and back to the CPU after it.
         segmentation: The model segments: voxel logits against masks, with :func:`segmentation_loss`.
+        dp_seed: Under DP, seeds the noise and the Poisson sampling of batches: for tests and benchmarks only. None
+            (what a site does) draws both seeds from the operating system's entropy at every session: the run
+            config's ``seed`` is the lead's, and noise or batches the lead could replay would void the guarantee
+            (the noise could be subtracted, and subsampling amplifies privacy only while the batches are secret).
 
     Raises:
         TrainingError: An empty dataset.
@@ -228,7 +237,16 @@ def train_local(
         torch.backends.cudnn.benchmark = True  # the input size is fixed by the preset
     model.to(device)
     generator = torch.Generator().manual_seed(spec.seed + 7919 * round_number)
+    noise_generator = None
+    if dp is not None:
+        # The site's secret: batches and noise nobody outside the site can replay (see ``dp_seed``).
+        secret = int.from_bytes(os.urandom(8), "little") >> 1 if dp_seed is None else dp_seed
+        generator = torch.Generator().manual_seed(secret)
+        noise_generator = torch.Generator(device=device).manual_seed(secret ^ 0x5DEECE66D)
     copies = spec.augmentation_multiplicity
+    if copies > 1 and dp is not None and dp.grad_sample_mode == GradSampleMode.GHOST:
+        raise TrainingError("augmentation multiplicity needs per-sample gradients, which Opacus' ghost mode keeps "
+                            "none of: use the ew, hooks or functorch mode")
     if copies > 1:
         dataset = Multiplied(dataset, copies)
     batch = resolve_batch(spec.batch_size, dp=dp is not None)
@@ -256,7 +274,8 @@ def train_local(
             warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
             common: dict[str, Any] = dict(module=model, optimizer=optimizer, data_loader=loader,
                                           noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                          poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode.value)
+                                          poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode.value,
+                                          noise_generator=noise_generator)
             if dp.grad_sample_mode == GradSampleMode.GHOST:
                 trained, optimizer, criterion, loader = engine.make_private(criterion=criterion, **common)
             else:

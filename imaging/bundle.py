@@ -21,7 +21,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from imaging.presets import Intensity, TaskPreset, get_preset
+from imaging.presets import (
+    BONE_HU,
+    BRIGHT_MEDIAN,
+    FAT_MAX_SHIFT_HU,
+    SUPPRESS_FILL_HU,
+    Intensity,
+    TaskPreset,
+    get_preset,
+)
 
 __all__ = ["BundleError", "inference_config", "preprocessing_summary"]
 
@@ -69,12 +77,14 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["lung_field"], "keys": keys})
     if preset.remove_pectoral:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["find_pectoral"], "keys": keys})
+    # The steps' other settings are written out too, so the bundle runs as trained whatever oncofed's defaults become.
     if preset.fat_reference_hu is not None:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["calibrate"], "keys": keys,
-                      "reference": preset.fat_reference_hu})
+                      "reference": preset.fat_reference_hu, "max_shift": FAT_MAX_SHIFT_HU})
     if preset.suppress_above_hu is not None:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["suppress"], "keys": keys,
-                      "threshold": preset.suppress_above_hu})
+                      "threshold": preset.suppress_above_hu, "fill": SUPPRESS_FILL_HU, "dilate": 1,
+                      "median": BRIGHT_MEDIAN, "bone": BONE_HU})
     if preset.intensity is Intensity.CT_WINDOW:
         if preset.window is None:
             raise BundleError(f"preset {preset.name}: a CT window is required for {preset.intensity}")

@@ -32,6 +32,14 @@ __all__ = [
 ]
 
 
+# Settings of the CT steps that no preset varies (imaging.transforms.CalibrateHUd and SuppressBrightd); here, as plain
+# data, so that a MONAI bundle config (imaging.bundle) writes them out as the training pipeline uses them.
+FAT_MAX_SHIFT_HU = 60.0  # the largest calibration drift taken out
+SUPPRESS_FILL_HU = -100.0  # what a suppressed bright voxel becomes (fat)
+BRIGHT_MEDIAN = 3  # the median (voxels) the bright-structure threshold reads through
+BONE_HU = 300.0  # above this a voxel is bone whatever the median reads (a rib one voxel thick)
+
+
 class Intensity(StrEnum):
     """How raw intensities become network inputs."""
 

@@ -40,7 +40,7 @@ from monai.transforms import (
 
 from imaging.catalog import plan_from_json
 from imaging.dicom import ImagePlan, affine_lps, plan_images, read_header, read_image
-from imaging.presets import Intensity, TaskPreset
+from imaging.presets import BONE_HU, BRIGHT_MEDIAN, FAT_MAX_SHIFT_HU, SUPPRESS_FILL_HU, Intensity, TaskPreset
 
 __all__ = [
     "CalibrateHUd",
@@ -389,15 +389,20 @@ class RemovePectorald(MapTransform):
         return d
 
 
-def fat_peak_hu(volume: np.ndarray, *, search: tuple[float, float] = (-250.0, 150.0), fat_below: float = -30.0,
-                min_voxels: int = 500, bin_hu: float = 2.0, smooth_hu: float = 8.0) -> float | None:
+FAT_BELOW_HU = -30.0  # no fat peak reads above this, however drifted: above it lies soft tissue
+
+
+def fat_peak_hu(volume: np.ndarray, *, window: tuple[float, float] = (-160.0, -40.0),
+                histogram: tuple[float, float] = (-250.0, 150.0), min_voxels: int = 500, bin_hu: float = 2.0,
+                smooth_hu: float = 8.0) -> float | None:
     """The Hounsfield value of a CT scan's adipose-tissue peak, or None when the scan shows no fat to read.
 
-    Between ``search``'s ends a chest or abdominal CT's histogram (smoothed over ``smooth_hu``) has two tissue
-    peaks: fat (about -100 HU) and soft tissue (muscle, organs, 20-60 HU); fat is the lower one. The peak taken is
-    the lowest local maximum that stands out (at least a fifth of the highest, and as prominent); None when fewer
-    than ``min_voxels`` voxels lie in the range, or no peak below ``fat_below`` HU stands out (a scan of water and
-    soft tissue alone, or one drifted too far to tell fat from soft tissue).
+    Over ``histogram``'s range a chest or abdominal CT's histogram (smoothed over ``smooth_hu``) has two tissue
+    peaks: fat (about -100 HU) and soft tissue (muscle, organs, 20-60 HU). The peak taken is the most prominent
+    local maximum whose centre lies in ``window`` (where fat can be, drifted as far as the caller allows; its top
+    stays below soft tissue), of those at least a tenth of the highest and as prominent. None when fewer than
+    ``min_voxels`` voxels lie in the range, or no such peak lies in the window (a scan of water and soft tissue
+    alone, or one drifted further than the window allows).
 
     Fat is the one tissue every such scan holds in bulk (subcutaneous and visceral) whose density hardly varies
     between patients; air outside the body is no reference in practice, because scanners pad outside the
@@ -405,17 +410,19 @@ def fat_peak_hu(volume: np.ndarray, *, search: tuple[float, float] = (-250.0, 15
     """
     from scipy import ndimage, signal
 
-    lo, hi = search
+    lo, hi = histogram
     values = volume[(volume >= lo) & (volume <= hi)]
     if values.size < min_voxels:
         return None
     counts, edges = np.histogram(values, bins=int(round((hi - lo) / bin_hu)), range=(lo, hi))
     smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), smooth_hu / bin_hu, mode="constant")
     top = float(smooth.max())
-    peaks, _ = signal.find_peaks(smooth, height=0.2 * top, prominence=0.2 * top)
+    peaks, props = signal.find_peaks(smooth, height=0.1 * top, prominence=0.1 * top)
     centres = (edges[peaks] + edges[peaks + 1]) / 2
-    fat = centres[centres <= fat_below]
-    return float(fat[0]) if len(fat) else None
+    inside = (centres >= window[0]) & (centres <= window[1])
+    if not inside.any():
+        return None
+    return float(centres[inside][int(np.argmax(props["prominences"][inside]))])
 
 
 class CalibrateHUd(MapTransform):
@@ -438,17 +445,18 @@ class CalibrateHUd(MapTransform):
         max_shift: The largest shift applied, in HU.
     """
 
-    def __init__(self, keys: KeysCollection, reference: float = -100.0, max_shift: float = 60.0) -> None:
+    def __init__(self, keys: KeysCollection, reference: float = -100.0, max_shift: float = FAT_MAX_SHIFT_HU) -> None:
         super().__init__(keys)
         self.reference, self.max_shift = reference, max_shift
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        window = (self.reference - self.max_shift, min(self.reference + self.max_shift, FAT_BELOW_HU))
         for key in self.key_iterator(d):
             img = d[key]
             volume = np.asarray(img[0].detach().cpu().numpy() if hasattr(img, "detach") else img[0])
-            peak = fat_peak_hu(volume)
-            if peak is None or abs(self.reference - peak) > self.max_shift:
+            peak = fat_peak_hu(volume, window=window)
+            if peak is None:
                 continue
             d[key] = img + (self.reference - peak)
         return d
@@ -473,12 +481,14 @@ class SuppressBrightd(MapTransform):
             image noise does not punch holes into a tumour: on a site with 40 HU of noise, the raw threshold
             suppressed 15 % of the tumours' voxels, a median of 3 voxels 2 %, while bone and kidneys, larger
             than the filter, stay suppressed whole.
+        bone: Above this HU a voxel is suppressed whatever the median reads: bone thinner than the median (a rib
+            or a cortex one voxel thick) would pass it, and no enhancing tumour or noise reaches it.
     """
 
-    def __init__(self, keys: KeysCollection, threshold: float = 160.0, fill: float = -100.0, dilate: int = 1,
-                 median: int = 3) -> None:
+    def __init__(self, keys: KeysCollection, threshold: float = 160.0, fill: float = SUPPRESS_FILL_HU, dilate: int = 1,
+                 median: int = BRIGHT_MEDIAN, bone: float = BONE_HU) -> None:
         super().__init__(keys)
-        self.threshold, self.fill, self.dilate, self.median = threshold, fill, dilate, median
+        self.threshold, self.fill, self.dilate, self.median, self.bone = threshold, fill, dilate, median, bone
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from scipy import ndimage
@@ -488,6 +498,7 @@ class SuppressBrightd(MapTransform):
             img = d[key]
             volume = np.asarray(img[0].detach().cpu().numpy() if hasattr(img, "detach") else img[0])
             bright = (ndimage.median_filter(volume, self.median) if self.median > 1 else volume) > self.threshold
+            bright |= volume > self.bone  # bone thinner than the median (ribs, cortex): no tumour or noise is there
             if self.dilate:
                 bright = ndimage.binary_dilation(bright, iterations=self.dilate)
             mask = torch.as_tensor(bright, device=img.device)[None]

@@ -195,6 +195,9 @@ class TrainSpec:
 # with the batch, and a batch of 4 drowns it.
 PLAIN_BATCH = 4
 DP_BATCH = 16
+# The most images one step may hold with augmentation multiplicity (batch × copies): under DP-SGD every one keeps a
+# per-sample gradient, and at 512 a 3D DenseNet's would take about 23 GB.
+MAX_ROWS_PER_STEP = 256
 
 
 def resolve_batch(batch_size: int, *, dp: bool) -> int:
@@ -598,11 +601,18 @@ def validate(config: RunConfig) -> None:
     _check(t.optimizer in ("adamw", "sgd"), RunKey.OPTIMIZER, "must be adamw or sgd")
     _check(t.proximal_mu >= 0.0, RunKey.PROXIMAL_MU, "must be 0 (off) or more")
     _check(t.threads >= 0, RunKey.THREADS, "must be 0 (torch default) or more")
-    _check(1 <= t.augmentation_multiplicity <= 32, RunKey.AUGMENTATION_MULTIPLICITY,
+    k = t.augmentation_multiplicity
+    _check(1 <= k <= 32, RunKey.AUGMENTATION_MULTIPLICITY,
            "must be from 1 (off) to 32 (each copy costs a forward and backward pass)")
-    _check(t.augmentation_multiplicity == 1 or p.grad_sample_mode != GradSampleMode.GHOST,
-           RunKey.AUGMENTATION_MULTIPLICITY, "needs per-sample gradients: dp-grad-sample-mode ghost keeps none; "
-           "use auto, ew or hooks")
+    _check(k == 1 or t.augment, RunKey.AUGMENTATION_MULTIPLICITY,
+           "copies differ only by their random augmentation: with augment=false they would be the same image "
+           "k times (k times the compute, no gain); set augment=true or augmentation-multiplicity=1")
+    _check(k == 1 or p.grad_sample_mode != GradSampleMode.GHOST, RunKey.AUGMENTATION_MULTIPLICITY,
+           "needs per-sample gradients: dp-grad-sample-mode ghost keeps none; use auto, ew, hooks or functorch")
+    rows = k * max(resolve_batch(t.batch_size, dp=False), resolve_batch(t.batch_size, dp=True))
+    _check(rows <= MAX_ROWS_PER_STEP, RunKey.AUGMENTATION_MULTIPLICITY,
+           f"batch-size × augmentation-multiplicity is {rows} images a step (under DP-SGD each with its own "
+           f"gradient in memory); at most {MAX_ROWS_PER_STEP}: lower one of them")
     _check(f.num_rounds >= 1, RunKey.NUM_ROUNDS, "must be at least 1, or 0 for the task's count")
     _check(0.0 < f.fraction_train <= 1.0, RunKey.FRACTION_TRAIN, "must be in (0, 1]")
     _check(0.0 <= f.fraction_evaluate <= 1.0, RunKey.FRACTION_EVALUATE, "must be in [0, 1]")

@@ -12,8 +12,9 @@
    score on pooled studies because it runs on synthetic data on one machine; in a real consortium each site
    evaluates on its own and only the figures travel. ``--unlike-site`` runs the non-IID variant, where one
    site's scanners are unlike the others' (and scores that site's held-out studies on their own too).
-3. DP (``--dp-epsilons``): FedAvg without DP and under DP-SGD at each ε per site, same rounds, held-out AUROC
-   and its change against the run without DP.
+3. DP (``--dp-epsilons``): the default strategy without DP and under DP-SGD at each ε per site, same rounds,
+   held-out AUROC and its change against the run without DP; ``--dp-set KEY=VALUE`` sets a run-config key of the
+   DP runs (e.g. ``augmentation-multiplicity=4``), and such runs are stored under their own name.
 
 Prints markdown tables and writes ``OUT/bench-federation.json``.
 
@@ -23,6 +24,8 @@ Example::
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed --tasks colorectal-ct --unlike-site site-c
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed --overhead-only --sites 2,4
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed-dp --studies 96 --dp-epsilons 1,3,8 --dp-only
+    .venv/bin/python scripts/bench_federation.py --out bench-output/fed-dp --studies 96 --dp-epsilons 8 --dp-only \
+        --tasks lung-ct --dp-set augmentation-multiplicity=4
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: s
 
 def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], holdout: list[Path], tasks: list[str],
             epsilons: list[float], results: dict[str, Any], out_json: Path, console: Console, *, tag: str = "") -> None:
-    """FedAvg without DP and under DP-SGD at each ε per site, on the same consortium and rounds: AUROC on the
+    """The default strategy without DP and under DP-SGD at each ε per site, same consortium and rounds: AUROC on the
     held-out studies. Each site gets a budget that covers all the runs (a benchmark spends it freely)."""
     from fl_client.privacy import PrivacyLedger
 
@@ -117,16 +120,22 @@ def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], holdou
         ledger = PrivacyLedger(ws)
         if ledger.budget() is None:
             ledger.set_budget(1000.0, 1e-5)
+    extra_dp = dict(item.split("=", 1) for item in args.dp_set)
+    base_tag, tag = tag, tag + "".join(f" {k}={v}" for k, v in sorted(extra_dp.items()))
+    folder = "quality" + tag.replace(" ", "-").replace("=", "")
     for task in tasks:
         row: dict[str, Any] = dict(results["dp"].get(f"{task}{tag}", {}))
+        base = results["dp"].get(f"{task}{base_tag}", {})
+        if "plain" not in row and "plain" in base:  # the DP settings do not change the run without DP
+            row.update(plain=base["plain"], plain_seconds=base.get("plain_seconds"))
         common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": args.rounds or TASK_ROUNDS[task]}
-        dp = {"dp": True, "learning-rate": args.dp_learning_rate}
+        dp = {"dp": True, "learning-rate": args.dp_learning_rate, **extra_dp}
         runs: list[tuple[str, dict[str, Any]]] = [("plain", {})]
         runs += [(f"{e:g}", {**dp, "dp-epsilon": e}) for e in epsilons]
         for name, extra in runs:
             if name in row and not args.again:
                 continue
-            run_dir = args.out / f"quality{tag}" / f"{task}-dp-{name}"
+            run_dir = args.out / folder / f"{task}-dp-{name}"
             h = federated(sites, run_dir, {**common, **extra})
             row[name] = holdout_auroc(run_dir / "model.pt", holdout, task)["auroc"]
             row[f"{name}_seconds"] = h["total_seconds"]
@@ -189,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-only", action="store_true")
     parser.add_argument("--again", action="store_true", help="redo tasks already in OUT/bench-federation.json")
     parser.add_argument("--dp-epsilons", default="",
-                        help="also FedAvg under DP-SGD at each of these ε per site (e.g. 1,3,8); quality runs only")
+                        help="also the default strategy under DP-SGD at each of these ε per site (e.g. 1,3,8); quality "
+                             "runs only")
     parser.add_argument("--dp-learning-rate", type=float, default=3e-3,
                         help="the DP runs' learning rate (DP-SGD wants larger steps than plain training)")
     parser.add_argument("--dp-only", action="store_true", help="only the DP runs (with --dp-epsilons)")
+    parser.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config key of the DP runs only (repeatable), e.g. augmentation-multiplicity=4")
     parser.add_argument("--strategies", default="fedavg,fedprox,fedadam",
                         help=f"federated recipes to compare, of {', '.join(STRATEGIES)}")
     parser.add_argument("--unlike-site", default=None, metavar="SITE",
@@ -200,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout-studies", type=int, default=48,
                         help="studies per task per site of the held-out consortium every model is scored on")
     args = parser.parse_args(argv)
+    if bad := [item for item in args.dp_set if "=" not in item]:
+        parser.error(f"--dp-set {bad[0]!r}: give KEY=VALUE, e.g. augmentation-multiplicity=4")
+    if fixed := [item for item in args.dp_set if item.split("=", 1)[0].strip() in ("dp", "dp-epsilon")]:
+        parser.error(f"--dp-set {fixed[0]!r}: the DP runs set dp and dp-epsilon themselves (--dp-epsilons)")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if unknown := [s for s in strategies if s not in STRATEGIES]:
         parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
             eps = sorted({float(e) for row in results["dp"].values() for e in row
                           if e.replace(".", "", 1).isdigit()})
-            console.print("\n| task | FedAvg | " + " | ".join(f"DP ε = {e:g}" for e in eps) + " |")
+            console.print("\n| task | no DP | " + " | ".join(f"DP ε = {e:g}" for e in eps) + " |")
             console.print("|---|---|" + "---|" * len(eps))
             for task, row in results["dp"].items():
                 plain = row.get("plain")

@@ -6,6 +6,11 @@
 2. Pectoral muscle (``breast-mg``): on every MLO view, the share of the muscle the phantom drew that is found,
    and the share of the rest of the image taken with it; on every CC view, whether anything is found; per
    lesion-bearing view, whether a lesion pixel denser than the lesion's median is taken; and the time per image.
+3. CT calibration and bright-structure suppression (``colorectal-ct``), per site of the non-IID consortium
+   (``--unlike-site``: that site's CT is 35 HU off, with twice the noise): the scan's fat peak (HU) before
+   calibration, the tumours' median HU before and after, and the share of tumour voxels the bright-structure
+   step erases, by the old pipeline (no calibration, a raw threshold) and by today's (fat calibration, the
+   threshold read through a median).
 
 Prints the figures and writes ``OUT/bench-preprocessing.json``.
 
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from monai.transforms import Compose
+from monai.transforms import Compose, Spacingd
 from rich.console import Console
 from rich.progress import track
 
@@ -106,11 +111,50 @@ def pectoral(data: Path) -> dict[str, Any]:
             "ms_per_image": 1000 * float(np.mean(seconds))}
 
 
+def colorectal(ws: Path) -> dict[str, Any]:
+    """Per site: fat peaks, tumour HU and the tumour share erased, by the old and today's colorectal pipeline."""
+    steps = T.deterministic_transforms(get_preset("colorectal-ct-seg"))
+    resample = next(i for i, step in enumerate(steps) if isinstance(step, Spacingd))
+    load = Compose(steps[:resample + 1])
+    calibrate = T.CalibrateHUd(["image"], reference=-100.0)
+    old = T.SuppressBrightd(["image"], threshold=160.0, median=1)
+    new = T.SuppressBrightd(["image"], threshold=160.0)
+    out: dict[str, Any] = {}
+    for site in sorted(p for p in ws.iterdir() if p.is_dir()):
+        with Catalog.open(site, create=False) as catalog:
+            items = list(catalog.items("colorectal-ct-seg", labelled_only=False))
+        peaks, before, after, erased_old, erased_new = [], [], [], [], []
+        for sample in track(sample_dicts(items, masks=True), description=f"colorectal CT, {site.name}"):
+            d = load(sample)
+            peak = T.fat_peak_hu(d["image"][0].numpy())
+            if peak is not None:
+                peaks.append(peak)
+            tumour = np.asarray(d["mask"][0]) > 0.5
+            if not tumour.any():
+                continue
+            c = calibrate(d)
+            before.append(float(np.median(d["image"][0].numpy()[tumour])))
+            after.append(float(np.median(c["image"][0].numpy()[tumour])))
+            erased_old.append(float((old(d)["image"][0].numpy()[tumour] == -100.0).mean()))
+            erased_new.append(float((new(c)["image"][0].numpy()[tumour] == -100.0).mean()))
+        def median(values: list[float]) -> float | None:
+            return float(np.median(values)) if values else None
+
+        out[site.name] = {"scans": len(items), "fat_peak_hu_median": median(peaks),
+                          "scans_without_a_fat_peak": len(items) - len(peaks), "tumours": len(before),
+                          "tumour_hu_before": median(before), "tumour_hu_after": median(after),
+                          "tumour_erased_old": float(np.mean(erased_old)) if erased_old else None,
+                          "tumour_erased_now": float(np.mean(erased_new)) if erased_new else None}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-output/preprocessing"))
     parser.add_argument("--studies", type=int, default=48, help="studies per task per site")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unlike-site", default="site-c", metavar="SITE",
+                        help="the site whose CT is unlike the others' in the colorectal figures")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -119,10 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     # The learning test's consortium (every image task generated, seed 0): its lung and breast studies.
     ws = ingested_consortium(args.out / "consortium", sites=3, studies_per_task=args.studies, seed=args.seed,
                              tasks=["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"])
-    results = {"lung_field": lung_field(ws), "pectoral": pectoral(args.out / "consortium" / "data")}
+    unlike = ingested_consortium(args.out / f"consortium-unlike-{args.unlike_site}", sites=3,
+                                 studies_per_task=args.studies, seed=args.seed, tasks=["colorectal-ct"],
+                                 unlike=args.unlike_site)
+    results = {"lung_field": lung_field(ws), "pectoral": pectoral(args.out / "consortium" / "data"),
+               "colorectal": colorectal(unlike)}
     for name, figures in results.items():
         console.print(f"[bold]{name}[/]")
         for key, value in figures.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
             console.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     (args.out / "bench-preprocessing.json").write_text(json.dumps(results, indent=1))
     console.print(f"\nwrote {args.out / 'bench-preprocessing.json'}")

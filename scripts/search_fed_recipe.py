@@ -12,7 +12,10 @@ studies, and the server steps as Flower's strategies do:
 - ``adam``: Flower's FedAdam (β 0.9 / 0.99, τ 1e-3, bias-corrected step).
 
 ``--pooled`` and ``--single SITE`` train the centralised and one-site baselines for ``rounds × local-epochs``
-epochs (equal training compute). Every model is scored by its AUROC on all the studies of a held-out consortium
+epochs (equal training compute). ``--set dp=true`` trains every site under DP-SGD as a site does: its own noise
+calibrated for the run's ε over all the steps it plans (``plan_dp``), each session written ahead to a ledger of its
+own under ``OUT/ledgers`` (a benchmark's budget of 1000). ``--unlike-site`` runs the non-IID variant of the
+consortium (and of the held-out one). Every model is scored by its AUROC on all the studies of a held-out consortium
 (the same sites' scanners, other patients: seed + 1000, 3 × 48 studies per task by default). One JSON line per run
 is appended to ``OUT/search.jsonl``; the figures a recipe earns here are to be confirmed by ``bench_federation.py``
 through Flower.
@@ -24,6 +27,8 @@ Example::
     .venv/bin/python scripts/search_fed_recipe.py --out bench-output/search --task prostate-mr --rounds 30 --pooled
     .venv/bin/python scripts/search_fed_recipe.py --out bench-output/search --task colorectal-ct --rounds 20 \\
         --set proximal-mu=0.1 --set seed=1
+    .venv/bin/python scripts/search_fed_recipe.py --out bench-output/search-dp --studies 96 --task breast-mg \\
+        --set dp=true --set dp-epsilon=8 --set learning-rate=3e-3 --set augmentation-multiplicity=4
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import logging
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the consortium's seed")
     parser.add_argument("--holdout-seed", type=int, default=None, help="the held-out consortium's seed (seed + 1000)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--consortium-tasks", default=",".join(IMAGE_TASKS), metavar="TASKS",
+                        help="the tasks the synthetic consortia are generated with (the order changes the patients)")
+    parser.add_argument("--unlike-site", default=None, metavar="SITE",
+                        help="the non-IID variant: this site's scanners are unlike the others' (e.g. site-c)")
     parser.add_argument("--name", default="", help="a name for the run's JSON line")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     import torch
 
-    from fl_client.train import train_local
+    from fl_client.privacy import PrivacyLedger
+    from fl_client.train import dp_sample_rate, dp_steps, plan_dp, train_local
     from imaging.sitedata import load_site_data
-    from models.config import ConfigError, from_flat
+    from models.config import ConfigError, from_flat, proximal_mu_of, resolve_batch, resolved_grad_sample_mode
     from models.nets import build_model
 
     console = Console()
@@ -124,22 +135,36 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         console.print(f"[red]{exc}[/]")
         return 2
+    if config.privacy.enabled and (args.pooled or args.single):
+        console.print("[red]--set dp=true runs the federation only: the site's DP plan is per site and round[/]")
+        return 2
     torch.set_num_threads(args.threads)
-    sites_root = ingested_consortium(args.out / "consortium", sites=3, studies_per_task=args.studies, seed=args.seed,
-                                     tasks=IMAGE_TASKS)
-    held_root = ingested_consortium(args.out / "holdout", sites=3, studies_per_task=args.holdout_studies,
-                                    seed=args.seed + 1000 if args.holdout_seed is None else args.holdout_seed,
-                                    tasks=IMAGE_TASKS)
+    generated = [t.strip() for t in args.consortium_tasks.split(",") if t.strip()]
+    if args.task not in generated or any(t not in IMAGE_TASKS for t in generated):
+        console.print(f"[red]--consortium-tasks {args.consortium_tasks!r}: tasks of {', '.join(IMAGE_TASKS)}, "
+                      f"{args.task} among them[/]")
+        return 2
+    # Each consortium in its own folder, named by what it is made of (reused as it is when it exists).
+    tag = ("" if generated == IMAGE_TASKS else "-" + "-".join(generated)) + (
+        f"-unlike-{args.unlike_site}" if args.unlike_site else "")
+    held_seed = args.seed + 1000 if args.holdout_seed is None else args.holdout_seed
+    sites_root = ingested_consortium(args.out / f"consortium-seed{args.seed}-{args.studies}{tag}", sites=3,
+                                     studies_per_task=args.studies, seed=args.seed, tasks=generated,
+                                     unlike=args.unlike_site)
+    held_root = ingested_consortium(args.out / f"holdout-seed{held_seed}-{args.holdout_studies}{tag}", sites=3,
+                                    studies_per_task=args.holdout_studies, seed=held_seed, tasks=generated,
+                                    unlike=args.unlike_site)
     sites = sorted(p for p in sites_root.iterdir() if p.is_dir())
     if args.single and args.single not in {p.name for p in sites}:
         console.print(f"[red]--single {args.single!r}: not one of {', '.join(p.name for p in sites)}[/]")
         return 2
     holdout = [load_site_data([p], args.task) for p in sorted(held_root.iterdir()) if p.is_dir()]
-    spec = config.training
+    spec = replace(config.training, proximal_mu=proximal_mu_of(config))
     torch.manual_seed(spec.seed)
     model = build_model(config.model)
     t0 = time.perf_counter()
     curve: list[tuple[int, float | None]] = []
+    plans: list[Any] = []
     if args.pooled or args.single:
         chosen = sites if args.pooled else [p for p in sites if p.name == args.single]
         data = load_site_data(chosen, args.task)
@@ -150,6 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                         labels=data.labels("train"), epochs=epochs, on_epoch=lambda e, _loss: bar.advance(job))
     else:
         datas = [load_site_data([p], args.task) for p in sites]
+        plans = [None] * len(datas)
+        ledgers: list[Any] = [None] * len(datas)
+        if config.privacy.enabled:
+            run = f"{args.name or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}"
+            for i, (site, data) in enumerate(zip(sites, datas, strict=True)):
+                ledgers[i] = PrivacyLedger(args.out / "ledgers" / run / site.name)
+                ledgers[i].set_budget(1000.0, 1e-5)
+                samples, batch = data.count("train"), resolve_batch(spec.batch_size, dp=True)
+                plans[i] = plan_dp(config.privacy, samples=samples, batch_size=batch, rounds=args.rounds,
+                                   steps_per_round=dp_steps(dp_sample_rate(samples, batch), epochs=spec.local_epochs),
+                                   ledger=ledgers[i], grad_sample_mode=resolved_grad_sample_mode(config))
+            console.print("DP noise multipliers: " + ", ".join(f"{p.noise_multiplier:.2f}" for p in plans))
         glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state: dict[str, Any] = {}
         with Progress(console=console) as bar:
@@ -157,13 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                                f"{args.rounds} rounds", total=args.rounds)
             for rnd in range(1, args.rounds + 1):
                 updates, counts = [], []
-                for data in datas:
+                for i, data in enumerate(datas):
                     model.load_state_dict(glob)
                     torch.manual_seed(spec.seed + rnd)
                     params = ({k: p.detach().clone() for k, p in model.named_parameters()}
                               if spec.proximal_mu else None)
                     train_local(model, data.dataset("train", train=spec.augment, seed=spec.seed + 7919 * rnd),
-                                spec=spec, labels=data.labels("train"), round_number=rnd, global_params=params)
+                                spec=spec, labels=data.labels("train"), round_number=rnd, global_params=params,
+                                dp=plans[i], ledger=ledgers[i], run_id="search", task=args.task)
                     updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
                     counts.append(data.count("train"))
                 weights = np.asarray(counts, float) / sum(counts)
@@ -180,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     auroc, studies = holdout_auroc(model, holdout)
     line = {"name": args.name, "task": args.task, "rounds": args.rounds, "server": args.server, "step": args.step,
             "schedule": args.schedule, "momentum": args.momentum, "eta": args.eta, "pooled": args.pooled,
-            "single": args.single, "set": flat, "holdout_auroc": auroc, "holdout_studies": studies,
+            "single": args.single, "unlike": args.unlike_site, "set": flat, "holdout_auroc": auroc,
+            "holdout_studies": studies, "studies": args.studies,
+            "noise_multipliers": [p.noise_multiplier for p in plans if p is not None],
             "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "search.jsonl").open("a") as fh:

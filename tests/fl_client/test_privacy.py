@@ -126,6 +126,6 @@ def test_a_dp_model_trains(tmp_path: Path) -> None:
     plan = plan_dp(PrivacySpec(enabled=True, epsilon=8.0), samples=200, batch_size=20, steps_per_round=10,
                    rounds=6, ledger=ledger, grad_sample_mode=GradSampleMode.EW)
     losses = [train_local(model, data, spec=spec, labels=y[:, 0].int().tolist(), dp=plan, ledger=ledger,
-                          round_number=r, task="breast-mg").loss for r in range(6)]
+                          round_number=r, task="breast-mg", dp_seed=r).loss for r in range(6)]
     assert losses[-1] < 0.8 * losses[0], losses
     assert len(ledger.sessions()) == 6 and ledger.spent() <= 8.0 + 0.05

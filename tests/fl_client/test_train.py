@@ -124,9 +124,9 @@ def test_a_dp_session_takes_exactly_the_steps_the_ledger_reserved(tmp_path: Path
 
 @pytest.mark.parametrize("mode", [GradSampleMode.EW, GradSampleMode.HOOKS])
 def test_augmentation_multiplicity_clips_one_mean_gradient_per_sample(tmp_path: Path, mode: GradSampleMode) -> None:
-    # Copies that do not differ (no augmentation; the same noise drawn): the mean over a sample's copies is its one
-    # gradient, so the run must equal the run without copies. Treating the copies as samples would clip and sum twice as
-    # many gradients (SGD: twice the step) and spend the same ε on a batch twice the size it accounts for.
+    # Copies that do not differ (no augmentation; the same noise and batches drawn): the mean over a sample's copies
+    # is its one gradient, so the run must equal the run without copies. Treating the copies as samples would clip
+    # and sum three times as many gradients (SGD: three times the step) on a batch the accountant counts once.
     data, labels = _volumes(12)
     plan = replace(_plan(12, 4, epochs=2), max_grad_norm=0.05, grad_sample_mode=mode)
     weights = []
@@ -135,9 +135,8 @@ def test_augmentation_multiplicity_clips_one_mean_gradient_per_sample(tmp_path: 
         model = build_model(from_flat({"task": "lung-ct", "model-width": 8, "dropout": 0}).model)  # no random masks
         spec = TrainSpec(batch_size=4, local_epochs=2, augment=False, optimizer="sgd", learning_rate=0.1,
                          augmentation_multiplicity=k)
-        torch.manual_seed(1)  # the noise
         result = train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=_ledger(tmp_path / f"k{k}"),
-                             run_id="run-k", round_number=1, task="lung-ct")
+                             run_id="run-k", round_number=1, task="lung-ct", dp_seed=1)  # the same noise, batches
         assert result.steps == plan.planned_steps and result.samples_seen <= 2 * 12
         weights.append(state_arrays(model))
     torch.manual_seed(0)
@@ -145,6 +144,27 @@ def test_augmentation_multiplicity_clips_one_mean_gradient_per_sample(tmp_path: 
     assert max(float(np.abs(a - b).max()) for a, b in zip(start.values(), weights[0].values(), strict=True)) > 1e-3
     for name, a in weights[0].items():
         np.testing.assert_allclose(weights[1][name], a, atol=1e-5, err_msg=name)
+
+
+def test_dp_noise_and_batches_are_the_sites_secret(tmp_path: Path) -> None:
+    # Everything the lead knows is the same (run config seed, round, weights): without a seed of the site's own, two
+    # sessions draw other noise and batches, so nobody outside can replay and subtract the noise.
+    data, labels = _volumes(12)
+    plan = _plan(12, 4, epochs=1)
+
+    def session(folder: str, dp_seed: int | None) -> dict[str, np.ndarray]:
+        torch.manual_seed(0)
+        model = build_model(from_flat({"task": "lung-ct", "model-width": 8, "dropout": 0}).model)
+        torch.manual_seed(0)  # even the global generator as the run config's seed leaves it
+        train_local(model, data, spec=TrainSpec(batch_size=4, augment=False), labels=labels, dp=plan,
+                    ledger=_ledger(tmp_path / folder), run_id="run-s", round_number=1, task="lung-ct", dp_seed=dp_seed)
+        return state_arrays(model)
+
+    secret = [session("a", None), session("b", None)]
+    assert any(not np.allclose(secret[0][k], secret[1][k]) for k in secret[0])
+    seeded = [session("c", 7), session("d", 7)]  # a test's or benchmark's own seed replays them
+    for k in seeded[0]:
+        np.testing.assert_array_equal(seeded[0][k], seeded[1][k])
 
 
 def test_multiplied_draws_each_item_k_times() -> None:

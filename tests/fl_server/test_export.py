@@ -105,6 +105,31 @@ def test_export_is_a_monai_bundle_that_scores_a_series_as_oncofed_does(tmp_path:
     assert scores[0]["probability"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_colorectal_bundle_calibrates_and_suppresses_as_oncofed_does(tmp_path: Path) -> None:
+    # The non-IID consortium's unlike site (CT 35 HU off, twice the noise): the bundle's fat calibration and
+    # bright-structure step, with the settings it writes out, give oncofed's own network input.
+    from imaging.synth import ingested_consortium
+
+    ws = ingested_consortium(tmp_path / "c", sites=3, studies_per_task=4, seed=11, tasks=["colorectal-ct"],
+                             unlike="site-c")
+    run_dir, out = _finished_run(tmp_path / "run", "colorectal-ct"), tmp_path / "bundle"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    steps = json.loads((out / "configs" / "inference.json").read_text())["preprocessing"]["transforms"]
+    calibrate = next(s for s in steps if s["_target_"] == "imaging.transforms.CalibrateHUd")
+    suppress = next(s for s in steps if s["_target_"] == "imaging.transforms.SuppressBrightd")
+    assert calibrate["reference"] == -100.0 and calibrate["max_shift"] == 60.0
+    assert (suppress["threshold"], suppress["median"], suppress["bone"]) == (160.0, 3, 300.0)
+    with Catalog.open(ws / "site-c", create=False) as catalog:
+        item = catalog.items("colorectal-ct")[0]
+    ours = Explainer.load(run_dir / "model.pt").network_input(item, workspace=ws / "site-c")
+    parser = ConfigParser()
+    parser.read_config(out / "configs" / "inference.json")
+    parser.update({"bundle_root": str(out), "input_dir": str(Path(item.plan.slices[0].path).parent)})
+    theirs = parser.get_parsed_content("dataset")[0]["image"]
+    assert theirs.shape == ours.shape
+    assert float((torch.as_tensor(theirs) - ours).abs().max()) < 1e-5
+
+
 def _monai_run(out: Path, input_dir: Path, result: Path) -> list[dict[str, object]]:
     """MONAI's own bundle runner, its command line as a hospital's team types it."""
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",

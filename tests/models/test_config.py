@@ -72,6 +72,10 @@ def test_the_default_batch_is_small_without_dp_and_larger_under_dp() -> None:
         ({"final-evaluation": "perhaps"}, "'final-evaluation': 'perhaps' is not valid (expected true or false)"),
         ({"reconstruction-threshold": "-2"}, "'reconstruction-threshold'"),
         ({"clipping-range": "0"}, "'clipping-range': must be above 0"),
+        ({"augmentation-multiplicity": "0"}, "'augmentation-multiplicity': must be from 1 (off) to 32"),
+        ({"augmentation-multiplicity": "4", "augment": "false"}, "the same image k times"),
+        ({"augmentation-multiplicity": "2", "dp": "true", "dp-grad-sample-mode": "ghost"}, "ghost keeps none"),
+        ({"augmentation-multiplicity": "20"}, "320 images a step"),  # the DP batch of 16 counts, DP or not
     ],
 )
 def test_bad_values_and_combinations_name_the_key_and_the_fix(flat: dict[str, str], message: str) -> None:
