@@ -27,7 +27,9 @@ POOLED = {"lung-ct": 3, "breast-mg": 11, "prostate-mr": 30, "colorectal-ct": 15}
 # wants larger steps than plain training (its noise averages out over them). Only the lung task is asserted:
 # with about 70 training studies at one site, breast and prostate under DP stayed between 0.47 and 0.77
 # (BENCHMARKS.md); DP-SGD needs more samples per site than these synthetic sites hold.
-DP = {"lung-ct": (12, 3e-3)}
+# With the site's noise drawn from its own seed (dp_seed) instead of the run's, 12 epochs left one draw at 0.72 on
+# the validation split; 20 epochs is where BENCHMARKS.md measured 0.92 / 0.94.
+DP = {"lung-ct": (20, 3e-3)}
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,9 @@ def test_pseudonym_is_salted_and_one_way(tmp_path: Path) -> None:
     with Catalog.open(tmp_path / "a") as a, Catalog.open(tmp_path / "b") as b:
         pa, pb = a.pseudonym("PID-001"), b.pseudonym("PID-001")
         assert pa == a.pseudonym("PID-001") and pa != pb  # stable per site, different across sites
-        assert "001" not in pa and pa.startswith("p-")
+        # A keyed hash, not the ID: 16 hex digits (which may hold "001" by chance, 1 in 300), and not the plain hash.
+        assert pa.startswith("p-") and len(pa) == 18 and int(pa[2:], 16) >= 0 and "PID" not in pa
+        assert pa[2:] != hashlib.sha256(b"PID-001").hexdigest()[:16]
 
 
 def test_bad_label_rows_are_reported_and_the_rest_load(tmp_path: Path) -> None:
