@@ -236,13 +236,13 @@ def train_local(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the input size is fixed by the preset
     model.to(device)
-    generator = torch.Generator().manual_seed(spec.seed + 7919 * round_number)
+    seed = spec.seed + 7919 * round_number
     noise_generator = None
     if dp is not None:
         # The site's secret: batches and noise nobody outside the site can replay (see ``dp_seed``).
-        secret = int.from_bytes(os.urandom(8), "little") >> 1 if dp_seed is None else dp_seed
-        generator = torch.Generator().manual_seed(secret)
-        noise_generator = torch.Generator(device=device).manual_seed(secret ^ 0x5DEECE66D)
+        seed = int.from_bytes(os.urandom(8), "little") >> 1 if dp_seed is None else dp_seed
+        noise_generator = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
+    generator = torch.Generator().manual_seed(seed)
     copies = spec.augmentation_multiplicity
     if copies > 1 and dp is not None and dp.grad_sample_mode == GradSampleMode.GHOST:
         raise TrainingError("augmentation multiplicity needs per-sample gradients, which Opacus' ghost mode keeps "

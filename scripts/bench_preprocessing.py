@@ -111,6 +111,10 @@ def pectoral(data: Path) -> dict[str, Any]:
             "ms_per_image": 1000 * float(np.mean(seconds))}
 
 
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
 def colorectal(ws: Path) -> dict[str, Any]:
     """Per site: fat peaks, tumour HU and the tumour share erased, by the old and today's colorectal pipeline."""
     steps = T.deterministic_transforms(get_preset("colorectal-ct-seg"))
@@ -137,12 +141,9 @@ def colorectal(ws: Path) -> dict[str, Any]:
             after.append(float(np.median(c["image"][0].numpy()[tumour])))
             erased_old.append(float((old(d)["image"][0].numpy()[tumour] == -100.0).mean()))
             erased_new.append(float((new(c)["image"][0].numpy()[tumour] == -100.0).mean()))
-        def median(values: list[float]) -> float | None:
-            return float(np.median(values)) if values else None
-
-        out[site.name] = {"scans": len(items), "fat_peak_hu_median": median(peaks),
+        out[site.name] = {"scans": len(items), "fat_peak_hu_median": _median(peaks),
                           "scans_without_a_fat_peak": len(items) - len(peaks), "tumours": len(before),
-                          "tumour_hu_before": median(before), "tumour_hu_after": median(after),
+                          "tumour_hu_before": _median(before), "tumour_hu_after": _median(after),
                           "tumour_erased_old": float(np.mean(erased_old)) if erased_old else None,
                           "tumour_erased_now": float(np.mean(erased_new)) if erased_new else None}
     return out

@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     import torch
 
+    from fl_client.federated import steps_per_round
     from fl_client.privacy import PrivacyLedger
-    from fl_client.train import dp_sample_rate, dp_steps, plan_dp, train_local
+    from fl_client.train import plan_dp, train_local
     from imaging.sitedata import load_site_data
     from models.config import ConfigError, from_flat, proximal_mu_of, resolve_batch, resolved_grad_sample_mode
     from models.nets import build_model
@@ -182,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             for i, (site, data) in enumerate(zip(sites, datas, strict=True)):
                 ledgers[i] = PrivacyLedger(args.out / "ledgers" / run / site.name)
                 ledgers[i].set_budget(1000.0, 1e-5)
-                samples, batch = data.count("train"), resolve_batch(spec.batch_size, dp=True)
-                plans[i] = plan_dp(config.privacy, samples=samples, batch_size=batch, rounds=args.rounds,
-                                   steps_per_round=dp_steps(dp_sample_rate(samples, batch), epochs=spec.local_epochs),
+                samples = data.count("train")  # the plan a site makes (fl_client.federated), for args.rounds
+                plans[i] = plan_dp(config.privacy, samples=samples, batch_size=resolve_batch(spec.batch_size, dp=True),
+                                   steps_per_round=steps_per_round(config, samples), rounds=args.rounds,
                                    ledger=ledgers[i], grad_sample_mode=resolved_grad_sample_mode(config))
             console.print("DP noise multipliers: " + ", ".join(f"{p.noise_multiplier:.2f}" for p in plans))
         glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
