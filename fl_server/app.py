@@ -79,7 +79,13 @@ def main(grid: Grid, context: Context) -> None:
                                   evaluate_in_train=in_train,
                                   on_round=lambda r: log.info("oncofed: %s", r.progress_line()),
                                   server_step=server_step(config.federation)
-                                  if config.federation.strategy in AVERAGING else None)  # the others step themselves
+                                  if config.federation.strategy in AVERAGING else None,  # the others step themselves
+                                  server_momentum=config.federation.server_momentum)
+    if offset and (state := store.server_state(offset)) is not None:
+        strategy.restore_server_state(state)  # the momentum or moments the last checkpointed round left
+    elif offset and (config.federation.server_momentum or config.federation.strategy not in AVERAGING):
+        log.warning("oncofed: round %d's checkpoint has no server optimiser state (a run of an earlier version): "
+                    "the server's momentum starts again from zero", offset)
     timeout = srv.round_timeout
     run_tag = ConfigRecord({RoundKey.RUN_ID: store.history["run_id"]})
     t0 = time.perf_counter()

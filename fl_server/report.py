@@ -35,7 +35,8 @@ _SETTINGS = (("task", "task"), ("resolution", "resolution profile"), ("model", "
              ("strategy", "strategy"), ("num-rounds", "rounds"), ("local-epochs", "local epochs"),
              ("batch-size", "batch size"), ("learning-rate", "learning rate"), ("optimizer", "optimizer"),
              ("proximal-mu", "FedProx μ"), ("server-learning-rate", "server learning rate"),
-             ("dp", "DP-SGD"), ("dp-epsilon", "DP ε per site (run)"), ("dp-delta", "DP δ (0: the site's)"),
+             ("server-momentum", "server momentum"), ("dp", "DP-SGD"), ("dp-epsilon", "DP ε per site (run)"),
+             ("dp-delta", "DP δ (0: the site's)"),
              ("dp-max-grad-norm", "DP clipping norm"), ("dp-accountant", "DP accountant"),
              ("secure-aggregation", "secure aggregation"), ("operating-point", "operating point rule"),
              ("seed", "seed"))

@@ -112,12 +112,37 @@ class RunStore:
         """Write the history document to ``history.json``, atomically (a crash leaves the old or the new one)."""
         _atomic_write(self.root / "history.json", json.dumps(self.history, indent=1, default=float).encode())
 
-    def checkpoint(self, round_number: int, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any]) -> Path:
-        """Write the round's global weights and make them the run's ``model.pt``."""
+    def checkpoint(self, round_number: int, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], *,
+                   server_state: Mapping[str, np.ndarray] | None = None) -> Path:
+        """Write the round's global weights and make them the run's ``model.pt``.
+
+        ``server_state`` (the server optimiser's momentum or moments, if any) is written first, to
+        ``round-NNN.state.npz`` beside the weights: a crash between the two leaves the round without its
+        weights, so a resume starts from the round before, whose state is whole."""
         path = self.root / "checkpoints" / f"round-{round_number:03d}.pt"
+        if server_state:
+            import io
+
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: np.asarray(v) for k, v in server_state.items()})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.state_path(round_number), buffer.getvalue())
         save_checkpoint(path, arrays, run_config, round_number=round_number)
         save_checkpoint(self.root / "model.pt", arrays, run_config, round_number=round_number)
         return path
+
+    def state_path(self, round_number: int) -> Path:
+        """Where the server optimiser's state after round ``round_number`` is kept."""
+        return self.root / "checkpoints" / f"round-{round_number:03d}.state.npz"
+
+    def server_state(self, round_number: int) -> dict[str, np.ndarray] | None:
+        """The server optimiser's state saved with round ``round_number``'s checkpoint (None if there is none: a
+        stateless step, or a run of a version that did not save it)."""
+        path = self.state_path(round_number)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as saved:
+            return {k: saved[k] for k in saved.files}
 
     def round_record(self, round_number: int) -> dict[str, Any]:
         """The history entry of a round (created on first use)."""

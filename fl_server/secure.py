@@ -27,7 +27,7 @@ import numpy as np
 
 from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
-from fl_server.strategies import stepped_array
+from fl_server.strategies import ServerStep
 from models.config import RunConfig, Strategy, proximal_mu_of, server_step
 from models.protocol import Metric, RoundKey, SiteKey, Split, parse_failure
 from models.weights import unpack
@@ -66,6 +66,10 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
                          "protocol reveals only a weighted sum")
     run_id = str(store.history["run_id"])
     final = {"flat": initial}
+    # The step (and momentum) along the mean of the sum the protocol revealed: a function of the aggregate alone.
+    stepper = ServerStep(server_step(f), f.server_momentum)
+    if offset and (state := store.server_state(offset)) is not None:
+        stepper.load(state)
     started: dict[int, float] = {}
 
     def fit_config(rnd: int) -> dict[str, Any]:
@@ -94,13 +98,14 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
             if parameters is not None:
                 # The protocol's sum comes back as float64: the global model stays float32 (the sites'
                 # egress guard refuses to answer with another dtype than it received, and it should).
-                step = server_step(config.federation)  # along the mean of the sum the protocol revealed
-                recorder.record["server_step"] = step
-                flat = stepped_array(np.asarray(final["flat"]), parameters_to_ndarrays(parameters)[0], step,
-                                     dtype=np.float32)
+                recorder.record["server_step"] = stepper.step
+                if stepper.momentum:
+                    recorder.record["server_momentum"] = stepper.momentum
+                flat = stepper.apply_arrays({"flat": np.asarray(final["flat"], dtype=np.float32)},
+                                            {"flat": parameters_to_ndarrays(parameters)[0]})["flat"]
                 parameters = ndarrays_to_parameters([flat])
                 final["flat"] = flat
-                path = store.checkpoint(rnd, unpack(flat, reference), flat_config)
+                path = store.checkpoint(rnd, unpack(flat, reference), flat_config, server_state=stepper.state())
                 recorder.checkpointed(path.relative_to(store.root).as_posix())
             losses = [(res.num_examples, res.metrics.get(Metric.TRAIN_LOSS)) for _, res in results]
             losses = [(n, v) for n, v in losses if v is not None]

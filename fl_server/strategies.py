@@ -10,7 +10,10 @@ FedMedian, FedTrimmedAvg). :class:`ConsortiumStrategy` wraps it: it is a Flower 
 - per-site training and evaluation metrics, timings and framework overhead per round;
 - round numbers continued after a resume, and a checkpoint after every round;
 - for the averaging strategies, the server's step along the round's aggregated update
-  (:func:`models.config.server_step`: 1, the aggregate itself, unless the run sets ``server-learning-rate``).
+  (:func:`models.config.server_step`: 1, the aggregate itself, unless the run sets ``server-learning-rate``),
+  with server momentum when the run sets ``server-momentum`` (FedAvgM: :class:`ServerStep`);
+- the server's optimiser state (the momentum, FedAdam's and FedYogi's moments) saved with every round's
+  checkpoint and restored on resume, so a resumed run steps as an uninterrupted one.
 
 The round loop itself is Flower's ``Strategy.start``; nothing here re-implements it.
 """
@@ -45,8 +48,8 @@ from models.protocol import (
     parse_failure,
 )
 
-__all__ = ["ConsortiumStrategy", "build_strategy", "packed_record", "refusal_of", "registered_names", "site_of",
-           "stepped", "stepped_array"]
+__all__ = ["ConsortiumStrategy", "ServerStep", "build_strategy", "packed_record", "refusal_of", "registered_names",
+           "site_of", "stepped", "stepped_array"]
 
 log = logging.getLogger("oncofed.server")
 
@@ -160,12 +163,13 @@ class ConsortiumStrategy(FlowerStrategy):
         server_step: For the averaging strategies, the server's step on the round's aggregate
             (:func:`models.config.server_step`); the new global model is ``sent + step × (aggregate − sent)``. None
             for a strategy that steps by itself (FedAdam, FedYogi).
+        server_momentum: For the averaging strategies, the momentum β of that step (:class:`ServerStep`).
     """
 
     def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
                  run_config: dict[str, Any], round_offset: int = 0, norm_factor: float = 10.0,
                  evaluate_in_train: bool = False, on_round: Any = None,
-                 server_step: float | None = None) -> None:
+                 server_step: float | None = None, server_momentum: float = 0.0) -> None:
         self.inner = inner
         self.store = store
         self.reference = reference
@@ -175,6 +179,7 @@ class ConsortiumStrategy(FlowerStrategy):
         self.evaluate_in_train = evaluate_in_train
         self.on_round = on_round
         self.server_step = server_step
+        self.stepper = ServerStep(server_step, server_momentum) if server_step is not None else None
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._t0: dict[int, float] = {}
         self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
@@ -278,10 +283,16 @@ class ConsortiumStrategy(FlowerStrategy):
         common = set.intersection(*(set(_metrics(m)) for m in kept))
         keys = [k for k in TRAIN_AGGREGATED if k in common]
         arrays, aggregated = self.inner.aggregate_train(rnd, [_normalised(m, keys, with_arrays=True) for m in kept])
-        if arrays is not None and self.server_step is not None and sent:
-            step = self.server_step
-            recorder.record["server_step"] = step
-            arrays = stepped(sent, arrays, step)
+        if arrays is not None and self.stepper is not None and sent:
+            recorder.record["server_step"] = self.stepper.step
+            if self.stepper.momentum:
+                recorder.record["server_momentum"] = self.stepper.momentum
+            arrays = self.stepper.apply(sent, arrays)
+        elif arrays is not None and sent:
+            # FedAdam and FedYogi step with a float64 scalar, which NumPy 2 promotes the model to: sent as it is, the
+            # float64 model would have every site's float32 update refused from round 2 on. Keep the sent dtypes.
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=sent[k].dtype))
+                                  for k, v in _plain(arrays).items()})
         recorder.aggregated(len(kept), {k: float(v) for k, v in (aggregated or {}).items()})  # type: ignore[arg-type]
         self.store.save()
         return arrays, aggregated
@@ -362,12 +373,34 @@ class ConsortiumStrategy(FlowerStrategy):
                        separate_evaluation=not self.evaluate_in_train)
         from models.weights import unpack
 
-        path = self.store.checkpoint(rnd, unpack(arrays[WEIGHTS].numpy(), self.reference), self.run_config)
+        path = self.store.checkpoint(rnd, unpack(arrays[WEIGHTS].numpy(), self.reference), self.run_config,
+                                     server_state=self.server_state())
         recorder.checkpointed(path.relative_to(self.store.root).as_posix())
         self.store.save()
         if not self.evaluate_in_train:
             self._emit(recorder.record)
         return None
+
+    # -- the server optimiser's state, checkpointed with each round ---------------------------------
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The state the next round's server step depends on besides the global model: the momentum of
+        :class:`ServerStep`, and FedAdam's / FedYogi's first and second moments (Flower's ``m_t`` and ``v_t``);
+        empty for a stateless step."""
+        state = self.stepper.state() if self.stepper is not None else {}
+        for name in ("m_t", "v_t"):
+            moments = getattr(self.inner, name, None)
+            if isinstance(moments, dict):
+                state.update({f"{name}/{k}": np.asarray(v) for k, v in moments.items()})
+        return state
+
+    def restore_server_state(self, state: dict[str, np.ndarray]) -> None:
+        """Take up :meth:`server_state` as a checkpoint saved it (on resume)."""
+        if self.stepper is not None:
+            self.stepper.load(state)
+        for name in ("m_t", "v_t"):
+            moments = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")}
+            if moments and hasattr(self.inner, name):
+                setattr(self.inner, name, moments)
 
     def _emit(self, record: dict[str, Any]) -> None:
         if self.on_round is not None:
@@ -378,6 +411,51 @@ def _metric_message(metrics: dict[str, float], keys: Iterable[str]) -> Message:
     content = RecordDict({Record.METRICS: MetricRecord({Metric.NUM_EXAMPLES: metrics.get(Metric.NUM_EXAMPLES, 0.0),
                                                          **{k: metrics[k] for k in keys}})})
     return Message(content=content, dst_node_id=0, message_type=MessageType.EVALUATE)
+
+
+class ServerStep:
+    """The server's step on a round's aggregate for the averaging strategies, with optional momentum (FedAvgM, Hsu
+    et al. 2019, as Flower's ``FedAvgM`` computes it): ``v = β v + (aggregate − sent)``, new global model
+    ``sent + step × v`` (``v`` starts at the first round's update). With β = 0 it is :func:`stepped`, and with
+    step 1 as well the aggregate itself. The velocity is the state a resumed run needs (:meth:`state`).
+
+    Args:
+        step: The server learning rate (:func:`models.config.server_step`).
+        momentum: β, in [0, 1).
+    """
+
+    def __init__(self, step: float, momentum: float = 0.0) -> None:
+        self.step = step
+        self.momentum = momentum
+        self.velocity: dict[str, np.ndarray] | None = None
+
+    def apply(self, sent: dict[str, np.ndarray], aggregated: ArrayRecord) -> ArrayRecord:
+        """The new global model from the one sent and the round's aggregate, in the sent arrays' dtypes."""
+        if not self.momentum:
+            return stepped(sent, aggregated, self.step)
+        return ArrayRecord({key: Array(value) for key, value in self.apply_arrays(sent, _plain(aggregated)).items()})
+
+    def apply_arrays(self, sent: dict[str, np.ndarray], aggregated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`apply` on plain arrays (also the secure-aggregation path's)."""
+        if not self.momentum:
+            return {k: stepped_array(sent[k], v, self.step, dtype=sent[k].dtype) for k, v in aggregated.items()}
+        delta = {k: np.asarray(v, np.float64) - np.asarray(sent[k], np.float64) for k, v in aggregated.items()}
+        if self.velocity is None:
+            self.velocity = delta
+        else:
+            self.velocity = {k: self.momentum * self.velocity[k] + d for k, d in delta.items()}
+        return {k: np.ascontiguousarray(np.asarray(sent[k], np.float64) + self.step * v, dtype=sent[k].dtype)
+                for k, v in self.velocity.items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The velocity, keyed ``velocity/<array>`` (empty before the first round or without momentum)."""
+        return {f"velocity/{k}": v for k, v in (self.velocity or {}).items()}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        """Take up a velocity :meth:`state` gave."""
+        velocity = {k.split("/", 1)[1]: np.asarray(v, np.float64) for k, v in state.items()
+                    if k.startswith("velocity/")}
+        self.velocity = velocity or None
 
 
 def stepped(sent: dict[str, np.ndarray], aggregated: ArrayRecord, step: float) -> ArrayRecord:

@@ -245,6 +245,10 @@ class FederationSpec:
         server_learning_rate: The server's step on the round's aggregated update; 0 (the default) lets
             :func:`server_step` choose: 1 (the aggregate itself) for the averaging strategies,
             :data:`ADAPTIVE_SERVER_LR` for FedAdam / FedYogi (Flower's ``eta``).
+        server_momentum: Momentum β of the server's step for the averaging strategies (FedAvgM, Hsu et al. 2019, as
+            Flower's ``FedAvgM`` computes it): the step goes along ``v = β v + (aggregate − global)`` instead of the
+            round's update alone; 0 (the default) is plain FedAvg / FedProx. Its state is checkpointed with every
+            round, so a resumed run steps as an uninterrupted one.
         trim_beta: Share of updates cut at each end per coordinate by the trimmed mean.
         operating_point: How the final model's threshold is chosen on the consortium's pooled validation scores
             (``youden``, ``sensitivity>=0.9``, ``specificity>=0.9`` or ``fixed:0.5``; ``models.evaluation``), then
@@ -257,6 +261,7 @@ class FederationSpec:
     fraction_evaluate: float = 1.0
     min_sites: int = 2
     server_learning_rate: float = 0.0
+    server_momentum: float = 0.0
     trim_beta: float = 0.2
     operating_point: str = "youden"
 
@@ -429,6 +434,7 @@ class RunKey(StrEnum):
     FRACTION_EVALUATE = "fraction-evaluate"
     MIN_SITES = "min-sites"
     SERVER_LEARNING_RATE = "server-learning-rate"
+    SERVER_MOMENTUM = "server-momentum"
     TRIM_BETA = "trim-beta"
     OPERATING_POINT = "operating-point"
     RUN_DIR = "run-dir"
@@ -476,6 +482,7 @@ KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.FRACTION_EVALUATE: ("federation", "fraction_evaluate", _float),
     RunKey.MIN_SITES: ("federation", "min_sites", _int),
     RunKey.SERVER_LEARNING_RATE: ("federation", "server_learning_rate", _float),
+    RunKey.SERVER_MOMENTUM: ("federation", "server_momentum", _float),
     RunKey.TRIM_BETA: ("federation", "trim_beta", _float),
     RunKey.OPERATING_POINT: ("federation", "operating_point", _str),
     RunKey.RUN_DIR: ("server", "run_dir", _str),
@@ -623,6 +630,10 @@ def validate(config: RunConfig) -> None:
     else:
         _check(0.0 <= f.server_learning_rate <= 100.0, RunKey.SERVER_LEARNING_RATE,
                "must be in (0, 100], or 0 for the default of 1 (the plain mean)")
+    _check(0.0 <= f.server_momentum < 1.0, RunKey.SERVER_MOMENTUM, "must be in [0, 1): 0 is off, 0.9 is usual")
+    _check(f.server_momentum == 0.0 or f.strategy in AVERAGING, RunKey.SERVER_MOMENTUM,
+           f"{f.strategy.value} keeps its own moments; server-momentum is for fedavg, fedprox, fedmedian and "
+           "fedtrimmedavg")
     _check(0.0 <= f.trim_beta < 0.5, RunKey.TRIM_BETA, "must be in [0, 0.5)")
     try:
         parse_rule(f.operating_point)
@@ -646,9 +657,9 @@ def validate(config: RunConfig) -> None:
         _check(f.strategy in AVERAGING, RunKey.NORM,
                f"BatchNorm's running statistics cannot take {f.strategy.value}'s adaptive server step; use norm=group "
                "or norm=instance")
-        _check(server_step(f) == 1.0, RunKey.NORM,
-               "BatchNorm's running statistics cannot take a server step other than 1; use norm=group or "
-               "norm=instance, or server-learning-rate=1")
+        _check(server_step(f) == 1.0 and f.server_momentum == 0.0, RunKey.NORM,
+               "BatchNorm's running statistics cannot take a server step other than 1 or server momentum; use "
+               "norm=group or norm=instance, or server-learning-rate=1 and server-momentum=0")
     if p.enabled:
         _check(m.norm != Norm.BATCH, RunKey.NORM,
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")

@@ -157,24 +157,44 @@ def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_p
     run_dir = tmp_path / "secure"
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
-                    "--set", "server-learning-rate=2",
+                    "--set", "server-learning-rate=2", "--set", "server-momentum=0.5",
                     "--set", "secure-aggregation=true", "--set", "min-sites=3")
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run_dir / "history.json").read_text())
     rounds = [r for r in history["rounds"] if r["round"] >= 1]
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
-        # The server steps twice along the mean of the sum the protocol revealed.
+        # The server steps twice along the momentum of the mean of the sum the protocol revealed.
         assert record["secure_aggregation"] and record["aggregated_sites"] == 2 and record["server_step"] == 2.0
+        assert record["server_momentum"] == 0.5
         assert set(record["train"]) == {"site-a", "site-b"}
         assert record["failed"] == [{"site": "site-c", "stage": "train", "reason": "privacy budget spent"}]
         assert set(record["evaluate"]) == {"site-a", "site-b", "site-c"}
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "round-001.pt", "round-001.state.npz", "round-002.pt", "round-002.state.npz"]  # the momentum, for a resume
     first, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-001.pt")
     second, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-002.pt")
     assert all(v.dtype == np.float32 for v in second.values())
     assert any(not np.allclose(first[k], second[k]) for k in first)  # the sum was unmasked and applied
     assert "Secure aggregation (SecAgg+)" in (run_dir / "report.html").read_text()
+
+
+def test_fedadam_keeps_the_global_model_in_float32(run: dict[str, Path], tmp_path: Path) -> None:
+    """Flower's FedAdam returns float64 arrays (NumPy 2 promotes with its float64 step); sent on, every site's
+    float32 update of round 2 was refused and the run trained one round only. The server keeps the sent dtype, and
+    FedAdam's moments are checkpointed for a resume."""
+    run_dir = tmp_path / "adam"
+    result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
+                    "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
+                    "--set", "strategy=fedadam", "--set", "final-evaluation=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = json.loads((run_dir / "history.json").read_text())
+    for record in (r for r in history["rounds"] if r["round"] >= 1):
+        assert record["aggregated_sites"] == 2 and not record.get("dropped"), record  # site-c: budget spent
+        assert [f["site"] for f in record.get("failed", [])] == [], record
+    second, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-002.pt")
+    assert all(v.dtype == np.float32 for v in second.values() if v.dtype.kind == "f")
+    assert (run_dir / "checkpoints" / "round-002.state.npz").exists()
 
 
 def test_user_mistakes_are_one_line(tmp_path: Path, run: dict[str, Path]) -> None:

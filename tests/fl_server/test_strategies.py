@@ -147,3 +147,82 @@ def test_the_server_steps_along_the_mean_update_by_the_runs_server_learning_rate
     for extra in ({"server-learning-rate": 3}, {"strategy": "fedadam"}):
         with pytest.raises(ConfigError, match="BatchNorm"):
             from_flat({"norm": "batch", **extra})
+
+
+def _site_models(glob: np.ndarray, rnd: int) -> list[np.ndarray]:
+    """Three sites' models after a round: the global model plus a drift and noise of their own."""
+    rng = np.random.default_rng(rnd)
+    return [(glob + 0.05 + rng.normal(0, 0.1, N)).astype(np.float32) for _ in range(3)]
+
+
+def _run_rounds(s: ConsortiumStrategy, glob: np.ndarray, rounds: range) -> np.ndarray:
+    for rnd in rounds:
+        s._sent[rnd] = {"weights": glob}
+        if hasattr(s.inner, "m_t"):  # what FedAdam's configure_train keeps of the model it sends
+            s.inner.current_arrays = {"weights": glob}
+        replies = [reply(f"s{i}", w, {"num-examples": 10 * (i + 1), "train-loss": 1.0})
+                   for i, w in enumerate(_site_models(glob, rnd))]
+        arrays, _ = s.aggregate_train(rnd - s.offset, replies)
+        glob = arrays["weights"].numpy()
+        assert glob.dtype == np.float32  # FedAdam's own result is float64: sent on, every site's update was refused
+        s.end_of_round(rnd - s.offset, packed_record(glob))
+    return glob
+
+
+def _composed(tmp_path: Path, name: str, flat: dict[str, object], *, offset: int = 0) -> ConsortiumStrategy:
+    from models.config import AVERAGING, server_step
+
+    config = from_flat({"task": "breast-mg", **flat})
+    store = (RunStore.resume(tmp_path / name)[0] if offset else
+             RunStore.create(tmp_path / name, run_id="t", run_config={"task": "breast-mg"}))
+    f = config.federation
+    return ConsortiumStrategy(build_strategy(config), store=store, reference={"weights": GLOBAL}, run_config={},
+                              round_offset=offset, server_momentum=f.server_momentum,
+                              server_step=server_step(f) if f.strategy in AVERAGING else None)
+
+
+def test_server_momentum_is_flowers_fedavgm_and_a_resumed_run_steps_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """With server-momentum the averaging strategies step as Flower's own FedAvgM does; the velocity (and FedAdam's
+    moments) are checkpointed with each round, so a run stopped after round 2 and resumed ends where an
+    uninterrupted run ends. Without the saved state the resumed run would differ."""
+    import flwr.serverapp.strategy as fs
+
+    start = np.linspace(-1, 1, N).astype(np.float32)
+    flat = {"strategy": "fedavg", "server-momentum": 0.9, "server-learning-rate": 1.5}
+    ours = _composed(tmp_path, "whole", flat)
+    flower = fs.FedAvgM(server_momentum=0.9, server_learning_rate=1.5)
+    flower.current_arrays = ArrayRecord({"weights": Array(start)})
+    glob = start
+    for rnd in range(1, 5):
+        ours._sent[rnd] = {"weights": glob}
+        models = _site_models(glob, rnd)
+        mine, _ = ours.aggregate_train(rnd, [reply(f"s{i}", w, {"num-examples": 10 * (i + 1), "train-loss": 1.0})
+                                             for i, w in enumerate(models)])
+        theirs, _ = flower.aggregate_train(rnd, [reply(f"s{i}", w, {"num-examples": 10 * (i + 1)})
+                                                 for i, w in enumerate(models)])
+        np.testing.assert_allclose(mine["weights"].numpy(), theirs["weights"].numpy(), rtol=1e-5, atol=1e-6)
+        glob = mine["weights"].numpy()
+    assert json.loads((ours.store.root / "history.json").read_text())["rounds"][0]["server_momentum"] == 0.9
+
+    for name, extra in (("momentum", flat), ("adam", {"strategy": "fedadam"})):
+        whole = _run_rounds(_composed(tmp_path, f"{name}-whole", extra), start, range(1, 5))
+        first = _composed(tmp_path, f"{name}-cut", extra)
+        _run_rounds(first, start, range(1, 3))
+        assert (first.store.root / "checkpoints" / "round-002.state.npz").exists()
+        _, arrays, done = RunStore.resume(first.store.root)
+        resumed = _composed(tmp_path, f"{name}-cut", extra, offset=done)
+        state = resumed.store.server_state(done)
+        assert state, name
+        resumed.restore_server_state(state)
+        np.testing.assert_allclose(_run_rounds(resumed, arrays["weights"], range(3, 5)), whole, rtol=1e-6, atol=1e-7)
+        forgetful = _composed(tmp_path, f"{name}-cut", extra, offset=done)  # the same resume, state not restored
+        assert not np.allclose(_run_rounds(forgetful, arrays["weights"], range(3, 5)), whole, atol=1e-4), name
+
+    assert _composed(tmp_path, "plain", {"strategy": "fedavg"}).server_state() == {}  # stateless: no state file
+    from models.config import ConfigError
+
+    for bad, match in (({"server-momentum": 1.0}, "server-momentum"), ({"server-momentum": -0.1}, "server-momentum"),
+                       ({"strategy": "fedadam", "server-momentum": 0.9}, "own moments"),
+                       ({"norm": "batch", "server-momentum": 0.9}, "BatchNorm")):
+        with pytest.raises(ConfigError, match=match):
+            from_flat(bad)
