@@ -10,7 +10,7 @@ import numpy as np
 from models.evaluation import auroc_ci, ece
 
 __all__ = ["LESION_IOU", "BinaryMetrics", "SegMetrics", "StudySegmentation", "auroc", "binary_metrics",
-           "segmentation_metrics", "study_scores", "study_segmentation", "without_small_lesions"]
+           "merge_segmentation", "segmentation_metrics", "study_scores", "study_segmentation", "without_small_lesions"]
 
 LESION_IOU = 0.1
 """A reference lesion is found when the predicted lesions touching it cover it at this intersection over union
@@ -218,3 +218,31 @@ def segmentation_metrics(studies: Sequence[StudySegmentation], *, loss: float | 
         lesion_sensitivity=sum(s.found for s in studies) / lesions if lesions else None,
         fp_lesions=sum(s.false_positives for s in studies) / len(studies) if studies else None,
         hd95=float(np.mean(hd)) if hd else None, loss=loss, threshold=threshold)
+
+
+def merge_segmentation(parts: Sequence[SegMetrics]) -> SegMetrics | None:
+    """The metrics of several disjoint sets of studies (splits, sites) together, as :func:`segmentation_metrics` gives
+    them on all the studies at once: Dice weighted by positive studies, sensitivity by lesions, false positives by
+    studies. HD95 and the loss are kept only when a single part has them (a part does not say how many studies or
+    images it averaged them over), else None. None for no parts; the parts must share their threshold."""
+    if not parts:
+        return None
+    if len({p.threshold for p in parts}) != 1:
+        raise ValueError("merge_segmentation: the parts were scored at different thresholds")
+    studies = sum(p.studies for p in parts)
+    positives = sum(p.positives for p in parts)
+    lesions = sum(p.lesions for p in parts)
+    with_dice = [p for p in parts if p.dice is not None]
+    with_hd = [p for p in parts if p.hd95 is not None]
+    with_loss = [p.loss for p in parts if p.loss is not None]
+    weight = sum(p.positives for p in with_dice)
+    return SegMetrics(
+        studies=studies, positives=positives, negatives=studies - positives,
+        dice=sum(p.dice * p.positives for p in with_dice) / weight if weight else None,  # type: ignore[operator]
+        lesions=lesions,
+        lesion_sensitivity=(sum((p.lesion_sensitivity or 0.0) * p.lesions for p in parts) / lesions
+                            if lesions else None),
+        fp_lesions=sum((p.fp_lesions or 0.0) * p.studies for p in parts) / studies if studies else None,
+        hd95=with_hd[0].hd95 if len(with_hd) == 1 else None,
+        loss=with_loss[0] if len(with_loss) == 1 else None,
+        threshold=parts[0].threshold)

@@ -3,18 +3,24 @@
 On one synthetic consortium (3 sites, ``--studies`` per task per site, annotations as DICOM SEG ingested like
 a hospital's), per segmentation task and at equal training compute (R rounds of one local epoch, or R epochs):
 
-- FedAvg after R rounds, and FedAvg with DP-SGD at ε = ``--epsilon`` per site over the whole run;
+- each federated recipe of ``--strategies`` after R rounds, through Flower (FedAvg, FedAvg stepping three times
+  along the mean update, FedProx, FedAvgM (server momentum 0.9), FedAdam), and FedAvg with DP-SGD at
+  ε = ``--epsilon`` per site over the run;
 - the pooled (centralised) baseline: all sites' training studies together, R epochs;
 - each site alone, R epochs;
 
-every model scored on the test studies of all sites pooled (per-study Dice over the studies with a lesion,
-lesion-wise sensitivity, false-positive lesions per study; a benchmark may pool test studies because it runs
-on synthetic data on one machine). Also: CPU seconds per training epoch (pooled run) and sliding-window
-inference seconds per study. Prints a markdown table; writes ``OUT/bench-seg.json``.
+every model scored on a held-out consortium: the same sites' scanners, other patients (seed + 1000), every study
+of it (3 × ``--holdout-studies`` per task, about half with a lesion): Dice (mean over the studies with a lesion),
+lesion-wise sensitivity, false-positive lesions per study. A benchmark may pool studies because it runs on synthetic
+data on one machine. Also: CPU seconds per training epoch (pooled run) and sliding-window inference seconds per
+study. ``--set KEY=VALUE`` sets a run-config key of every run (learning-rate, batch-size, ...). Prints markdown
+tables; writes ``OUT/bench-seg.json``.
 
 Example::
 
-    .venv/bin/python scripts/bench_seg.py --out bench-output/seg --tasks lung-ct-seg,prostate-mr-seg --rounds 10
+    .venv/bin/python scripts/bench_seg.py --out bench-output/seg --tasks lung-ct-seg,prostate-mr-seg --rounds 20
+    .venv/bin/python scripts/bench_seg.py --out bench-output/seg --strategies fedavg,fedavg-step3 --skip-dp \\
+        --set learning-rate=3e-3
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ from fl_server.flower_ops import simulate
 from imaging.presets import get_preset
 from imaging.synth import ingested_consortium
 from models.config import from_flat
+from models.tasks import TASK_ROUNDS
 
 
-def score(model_path: Path, site_dirs: list[Path], task: str) -> dict[str, Any]:
-    """Segmentation figures of a saved model on the test studies of all sites pooled, and the inference time."""
+def score(model_path: Path, holdout: list[Path], task: str) -> dict[str, Any]:
+    """Segmentation figures of a saved model on every study of the held-out sites, and the inference time."""
     import torch
 
+    from fl_client.metrics import merge_segmentation
     from fl_client.train import evaluate_local
     from imaging.sitedata import load_site_data
     from models.nets import build_model
@@ -50,10 +58,23 @@ def score(model_path: Path, site_dirs: list[Path], task: str) -> dict[str, Any]:
     arrays, run_config, _ = load_checkpoint(model_path)
     model = build_model(from_flat(run_config).model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
-    result = evaluate_local(model, load_site_data(site_dirs, task), "test")
-    if result is None:
+    results = [result for ws in holdout for split in ("train", "val", "test")
+               if (result := evaluate_local(model, load_site_data([ws], task), split)) is not None]
+    merged = merge_segmentation([r.metrics for r in results])
+    if merged is None:
         return {}
-    return {**result.metrics.as_dict(), "seconds_per_study": result.seconds / max(result.images, 1)}
+    images = sum(r.images for r in results)
+    return {**merged.as_dict(), "seconds_per_study": sum(r.seconds for r in results) / max(images, 1)}
+
+
+# The federated recipes compared (as in bench_federation.py): "fedavg-step3" steps three times along the mean update.
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "fedavg": {"strategy": "fedavg"},
+    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0},
+    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
+    "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
+    "fedadam": {"strategy": "fedadam"},
+}
 
 
 def federated(sites: Path, run_dir: Path, config: dict[str, Any]) -> float:
@@ -72,14 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-output/seg"))
     parser.add_argument("--tasks", default="lung-ct-seg,breast-mg-seg,colorectal-ct-seg,prostate-mr-seg")
     parser.add_argument("--studies", type=int, default=48, help="studies per task per site")
-    parser.add_argument("--rounds", type=int, default=10, help="federated rounds = epochs of the local baselines")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="federated rounds = epochs of the local baselines (0: the task's count of rounds)")
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP-SGD ε per site over the run")
-    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of every run")
-    parser.add_argument("--batch-size", type=int, default=4, help="batch size of every run")
+    parser.add_argument("--holdout-studies", type=int, default=48,
+                        help="studies per task per site of the held-out consortium every model is scored on")
+    parser.add_argument("--strategies", default="fedavg", help=f"federated recipes, of {', '.join(STRATEGIES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config value of every run (learning-rate, batch-size, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-dp", action="store_true")
     parser.add_argument("--again", action="store_true", help="redo tasks already in OUT/bench-seg.json")
     args = parser.parse_args(argv)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if unknown := [s for s in strategies if s not in STRATEGIES]:
+        parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() in {"task", "num-rounds", "strategy", "dp", "dp-epsilon"}:
+            parser.error(f"--set {item!r}: give KEY=VALUE of the recipe (rounds, strategies and DP have their own "
+                         "options), e.g. --set learning-rate=3e-3")
+        overrides[key.strip()] = value.strip()
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
@@ -90,15 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     image_tasks = sorted({get_preset(t).image_task for t in tasks})
     sites = ingested_consortium(args.out / "data", sites=3, studies_per_task=args.studies,
                                 seed=args.seed, tasks=image_tasks)
+    held = ingested_consortium(args.out / "holdout", sites=3, studies_per_task=args.holdout_studies,
+                               seed=args.seed + 1000, tasks=image_tasks)
     site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
+    holdout = sorted(p for p in held.iterdir() if p.is_dir())
     for task in tasks:
-        if task in results and not args.again:
-            console.print(f"{task}: done before, kept (--again redoes it)")
-            continue
-        row: dict[str, Any] = {}
-        common = {"task": task, "threads": 0, "seed": args.seed, "learning-rate": args.lr,
-                  "batch-size": args.batch_size}
-        runs = [("fedavg", {})]
+        row: dict[str, Any] = dict(results.get(task, {})) if not args.again else {}
+        rounds = args.rounds or TASK_ROUNDS[task]
+        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": rounds, **overrides}
+        runs = [(name, STRATEGIES[name]) for name in strategies]
         if not args.skip_dp:
             for ws in site_dirs:
                 from fl_client.privacy import PrivacyLedger
@@ -106,49 +141,61 @@ def main(argv: list[str] | None = None) -> int:
                 ledger = PrivacyLedger(ws)
                 if ledger.budget() is None:
                     ledger.set_budget(1000.0)
-            runs.append(("fedavg-dp", {"dp": True, "dp-epsilon": args.epsilon}))
+            runs.append(("fedavg-dp", {"strategy": "fedavg", "dp": True, "dp-epsilon": args.epsilon}))
         for name, extra in runs:
+            if name in row:
+                console.print(f"{task} {name}: done before, kept (--again redoes it)")
+                continue
             run_dir = args.out / "runs" / f"{task}-{name}"
-            seconds = federated(sites, run_dir, {**common, "strategy": "fedavg", "num-rounds": args.rounds, **extra})
-            row[name] = {**score(run_dir / "model.pt", site_dirs, task), "run_seconds": seconds}
-            console.print(f"{task} {name}: Dice {row[name].get('dice')}")
-        config = from_flat(common)
-        out = args.out / "runs" / f"{task}-pooled"
-        doc = run_local(site_dirs, config, out, epochs=args.rounds)
-        row["pooled"] = {**score(out / "model.pt", site_dirs, task),
-                         "seconds_per_epoch": doc["train_seconds"] / args.rounds,
-                         "training_samples": doc["training_samples"]}
+            seconds = federated(sites, run_dir, {**common, **extra})
+            row[name] = {**score(run_dir / "model.pt", holdout, task), "run_seconds": seconds}
+            console.print(f"{task} {name}: held-out Dice {row[name].get('dice')}")
+            out_json.write_text(json.dumps({**results, task: row}, indent=1))
+        config = from_flat({k: v for k, v in common.items() if k != "num-rounds"})
+        if "pooled" not in row:
+            out = args.out / "runs" / f"{task}-pooled"
+            doc = run_local(site_dirs, config, out, epochs=rounds)
+            row["pooled"] = {**score(out / "model.pt", holdout, task),
+                             "seconds_per_epoch": doc["train_seconds"] / rounds, "rounds": rounds,
+                             "training_samples": doc["training_samples"]}
         for ws in site_dirs:
+            if f"single-{ws.name}" in row:
+                continue
             out = args.out / "runs" / f"{task}-{ws.name}"
             try:
-                run_local([ws], config, out, epochs=args.rounds)
-                row[f"single-{ws.name}"] = score(out / "model.pt", site_dirs, task)
+                run_local([ws], config, out, epochs=rounds)
+                row[f"single-{ws.name}"] = score(out / "model.pt", holdout, task)
             except Exception as exc:  # a site without an annotated lesion cannot train alone
                 row[f"single-{ws.name}"] = {}
                 console.print(f"{task} {ws.name} alone: {exc}")
         results[task] = row
-        console.print(f"{task}: {row}")
+        console.print(f"{task}: held-out Dice " + ", ".join(f"{k} {v.get('dice')}" for k, v in row.items()))
         out_json.write_text(json.dumps(results, indent=1))
 
     def f(v: Any, digits: int = 3) -> str:
         return "—" if v is None else f"{v:.{digits}f}"
 
     names = [p.name for p in site_dirs]
-    console.print(f"\n| task | FedAvg | FedAvg DP ε={args.epsilon:g} | pooled | "
-                  + " | ".join(f"{n} alone" for n in names) + " | FedAvg / pooled | s/epoch (pooled, CPU) | "
-                  "inference s/study |")
-    console.print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
+    done = [n for n in [*STRATEGIES, "fedavg-dp"] if any(n in row for row in results.values())]
+    console.print("\n| task | " + " | ".join(done) + " | pooled | " + " | ".join(f"{n} alone" for n in names)
+                  + " | best federated / pooled | best federated − best site | s/epoch (pooled, CPU) | "
+                  "inference s/study | held-out studies (with a lesion) |")
+    console.print("|---|" + "---|" * (len(done) + len(names) + 6))
     for task, row in results.items():
-        fed, pooled = row.get("fedavg", {}).get("dice"), row.get("pooled", {}).get("dice")
-        ratio = fed / pooled if fed is not None and pooled else None
-        console.print(f"| {task} | {f(fed)} | {f(row.get('fedavg-dp', {}).get('dice'))} | {f(pooled)} | "
-                      + " | ".join(f(row.get(f"single-{n}", {}).get("dice")) for n in names)
-                      + f" | {f(ratio, 2)} | {f(row['pooled'].get('seconds_per_epoch'), 1)} | "
-                      f"{f(row['pooled'].get('seconds_per_study'), 2)} |")
-    console.print("\nLesion-wise (FedAvg): " + "; ".join(
-        f"{t}: sensitivity {f(r.get('fedavg', {}).get('lesion_sensitivity'), 2)}, FP/study "
-        f"{f(r.get('fedavg', {}).get('fp_lesions'), 2)}, HD95 {f(r.get('fedavg', {}).get('hd95'), 1)} mm"
-        for t, r in results.items()))
+        pooled = row.get("pooled", {}).get("dice")
+        feds = [row[n]["dice"] for n in STRATEGIES if row.get(n, {}).get("dice") is not None]
+        singles = [row[f"single-{n}"]["dice"] for n in names if row.get(f"single-{n}", {}).get("dice") is not None]
+        best = max(feds) if feds else None
+        ratio = best / pooled if best is not None and pooled else None
+        margin = best - max(singles) if best is not None and singles else None
+        console.print(f"| {task} | " + " | ".join(f(row.get(n, {}).get("dice")) for n in done)
+                      + f" | {f(pooled)} | " + " | ".join(f(row.get(f"single-{n}", {}).get("dice")) for n in names)
+                      + f" | {f(ratio, 2)} | {f(margin)} | {f(row.get('pooled', {}).get('seconds_per_epoch'), 1)} | "
+                      f"{f(row.get('pooled', {}).get('seconds_per_study'), 3)} | "
+                      f"{row.get('pooled', {}).get('studies', '—')} ({row.get('pooled', {}).get('positives', '—')}) |")
+    console.print("\nLesion-wise: " + "; ".join(
+        f"{t} {n}: sensitivity {f(r[n].get('lesion_sensitivity'), 2)}, FP/study {f(r[n].get('fp_lesions'), 2)}"
+        for t, r in results.items() for n in r if n in done or n == "pooled"))
     console.print(f"\nwrote {out_json}")
     return 0
 

@@ -1,5 +1,8 @@
 """Federated recipe search: many FedAvg-family recipes quickly, in one process, scored on held-out studies.
 
+Classification tasks are scored by AUROC, segmentation tasks (``lung-ct-seg``, ...) by Dice (the mean over the
+held-out studies with a lesion), with lesion-wise sensitivity and false-positive lesions per study beside it.
+
 A real federated run (``bench_federation.py``) spends about 20 s starting Flower and a second or more per round on
 messages; a recipe search needs dozens of runs. This script runs the same arithmetic in one process: each round,
 every site of the synthetic consortium trains the global model for its local epochs with oncofed's own
@@ -50,6 +53,7 @@ from rich.progress import Progress
 from imaging.synth import ingested_consortium
 
 IMAGE_TASKS = ["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"]
+SEG_TASKS = [f"{t}-seg" for t in IMAGE_TASKS]
 
 
 def holdout_auroc(model: Any, holdout: list[Any]) -> tuple[float | None, int]:
@@ -67,6 +71,31 @@ def holdout_auroc(model: Any, holdout: list[Any]) -> tuple[float | None, int]:
                 scores.extend(float(v) for v in result.scores)
     ci = auroc_ci(labels, scores)
     return (None if ci is None else ci.auroc), len(labels)
+
+
+def holdout_segmentation(model: Any, holdout: list[Any]) -> dict[str, Any]:
+    """Segmentation figures of ``model`` on every study (all splits) of the held-out sites' data: Dice (mean over
+    the studies with a lesion), lesion-wise sensitivity, false-positive lesions per study, and the counts."""
+    from fl_client.metrics import merge_segmentation
+    from fl_client.train import evaluate_local
+
+    parts = [result.metrics for data in holdout for split in ("train", "val", "test")
+             if (result := evaluate_local(model, data, split)) is not None]
+    merged = merge_segmentation(parts)
+    if merged is None:
+        return {"dice": None, "studies": 0, "positives": 0, "lesion_sensitivity": None, "fp_lesions": None}
+    return {"dice": merged.dice, "studies": merged.studies, "positives": merged.positives,
+            "lesion_sensitivity": merged.lesion_sensitivity, "fp_lesions": merged.fp_lesions}
+
+
+def holdout_score(model: Any, holdout: list[Any], segmentation: bool) -> tuple[float | None, int, dict[str, Any]]:
+    """The headline figure on the held-out studies (Dice for segmentation, else AUROC), the study count, and the
+    segmentation figures (empty for classification)."""
+    if segmentation:
+        figures = holdout_segmentation(model, holdout)
+        return figures["dice"], figures["studies"], figures
+    auroc, studies = holdout_auroc(model, holdout)
+    return auroc, studies, {}
 
 
 def server_update(kind: str, glob: dict[str, Any], mean: dict[str, Any], state: dict[str, Any], *, step: float,
@@ -90,7 +119,7 @@ def server_update(kind: str, glob: dict[str, Any], mean: dict[str, Any], state: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-output/search"))
-    parser.add_argument("--task", default="colorectal-ct", choices=IMAGE_TASKS)
+    parser.add_argument("--task", default="colorectal-ct", choices=IMAGE_TASKS + SEG_TASKS)
     parser.add_argument("--rounds", type=int, default=10, help="rounds (= epochs of --pooled / --single)")
     parser.add_argument("--server", default="avg", choices=["avg", "avgm", "adam"])
     parser.add_argument("--step", type=float, default=1.0, help="the server step of avg and avgm")
@@ -141,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     generated = [t.strip() for t in args.consortium_tasks.split(",") if t.strip()]
-    if args.task not in generated or any(t not in IMAGE_TASKS for t in generated):
+    image_task = args.task.removesuffix("-seg")
+    segmentation = args.task in SEG_TASKS
+    if image_task not in generated or any(t not in IMAGE_TASKS for t in generated):
         console.print(f"[red]--consortium-tasks {args.consortium_tasks!r}: tasks of {', '.join(IMAGE_TASKS)}, "
-                      f"{args.task} among them[/]")
+                      f"{image_task} among them[/]")
         return 2
     # Each consortium in its own folder, named by what it is made of (reused as it is when it exists).
     tag = ("" if generated == IMAGE_TASKS else "-" + "-".join(generated)) + (
@@ -173,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(console=console) as bar:
             job = bar.add_task(f"{'pooled' if args.pooled else args.single}: {epochs} epochs", total=epochs)
             train_local(model, data.dataset("train", train=spec.augment, seed=spec.seed), spec=spec,
-                        labels=data.labels("train"), epochs=epochs, on_epoch=lambda e, _loss: bar.advance(job))
+                        labels=data.labels("train"), epochs=epochs, on_epoch=lambda e, _loss: bar.advance(job),
+                        segmentation=segmentation)
     else:
         datas = [load_site_data([p], args.task) for p in sites]
         plans = [None] * len(datas)
@@ -202,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                               if spec.proximal_mu else None)
                     train_local(model, data.dataset("train", train=spec.augment, seed=spec.seed + 7919 * rnd),
                                 spec=spec, labels=data.labels("train"), round_number=rnd, global_params=params,
-                                dp=plans[i], ledger=ledgers[i], run_id="search", task=args.task)
+                                dp=plans[i], ledger=ledgers[i], run_id="search", task=args.task,
+                                segmentation=segmentation)
                     updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
                     counts.append(data.count("train"))
                 weights = np.asarray(counts, float) / sum(counts)
@@ -214,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                                      eta=args.eta, rnd=rnd)
                 model.load_state_dict(glob)
                 if rnd % max(1, args.rounds // 5) == 0 or rnd == args.rounds:
-                    curve.append((rnd, holdout_auroc(model, holdout)[0]))
+                    curve.append((rnd, holdout_score(model, holdout, segmentation)[0]))
                 bar.advance(job)
-    auroc, studies = holdout_auroc(model, holdout)
+    value, studies, seg_figures = holdout_score(model, holdout, segmentation)
+    metric = "dice" if segmentation else "auroc"
     line = {"name": args.name, "task": args.task, "rounds": args.rounds, "server": args.server, "step": args.step,
             "schedule": args.schedule, "momentum": args.momentum, "eta": args.eta, "pooled": args.pooled,
-            "single": args.single, "unlike": args.unlike_site, "set": flat, "holdout_auroc": auroc,
-            "holdout_studies": studies, "studies": args.studies,
+            "single": args.single, "unlike": args.unlike_site, "set": flat, f"holdout_{metric}": value,
+            "holdout_studies": studies, **{f"holdout_{k}": v for k, v in seg_figures.items() if k != "dice"},
+            "studies": args.studies,
             "noise_multipliers": [p.noise_multiplier for p in plans if p is not None],
             "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -228,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(json.dumps(line) + "\n")
     what = "pooled" if args.pooled else (f"{args.single} alone" if args.single else
                                          f"{args.server} step {args.step:g} {args.schedule}".strip())
-    console.print(f"{args.task} · {what} · {args.rounds} rounds: held-out AUROC "
-                  f"{'—' if auroc is None else f'{auroc:.3f}'} on {studies} studies ({line['seconds']:.0f} s)")
+    extra = (f", lesion sensitivity {seg_figures['lesion_sensitivity'] or 0:.2f}, false-positive lesions a study "
+             f"{seg_figures['fp_lesions'] or 0:.2f}, {seg_figures['positives']} with a lesion" if segmentation else "")
+    console.print(f"{args.task} · {what} · {args.rounds} rounds: held-out {'Dice' if segmentation else 'AUROC'} "
+                  f"{'—' if value is None else f'{value:.3f}'} on {studies} studies{extra} ({line['seconds']:.0f} s)")
     return 0
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from fl_client.metrics import (
     LESION_IOU,
     StudySegmentation,
+    merge_segmentation,
     segmentation_metrics,
     study_segmentation,
     without_small_lesions,
@@ -82,6 +83,25 @@ def test_split_figures_count_what_they_average() -> None:
     assert m.dice == pytest.approx(0.6) and m.hd95 == pytest.approx(2.0)
     assert m.lesion_sensitivity == pytest.approx(2 / 3) and m.fp_lesions == pytest.approx(4 / 3)
     assert segmentation_metrics([]).dice is None
+
+
+def test_merged_figures_equal_the_figures_of_all_studies_at_once() -> None:
+    studies = [StudySegmentation(0.8, 2.0, 1, 1, 0), StudySegmentation(0.4, None, 2, 1, 1),
+               StudySegmentation(None, None, 0, 0, 3), StudySegmentation(0.9, 4.0, 3, 3, 0),
+               StudySegmentation(0.1, 9.0, 1, 0, 2)]
+    whole = segmentation_metrics(studies)
+    merged = merge_segmentation([segmentation_metrics(studies[:2]), segmentation_metrics(studies[2:3]),
+                                 segmentation_metrics(studies[3:])])
+    assert merged is not None
+    for field in ("studies", "positives", "negatives", "lesions"):
+        assert getattr(merged, field) == getattr(whole, field), field
+    for field in ("dice", "lesion_sensitivity", "fp_lesions"):
+        assert getattr(merged, field) == pytest.approx(getattr(whole, field)), field
+    assert merged.hd95 is None  # two parts have one: their counts are unknown
+    assert merge_segmentation([segmentation_metrics(studies[3:])]) == segmentation_metrics(studies[3:])
+    assert merge_segmentation([]) is None
+    with pytest.raises(ValueError, match="threshold"):
+        merge_segmentation([segmentation_metrics(studies[:2]), segmentation_metrics(studies[2:], threshold=0.7)])
 
 
 def _blobs(n: int, seed: int) -> TensorDataset:
