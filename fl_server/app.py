@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server.evaluation import consortium_figures, too_small
 from models.protocol import WEIGHTS, Metric, Record, RoundKey, SiteKey, Split, split_histograms, split_subgroups
 
-__all__ = ["app", "cross_site", "data_summary", "final_evaluation", "main"]
+__all__ = ["app", "check_resumed_federation", "cross_site", "data_summary", "final_evaluation", "main"]
 
 app = ServerApp()
 log = logging.getLogger("flwr")
@@ -51,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
         if store.config().get(RunKey.TASK) != config.model.task:
             raise ValueError(f"cannot resume {resume}: it trains {store.config().get(RunKey.TASK)}, "
                              f"this run config says {config.model.task}")
+        check_resumed_federation(store.config(), config, resume)
         if arrays is not None:
             from models.weights import check_arrays
 
@@ -81,11 +82,15 @@ def main(grid: Grid, context: Context) -> None:
                                   server_step=server_step(config.federation)
                                   if config.federation.strategy in AVERAGING else None,  # the others step themselves
                                   server_momentum=config.federation.server_momentum)
-    if offset and (state := store.server_state(offset)) is not None:
-        strategy.restore_server_state(state)  # the momentum or moments the last checkpointed round left
-    elif offset and (config.federation.server_momentum or config.federation.strategy not in AVERAGING):
-        log.warning("oncofed: round %d's checkpoint has no server optimiser state (a run of an earlier version): "
-                    "the server's momentum starts again from zero", offset)
+    if offset:
+        state = store.server_state(offset)
+        if state is not None:
+            strategy.restore_server_state(state)  # the momentum or moments the last checkpointed round left
+        elif config.federation.server_momentum or config.federation.strategy not in AVERAGING:
+            log.warning("oncofed: round %d's checkpoint has no server optimiser state (no update aggregated yet, or "
+                        "a run of an earlier version): the server's momentum starts from zero", offset)
+        store.history["resumed_at"][-1]["server_state"] = state is not None
+        store.save()
     timeout = srv.round_timeout
     run_tag = ConfigRecord({RoundKey.RUN_ID: store.history["run_id"]})
     t0 = time.perf_counter()
@@ -129,6 +134,25 @@ def main(grid: Grid, context: Context) -> None:
 
     page = write_report(store.root)
     log.info("oncofed: finished; global model %s, report %s", store.root / "model.pt", page)
+
+
+def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) -> None:
+    """Refuse to resume a run under another aggregation than it was started with: the server's momentum or
+    moments saved with its checkpoints belong to that strategy and step.
+
+    Raises:
+        ValueError: The strategy, server learning rate or server momentum differ; the message names the key.
+    """
+    from models.config import KEYS, RunKey, from_flat, server_step
+
+    before = from_flat({k: v for k, v in stored.items() if k in KEYS and k not in (RunKey.RESUME,)}).federation
+    now = config.federation
+    for key, old, new in ((RunKey.STRATEGY, before.strategy.value, now.strategy.value),
+                          (RunKey.SERVER_LEARNING_RATE, server_step(before), server_step(now)),
+                          (RunKey.SERVER_MOMENTUM, before.server_momentum, now.server_momentum)):
+        if old != new:
+            raise ValueError(f"cannot resume {run_dir}: it ran with {key}={old}, this run config says {new}; "
+                             f"resume with --set {key}={old} (the server's saved state belongs to it)")
 
 
 def data_summary(grid: Grid, store: Any, flat_config: dict[str, Any], *, need: int, timeout: float) -> None:

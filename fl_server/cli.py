@@ -93,9 +93,10 @@ _ROUND = re.compile(r"oncofed: (round .*)$")
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The run config from --set, with --resume checked against the run directory, and the run's count of rounds
-    always written out: every site then reads the count the server runs, not its own version's default (a resumed
-    run keeps the count it was started with unless --set says otherwise)."""
-    from models.config import from_flat
+    always written out: every site then reads the count the server runs, not its own version's default. A resumed
+    run keeps every setting it was started with (its count of rounds, strategy, server momentum, ...) unless --set
+    says otherwise."""
+    from models.config import KEYS, from_flat
 
     run_config = parse_sets(args.set)
     if args.resume:
@@ -103,10 +104,11 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--resume: {args.run_dir} holds no run to continue")
         run_config["resume"] = str(args.run_dir.resolve())
         started = args.run_dir / "config.json"
-        if RunKey.NUM_ROUNDS not in run_config and started.is_file():
-            rounds = (json.loads(started.read_text()).get("run_config") or {}).get(RunKey.NUM_ROUNDS)
-            if rounds:
-                run_config[RunKey.NUM_ROUNDS] = int(rounds)
+        if started.is_file():
+            stored = json.loads(started.read_text()).get("run_config") or {}
+            for key, value in stored.items():
+                if key in KEYS and key not in run_config and key not in (RunKey.RESUME, RunKey.RUN_DIR):
+                    run_config[key] = value
     elif (args.run_dir / "history.json").exists():
         raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
     run_config[RunKey.NUM_ROUNDS] = from_flat(run_config).federation.num_rounds

@@ -6,6 +6,9 @@ Layout (schema ``oncofed.run/1``)::
     RUN_DIR/history.json             per round: sites asked, per-site train/eval metrics, dropped and
                                      refused sites with reasons, timings; the final test evaluation
     RUN_DIR/checkpoints/round-NNN.pt global weights after round NNN ({"arrays", "run_config", "round"})
+    RUN_DIR/checkpoints/round-NNN.state.npz
+                                     the server optimiser's state after round NNN (server momentum, FedAdam's
+                                     moments), written before the weights; absent for a stateless step
     RUN_DIR/model.pt                 the latest global model (same format as a local run's model.pt)
 
 Everything is written atomically (temporary file, then rename), so a server killed mid-write leaves
@@ -32,6 +35,7 @@ __all__ = ["RunStore", "RunStoreError"]
 
 SCHEMA = "oncofed.run/1"
 _CKPT = re.compile(r"round-(\d+)\.pt$")
+_STATE = re.compile(r"round-(\d+)\.state\.npz$")
 
 
 class RunStoreError(Exception):
@@ -90,8 +94,13 @@ class RunStore:
         if last is None:
             return cls(root, history), None, 0
         arrays, _, round_number = load_checkpoint(last)
-        # Rounds after the last checkpoint did not finish: forget their partial records.
+        # Rounds after the last checkpoint did not finish: forget their partial records, and the server state or
+        # temporary files an interrupted round left (a later round of the same number must not find them).
         history["rounds"] = [r for r in history["rounds"] if r["round"] <= round_number]
+        for leftover in (root / "checkpoints").iterdir():
+            found = _STATE.search(leftover.name)
+            if leftover.name.endswith(".tmp") or (found and int(found.group(1)) > round_number):
+                leftover.unlink(missing_ok=True)
         history.setdefault("resumed_at", []).append({"round": round_number, "time": time.time()})
         store = cls(root, history)
         store.save()
@@ -127,6 +136,8 @@ class RunStore:
             np.savez(buffer, **{k: np.asarray(v) for k, v in server_state.items()})
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(self.state_path(round_number), buffer.getvalue())
+        else:  # a file an interrupted attempt at this round left must not be taken for this round's state
+            self.state_path(round_number).unlink(missing_ok=True)
         save_checkpoint(path, arrays, run_config, round_number=round_number)
         save_checkpoint(self.root / "model.pt", arrays, run_config, round_number=round_number)
         return path

@@ -68,7 +68,7 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
     final = {"flat": initial}
     # The step (and momentum) along the mean of the sum the protocol revealed: a function of the aggregate alone.
     stepper = ServerStep(server_step(f), f.server_momentum)
-    if offset and (state := store.server_state(offset)) is not None:
+    if offset and (state := store.server_state(offset)) is not None:  # the app recorded whether there was one
         stepper.load(state)
     started: dict[int, float] = {}
 

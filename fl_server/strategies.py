@@ -161,9 +161,10 @@ class ConsortiumStrategy(FlowerStrategy):
             every message starts a new ClientApp process (about 5 s of imports on a small CPU).
         on_round: Called with a round's history record once it is complete (progress display).
         server_step: For the averaging strategies, the server's step on the round's aggregate
-            (:func:`models.config.server_step`); the new global model is ``sent + step × (aggregate − sent)``. None
-            for a strategy that steps by itself (FedAdam, FedYogi).
-        server_momentum: For the averaging strategies, the momentum β of that step (:class:`ServerStep`).
+            (:func:`models.config.server_step`); without momentum the new global model is
+            ``sent + step × (aggregate − sent)``. None for a strategy that steps by itself (FedAdam, FedYogi).
+        server_momentum: For the averaging strategies, the momentum β of that step: the step then goes along the
+            velocity ``v = β v + (aggregate − sent)`` (:class:`ServerStep`).
     """
 
     def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
@@ -449,10 +450,14 @@ class ServerStep:
 
     def state(self) -> dict[str, np.ndarray]:
         """The velocity, keyed ``velocity/<array>`` (empty before the first round or without momentum)."""
+        if not self.momentum:
+            return {}
         return {f"velocity/{k}": v for k, v in (self.velocity or {}).items()}
 
     def load(self, state: dict[str, np.ndarray]) -> None:
-        """Take up a velocity :meth:`state` gave."""
+        """Take up a velocity :meth:`state` gave (nothing to take up without momentum)."""
+        if not self.momentum:
+            return
         velocity = {k.split("/", 1)[1]: np.asarray(v, np.float64) for k, v in state.items()
                     if k.startswith("velocity/")}
         self.velocity = velocity or None

@@ -4,7 +4,7 @@ On one synthetic consortium (3 sites, ``--studies`` per task per site, annotatio
 a hospital's), per segmentation task and at equal training compute (R rounds of one local epoch, or R epochs):
 
 - each federated recipe of ``--strategies`` after R rounds, through Flower (FedAvg, FedAvg stepping three times
-  along the mean update, FedProx, FedAvgM (server momentum 0.9), FedAdam), and FedAvg with DP-SGD at
+  along the mean update, FedProx, FedAvgM (server momentum 0.9), FedProx with it, FedAdam), and FedAvg with DP-SGD at
   ε = ``--epsilon`` per site over the run;
 - the pooled (centralised) baseline: all sites' training studies together, R epochs;
 - each site alone, R epochs;
@@ -73,6 +73,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0},
     "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
     "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
+    "fedprox-momentum": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.9},
     "fedadam": {"strategy": "fedadam"},
 }
 

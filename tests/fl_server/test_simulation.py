@@ -45,7 +45,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         RunBook(sites / site).set_policy(SitePolicy(min_count=1), who="site DPO")
     run_dir = root / "run"
     result = server("simulate", "--sites", str(sites), "--run-dir", str(run_dir), "--set", "task=breast-mg",
-                    "--set", "num-rounds=3", "--set", "threads=1", "--set", "dp-epsilon=4")
+                    "--set", "num-rounds=3", "--set", "threads=1", "--set", "dp-epsilon=4",
+                    "--set", "server-momentum=0.5")
     assert result.returncode == 0, result.stdout + result.stderr
     (root / "stdout.txt").write_text(result.stdout)
     return {"sites": sites, "run": run_dir, "stdout": root / "stdout.txt"}
@@ -53,7 +54,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
     run_dir = run["run"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"round-00{i}.pt" for i in (1, 2, 3)]
+    # Each round's weights, and the server momentum's velocity beside them (written first, for a resume).
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        name for i in (1, 2, 3) for name in (f"round-00{i}.pt", f"round-00{i}.state.npz")]
     history = json.loads((run_dir / "history.json").read_text())
     # Round 0 is the initial model: evaluated (inside the first training message), not trained.
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3]
@@ -147,6 +150,8 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(run: dict[str, Path]) ->
     assert "Cross-site evaluation (test split)" in (run["run"] / "report.html").read_text()
     assert set(history["rounds"][4]["evaluate"]) == {"site-a", "site-b", "site-c"}
     assert history["resumed_at"][0]["round"] == 3
+    # The resume kept the run's server momentum without being told again, and took up its velocity.
+    assert history["resumed_at"][0]["server_state"] is True and history["rounds"][4]["server_momentum"] == 0.5
     assert (run["run"] / "checkpoints" / "round-004.pt").exists()
     assert "round   4" in result.stdout and "round   1" not in result.stdout
 

@@ -218,7 +218,17 @@ def test_server_momentum_is_flowers_fedavgm_and_a_resumed_run_steps_as_an_uninte
         forgetful = _composed(tmp_path, f"{name}-cut", extra, offset=done)  # the same resume, state not restored
         assert not np.allclose(_run_rounds(forgetful, arrays["weights"], range(3, 5)), whole, atol=1e-4), name
 
-    assert _composed(tmp_path, "plain", {"strategy": "fedavg"}).server_state() == {}  # stateless: no state file
+    plain = _composed(tmp_path, "plain", {"strategy": "fedavg"})
+    _run_rounds(plain, start, range(1, 3))
+    assert not list((plain.store.root / "checkpoints").glob("*.state.npz"))  # a stateless step saves no state
+
+    # A round with no valid update leaves the velocity as it was (as Flower's FedAvgM does).
+    cut = _composed(tmp_path, "momentum-whole", flat, offset=4)
+    cut.restore_server_state(cut.store.server_state(4))
+    velocity = cut.stepper.state()
+    cut._sent[5] = {"weights": start}
+    assert cut.aggregate_train(1, [reply("a", np.full(N, np.inf, np.float32), {"num-examples": 5})]) == (None, None)
+    assert {k: v.tolist() for k, v in cut.stepper.state().items()} == {k: v.tolist() for k, v in velocity.items()}
     from models.config import ConfigError
 
     for bad, match in (({"server-momentum": 1.0}, "server-momentum"), ({"server-momentum": -0.1}, "server-momentum"),
@@ -226,3 +236,30 @@ def test_server_momentum_is_flowers_fedavgm_and_a_resumed_run_steps_as_an_uninte
                        ({"norm": "batch", "server-momentum": 0.9}, "BatchNorm")):
         with pytest.raises(ConfigError, match=match):
             from_flat(bad)
+
+
+def test_a_resume_forgets_what_an_interrupted_round_left_and_keeps_its_aggregation(tmp_path: Path) -> None:
+    """A kill after round 3's server state was written but before its weights: the resume goes back to round 2 and
+    removes the orphan, so that a round 3 with no state to save cannot be paired with it later. A resume under
+    another strategy, step or momentum is refused by name."""
+    from fl_server.app import check_resumed_federation
+
+    s = _composed(tmp_path, "orphan", {"strategy": "fedavg", "server-momentum": 0.9})
+    _run_rounds(s, np.zeros(N, np.float32), range(1, 3))
+    checkpoints = s.store.root / "checkpoints"
+    (checkpoints / "round-003.state.npz").write_bytes((checkpoints / "round-002.state.npz").read_bytes())
+    (checkpoints / "round-003.pt.tmp").write_bytes(b"half")
+    store, _, done = RunStore.resume(s.store.root)
+    assert done == 2 and sorted(p.name for p in checkpoints.iterdir()) == [
+        "round-001.pt", "round-001.state.npz", "round-002.pt", "round-002.state.npz"]
+    store.checkpoint(3, {"weights": GLOBAL}, {})  # nothing to save: an old file of that round is removed too
+    (checkpoints / "round-003.state.npz").write_bytes(b"stale")
+    store.checkpoint(3, {"weights": GLOBAL}, {})
+    assert store.server_state(3) is None
+
+    stored = {"task": "breast-mg", "strategy": "fedavg", "server-momentum": 0.9, "num-rounds": 4}
+    check_resumed_federation(stored, from_flat(stored), "run")  # the same aggregation resumes
+    for change, key in (({"server-momentum": 0.0}, "server-momentum"), ({"strategy": "fedprox"}, "strategy"),
+                        ({"server-learning-rate": 2}, "server-learning-rate")):
+        with pytest.raises(ValueError, match=f"it ran with {key}="):
+            check_resumed_federation(stored, from_flat({**stored, **change}), "run")
