@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     site_dirs = sorted(p for p in sites.iterdir() if p.is_dir())
     holdout = sorted(p for p in held.iterdir() if p.is_dir())
     for task in tasks:
-        row: dict[str, Any] = dict(results.get(task, {})) if not args.again else {}
         rounds = args.rounds or TASK_ROUNDS[task]
+        # Rows are kept per task and recipe: a run with other --set values or rounds gets a row of its own.
+        label = f"{task} {rounds} rounds" + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
+        row: dict[str, Any] = dict(results.get(label, {})) if not args.again else {}
         common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": rounds, **overrides}
         runs = [(name, STRATEGIES[name]) for name in strategies]
         if not args.skip_dp:
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = federated(sites, run_dir, {**common, **extra})
             row[name] = {**score(run_dir / "model.pt", holdout, task), "run_seconds": seconds}
             console.print(f"{task} {name}: held-out Dice {row[name].get('dice')}")
-            out_json.write_text(json.dumps({**results, task: row}, indent=1))
+            out_json.write_text(json.dumps({**results, label: row}, indent=1))
         config = from_flat({k: v for k, v in common.items() if k != "num-rounds"})
         if "pooled" not in row:
             out = args.out / "runs" / f"{task}-pooled"
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a site without an annotated lesion cannot train alone
                 row[f"single-{ws.name}"] = {}
                 console.print(f"{task} {ws.name} alone: {exc}")
-        results[task] = row
+        results[label] = row
         console.print(f"{task}: held-out Dice " + ", ".join(f"{k} {v.get('dice')}" for k, v in row.items()))
         out_json.write_text(json.dumps(results, indent=1))
 
