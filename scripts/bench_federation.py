@@ -4,8 +4,8 @@
    median over the rounds after the first (the first also starts Flower's workers and fills caches).
 2. Quality: on the same synthetic consortium and the same number of passes over the data (equal training
    compute), the AUROC with its DeLong 95 % interval of: the federated recipes (``--strategies``: FedAvg, FedAvg
-   stepping three times along the mean update, FedProx, FedAvgM (server momentum 0.9), FedProx with it,
-   FedAdam) after R rounds of one local epoch (R: the task's count of rounds unless ``--rounds``),
+   stepping three times along the mean update, FedProx, FedAvgM (server momentum 0.9), FedProx with server
+   momentum 0.9 or 0.5, FedAdam) after R rounds of one local epoch (R: the task's count of rounds unless ``--rounds``),
    the centralised baseline (all sites' data pooled, R epochs), and each single site alone (R epochs). Every
    model is scored on a held-out consortium: the same sites' scanners, other patients (seed + 1000), every
    study of it (3 × 48 per task by default, against about 20 in the sites' own test splits). A benchmark may
@@ -152,6 +152,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
     "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
     "fedprox-momentum": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.9},
+    "fedprox-momentum0.5": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.5},
     "fedadam": {"strategy": "fedadam"},
 }
 

@@ -4,8 +4,8 @@ On one synthetic consortium (3 sites, ``--studies`` per task per site, annotatio
 a hospital's), per segmentation task and at equal training compute (R rounds of one local epoch, or R epochs):
 
 - each federated recipe of ``--strategies`` after R rounds, through Flower (FedAvg, FedAvg stepping three times
-  along the mean update, FedProx, FedAvgM (server momentum 0.9), FedProx with it, FedAdam), and FedAvg with DP-SGD at
-  ε = ``--epsilon`` per site over the run;
+  along the mean update, FedProx, FedAvgM (server momentum 0.9), FedProx with server momentum 0.9 or 0.5,
+  FedAdam), and FedAvg with DP-SGD at ε = ``--epsilon`` per site over the run;
 - the pooled (centralised) baseline: all sites' training studies together, R epochs;
 - each site alone, R epochs;
 
@@ -74,6 +74,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
     "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
     "fedprox-momentum": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.9},
+    "fedprox-momentum0.5": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.5},
     "fedadam": {"strategy": "fedadam"},
 }
 
