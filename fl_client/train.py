@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from fl_client.metrics import (
 )
 from fl_client.privacy import PrivacyLedger, default_delta, noise_for
 from imaging.sitedata import SiteData
-from models.config import GradSampleMode, PrivacySpec, TrainSpec, resolve_batch
+from models.config import GradSampleMode, PrivacySpec, TrainSpec, resolve_batch, resolve_learning_rate
 from models.device import Placement, autocast
 
 __all__ = [
@@ -254,6 +254,7 @@ def train_local(
                                          generator=generator, **loader_options(device))
     criterion: Any = (segmentation_loss() if segmentation else
                       nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)], device=device)))
+    spec = replace(spec, learning_rate=resolve_learning_rate(spec.learning_rate, segmentation=segmentation))
     optimizer = _optimizer(model, spec)
     scaler = torch.amp.GradScaler(device.type) if placement.scaled and dp is None else None
     model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)

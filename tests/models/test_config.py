@@ -139,3 +139,16 @@ def test_num_rounds_zero_runs_the_tasks_count_alike_everywhere() -> None:
     assert sent["num-rounds"] == TASK_ROUNDS["colorectal-ct"] and from_flat(sent).federation.num_rounds == 30
     with pytest.raises(ConfigError, match="'num-rounds': must be at least 1, or 0"):
         from_flat({"num-rounds": "-2"})
+
+
+def test_the_default_learning_rate_is_the_kind_of_tasks() -> None:
+    """``learning-rate`` 0 (the default) is 1e-3 for a classifier and 3e-3 for a segmentation task (the rates the
+    benchmarks found); a rate the run sets is kept."""
+    from models.config import resolve_learning_rate
+
+    assert from_flat({}).training.learning_rate == 0.0 == from_flat({"task": "lung-ct-seg"}).training.learning_rate
+    assert resolve_learning_rate(0.0, segmentation=False) == 1e-3
+    assert resolve_learning_rate(0.0, segmentation=True) == 3e-3
+    assert resolve_learning_rate(5e-4, segmentation=True) == 5e-4
+    with pytest.raises(ConfigError, match="learning-rate"):
+        from_flat({"learning-rate": -1e-3})
