@@ -147,9 +147,9 @@ def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], holdou
 # The federated recipes compared. "fedavg" is the default one (the plain weighted mean); "fedavg-step3" steps three
 # times along the mean update (server-learning-rate 3: with three sites, about as far as a pooled epoch).
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "fedavg": {"strategy": "fedavg"},
-    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0},
-    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
+    "fedavg": {"strategy": "fedavg", "server-momentum": 0.0},
+    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0, "server-momentum": 0.0},
+    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.0},
     "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
     "fedprox-momentum": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.9},
     "fedprox-momentum0.5": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.5},

@@ -69,9 +69,9 @@ def score(model_path: Path, holdout: list[Path], task: str) -> dict[str, Any]:
 
 # The federated recipes compared (as in bench_federation.py): "fedavg-step3" steps three times along the mean update.
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "fedavg": {"strategy": "fedavg"},
-    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0},
-    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
+    "fedavg": {"strategy": "fedavg", "server-momentum": 0.0},
+    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0, "server-momentum": 0.0},
+    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.0},
     "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
     "fedprox-momentum": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.9},
     "fedprox-momentum0.5": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.5},
