@@ -305,8 +305,8 @@ AUTO_SERVER_MOMENTUM = -1.0
 # segmentation"; 3 sites x 48 studies, 20 rounds, Dice on 144 held-out studies) momentum 0.5 was above plain FedProx
 # on all four tasks in one process (prostate 0.585 -> 0.682, lung 0.714 -> 0.771, colorectal 0.778 -> 0.824, breast
 # 0.796 -> 0.803), and above or level with it through Flower on another draw of patients; 0.9 did better on prostate
-# and lung but worse on breast. Not for the classifiers (prostate fell from 0.826 to 0.593 AUROC at 0.9) nor under DP-SGD (momentum adds
-# up successive rounds' noise: breast 0.848 -> 0.775 at epsilon 8).
+# and lung but worse on breast. Not for the classifiers (prostate fell from 0.826 to 0.593 AUROC at 0.9) nor under
+# DP-SGD (momentum adds up successive rounds' noise: breast 0.848 -> 0.775 at epsilon 8).
 SEGMENTATION_SERVER_MOMENTUM = 0.5
 
 
