@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 from models.evaluation import parse_rule
@@ -270,8 +271,8 @@ class FederationSpec:
         server_momentum: Momentum β of the server's step for the averaging strategies (FedAvgM, Hsu et al. 2019, as
             Flower's ``FedAvgM`` computes it): the step goes along ``v = β v + (aggregate − global)`` instead of the
             round's update alone; 0 is plain FedAvg / FedProx. −1 (the default) is resolved when the configuration is
-            read (:data:`AUTO_SERVER_MOMENTUM`): :data:`SEGMENTATION_SERVER_MOMENTUM` for a segmentation task under an
-            averaging strategy without DP-SGD or BatchNorm, else 0. Its state is checkpointed with every round, so a
+            read (:data:`AUTO_SERVER_MOMENTUM`): the segmentation task's (:data:`SEGMENTATION_SERVER_MOMENTUM`) under
+            an averaging strategy without DP-SGD or BatchNorm, else 0. Its state is checkpointed with every round, so a
             resumed run steps as an uninterrupted one.
         trim_beta: Share of updates cut at each end per coordinate by the trimmed mean.
         operating_point: How the final model's threshold is chosen on the consortium's pooled validation scores
@@ -301,23 +302,25 @@ ADAPTIVE_SERVER_LR = 0.01
 AUTO_SERVER_MOMENTUM = -1.0
 """``server-momentum`` that lets the task choose (the default)."""
 
-# Server momentum for the segmentation tasks by default. In the recipe search (BENCHMARKS.md, "The recipe search for
-# segmentation"; 3 sites x 48 studies, 20 rounds, Dice on 144 held-out studies) momentum 0.5 was above plain FedProx
-# on all four tasks in one process (prostate 0.585 -> 0.682, lung 0.714 -> 0.771, colorectal 0.778 -> 0.824, breast
-# 0.796 -> 0.803), and above or level with it through Flower on another draw of patients; 0.9 did better on prostate
-# and lung but worse on breast. Not for the classifiers (prostate fell from 0.826 to 0.593 AUROC at 0.9) nor under
-# DP-SGD (momentum adds up successive rounds' noise: breast 0.848 -> 0.775 at epsilon 8).
-SEGMENTATION_SERVER_MOMENTUM = 0.5
+# Server momentum of the segmentation tasks by default. In the recipe search (BENCHMARKS.md, "The recipe search for
+# segmentation"; 3 sites x 48 studies, 20 rounds, Dice on 144 held-out studies), on two draws of patients (in one
+# process, and through Flower), momentum lifted plain FedProx at equal compute: at 0.9 prostate 0.585 -> 0.735 and
+# 0.487 -> 0.634, lung 0.714 -> 0.788 and 0.692 -> 0.784, colorectal 0.778 -> 0.810 and 0.771 -> 0.781; breast did
+# better at 0.5 in both draws (0.803 and 0.768, against 0.747 and 0.729 at 0.9). Not for the classifiers (prostate
+# fell from 0.826 to 0.593 AUROC at 0.9) nor under DP-SGD (momentum adds up successive rounds' noise: breast
+# 0.848 -> 0.775 at epsilon 8).
+SEGMENTATION_SERVER_MOMENTUM: MappingProxyType[str, float] = MappingProxyType(
+    {"lung-ct-seg": 0.9, "prostate-mr-seg": 0.9, "colorectal-ct-seg": 0.9, "breast-mg-seg": 0.5})
 
 
 def resolve_server_momentum(federation: FederationSpec, *, task: str, dp: bool, norm: Norm) -> float:
-    """The run's server momentum: its ``server-momentum``, or for :data:`AUTO_SERVER_MOMENTUM`
-    :data:`SEGMENTATION_SERVER_MOMENTUM` for a segmentation task under an averaging strategy without DP-SGD or
-    BatchNorm, and 0 otherwise."""
+    """The run's server momentum: its ``server-momentum``, or for :data:`AUTO_SERVER_MOMENTUM` the segmentation
+    task's (:data:`SEGMENTATION_SERVER_MOMENTUM`) under an averaging strategy without DP-SGD or BatchNorm, and 0
+    otherwise."""
     if federation.server_momentum != AUTO_SERVER_MOMENTUM:
         return federation.server_momentum
-    auto = is_segmentation(task) and federation.strategy in AVERAGING and not dp and norm != Norm.BATCH
-    return SEGMENTATION_SERVER_MOMENTUM if auto else 0.0
+    auto = task in SEGMENTATION_SERVER_MOMENTUM and federation.strategy in AVERAGING and not dp and norm != Norm.BATCH
+    return SEGMENTATION_SERVER_MOMENTUM[task] if auto else 0.0
 
 
 def server_step(federation: FederationSpec) -> float:

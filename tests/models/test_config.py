@@ -155,10 +155,12 @@ def test_the_default_learning_rate_is_the_kind_of_tasks() -> None:
 
 
 def test_segmentation_tasks_take_server_momentum_by_default() -> None:
-    """``server-momentum`` -1 (the default) is 0.5 for a segmentation task under an averaging strategy without DP-SGD
-    or BatchNorm (the recipe search's finding), 0 otherwise; a value the run sets is kept."""
-    assert from_flat({"task": "lung-ct-seg"}).federation.server_momentum == 0.5
-    assert from_flat({"task": "prostate-mr-seg", "strategy": "fedavg"}).federation.server_momentum == 0.5
+    """``server-momentum`` -1 (the default) is the segmentation task's momentum under an averaging strategy without
+    DP-SGD or BatchNorm (0.9, 0.5 for breast: the recipe search's finding), 0 otherwise; a value the run sets is
+    kept."""
+    assert from_flat({"task": "lung-ct-seg"}).federation.server_momentum == 0.9
+    assert from_flat({"task": "breast-mg-seg"}).federation.server_momentum == 0.5
+    assert from_flat({"task": "prostate-mr-seg", "strategy": "fedavg"}).federation.server_momentum == 0.9
     assert from_flat({"task": "lung-ct"}).federation.server_momentum == 0.0
     for other in ({"dp": True}, {"strategy": "fedadam"}, {"norm": "batch"}, {"server-momentum": 0}):
         assert from_flat({"task": "lung-ct-seg", **other}).federation.server_momentum == 0.0, other
