@@ -11,7 +11,8 @@ studies, and the server steps as Flower's strategies do:
 
 - ``avg``: ``global + step × (mean − global)`` (FedAvg at step 1; ``--schedule cos`` decays the step from its value
   to 1 over the rounds along a half cosine);
-- ``avgm``: Flower's FedAvgM (server momentum on the pseudo-gradient);
+- ``avgm``: Flower's FedAvgM (server momentum on the pseudo-gradient); a run whose configuration has server momentum
+  (``--set server-momentum=0.9``, or a segmentation task's default) runs ``avgm`` with it;
 - ``adam``: Flower's FedAdam (β 0.9 / 0.99, τ 1e-3, bias-corrected step).
 
 ``--pooled`` and ``--single SITE`` train the centralised and one-site baselines for ``rounds × local-epochs``
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]--set dp=true runs the federation only: the site's DP plan is per site and round[/]")
         return 2
     torch.set_num_threads(args.threads)
+    if args.server == "avg" and config.federation.server_momentum > 0:  # the run's own (a segmentation default)
+        args.server, args.momentum = "avgm", config.federation.server_momentum
     generated = [t.strip() for t in args.consortium_tasks.split(",") if t.strip()]
     image_task = args.task.removesuffix("-seg")
     segmentation = args.task in SEG_TASKS
