@@ -30,7 +30,7 @@ from fl_client.train import (
     train_local,
 )
 from imaging.sitedata import load_site_data
-from models.config import RunConfig, batch_size_of, dp_outlook, resolved_grad_sample_mode
+from models.config import RunConfig, batch_size_of, dp_outlook, resolve_learning_rate, resolved_grad_sample_mode
 from models.device import place
 from models.evaluation import choose_threshold, parse_rule
 from models.nets import build_model, parameter_count
@@ -139,7 +139,9 @@ def run_local(
         "schema": SCHEMA,
         "task": task,
         "workspaces": [str(w) for w in workspaces],
-        "run_config": config.to_flat(),
+        "run_config": {**config.to_flat(),  # the rate it trained at, not the "default" sentinel
+                       "learning-rate": resolve_learning_rate(config.training.learning_rate,
+                                                              segmentation=data.segmentation)},
         "parameters": parameter_count(model),
         "ran_on": placement.describe(),
         "epochs": epochs,

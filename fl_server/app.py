@@ -31,14 +31,19 @@ def main(grid: Grid, context: Context) -> None:
     from fl_server.grid import PromptGrid
     from fl_server.runstore import RunStore
     from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
-    from models.config import AVERAGING, RunKey, from_flat, server_step
+    from models.config import AVERAGING, RunKey, from_flat, resolve_learning_rate, server_step
     from models.nets import build_model
+    from models.tasks import is_segmentation
     from models.weights import pack, state_arrays, unpack
 
     grid = PromptGrid(grid)
     flat_config = dict(context.run_config)
     config = from_flat(flat_config)
-    flat_config[RunKey.NUM_ROUNDS] = config.federation.num_rounds  # stored resolved: the report and a resume read it
+    # Stored resolved: the report and a resume read them, and a later version's defaults must not change their meaning.
+    flat_config[RunKey.NUM_ROUNDS] = config.federation.num_rounds
+    flat_config[RunKey.SERVER_MOMENTUM] = config.federation.server_momentum
+    flat_config[RunKey.LEARNING_RATE] = resolve_learning_rate(config.training.learning_rate,
+                                                              segmentation=is_segmentation(config.model.task))
     import torch
 
     torch.manual_seed(config.training.seed)
@@ -137,19 +142,27 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) -> None:
-    """Refuse to resume a run under another aggregation than it was started with: the server's momentum or
-    moments saved with its checkpoints belong to that strategy and step.
+    """Refuse to resume a run under another aggregation or local step than it was started with: the server's
+    momentum or moments saved with its checkpoints belong to that strategy and step, and the sites' rate is part of
+    the run. A run stored before ``server-momentum`` existed ran without momentum.
 
     Raises:
-        ValueError: The strategy, server learning rate or server momentum differ; the message names the key.
+        ValueError: The strategy, server learning rate, server momentum or learning rate differ; the message names
+            the key.
     """
-    from models.config import KEYS, RunKey, from_flat, server_step
+    from models.config import KEYS, RunKey, from_flat, resolve_learning_rate, server_step
+    from models.tasks import is_segmentation
 
-    before = from_flat({k: v for k, v in stored.items() if k in KEYS and k not in (RunKey.RESUME,)}).federation
-    now = config.federation
+    known = {RunKey.SERVER_MOMENTUM: 0.0, **{k: v for k, v in stored.items() if k in KEYS and k != RunKey.RESUME}}
+    then = from_flat(known)
+    before, now = then.federation, config.federation
+    segmentation = is_segmentation(config.model.task)
     for key, old, new in ((RunKey.STRATEGY, before.strategy.value, now.strategy.value),
                           (RunKey.SERVER_LEARNING_RATE, server_step(before), server_step(now)),
-                          (RunKey.SERVER_MOMENTUM, before.server_momentum, now.server_momentum)):
+                          (RunKey.SERVER_MOMENTUM, before.server_momentum, now.server_momentum),
+                          (RunKey.LEARNING_RATE,
+                           resolve_learning_rate(then.training.learning_rate, segmentation=segmentation),
+                           resolve_learning_rate(config.training.learning_rate, segmentation=segmentation))):
         if old != new:
             raise ValueError(f"cannot resume {run_dir}: it ran with {key}={old}, this run config says {new}; "
                              f"resume with --set {key}={old} (the server's saved state belongs to it)")

@@ -82,7 +82,19 @@ def parse_sets(values: Sequence[str]) -> dict[str, Any]:
         flat = from_flat(raw).to_flat()
     except ConfigError as exc:
         raise UserError(f"--set: {exc}") from None
-    return {key: flat[key] for key in raw}
+    # A value that means "the task's default" stays as given: it is resolved once the run's task is known (on a
+    # resume, the stored task), not against the default task here.
+    return {key: raw[key] if _SENTINELS.get(key) == _number(raw[key]) else flat[key] for key in raw}
+
+
+_SENTINELS = {RunKey.NUM_ROUNDS: 0.0, RunKey.LEARNING_RATE: 0.0, RunKey.SERVER_MOMENTUM: -1.0}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 SET_HELP = ("a run-config value (repeat); keys: " + ", ".join(RunKey) +

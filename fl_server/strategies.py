@@ -426,6 +426,8 @@ class ServerStep:
     """
 
     def __init__(self, step: float, momentum: float = 0.0) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"server momentum must be in [0, 1), got {momentum} (resolve the run config first)")
         self.step = step
         self.momentum = momentum
         self.velocity: dict[str, np.ndarray] | None = None

@@ -69,3 +69,12 @@ def test_the_run_config_sent_carries_the_count_of_rounds_the_server_runs(tmp_pat
                                                                              "num-rounds": 20}}))
     assert _run_config(args("task=colorectal-ct", resume=True))["num-rounds"] == 20
     assert _run_config(args("task=colorectal-ct", "num-rounds=25", resume=True))["num-rounds"] == 25
+
+
+def test_a_default_sentinel_in_set_waits_for_the_runs_task() -> None:
+    """``--set server-momentum=-1`` (or ``num-rounds=0``, ``learning-rate=0``) means "the task's default": it is kept
+    as given, to be resolved with the run's task, not against the default task."""
+    from fl_server.cli import parse_sets
+
+    sets = parse_sets(["server-momentum=-1", "num-rounds=0", "learning-rate=0", "local-epochs=2"])
+    assert sets == {"server-momentum": "-1", "num-rounds": "0", "learning-rate": "0", "local-epochs": 2}

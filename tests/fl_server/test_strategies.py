@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fl_server.runstore import RunStore
-from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
+from fl_server.strategies import ConsortiumStrategy, ServerStep, build_strategy, packed_record
 from models.config import from_flat
 
 N = 50
@@ -260,6 +260,14 @@ def test_a_resume_forgets_what_an_interrupted_round_left_and_keeps_its_aggregati
     stored = {"task": "breast-mg", "strategy": "fedavg", "server-momentum": 0.9, "num-rounds": 4}
     check_resumed_federation(stored, from_flat(stored), "run")  # the same aggregation resumes
     for change, key in (({"server-momentum": 0.0}, "server-momentum"), ({"strategy": "fedprox"}, "strategy"),
-                        ({"server-learning-rate": 2}, "server-learning-rate")):
+                        ({"server-learning-rate": 2}, "server-learning-rate"),
+                        ({"learning-rate": 0.01}, "learning-rate")):
         with pytest.raises(ValueError, match=f"it ran with {key}="):
             check_resumed_federation(stored, from_flat({**stored, **change}), "run")
+    # A segmentation run of a version without server momentum ran without it: today's default (0.9) would change it.
+    older = {"task": "lung-ct-seg", "strategy": "fedprox", "learning-rate": 0.003, "num-rounds": 4}
+    with pytest.raises(ValueError, match="it ran with server-momentum=0.0"):
+        check_resumed_federation(older, from_flat({"task": "lung-ct-seg"}), "run")
+    check_resumed_federation(older, from_flat({"task": "lung-ct-seg", "server-momentum": 0}), "run")
+    with pytest.raises(ValueError, match="momentum"):
+        ServerStep(1.0, -1.0)
