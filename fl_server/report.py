@@ -15,10 +15,10 @@ from typing import Any
 
 from fl_server.evaluation import MIN_CASES
 from fl_server.rounds import RoundRecord
-from models.config import KEYS, ConfigError, from_flat, resolve_batch, resolve_learning_rate
+from models.config import resolve_batch
 from models.evaluation import SCORE_BINS
 from models.protocol import Metric, headline_metric, report_metrics
-from models.tasks import TASK_ROUNDS, is_segmentation
+from models.tasks import TASK_ROUNDS
 
 __all__ = ["write_report"]
 
@@ -69,16 +69,6 @@ def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
     if str(config.get("server-learning-rate", "")) in ("0", "0.0"):
         rows = [[label, "the strategy's default" if label == "server learning rate" else value]
                 for label, value in rows]
-    if str(config.get("server-momentum", "")) in ("-1", "-1.0"):  # the default: say what it resolved to
-        try:
-            resolved = from_flat({k: v for k, v in config.items() if k in KEYS}).federation.server_momentum
-            text = f"{resolved:g} (the task's default)"
-        except ConfigError:
-            text = "the task's default"
-        rows = [[label, text if label == "server momentum" else value] for label, value in rows]
-    if str(config.get("learning-rate", "")) in ("0", "0.0"):  # the default: say what it means
-        rate = resolve_learning_rate(0.0, segmentation=is_segmentation(str(config.get("task", ""))))
-        rows = [[label, f"{rate:g} (default)" if label == "learning rate" else value] for label, value in rows]
     if str(config.get("batch-size", "")) == "0":  # the default: say what it means
         dp = str(config.get("dp", "")).lower() == "true"
         rows = [[label, f"{resolve_batch(0, dp=dp)} (default{', DP-SGD' if dp else ''})" if label == "batch size"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from fl_server.rounds import RoundRecord, RoundRecorder
 from fl_server.runstore import RunStore
 from fl_server.validation import screen_updates
-from models.config import RunConfig, Strategy, proximal_mu_of, server_step
+from models.config import RunConfig, RunKey, Strategy, proximal_mu_of, server_step
 from models.protocol import (
     EVAL_AGGREGATED,
     HEADLINE_METRICS,
@@ -48,10 +49,24 @@ from models.protocol import (
     parse_failure,
 )
 
-__all__ = ["ConsortiumStrategy", "ServerStep", "build_strategy", "packed_record", "refusal_of", "registered_names",
-           "site_of", "stepped", "stepped_array"]
+__all__ = ["RECIPES", "ConsortiumStrategy", "ServerStep", "build_strategy", "packed_record", "refusal_of",
+           "registered_names", "site_of", "stepped", "stepped_array"]
 
 log = logging.getLogger("oncofed.server")
+
+_S, _MU, _STEP, _M = RunKey.STRATEGY, RunKey.PROXIMAL_MU, RunKey.SERVER_LEARNING_RATE, RunKey.SERVER_MOMENTUM
+RECIPES: MappingProxyType[str, dict[str, Any]] = MappingProxyType({
+    "fedavg": {_S: "fedavg", _M: 0.0},
+    "fedavg-step3": {_S: "fedavg", _STEP: 3.0, _M: 0.0},
+    "fedprox": {_S: "fedprox", _MU: 0.01, _M: 0.0},
+    "fedavgm": {_S: "fedavg", _M: 0.9},
+    "fedprox-momentum": {_S: "fedprox", _MU: 0.01, _M: 0.9},
+    "fedprox-momentum0.5": {_S: "fedprox", _MU: 0.01, _M: 0.5},
+    "fedadam": {_S: "fedadam"},
+})
+"""Named federated recipes as run-config values, the ones the benchmarks compare: the plain recipes pin
+``server-momentum`` to 0 (a segmentation task's default would add it); "fedavg-step3" steps three times along the
+mean update (with three sites, about as far as a pooled epoch); "fedavgm" is Flower's FedAvgM at β 0.9."""
 
 
 def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStrategy:

@@ -45,6 +45,7 @@ from rich.console import Console
 
 from fl_client.local_run import run_local
 from fl_server.flower_ops import simulate
+from fl_server.strategies import RECIPES
 from imaging.synth import ingested_consortium
 from models.config import from_flat
 from models.tasks import TASK_ROUNDS
@@ -144,19 +145,6 @@ def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], holdou
             out_json.write_text(json.dumps(results, indent=1))
 
 
-# The federated recipes compared. "fedavg" is the default one (the plain weighted mean); "fedavg-step3" steps three
-# times along the mean update (server-learning-rate 3: with three sites, about as far as a pooled epoch).
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "fedavg": {"strategy": "fedavg", "server-momentum": 0.0},
-    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0, "server-momentum": 0.0},
-    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.0},
-    "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
-    "fedprox-momentum": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.9},
-    "fedprox-momentum0.5": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.5},
-    "fedadam": {"strategy": "fedadam"},
-}
-
-
 def _cell(result: Any) -> str:
     if not isinstance(result, dict) or result.get("auroc") is None:
         return "—"
@@ -166,7 +154,7 @@ def _cell(result: Any) -> str:
 def quality_table(quality: dict[str, Any], site_names: list[str], console: Console) -> None:
     """The markdown table: per task, each federated recipe, pooled and each site alone, with FedAvg's ratio to
     pooled and its margin over the best single site."""
-    names = [n for n in STRATEGIES if any(n in row for row in quality.values())]
+    names = [n for n in RECIPES if any(n in row for row in quality.values())]
     console.print("\n| task | rounds | " + " | ".join(names) + " | pooled | "
                   + " | ".join(f"{n} alone" for n in site_names) + " | FedAvg / pooled | FedAvg − best site |")
     console.print("|---|---|" + "---|" * (len(names) + 1 + len(site_names) + 2))
@@ -209,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config key of the DP runs only (repeatable), e.g. augmentation-multiplicity=4")
     parser.add_argument("--strategies", default="fedavg,fedprox,fedadam",
-                        help=f"federated recipes to compare, of {', '.join(STRATEGIES)}")
+                        help=f"federated recipes to compare, of {', '.join(RECIPES)}")
     parser.add_argument("--unlike-site", default=None, metavar="SITE",
                         help="the non-IID variant: this site's scanners are unlike the others' (e.g. site-c)")
     parser.add_argument("--holdout-studies", type=int, default=48,
@@ -220,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if fixed := [item for item in args.dp_set if item.split("=", 1)[0].strip() in ("dp", "dp-epsilon")]:
         parser.error(f"--dp-set {fixed[0]!r}: the DP runs set dp and dp-epsilon themselves (--dp-epsilons)")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    if unknown := [s for s in strategies if s not in STRATEGIES]:
-        parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+    if unknown := [s for s in strategies if s not in RECIPES]:
+        parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
@@ -272,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name in strategies:
                 run_dir = args.out / f"quality{tag}" / f"{task}-{name}"
-                h = federated(sites, run_dir, {**common, **STRATEGIES[name], "num-rounds": rounds})
+                h = federated(sites, run_dir, {**common, **RECIPES[name], "num-rounds": rounds})
                 row[name] = score(run_dir / "model.pt")
                 row[f"{name}_seconds"] = h["total_seconds"]
                 console.print(f"{key} {name}: {row[name]}")

@@ -39,6 +39,7 @@ from rich.console import Console
 
 from fl_client.local_run import run_local
 from fl_server.flower_ops import simulate
+from fl_server.strategies import RECIPES
 from imaging.presets import get_preset
 from imaging.synth import ingested_consortium
 from models.config import from_flat
@@ -67,18 +68,6 @@ def score(model_path: Path, holdout: list[Path], task: str) -> dict[str, Any]:
     return {**merged.as_dict(), "seconds_per_study": sum(r.seconds for r in results) / max(images, 1)}
 
 
-# The federated recipes compared (as in bench_federation.py): "fedavg-step3" steps three times along the mean update.
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "fedavg": {"strategy": "fedavg", "server-momentum": 0.0},
-    "fedavg-step3": {"strategy": "fedavg", "server-learning-rate": 3.0, "server-momentum": 0.0},
-    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.0},
-    "fedavgm": {"strategy": "fedavg", "server-momentum": 0.9},
-    "fedprox-momentum": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.9},
-    "fedprox-momentum0.5": {"strategy": "fedprox", "proximal-mu": 0.01, "server-momentum": 0.5},
-    "fedadam": {"strategy": "fedadam"},
-}
-
-
 def federated(sites: Path, run_dir: Path, config: dict[str, Any]) -> float:
     """Run a simulation; return its wall seconds."""
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP-SGD ε per site over the run")
     parser.add_argument("--holdout-studies", type=int, default=48,
                         help="studies per task per site of the held-out consortium every model is scored on")
-    parser.add_argument("--strategies", default="fedavg", help=f"federated recipes, of {', '.join(STRATEGIES)}")
+    parser.add_argument("--strategies", default="fedavg", help=f"federated recipes, of {', '.join(RECIPES)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config value of every run (learning-rate, batch-size, ...)")
     parser.add_argument("--seed", type=int, default=0)
@@ -108,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--again", action="store_true", help="redo tasks already in OUT/bench-seg.json")
     args = parser.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    if unknown := [s for s in strategies if s not in STRATEGIES]:
-        parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+    if unknown := [s for s in strategies if s not in RECIPES]:
+        parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -137,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{task} {rounds} rounds" + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
         row: dict[str, Any] = dict(results.get(label, {})) if not args.again else {}
         common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": rounds, **overrides}
-        runs = [(name, STRATEGIES[name]) for name in strategies]
+        runs = [(name, RECIPES[name]) for name in strategies]
         if not args.skip_dp:
             for ws in site_dirs:
                 from fl_client.privacy import PrivacyLedger
@@ -180,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         return "—" if v is None else f"{v:.{digits}f}"
 
     names = [p.name for p in site_dirs]
-    done = [n for n in [*STRATEGIES, "fedavg-dp"] if any(n in row for row in results.values())]
+    done = [n for n in [*RECIPES, "fedavg-dp"] if any(n in row for row in results.values())]
     console.print("\n| task | " + " | ".join(done) + " | pooled | " + " | ".join(f"{n} alone" for n in names)
                   + " | best federated / pooled | best federated − best site | s/epoch (pooled, CPU) | "
                   "inference s/study | held-out studies (with a lesion) |")
     console.print("|---|" + "---|" * (len(done) + len(names) + 6))
     for task, row in results.items():
         pooled = row.get("pooled", {}).get("dice")
-        feds = [row[n]["dice"] for n in STRATEGIES if row.get(n, {}).get("dice") is not None]
+        feds = [row[n]["dice"] for n in RECIPES if row.get(n, {}).get("dice") is not None]
         singles = [row[f"single-{n}"]["dice"] for n in names if row.get(f"single-{n}", {}).get("dice") is not None]
         best = max(feds) if feds else None
         ratio = best / pooled if best is not None and pooled else None

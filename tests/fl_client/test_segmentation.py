@@ -178,3 +178,20 @@ def test_a_unet_learns_lung_nodules_from_dicom_seg_annotations(tmp_path: Path) -
         assert m["dice"] is not None and m["dice"] > 0.4, m
         assert m["lesion_sensitivity"] >= 0.5 and m["hd95"] is not None
     assert doc["curve"][-1]["val_dice"] is not None and (tmp_path / "out" / "curves.png").is_file()
+
+
+def test_training_without_a_rate_uses_the_kind_of_tasks_default() -> None:
+    """A recipe with learning rate 0 (the run config's default) trains a segmentation network exactly as at 3e-3, and
+    differently from the classifiers' 1e-3: the site resolves the default itself."""
+    from dataclasses import replace
+
+    data = _blobs(8, 3)
+    recipe = TrainSpec(local_epochs=1, batch_size=4, augment=False)
+    assert recipe.learning_rate == 0.0
+    weights = []
+    for rate in (0.0, 3e-3, 1e-3):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(task="breast-mg-seg", spatial_dims=2, width=8, dropout=0.0))
+        train_local(model, data, spec=replace(recipe, learning_rate=rate), labels=[], segmentation=True)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and not torch.allclose(weights[0], weights[2])

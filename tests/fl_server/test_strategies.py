@@ -271,3 +271,13 @@ def test_a_resume_forgets_what_an_interrupted_round_left_and_keeps_its_aggregati
     check_resumed_federation(older, from_flat({"task": "lung-ct-seg", "server-momentum": 0}), "run")
     with pytest.raises(ValueError, match="momentum"):
         ServerStep(1.0, -1.0)
+
+
+def test_every_named_recipe_is_a_valid_run_config_with_the_momentum_it_names() -> None:
+    from fl_server.strategies import RECIPES
+
+    for name, values in RECIPES.items():
+        config = from_flat({"task": "lung-ct-seg", **values})
+        assert config.federation.strategy.value == values["strategy"], name
+        # Plain recipes stay plain on a segmentation task, whose default would add momentum.
+        assert config.federation.server_momentum == values.get("server-momentum", 0.0), name
