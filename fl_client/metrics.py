@@ -187,6 +187,7 @@ class SegMetrics:
         hd95: Mean HD95 (mm) over the positive studies with a prediction (None if there is none).
         loss: The segmentation loss on the split.
         threshold: The probability above which a voxel is lesion.
+        hd95_studies: The studies ``hd95`` averages (a local count: it makes merging exact, and is not sent).
     """
 
     studies: int
@@ -199,6 +200,7 @@ class SegMetrics:
     hd95: float | None
     loss: float | None = None
     threshold: float = 0.5
+    hd95_studies: int = 0
 
     def as_dict(self) -> dict[str, float | int | None]:
         """The metrics as a plain dict, one entry per field."""
@@ -217,14 +219,16 @@ def segmentation_metrics(studies: Sequence[StudySegmentation], *, loss: float | 
         dice=float(np.mean(dice)) if dice else None, lesions=lesions,
         lesion_sensitivity=sum(s.found for s in studies) / lesions if lesions else None,
         fp_lesions=sum(s.false_positives for s in studies) / len(studies) if studies else None,
-        hd95=float(np.mean(hd)) if hd else None, loss=loss, threshold=threshold)
+        hd95=float(np.mean(hd)) if hd else None, loss=loss, threshold=threshold, hd95_studies=len(hd))
 
 
 def merge_segmentation(parts: Sequence[SegMetrics]) -> SegMetrics | None:
     """The metrics of several disjoint sets of studies (splits, sites) together, as :func:`segmentation_metrics` gives
     them on all the studies at once: Dice weighted by positive studies, sensitivity by lesions, false positives by
-    studies. HD95 and the loss are kept only when a single part has them (a part does not say how many studies or
-    images it averaged them over), else None. None for no parts; the parts must share their threshold."""
+    studies, HD95 by the studies each part averaged it over (``hd95_studies``; a part that does not say, such as one
+    rebuilt from a site's metrics, keeps HD95 only when it is the only part with one). The loss is kept only when a
+    single part has it (a part does not say how many images it averaged it over), else None. None for no parts; the
+    parts must share their threshold."""
     if not parts:
         return None
     if len({p.threshold for p in parts}) != 1:
@@ -234,6 +238,11 @@ def merge_segmentation(parts: Sequence[SegMetrics]) -> SegMetrics | None:
     lesions = sum(p.lesions for p in parts)
     with_dice = [p for p in parts if p.dice is not None]
     with_hd = [p for p in parts if p.hd95 is not None]
+    hd_weight = sum(p.hd95_studies for p in with_hd)
+    if with_hd and all(p.hd95_studies > 0 for p in with_hd):
+        hd95 = sum(p.hd95 * p.hd95_studies for p in with_hd) / hd_weight  # type: ignore[operator]
+    else:
+        hd95 = with_hd[0].hd95 if len(with_hd) == 1 else None
     with_loss = [p.loss for p in parts if p.loss is not None]
     weight = sum(p.positives for p in with_dice)
     return SegMetrics(
@@ -243,6 +252,5 @@ def merge_segmentation(parts: Sequence[SegMetrics]) -> SegMetrics | None:
         lesion_sensitivity=(sum((p.lesion_sensitivity or 0.0) * p.lesions for p in parts) / lesions
                             if lesions else None),
         fp_lesions=sum((p.fp_lesions or 0.0) * p.studies for p in parts) / studies if studies else None,
-        hd95=with_hd[0].hd95 if len(with_hd) == 1 else None,
-        loss=with_loss[0] if len(with_loss) == 1 else None,
-        threshold=parts[0].threshold)
+        hd95=hd95, loss=with_loss[0] if len(with_loss) == 1 else None,
+        threshold=parts[0].threshold, hd95_studies=hd_weight if hd95 is not None else 0)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from models.config import RunKey
@@ -310,6 +311,9 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
                       + (", finished" if current["finished"] else ""), highlight=False)
         if "line" in current:
             console.print(current["line"], highlight=False, markup=False)
+        for w in current.get("warnings", []):
+            console.print(f"[yellow]warning:[/] round {w['round']}, site {w['site']}: {escape(str(w['reason']))}",
+                          highlight=False)
     return 0
 
 

@@ -309,7 +309,8 @@ def write_report(run_dir: Path, *, page_path: Path | None = None) -> Path:
                             if r.consortium else "—")])
     events = []
     for r in rounds:
-        for kind, entries in (("dropped", r.dropped), ("refused", r.refused), ("failed", r.failed)):
+        for kind, entries in (("dropped", r.dropped), ("refused", r.refused), ("failed", r.failed),
+                              ("warning", r.warnings)):
             for e in entries:
                 events.append([r.round, e.get("site", "?"), kind, e.get("reason", "")])
     for kind in ("refused", "failed"):

@@ -71,6 +71,7 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
     if offset and (state := store.server_state(offset)) is not None:  # the app recorded whether there was one
         stepper.load(state)
     started: dict[int, float] = {}
+    warned: set[str] = set()  # sites warned of training under DP-SGD while the server uses momentum
 
     def fit_config(rnd: int) -> dict[str, Any]:
         started[rnd + offset] = time.perf_counter()
@@ -101,6 +102,10 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
                 recorder.record["server_step"] = stepper.step
                 if stepper.momentum:
                     recorder.record["server_momentum"] = stepper.momentum
+                    dp_sites = [str(res.metrics.get(SiteKey.SITE_ID, "?")) for _, res in results
+                                if res.metrics.get(Metric.DP) == 1]
+                    for site in recorder.warn_momentum_under_dp(stepper.momentum, dp_sites, warned):
+                        log.warning("round %d: site %s: %s", rnd, site, recorder.record["warnings"][-1]["reason"])
                 flat = stepper.apply_arrays({"flat": np.asarray(final["flat"], dtype=np.float32)},
                                             {"flat": parameters_to_ndarrays(parameters)[0]})["flat"]
                 parameters = ndarrays_to_parameters([flat])

@@ -69,6 +69,8 @@ def consortium_status(kit_dir: Path, *, state: Path | None = None, run_dir: Path
                            refused=[{"site": e.get("site"), "reason": e.get("reason")} for e in last.refused],
                            failed=[{"site": e.get("site"), "reason": e.get("reason")} for e in last.failed],
                            dropped=[{"site": e.get("site"), "reason": e.get("reason")} for e in last.dropped],
+                           warnings=[{"round": r.round, "site": e.get("site"), "reason": e.get("reason")}
+                                     for r in rounds for e in r.warnings],
                            train_loss=last.aggregated_train.get(Metric.TRAIN_LOSS),
                            val_auroc=last.aggregated_evaluate.get(Metric.AUROC),
                            val_dice=last.aggregated_evaluate.get(Metric.DICE), line=last.progress_line())

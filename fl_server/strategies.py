@@ -201,6 +201,7 @@ class ConsortiumStrategy(FlowerStrategy):
         self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
         self.local_models: dict[str, ArrayRecord] = {}  # site id -> its last accepted update (cross-site eval)
         self._grid: Grid | None = None
+        self._warned: set[str] = set()  # sites warned of training under DP-SGD while the server uses momentum
 
     def summary(self) -> None:
         """Log how the run is set up (norm limit, where evaluation happens, rounds done before), then the
@@ -303,6 +304,9 @@ class ConsortiumStrategy(FlowerStrategy):
             recorder.record["server_step"] = self.stepper.step
             if self.stepper.momentum:
                 recorder.record["server_momentum"] = self.stepper.momentum
+                dp_sites = [site_of(m, self._names, self._grid) for m in kept if _metrics(m).get(Metric.DP) == 1]
+                for site in recorder.warn_momentum_under_dp(self.stepper.momentum, dp_sites, self._warned):
+                    log.warning("round %d: site %s: %s", rnd, site, recorder.record["warnings"][-1]["reason"])
             arrays = self.stepper.apply(sent, arrays)
         elif arrays is not None and sent:
             # FedAdam and FedYogi step with a float64 scalar, which NumPy 2 promotes the model to: sent as it is, the

@@ -11,7 +11,8 @@ a hospital's), per segmentation task and at equal training compute (R rounds of 
 
 every model scored on a held-out consortium: the same sites' scanners, other patients (seed + 1000), every study
 of it (3 × ``--holdout-studies`` per task, about half with a lesion): Dice (mean over the studies with a lesion),
-lesion-wise sensitivity, false-positive lesions per study. A benchmark may pool studies because it runs on synthetic
+lesion-wise sensitivity, false-positive lesions per study, HD95 (mean over the studies with a lesion and a
+prediction). A benchmark may pool studies because it runs on synthetic
 data on one machine. Also: CPU seconds per training epoch (pooled run) and sliding-window inference seconds per
 study. ``--set KEY=VALUE`` sets a run-config key of every run (learning-rate, batch-size, ...). Prints markdown
 tables; writes ``OUT/bench-seg.json``.
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{f(row.get('pooled', {}).get('seconds_per_study'), 3)} | "
                       f"{row.get('pooled', {}).get('studies', '—')} ({row.get('pooled', {}).get('positives', '—')}) |")
     console.print("\nLesion-wise: " + "; ".join(
-        f"{t} {n}: sensitivity {f(r[n].get('lesion_sensitivity'), 2)}, FP/study {f(r[n].get('fp_lesions'), 2)}"
+        f"{t} {n}: sensitivity {f(r[n].get('lesion_sensitivity'), 2)}, FP/study {f(r[n].get('fp_lesions'), 2)}, "
+        f"HD95 {f(r[n].get('hd95'), 1)} mm"
         for t, r in results.items() for n in r if n in done or n == "pooled"))
     console.print(f"\nwrote {out_json}")
     return 0

@@ -76,7 +76,8 @@ def holdout_auroc(model: Any, holdout: list[Any]) -> tuple[float | None, int]:
 
 def holdout_segmentation(model: Any, holdout: list[Any]) -> dict[str, Any]:
     """Segmentation figures of ``model`` on every study (all splits) of the held-out sites' data: Dice (mean over
-    the studies with a lesion), lesion-wise sensitivity, false-positive lesions per study, and the counts."""
+    the studies with a lesion), lesion-wise sensitivity, false-positive lesions per study, HD95 (mm, mean over the
+    studies with a lesion and a prediction), and the counts."""
     from fl_client.metrics import merge_segmentation
     from fl_client.train import evaluate_local
 
@@ -84,9 +85,10 @@ def holdout_segmentation(model: Any, holdout: list[Any]) -> dict[str, Any]:
              if (result := evaluate_local(model, data, split)) is not None]
     merged = merge_segmentation(parts)
     if merged is None:
-        return {"dice": None, "studies": 0, "positives": 0, "lesion_sensitivity": None, "fp_lesions": None}
+        return {"dice": None, "studies": 0, "positives": 0, "lesion_sensitivity": None, "fp_lesions": None,
+                "hd95": None}
     return {"dice": merged.dice, "studies": merged.studies, "positives": merged.positives,
-            "lesion_sensitivity": merged.lesion_sensitivity, "fp_lesions": merged.fp_lesions}
+            "lesion_sensitivity": merged.lesion_sensitivity, "fp_lesions": merged.fp_lesions, "hd95": merged.hd95}
 
 
 def holdout_score(model: Any, holdout: list[Any], segmentation: bool) -> tuple[float | None, int, dict[str, Any]]:
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "schedule": args.schedule, "momentum": args.momentum, "eta": args.eta, "pooled": args.pooled,
             "single": args.single, "unlike": args.unlike_site, "set": flat, f"holdout_{metric}": value,
             "holdout_studies": studies, **{f"holdout_{k}": v for k, v in seg_figures.items() if k != "dice"},
-            "studies": args.studies,
+            "studies": args.studies, "consortium_seed": args.seed, "holdout_seed": held_seed,
             "noise_multipliers": [p.noise_multiplier for p in plans if p is not None],
             "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ find lesions with and without DP-SGD (on tensors; the DICOM path is tested in th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,14 @@ def test_merged_figures_equal_the_figures_of_all_studies_at_once() -> None:
     assert merged is not None
     for field in ("studies", "positives", "negatives", "lesions"):
         assert getattr(merged, field) == getattr(whole, field), field
-    for field in ("dice", "lesion_sensitivity", "fp_lesions"):
+    for field in ("dice", "lesion_sensitivity", "fp_lesions", "hd95"):
         assert getattr(merged, field) == pytest.approx(getattr(whole, field)), field
-    assert merged.hd95 is None  # two parts have one: their counts are unknown
+    assert merged.hd95_studies == whole.hd95_studies == 3
+    # Parts that do not say how many studies their HD95 averages (rebuilt from a site's metrics): no mean of means.
+    bare = [replace(segmentation_metrics(studies[:2]), hd95_studies=0), segmentation_metrics(studies[3:])]
+    assert merge_segmentation(bare).hd95 is None  # type: ignore[union-attr]
+    alone = merge_segmentation(bare[:1] + [segmentation_metrics(studies[2:3])])  # the only part with an HD95
+    assert alone is not None and alone.hd95 == pytest.approx(2.0)
     assert merge_segmentation([segmentation_metrics(studies[3:])]) == segmentation_metrics(studies[3:])
     assert merge_segmentation([]) is None
     with pytest.raises(ValueError, match="threshold"):

@@ -281,3 +281,26 @@ def test_every_named_recipe_is_a_valid_run_config_with_the_momentum_it_names() -
         assert config.federation.strategy.value == values["strategy"], name
         # Plain recipes stay plain on a segmentation task, whose default would add momentum.
         assert config.federation.server_momentum == values.get("server-momentum", 0.0), name
+
+
+def test_a_site_under_dp_sgd_while_the_server_uses_momentum_is_warned_of_once(tmp_path: Path) -> None:
+    """A site's own policy may turn DP-SGD on under a run whose momentum was chosen for plain training (a
+    segmentation default): the server warns once per site, in the log, the history and the report, and goes on."""
+    from fl_server.report import write_report
+
+    def rounds(s: ConsortiumStrategy) -> list[dict[str, object]]:
+        glob = np.zeros(N, np.float32)
+        for rnd in (1, 2):
+            s._sent[rnd] = {"weights": glob}
+            replies = [reply(f"s{i}", w, {"num-examples": 10, "train-loss": 1.0, "dp": int(i == 1)})
+                       for i, w in enumerate(_site_models(glob, rnd))]
+            arrays, _ = s.aggregate_train(rnd, replies)
+            glob = arrays["weights"].numpy()
+        return json.loads((s.store.root / "history.json").read_text())["rounds"]
+
+    warned = rounds(_composed(tmp_path, "momentum", {"strategy": "fedavg", "server-momentum": 0.9}))
+    assert [[w["site"] for w in r.get("warnings", [])] for r in warned] == [["s1"], []]
+    assert "server-momentum=0" in warned[0]["warnings"][0]["reason"]
+    page = write_report(tmp_path / "momentum").read_text()
+    assert "warning" in page and "momentum 0.9" in page
+    assert all("warnings" not in r for r in rounds(_composed(tmp_path, "plain", {"strategy": "fedavg"})))
