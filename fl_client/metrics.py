@@ -239,10 +239,11 @@ def merge_segmentation(parts: Sequence[SegMetrics]) -> SegMetrics | None:
     with_dice = [p for p in parts if p.dice is not None]
     with_hd = [p for p in parts if p.hd95 is not None]
     hd_weight = sum(p.hd95_studies for p in with_hd)
-    if with_hd and all(p.hd95_studies > 0 for p in with_hd):
+    hd95: float | None = None
+    if len(with_hd) == 1:
+        hd95 = with_hd[0].hd95
+    elif with_hd and all(p.hd95_studies > 0 for p in with_hd):
         hd95 = sum(p.hd95 * p.hd95_studies for p in with_hd) / hd_weight  # type: ignore[operator]
-    else:
-        hd95 = with_hd[0].hd95 if len(with_hd) == 1 else None
     with_loss = [p.loss for p in parts if p.loss is not None]
     weight = sum(p.positives for p in with_dice)
     return SegMetrics(

@@ -312,8 +312,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         if "line" in current:
             console.print(current["line"], highlight=False, markup=False)
         for w in current.get("warnings", []):
-            console.print(f"[yellow]warning:[/] round {w['round']}, site {w['site']}: {escape(str(w['reason']))}",
-                          highlight=False)
+            console.print(f"[yellow]warning:[/] round {w['round']}, site {escape(str(w['site']))}: "
+                          f"{escape(str(w['reason']))}", highlight=False)
     return 0
 
 

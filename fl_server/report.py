@@ -399,7 +399,7 @@ negative test studies, too few to judge.</p>
 {_table(['round', 'wall s', 'slowest site s', 'framework overhead', 'aggregated/asked', 'train loss',
          f'val {name} (weighted)', 'val AUROC, consortium (95 % CI)'], round_rows)}
 {_run_html(run_dir, history)}
-<h2>Dropped, refused and failed replies</h2>
+<h2>Dropped, refused and failed replies, and warnings</h2>
 {_table(['round', 'site', 'what', 'why'], events) if events else '<p>None: every site took part in every round.</p>'}
 <h2>Plots</h2>
 {imgs}

@@ -23,13 +23,18 @@ from typing import Any
 from fl_server.evaluation import consortium_auroc
 from models.protocol import EVAL_AGGREGATED, HEADLINE_METRICS, Metric, split_histograms
 
-__all__ = ["RoundRecord", "RoundRecorder", "new_round", "weighted_by_studies"]
+__all__ = ["RoundRecord", "RoundRecorder", "new_round", "warned_sites", "weighted_by_studies"]
 
 
 def new_round(round_number: int) -> dict[str, Any]:
     """A fresh history entry for a round."""
     return {"round": round_number, "started": time.time(), "train": {}, "evaluate": {}, "dropped": [],
             "refused": [], "failed": [], "aggregated_train": {}, "aggregated_evaluate": {}}
+
+
+def warned_sites(history: Mapping[str, Any]) -> set[str]:
+    """The sites a run's history has warned of already (a resumed run does not warn of them again)."""
+    return {str(w.get("site")) for r in history.get("rounds", []) for w in r.get("warnings") or ()}
 
 
 def weighted_by_studies(per_site: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -99,22 +104,26 @@ class RoundRecorder:
         """A reply the server's validation kept out of the aggregate."""
         self.record["dropped"].append({"site": site, "reason": reason})
 
-    def warn_momentum_under_dp(self, momentum: float, dp_sites: Iterable[str], warned: set[str]) -> list[str]:
+    def warn_momentum_under_dp(self, momentum: float, dp_sites: Iterable[str],
+                               warned: set[str]) -> list[dict[str, str]]:
         """Warn of sites whose update was aggregated under DP-SGD (the run's, or their own policy's) while the server
-        steps with momentum: once per site and run (``warned``, updated, holds the sites warned of before).
+        steps with momentum: once per site and run (``warned``, updated, holds the sites warned of before; see
+        :func:`warned_sites`).
 
         Momentum adds up the noise of successive rounds along with their signal: under DP-SGD at ε = 8 it cost
-        8–10 % AUROC (BENCHMARKS.md), which is why a run's automatic momentum is 0 under DP. It changes no site's
-        ε: it works on updates that have left the sites. Returns the sites warned of now."""
+        3–9 % AUROC against the same DP run without it (BENCHMARKS.md), which is why a run's automatic momentum is 0
+        under DP. It changes no site's ε: it works on updates that have left the sites.
+
+        Returns:
+            The warnings recorded now."""
         if momentum <= 0:
             return []
-        new = sorted(set(dp_sites) - warned)
-        for site in new:
-            self.record.setdefault("warnings", []).append({"site": site, "reason": (
-                f"the site trains under DP-SGD and the server steps with momentum {momentum:g}: momentum adds up "
-                "the noise of successive rounds with their signal (it cost 8-10 % AUROC at epsilon 8 in the "
-                "benchmarks); start such a run with --set server-momentum=0")})
-        warned.update(new)
+        new = [{"site": site, "reason": (
+            f"the site trains under DP-SGD and the server steps with momentum {momentum:g}: momentum adds up the "
+            "noise of successive rounds with their signal (it cost 3-9 % AUROC at epsilon 8 in the benchmarks); "
+            "start such a run with --set server-momentum=0")} for site in sorted(set(dp_sites) - warned)]
+        self.record.setdefault("warnings", []).extend(new)
+        warned.update(w["site"] for w in new)
         return new
 
     def aggregated(self, sites: int, train: Mapping[str, float] | None = None) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_server.rounds import RoundRecord, RoundRecorder
+from fl_server.rounds import RoundRecord, RoundRecorder, warned_sites
 from fl_server.runstore import RunStore
 from fl_server.strategies import ServerStep
 from models.config import RunConfig, Strategy, proximal_mu_of, server_step
@@ -71,7 +71,7 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
     if offset and (state := store.server_state(offset)) is not None:  # the app recorded whether there was one
         stepper.load(state)
     started: dict[int, float] = {}
-    warned: set[str] = set()  # sites warned of training under DP-SGD while the server uses momentum
+    warned = warned_sites(store.history)  # sites warned of training under DP-SGD while the server uses momentum
 
     def fit_config(rnd: int) -> dict[str, Any]:
         started[rnd + offset] = time.perf_counter()
@@ -104,8 +104,8 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
                     recorder.record["server_momentum"] = stepper.momentum
                     dp_sites = [str(res.metrics.get(SiteKey.SITE_ID, "?")) for _, res in results
                                 if res.metrics.get(Metric.DP) == 1]
-                    for site in recorder.warn_momentum_under_dp(stepper.momentum, dp_sites, warned):
-                        log.warning("round %d: site %s: %s", rnd, site, recorder.record["warnings"][-1]["reason"])
+                    for w in recorder.warn_momentum_under_dp(stepper.momentum, dp_sites, warned):
+                        log.warning("round %d: site %s: %s", rnd, w["site"], w["reason"])
                 flat = stepper.apply_arrays({"flat": np.asarray(final["flat"], dtype=np.float32)},
                                             {"flat": parameters_to_ndarrays(parameters)[0]})["flat"]
                 parameters = ndarrays_to_parameters([flat])

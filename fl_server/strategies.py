@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from fl_server.rounds import RoundRecord, RoundRecorder
+from fl_server.rounds import RoundRecord, RoundRecorder, warned_sites
 from fl_server.runstore import RunStore
 from fl_server.validation import screen_updates
 from models.config import RunConfig, RunKey, Strategy, proximal_mu_of, server_step
@@ -201,7 +201,8 @@ class ConsortiumStrategy(FlowerStrategy):
         self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
         self.local_models: dict[str, ArrayRecord] = {}  # site id -> its last accepted update (cross-site eval)
         self._grid: Grid | None = None
-        self._warned: set[str] = set()  # sites warned of training under DP-SGD while the server uses momentum
+        # Sites warned of training under DP-SGD while the server uses momentum (a resumed run's history included).
+        self._warned: set[str] = warned_sites(store.history)
 
     def summary(self) -> None:
         """Log how the run is set up (norm limit, where evaluation happens, rounds done before), then the
@@ -305,8 +306,8 @@ class ConsortiumStrategy(FlowerStrategy):
             if self.stepper.momentum:
                 recorder.record["server_momentum"] = self.stepper.momentum
                 dp_sites = [site_of(m, self._names, self._grid) for m in kept if _metrics(m).get(Metric.DP) == 1]
-                for site in recorder.warn_momentum_under_dp(self.stepper.momentum, dp_sites, self._warned):
-                    log.warning("round %d: site %s: %s", rnd, site, recorder.record["warnings"][-1]["reason"])
+                for w in recorder.warn_momentum_under_dp(self.stepper.momentum, dp_sites, self._warned):
+                    log.warning("round %d: site %s: %s", rnd, w["site"], w["reason"])
             arrays = self.stepper.apply(sent, arrays)
         elif arrays is not None and sent:
             # FedAdam and FedYogi step with a float64 scalar, which NumPy 2 promotes the model to: sent as it is, the

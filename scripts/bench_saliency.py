@@ -2,7 +2,10 @@
 
 For each task: train the default network pooled over the sites (the learning test's recipe), then on
 every lesion-positive image of the validation and test splits compute each method's map and
-- the pointing game: is the map's peak inside the lesion mask (dilated by one voxel)?
+- the pointing game: is the map's peak inside the lesion mask (dilated by one voxel)? Over every lesion image,
+  and over those the model called positive (at the run's operating point, chosen on the validation split as a
+  run chooses it): a map explains the model's call, so on a lesion
+  the model missed it shows the weaker evidence the model did see, and a miss there is a miss of the detector;
 - the energy inside the lesion: the share of the map's total inside the mask;
 - the model-randomisation test (Adebayo et al. 2018): the same for a network with fresh random
   weights, and the rank correlation between the trained and the random model's maps (low = the map
@@ -15,6 +18,8 @@ Example::
 
     .venv/bin/python scripts/bench_saliency.py --out bench-output/saliency
     .venv/bin/python scripts/bench_saliency.py --out bench-output/saliency --tasks lung-ct --methods gradcam
+    .venv/bin/python scripts/bench_saliency.py --out bench-output/saliency --tasks prostate-mr --methods occlusion \
+        --mask-size 4
 """
 
 from __future__ import annotations
@@ -63,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="gradcam,gradcampp,occlusion")
     parser.add_argument("--studies", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mask-size", type=int, default=None,
+                        help="occlusion patch edge in voxels (default: 1/8 of each axis in 2D, 1/4 in 3D, at least 4)")
     args = parser.parse_args(argv)
+    if args.mask_size is not None and args.mask_size < 1:
+        parser.error(f"--mask-size {args.mask_size}: give a patch edge of 1 voxel or more")
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         config = from_flat({"task": task, "seed": args.seed})
         out = args.out / f"model-{task}"
         doc = run_local(sites, config, out, epochs=EPOCHS.get(task, 10))
+        threshold = float((doc.get("operating_point") or {}).get("threshold", 0.5))  # the run's, as a site uses it
         model = build_model(config.model)
         arrays = torch.load(out / "model.pt", weights_only=True)["arrays"]
         model.load_state_dict(arrays)
@@ -115,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                     layer = target_layer(model, tuple(image.shape))
                     grid = layer_grid(model, layer, tuple(image.shape))
                 for method in methods:
-                    trained = saliency(model, image, method, layer=layer, grid=grid)
-                    rand = saliency(random_model, image, method, layer=layer, grid=grid)
+                    trained = saliency(model, image, method, layer=layer, grid=grid, mask_size=args.mask_size)
+                    rand = saliency(random_model, image, method, layer=layer, grid=grid, mask_size=args.mask_size)
                     r = rows[method.value]
                     r.setdefault("hit", []).append(float(pointing_game(trained.map, mask, margin=1)))
+                    r.setdefault("detected", []).append(float(trained.probability >= threshold))
                     r.setdefault("energy", []).append(energy_inside(trained.map, mask))
                     r.setdefault("random_hit", []).append(float(pointing_game(rand.map, mask, margin=1)))
                     r.setdefault("random_energy", []).append(energy_inside(rand.map, mask))
@@ -127,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                     r.setdefault("lesion_share", []).append(float(mask.mean()))
         inference = statistics.median(infer) if infer else float("nan")
         results[task] = {"val_auroc": doc["splits"]["val"]["auroc"], "test_auroc": doc["splits"]["test"]["auroc"],
+                         "operating_threshold": threshold,
                          "lesion_images": len(infer), "inference_seconds": inference, "methods": {}}
         for name, r in rows.items():
             if not r:
                 continue
             results[task]["methods"][name] = {
                 "pointing_game": float(np.mean(r["hit"])), "energy_inside": float(np.mean(r["energy"])),
+                "detected": int(sum(r["detected"])),
+                "pointing_game_detected": (float(np.mean([h for h, d in zip(r["hit"], r["detected"], strict=True)
+                                                          if d])) if any(r["detected"]) else None),
                 "random_pointing_game": float(np.mean(r["random_hit"])),
                 "random_energy_inside": float(np.mean(r["random_energy"])),
                 "rank_correlation_trained_vs_random": float(np.median(r["rank_corr"])),
@@ -142,13 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         console.print(task, results[task])
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench-saliency.json").write_text(json.dumps(results, indent=1))
-    console.print("\n| task (val AUROC) | method | pointing game | energy in lesion (lesion share) | random model: "
-                  "pointing / energy | rank corr. trained vs random | s per map | × inference |")
-    console.print("|---|---|---|---|---|---|---|---|")
+    console.print("\n| task (val AUROC) | method | pointing game | on the lesions called positive | energy in lesion "
+                  "(lesion share) | random model: pointing / energy | rank corr. trained vs random | s per map | "
+                  "× inference |")
+    console.print("|---|---|---|---|---|---|---|---|---|")
     for task, t in results.items():
         for method, m in t["methods"].items():
             console.print(f"| {task} ({t['val_auroc']:.2f}, {t['lesion_images']} images) | {method} | "
-                          f"{100 * m['pointing_game']:.0f} % | {m['energy_inside']:.2f} "
+                          f"{100 * m['pointing_game']:.0f} % | "
+                          + ("—" if m["pointing_game_detected"] is None else
+                             f"{100 * m['pointing_game_detected']:.0f} % of {m['detected']}")
+                          + f" | {m['energy_inside']:.2f} "
                           f"({m['lesion_share_of_image']:.3f}) | "
                           f"{100 * m['random_pointing_game']:.0f} % / {m['random_energy_inside']:.2f} | "
                           f"{m['rank_correlation_trained_vs_random']:.2f} | {m['seconds_per_map']:.3f} | "
