@@ -298,8 +298,17 @@ def test_a_site_under_dp_sgd_while_the_server_uses_momentum_is_warned_of_once(tm
             glob = arrays["weights"].numpy()
         return json.loads((s.store.root / "history.json").read_text())["rounds"]
 
-    warned = rounds(_composed(tmp_path, "momentum", {"strategy": "fedavg", "server-momentum": 0.9}))
+    flat = {"strategy": "fedavg", "server-momentum": 0.9}
+    warned = rounds(_composed(tmp_path, "momentum", flat))
     assert [[w["site"] for w in r.get("warnings", [])] for r in warned] == [["s1"], []]
+    # Resumed, the run does not warn of the same site again (the history remembers it).
+    RunStore.resume(tmp_path / "momentum")[0].checkpoint(2, {"weights": GLOBAL}, {})
+    resumed = _composed(tmp_path, "momentum", flat, offset=2)
+    resumed._sent[3] = {"weights": GLOBAL}
+    resumed.aggregate_train(1, [reply("s1", w, {"num-examples": 10, "train-loss": 1.0, "dp": 1})
+                                for w in _site_models(GLOBAL, 3)[:1]])
+    history = json.loads((tmp_path / "momentum" / "history.json").read_text())["rounds"]
+    assert [w["site"] for r in history for w in r.get("warnings", [])] == ["s1"]
     assert "server-momentum=0" in warned[0]["warnings"][0]["reason"]
     page = write_report(tmp_path / "momentum").read_text()
     assert "warning" in page and "momentum 0.9" in page
