@@ -440,7 +440,8 @@ EPILOG_STATUS = """examples:
 
 Sites are named by their site id (the SuperNode ids Flower gave them at 'start'), with online/offline since;
 runs with Flower's state; with --run-dir, the current run's latest round: who answered, refused or failed and
-why, and its aggregated metrics.
+why, and its aggregated metrics, then the run's warnings (a site training under DP-SGD while the server uses
+momentum).
 """
 
 EPILOG_STOP = """example:
