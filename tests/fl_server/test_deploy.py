@@ -73,8 +73,10 @@ def _wait_for(path: Path, text: str, *, timeout: float, process: subprocess.Pope
     pytest.fail(f"{text!r} not in {path} after {timeout:.0f} s:\n{path.read_text() if path.exists() else ''}")
 
 
-def _interrupt(process: subprocess.Popen[str] | None, timeout: float = 30.0) -> int | None:
-    """Ctrl-C for a CLI process; SIGKILL its whole session if it does not stop."""
+def _interrupt(process: subprocess.Popen[str] | None, timeout: float = 120.0) -> int | None:
+    """Ctrl-C for a CLI process; SIGKILL its whole session if it does not stop. The timeout is three times the
+    longest clean stop (a site's: 10 s for its executor, then up to 20 s for the SuperNode and 10 s more to kill it),
+    which a busy machine can reach: at 30 s a site once failed this under the full suite."""
     if process is None:
         return None
     if process.poll() is None:
