@@ -455,7 +455,9 @@ def join(kit_dir: Path, workspace: Path, *, superlink: str | None = None, say: C
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C too, explicitly: a process started in the background by a shell (or a service manager) may inherit
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt of its own; `kill -INT` must still stop it.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     node.start()
     say(f"site {kit.site_id}: connecting to the SuperLink at {node.address} (TLS, site key {kit.fingerprint}); "
         f"workspace {ws}; models on {placement}; log {node.log_path}")

@@ -300,7 +300,9 @@ def serve(kit_dir: Path, *, state: Path | None = None, host: str = "127.0.0.1", 
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C too, explicitly: a process started in the background by a shell (or a service manager) may inherit
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt of its own; `kill -INT` must still stop it.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deployment: Deployment | None = None
     try:
         say(f"Starting the SuperLink on {host}:{port or kit.port} with TLS and SuperNode authentication "

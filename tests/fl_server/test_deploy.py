@@ -55,10 +55,14 @@ class Federation:
         return self.root / f"{name}.out"
 
     def cli(self, name: str, module: str, *args: str) -> subprocess.Popen[str]:
-        """Start a CLI as a real process (its own session, output to ROOT/NAME.out)."""
+        """Start a CLI as a real process (its own session, output to ROOT/NAME.out), with SIGINT ignored as a shell
+        leaves it for a command started in the background: Ctrl-C (``kill -INT``) must stop it all the same."""
+        def background() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         with open(self.out(name), "w") as fh:
             return subprocess.Popen([sys.executable, "-m", module, *args], stdout=fh, stderr=subprocess.STDOUT,
-                                    text=True, env=self.env, start_new_session=True)
+                                    text=True, env=self.env, start_new_session=True, preexec_fn=background)
 
 
 def _wait_for(path: Path, text: str, *, timeout: float, process: subprocess.Popen[str] | None = None) -> str:
