@@ -3,7 +3,8 @@
 All networks come from MONAI, for 2D and 3D through ``spatial_dims``, and are built ready for DP-SGD:
 
 - normalisation is chosen here, so the server and every site have identical ``state_dict`` keys and
-  no site ever runs ``ModuleValidator.fix``: InstanceNorm with affine parameters by default, GroupNorm
+  no site ever runs ``ModuleValidator.fix``: InstanceNorm with affine parameters by default (none for the
+  colorectal CT classifier, :data:`models.config.TASK_NORM`), GroupNorm
   on request, BatchNorm only without DP (all but BatchNorm work per sample, as DP-SGD needs). On the
   synthetic mammography task GroupNorm with two groups of eight channels did not start learning in
   12 epochs where InstanceNorm reached a validation AUROC of 0.9, hence the default;
@@ -23,7 +24,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import DenseNet, DenseNet121, UNet
 from torch import nn
 
-from models.config import Arch, ModelSpec, Norm
+from models.config import Arch, ModelSpec, Norm, resolve_norm
 
 __all__ = ["LESION_PRIOR", "CompactCNN", "GeMPool", "build_model", "norm_layer", "parameter_count", "segmentation_net"]
 
@@ -47,7 +48,9 @@ def norm_layer(norm: Norm, channels: int) -> tuple[str, dict[str, object]] | Non
         return ("group", {"num_groups": _groups(channels)})
     if norm == Norm.INSTANCE:
         return ("instance", {"affine": True})
-    return ("batch", {})
+    if norm == Norm.BATCH:
+        return ("batch", {})
+    raise ValueError(f"norm {norm.value!r} is not a layer: resolve it first (models.config.resolve_norm)")
 
 
 class GeMPool(nn.Module):
@@ -116,12 +119,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
         ``(batch, 1, *spatial)`` logits (the segmentation UNet).
     """
     if spec.network == Arch.COMPACT_CNN:
-        return CompactCNN(spec.spatial_dims, spec.in_channels, spec.width, spec.norm, spec.dropout)
+        return CompactCNN(spec.spatial_dims, spec.in_channels, spec.width, resolve_norm(spec), spec.dropout)
     if spec.network == Arch.UNET:
         return segmentation_net(spec)
     # MONAI's DenseNet applies one norm argument to layers of many widths: GroupNorm needs a group
     # count dividing all of them (every DenseNet width here is a multiple of 8 or 16).
-    norm = ("group", {"num_groups": 8}) if spec.norm == Norm.GROUP else norm_layer(spec.norm, 0)
+    kind = resolve_norm(spec)
+    norm = ("group", {"num_groups": 8}) if kind == Norm.GROUP else norm_layer(kind, 0)
     if norm is None:
         raise ValueError("DenseNets need a norm layer; use norm=instance or norm=group")
     if spec.network == Arch.DENSENET121:
@@ -137,8 +141,9 @@ def segmentation_net(spec: ModelSpec) -> nn.Module:
     default), stride 2 in every axis (patches must be multiples of 8), one residual unit per level, the spec's
     DP-compatible norm and a non-in-place ReLU (not MONAI's default PReLU, which Opacus has no per-sample rule for).
     Its transposed convolutions train under Opacus' ``hooks`` mode."""
-    norm = norm_layer(spec.norm, 0)
-    if spec.norm == Norm.GROUP:
+    kind = resolve_norm(spec)
+    norm = norm_layer(kind, 0)
+    if kind == Norm.GROUP:
         norm = ("group", {"num_groups": 1})  # MONAI's top up-layer normalises the one output channel too
     if norm is None:
         raise ValueError("the UNet needs a norm layer; use norm=instance or norm=group")

@@ -276,7 +276,13 @@ def test_a_resume_forgets_what_an_interrupted_round_left_and_keeps_its_aggregati
 def test_every_named_recipe_is_a_valid_run_config_with_the_momentum_it_names() -> None:
     from fl_server.strategies import RECIPES
 
+    assert RECIPES["default"] == {}  # the task's own defaults: FedProx with momentum here, FedAvg for colorectal CT
+    seg = from_flat({"task": "lung-ct-seg", **RECIPES["default"]}).federation
+    assert (seg.strategy.value, seg.server_momentum) == ("fedprox", 0.9)
+    assert from_flat({"task": "colorectal-ct", **RECIPES["default"]}).federation.strategy.value == "fedavg"
     for name, values in RECIPES.items():
+        if name == "default":
+            continue
         config = from_flat({"task": "lung-ct-seg", **values})
         assert config.federation.strategy.value == values["strategy"], name
         # Plain recipes stay plain on a segmentation task, whose default would add momentum.

@@ -167,3 +167,44 @@ def test_segmentation_tasks_take_server_momentum_by_default() -> None:
     assert from_flat({"task": "lung-ct", "server-momentum": 0.9}).federation.server_momentum == 0.9
     with pytest.raises(ConfigError, match="server-momentum"):
         from_flat({"server-momentum": -0.5})
+
+
+def test_norm_auto_is_the_tasks_and_fedprox_runs_as_fedavg_without_a_norm_layer() -> None:
+    """``norm`` auto (the default) drops normalisation from the colorectal CT classifier only (its cue is an
+    absolute CT number); ``proximal-mu`` -1 (the default) is FedProx's 0.01 with a norm layer and 0 without one, and
+    then the default FedProx run is a FedAvg run. The flat form the server sends carries the resolved values, and a
+    value the run sets is kept."""
+    from torch import nn
+
+    from models.config import AUTO_PROXIMAL_MU, FEDPROX_MU, TASK_NORM, proximal_mu_of, resolve_norm
+    from models.nets import build_model, norm_layer
+
+    assert RunConfig().model.norm == Norm.AUTO and RunConfig().training.proximal_mu == AUTO_PROXIMAL_MU
+    crc = from_flat({"task": "colorectal-ct"})
+    assert (crc.model.norm, crc.training.proximal_mu, crc.federation.strategy) == (Norm.NONE, 0.0, Strategy.FEDAVG)
+    sent = crc.to_flat()
+    assert (sent["norm"], sent["proximal-mu"], sent["strategy"]) == ("none", 0.0, "fedavg")
+    assert from_flat(sent) == crc
+    for flat in ({"task": "lung-ct"}, {"task": "prostate-mr"}, {"task": "breast-mg"}, {"task": "colorectal-ct-seg"},
+                 {"task": "colorectal-ct", "resolution": "diagnostic"}, {"task": "colorectal-ct", "norm": "instance"}):
+        c = from_flat(flat)
+        assert (c.model.norm, c.training.proximal_mu, c.federation.strategy) == (
+            Norm.INSTANCE, FEDPROX_MU, Strategy.FEDPROX), flat
+    own = from_flat({"task": "colorectal-ct", "proximal-mu": 0.05})  # the run's own μ keeps FedProx
+    assert (own.model.norm, own.training.proximal_mu, own.federation.strategy) == (Norm.NONE, 0.05, Strategy.FEDPROX)
+    assert from_flat({"task": "lung-ct", "norm": "none"}).federation.strategy == Strategy.FEDAVG
+    assert from_flat({"task": "colorectal-ct", "strategy": "fedadam"}).federation.strategy == Strategy.FEDADAM
+    # A config built in code (not read by from_flat) resolves the same way where it is used.
+    code = RunConfig()
+    assert resolve_norm(code.model) == Norm.INSTANCE and proximal_mu_of(code) == FEDPROX_MU
+    from dataclasses import replace
+
+    code_crc = replace(code, model=replace(code.model, task="colorectal-ct"))
+    assert resolve_norm(code_crc.model) == TASK_NORM["colorectal-ct"] and proximal_mu_of(code_crc) == 0.0
+    norms = (nn.InstanceNorm3d, nn.GroupNorm, nn.BatchNorm3d)
+    assert not any(isinstance(m, norms) for m in build_model(code_crc.model).modules())
+    assert any(isinstance(m, nn.InstanceNorm3d) for m in build_model(code.model).modules())
+    with pytest.raises(ValueError, match="resolve it first"):
+        norm_layer(Norm.AUTO, 8)
+    with pytest.raises(ConfigError, match="proximal-mu"):
+        from_flat({"proximal-mu": -0.5})
