@@ -24,7 +24,7 @@ Example::
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed --tasks colorectal-ct --unlike-site site-c
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed --overhead-only --sites 2,4
     .venv/bin/python scripts/bench_federation.py --out bench-output/fed-dp --studies 96 --dp-epsilons 1,3,8 --dp-only
-    .venv/bin/python scripts/bench_federation.py --out bench-output/fed-dp --studies 96 --dp-epsilons 8 --dp-only \
+    .venv/bin/python scripts/bench_federation.py --out bench-output/fed-dp --studies 96 --dp-epsilons 8 --dp-only \\
         --tasks lung-ct --dp-set augmentation-multiplicity=4
 """
 

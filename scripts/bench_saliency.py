@@ -18,7 +18,7 @@ Example::
 
     .venv/bin/python scripts/bench_saliency.py --out bench-output/saliency
     .venv/bin/python scripts/bench_saliency.py --out bench-output/saliency --tasks lung-ct --methods gradcam
-    .venv/bin/python scripts/bench_saliency.py --out bench-output/saliency --tasks prostate-mr --methods occlusion \
+    .venv/bin/python scripts/bench_saliency.py --out bench-output/saliency --tasks prostate-mr --methods occlusion \\
         --mask-size 4
 """
 
