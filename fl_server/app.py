@@ -44,6 +44,13 @@ def main(grid: Grid, context: Context) -> None:
     flat_config[RunKey.SERVER_MOMENTUM] = config.federation.server_momentum
     flat_config[RunKey.LEARNING_RATE] = resolve_learning_rate(config.training.learning_rate,
                                                               segmentation=is_segmentation(config.model.task))
+    flat_config[RunKey.NORM] = config.model.norm.value  # the network a resume, export or explainer rebuilds
+    flat_config[RunKey.PROXIMAL_MU] = config.training.proximal_mu
+    flat_config[RunKey.STRATEGY] = config.federation.strategy.value  # fedavg where no norm layer dropped FedProx
+    if str(context.run_config.get(RunKey.STRATEGY, "")) != config.federation.strategy.value:
+        log.info("oncofed: strategy %s (asked: %s): %s", config.federation.strategy.value,
+                 context.run_config.get(RunKey.STRATEGY), "the network has no normalisation layer, and FedProx's "
+                 "term held such a network at chance; set proximal-mu to run FedProx anyway")
     import torch
 
     torch.manual_seed(config.training.seed)
@@ -142,13 +149,14 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) -> None:
-    """Refuse to resume a run under another aggregation or local step than it was started with: the server's
-    momentum or moments saved with its checkpoints belong to that strategy and step, and the sites' rate is part of
-    the run. A run stored before ``server-momentum`` existed ran without momentum.
+    """Refuse to resume a run under another network, aggregation or local step than it was started with: its
+    checkpoints hold that network's weights, the server's momentum or moments belong to that strategy and step, and
+    the sites' rate is part of the run. A run stored before ``server-momentum`` existed ran without momentum; one
+    stored before ``norm=auto`` names its norm.
 
     Raises:
-        ValueError: The strategy, server learning rate, server momentum or learning rate differ; the message names
-            the key.
+        ValueError: The norm, strategy, server learning rate, server momentum or learning rate differ; the message
+            names the key.
     """
     from models.config import KEYS, RunKey, from_flat, resolve_learning_rate, server_step
     from models.tasks import is_segmentation
@@ -157,7 +165,8 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
     then = from_flat(known)
     before, now = then.federation, config.federation
     segmentation = is_segmentation(config.model.task)
-    for key, old, new in ((RunKey.STRATEGY, before.strategy.value, now.strategy.value),
+    for key, old, new in ((RunKey.NORM, then.model.norm.value, config.model.norm.value),
+                          (RunKey.STRATEGY, before.strategy.value, now.strategy.value),
                           (RunKey.SERVER_LEARNING_RATE, server_step(before), server_step(now)),
                           (RunKey.SERVER_MOMENTUM, before.server_momentum, now.server_momentum),
                           (RunKey.LEARNING_RATE,

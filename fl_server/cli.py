@@ -85,10 +85,16 @@ def parse_sets(values: Sequence[str]) -> dict[str, Any]:
         raise UserError(f"--set: {exc}") from None
     # A value that means "the task's default" stays as given: it is resolved once the run's task is known (on a
     # resume, the stored task), not against the default task here.
-    return {key: raw[key] if _SENTINELS.get(key) == _number(raw[key]) else flat[key] for key in raw}
+    return {key: raw[key] if _is_sentinel(key, raw[key]) else flat[key] for key in raw}
 
 
-_SENTINELS = {RunKey.NUM_ROUNDS: 0.0, RunKey.LEARNING_RATE: 0.0, RunKey.SERVER_MOMENTUM: -1.0}
+_SENTINELS = {RunKey.NUM_ROUNDS: 0.0, RunKey.LEARNING_RATE: 0.0, RunKey.SERVER_MOMENTUM: -1.0,
+              RunKey.PROXIMAL_MU: -1.0}
+
+
+def _is_sentinel(key: str, value: str) -> bool:
+    """Whether ``value`` means "the task's default" for ``key`` (``norm=auto`` too)."""
+    return _SENTINELS.get(key) == _number(value) or (key == RunKey.NORM and value.strip().lower() == "auto")
 
 
 def _number(text: str) -> float | None:
@@ -109,7 +115,7 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     always written out: every site then reads the count the server runs, not its own version's default. A resumed
     run keeps every setting it was started with (its count of rounds, strategy, server momentum, ...) unless --set
     says otherwise."""
-    from models.config import KEYS, from_flat
+    from models.config import KEYS, ConfigError, from_flat
 
     run_config = parse_sets(args.set)
     if args.resume:
@@ -124,7 +130,10 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
                     run_config[key] = value
     elif (args.run_dir / "history.json").exists():
         raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
-    run_config[RunKey.NUM_ROUNDS] = from_flat(run_config).federation.num_rounds
+    try:
+        run_config[RunKey.NUM_ROUNDS] = from_flat(run_config).federation.num_rounds
+    except ConfigError as exc:
+        raise UserError(f"--set: {exc}") from None
     return run_config
 
 

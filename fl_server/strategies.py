@@ -60,19 +60,17 @@ RECIPES: MappingProxyType[str, dict[str, Any]] = MappingProxyType({
     "fedavg": {_S: "fedavg", _M: 0.0},
     "fedavg-step3": {_S: "fedavg", _STEP: 3.0, _M: 0.0},
     "fedprox": {_S: "fedprox", _MU: 0.01, _M: 0.0},
-    "fedprox-instance": {_S: "fedprox", _MU: 0.01, _M: 0.0, RunKey.NORM: "instance"},
+    "norm-auto": {RunKey.NORM: "auto"},
     "fedavgm": {_S: "fedavg", _M: 0.9},
     "fedprox-momentum": {_S: "fedprox", _MU: 0.01, _M: 0.9},
     "fedprox-momentum0.5": {_S: "fedprox", _MU: 0.01, _M: 0.5},
     "fedadam": {_S: "fedadam"},
 })
 """Named federated recipes as run-config values, the ones the benchmarks compare: "default" is the run config's
-own defaults as each task resolves them (FedProx μ 0.01, or FedAvg for a network without normalisation); the plain
-recipes pin
+own defaults as each task resolves them; "norm-auto" lets the task choose its normalisation too (none for the
+colorectal CT classifier, whose run is then FedAvg); the plain recipes pin
 ``server-momentum`` to 0 (a segmentation task's default would add it); "fedavg-step3" steps three times along the
-mean update (with three sites, about as far as a pooled epoch); "fedavgm" is Flower's FedAvgM at β 0.9;
-"fedprox-instance" is the default of 0.2 (FedProx μ 0.01 on a network with InstanceNorm) for a task whose default
-has no normalisation now."""
+mean update (with three sites, about as far as a pooled epoch); "fedavgm" is Flower's FedAvgM at β 0.9."""
 
 
 def build_strategy(config: RunConfig, *, sites: int | None = None) -> FlowerStrategy:

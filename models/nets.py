@@ -3,8 +3,8 @@
 All networks come from MONAI, for 2D and 3D through ``spatial_dims``, and are built ready for DP-SGD:
 
 - normalisation is chosen here, so the server and every site have identical ``state_dict`` keys and
-  no site ever runs ``ModuleValidator.fix``: InstanceNorm with affine parameters by default (none for the
-  colorectal CT classifier, :data:`models.config.TASK_NORM`), GroupNorm
+  no site ever runs ``ModuleValidator.fix``: InstanceNorm with affine parameters by default (with ``norm=auto``,
+  none for the colorectal CT classifier, :data:`models.config.TASK_NORM`), GroupNorm
   on request, BatchNorm only without DP (all but BatchNorm work per sample, as DP-SGD needs). On the
   synthetic mammography task GroupNorm with two groups of eight channels did not start learning in
   12 epochs where InstanceNorm reached a validation AUROC of 0.9, hence the default;
@@ -26,10 +26,18 @@ from torch import nn
 
 from models.config import Arch, ModelSpec, Norm, resolve_norm
 
-__all__ = ["LESION_PRIOR", "CompactCNN", "GeMPool", "build_model", "norm_layer", "parameter_count", "segmentation_net"]
+__all__ = ["LESION_PRIOR", "NO_NORM_LOGIT_SCALE", "CompactCNN", "GeMPool", "build_model", "norm_layer",
+           "parameter_count", "segmentation_net"]
 
 ACT = ("relu", {"inplace": False})
 LESION_PRIOR = 0.01  # the segmentation network's starting voxel probability of lesion
+NO_NORM_LOGIT_SCALE = 16.0
+"""The compact CNN without normalisation outputs its head's value times this. Its ReLU features start small
+(torch's default initialisation; the pooled features of a colorectal CT near 0.02, against 1.3 with InstanceNorm),
+and without the scale the trained colorectal network's logits spanned 0.05 after 30 federated rounds: every score
+at 0.50-0.51, all in one bin of the consortium's score histograms, so no operating point could be chosen. He
+initialisation instead widened them but the network no longer learned (AUROC 0.61 and 0.54 on two draws where the
+default initialisation reached 0.95 and 0.82; BENCHMARKS.md, "Colorectal without normalisation")."""
 
 
 def _groups(channels: int) -> int:
@@ -105,10 +113,13 @@ class CompactCNN(nn.Module):
         self.pool = GeMPool()
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, 1)
+        self.logit_scale = NO_NORM_LOGIT_SCALE if norm == Norm.NONE else 1.0
+        if norm == Norm.NONE:
+            nn.init.zeros_(self.head.bias)  # scaled, torch's default bias would start the scores far from 0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The logits, ``(batch, 1)``, of images ``(batch, in_channels, *spatial)``."""
-        return self.head(self.dropout(self.pool(self.features(x))))
+        return self.head(self.dropout(self.pool(self.features(x)))) * self.logit_scale
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

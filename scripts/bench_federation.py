@@ -152,16 +152,17 @@ def _cell(result: Any) -> str:
 
 
 def quality_table(quality: dict[str, Any], site_names: list[str], console: Console) -> None:
-    """The markdown table: per task, each federated recipe, pooled and each site alone, with FedAvg's ratio to
-    pooled and its margin over the best single site."""
+    """The markdown table: per task, each federated recipe, pooled and each site alone, with the default recipe's
+    (or else FedAvg's) ratio to pooled and its margin over the best single site."""
     names = [n for n in RECIPES if any(n in row for row in quality.values())]
     console.print("\n| task | rounds | " + " | ".join(names) + " | pooled | "
-                  + " | ".join(f"{n} alone" for n in site_names) + " | FedAvg / pooled | FedAvg − best site |")
+                  + " | ".join(f"{n} alone" for n in site_names) + " | federated / pooled | federated − best site |")
     console.print("|---|---|" + "---|" * (len(names) + 1 + len(site_names) + 2))
     for key, row in quality.items():
         if "rounds" not in row:  # an earlier format
             continue
-        fed, pooled = (row.get("fedavg") or {}).get("auroc"), (row.get("pooled") or {}).get("auroc")
+        fed = (row.get("default") or row.get("fedavg") or {}).get("auroc")
+        pooled = (row.get("pooled") or {}).get("auroc")
         singles = [r["auroc"] for n in site_names if (r := row.get(f"single-{n}")) and r.get("auroc") is not None]
         ratio = "—" if fed is None or not pooled else f"{fed / pooled:.2f}"
         margin = "—" if fed is None or not singles else f"{fed - max(singles):+.3f}"

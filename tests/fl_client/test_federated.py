@@ -226,8 +226,9 @@ def test_fit_returns_float32_weights_of_the_models_length_and_counts_samples(sit
 
 
 def test_the_proximal_term_applies_in_a_fedprox_run_only(site: Site) -> None:
-    """FedProx is the default strategy, with μ 0.01 in the run config: a FedAvg run trains without the term (the
-    same weights as at μ 0), a FedProx run with it (the run's μ, or the round's from Flower's FedProx)."""
+    """FedProx is the default strategy, with μ 0.01 for a network with normalisation: a FedAvg run trains without
+    the term (the same weights as at μ 0), a FedProx run with it (the run's μ, or the round's from Flower's
+    FedProx)."""
     def weights(**extra: object) -> np.ndarray:
         config = _config(**extra)
         return fit(site, config, run_id="run-mu", round_number=1, global_flat=_global(config)).arrays[WEIGHTS]

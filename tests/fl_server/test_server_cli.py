@@ -76,5 +76,27 @@ def test_a_default_sentinel_in_set_waits_for_the_runs_task() -> None:
     as given, to be resolved with the run's task, not against the default task."""
     from fl_server.cli import parse_sets
 
-    sets = parse_sets(["server-momentum=-1", "num-rounds=0", "learning-rate=0", "local-epochs=2"])
-    assert sets == {"server-momentum": "-1", "num-rounds": "0", "learning-rate": "0", "local-epochs": 2}
+    sets = parse_sets(["server-momentum=-1", "num-rounds=0", "learning-rate=0", "local-epochs=2", "proximal-mu=-1",
+                       "norm=auto"])
+    assert sets == {"server-momentum": "-1", "num-rounds": "0", "learning-rate": "0", "local-epochs": 2,
+                    "proximal-mu": "-1", "norm": "auto"}
+    # Resolved with the run's task: the colorectal network without normalisation, and its run a FedAvg run.
+    from models.config import from_flat
+
+    run = from_flat({"task": "colorectal-ct", **sets})
+    assert (run.model.norm.value, run.training.proximal_mu, run.federation.strategy.value) == ("none", 0.0, "fedavg")
+
+
+def test_a_combination_that_cannot_run_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    import argparse
+
+    from fl_server.cli import _run_config
+
+    # Each --set is fine alone; with what the resumed run was started with, it cannot run.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "history.json").write_text("{}")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"run_config": {
+        "task": "lung-ct", "secure-aggregation": True, "min-sites": 3}}))
+    args = argparse.Namespace(set=["strategy=fedadam"], resume=True, run_dir=tmp_path / "run")
+    with pytest.raises(UserError, match="secure-aggregation"):
+        _run_config(args)

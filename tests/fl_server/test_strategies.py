@@ -276,17 +276,33 @@ def test_a_resume_forgets_what_an_interrupted_round_left_and_keeps_its_aggregati
 def test_every_named_recipe_is_a_valid_run_config_with_the_momentum_it_names() -> None:
     from fl_server.strategies import RECIPES
 
-    assert RECIPES["default"] == {}  # the task's own defaults: FedProx with momentum here, FedAvg for colorectal CT
+    assert RECIPES["default"] == {}  # the task's own defaults: FedProx with momentum here
     seg = from_flat({"task": "lung-ct-seg", **RECIPES["default"]}).federation
     assert (seg.strategy.value, seg.server_momentum) == ("fedprox", 0.9)
-    assert from_flat({"task": "colorectal-ct", **RECIPES["default"]}).federation.strategy.value == "fedavg"
+    assert from_flat({"task": "colorectal-ct", **RECIPES["default"]}).federation.strategy.value == "fedprox"
+    auto = from_flat({"task": "colorectal-ct", **RECIPES["norm-auto"]})  # no norm layer, so FedAvg
+    assert (auto.model.norm.value, auto.training.proximal_mu, auto.federation.strategy.value) == (
+        "none", 0.0, "fedavg")
     for name, values in RECIPES.items():
-        if name == "default":
+        if name in ("default", "norm-auto"):
             continue
         config = from_flat({"task": "lung-ct-seg", **values})
         assert config.federation.strategy.value == values["strategy"], name
         # Plain recipes stay plain on a segmentation task, whose default would add momentum.
         assert config.federation.server_momentum == values.get("server-momentum", 0.0), name
+
+
+def test_a_run_resumes_only_with_its_own_norm() -> None:
+    """A colorectal run started with InstanceNorm and FedProx μ 0.01, resumed with ``norm=auto`` (no norm layer, and
+    so FedAvg): refused naming the norm (its checkpoints hold the InstanceNorm network), and the hint works: with
+    that norm the defaults resolve to the run's FedProx again."""
+    from fl_server.app import check_resumed_federation
+
+    stored = {"task": "colorectal-ct", "norm": "instance", "proximal-mu": 0.01, "strategy": "fedprox",
+              "num-rounds": 30, "learning-rate": 0.001}
+    with pytest.raises(ValueError, match=r"norm=instance, this run config says none; resume with --set norm=instance"):
+        check_resumed_federation(stored, from_flat({"task": "colorectal-ct", "norm": "auto"}), "run")
+    check_resumed_federation(stored, from_flat({"task": "colorectal-ct", "norm": "instance"}), "run")
 
 
 def test_a_site_under_dp_sgd_while_the_server_uses_momentum_is_warned_of_once(tmp_path: Path) -> None:

@@ -170,36 +170,38 @@ def test_segmentation_tasks_take_server_momentum_by_default() -> None:
 
 
 def test_norm_auto_is_the_tasks_and_fedprox_runs_as_fedavg_without_a_norm_layer() -> None:
-    """``norm`` auto (the default) drops normalisation from the colorectal CT classifier only (its cue is an
-    absolute CT number); ``proximal-mu`` -1 (the default) is FedProx's 0.01 with a norm layer and 0 without one, and
-    then the default FedProx run is a FedAvg run. The flat form the server sends carries the resolved values, and a
-    value the run sets is kept."""
+    """``norm`` auto (InstanceNorm is the default) drops normalisation from the colorectal CT classifier only (its
+    cue is an absolute CT number); ``proximal-mu`` -1 (the default) is FedProx's 0.01 with a norm layer and 0 without
+    one, and then the default FedProx run is a FedAvg run. The flat form the server sends carries the resolved
+    values, and a value the run sets is kept."""
     from torch import nn
 
     from models.config import AUTO_PROXIMAL_MU, FEDPROX_MU, TASK_NORM, proximal_mu_of, resolve_norm
     from models.nets import build_model, norm_layer
 
-    assert RunConfig().model.norm == Norm.AUTO and RunConfig().training.proximal_mu == AUTO_PROXIMAL_MU
-    crc = from_flat({"task": "colorectal-ct"})
+    assert RunConfig().model.norm == Norm.INSTANCE and RunConfig().training.proximal_mu == AUTO_PROXIMAL_MU
+    crc = from_flat({"task": "colorectal-ct", "norm": "auto"})
     assert (crc.model.norm, crc.training.proximal_mu, crc.federation.strategy) == (Norm.NONE, 0.0, Strategy.FEDAVG)
     sent = crc.to_flat()
     assert (sent["norm"], sent["proximal-mu"], sent["strategy"]) == ("none", 0.0, "fedavg")
     assert from_flat(sent) == crc
-    for flat in ({"task": "lung-ct"}, {"task": "prostate-mr"}, {"task": "breast-mg"}, {"task": "colorectal-ct-seg"},
-                 {"task": "colorectal-ct", "resolution": "diagnostic"}, {"task": "colorectal-ct", "norm": "instance"}):
+    for flat in ({"task": "colorectal-ct"}, {"task": "lung-ct", "norm": "auto"}, {"task": "prostate-mr"},
+                 {"task": "breast-mg", "norm": "auto"}, {"task": "colorectal-ct-seg", "norm": "auto"},
+                 {"task": "colorectal-ct", "norm": "auto", "resolution": "diagnostic"}):
         c = from_flat(flat)
         assert (c.model.norm, c.training.proximal_mu, c.federation.strategy) == (
             Norm.INSTANCE, FEDPROX_MU, Strategy.FEDPROX), flat
-    own = from_flat({"task": "colorectal-ct", "proximal-mu": 0.05})  # the run's own μ keeps FedProx
+    own = from_flat({"task": "colorectal-ct", "norm": "auto", "proximal-mu": 0.05})  # the run's own μ keeps FedProx
     assert (own.model.norm, own.training.proximal_mu, own.federation.strategy) == (Norm.NONE, 0.05, Strategy.FEDPROX)
     assert from_flat({"task": "lung-ct", "norm": "none"}).federation.strategy == Strategy.FEDAVG
-    assert from_flat({"task": "colorectal-ct", "strategy": "fedadam"}).federation.strategy == Strategy.FEDADAM
+    assert from_flat({"task": "colorectal-ct", "norm": "auto", "strategy": "fedadam"}).federation.strategy == (
+        Strategy.FEDADAM)
     # A config built in code (not read by from_flat) resolves the same way where it is used.
-    code = RunConfig()
-    assert resolve_norm(code.model) == Norm.INSTANCE and proximal_mu_of(code) == FEDPROX_MU
     from dataclasses import replace
 
-    code_crc = replace(code, model=replace(code.model, task="colorectal-ct"))
+    code = RunConfig()
+    assert resolve_norm(code.model) == Norm.INSTANCE and proximal_mu_of(code) == FEDPROX_MU
+    code_crc = replace(code, model=replace(code.model, task="colorectal-ct", norm=Norm.AUTO))
     assert resolve_norm(code_crc.model) == TASK_NORM["colorectal-ct"] and proximal_mu_of(code_crc) == 0.0
     norms = (nn.InstanceNorm3d, nn.GroupNorm, nn.BatchNorm3d)
     assert not any(isinstance(m, norms) for m in build_model(code_crc.model).modules())

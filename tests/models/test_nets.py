@@ -27,6 +27,27 @@ def test_every_network_maps_images_to_one_logit(arch: Arch, dims: int) -> None:
     assert parameter_count(model) > 0
 
 
+def test_the_compact_cnn_without_norm_scales_its_logit_and_starts_at_even_odds() -> None:
+    """Without a norm layer the compact CNN's logit is its head's output times ``NO_NORM_LOGIT_SCALE`` (its
+    features start small: unscaled, the trained colorectal network scored every study at 0.50-0.51), with a head
+    bias of 0 so the scores start at 0.5; with a norm layer nothing changes."""
+    from models.nets import NO_NORM_LOGIT_SCALE
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 32, 32, 16) * 0.7
+    plain = build_model(ModelSpec(task="colorectal-ct", norm=Norm.NONE))
+    normed = build_model(ModelSpec(task="colorectal-ct", norm=Norm.INSTANCE))
+    assert NO_NORM_LOGIT_SCALE > 1 and plain.logit_scale == NO_NORM_LOGIT_SCALE and normed.logit_scale == 1.0
+    assert not plain.head.bias.any()
+    plain.eval()
+    with torch.no_grad():
+        head = plain.head(plain.pool(plain.features(x)))
+        torch.testing.assert_close(plain(x), head * NO_NORM_LOGIT_SCALE)
+        assert plain(x).abs().max().item() < 2.0  # near even odds at the start
+    # The scale is a constant of the network, not a weight: the state dict is the same either way.
+    assert set(plain.state_dict()) == {k for k in normed.state_dict() if "adn.N" not in k}
+
+
 def test_server_and_dp_site_have_the_same_keys_and_weights_round_trip() -> None:
     spec = ModelSpec(task="prostate-mr", spatial_dims=3)
     torch.manual_seed(0)
