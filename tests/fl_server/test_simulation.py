@@ -46,7 +46,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run_dir = root / "run"
     result = server("simulate", "--sites", str(sites), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=3", "--set", "threads=1", "--set", "dp-epsilon=4",
-                    "--set", "server-momentum=0.5")
+                    "--set", "server-momentum=0.5", "--set", "norm=auto")
     assert result.returncode == 0, result.stdout + result.stderr
     (root / "stdout.txt").write_text(result.stdout)
     return {"sites": sites, "run": run_dir, "stdout": root / "stdout.txt"}
@@ -100,6 +100,9 @@ def test_rounds_are_checkpointed_and_reported(run: dict[str, Path]) -> None:
 def test_the_global_model_loads_into_the_tasks_network(run: dict[str, Path]) -> None:
     arrays, run_config, rnd = load_checkpoint(run["run"] / "model.pt")
     assert rnd == 3
+    # Stored resolved, as the run ran: a later version whose "auto" or -1 means something else rebuilds this network.
+    assert (run_config["norm"], run_config["proximal-mu"], run_config["strategy"]) == ("instance", 0.01, "fedprox")
+    assert json.loads((run["run"] / "history.json").read_text())["strategy"] == "fedprox"
     model = build_model(from_flat(run_config).model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
 
