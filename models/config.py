@@ -57,6 +57,7 @@ __all__ = [
     "resolve_batch",
     "resolve_learning_rate",
     "resolve_norm",
+    "resolve_proximal_mu",
     "resolve_server_momentum",
     "proximal_mu_of",
     "resolved_grad_sample_mode",
@@ -352,6 +353,14 @@ def resolve_norm(spec: ModelSpec) -> Norm:
     return TASK_NORM.get(spec.task, Norm.INSTANCE) if spec.network == Arch.COMPACT_CNN else Norm.INSTANCE
 
 
+def resolve_proximal_mu(mu: float, norm: Norm) -> float:
+    """FedProx's μ: ``mu``, or for :data:`AUTO_PROXIMAL_MU` :data:`FEDPROX_MU` with a normalisation layer (``norm``,
+    resolved) and 0 without one."""
+    if mu != AUTO_PROXIMAL_MU:
+        return mu
+    return 0.0 if norm == Norm.NONE else FEDPROX_MU
+
+
 def resolve_server_momentum(federation: FederationSpec, *, task: str, dp: bool, norm: Norm) -> float:
     """The run's server momentum: its ``server-momentum``, or for :data:`AUTO_SERVER_MOMENTUM` the segmentation
     task's (:data:`SEGMENTATION_SERVER_MOMENTUM`) under an averaging strategy without DP-SGD or BatchNorm, and 0
@@ -388,10 +397,8 @@ def proximal_mu_of(config: RunConfig) -> float:
     run; only FedProx uses it)."""
     if config.federation.strategy != Strategy.FEDPROX:
         return 0.0
-    mu = config.training.proximal_mu
-    if mu == AUTO_PROXIMAL_MU:  # a config built in code, not read by from_flat
-        return 0.0 if resolve_norm(config.model) == Norm.NONE else FEDPROX_MU
-    return mu
+    # A config built in code (not read by from_flat) may still hold the -1 of "the network's default".
+    return resolve_proximal_mu(config.training.proximal_mu, resolve_norm(config.model))
 
 
 @dataclass(frozen=True)
@@ -627,9 +634,8 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
         federation = replace(federation, num_rounds=TASK_ROUNDS[model.task])
     training = replace(config.training, **sections["training"])
     if training.proximal_mu == AUTO_PROXIMAL_MU:
-        mu = 0.0 if model.norm == Norm.NONE else FEDPROX_MU
-        training = replace(training, proximal_mu=mu)
-        if mu == 0.0 and federation.strategy == Strategy.FEDPROX:
+        training = replace(training, proximal_mu=resolve_proximal_mu(AUTO_PROXIMAL_MU, model.norm))
+        if training.proximal_mu == 0.0 and federation.strategy == Strategy.FEDPROX:
             federation = replace(federation, strategy=Strategy.FEDAVG)
     privacy = replace(config.privacy, **sections["privacy"])
     federation = replace(federation, server_momentum=resolve_server_momentum(
