@@ -5,8 +5,9 @@ Per study (``OUT/<study uid>/``): ``<method>.npy`` (the map at the network's inp
 images and the review viewer: for volumes the three planes through the map's peak and a strip of
 slices; each edge named by the patient direction it faces; the map weighted by the model's probability
 on a fixed colour scale with its colour bar), and one line in ``OUT/explain.json`` (schema
-``oncofed.explain/1``: study, series, split, label, the model's probability, per method the map
-file, the PNG, its peak voxel and the seconds it took). Nothing leaves the site.
+``oncofed.explain/1``: study, series, split, label, the model's probability (calibrated when the model carries
+its run's calibration) and its call at the run's operating point, per method the map file, the PNG, its peak voxel
+and the seconds it took; the document's ``scoring`` says how the probability was read). Nothing leaves the site.
 
 With ``dicom=True`` (the CLI's default) each map is also carried back onto the source series' own grid
 and written as DICOM under ``OUT/<study uid>/dicom/``: a Parametric Map for a volume and RGB key images
@@ -30,6 +31,7 @@ from imaging.dicom import read_image
 from imaging.saliency_dicom import write_saliency_objects
 from imaging.sitedata import NoSiteData, load_site_data
 from models.device import Placement
+from models.evaluation import Scoring
 from models.saliency import Method
 
 __all__ = ["ExplainError", "Plane", "explain", "overlay_planes"]
@@ -104,6 +106,13 @@ def overlay_planes(source: np.ndarray, heat: np.ndarray, plan: Any, *, probabili
     for z in np.linspace(0, source.shape[0] - 1, strip).round().astype(int):
         planes.append(Plane(f"slice {z}", source[z], heat[z], edges, pr / pc))
     return planes
+
+
+def _scoring_doc(scoring: Scoring) -> dict[str, Any]:
+    """How the probabilities of an explain.json were read: calibrated or not, the operating point on their scale."""
+    c = scoring.calibration
+    return {"calibrated": c is not None, "calibration": c.to_dict() if c is not None else None,
+            "threshold": scoring.shown_threshold, "rule": scoring.rule}
 
 
 def _overlay(path: Path, planes: Sequence[Plane], title: str, window: tuple[float, float] | None) -> None:
@@ -207,6 +216,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
                      f"{task} · {method.value} · p = {result.probability:.2f} · label {item.label}{side}",
                      preset.window)
             entry["probability"] = result.probability
+            entry["call"] = explainer.scoring.call(result.probability)
             entry["maps"][method.value] = {"map": str((folder / f"{stem}.npy").relative_to(out)),
                                            "png": str(png.relative_to(out)),
                                            "peak": [int(v) for v in np.unravel_index(int(np.argmax(result.map)),
@@ -223,7 +233,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         if on_study is not None:
             on_study(n, len(chosen), item.study_uid)
     doc = {"schema": SCHEMA, "model": str(model_path), "model_sha256": model_sha256, "task": task,
-           "created": time.time(),
+           "created": time.time(), "scoring": _scoring_doc(explainer.scoring),
            "methods": [m.value for m in methods], "images": records}
     (out / "explain.json").write_text(json.dumps(doc, indent=1))
     return doc

@@ -3,7 +3,8 @@ saliency benchmark all go through :class:`Explainer`; so do ``predict`` and the 
 model (:meth:`Explainer.lesion_probabilities`).
 
 For one image: the network input as the model saw it in training (the task preset's transforms, from the site's
-cache), the model's probability, a saliency map by one of :class:`models.saliency.Method` (the target layer and
+cache), the model's probability (calibrated when the model carries its run's calibration:
+:class:`models.evaluation.Scoring`), a saliency map by one of :class:`models.saliency.Method` (the target layer and
 its grid chosen once per input shape), and the map carried back onto the image's own DICOM grid
 (:func:`imaging.transforms.network_to_source`). Adding a saliency method is a change to :mod:`models.saliency`
 alone.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,10 @@ from imaging.presets import TaskPreset, get_preset
 from imaging.transforms import network_to_source
 from models.config import from_flat
 from models.device import Placement, autocast
+from models.evaluation import Scoring
 from models.nets import build_model
 from models.saliency import Method, Saliency, layer_grid, saliency, target_layer
-from models.weights import load_arrays, load_checkpoint
+from models.weights import load_arrays, load_checkpoint, load_scoring
 
 __all__ = ["Explainer", "Explanation", "file_sha256"]
 
@@ -68,16 +70,19 @@ class Explainer:
         placement: Where the network runs (default the CPU in fp32). Scores use its mixed precision; saliency
             maps are computed in fp32 (gradients of a bf16 forward pass are too coarse for a map).
         resolution: The resolution profile the network was trained at (its images are preprocessed so).
+        scoring: How its scores are read: the calibration and operating point its run chose on validation (default:
+            the network's own sigmoid, no operating point).
     """
 
     def __init__(self, net: nn.Module, task: str, *, path: Path | None = None, sha256: str = "",
-                 placement: Placement | None = None, resolution: str = "cpu") -> None:
+                 placement: Placement | None = None, resolution: str = "cpu", scoring: Scoring | None = None) -> None:
         self.placement = placement or Placement(torch.device("cpu"))
         self.net = net.eval().to(self.placement.device)
         self.task = task
         self.path = path
         self.sha256 = sha256
         self.resolution = resolution
+        self.scoring = scoring or Scoring()
         self.preset: TaskPreset = get_preset(task, resolution)
         self._layers: dict[tuple[int, ...], tuple[str, tuple[tuple[float, float], ...]]] = {}
 
@@ -95,7 +100,7 @@ class Explainer:
         net = build_model(config.model)
         load_arrays(net, arrays)
         return cls(net, config.model.task, path=path, sha256=file_sha256(path), placement=placement,
-                   resolution=config.model.resolution)
+                   resolution=config.model.resolution, scoring=load_scoring(path))
 
     def network_input(self, item: Item, *, workspace: Path) -> torch.Tensor:
         """An image as the network takes it (the preset's transforms; read from the site's cache when there)."""
@@ -132,11 +137,12 @@ class Explainer:
         return np.ascontiguousarray(torch.sigmoid(torch.as_tensor(logits).float())[0, 0].cpu().numpy())
 
     def probabilities(self, images: Sequence[torch.Tensor]) -> list[float]:
-        """The model's probability of a finding for each image (one batch, no gradients)."""
+        """The model's probability of a finding for each image (one batch, no gradients): calibrated when the model
+        carries a calibration (:attr:`scoring`)."""
         batch = torch.stack([_tensor(x) for x in images]).float().to(self.placement.device)
         with torch.no_grad(), autocast(self.placement):
             logits = self.net(batch)
-        return [float(p) for p in torch.sigmoid(logits.float().reshape(-1)).tolist()]
+        return [float(p) for p in self.scoring.probabilities(logits.float().reshape(-1).cpu().numpy())]
 
     def explain(self, image: torch.Tensor, method: Method, *, plan: ImagePlan | None = None) -> Explanation:
         """A saliency map of ``image`` by ``method``, and on ``plan``'s DICOM grid if given."""
@@ -150,6 +156,8 @@ class Explainer:
             layer, grid = self._layers[shape]
         with torch.enable_grad():
             result = saliency(self.net, x, method, layer=layer, grid=grid)
+        if self.scoring.calibration is not None:  # the probability shown, as :meth:`probabilities` gives it
+            result = replace(result, probability=float(self.scoring.calibration.of_scores([result.probability])[0]))
         on_source = network_to_source(result.map, plan, self.preset) if plan is not None else None
         return Explanation(result, on_source)
 

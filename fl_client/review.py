@@ -1,7 +1,8 @@
 """The radiologist's review page: the model's score and saliency overlays on the site's own studies.
 
 ``oncofed-site review`` serves a small web app bound to 127.0.0.1: a worklist of the site's studies
-with the model's probability (sortable; filters for task, split, label and review state) and a viewer
+with the model's probability (sortable; filters for task, split, label and review state; calibrated, and marked when
+at or above the consortium's operating point, when the model carries its run's calibration and threshold) and a viewer
 per image (slice scrolling, window/level presets, the saliency overlay with an opacity slider and a
 method switch, the score and, where known, the label). The reader records a verdict (agree, disagree,
 unsure, a comment and their initials); verdicts go into the site catalog's ``review_verdicts`` table
@@ -341,11 +342,16 @@ class ReviewSession:
         for c in self.cases.values():
             v = latest.get(c.key)
             rows.append({"key": c.key, "study_uid": c.study_uid, "task": c.task, "split": c.split, "label": c.label,
-                         "probability": round(c.probability, 4), "view": c.view, "modality": c.modality,
+                         "probability": round(c.probability, 4), "call": self._call(c),
+                         "view": c.view, "modality": c.modality,
                          "verdict": v["verdict"] if v else None, "reader": v["reader"] if v else None,
                          "segmentation": c.segmentation, "lesion_size": None if c.lesion is None else round(
                              c.lesion.size, 3), "size_unit": None if c.lesion is None else c.lesion.unit})
         return rows
+
+    def _call(self, case: Case) -> bool | None:
+        """A classifier's call at its run's operating point (None for an outline or a model without one)."""
+        return None if case.segmentation else self.models[case.task].scoring.call(case.probability)
 
     def image(self, key: str) -> np.ndarray:
         """The image's pixels in modality units on its DICOM grid (``(slices, rows, cols)``)."""
@@ -419,7 +425,9 @@ class ReviewSession:
             methods = [m.value for m in self.methods]
         model = self.models[case.task]
         return {"key": key, "study_uid": case.study_uid, "task": case.task, "title": get_preset(case.task).title,
-                "split": case.split, "label": case.label, "probability": case.probability, "view": case.view,
+                "split": case.split, "label": case.label, "probability": case.probability, "call": self._call(case),
+                "calibrated": model.scoring.calibration is not None, "threshold": model.scoring.shown_threshold,
+                "rule": model.scoring.rule, "view": case.view,
                 "modality": case.modality, "slices": int(image.shape[0]), "rows": int(image.shape[1]),
                 "cols": int(image.shape[2]), "spacing": list(case.item.plan.spacing), "peak_slice": peak,
                 "methods": methods, "presets": self.presets(key),

@@ -138,10 +138,14 @@ def main(grid: Grid, context: Context) -> None:
     store.history["finished"] = time.time()
     store.save()
     flat = final_arrays[WEIGHTS].numpy()
+    from fl_server.evaluation import scoring_of
     from models.weights import save_checkpoint
 
+    # The global model carries the consortium's calibration and operating point (chosen on validation above), so
+    # that a site reads its scores as the report does.
+    scoring = scoring_of((store.history.get("final") or {}).get("consortium"))
     save_checkpoint(store.root / "model.pt", unpack(flat, reference), flat_config,
-                    round_number=config.federation.num_rounds)
+                    round_number=config.federation.num_rounds, scoring=scoring)
     from fl_server.report import write_report
 
     page = write_report(store.root)

@@ -8,7 +8,9 @@ negatives; ``models.evaluation.SCORE_EDGES``). Summed over the sites they give:
 - the **operating point**: the threshold the run's rule (``operating-point``) picks on the pooled validation
   histograms, a bin edge, so sensitivity and specificity at it are exact on every site's and the pooled test
   histograms (with Wilson intervals);
-- **calibration**: the reliability curve and its expected calibration error;
+- **calibration**: the reliability curve and its expected calibration error, and a **recalibration** (Platt
+  scaling) fitted on the pooled validation histograms, with its curve and error on the test histograms: what a
+  site's score means once the global model carries it (``model.pt``'s ``scoring``);
 - the **ROC curve** at every bin edge.
 
 A site's figures are flagged when its test split is too small to judge (fewer than :data:`MIN_CASES` positive
@@ -24,8 +26,12 @@ import numpy as np
 
 from models.evaluation import (
     CI_METHOD,
+    MIN_CALIBRATION_CASES,
     SCORE_BINS,
     SCORE_EDGES,
+    Calibration,
+    Scoring,
+    fit_platt_histograms,
     histogram_auroc,
     histogram_ece,
     histogram_rates,
@@ -36,8 +42,8 @@ from models.evaluation import (
 )
 from models.protocol import Metric
 
-__all__ = ["MIN_CASES", "Histograms", "consortium_auroc", "consortium_figures", "pooled", "roc_points",
-           "too_small"]
+__all__ = ["MIN_CASES", "Histograms", "consortium_auroc", "consortium_figures", "pooled", "recalibration",
+           "roc_points", "scoring_of", "too_small"]
 
 MIN_CASES = 10
 """A test split with fewer positive or negative studies than this is flagged as too small to judge."""
@@ -89,6 +95,30 @@ def too_small(metrics: Mapping[str, float]) -> bool:
     return min(metrics.get(Metric.POSITIVES, 0), metrics.get(Metric.NEGATIVES, 0)) < MIN_CASES
 
 
+def recalibration(val: Histograms, test: Histograms, *, threshold: float) -> dict[str, Any]:
+    """Platt scaling fitted on the pooled validation histograms, judged on the pooled test histograms.
+
+    Returns:
+        ``fitted`` True: the calibration (:meth:`models.evaluation.Calibration.to_dict`), the test ECE and
+        reliability curve after it, and ``threshold``: the operating threshold on the calibrated scale (the same
+        calls). ``fitted`` False: ``reason``.
+    """
+    vpos, vneg = pooled(val)
+    calibration = fit_platt_histograms(vpos, vneg, fitted_on="validation histograms, all sites pooled")
+    if calibration is None:
+        p, n = int(vpos.sum()), int(vneg.sum())
+        why = (f"the pooled validation split holds {p} positive and {n} negative studies, fewer than "
+               f"{MIN_CALIBRATION_CASES} of a class" if min(p, n) < MIN_CALIBRATION_CASES else
+               "the validation scores do not rank positives above negatives")
+        return {"fitted": False, "reason": why + ": scores stay the network's own"}
+    tpos, tneg = pooled(test)
+    return {"fitted": True, **calibration.to_dict(),
+            "threshold": float(calibration.of_scores([threshold])[0]),
+            "ece": histogram_ece(tpos, tneg, calibration=calibration),
+            "curve": [{"predicted": p, "observed": o, "studies": n}
+                      for p, o, n in reliability(tpos, tneg, calibration=calibration)]}
+
+
 def consortium_figures(test: Histograms, val: Histograms, *, rule: str) -> dict[str, Any] | None:
     """The consortium block of a run's final evaluation (None when no site sent a histogram).
 
@@ -100,7 +130,7 @@ def consortium_figures(test: Histograms, val: Histograms, *, rule: str) -> dict[
     Returns:
         ``auroc`` (see :func:`consortium_auroc`), ``operating_point`` (the rule, the threshold, whether it was
         chosen on validation, the pooled and per-site rates with Wilson intervals), ``calibration`` (ECE and the
-        reliability curve), ``roc`` (pooled and per site).
+        reliability curve, and ``recalibrated``: see :func:`recalibration`), ``roc`` (pooled and per site).
     """
     if not test:
         return None
@@ -124,7 +154,24 @@ def consortium_figures(test: Histograms, val: Histograms, *, rule: str) -> dict[
                             "consortium": _rates(tpos, tneg, index), "sites": sites},
         "calibration": {"ece": histogram_ece(tpos, tneg),
                         "curve": [{"predicted": p, "observed": o, "studies": n}
-                                  for p, o, n in reliability(tpos, tneg)]},
+                                  for p, o, n in reliability(tpos, tneg)],
+                        "recalibrated": recalibration(val, test, threshold=threshold)},
         "roc": {"consortium": roc_points(tpos, tneg),
                 **{site: roc_points(h["pos"], h["neg"]) for site, h in sorted(test.items())}},
     }
+
+
+def scoring_of(figures: Mapping[str, Any] | None) -> Scoring | None:
+    """What the global model's ``model.pt`` carries of the consortium's figures (:func:`consortium_figures`): its
+    recalibration and operating point, so that a site's review page shows calibrated scores and the consortium's
+    calls. None without figures (no final evaluation, or a segmentation task)."""
+    if not figures:
+        return None
+    op = figures.get("operating_point") or {}
+    recalibrated = (figures.get("calibration") or {}).get("recalibrated") or {}
+    calibration = Calibration.from_dict(recalibrated) if recalibrated.get("fitted") else None
+    threshold = op.get("threshold")
+    rule = str(op.get("rule_text", ""))
+    if threshold is not None and not str(op.get("chosen_on", "")).startswith("validation"):
+        rule = f"{rule} ({op.get('chosen_on')})" if op.get("chosen_on") else rule
+    return Scoring(calibration, None if threshold is None else float(threshold), rule)

@@ -176,6 +176,14 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
                      "sensitivity": {"value": c["sensitivity"], "ci95": c["sensitivity_ci95"]},
                      "specificity": {"value": c["specificity"], "ci95": c["specificity_ci95"]},
                      "calibration_ece": (figures.get("calibration") or {}).get("ece")}
+    recal = (figures.get("calibration") or {}).get("recalibrated") or {}
+    output = "one logit; probability = sigmoid(logit)"
+    if recal.get("fitted"):
+        output = (f"one logit; probability = sigmoid({recal['slope']:.4f} × logit {recal['intercept']:+.4f}) (Platt "
+                  f"scaling fitted on the {recal['fitted_on']}, {recal['positives']}/{recal['negatives']} studies; "
+                  "sites read the run's model.pt so)")
+        if operating is not None:
+            operating.update(calibrated_threshold=recal["threshold"], recalibrated_ece=recal.get("ece"))
     spec = from_flat(run_config).model
     return {
         "intended_use": ("Research: detection of a lesion in one study of the task below (one probability per "
@@ -185,7 +193,7 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
         "preprocessing": dict(preprocessing),
         "network": {"architecture": str(spec.network), "spatial_dims": spec.spatial_dims,
                     "in_channels": spec.in_channels, "norm": str(resolve_norm(spec)), "parameters": parameters,
-                    "output": "one logit; probability = sigmoid(logit)"},
+                    "output": output, "calibration": recal if recal.get("fitted") else None},
         "run": {"run_id": history.get("run_id"), "strategy": history.get("strategy"), "rounds": len(rounds),
                 "finished": history.get("finished"), "configuration": run_config},
         "sites": {"trained": trained, "evaluated": sorted(sites_metrics),
@@ -247,7 +255,9 @@ def render_card(card: Mapping[str, Any]) -> str:
                       f"{op['chosen_on']}): consortium sensitivity {_fmt(op['sensitivity'])}, specificity "
                       f"{_fmt(op['specificity'])} on the test split"
                       + (f"; expected calibration error {op['calibration_ece']:.3f}"
-                         if op.get("calibration_ece") is not None else "") + "."]
+                         if op.get("calibration_ece") is not None else "")
+                      + (f"; recalibrated: threshold {op['calibrated_threshold']:.4f}, expected calibration error "
+                         f"{op['recalibrated_ece']:.3f}" if op.get("recalibrated_ece") is not None else "") + "."]
     lines += ["", "CI methods: " + "; ".join(f"{k}: {v}" for k, v in m["ci_methods"].items()) + ".", "",
               "## Run", "", f"- run {card['run']['run_id']}, strategy {card['run']['strategy']}, "
               f"{card['run']['rounds']} rounds; configuration in model-card.json",

@@ -205,7 +205,23 @@ def _operating_point_html(consortium: Mapping[str, Any]) -> str:
                f"differs from the AUROC of all studies pooled by at most {auc['max_error']:.4f}. No per-study score "
                "left a site.</p>" if auc else "")
             + (f"<p class='note'>Calibration: expected calibration error {cal['ece']:.3f} (10 bins, from the "
-               "histograms).</p>" if cal.get("ece") is not None else ""))
+               "histograms).</p>" if cal.get("ece") is not None else "")
+            + _recalibration_html(cal.get("recalibrated"), op))
+
+
+def _recalibration_html(recal: Mapping[str, Any] | None, op: Mapping[str, Any]) -> str:
+    """The Platt scaling the global model carries: its fit, its error on test, the threshold on its scale."""
+    if not recal:
+        return ""
+    if not recal.get("fitted"):
+        return f"<p class='note'>Recalibration: not fitted ({html.escape(str(recal.get('reason', '')))}).</p>"
+    ece = recal.get("ece")
+    return (f"<p>Recalibration carried by the global model (sites show these probabilities): Platt scaling fitted on "
+            f"the {html.escape(str(recal['fitted_on']))} ({recal['positives']}/{recal['negatives']} studies), "
+            f"probability = sigmoid({recal['slope']:.3f} × logit {recal['intercept']:+.3f}). On the test split its "
+            "expected calibration error is " + ("—" if ece is None else f"<b>{ece:.3f}</b>")
+            + f"; the operating point {op['threshold']:.4f} reads {recal['threshold']:.4f} on the calibrated scale "
+            "(the same calls: the recalibration keeps the order of the scores, and so the AUROC).</p>")
 
 
 def _subgroups_html(subgroups: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
@@ -261,7 +277,11 @@ def _consortium_plots(consortium: Mapping[str, Any], out: Path) -> list[tuple[st
         fig, ax = plt.subplots(figsize=(4.8, 4.4))
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
         ax.plot([c["predicted"] for c in curve], [c["observed"] for c in curve], marker="o", color="tab:blue",
-                label="consortium")
+                label="consortium, the network's scores")
+        recal = (consortium.get("calibration") or {}).get("recalibrated") or {}
+        if recal.get("fitted") and recal.get("curve"):
+            ax.plot([c["predicted"] for c in recal["curve"]], [c["observed"] for c in recal["curve"]], marker="s",
+                    color="tab:orange", label="consortium, recalibrated (Platt, fitted on validation)")
         for c in curve:
             ax.annotate(str(c["studies"]), (c["predicted"], c["observed"]), fontsize=7, xytext=(3, -8),
                         textcoords="offset points")

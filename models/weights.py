@@ -19,11 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.evaluation import Scoring
+
 __all__ = [
     "WeightsError",
     "check_arrays",
     "load_arrays",
     "load_checkpoint",
+    "load_scoring",
     "pack",
     "save_checkpoint",
     "state_arrays",
@@ -121,17 +124,21 @@ def unpack(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> OrderedDict
 
 
 def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], *,
-                    round_number: int) -> None:
+                    round_number: int, scoring: Scoring | None = None) -> None:
     """Write a ``model.pt`` that :func:`load_checkpoint` reads: ``{"arrays", "run_config", "round"}`` (round 0 for
-    a local run). Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
-    previous file whole."""
+    a local run), and with ``scoring`` how its scores are read (calibration and operating point, chosen on
+    validation at the end of the run; :func:`load_scoring`). Written atomically (a temporary file, fsync, rename):
+    a process killed mid-write leaves the previous file whole."""
     import io
     import os
 
     path = Path(path)
     buffer = io.BytesIO()
-    torch.save({"arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-                "run_config": {str(k): v for k, v in run_config.items()}, "round": int(round_number)}, buffer)
+    doc: dict[str, Any] = {"arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                           "run_config": {str(k): v for k, v in run_config.items()}, "round": int(round_number)}
+    if scoring is not None:
+        doc["scoring"] = scoring.to_dict()
+    torch.save(doc, buffer)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(buffer.getvalue())
@@ -169,3 +176,24 @@ def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dic
             raise WeightsError(f"{path}: array {key!r} holds NaN or infinite values (a training that diverged): "
                                "use an earlier checkpoint")
     return arrays, dict(run_config), round_number
+
+
+def load_scoring(path: Path | str) -> Scoring:
+    """How a ``model.pt``'s scores are read: its calibration and operating point (:class:`Scoring`; empty for a file
+    written without them: the network's own sigmoid, no threshold).
+
+    Raises:
+        WeightsError: The file is missing or unreadable, or its ``scoring`` table is malformed (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise WeightsError(f"{path} is not an oncofed model file ({type(exc).__name__}): give the model.pt a "
+                           "train-local or federated run wrote") from None
+    try:
+        return Scoring.from_dict(doc.get("scoring") if isinstance(doc, dict) else None)
+    except ValueError as exc:
+        raise WeightsError(f"{path}: {exc}: use the model.pt the run wrote") from None

@@ -14,9 +14,10 @@ from consortium import make_workspaces
 from fl_client.explainer import Explainer, file_sha256
 from imaging.catalog import Catalog
 from models.config import from_flat
+from models.evaluation import Calibration, Scoring
 from models.nets import build_model
 from models.saliency import Method
-from models.weights import WeightsError, save_checkpoint, state_arrays
+from models.weights import WeightsError, load_checkpoint, save_checkpoint, state_arrays
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,21 @@ def test_a_file_that_is_not_a_model_is_a_weights_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a model")
     with pytest.raises(WeightsError, match="not an oncofed model file"):
         Explainer.load(bad)
+
+
+def test_a_global_model_shows_its_runs_calibrated_scores_and_calls(site: tuple[Path, Path]) -> None:
+    ws, model_path = site
+    arrays, flat, _ = load_checkpoint(model_path)
+    calibration = Calibration(3.0, 0.5, 20, 30, "validation histograms, all sites pooled")
+    path = model_path.with_name("calibrated.pt")
+    save_checkpoint(path, arrays, flat, round_number=2, scoring=Scoring(calibration, 0.5, "Youden"))
+    plain, calibrated = Explainer.load(model_path), Explainer.load(path)
+    with Catalog.open(ws, create=False) as catalog:
+        items = catalog.items("lung-ct")[:3]
+    images = [plain.network_input(item, workspace=ws) for item in items]
+    raw, shown = plain.probabilities(images), calibrated.probabilities(images)
+    assert shown == pytest.approx(list(calibration.of_scores(raw)), abs=1e-6) and shown != pytest.approx(raw)
+    # The map's probability (what the overlay is weighted by and explain.json records) is the one shown.
+    assert calibrated.explain(images[0], Method.GRADCAM).result.probability == pytest.approx(shown[0], abs=1e-5)
+    assert [calibrated.scoring.call(p) for p in shown] == [p >= 0.5 for p in raw]  # the run's calls
+    assert plain.scoring.call(raw[0]) is None  # a model without an operating point calls nothing

@@ -22,19 +22,31 @@ import torch
 
 from fl_client.explainer import file_sha256
 from models.config import from_flat
+from models.evaluation import Calibration, Scoring
 from models.nets import build_model
-from models.weights import state_arrays
+from models.weights import save_checkpoint, state_arrays
 
 BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
 
-def save_model(path: Path, task: str, seed: int) -> Path:
+# The lung model carries its run's calibration and operating point, as a federated run's global model does.
+# Its threshold splits the worklist's lung positives (calibrated scores 0.10-0.15 of this untrained network).
+LUNG_SCORING = Scoring(Calibration(2.0, 0.3, 20, 20, "validation histograms, all sites pooled"), 0.25,
+                       "Youden's J (sensitivity + specificity - 1) maximised on validation")
+
+
+def save_model(path: Path, task: str, seed: int, scoring: Scoring | None = None) -> Path:
     torch.manual_seed(seed)
     flat = {"task": task, "model-width": 8}
-    torch.save({"arrays": {k: torch.from_numpy(v) for k, v in state_arrays(build_model(from_flat(flat).model)).items()},
-                "run_config": flat, "round": 0}, path)
+    save_checkpoint(path, state_arrays(build_model(from_flat(flat).model)), flat, round_number=0, scoring=scoring)
     return path
+
+
+def _score(text: str) -> float:
+    match = re.search(r"[0-9]+\.[0-9]+", text)
+    assert match is not None, text
+    return float(match.group())
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +57,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     ws = make_workspaces(root, sites=1, studies_per_task=6, seed=5, tasks=["lung-ct", "breast-mg"]) / "site-a"
     with sqlite3.connect(ws / "catalog.sqlite") as db:  # a study without a label, as most at a real site
         db.execute("DELETE FROM labels WHERE study_uid = (SELECT MIN(study_uid) FROM labels WHERE task='lung-ct')")
-    return ws, save_model(root / "lung.pt", "lung-ct", 1), save_model(root / "breast.pt", "breast-mg", 2)
+    return ws, save_model(root / "lung.pt", "lung-ct", 1, LUNG_SCORING), save_model(root / "breast.pt", "breast-mg", 2)
 
 
 def cli(*args: str, **kw: object) -> subprocess.Popen[str]:
@@ -121,16 +133,25 @@ def test_worklist_study_overlay_verdict_in_a_real_browser(site: tuple[Path, Path
         assert set(page.locator("tr.case td:nth-child(5)").all_inner_texts()) == {"1"}
         # Sorting by score: descending by default, ascending on a second click.
         page.click("th[data-sort=probability]")
-        scores = [float(t.split()[-1]) for t in page.locator("tr.case td.score").all_inner_texts()]
+        scores = [_score(t) for t in page.locator("tr.case td.score").all_inner_texts()]
         assert scores == sorted(scores)
         page.click("th[data-sort=probability]")
-        scores = [float(t.split()[-1]) for t in page.locator("tr.case td.score").all_inner_texts()]
+        cells = page.locator("tr.case td.score").all_inner_texts()
+        scores = [_score(t) for t in cells]
         assert scores == sorted(scores, reverse=True)
+        # Calibrated scores; a mark on those at or above the run's operating point, on the same scale.
+        shown_threshold = LUNG_SCORING.shown_threshold
+        assert shown_threshold is not None
+        marks = ["\u25cf" in t for t in cells]
+        assert marks == [s >= shown_threshold for s in scores] and 0 < sum(marks) < len(marks)
 
         # Open the highest-scored positive study.
         rows.first.click()
         expect(page.locator("#study")).to_be_visible()
-        expect(page.locator("#score")).to_have_text(f"{scores[0]:.3f}")
+        expect(page.locator("#score-label")).to_have_text("model probability (calibrated)")
+        call = "at or above" if scores[0] >= shown_threshold else "below"
+        expect(page.locator("#score")).to_have_text(f"{scores[0]:.3f} \u2014 {call} the operating point "
+                                                    f"{shown_threshold:.3f} ({LUNG_SCORING.rule})")
         expect(page.locator("#label")).to_have_text("positive (1)")
         overlay_loaded = ("m => { const i = document.getElementById('overlay-img'); "
                           "return i.complete && i.naturalWidth > 0 && i.src.includes('/maps/' + m + '/'); }")

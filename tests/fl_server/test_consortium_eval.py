@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_server.evaluation import consortium_auroc, consortium_figures, too_small
+from fl_server.evaluation import consortium_auroc, consortium_figures, scoring_of, too_small
 from fl_server.report import write_report
-from models.evaluation import auroc_ci, choose_threshold, ece, parse_rule, score_histogram
+from models.evaluation import Calibration, auroc_ci, choose_threshold, ece, fit_platt, parse_rule, score_histogram
 from models.protocol import Metric
 
 
@@ -98,3 +98,53 @@ def test_the_report_shows_intervals_the_operating_point_and_the_curves(tmp_path:
     assert "torch " in page and "monai " in page
     assert "Subgroups (test split)" in page and "0.810 (0.66–0.96)" in page
     assert (tmp_path / "plots" / "roc.png").is_file() and (tmp_path / "plots" / "reliability.png").is_file()
+
+
+def _timid_sites(seed: int, sizes: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Scores of a federated model that all sit near 0.5 (logits of spread 0.3) but rank well."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        z = rng.normal(0.0, 0.3, n)
+        y = (rng.random(n) < 1 / (1 + np.exp(-(6 * z - 0.4)))).astype(int)
+        out.append((y, 1 / (1 + np.exp(-z))))
+    return out
+
+
+def test_the_global_model_is_recalibrated_on_validation_and_judged_on_test(tmp_path: Path) -> None:
+    val, test = _timid_sites(5, (80, 60, 100)), _timid_sites(6, (70, 50, 90))
+    doc = consortium_figures(_hists(test), _hists(val), rule="youden")
+    assert doc is not None
+    recal = doc["calibration"]["recalibrated"]
+    vy, vs = np.concatenate([v[0] for v in val]), np.concatenate([v[1] for v in val])
+    exact = fit_platt(vy, np.log(vs / (1 - vs)))
+    assert recal["fitted"] and exact is not None
+    assert recal["slope"] == pytest.approx(exact.slope, rel=0.1)  # from histograms, against the per-case fit
+    assert (recal["positives"], recal["negatives"]) == (int(vy.sum()), int(len(vy) - vy.sum()))
+    # On the test studies the recalibrated scores are far better calibrated than the network's own.
+    ty, ts = np.concatenate([t[0] for t in test]), np.concatenate([t[1] for t in test])
+    calibration = Calibration.from_dict(recal)
+    assert ece(ty, ts) > 0.12 and ece(ty, calibration.of_scores(ts)) < 0.08
+    assert recal["ece"] == pytest.approx(ece(ty, calibration.of_scores(ts)), abs=0.04)
+    assert doc["calibration"]["ece"] > 2 * recal["ece"]
+    # The threshold on the calibrated scale calls the same studies positive.
+    threshold = doc["operating_point"]["threshold"]
+    assert ((calibration.of_scores(ts) >= recal["threshold"] - 1e-9) == (ts >= threshold)).all()
+    # What the global model's model.pt carries.
+    scoring = scoring_of(doc)
+    assert scoring is not None and scoring.calibration == calibration and scoring.threshold == threshold
+    assert scoring.rule.startswith("Youden") and scoring_of(None) is None
+    # Too few validation studies of a class: not fitted, and the report says why.
+    few = consortium_figures(_hists(test), _hists(_timid_sites(7, (12,))), rule="youden")
+    assert few is not None and not few["calibration"]["recalibrated"]["fitted"]
+    assert "fewer than 10 of a class" in few["calibration"]["recalibrated"]["reason"]
+    assert scoring_of(few) is not None and scoring_of(few).calibration is None  # type: ignore[union-attr]
+    # The report shows the fit, its error on test and both reliability curves.
+    final = {"split": "test", "sites": {}, "weighted": {}, "consortium": doc, "too_small": []}
+    (tmp_path / "history.json").write_text(json.dumps({"run_id": "8", "task": "colorectal-ct", "final": final,
+                                                        "rounds": []}))
+    (tmp_path / "config.json").write_text(json.dumps({"run_id": "8", "started": 1.79e9, "run_config": {
+        "task": "colorectal-ct", "operating-point": "youden"}}))
+    page = write_report(tmp_path).read_text()
+    assert f"sigmoid({recal['slope']:.3f} × logit" in page and f"<b>{recal['ece']:.3f}</b>" in page
+    assert (tmp_path / "plots" / "reliability.png").is_file()

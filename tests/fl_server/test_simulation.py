@@ -19,7 +19,7 @@ from fl_client.policy import RunBook, SitePolicy
 from fl_client.privacy import PrivacyLedger
 from models.config import from_flat
 from models.nets import build_model, parameter_count
-from models.weights import load_checkpoint
+from models.weights import load_checkpoint, load_scoring
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,14 @@ def test_the_global_model_loads_into_the_tasks_network(run: dict[str, Path]) -> 
     assert rnd == 3
     # Stored resolved, as the run ran: a later version whose "auto" or -1 means something else rebuilds this network.
     assert (run_config["norm"], run_config["proximal-mu"], run_config["strategy"]) == ("instance", 0.01, "fedprox")
-    assert json.loads((run["run"] / "history.json").read_text())["strategy"] == "fedprox"
+    history = json.loads((run["run"] / "history.json").read_text())
+    assert history["strategy"] == "fedprox"
+    # It carries the consortium's operating point and, where validation held enough studies, its calibration.
+    figures = history["final"]["consortium"]
+    scoring, recalibrated = load_scoring(run["run"] / "model.pt"), figures["calibration"]["recalibrated"]
+    assert scoring.threshold == figures["operating_point"]["threshold"] and scoring.rule
+    assert (scoring.calibration is not None) == recalibrated["fitted"]
+    assert recalibrated["fitted"] or "fewer than 10 of a class" in recalibrated["reason"]
     model = build_model(from_flat(run_config).model)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
 

@@ -13,11 +13,13 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
+from models.evaluation import Calibration, Scoring
 from models.weights import (
     OPACUS_PREFIX,
     WeightsError,
     check_arrays,
     load_checkpoint,
+    load_scoring,
     pack,
     save_checkpoint,
     state_arrays,
@@ -244,3 +246,21 @@ def test_a_model_file_without_round_or_run_config_reads_as_a_local_run(tmp_path:
     arrays, config, round_number = load_checkpoint(path)
     assert arrays["w"].dtype == np.int64 and arrays["w"].tolist() == [0, 1, 2]
     assert config == {} and round_number == 0
+
+
+def test_a_global_model_carries_its_calibration_and_operating_point(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    scoring = Scoring(Calibration(5.5, -0.25, 40, 60, "validation histograms, all sites pooled"), 0.53, "Youden")
+    save_checkpoint(path, _arrays(), {"task": "colorectal-ct"}, round_number=30, scoring=scoring)
+    assert load_scoring(path) == scoring
+    assert load_checkpoint(path)[1:] == ({"task": "colorectal-ct"}, 30)  # the rest reads as before
+    save_checkpoint(path, _arrays(), {"task": "colorectal-ct"}, round_number=3)  # a round's checkpoint, a local run
+    assert load_scoring(path) == Scoring()
+    # A file edited to show other scores is refused by name, not half-read.
+    doc = torch.load(path, weights_only=True)
+    doc["scoring"] = {"calibration": {"slope": 0.0, "intercept": 0.0}, "threshold": 0.5, "rule": "x"}
+    torch.save(doc, path)
+    with pytest.raises(WeightsError, match=f"{path}: calibration slope is 0.0: it must be above 0"):
+        load_scoring(path)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_scoring(tmp_path / "none.pt")
