@@ -104,15 +104,18 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
     return steps
 
 
-def inference_config(task: str, resolution: str = "cpu") -> dict[str, Any]:
+def inference_config(task: str, resolution: str = "cpu", *,
+                     calibration: tuple[float, float] | None = None) -> dict[str, Any]:
     """The bundle's ``configs/inference.json``: read one DICOM series folder (volume tasks) or every DICOM file
     under a folder, one image each (2D tasks: the views of a mammography study), preprocess as the task's preset
     does, run ``models/model.ts`` and write ``probabilities.json`` (``[{"image", "probability"}]``, one entry per
-    series or image) to ``output_dir``.
+    series or image) to ``output_dir``. The probability is ``sigmoid(calibration_slope × logit +
+    calibration_intercept)`` (1 and 0 without a calibration), as the run's sites show it.
 
     Args:
         task: The task preset's name.
         resolution: The resolution profile the network was trained at (``cpu`` or ``diagnostic``).
+        calibration: The run's recalibration of the logit, ``(slope, intercept)``, or None.
 
     Returns:
         The config as a JSON-ready dict (``input_dir`` is empty: pass ``--input_dir`` to the runner).
@@ -123,9 +126,11 @@ def inference_config(task: str, resolution: str = "cpu") -> dict[str, Any]:
         ValueError: An unknown resolution profile.
     """
     preset = _preset(task, resolution)
-    write = ("$json.dump([{'image': str(d['image']), 'probability': float(torch.sigmoid(@network("
-             "s['image'][None].to(@device)).float()).reshape(-1)[0])} for d, s in zip(@datalist, @dataset)], "
-             "open(os.path.join(@output_dir, 'probabilities.json'), 'w'), indent=1)")
+    write = ("$json.dump([{'image': str(d['image']), 'probability': float(torch.sigmoid(@calibration_slope * "
+             "@network(s['image'][None].to(@device)).float() + @calibration_intercept).reshape(-1)[0])} "
+             "for d, s in zip(@datalist, @dataset)], open(os.path.join(@output_dir, 'probabilities.json'), 'w'), "
+             "indent=1)")
+    slope, intercept = calibration if calibration is not None else (1.0, 0.0)
     return {
         "imports": ["$import os", "$import json", "$import pathlib", "$import torch"],
         "bundle_root": ".",
@@ -133,6 +138,8 @@ def inference_config(task: str, resolution: str = "cpu") -> dict[str, Any]:
         "input_dir": "",
         "output_dir": "$@bundle_root + '/eval'",
         "save_execute_config": False,
+        "calibration_slope": float(slope),
+        "calibration_intercept": float(intercept),
         "datalist": [{"image": "@input_dir"}] if preset.spatial_dims == 3 else
         "$[{'image': str(p)} for p in sorted(pathlib.Path(@input_dir).rglob('*')) if p.is_file() and "
         "p.name != 'DICOMDIR'] if os.path.isdir(@input_dir) else [{'image': @input_dir}]",

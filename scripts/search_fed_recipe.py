@@ -21,8 +21,9 @@ calibrated for the run's ε over all the steps it plans (``plan_dp``), each sess
 own under ``OUT/ledgers`` (a benchmark's budget of 1000). ``--unlike-site`` runs the non-IID variant of the
 consortium (and of the held-out one). Every model is scored by its AUROC on all the studies of a held-out consortium
 (the same sites' scanners, other patients: seed + 1000, 3 × 48 studies per task by default). One JSON line per run
-is appended to ``OUT/search.jsonl``; the figures a recipe earns here are to be confirmed by ``bench_federation.py``
-through Flower.
+is appended to ``OUT/search.jsonl``, with the calibration of a classifier (the server's Platt scaling on the sites'
+pooled validation histograms, judged on the held-out studies: :func:`calibration_figures`); the figures a recipe
+earns here are to be confirmed by ``bench_federation.py`` through Flower.
 
 Example::
 
@@ -57,21 +58,55 @@ IMAGE_TASKS = ["lung-ct", "breast-mg", "prostate-mr", "colorectal-ct"]
 SEG_TASKS = [f"{t}-seg" for t in IMAGE_TASKS]
 
 
-def holdout_auroc(model: Any, holdout: list[Any]) -> tuple[float | None, int]:
-    """AUROC of ``model`` on every study (all splits) of the held-out sites' data, and the study count."""
+def study_scores(model: Any, datas: list[Any], splits: tuple[str, ...] = ("train", "val", "test")
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores of ``model`` on the studies of ``splits`` of each site's data."""
     from fl_client.train import evaluate_local
-    from models.evaluation import auroc_ci
 
     labels: list[int] = []
     scores: list[float] = []
-    for data in holdout:
-        for split in ("train", "val", "test"):
+    for data in datas:
+        for split in splits:
             result = evaluate_local(model, data, split)
             if result is not None and result.labels is not None and result.scores is not None:
                 labels.extend(int(v) for v in result.labels)
                 scores.extend(float(v) for v in result.scores)
+    return np.asarray(labels, int), np.asarray(scores, float)
+
+
+def holdout_auroc(model: Any, holdout: list[Any]) -> tuple[float | None, int]:
+    """AUROC of ``model`` on every study (all splits) of the held-out sites' data, and the study count."""
+    from models.evaluation import auroc_ci
+
+    labels, scores = study_scores(model, holdout)
     ci = auroc_ci(labels, scores)
     return (None if ci is None else ci.auroc), len(labels)
+
+
+def calibration_figures(model: Any, sites: list[Any], holdout: list[Any]) -> dict[str, Any]:
+    """The run's recalibration as the server fits it (Platt scaling on the sites' pooled validation histograms) and
+    the per-case fit it stands for, judged on the held-out studies: expected calibration error before and after,
+    and the spread of the scores (5th to 95th percentile)."""
+    from models.evaluation import ece, fit_platt, fit_platt_histograms, score_histogram
+
+    vy, vs = study_scores(model, sites, ("val",))
+    hy, hs = study_scores(model, holdout)
+    clipped = np.clip(vs, 1e-7, 1 - 1e-7)
+    fit = fit_platt_histograms(*score_histogram(vy, vs))
+    per_case = fit_platt(vy, np.log(clipped) - np.log1p(-clipped))
+
+    def spread(scores: np.ndarray) -> list[float]:
+        return [round(float(v), 3) for v in np.percentile(scores, [5, 95])] if len(scores) else []
+
+    out: dict[str, Any] = {"val_studies": int(len(vy)), "val_positives": int(vy.sum()), "ece": ece(hy, hs),
+                           "spread": spread(hs), "fitted": fit is not None}
+    if fit is not None:
+        out.update(slope=fit.slope, intercept=fit.intercept, ece_recalibrated=ece(hy, fit.of_scores(hs)),
+                   spread_recalibrated=spread(fit.of_scores(hs)))
+    if per_case is not None:
+        out.update(slope_per_case=per_case.slope, intercept_per_case=per_case.intercept,
+                   ece_per_case_fit=ece(hy, per_case.of_scores(hs)))
+    return out
 
 
 def holdout_segmentation(model: Any, holdout: list[Any]) -> dict[str, Any]:
@@ -255,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     curve.append((rnd, holdout_score(model, holdout, segmentation)[0]))
                 bar.advance(job)
     value, studies, seg_figures = holdout_score(model, holdout, segmentation)
+    calibration = {} if segmentation else calibration_figures(model, [load_site_data([p], args.task) for p in sites],
+                                                              holdout)
     metric = "dice" if segmentation else "auroc"
     line = {"name": args.name, "task": args.task, "rounds": args.rounds, "server": args.server, "step": args.step,
             "schedule": args.schedule, "momentum": args.momentum, "eta": args.eta, "pooled": args.pooled,
@@ -262,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "holdout_studies": studies, **{f"holdout_{k}": v for k, v in seg_figures.items() if k != "dice"},
             "studies": args.studies, "consortium_seed": args.seed, "holdout_seed": held_seed,
             "noise_multipliers": [p.noise_multiplier for p in plans if p is not None],
-            "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
+            "seconds": round(time.perf_counter() - t0, 1), "curve": curve, "calibration": calibration}
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "search.jsonl").open("a") as fh:
         fh.write(json.dumps(line) + "\n")
@@ -272,6 +309,16 @@ def main(argv: list[str] | None = None) -> int:
              f"{seg_figures['fp_lesions'] or 0:.2f}, {seg_figures['positives']} with a lesion" if segmentation else "")
     console.print(f"{args.task} · {what} · {args.rounds} rounds: held-out {'Dice' if segmentation else 'AUROC'} "
                   f"{'—' if value is None else f'{value:.3f}'} on {studies} studies{extra} ({line['seconds']:.0f} s)")
+    if calibration.get("fitted"):
+        c = calibration
+        console.print(f"calibration on the held-out studies: ECE {c['ece']:.3f} → {c['ece_recalibrated']:.3f} (Platt "
+                      f"on {c['val_studies']} validation studies' histograms, slope {c['slope']:.2f}; per-case fit "
+                      f"{c.get('slope_per_case', float('nan')):.2f}, ECE "
+                      f"{c.get('ece_per_case_fit', float('nan')):.3f}); scores 5–95 % {c['spread']} → "
+                      f"{c['spread_recalibrated']}")
+    elif calibration:
+        console.print(f"calibration: ECE {calibration['ece']:.3f}; no recalibration fitted "
+                      f"({calibration['val_studies']} validation studies, {calibration['val_positives']} positive)")
     return 0
 
 

@@ -10,17 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from fl_client.explainer import Explainer
 from fl_server.cli import main
-from fl_server.export import hanley_mcneil, wilson
+from fl_server.export import hanley_mcneil, render_card, wilson
 from imaging.catalog import Catalog
 from models.config import RunConfig, from_flat
+from models.evaluation import Calibration, Scoring
 from models.nets import build_model
-from models.weights import save_checkpoint, state_arrays
+from models.weights import load_checkpoint, save_checkpoint, state_arrays
 from tests.consortium import make_workspaces
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,8 +59,14 @@ def test_export_is_a_monai_bundle_that_scores_a_series_as_oncofed_does(tmp_path:
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     ws = make_workspaces(tmp_path / "c", sites=1, studies_per_task=4, seed=11, tasks=["lung-ct"])
     run_dir, out = _finished_run(tmp_path / "run"), tmp_path / "bundle"
+    # The global model carries its run's recalibration: the bundle's probability is the calibrated one too.
+    arrays, flat, rnd = load_checkpoint(run_dir / "model.pt")
+    save_checkpoint(run_dir / "model.pt", arrays, flat, round_number=rnd,
+                    scoring=Scoring(Calibration(2.5, -0.4, 12, 12), 0.5, "Youden"))
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
     assert "TorchScript within" in capsys.readouterr().out
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    assert (inference["calibration_slope"], inference["calibration_intercept"]) == (2.5, -0.4)
 
     for path in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
                  "docs/README.md", "docs/model-card.md", "docs/model-card.json"):
@@ -234,3 +242,18 @@ def test_model_card_takes_the_consortium_figures_when_the_sites_sent_histograms(
     assert m["pooled"]["auroc"]["value"] == pytest.approx(history["final"]["consortium"]["auroc"]["auroc"])
     assert "histograms" in m["ci_methods"]["pooled_auroc"]
     assert m["operating_point"]["rule"] == "sensitivity>=0.9" and m["operating_point"]["sensitivity"]["value"] == 1.0
+    assert card["network"]["calibration"] is None  # 5 positives and 5 negatives: too few to fit
+    # With enough validation studies the card carries the recalibration the sites apply, and the threshold on it.
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.zeros(20), np.ones(20)].astype(int)
+    scores = 1 / (1 + np.exp(-rng.normal(0.6 * labels - 0.3, 0.3)))
+    pos, neg = score_histogram(labels, scores)
+    hists = {"site-a": {"pos": pos.tolist(), "neg": neg.tolist()}}
+    history["final"]["consortium"] = consortium_figures(hists, hists, rule="youden")
+    (run_dir / "history.json").write_text(json.dumps(history))
+    card = model_card(run_dir, preprocessing={"task": "lung-ct"}, parameters=1, files={})
+    recal = history["final"]["consortium"]["calibration"]["recalibrated"]
+    assert card["network"]["calibration"]["slope"] == recal["slope"] > 1  # timid scores spread out
+    assert f"sigmoid({recal['slope']:.4f} × logit" in card["network"]["output"]
+    assert card["metrics"]["operating_point"]["calibrated_threshold"] == recal["threshold"]
+    assert f"recalibrated: threshold {recal['threshold']:.4f}" in render_card(card)
