@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from fl_client.local_run import run_local
@@ -86,10 +87,13 @@ def _model(model_path: Path) -> Any:
 def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: str | None = None) -> dict[str, Any]:
     """AUROC (DeLong 95 % interval) of a saved model on every study of a held-out consortium: the same sites'
     scanners, other patients, never trained or validated on (one yardstick for every model, and ten times the
-    studies of the sites' own test splits). With ``unlike``, also the AUROC on that site's held-out studies."""
+    studies of the sites' own test splits). With ``unlike``, also the AUROC on that site's held-out studies. Also
+    the expected calibration error of the network's scores and, where the ``model.pt`` carries its run's
+    recalibration (a federated run's global model), of the scores its sites show."""
     from fl_client.train import evaluate_local
     from imaging.sitedata import load_site_data
-    from models.evaluation import auroc_ci
+    from models.evaluation import auroc_ci, ece
+    from models.weights import load_scoring
 
     model = _model(model_path)
     labels: dict[str, list[int]] = {}
@@ -105,6 +109,12 @@ def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: s
     out: dict[str, Any] = {"auroc": None if every is None else every.auroc,
                            "low": None if every is None else every.low, "high": None if every is None else every.high,
                            "studies": sum(len(v) for v in labels.values())}
+    y, p = np.asarray(sum(labels.values(), []), int), np.asarray(sum(scores.values(), []), float)
+    out["ece"] = ece(y, p)
+    calibration = load_scoring(model_path).calibration
+    if calibration is not None:
+        out["ece_recalibrated"] = ece(y, calibration.of_scores(p))
+        out["calibration"] = {"slope": calibration.slope, "intercept": calibration.intercept}
     if unlike is not None and unlike in labels:
         site = auroc_ci(labels[unlike], scores[unlike])
         out["unlike_auroc"] = None if site is None else site.auroc
