@@ -1,6 +1,7 @@
 """A site-local (or pooled, centralised) training run: the baseline federated results are compared to.
 
-Writes into the output folder: ``model.pt`` (weights and the run configuration), ``metrics.json``
+Writes into the output folder: ``model.pt`` (weights, the run configuration, and for a classifier the operating
+point and Platt scaling chosen on the validation split, which ``explain`` and the review page read), ``metrics.json``
 (schema ``oncofed.local-run/1``: per split the study-level metrics and the number of studies behind
 them, the per-epoch curve, timings, and ε under DP) and ``curves.png`` (training loss and validation
 AUROC per epoch).
@@ -16,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fl_client.privacy import PrivacyLedger
@@ -32,7 +34,7 @@ from fl_client.train import (
 from imaging.sitedata import load_site_data
 from models.config import RunConfig, batch_size_of, dp_outlook, resolve_learning_rate, resolved_grad_sample_mode
 from models.device import place
-from models.evaluation import choose_threshold, parse_rule
+from models.evaluation import Scoring, choose_threshold, fit_platt, parse_rule
 from models.nets import build_model, parameter_count
 from models.weights import save_checkpoint, state_arrays
 
@@ -117,14 +119,23 @@ def run_local(
     splits = {}
     operating: dict[str, Any] | None = None
     threshold = 0.5
+    scoring: Scoring | None = None
     if not data.segmentation:
-        # The operating point: chosen on the validation split by the run's rule, then applied to every split.
+        # The operating point: chosen on the validation split by the run's rule, then applied to every split; and
+        # Platt scaling fitted on the same studies' scores (where they hold enough of each class), which the
+        # model.pt carries as a federated run's global model does.
         rule = parse_rule(config.federation.operating_point)
         val = evaluate_local(model, data, "val", placement=placement)
+        calibration = None
         if val is not None and val.labels is not None and val.scores is not None:
             threshold = choose_threshold(val.labels, val.scores, rule)
+            clipped = np.clip(np.asarray(val.scores, float), 1e-7, 1 - 1e-7)
+            calibration = fit_platt(val.labels, np.log(clipped) - np.log1p(-clipped),
+                                    fitted_on="validation studies of this run")
         operating = {"rule": str(rule), "rule_text": rule.describe(), "threshold": threshold,
-                     "chosen_on": "val" if val is not None else "no validation split: 0.5"}
+                     "chosen_on": "val" if val is not None else "no validation split: 0.5",
+                     "calibration": calibration.to_dict() if calibration is not None else None}
+        scoring = Scoring(calibration, threshold, rule.describe() if val is not None else "no validation split: 0.5")
     subgroups: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         ev = evaluate_local(model, data, split, placement=placement, threshold=threshold)
@@ -134,7 +145,7 @@ def run_local(
                 subgroups = subgroup_figures(study_subgroups(data, split), ev.study_uids, ev.labels, ev.scores,
                                              min_count=1)  # the site's own view: every subgroup
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "model.pt", state_arrays(model), config.to_flat(), round_number=0)
+    save_checkpoint(out / "model.pt", state_arrays(model), config.to_flat(), round_number=0, scoring=scoring)
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "task": task,

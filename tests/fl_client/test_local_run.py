@@ -99,8 +99,13 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads((out / "explain.json").read_text())
     assert doc["schema"] == "oncofed.explain/1" and doc["task"] == "prostate-mr" and doc["images"]
+    # The model.pt carries its run's operating point (and no calibration: a handful of validation studies).
+    operating = json.loads((model_dir / "metrics.json").read_text())["operating_point"]
+    assert operating["calibration"] is None and not doc["scoring"]["calibrated"]
+    assert doc["scoring"]["threshold"] == operating["threshold"] and doc["scoring"]["rule"] == operating["rule_text"]
     for entry in doc["images"]:
         assert 0.0 < entry["probability"] < 1.0 and entry["split"] == "val"
+        assert entry["call"] == (entry["probability"] >= operating["threshold"] - 1e-9)
         for method in ("gradcam", "gradcampp"):
             heat = np.load(out / entry["maps"][method]["map"])
             assert heat.shape == (48, 48, 16) and heat.min() >= 0.0 and heat.max() <= 1.0
