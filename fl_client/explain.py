@@ -216,7 +216,8 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
                      f"{task} · {method.value} · p = {result.probability:.2f} · label {item.label}{side}",
                      preset.window)
             entry["probability"] = result.probability
-            entry["call"] = explainer.scoring.call(result.probability)
+            calls = explainer.scoring.calls([result.logit])
+            entry["call"] = None if calls is None else calls[0]
             entry["maps"][method.value] = {"map": str((folder / f"{stem}.npy").relative_to(out)),
                                            "png": str(png.relative_to(out)),
                                            "peak": [int(v) for v in np.unravel_index(int(np.argmax(result.map)),

@@ -136,13 +136,17 @@ class Explainer:
                                               predictor=self.net, overlap=0.25, mode="gaussian")
         return np.ascontiguousarray(torch.sigmoid(torch.as_tensor(logits).float())[0, 0].cpu().numpy())
 
-    def probabilities(self, images: Sequence[torch.Tensor]) -> list[float]:
-        """The model's probability of a finding for each image (one batch, no gradients): calibrated when the model
-        carries a calibration (:attr:`scoring`)."""
+    def logits(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """The network's logit for each image (one batch, no gradients)."""
         batch = torch.stack([_tensor(x) for x in images]).float().to(self.placement.device)
         with torch.no_grad(), autocast(self.placement):
             logits = self.net(batch)
-        return [float(p) for p in self.scoring.probabilities(logits.float().reshape(-1).cpu().numpy())]
+        return logits.float().reshape(-1).cpu().numpy().astype(np.float64)
+
+    def probabilities(self, images: Sequence[torch.Tensor]) -> list[float]:
+        """The model's probability of a finding for each image (one batch, no gradients): calibrated when the model
+        carries a calibration (:attr:`scoring`; its calls at the operating point: ``scoring.calls(logits)``)."""
+        return [float(p) for p in self.scoring.probabilities(self.logits(images))]
 
     def explain(self, image: torch.Tensor, method: Method, *, plan: ImagePlan | None = None) -> Explanation:
         """A saliency map of ``image`` by ``method``, and on ``plan``'s DICOM grid if given."""
@@ -157,7 +161,7 @@ class Explainer:
         with torch.enable_grad():
             result = saliency(self.net, x, method, layer=layer, grid=grid)
         if self.scoring.calibration is not None:  # the probability shown, as :meth:`probabilities` gives it
-            result = replace(result, probability=float(self.scoring.calibration.of_scores([result.probability])[0]))
+            result = replace(result, probability=float(self.scoring.calibration.of_logits([result.logit])[0]))
         on_source = network_to_source(result.map, plan, self.preset) if plan is not None else None
         return Explanation(result, on_source)
 

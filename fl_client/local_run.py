@@ -135,7 +135,9 @@ def run_local(
         operating = {"rule": str(rule), "rule_text": rule.describe(), "threshold": threshold,
                      "chosen_on": "val" if val is not None else "no validation split: 0.5",
                      "calibration": calibration.to_dict() if calibration is not None else None}
-        scoring = Scoring(calibration, threshold, rule.describe() if val is not None else "no validation split: 0.5")
+        # A threshold above every score (1 + 1e-9: the rule calls nothing positive) is kept as 1.0 in the model.pt.
+        scoring = Scoring(calibration, min(threshold, 1.0),
+                          rule.describe() if val is not None else "no validation split: 0.5")
     subgroups: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         ev = evaluate_local(model, data, split, placement=placement, threshold=threshold)

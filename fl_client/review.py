@@ -106,7 +106,8 @@ class ReviewError(ValueError):
 
 @dataclass(frozen=True)
 class Case:
-    """One image on the worklist."""
+    """One image on the worklist (``call``: at or above its model's operating point, decided on the network's own
+    score; None for an outline or a model without one)."""
 
     key: str
     study_uid: str
@@ -116,6 +117,7 @@ class Case:
     probability: float
     item: Item
     lesion: LesionSummary | None = None
+    call: bool | None = None
 
     @property
     def segmentation(self) -> bool:
@@ -275,17 +277,20 @@ class ReviewSession:
                 continue
             for start in range(0, len(items), 16):
                 batch = [dataset[i]["image"] for i in range(start, min(start + 16, len(items)))]
-                probs = model.probabilities(batch)
-                for item, p in zip(items[start:start + len(batch)], probs, strict=True):
-                    self._add_case(item, task, float(p))
+                logits = model.logits(batch)
+                probs = model.scoring.probabilities(logits)
+                calls = model.scoring.calls(logits) or [None] * len(batch)
+                for item, p, call in zip(items[start:start + len(batch)], probs, calls, strict=True):
+                    self._add_case(item, task, float(p), call=call)
                 done += len(batch)
                 if on_progress is not None:
                     on_progress(done, total)
 
-    def _add_case(self, item: Item, task: str, probability: float, lesion: LesionSummary | None = None) -> None:
+    def _add_case(self, item: Item, task: str, probability: float, lesion: LesionSummary | None = None, *,
+                  call: bool | None = None) -> None:
         label = item.label if item.label in (0, 1) else None  # the catalog's -1: no label
         self.cases[item.plan.key] = Case(item.plan.key, item.study_uid, task, item.split or "unassigned", label,
-                                         probability, item, lesion)
+                                         probability, item, lesion, call)
 
     def _outline(self, item: Item, model: Explainer, image: Any) -> tuple[float, LesionSummary]:
         """Predict an image's lesion mask on its DICOM grid and keep it (and the reference) in memory; return the
@@ -342,16 +347,12 @@ class ReviewSession:
         for c in self.cases.values():
             v = latest.get(c.key)
             rows.append({"key": c.key, "study_uid": c.study_uid, "task": c.task, "split": c.split, "label": c.label,
-                         "probability": round(c.probability, 4), "call": self._call(c),
+                         "probability": round(c.probability, 4), "call": c.call,
                          "view": c.view, "modality": c.modality,
                          "verdict": v["verdict"] if v else None, "reader": v["reader"] if v else None,
                          "segmentation": c.segmentation, "lesion_size": None if c.lesion is None else round(
                              c.lesion.size, 3), "size_unit": None if c.lesion is None else c.lesion.unit})
         return rows
-
-    def _call(self, case: Case) -> bool | None:
-        """A classifier's call at its run's operating point (None for an outline or a model without one)."""
-        return None if case.segmentation else self.models[case.task].scoring.call(case.probability)
 
     def image(self, key: str) -> np.ndarray:
         """The image's pixels in modality units on its DICOM grid (``(slices, rows, cols)``)."""
@@ -425,7 +426,7 @@ class ReviewSession:
             methods = [m.value for m in self.methods]
         model = self.models[case.task]
         return {"key": key, "study_uid": case.study_uid, "task": case.task, "title": get_preset(case.task).title,
-                "split": case.split, "label": case.label, "probability": case.probability, "call": self._call(case),
+                "split": case.split, "label": case.label, "probability": case.probability, "call": case.call,
                 "calibrated": model.scoring.calibration is not None, "threshold": model.scoring.shown_threshold,
                 "rule": model.scoring.rule, "view": case.view,
                 "modality": case.modality, "slices": int(image.shape[0]), "rows": int(image.shape[1]),

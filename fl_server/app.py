@@ -123,10 +123,12 @@ def main(grid: Grid, context: Context) -> None:
                                 evaluate_config=ConfigRecord(dict(run_tag)), evaluate_fn=strategy.end_of_round)
         final_arrays = result.arrays if result.arrays is not None and len(result.arrays) else final_arrays
     store.history["train_seconds"] = time.perf_counter() - t0
+    figures = None  # the consortium's figures of this invocation's final model (never a resumed run's earlier ones)
     if srv.final_evaluation or in_train or srv.cross_site_eval:
         final, val = final_evaluation(grid, final_arrays, run_id=store.history["run_id"],
                                       round_number=config.federation.num_rounds, timeout=timeout, also_val=True,
                                       operating_point=config.federation.operating_point)
+        figures = final.get("consortium")
         if in_train:  # the last model's validation figures come with the final evaluation
             strategy.record_evaluation(config.federation.num_rounds, val)
         if srv.final_evaluation:
@@ -141,9 +143,9 @@ def main(grid: Grid, context: Context) -> None:
     from fl_server.evaluation import scoring_of
     from models.weights import save_checkpoint
 
-    # The global model carries the consortium's calibration and operating point (chosen on validation above), so
-    # that a site reads its scores as the report does.
-    scoring = scoring_of((store.history.get("final") or {}).get("consortium"))
+    # The global model carries the consortium's calibration and operating point (chosen on validation above, for
+    # these weights), so that a site reads its scores as the report does.
+    scoring = scoring_of(figures)
     save_checkpoint(store.root / "model.pt", unpack(flat, reference), flat_config,
                     round_number=config.federation.num_rounds, scoring=scoring)
     from fl_server.report import write_report

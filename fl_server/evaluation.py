@@ -26,7 +26,6 @@ import numpy as np
 
 from models.evaluation import (
     CI_METHOD,
-    MIN_CALIBRATION_CASES,
     SCORE_BINS,
     SCORE_EDGES,
     Calibration,
@@ -38,6 +37,7 @@ from models.evaluation import (
     histogram_threshold,
     parse_rule,
     reliability,
+    why_not_recalibrated,
     wilson,
 )
 from models.protocol import Metric
@@ -96,7 +96,14 @@ def too_small(metrics: Mapping[str, float]) -> bool:
 
 
 def recalibration(val: Histograms, test: Histograms, *, threshold: float) -> dict[str, Any]:
-    """Platt scaling fitted on the pooled validation histograms, judged on the pooled test histograms.
+    """The recalibration the global model will carry: fitted on the pooled validation histograms
+    (:func:`models.evaluation.fit_platt_histograms`: Platt scaling or its intercept alone, where a closed test finds
+    the network's own scores miscalibrated), judged on the pooled test histograms.
+
+    Args:
+        val: Each site's validation-split histograms of the final model.
+        test: Each site's test-split histograms.
+        threshold: The operating threshold on the network's own score.
 
     Returns:
         ``fitted`` True: the calibration (:meth:`models.evaluation.Calibration.to_dict`), the test ECE and
@@ -106,11 +113,7 @@ def recalibration(val: Histograms, test: Histograms, *, threshold: float) -> dic
     vpos, vneg = pooled(val)
     calibration = fit_platt_histograms(vpos, vneg, fitted_on="validation histograms, all sites pooled")
     if calibration is None:
-        p, n = int(vpos.sum()), int(vneg.sum())
-        why = (f"the pooled validation split holds {p} positive and {n} negative studies, fewer than "
-               f"{MIN_CALIBRATION_CASES} of a class" if min(p, n) < MIN_CALIBRATION_CASES else
-               "the validation scores do not rank positives above negatives")
-        return {"fitted": False, "reason": why + ": scores stay the network's own"}
+        return {"fitted": False, "reason": why_not_recalibrated(vpos, vneg) + ": the scores stay the network's own"}
     tpos, tneg = pooled(test)
     return {"fitted": True, **calibration.to_dict(),
             "threshold": float(calibration.of_scores([threshold])[0]),

@@ -30,11 +30,11 @@ import torch
 
 from fl_server.rounds import RoundRecord
 from models.config import ConfigError, from_flat, resolve_norm
-from models.evaluation import wilson
+from models.evaluation import Scoring, wilson
 from models.nets import build_model, parameter_count
 from models.protocol import Metric
 from models.torchscript import trace_network
-from models.weights import WeightsError, load_arrays, load_checkpoint
+from models.weights import WeightsError, load_arrays, load_checkpoint, load_scoring
 
 __all__ = ["ExportError", "Exported", "export_run", "hanley_mcneil", "model_card", "render_card", "wilson"]
 
@@ -176,14 +176,28 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
                      "sensitivity": {"value": c["sensitivity"], "ci95": c["sensitivity_ci95"]},
                      "specificity": {"value": c["specificity"], "ci95": c["specificity_ci95"]},
                      "calibration_ece": (figures.get("calibration") or {}).get("ece")}
+    # What the sites and the bundle apply: the model.pt's own calibration (the report's figures of it where they
+    # belong to the same fit).
+    model = Path(run_dir) / "model.pt"
+    try:
+        scoring = load_scoring(model) if model.is_file() else Scoring()
+    except WeightsError as exc:
+        raise ExportError(str(exc)) from None
+    calibration = scoring.calibration
     recal = (figures.get("calibration") or {}).get("recalibrated") or {}
     output = "one logit; probability = sigmoid(logit)"
-    if recal.get("fitted"):
-        output = (f"one logit; probability = sigmoid({recal['slope']:.4f} × logit {recal['intercept']:+.4f}) (Platt "
-                  f"scaling fitted on the {recal['fitted_on']}, {recal['positives']}/{recal['negatives']} studies; "
-                  "sites read the run's model.pt so)")
+    card_calibration: dict[str, Any] | None = None
+    if calibration is not None:
+        output = (f"one logit; probability = sigmoid({calibration.slope:.4f} × logit {calibration.intercept:+.4f}) "
+                  f"(recalibrated on the {calibration.fitted_on or 'validation studies'}, {calibration.positives}/"
+                  f"{calibration.negatives} studies; the bundle's probabilities.json and the sites apply it, "
+                  "models/model.ts outputs the logit)")
+        same = bool(recal.get("fitted")) and recal.get("slope") == calibration.slope \
+            and recal.get("intercept") == calibration.intercept
+        card_calibration = {**calibration.to_dict(), "test_ece": recal.get("ece") if same else None}
         if operating is not None:
-            operating.update(calibrated_threshold=recal["threshold"], recalibrated_ece=recal.get("ece"))
+            operating.update(calibrated_threshold=scoring.shown_threshold,
+                             recalibrated_ece=recal.get("ece") if same else None)
     spec = from_flat(run_config).model
     return {
         "intended_use": ("Research: detection of a lesion in one study of the task below (one probability per "
@@ -193,7 +207,7 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
         "preprocessing": dict(preprocessing),
         "network": {"architecture": str(spec.network), "spatial_dims": spec.spatial_dims,
                     "in_channels": spec.in_channels, "norm": str(resolve_norm(spec)), "parameters": parameters,
-                    "output": output, "calibration": recal if recal.get("fitted") else None},
+                    "output": output, "calibration": card_calibration},
         "run": {"run_id": history.get("run_id"), "strategy": history.get("strategy"), "rounds": len(rounds),
                 "finished": history.get("finished"), "configuration": run_config},
         "sites": {"trained": trained, "evaluated": sorted(sites_metrics),
@@ -256,8 +270,11 @@ def render_card(card: Mapping[str, Any]) -> str:
                       f"{_fmt(op['specificity'])} on the test split"
                       + (f"; expected calibration error {op['calibration_ece']:.3f}"
                          if op.get("calibration_ece") is not None else "")
-                      + (f"; recalibrated: threshold {op['calibrated_threshold']:.4f}, expected calibration error "
-                         f"{op['recalibrated_ece']:.3f}" if op.get("recalibrated_ece") is not None else "") + "."]
+                      + (f"; recalibrated: threshold {op['calibrated_threshold']:.4f}"
+                         + (f", expected calibration error {op['recalibrated_ece']:.3f}"
+                            if op.get("recalibrated_ece") is not None else "")
+                         if op.get("calibrated_threshold") is not None and op.get("calibrated_threshold")
+                         != op["threshold"] else "") + "."]
     lines += ["", "CI methods: " + "; ".join(f"{k}: {v}" for k, v in m["ci_methods"].items()) + ".", "",
               "## Run", "", f"- run {card['run']['run_id']}, strategy {card['run']['strategy']}, "
               f"{card['run']['rounds']} rounds; configuration in model-card.json",
@@ -290,7 +307,10 @@ Run on {what} (from this folder's parent, or pass the absolute bundle path):
     python -m monai.bundle run --config_file BUNDLE/configs/inference.json --meta_file BUNDLE/configs/metadata.json \\
         --bundle_root BUNDLE --input_dir {given} --output_dir /path/to/out
 
-It writes `out/probabilities.json`: `[{{"image": {entry}, "probability": <0..1>}}]`.
+It writes `out/probabilities.json`: `[{{"image": {entry}, "probability": <0..1>}}]`: the probability the run's sites
+show, `sigmoid(calibration_slope × logit + calibration_intercept)` with the run's recalibration in
+`configs/inference.json` (1 and 0 where the run fitted none; see the model card). `models/model.ts` alone outputs the
+logit.
 {study}
 The preprocessing in `configs/inference.json` is MONAI's (reader, orientation, resampling, window,
 crop/pad) except the steps MONAI has no equivalent for, which name oncofed's own transforms by `_target_`

@@ -216,8 +216,12 @@ def _recalibration_html(recal: Mapping[str, Any] | None, op: Mapping[str, Any]) 
     if not recal.get("fitted"):
         return f"<p class='note'>Recalibration: not fitted ({html.escape(str(recal.get('reason', '')))}).</p>"
     ece = recal.get("ece")
-    return (f"<p>Recalibration carried by the global model (sites show these probabilities): Platt scaling fitted on "
-            f"the {html.escape(str(recal['fitted_on']))} ({recal['positives']}/{recal['negatives']} studies), "
+    what = ("Platt scaling (slope and intercept)" if recal.get("update", "logistic") == "logistic" else
+            "recalibration in the large (the intercept alone)")
+    return (f"<p>Recalibration carried by the global model (sites show these probabilities): {what}, fitted on "
+            f"the {html.escape(str(recal['fitted_on']))} ({recal['positives']}/{recal['negatives']} studies) and "
+            f"adopted by a closed test against the network's own scores (likelihood-ratio χ² "
+            f"{recal.get('statistic', 0.0):.1f}): "
             f"probability = sigmoid({recal['slope']:.3f} × logit {recal['intercept']:+.3f}). On the test split its "
             "expected calibration error is " + ("—" if ece is None else f"<b>{ece:.3f}</b>")
             + f"; the operating point {op['threshold']:.4f} reads {recal['threshold']:.4f} on the calibrated scale "

@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "CALIBRATION_METHOD",
     "CI_METHOD",
+    "MAX_OUTER_SHARE",
     "MIN_CALIBRATION_CASES",
     "SCORE_BINS",
     "SCORE_EDGES",
@@ -48,6 +49,7 @@ __all__ = [
     "parse_rule",
     "reliability",
     "score_histogram",
+    "why_not_recalibrated",
     "wilson",
 ]
 
@@ -314,15 +316,20 @@ def histogram_ece(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.n
 MIN_CALIBRATION_CASES = 10
 """Fewer validation cases of either class than this, and no recalibration is fitted: two parameters from a handful
 of cases would move every score on noise."""
-CALIBRATION_METHOD = "Platt scaling: a logistic fit of the label on the score's logit, with Platt's smoothed targets"
+CALIBRATION_METHOD = ("Platt scaling (a logistic fit of the label on the network's logit, Platt's smoothed targets), "
+                      "adopted by a closed test against the network's own scores")
+MAX_OUTER_SHARE = 0.1
+"""More validation cases than this share beyond logit ±7 (scores below 0.0009 or above 0.9991, the histograms' open
+outer bins) and no recalibration is fitted from histograms: their logits are unknown there."""
 _MAX_PARAMETER = 1000.0
+_CHI2_95 = {1: 3.841458820694124, 2: 5.991464547107979}
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Platt scaling of a classifier's scores: the calibrated probability is ``sigmoid(slope * logit + intercept)``,
-    where ``logit`` is the network's output. Monotone (``slope > 0``): it changes what a score says, never the order
-    of two studies.
+    """A recalibration of a classifier's scores: the calibrated probability is ``sigmoid(slope * logit +
+    intercept)``, where ``logit`` is the network's output. Monotone (``slope > 0``): it changes what a score says,
+    never the order of two studies.
 
     Attributes:
         slope: Multiplies the logit (above 1: the network's scores were too timid; below 1: too confident).
@@ -330,6 +337,9 @@ class Calibration:
         positives: Positive cases it was fitted on.
         negatives: Negative cases it was fitted on.
         fitted_on: Which cases: e.g. ``"validation histograms, all sites pooled"``.
+        update: ``logistic`` (slope and intercept) or ``intercept`` (the intercept alone, slope 1: recalibration
+            in the large), as the closed test chose (:func:`fit_platt`).
+        statistic: The likelihood-ratio χ² of the update against the network's own scores (2 degrees of freedom).
     """
 
     slope: float
@@ -337,20 +347,23 @@ class Calibration:
     positives: int
     negatives: int
     fitted_on: str = ""
+    update: str = "logistic"
+    statistic: float = 0.0
 
     def of_logits(self, logits: Sequence[float] | np.ndarray) -> np.ndarray:
         """Calibrated probabilities of network logits."""
         return 1.0 / (1.0 + np.exp(-(self.slope * np.asarray(logits, float) + self.intercept)))
 
     def of_scores(self, scores: Sequence[float] | np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of uncalibrated ones (the network's sigmoid)."""
+        """Calibrated probabilities of uncalibrated ones (the network's sigmoid; exact for logits within ±34)."""
         s = np.clip(np.asarray(scores, float), 1e-15, 1.0 - 1e-15)
         return self.of_logits(np.log(s) - np.log1p(-s))
 
     def to_dict(self) -> dict[str, float | int | str]:
         """A plain table (what a ``model.pt`` and the run's history keep)."""
         return {"method": CALIBRATION_METHOD, "slope": self.slope, "intercept": self.intercept,
-                "positives": self.positives, "negatives": self.negatives, "fitted_on": self.fitted_on}
+                "positives": self.positives, "negatives": self.negatives, "fitted_on": self.fitted_on,
+                "update": self.update, "statistic": self.statistic}
 
     @classmethod
     def from_dict(cls, doc: object) -> Calibration:
@@ -362,42 +375,58 @@ class Calibration:
         if not isinstance(doc, dict):
             raise ValueError(f"calibration is a {type(doc).__name__}, not a table of slope and intercept")
         values: dict[str, float] = {}
-        for key in ("slope", "intercept"):
-            value = doc.get(key)
+        for key in ("slope", "intercept", "statistic"):
+            value = doc.get(key, 0.0 if key == "statistic" else None)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or abs(value) > _MAX_PARAMETER:
+                    or abs(value) > _MAX_PARAMETER * 1e3:
                 raise ValueError(f"calibration {key} is {value!r}: a finite number within "
                                  f"±{_MAX_PARAMETER:g} is needed")
             values[key] = float(value)
-        if values["slope"] <= 0:
-            raise ValueError(f"calibration slope is {values['slope']!r}: it must be above 0 (a calibration that "
-                             "reversed the order of the scores)")
+        if not 0 < values["slope"] <= _MAX_PARAMETER or abs(values["intercept"]) > _MAX_PARAMETER:
+            raise ValueError(f"calibration slope is {values['slope']!r} and intercept {values['intercept']!r}: the "
+                             f"slope must be above 0 (a calibration that reversed the order of the scores), both "
+                             f"within ±{_MAX_PARAMETER:g}")
         counts = [doc.get(key, 0) for key in ("positives", "negatives")]
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
             raise ValueError(f"calibration case counts are {counts!r}: two whole numbers of at least 0 are needed")
-        return cls(values["slope"], values["intercept"], counts[0], counts[1], str(doc.get("fitted_on", "")))
+        fitted_on, update = doc.get("fitted_on", ""), doc.get("update", "logistic")
+        if not isinstance(fitted_on, str) or len(fitted_on) > 200:
+            raise ValueError("calibration fitted_on must be a short text (which cases it was fitted on)")
+        if update not in ("logistic", "intercept"):
+            raise ValueError(f"calibration update is {update!r}: logistic or intercept")
+        return cls(values["slope"], values["intercept"], counts[0], counts[1], fitted_on, update,
+                   values["statistic"])
 
 
-def _platt(z: np.ndarray, target: np.ndarray, weight: np.ndarray, prior: float) -> tuple[float, float]:
-    """Minimise the weighted log loss of ``sigmoid(a * z + b)`` against ``target`` by Newton's method with a
-    backtracking line search (Lin, Lin and Weng 2007); ``prior`` is the starting intercept."""
-    def loss(a: float, b: float) -> float:
-        f = a * z + b
-        return float((weight * (target * np.logaddexp(0.0, -f) + (1 - target) * np.logaddexp(0.0, f))).sum())
+def _log_likelihood(z: np.ndarray, y: np.ndarray, w: np.ndarray, a: float, b: float) -> float:
+    f = a * z + b
+    return float(-(w * (y * np.logaddexp(0.0, -f) + (1 - y) * np.logaddexp(0.0, f))).sum())
 
-    a, b = 0.0, prior
-    current = loss(a, b)
+
+def _platt(z: np.ndarray, target: np.ndarray, weight: np.ndarray, prior: float, *,
+           slope: float | None = None) -> tuple[float, float] | None:
+    """Maximise the weighted log likelihood of ``sigmoid(a * z + b)`` against ``target`` by Newton's method with a
+    backtracking line search (Lin, Lin and Weng 2007); ``prior`` is the starting intercept. With ``slope`` given, only
+    the intercept is fitted. None when the Newton system is singular (all cases at one logit)."""
+    a, b = (0.0 if slope is None else slope), prior
+    current = -_log_likelihood(z, target, weight, a, b)
     for _ in range(100):
         p = 1.0 / (1.0 + np.exp(-(a * z + b)))
         r, d = weight * (p - target), weight * p * (1 - p)
-        g = np.array([(r * z).sum(), r.sum()])
+        if slope is None:
+            g = np.array([(r * z).sum(), r.sum()])
+            h = np.array([[(d * z * z).sum(), (d * z).sum()], [(d * z).sum(), d.sum()]])
+        else:
+            g, h = np.array([0.0, r.sum()]), np.array([[1.0, 0.0], [0.0, d.sum()]])
         if np.abs(g).max() < 1e-10 * max(1.0, weight.sum()):
             break
-        h = np.array([[(d * z * z).sum() + 1e-12, (d * z).sum()], [(d * z).sum(), d.sum() + 1e-12]])
-        step = np.linalg.solve(h, g)
+        try:
+            step = np.linalg.solve(h + 1e-12 * np.eye(2), g)
+        except np.linalg.LinAlgError:
+            return None
         t = 1.0
         while t > 1e-10:
-            trial = loss(a - t * step[0], b - t * step[1])
+            trial = -_log_likelihood(z, target, weight, a - t * step[0], b - t * step[1])
             if trial < current + 1e-4 * t * float(g @ -step):
                 break
             t /= 2
@@ -408,33 +437,74 @@ def _platt(z: np.ndarray, target: np.ndarray, weight: np.ndarray, prior: float) 
 
 
 def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str) -> Calibration | None:
+    """Recalibrate by the closed testing procedure of clinical prediction models (Vergouwe et al. 2017): the
+    logistic update (Platt) is kept only when it fits the validation cases significantly better than the network's
+    own scores (likelihood ratio, 2 degrees of freedom, 5 %); then the intercept alone is taken unless the slope adds
+    significantly (1 degree of freedom). On small validation sets this keeps a calibrated network as it is, where a
+    fit on noise would make it worse."""
     p, n = float(pos_w.sum()), float(neg_w.sum())
-    if min(p, n) < MIN_CALIBRATION_CASES:
+    if min(p, n) < MIN_CALIBRATION_CASES or np.count_nonzero(pos_w + neg_w) < 2:
         return None
-    # Platt's targets: a positive counts as (P + 1) / (P + 2), a negative as 1 / (N + 2), so that separable
-    # validation scores give a finite slope rather than an infinitely steep step.
     keep_p, keep_n = pos_w > 0, neg_w > 0
     zz = np.concatenate([z[keep_p], z[keep_n]])
-    target = np.concatenate([np.full(int(keep_p.sum()), (p + 1) / (p + 2)), np.full(int(keep_n.sum()), 1 / (n + 2))])
+    labels = np.concatenate([np.ones(int(keep_p.sum())), np.zeros(int(keep_n.sum()))])
     weight = np.concatenate([pos_w[keep_p], neg_w[keep_n]])
-    a, b = _platt(zz, target, weight, math.log((p + 1) / (n + 1)))
+    # Platt's targets: a positive counts as (P + 1) / (P + 2), a negative as 1 / (N + 2), so that separable
+    # validation scores give a finite slope rather than an infinitely steep step.
+    target = np.where(labels == 1, (p + 1) / (p + 2), 1 / (n + 2))
+    prior = math.log((p + 1) / (n + 1))
+    full, shift = _platt(zz, target, weight, prior), _platt(zz, labels, weight, prior, slope=1.0)
+    if full is None or shift is None:
+        return None
+    a, b = full
     if not (a > 0 and math.isfinite(a) and math.isfinite(b)) or max(abs(a), abs(b)) > _MAX_PARAMETER:
         return None  # the scores rank validation cases backwards (or not at all): no calibration can help
-    return Calibration(a, b, int(p), int(n), fitted_on)
+    own = _log_likelihood(zz, labels, weight, 1.0, 0.0)
+    logistic = _log_likelihood(zz, labels, weight, a, b)
+    statistic = 2 * (logistic - own)
+    if statistic <= _CHI2_95[2]:
+        return None
+    if 2 * (logistic - _log_likelihood(zz, labels, weight, 1.0, shift[1])) <= _CHI2_95[1]:
+        return Calibration(1.0, shift[1], int(p), int(n), fitted_on, "intercept", float(statistic))
+    return Calibration(a, b, int(p), int(n), fitted_on, "logistic", float(statistic))
 
 
 def fit_platt(labels: Sequence[int] | np.ndarray, logits: Sequence[float] | np.ndarray, *,
               fitted_on: str = "") -> Calibration | None:
-    """Platt scaling fitted on per-case network logits (None with fewer than :data:`MIN_CALIBRATION_CASES` of a
-    class, or when the fitted slope is not above 0)."""
+    """Recalibration fitted on per-case network logits: Platt scaling, or its intercept alone, where the closed test
+    finds the network's own scores miscalibrated (see :func:`_fit`). None with fewer than
+    :data:`MIN_CALIBRATION_CASES` of a class, when the fitted slope is not above 0, or when the network's own scores
+    fit the cases as well."""
     y = np.asarray(labels, int)
     z = np.asarray(logits, float)
     return _fit(z, (y == 1).astype(float), (y == 0).astype(float), fitted_on)
 
 
+def why_not_recalibrated(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray) -> str:
+    """Why :func:`fit_platt_histograms` fitted nothing on these histograms, in words for the report."""
+    pos_w, neg_w = np.asarray(pos, float), np.asarray(neg, float)
+    if pos_w.shape != (SCORE_BINS,) or neg_w.shape != (SCORE_BINS,) or not (
+            np.isfinite(pos_w).all() and np.isfinite(neg_w).all()):
+        return "the histograms are not counts on the fixed bins"
+    p, n = int(pos_w.sum()), int(neg_w.sum())
+    if min(p, n) < MIN_CALIBRATION_CASES:
+        return (f"the validation split holds {p} positive and {n} negative studies, fewer than "
+                f"{MIN_CALIBRATION_CASES} of a class")
+    weight = pos_w + neg_w
+    if (weight[0] + weight[-1]) / weight.sum() > MAX_OUTER_SHARE:
+        return (f"{(weight[0] + weight[-1]) / weight.sum():.0%} of the validation scores lie beyond 0.0009 or "
+                f"0.9991, where the histograms do not place them (at most {MAX_OUTER_SHARE:.0%})")
+    auc = histogram_auroc(pos_w, neg_w)
+    if auc is None or auc.ci.auroc <= 0.5 or np.count_nonzero(weight) < 2:
+        return "the validation scores do not rank positive studies above negative ones"
+    return ("the network's own scores fit the validation studies as well as a recalibration would (closed test: "
+            f"likelihood-ratio χ² at most {_CHI2_95[2]:.2f}, 2 degrees of freedom, 5 %)")
+
+
 def fit_platt_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray, *,
                          fitted_on: str = "") -> Calibration | None:
-    """Platt scaling fitted on score histograms. None as for :func:`fit_platt`.
+    """Recalibration fitted on score histograms, as :func:`fit_platt` (None in the same cases, and when more than
+    :data:`MAX_OUTER_SHARE` of the cases lie in the open outer bins, or the counts are not finite and at least 0).
 
     Each bin's cases sit at its logit mid-point; the bins are 0.23 logit wide, so the fit sees each score to within
     ±0.11. Rounding adds ``width² / 12`` to the spread of the logits (Sheppard) and so flattens the fitted slope, as
@@ -444,16 +514,24 @@ def fit_platt_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float]
     slope; at a spread of 1 the correction is below 1 %.
     """
     pos_w, neg_w = np.asarray(pos, float), np.asarray(neg, float)
-    fit = _fit(_CENTRE_LOGIT, pos_w, neg_w, fitted_on)
-    if fit is None:
+    if pos_w.shape != (SCORE_BINS,) or neg_w.shape != (SCORE_BINS,) or not (
+            np.isfinite(pos_w).all() and np.isfinite(neg_w).all() and (pos_w >= 0).all() and (neg_w >= 0).all()):
         return None
     weight = pos_w + neg_w
+    if weight.sum() <= 0 or (weight[0] + weight[-1]) / weight.sum() > MAX_OUTER_SHARE:
+        return None
+    fit = _fit(_CENTRE_LOGIT, pos_w, neg_w, fitted_on)
+    if fit is None or fit.update == "intercept":
+        return fit
     mean = float((weight * _CENTRE_LOGIT).sum() / weight.sum())
     spread = float((weight * (_CENTRE_LOGIT - mean) ** 2).sum() / weight.sum())
-    rounding = (_LOGIT[1] - _LOGIT[0]) ** 2 / 12
+    rounding = float((_LOGIT[1] - _LOGIT[0]) ** 2 / 12)
     factor = spread / (spread - rounding) if spread > 2 * rounding else 2.0
     slope = fit.slope * factor
-    return replace(fit, slope=slope, intercept=fit.intercept - (slope - fit.slope) * mean)
+    intercept = fit.intercept - (slope - fit.slope) * mean
+    if max(abs(slope), abs(intercept)) > _MAX_PARAMETER:
+        return None
+    return replace(fit, slope=float(slope), intercept=float(intercept))
 
 
 @dataclass(frozen=True)
@@ -480,15 +558,19 @@ class Scoring:
 
     @property
     def shown_threshold(self) -> float | None:
-        """The operating threshold on the scale of :meth:`probabilities` (the same calls as on the network's)."""
+        """The operating threshold on the scale of :meth:`probabilities`, for display (calls are made on the
+        network's own score: :meth:`calls`)."""
         if self.threshold is None or self.calibration is None:
             return self.threshold
         return float(self.calibration.of_scores([self.threshold])[0])
 
-    def call(self, probability: float) -> bool | None:
-        """Whether a shown probability is at or above the operating point (None without one)."""
-        shown = self.shown_threshold
-        return None if shown is None else probability >= shown - 1e-9
+    def calls(self, logits: Sequence[float] | np.ndarray) -> list[bool] | None:
+        """Whether each network logit's score is at or above the operating point, on the network's own score as the
+        server chose and counted it (None without an operating point)."""
+        if self.threshold is None:
+            return None
+        scores = 1.0 / (1.0 + np.exp(-np.asarray(logits, float).reshape(-1)))
+        return [bool(v) for v in scores >= self.threshold]
 
     def to_dict(self) -> dict[str, object]:
         """A plain table (what a ``model.pt`` keeps)."""
@@ -513,7 +595,7 @@ class Scoring:
                                       or not 0.0 <= threshold <= 1.0):
             raise ValueError(f"scoring threshold is {threshold!r}: a score between 0 and 1, or none, is needed")
         rule = doc.get("rule", "")
-        if not isinstance(rule, str) or len(rule) > 200:
+        if not isinstance(rule, str) or len(rule) > 300:
             raise ValueError("scoring rule must be a short text (the operating-point rule in words)")
         return cls(calibration, None if threshold is None else float(threshold), rule if threshold is not None else "")
 

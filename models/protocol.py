@@ -182,12 +182,15 @@ def histogram_metrics(pos: Sequence[float], neg: Sequence[float]) -> dict[str, f
 
 
 def split_histograms(metrics: Mapping[str, float]) -> tuple[dict[str, float], list[float] | None, list[float] | None]:
-    """A reply's metrics without its histogram entries, and the histograms (None when it sent none)."""
+    """A reply's metrics without its histogram entries, and the histograms (None when it sent none, or counts that
+    are not whole numbers from 0 to 10⁹: such a site is left out of the consortium's figures, and named there)."""
     rest = {k: float(v) for k, v in metrics.items() if k not in HISTOGRAM_KEYS}
     if f"{SCORE_POS}0" not in metrics:
         return rest, None, None
     pos = [float(metrics.get(f"{SCORE_POS}{b}", 0.0)) for b in range(SCORE_BINS)]
     neg = [float(metrics.get(f"{SCORE_NEG}{b}", 0.0)) for b in range(SCORE_BINS)]
+    if not all(0.0 <= v <= 1e9 and v == int(v) for v in pos + neg):  # NaN fails the first test
+        return rest, None, None
     return rest, pos, neg
 
 # What the server aggregates over sites (each reply must carry the same keys for Flower's checks).

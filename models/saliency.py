@@ -191,13 +191,15 @@ def _scaled(m: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Saliency:
-    """One image's map, the model's probability, and how it was made."""
+    """One image's map, the model's probability (its sigmoid; :attr:`logit` the network's output), and how it was
+    made."""
 
     map: np.ndarray  # spatial, float32 in [0, 1]
     probability: float
     method: Method
     layer: str | None
     seconds: float
+    logit: float = math.nan
 
 
 def occlusion_mask(spatial: Sequence[int], mask_size: int | None = None) -> tuple[int, ...]:
@@ -289,7 +291,7 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
         result = np.zeros(spatial, np.float32)
         result[tuple(slice(lo, lo + n) for (lo, _), n in zip(box, inside.shape, strict=True))] = inside
         layer = None
-    return Saliency(_scaled(result), probability, method, layer, time.perf_counter() - t0)
+    return Saliency(_scaled(result), probability, method, layer, time.perf_counter() - t0, logit)
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

@@ -89,7 +89,8 @@ def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: s
     scanners, other patients, never trained or validated on (one yardstick for every model, and ten times the
     studies of the sites' own test splits). With ``unlike``, also the AUROC on that site's held-out studies. Also
     the expected calibration error of the network's scores and, where the ``model.pt`` carries its run's
-    recalibration (a federated run's global model), of the scores its sites show."""
+    recalibration (a federated global model or a local run's model, where the closed test adopted one), of the
+    scores its sites show."""
     from fl_client.train import evaluate_local
     from imaging.sitedata import load_site_data
     from models.evaluation import auroc_ci, ece

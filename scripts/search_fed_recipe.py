@@ -98,10 +98,22 @@ def calibration_figures(model: Any, sites: list[Any], holdout: list[Any]) -> dic
     def spread(scores: np.ndarray) -> list[float]:
         return [round(float(v), 3) for v in np.percentile(scores, [5, 95])] if len(scores) else []
 
+    def brier(scores: np.ndarray) -> float:
+        return float(np.mean((scores - hy) ** 2))
+
+    def log_loss(scores: np.ndarray) -> float:
+        q = np.clip(scores, 1e-7, 1 - 1e-7)
+        return float(-np.mean(hy * np.log(q) + (1 - hy) * np.log(1 - q)))
+
     out: dict[str, Any] = {"val_studies": int(len(vy)), "val_positives": int(vy.sum()), "ece": ece(hy, hs),
-                           "spread": spread(hs), "fitted": fit is not None}
+                           "brier": brier(hs), "log_loss": log_loss(hs), "spread": spread(hs),
+                           "fitted": fit is not None,
+                           "scores": {"val": [vy.tolist(), vs.round(5).tolist()],
+                                      "holdout": [hy.tolist(), hs.round(5).tolist()]}}
     if fit is not None:
-        out.update(slope=fit.slope, intercept=fit.intercept, ece_recalibrated=ece(hy, fit.of_scores(hs)),
+        out.update(slope=fit.slope, intercept=fit.intercept, update=fit.update, statistic=fit.statistic,
+                   ece_recalibrated=ece(hy, fit.of_scores(hs)),
+                   brier_recalibrated=brier(fit.of_scores(hs)), log_loss_recalibrated=log_loss(fit.of_scores(hs)),
                    spread_recalibrated=spread(fit.of_scores(hs)))
     if per_case is not None:
         out.update(slope_per_case=per_case.slope, intercept_per_case=per_case.intercept,
@@ -311,13 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'—' if value is None else f'{value:.3f}'} on {studies} studies{extra} ({line['seconds']:.0f} s)")
     if calibration.get("fitted"):
         c = calibration
-        console.print(f"calibration on the held-out studies: ECE {c['ece']:.3f} → {c['ece_recalibrated']:.3f} (Platt "
-                      f"on {c['val_studies']} validation studies' histograms, slope {c['slope']:.2f}; per-case fit "
+        console.print(f"calibration on the held-out studies: ECE {c['ece']:.3f} → {c['ece_recalibrated']:.3f} "
+                      f"({c['update']} update on {c['val_studies']} validation studies' histograms, χ² "
+                      f"{c['statistic']:.1f}, slope {c['slope']:.2f}; per-case fit "
                       f"{c.get('slope_per_case', float('nan')):.2f}, ECE "
                       f"{c.get('ece_per_case_fit', float('nan')):.3f}); scores 5–95 % {c['spread']} → "
                       f"{c['spread_recalibrated']}")
     elif calibration:
-        console.print(f"calibration: ECE {calibration['ece']:.3f}; no recalibration fitted "
+        console.print(f"calibration: ECE {calibration['ece']:.3f}; no recalibration adopted "
                       f"({calibration['val_studies']} validation studies, {calibration['val_positives']} positive)")
     return 0
 

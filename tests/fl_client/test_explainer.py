@@ -71,5 +71,6 @@ def test_a_global_model_shows_its_runs_calibrated_scores_and_calls(site: tuple[P
     assert shown == pytest.approx(list(calibration.of_scores(raw)), abs=1e-6) and shown != pytest.approx(raw)
     # The map's probability (what the overlay is weighted by and explain.json records) is the one shown.
     assert calibrated.explain(images[0], Method.GRADCAM).result.probability == pytest.approx(shown[0], abs=1e-5)
-    assert [calibrated.scoring.call(p) for p in shown] == [p >= 0.5 for p in raw]  # the run's calls
-    assert plain.scoring.call(raw[0]) is None  # a model without an operating point calls nothing
+    logits = calibrated.logits(images)
+    assert calibrated.scoring.calls(logits) == [p >= 0.5 for p in raw]  # the run's calls
+    assert plain.scoring.calls(logits) is None  # a model without an operating point calls nothing

@@ -139,11 +139,15 @@ def test_worklist_study_overlay_verdict_in_a_real_browser(site: tuple[Path, Path
         cells = page.locator("tr.case td.score").all_inner_texts()
         scores = [_score(t) for t in cells]
         assert scores == sorted(scores, reverse=True)
-        # Calibrated scores; a mark on those at or above the run's operating point, on the same scale.
+        # Calibrated scores; a mark on those at or above the run's operating point (decided on the network's own
+        # score, as the server counted it; the API row carries the call).
         shown_threshold = LUNG_SCORING.shown_threshold
         assert shown_threshold is not None
+        api = {r["key"]: r for r in page.request.get(server + "/api/worklist").json()["rows"]}
+        keys = page.locator("tr.case").evaluate_all("rows => rows.map(r => r.dataset.key)")
         marks = ["\u25cf" in t for t in cells]
-        assert marks == [s >= shown_threshold for s in scores] and 0 < sum(marks) < len(marks)
+        assert marks == [api[k]["call"] for k in keys] and 0 < sum(marks) < len(marks)
+        assert all(api[k]["call"] == (api[k]["probability"] >= shown_threshold) for k in keys)  # the display agrees
 
         # Open the highest-scored positive study.
         rows.first.click()

@@ -139,6 +139,13 @@ def test_the_global_model_is_recalibrated_on_validation_and_judged_on_test(tmp_p
     assert few is not None and not few["calibration"]["recalibrated"]["fitted"]
     assert "fewer than 10 of a class" in few["calibration"]["recalibrated"]["reason"]
     assert scoring_of(few) is not None and scoring_of(few).calibration is None  # type: ignore[union-attr]
+    # A network whose own scores are calibrated keeps them: the closed test finds nothing to fix.
+    rng = np.random.default_rng(8)
+    z = rng.normal(0.0, 1.5, 300)
+    honest = [((rng.random(300) < 1 / (1 + np.exp(-z))).astype(int), 1 / (1 + np.exp(-z)))]
+    kept = consortium_figures(_hists(honest), _hists(honest), rule="youden")
+    assert kept is not None and not kept["calibration"]["recalibrated"]["fitted"]
+    assert "closed test" in kept["calibration"]["recalibrated"]["reason"]
     # The report shows the fit, its error on test and both reliability curves.
     final = {"split": "test", "sites": {}, "weighted": {}, "consortium": doc, "too_small": []}
     (tmp_path / "history.json").write_text(json.dumps({"run_id": "8", "task": "colorectal-ct", "final": final,
@@ -147,4 +154,5 @@ def test_the_global_model_is_recalibrated_on_validation_and_judged_on_test(tmp_p
         "task": "colorectal-ct", "operating-point": "youden"}}))
     page = write_report(tmp_path).read_text()
     assert f"sigmoid({recal['slope']:.3f} × logit" in page and f"<b>{recal['ece']:.3f}</b>" in page
+    assert "Platt scaling (slope and intercept)" in page and "closed test" in page
     assert (tmp_path / "plots" / "reliability.png").is_file()

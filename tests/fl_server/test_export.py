@@ -67,6 +67,8 @@ def test_export_is_a_monai_bundle_that_scores_a_series_as_oncofed_does(tmp_path:
     assert "TorchScript within" in capsys.readouterr().out
     inference = json.loads((out / "configs" / "inference.json").read_text())
     assert (inference["calibration_slope"], inference["calibration_intercept"]) == (2.5, -0.4)
+    card_text = json.loads((out / "docs" / "model-card.json").read_text())["network"]["output"]
+    assert "sigmoid(2.5000 × logit -0.4000)" in card_text  # the card says what the bundle does
 
     for path in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
                  "docs/README.md", "docs/model-card.md", "docs/model-card.json"):
@@ -223,7 +225,7 @@ def test_confidence_intervals() -> None:
 
 
 def test_model_card_takes_the_consortium_figures_when_the_sites_sent_histograms(tmp_path: Path) -> None:
-    from fl_server.evaluation import consortium_figures
+    from fl_server.evaluation import consortium_figures, scoring_of
     from fl_server.export import model_card
     from models.evaluation import score_histogram
 
@@ -252,8 +254,14 @@ def test_model_card_takes_the_consortium_figures_when_the_sites_sent_histograms(
     history["final"]["consortium"] = consortium_figures(hists, hists, rule="youden")
     (run_dir / "history.json").write_text(json.dumps(history))
     card = model_card(run_dir, preprocessing={"task": "lung-ct"}, parameters=1, files={})
+    assert card["network"]["calibration"] is None  # the model.pt (what sites and the bundle apply) carries none yet
+    arrays, flat, rnd = load_checkpoint(run_dir / "model.pt")  # as the server writes it at the end of the run
+    save_checkpoint(run_dir / "model.pt", arrays, flat, round_number=rnd,
+                    scoring=scoring_of(history["final"]["consortium"]))
+    card = model_card(run_dir, preprocessing={"task": "lung-ct"}, parameters=1, files={})
     recal = history["final"]["consortium"]["calibration"]["recalibrated"]
-    assert card["network"]["calibration"]["slope"] == recal["slope"] > 1  # timid scores spread out
+    assert recal["fitted"] and card["network"]["calibration"]["slope"] == recal["slope"] > 1  # timid scores spread
+    assert card["network"]["calibration"]["test_ece"] == recal["ece"]
     assert f"sigmoid({recal['slope']:.4f} × logit" in card["network"]["output"]
-    assert card["metrics"]["operating_point"]["calibrated_threshold"] == recal["threshold"]
+    assert card["metrics"]["operating_point"]["calibrated_threshold"] == pytest.approx(recal["threshold"])
     assert f"recalibrated: threshold {recal['threshold']:.4f}" in render_card(card)

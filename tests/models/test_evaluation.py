@@ -153,12 +153,53 @@ def test_platt_scaling_recovers_a_known_calibration_from_cases_and_from_histogra
 
 def test_platt_scaling_refuses_what_it_cannot_fit() -> None:
     y = np.r_[np.zeros(20), np.ones(20)].astype(int)
-    z = np.r_[np.linspace(-4, -2, 20), np.linspace(2, 4, 20)]  # separable validation scores
+    z = np.r_[np.linspace(-0.4, -0.2, 20), np.linspace(0.2, 0.4, 20)]  # separable, timid validation scores
     separable = fit_platt(y, z)
-    assert separable is not None and 0 < separable.slope < 5  # Platt's smoothed targets keep the slope finite
+    assert separable is not None and 0 < separable.slope < 30  # Platt's smoothed targets keep the slope finite
     assert fit_platt(y, -z) is None  # scores that rank backwards: nothing to calibrate
     assert fit_platt(y[12:28], z[12:28]) is None  # 8 of each class: fewer than MIN_CALIBRATION_CASES
     assert MIN_CALIBRATION_CASES == 10
+    # Histograms that cannot be fitted: every case in one bin, counts that are not counts, most cases in the open
+    # outer bins (their logits are unknown) - refused, never a crash.
+    one_bin = np.zeros(SCORE_BINS)
+    one_bin[40] = 1e5
+    assert fit_platt_histograms(one_bin, one_bin) is None
+    pos, neg = score_histogram(y, 1 / (1 + np.exp(-z)))
+    assert fit_platt_histograms(np.where(pos > 0, np.nan, 0), neg) is None
+    assert fit_platt_histograms(-pos, neg) is None and fit_platt_histograms(pos[:10], neg[:10]) is None
+    outer_pos, outer_neg = pos.astype(float).copy(), neg.astype(float).copy()
+    outer_pos[-1], outer_neg[0] = 5, 5  # 10 of 50 cases beyond logit ±7
+    assert fit_platt_histograms(outer_pos, outer_neg) is None and fit_platt_histograms(pos, neg) is not None
+
+
+def test_the_closed_test_keeps_calibrated_scores_and_shifts_only_what_is_off() -> None:
+    rng = np.random.default_rng(4)
+    z = rng.normal(0.0, 1.5, 400)
+    calibrated = (rng.random(400) < 1 / (1 + np.exp(-z))).astype(int)
+    assert fit_platt(calibrated, z) is None  # the network's own scores fit as well: kept
+    # Off by a constant (a prevalence unlike the training sites'): the intercept alone is updated.
+    shifted = (rng.random(400) < 1 / (1 + np.exp(-(z - 1.2)))).astype(int)
+    update = fit_platt(shifted, z)
+    assert update is not None and update.update == "intercept" and update.slope == 1.0
+    assert update.intercept == pytest.approx(-1.2, abs=0.3) and update.statistic > 5.99
+    # Too timid: slope and intercept.
+    y, tz = _timid(2, 400)
+    full = fit_platt(y, tz)
+    assert full is not None and full.update == "logistic" and full.slope > 3
+
+
+def test_the_binning_correction_keeps_the_line_through_off_centre_scores() -> None:
+    # Scores centred away from 0.5: the correction steepens the slope about the mean logit, not about 0.
+    for centre in (2.0, -3.0):
+        rng = np.random.default_rng(5)
+        z = rng.normal(centre, 0.25, 6000)
+        y = (rng.random(6000) < 1 / (1 + np.exp(-(5.0 * (z - centre) + 0.4 * centre)))).astype(int)
+        exact = fit_platt(y, z)
+        binned = fit_platt_histograms(*score_histogram(y, 1 / (1 + np.exp(-z))))
+        assert exact is not None and binned is not None and binned.update == exact.update == "logistic"
+        assert binned.slope == pytest.approx(exact.slope, rel=0.06)
+        assert binned.of_logits([centre])[0] == pytest.approx(exact.of_logits([centre])[0], abs=0.02)
+        assert isinstance(binned.slope, float) and isinstance(binned.intercept, float)  # what torch can save
 
 
 def test_scoring_reads_back_and_names_a_bad_value() -> None:
@@ -170,8 +211,13 @@ def test_scoring_reads_back_and_names_a_bad_value() -> None:
     z = np.linspace(-1, 1, 201)
     raw = 1 / (1 + np.exp(-z))
     shown = scoring.probabilities(z)
-    assert [bool(scoring.call(float(p))) for p in shown] == [bool(r >= 0.52) for r in raw]
-    assert Scoring(None, 0.52).shown_threshold == 0.52 and Scoring().call(0.9) is None
+    assert scoring.calls(z) == [bool(r >= 0.52) for r in raw]
+    assert [bool(p >= scoring.shown_threshold) for p in shown] == scoring.calls(z)  # the display agrees
+    assert Scoring(None, 0.52).shown_threshold == 0.52 and Scoring().calls(z) is None
+    # A steep calibration saturates near 1 (every score above logit 3 shows as 1.000), but the calls stay those the
+    # server counted: made on the network's own score.
+    steep = Scoring(Calibration(25.0, 0.0, 30, 30), 0.9914, "sensitivity")
+    assert steep.probabilities([3.45, 4.8]) == pytest.approx([1.0, 1.0]) and steep.calls([3.45, 4.8]) == [False, True]
     for doc, key in (({"calibration": {"slope": -1.0, "intercept": 0.0}}, "slope"),
                      ({"calibration": {"slope": float("nan"), "intercept": 0.0}}, "slope"),
                      ({"calibration": {"slope": 1.0, "intercept": "0"}}, "intercept"),

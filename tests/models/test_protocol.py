@@ -28,8 +28,10 @@ from models.protocol import (
     RoundKey,
     SiteKey,
     failure_text,
+    histogram_metrics,
     parse_failure,
     reason_codes,
+    split_histograms,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +97,14 @@ def test_wire_keys_are_spelled_only_in_the_protocol_module() -> None:
             rel = path.relative_to(ROOT).as_posix()
             found += [f"{rel}:{line} {value!r}" for line, value in _spelled(path, wire) if (rel, value) not in ALLOWED]
     assert not found, "use models.protocol's keys:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 2.5, 1e12])
+def test_a_histogram_that_is_not_counts_is_left_out_not_summed(bad: float) -> None:
+    pos, neg = [0.0] * SCORE_BINS, [0.0] * SCORE_BINS
+    pos[40], neg[20] = 12.0, 15.0
+    rest, got_pos, got_neg = split_histograms({Metric.AUROC: 0.8, **histogram_metrics(pos, neg)})
+    assert (rest, got_pos, got_neg) == ({Metric.AUROC: 0.8}, pos, neg)
+    neg[21] = bad  # a site (or a hand on the wire) sends a count no evaluation makes
+    rest, got_pos, got_neg = split_histograms({Metric.AUROC: 0.8, **histogram_metrics(pos, neg)})
+    assert rest == {Metric.AUROC: 0.8} and got_pos is None and got_neg is None

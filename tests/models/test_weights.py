@@ -260,7 +260,8 @@ def test_a_global_model_carries_its_calibration_and_operating_point(tmp_path: Pa
     doc = torch.load(path, weights_only=True)
     doc["scoring"] = {"calibration": {"slope": 0.0, "intercept": 0.0}, "threshold": 0.5, "rule": "x"}
     torch.save(doc, path)
-    with pytest.raises(WeightsError, match=f"{path}: calibration slope is 0.0: it must be above 0"):
+    with pytest.raises(WeightsError, match=f"{path}: calibration slope is 0.0 and intercept 0.0: the slope must be "
+                                           "above 0"):
         load_scoring(path)
     with pytest.raises(WeightsError, match="does not exist"):
         load_scoring(tmp_path / "none.pt")
