@@ -682,11 +682,16 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
                           dicom=not args.no_dicom, on_study=step, placement=placement)
         except (ExplainError, WeightsError) as exc:
             raise UserError(str(exc)) from None
-    table = Table(title=f"{doc['task']}: {len(doc['images'])} image(s), maps in {args.out}")
+    scoring = doc["scoring"]
+    how = ("calibrated probability" if scoring["calibrated"] else "probability") + (
+        f"; ● at or above the operating point {scoring['threshold']:.3f} ({scoring['rule']})"
+        if scoring["threshold"] is not None else "")
+    table = Table(title=f"{doc['task']}: {len(doc['images'])} image(s), maps in {args.out} ({how})")
     for col in ("study", "label", "probability", *doc["methods"]):
         table.add_column(col, overflow="fold")
     for entry in doc["images"][:30]:
-        table.add_row(entry["study_uid"][-24:], str(entry["label"]), f"{entry['probability']:.3f}",
+        table.add_row(entry["study_uid"][-24:], str(entry["label"]),
+                      f"{entry['probability']:.3f}" + (" ●" if entry.get("call") else ""),
                       *[f"{entry['maps'][m]['seconds']:.2f} s" for m in doc["methods"]])
     console.print(table)
     console.print(f"Overlays: {args.out}/<study uid>/*.png; DICOM: {args.out}/<study uid>/dicom/; "

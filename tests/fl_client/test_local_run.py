@@ -113,6 +113,7 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
             assert entry["maps"][method]["layer"] == "features"
             dicom = [out / f for f in entry["maps"][method]["dicom"]]  # Parametric Map + key images
             assert dicom[0].name.endswith("-pm.dcm") and len(dicom) == 6 and all(f.is_file() for f in dicom)
+    assert f"at or above the operating point {operating['threshold']:.3f}" in " ".join(result.stdout.split())
     one = doc["images"][0]["study_uid"]
     result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
                  str(tmp_path / "one"), "--study", one)
