@@ -127,8 +127,10 @@ def run_local(
         rule = parse_rule(config.federation.operating_point)
         val = evaluate_local(model, data, "val", placement=placement)
         calibration = None
+        both = False  # validation studies of both classes: the rule could choose
         if val is not None and val.labels is not None and val.scores is not None:
             threshold = choose_threshold(val.labels, val.scores, rule)
+            both = len(set(np.asarray(val.labels, int).tolist())) == 2
             clipped = np.clip(np.asarray(val.scores, float), 1e-7, 1 - 1e-7)
             calibration = fit_platt(val.labels, np.log(clipped) - np.log1p(-clipped),
                                     fitted_on="validation studies of this run")
@@ -137,7 +139,8 @@ def run_local(
                      "calibration": calibration.to_dict() if calibration is not None else None}
         # A threshold above every score (1 + 1e-9: the rule calls nothing positive) is kept as 1.0 in the model.pt.
         scoring = Scoring(calibration, min(threshold, 1.0),
-                          rule.describe() if val is not None else "no validation split: 0.5")
+                          rule.describe() if both or rule.kind == "fixed" else
+                          "no validation studies of both classes: 0.5")
     subgroups: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         ev = evaluate_local(model, data, split, placement=placement, threshold=threshold)

@@ -124,6 +124,11 @@ def main(grid: Grid, context: Context) -> None:
         final_arrays = result.arrays if result.arrays is not None and len(result.arrays) else final_arrays
     store.history["train_seconds"] = time.perf_counter() - t0
     figures = None  # the consortium's figures of this invocation's final model (never a resumed run's earlier ones)
+    if remaining > 0:  # a resumed run trained on: no figures of the earlier model stay that are not computed again
+        if not srv.final_evaluation:
+            store.history.pop("final", None)
+        if not srv.cross_site_eval:
+            store.history.pop("cross_site", None)
     if srv.final_evaluation or in_train or srv.cross_site_eval:
         final, val = final_evaluation(grid, final_arrays, run_id=store.history["run_id"],
                                       round_number=config.federation.num_rounds, timeout=timeout, also_val=True,
@@ -146,6 +151,10 @@ def main(grid: Grid, context: Context) -> None:
     # The global model carries the consortium's calibration and operating point (chosen on validation above, for
     # these weights), so that a site reads its scores as the report does.
     scoring = scoring_of(figures)
+    if figures is None and remaining <= 0 and (store.root / "model.pt").is_file():
+        from models.weights import load_scoring
+
+        scoring = load_scoring(store.root / "model.pt")  # the same weights, evaluated before: keep what they carry
     save_checkpoint(store.root / "model.pt", unpack(flat, reference), flat_config,
                     round_number=config.federation.num_rounds, scoring=scoring)
     from fl_server.report import write_report

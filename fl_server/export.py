@@ -273,8 +273,7 @@ def render_card(card: Mapping[str, Any]) -> str:
                       + (f"; recalibrated: threshold {op['calibrated_threshold']:.4f}"
                          + (f", expected calibration error {op['recalibrated_ece']:.3f}"
                             if op.get("recalibrated_ece") is not None else "")
-                         if op.get("calibrated_threshold") is not None and op.get("calibrated_threshold")
-                         != op["threshold"] else "") + "."]
+                         if op.get("calibrated_threshold") is not None else "") + "."]
     lines += ["", "CI methods: " + "; ".join(f"{k}: {v}" for k, v in m["ci_methods"].items()) + ".", "",
               "## Run", "", f"- run {card['run']['run_id']}, strategy {card['run']['strategy']}, "
               f"{card['run']['rounds']} rounds; configuration in model-card.json",

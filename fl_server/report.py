@@ -218,10 +218,11 @@ def _recalibration_html(recal: Mapping[str, Any] | None, op: Mapping[str, Any]) 
     ece = recal.get("ece")
     what = ("Platt scaling (slope and intercept)" if recal.get("update", "logistic") == "logistic" else
             "recalibration in the large (the intercept alone)")
+    test = (f" and adopted by a closed test against the network's own scores (likelihood-ratio χ² "
+            f"{recal['statistic']:.1f})" if "statistic" in recal else "")
     return (f"<p>Recalibration carried by the global model (sites show these probabilities): {what}, fitted on "
-            f"the {html.escape(str(recal['fitted_on']))} ({recal['positives']}/{recal['negatives']} studies) and "
-            f"adopted by a closed test against the network's own scores (likelihood-ratio χ² "
-            f"{recal.get('statistic', 0.0):.1f}): "
+            f"the {html.escape(str(recal['fitted_on']))} ({recal['positives']}/{recal['negatives']} studies)"
+            f"{test}: "
             f"probability = sigmoid({recal['slope']:.3f} × logit {recal['intercept']:+.3f}). On the test split its "
             "expected calibration error is " + ("—" if ece is None else f"<b>{ece:.3f}</b>")
             + f"; the operating point {op['threshold']:.4f} reads {recal['threshold']:.4f} on the calibrated scale "
@@ -285,7 +286,7 @@ def _consortium_plots(consortium: Mapping[str, Any], out: Path) -> list[tuple[st
         recal = (consortium.get("calibration") or {}).get("recalibrated") or {}
         if recal.get("fitted") and recal.get("curve"):
             ax.plot([c["predicted"] for c in recal["curve"]], [c["observed"] for c in recal["curve"]], marker="s",
-                    color="tab:orange", label="consortium, recalibrated (Platt, fitted on validation)")
+                    color="tab:orange", label="consortium, recalibrated (fitted on validation)")
         for c in curve:
             ax.annotate(str(c["studies"]), (c["predicted"], c["observed"]), fontsize=7, xytext=(3, -8),
                         textcoords="offset points")

@@ -339,7 +339,8 @@ class Calibration:
         fitted_on: Which cases: e.g. ``"validation histograms, all sites pooled"``.
         update: ``logistic`` (slope and intercept) or ``intercept`` (the intercept alone, slope 1: recalibration
             in the large), as the closed test chose (:func:`fit_platt`).
-        statistic: The likelihood-ratio χ² of the update against the network's own scores (2 degrees of freedom).
+        statistic: The likelihood-ratio χ² of the adopted update against the network's own scores (2 degrees of
+            freedom for ``logistic``, 1 for ``intercept``; 0 for a calibration stored before the closed test).
     """
 
     slope: float
@@ -377,8 +378,7 @@ class Calibration:
         values: dict[str, float] = {}
         for key in ("slope", "intercept", "statistic"):
             value = doc.get(key, 0.0 if key == "statistic" else None)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or abs(value) > _MAX_PARAMETER * 1e3:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"calibration {key} is {value!r}: a finite number within "
                                  f"±{_MAX_PARAMETER:g} is needed")
             values[key] = float(value)
@@ -436,15 +436,27 @@ def _platt(z: np.ndarray, target: np.ndarray, weight: np.ndarray, prior: float, 
     return float(a), float(b)
 
 
-def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str) -> Calibration | None:
+_CLOSED_TEST = ("the network's own scores fit the validation studies as well as a recalibration would (closed test: "
+                "likelihood-ratio χ² {statistic:.1f}, at most {limit:.2f} with {df} degree{s} of freedom, 5 %)")
+
+
+def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str) -> tuple[Calibration | None, str]:
     """Recalibrate by the closed testing procedure of clinical prediction models (Vergouwe et al. 2017): the
     logistic update (Platt) is kept only when it fits the validation cases significantly better than the network's
     own scores (likelihood ratio, 2 degrees of freedom, 5 %); then the intercept alone is taken unless the slope adds
-    significantly (1 degree of freedom). On small validation sets this keeps a calibrated network as it is, where a
-    fit on noise would make it worse."""
+    significantly (1 degree of freedom). Where the logistic update cannot be used (its slope is not above 0), the
+    intercept alone is tested against the network's own scores (1 degree of freedom). On small validation sets this
+    keeps a calibrated network as it is, where a fit on noise would make it worse.
+
+    Returns:
+        The calibration (None: keep the network's scores) and, with None, why, in words.
+    """
     p, n = float(pos_w.sum()), float(neg_w.sum())
-    if min(p, n) < MIN_CALIBRATION_CASES or np.count_nonzero(pos_w + neg_w) < 2:
-        return None
+    if min(p, n) < MIN_CALIBRATION_CASES:
+        return None, (f"the validation split holds {int(p)} positive and {int(n)} negative studies, fewer than "
+                      f"{MIN_CALIBRATION_CASES} of a class")
+    if np.count_nonzero(pos_w + neg_w) < 2:
+        return None, "every validation score falls in one bin: the scores do not tell studies apart"
     keep_p, keep_n = pos_w > 0, neg_w > 0
     zz = np.concatenate([z[keep_p], z[keep_n]])
     labels = np.concatenate([np.ones(int(keep_p.sum())), np.zeros(int(keep_n.sum()))])
@@ -454,57 +466,74 @@ def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str) ->
     target = np.where(labels == 1, (p + 1) / (p + 2), 1 / (n + 2))
     prior = math.log((p + 1) / (n + 1))
     full, shift = _platt(zz, target, weight, prior), _platt(zz, labels, weight, prior, slope=1.0)
-    if full is None or shift is None:
-        return None
-    a, b = full
-    if not (a > 0 and math.isfinite(a) and math.isfinite(b)) or max(abs(a), abs(b)) > _MAX_PARAMETER:
-        return None  # the scores rank validation cases backwards (or not at all): no calibration can help
     own = _log_likelihood(zz, labels, weight, 1.0, 0.0)
+    intercept: Calibration | None = None
+    shift_statistic = 0.0
+    if shift is not None and math.isfinite(shift[1]) and abs(shift[1]) <= _MAX_PARAMETER:
+        shift_statistic = 2 * (_log_likelihood(zz, labels, weight, 1.0, shift[1]) - own)
+        intercept = Calibration(1.0, shift[1], int(p), int(n), fitted_on, "intercept", float(shift_statistic))
+    a, b = full if full is not None else (math.nan, math.nan)
+    if not (a > 0 and math.isfinite(a) and math.isfinite(b)) or max(abs(a), abs(b)) > _MAX_PARAMETER:
+        # No usable slope (the scores rank validation cases backwards, or not at all): the intercept alone keeps
+        # the order of the scores and is adopted if it alone fits significantly better.
+        if intercept is not None and shift_statistic > _CHI2_95[1]:
+            return intercept, ""
+        return None, "the validation scores do not rank positive studies above negative ones"
     logistic = _log_likelihood(zz, labels, weight, a, b)
     statistic = 2 * (logistic - own)
     if statistic <= _CHI2_95[2]:
-        return None
-    if 2 * (logistic - _log_likelihood(zz, labels, weight, 1.0, shift[1])) <= _CHI2_95[1]:
-        return Calibration(1.0, shift[1], int(p), int(n), fitted_on, "intercept", float(statistic))
-    return Calibration(a, b, int(p), int(n), fitted_on, "logistic", float(statistic))
+        return None, _CLOSED_TEST.format(statistic=statistic, limit=_CHI2_95[2], df=2, s="s")
+    if intercept is not None and 2 * (logistic - _log_likelihood(zz, labels, weight, 1.0, shift[1])) <= _CHI2_95[1]:
+        return intercept, ""
+    return Calibration(a, b, int(p), int(n), fitted_on, "logistic", float(statistic)), ""
 
 
 def fit_platt(labels: Sequence[int] | np.ndarray, logits: Sequence[float] | np.ndarray, *,
               fitted_on: str = "") -> Calibration | None:
     """Recalibration fitted on per-case network logits: Platt scaling, or its intercept alone, where the closed test
     finds the network's own scores miscalibrated (see :func:`_fit`). None with fewer than
-    :data:`MIN_CALIBRATION_CASES` of a class, when the fitted slope is not above 0, or when the network's own scores
-    fit the cases as well."""
+    :data:`MIN_CALIBRATION_CASES` of a class, without a usable update, or when the network's own scores fit the
+    cases as well."""
     y = np.asarray(labels, int)
     z = np.asarray(logits, float)
-    return _fit(z, (y == 1).astype(float), (y == 0).astype(float), fitted_on)
+    return _fit(z, (y == 1).astype(float), (y == 0).astype(float), fitted_on)[0]
+
+
+def _fit_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray, fitted_on: str
+                    ) -> tuple[Calibration | None, str]:
+    pos_w, neg_w = np.asarray(pos, float), np.asarray(neg, float)
+    if pos_w.shape != (SCORE_BINS,) or neg_w.shape != (SCORE_BINS,) or not (
+            np.isfinite(pos_w).all() and np.isfinite(neg_w).all() and (pos_w >= 0).all() and (neg_w >= 0).all()):
+        return None, "the histograms are not counts on the fixed bins"
+    weight = pos_w + neg_w
+    if weight.sum() > 0 and (weight[0] + weight[-1]) / weight.sum() > MAX_OUTER_SHARE:
+        return None, (f"{(weight[0] + weight[-1]) / weight.sum():.0%} of the validation scores lie beyond 0.0009 or "
+                      f"0.9991, where the histograms do not place them (at most {MAX_OUTER_SHARE:.0%})")
+    fit, why = _fit(_CENTRE_LOGIT, pos_w, neg_w, fitted_on)
+    if fit is None or fit.update == "intercept":
+        return fit, why
+    mean = float((weight * _CENTRE_LOGIT).sum() / weight.sum())
+    spread = float((weight * (_CENTRE_LOGIT - mean) ** 2).sum() / weight.sum())
+    rounding = float((_LOGIT[1] - _LOGIT[0]) ** 2 / 12)
+    factor = spread / (spread - rounding) if spread > 2 * rounding else 2.0
+    slope = fit.slope * factor
+    intercept = fit.intercept - (slope - fit.slope) * mean
+    if max(abs(slope), abs(intercept)) > _MAX_PARAMETER:
+        return None, "the fitted slope is too steep to apply (the validation scores separate the classes completely)"
+    return replace(fit, slope=float(slope), intercept=float(intercept)), ""
 
 
 def why_not_recalibrated(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray) -> str:
-    """Why :func:`fit_platt_histograms` fitted nothing on these histograms, in words for the report."""
-    pos_w, neg_w = np.asarray(pos, float), np.asarray(neg, float)
-    if pos_w.shape != (SCORE_BINS,) or neg_w.shape != (SCORE_BINS,) or not (
-            np.isfinite(pos_w).all() and np.isfinite(neg_w).all()):
-        return "the histograms are not counts on the fixed bins"
-    p, n = int(pos_w.sum()), int(neg_w.sum())
-    if min(p, n) < MIN_CALIBRATION_CASES:
-        return (f"the validation split holds {p} positive and {n} negative studies, fewer than "
-                f"{MIN_CALIBRATION_CASES} of a class")
-    weight = pos_w + neg_w
-    if (weight[0] + weight[-1]) / weight.sum() > MAX_OUTER_SHARE:
-        return (f"{(weight[0] + weight[-1]) / weight.sum():.0%} of the validation scores lie beyond 0.0009 or "
-                f"0.9991, where the histograms do not place them (at most {MAX_OUTER_SHARE:.0%})")
-    auc = histogram_auroc(pos_w, neg_w)
-    if auc is None or auc.ci.auroc <= 0.5 or np.count_nonzero(weight) < 2:
-        return "the validation scores do not rank positive studies above negative ones"
-    return ("the network's own scores fit the validation studies as well as a recalibration would (closed test: "
-            f"likelihood-ratio χ² at most {_CHI2_95[2]:.2f}, 2 degrees of freedom, 5 %)")
+    """Why :func:`fit_platt_histograms` adopts nothing on these histograms, in words for the report ("" when it
+    adopts a recalibration)."""
+    return _fit_histograms(pos, neg, "")[1]
 
 
 def fit_platt_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray, *,
                          fitted_on: str = "") -> Calibration | None:
     """Recalibration fitted on score histograms, as :func:`fit_platt` (None in the same cases, and when more than
-    :data:`MAX_OUTER_SHARE` of the cases lie in the open outer bins, or the counts are not finite and at least 0).
+    :data:`MAX_OUTER_SHARE` of the cases lie in the open outer bins, or the counts are not finite and at least 0;
+    :func:`why_not_recalibrated` says which).
 
     Each bin's cases sit at its logit mid-point; the bins are 0.23 logit wide, so the fit sees each score to within
     ±0.11. Rounding adds ``width² / 12`` to the spread of the logits (Sheppard) and so flattens the fitted slope, as
@@ -513,25 +542,7 @@ def fit_platt_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float]
     logits of spread 0.25 (scores 0.44–0.56 for most studies) this took the fit from 0.92 to 0.98 of the per-case
     slope; at a spread of 1 the correction is below 1 %.
     """
-    pos_w, neg_w = np.asarray(pos, float), np.asarray(neg, float)
-    if pos_w.shape != (SCORE_BINS,) or neg_w.shape != (SCORE_BINS,) or not (
-            np.isfinite(pos_w).all() and np.isfinite(neg_w).all() and (pos_w >= 0).all() and (neg_w >= 0).all()):
-        return None
-    weight = pos_w + neg_w
-    if weight.sum() <= 0 or (weight[0] + weight[-1]) / weight.sum() > MAX_OUTER_SHARE:
-        return None
-    fit = _fit(_CENTRE_LOGIT, pos_w, neg_w, fitted_on)
-    if fit is None or fit.update == "intercept":
-        return fit
-    mean = float((weight * _CENTRE_LOGIT).sum() / weight.sum())
-    spread = float((weight * (_CENTRE_LOGIT - mean) ** 2).sum() / weight.sum())
-    rounding = float((_LOGIT[1] - _LOGIT[0]) ** 2 / 12)
-    factor = spread / (spread - rounding) if spread > 2 * rounding else 2.0
-    slope = fit.slope * factor
-    intercept = fit.intercept - (slope - fit.slope) * mean
-    if max(abs(slope), abs(intercept)) > _MAX_PARAMETER:
-        return None
-    return replace(fit, slope=float(slope), intercept=float(intercept))
+    return _fit_histograms(pos, neg, fitted_on)[0]
 
 
 @dataclass(frozen=True)
@@ -570,7 +581,9 @@ class Scoring:
         if self.threshold is None:
             return None
         scores = 1.0 / (1.0 + np.exp(-np.asarray(logits, float).reshape(-1)))
-        return [bool(v) for v in scores >= self.threshold]
+        # Within float32 rounding of the threshold counts as at it: a local run's threshold is one validation
+        # study's own score, which a second forward pass reproduces only to about 1e-7.
+        return [bool(v) for v in scores >= self.threshold - 1e-6]
 
     def to_dict(self) -> dict[str, object]:
         """A plain table (what a ``model.pt`` keeps)."""

@@ -164,6 +164,9 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(run: dict[str, Path]) ->
     assert history["resumed_at"][0]["server_state"] is True and history["rounds"][4]["server_momentum"] == 0.5
     assert (run["run"] / "checkpoints" / "round-004.pt").exists()
     assert "round   4" in result.stdout and "round   1" not in result.stdout
+    # The global model carries the operating point chosen for its own weights, as the history reports it.
+    scoring = load_scoring(run["run"] / "model.pt")
+    assert scoring.threshold == history["final"]["consortium"]["operating_point"]["threshold"]
 
 
 def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from models.evaluation import (
     histogram_threshold,
     parse_rule,
     score_histogram,
+    why_not_recalibrated,
 )
 
 
@@ -186,6 +187,33 @@ def test_the_closed_test_keeps_calibrated_scores_and_shifts_only_what_is_off() -
     y, tz = _timid(2, 400)
     full = fit_platt(y, tz)
     assert full is not None and full.update == "logistic" and full.slope > 3
+
+
+def test_a_network_at_chance_with_the_wrong_prevalence_gets_the_intercept_alone() -> None:
+    # Every score near 0.5, a fifth of the studies positive, and a slight backward ranking: no usable slope, but the
+    # scores claim 50 % where 20 % is right. The intercept alone keeps the order and fixes the level.
+    z = np.linspace(-0.2, 0.2, 200)
+    y = np.zeros(200, int)
+    y[np.r_[0:30:1, 100:110:1]] = 1  # 40 positives, most of them at the low end
+    update = fit_platt(y, z)
+    assert update is not None and update.update == "intercept" and update.slope == 1.0
+    assert update.of_logits([0.0])[0] == pytest.approx(0.2, abs=0.02) and update.statistic > 3.84
+    pos, neg = score_histogram(y, 1 / (1 + np.exp(-z)))
+    assert fit_platt_histograms(pos, neg) == update.__class__(1.0, pytest.approx(update.intercept, abs=0.02), 40,
+                                                              160, "", "intercept",
+                                                              pytest.approx(update.statistic, rel=0.05))
+    # Only the reason that applies is given.
+    assert why_not_recalibrated(pos, neg) == ""
+    assert "do not rank" in why_not_recalibrated(np.where(np.arange(SCORE_BINS) < 32, 20, 0),
+                                                 np.where(np.arange(SCORE_BINS) >= 32, 20, 0))
+    assert "fewer than 10" in why_not_recalibrated(pos * 0, neg)
+    assert "closed test" in why_not_recalibrated(*score_histogram(*_calibrated(9, 300)))
+
+
+def _calibrated(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 1.5, n)
+    return (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int), 1 / (1 + np.exp(-z))
 
 
 def test_the_binning_correction_keeps_the_line_through_off_centre_scores() -> None:
