@@ -126,6 +126,16 @@ annotation's outline in another colour where the study has one. Verdicts are kep
 time and the model file's SHA-256; --export-csv writes them all. One --model per task. Ctrl-C stops."""
 
 
+EPILOG_MODEL = """examples:
+  oncofed-site model runs/fed-1/model.pt
+  oncofed-site model runs/fed-1/model.pt --json
+
+What a model file holds, before the site uses it: its task, network and resolution profile, the round it
+came from, how its run trained (strategy, DP), its SHA-256 (the identity the review verdicts record), and
+how its scores are read: the recalibration its run adopted (or none: the network's own sigmoid) and the
+operating point with the rule that chose it. Reads the file only; nothing is run."""
+
+
 EPILOG_PREDICT = """examples:
   oncofed-site predict --workspace ws/site-a --model runs/lung-seg-a/model.pt --out predict/lung
   oncofed-site predict --workspace ws/site-a --model runs/fed-seg/model.pt --out predict/all --split all
@@ -714,6 +724,56 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace, console: Console) -> int:
+    """``model``: what a model file holds and how its scores are read."""
+    import json
+
+    from fl_client.explainer import file_sha256
+    from models.config import ConfigError, from_flat, resolve_norm
+    from models.nets import build_model, parameter_count
+    from models.weights import WeightsError, load_checkpoint, load_scoring
+
+    try:
+        _, run_config, round_number = load_checkpoint(args.model)
+        scoring = load_scoring(args.model)
+        config = from_flat(run_config)
+    except (WeightsError, ConfigError) as exc:
+        raise UserError(str(exc)) from None
+    spec = config.model
+    c = scoring.calibration
+    doc = {"file": str(args.model), "sha256": file_sha256(args.model), "task": spec.task,
+           "network": str(spec.network), "norm": str(resolve_norm(spec)), "parameters": parameter_count(
+               build_model(spec)), "resolution": spec.resolution, "round": round_number,
+           "strategy": str(config.federation.strategy) if round_number else "local run",
+           "dp": bool(config.privacy.enabled), "dp_epsilon": config.privacy.epsilon if config.privacy.enabled else None,
+           "calibration": c.to_dict() if c is not None else None,
+           "operating_point": None if scoring.threshold is None else {
+               "threshold": scoring.threshold, "shown_threshold": scoring.shown_threshold, "rule": scoring.rule}}
+    if args.json:
+        console.print_json(json.dumps(doc))
+        return 0
+    table = Table(title=f"{args.model}", show_header=False)
+    table.add_row("task", f"{spec.task} ({spec.resolution} resolution profile)")
+    table.add_row("network", f"{doc['network']}, norm {doc['norm']}, {doc['parameters']:,} parameters")
+    table.add_row("from", f"round {round_number} of a federated run ({doc['strategy']})" if round_number else
+                  "a local run (train-local)")
+    table.add_row("DP-SGD", f"yes, ε {doc['dp_epsilon']:g} per site" if doc["dp"] else "no")
+    table.add_row("SHA-256", doc["sha256"])
+    if c is None:
+        table.add_row("scores", "the network's own sigmoid (no recalibration carried)")
+    else:
+        what = "slope and intercept" if c.update == "logistic" else "intercept alone"
+        table.add_row("scores", f"recalibrated ({what}): sigmoid({c.slope:.3f} × logit {c.intercept:+.3f}), fitted "
+                                f"on the {c.fitted_on or 'validation studies'} ({c.positives}/{c.negatives} studies)")
+    if scoring.threshold is None:
+        table.add_row("operating point", "none carried: no study is marked")
+    else:
+        table.add_row("operating point", f"{scoring.shown_threshold:.4f} on the scores shown (network's own "
+                                         f"{scoring.threshold:.4f}): {scoring.rule}")
+    console.print(table)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     """``oncofed-site predict``: lesion masks of a segmentation model on the site's studies, as DICOM SEG, PNG
     overlays and ``predictions.json``; with ``--store-to``, the SEG objects stored to the PACS and recorded.
@@ -949,6 +1009,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{Method.OCCLUSION} is slow)")
     p.add_argument("--export-csv", type=Path, metavar="FILE", help="write every verdict to FILE as CSV and exit")
     _placement_options(p)
+    help_ = "What a model file holds: task, network, round, DP, SHA-256, its calibration and operating point."
+    p = sub.add_parser("model", help=help_, description=help_, epilog=EPILOG_MODEL,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="a model.pt: a federated global model or checkpoint, or a local run's")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=cmd_model)
     p = add("join", "Join the consortium: run this site's Flower SuperNode until Ctrl-C.", EPILOG_JOIN, cmd_join)
     p.add_argument("--kit", type=Path, required=True, help="this site's start-up kit folder from the lead")
     p.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address (default: the kit's)")

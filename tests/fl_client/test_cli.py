@@ -70,7 +70,7 @@ def test_ingest_status_series_end_to_end(site: tuple[Path, Path, Path]) -> None:
 
 
 @pytest.mark.parametrize("command", ["ingest", "status", "series", "explain", "review", "join", "policy", "runs",
-                                     "approve", "refuse"])
+                                     "approve", "refuse", "model"])
 def test_help_has_an_example(command: str) -> None:
     out = run(command, "--help")
     assert out.returncode == 0 and ("example:" in out.stdout or "examples:" in out.stdout)
@@ -117,3 +117,49 @@ def test_a_device_this_machine_lacks_is_one_clear_line(tmp_path: Path) -> None:
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert f"device '{missing}' does not exist on this machine" in done.stderr, done.stderr
     assert bad.returncode == 2 and "fp16 needs a CUDA device" in bad.stderr
+
+
+def test_model_says_what_a_model_file_holds_and_how_its_scores_are_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setenv("COLUMNS", "250")  # the table's rows on one line each
+
+    from fl_client.cli import main
+    from models.config import from_flat
+    from models.evaluation import Calibration, Scoring
+    from models.nets import build_model
+    from models.weights import save_checkpoint, state_arrays
+
+    torch.manual_seed(0)
+    flat = {"task": "colorectal-ct", "model-width": 8, "dp": True, "dp-epsilon": 3.0}
+    arrays = state_arrays(build_model(from_flat(flat).model))
+    model = tmp_path / "model.pt"
+    scoring = Scoring(Calibration(2.41, -0.59, 22, 21, "validation histograms, all sites pooled", "logistic", 10.2),
+                      0.52, "Youden's J (sensitivity + specificity - 1) maximised on validation")
+    save_checkpoint(model, arrays, flat, round_number=30, scoring=scoring)
+    assert main(["model", str(model), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["task"], doc["round"], doc["dp"], doc["dp_epsilon"]) == ("colorectal-ct", 30, True, 3.0)
+    assert doc["calibration"]["slope"] == 2.41 and doc["calibration"]["update"] == "logistic"
+    assert doc["operating_point"]["threshold"] == 0.52
+    assert doc["operating_point"]["shown_threshold"] == pytest.approx(float(scoring.shown_threshold))
+    assert len(doc["sha256"]) == 64 and doc["parameters"] > 0
+    assert main(["model", str(model)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "recalibrated (slope and intercept): sigmoid(2.410 × logit -0.590)" in text and "ε 3 per site" in text
+    local = tmp_path / "local.pt"
+    save_checkpoint(local, arrays, {"task": "colorectal-ct", "model-width": 8}, round_number=0)
+    assert main(["model", str(local)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the network's own sigmoid" in text and "a local run" in text and "none carried: no study is marked" in text
+    # A file that is not a model, or one whose scoring was edited out of range: one line, naming the file.
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    assert main(["model", str(bad)]) == 2
+    assert f"{bad} is not an oncofed model file" in " ".join(capsys.readouterr().err.split())
+    doc = torch.load(model, weights_only=True)
+    doc["scoring"]["threshold"] = 7.0
+    torch.save(doc, model)
+    assert main(["model", str(model)]) == 2
+    assert "scoring threshold is 7.0" in capsys.readouterr().err
