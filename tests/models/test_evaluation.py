@@ -210,6 +210,23 @@ def test_a_network_at_chance_with_the_wrong_prevalence_gets_the_intercept_alone(
     assert "closed test" in why_not_recalibrated(*score_histogram(*_calibrated(9, 300)))
 
 
+def test_scores_within_a_bin_get_no_slope_from_histograms() -> None:
+    # Every score at 0.495-0.505 (a federated model that ranks well but barely moves): per case the slope is huge;
+    # on the histograms it would rest on which side of one bin edge a few studies fell. Only the intercept is tested.
+    rng = np.random.default_rng(6)
+    z = rng.normal(0.0, 0.01, 60)
+    y = (z > 0).astype(int)
+    fitted = fit_platt(y, z)
+    assert fitted is not None and fitted.slope > 50  # per case: steep
+    pos, neg = score_histogram(y, 1 / (1 + np.exp(-z)))
+    assert fit_platt_histograms(pos, neg) is None  # balanced classes: the network's own level fits
+    assert "too close together for a slope" in why_not_recalibrated(pos, neg)
+    shifted = np.r_[y, np.zeros(60, int)]  # four in five negative at the same scores: the level is off
+    pos, neg = score_histogram(shifted, 1 / (1 + np.exp(-np.r_[z, z])))
+    update = fit_platt_histograms(pos, neg)
+    assert update is not None and update.update == "intercept" and update.slope == 1.0
+
+
 def _calibrated(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     z = rng.normal(0.0, 1.5, n)
