@@ -32,7 +32,6 @@ __all__ = [
     "DP_NOISE_PER_BATCH",
     "FEDPROX_MU",
     "PLAIN_BATCH",
-    "NO_NORM_LEARNING_RATE",
     "PLAIN_LEARNING_RATE",
     "SEGMENTATION_LEARNING_RATE",
     "SEGMENTATION_SERVER_MOMENTUM",
@@ -226,11 +225,6 @@ def resolve_batch(batch_size: int, *, dp: bool) -> int:
 # on 144 held-out studies, and every federated recipe followed (BENCHMARKS.md, "The recipe search for segmentation").
 PLAIN_LEARNING_RATE = 1e-3
 SEGMENTATION_LEARNING_RATE = 3e-3
-NO_NORM_LEARNING_RATE = 3e-4
-"""The step of a compact CNN without normalisation (``norm=auto`` for colorectal CT, or ``norm=none``) when the run
-sets none: its logit is scaled by 16 (:data:`models.nets.NO_NORM_LOGIT_SCALE`), and at 1e-3 it collapsed or never
-took off on one consortium of four (pooled validation AUROC 0.36-0.47 under three seeds, one reaching 0.89 and
-falling back); at 3e-4 it reached 0.99 and 0.88 there (BENCHMARKS.md, "Colorectal without normalisation")."""
 
 
 def resolve_learning_rate(learning_rate: float, *, segmentation: bool) -> float:
@@ -639,8 +633,6 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
     if federation.num_rounds == 0:
         federation = replace(federation, num_rounds=TASK_ROUNDS[model.task])
     training = replace(config.training, **sections["training"])
-    if training.learning_rate == 0.0 and model.norm == Norm.NONE and not is_segmentation(model.task):
-        training = replace(training, learning_rate=NO_NORM_LEARNING_RATE)
     if training.proximal_mu == AUTO_PROXIMAL_MU:
         training = replace(training, proximal_mu=resolve_proximal_mu(AUTO_PROXIMAL_MU, model.norm))
         if training.proximal_mu == 0.0 and federation.strategy == Strategy.FEDPROX:
