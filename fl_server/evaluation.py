@@ -30,14 +30,13 @@ from models.evaluation import (
     SCORE_EDGES,
     Calibration,
     Scoring,
-    fit_platt_histograms,
     histogram_auroc,
     histogram_ece,
     histogram_rates,
     histogram_threshold,
     parse_rule,
+    recalibrate_histograms,
     reliability,
-    why_not_recalibrated,
     wilson,
 )
 from models.protocol import Metric
@@ -97,7 +96,7 @@ def too_small(metrics: Mapping[str, float]) -> bool:
 
 def recalibration(val: Histograms, test: Histograms, *, threshold: float) -> dict[str, Any]:
     """The recalibration the global model will carry: fitted on the pooled validation histograms
-    (:func:`models.evaluation.fit_platt_histograms`: Platt scaling or its intercept alone, where a closed test finds
+    (:func:`models.evaluation.recalibrate_histograms`: Platt scaling or its intercept alone, where a closed test finds
     the network's own scores miscalibrated), judged on the pooled test histograms.
 
     Args:
@@ -110,10 +109,9 @@ def recalibration(val: Histograms, test: Histograms, *, threshold: float) -> dic
         reliability curve after it, and ``threshold``: the operating threshold on the calibrated scale (the same
         calls). ``fitted`` False: ``reason``.
     """
-    vpos, vneg = pooled(val)
-    calibration = fit_platt_histograms(vpos, vneg, fitted_on="validation histograms, all sites pooled")
+    calibration, why = recalibrate_histograms(*pooled(val), fitted_on="validation histograms, all sites pooled")
     if calibration is None:
-        return {"fitted": False, "reason": why_not_recalibrated(vpos, vneg) + ": the scores stay the network's own"}
+        return {"fitted": False, "reason": why + ": the scores stay the network's own"}
     tpos, tneg = pooled(test)
     return {"fitted": True, **calibration.to_dict(),
             "threshold": float(calibration.of_scores([threshold])[0]),

@@ -48,8 +48,8 @@ __all__ = [
     "histogram_threshold",
     "parse_rule",
     "reliability",
+    "recalibrate_histograms",
     "score_histogram",
-    "why_not_recalibrated",
     "wilson",
 ]
 
@@ -61,6 +61,10 @@ SCORE_EDGES: np.ndarray = np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-_LOGIT)), 
 """The fixed bin edges of score histograms: ``SCORE_BINS`` bins over [0, 1], equally spaced in logit between
 -7 and 7 (probabilities 0.0009 to 0.9991), the outer bins open to 0 and 1. Bin ``b`` holds scores in
 ``[SCORE_EDGES[b], SCORE_EDGES[b + 1])``."""
+def _sigmoid(x: Sequence[float] | np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, float)))
+
+
 _CENTRE_LOGIT = np.concatenate([[-7.5], (_LOGIT[:-1] + _LOGIT[1:]) / 2, [7.5]])
 """Where a histogram bin's cases are placed, in logit: its mid-point (the open outer bins at -7.5 and 7.5)."""
 
@@ -291,8 +295,7 @@ def reliability(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.nda
     predicted probability, observed positive rate, cases)``; a histogram bin's cases are placed at its score
     centre (its mid-point in logit), carried through ``calibration`` when given."""
     pos_w, neg_w = np.asarray(pos, float), np.asarray(neg, float)
-    centre = (calibration.of_logits(_CENTRE_LOGIT) if calibration is not None
-              else 1.0 / (1.0 + np.exp(-_CENTRE_LOGIT)))
+    centre = calibration.of_logits(_CENTRE_LOGIT) if calibration is not None else _sigmoid(_CENTRE_LOGIT)
     group = np.minimum((centre * bins).astype(int), bins - 1)
     out = []
     for b in range(bins):
@@ -353,7 +356,7 @@ class Calibration:
 
     def of_logits(self, logits: Sequence[float] | np.ndarray) -> np.ndarray:
         """Calibrated probabilities of network logits."""
-        return 1.0 / (1.0 + np.exp(-(self.slope * np.asarray(logits, float) + self.intercept)))
+        return _sigmoid(self.slope * np.asarray(logits, float) + self.intercept)
 
     def of_scores(self, scores: Sequence[float] | np.ndarray) -> np.ndarray:
         """Calibrated probabilities of uncalibrated ones (the network's sigmoid; exact for logits within ±34)."""
@@ -411,7 +414,7 @@ def _platt(z: np.ndarray, target: np.ndarray, weight: np.ndarray, prior: float, 
     a, b = (0.0 if slope is None else slope), prior
     current = -_log_likelihood(z, target, weight, a, b)
     for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-(a * z + b)))
+        p = _sigmoid(a * z + b)
         r, d = weight * (p - target), weight * p * (1 - p)
         if slope is None:
             g = np.array([(r * z).sum(), r.sum()])
@@ -436,12 +439,12 @@ def _platt(z: np.ndarray, target: np.ndarray, weight: np.ndarray, prior: float, 
     return float(a), float(b)
 
 
-_CLOSED_TEST = ("the network's own scores fit the validation studies as well as a recalibration would (closed test: "
-                "likelihood-ratio χ² {statistic:.1f}, at most {limit:.2f} with {df} degree{s} of freedom, 5 %)")
+_CLOSED_TEST = ("(closed test: likelihood-ratio χ² {statistic:.1f}, at most {limit:.2f} with {df} degree{s} of "
+                "freedom, 5 %)")
 
 
-def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str, *,
-         slopes: bool = True) -> tuple[Calibration | None, str]:
+def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str, *, slopes: bool = True,
+         closed_test: bool = True) -> tuple[Calibration | None, str]:
     """Recalibrate by the closed testing procedure of clinical prediction models (Vergouwe et al. 2017): the
     logistic update (Platt) is kept only when it fits the validation cases significantly better than the network's
     own scores (likelihood ratio, 2 degrees of freedom, 5 %); then the intercept alone is taken unless the slope adds
@@ -449,7 +452,8 @@ def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str, *,
     intercept alone is tested against the network's own scores (1 degree of freedom). On small validation sets this
     keeps a calibrated network as it is, where a fit on noise would make it worse.
 
-    With ``slopes`` False (scores too close together to resolve a slope) only the intercept is tested.
+    With ``slopes`` False (scores too close together to resolve a slope) only the intercept is tested. With
+    ``closed_test`` False every test passes: Platt scaling adopted always, for comparison (``bench_calibration.py``).
 
     Returns:
         The calibration (None: keep the network's scores) and, with None, why, in words.
@@ -460,41 +464,43 @@ def _fit(z: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray, fitted_on: str, *,
                       f"{MIN_CALIBRATION_CASES} of a class")
     if np.count_nonzero(pos_w + neg_w) < 2:
         return None, "every validation score falls in one bin: the scores do not tell studies apart"
+    limit = _CHI2_95 if closed_test else {1: -math.inf, 2: -math.inf}
     keep_p, keep_n = pos_w > 0, neg_w > 0
     zz = np.concatenate([z[keep_p], z[keep_n]])
     labels = np.concatenate([np.ones(int(keep_p.sum())), np.zeros(int(keep_n.sum()))])
     weight = np.concatenate([pos_w[keep_p], neg_w[keep_n]])
-    # Platt's targets: a positive counts as (P + 1) / (P + 2), a negative as 1 / (N + 2), so that separable
-    # validation scores give a finite slope rather than an infinitely steep step.
-    target = np.where(labels == 1, (p + 1) / (p + 2), 1 / (n + 2))
     prior = math.log((p + 1) / (n + 1))
-    full, shift = _platt(zz, target, weight, prior), _platt(zz, labels, weight, prior, slope=1.0)
     own = _log_likelihood(zz, labels, weight, 1.0, 0.0)
-    intercept: Calibration | None = None
+    shift = _platt(zz, labels, weight, prior, slope=1.0)
+    shifted: Calibration | None = None  # the intercept alone (slope 1)
     shift_statistic = 0.0
     if shift is not None and math.isfinite(shift[1]) and abs(shift[1]) <= _MAX_PARAMETER:
         shift_statistic = 2 * (_log_likelihood(zz, labels, weight, 1.0, shift[1]) - own)
-        intercept = Calibration(1.0, shift[1], int(p), int(n), fitted_on, "intercept", float(shift_statistic))
+        shifted = Calibration(1.0, shift[1], int(p), int(n), fitted_on, "intercept", float(shift_statistic))
+    # Adopted on its own (no usable slope) where it fits significantly better than the network's own scores.
+    intercept = shifted if shift_statistic > limit[1] else None
     if not slopes:
-        if intercept is not None and shift_statistic > _CHI2_95[1]:
-            return intercept, ""
-        return None, ("the validation scores lie within about one bin of the histograms, too close together for a "
-                      "slope, and the network's own level fits them as well as a shifted one (closed test: "
-                      f"likelihood-ratio χ² {shift_statistic:.1f}, at most {_CHI2_95[1]:.2f} with 1 degree of "
-                      "freedom, 5 %)")
+        return intercept, "" if intercept is not None else (
+            "the validation scores lie within about one bin of the histograms, too close together for a slope, and "
+            "the network's own level fits them as well as a shifted one " + _CLOSED_TEST.format(
+                statistic=shift_statistic, limit=_CHI2_95[1], df=1, s=""))
+    # Platt's targets: a positive counts as (P + 1) / (P + 2), a negative as 1 / (N + 2), so that separable
+    # validation scores give a finite slope rather than an infinitely steep step.
+    full = _platt(zz, np.where(labels == 1, (p + 1) / (p + 2), 1 / (n + 2)), weight, prior)
     a, b = full if full is not None else (math.nan, math.nan)
     if not (a > 0 and math.isfinite(a) and math.isfinite(b)) or max(abs(a), abs(b)) > _MAX_PARAMETER:
         # No usable slope (the scores rank validation cases backwards, or not at all): the intercept alone keeps
-        # the order of the scores and is adopted if it alone fits significantly better.
-        if intercept is not None and shift_statistic > _CHI2_95[1]:
-            return intercept, ""
-        return None, "the validation scores do not rank positive studies above negative ones"
+        # the order of the scores.
+        return intercept, "" if intercept is not None else (
+            "the validation scores do not rank positive studies above negative ones")
     logistic = _log_likelihood(zz, labels, weight, a, b)
     statistic = 2 * (logistic - own)
-    if statistic <= _CHI2_95[2]:
-        return None, _CLOSED_TEST.format(statistic=statistic, limit=_CHI2_95[2], df=2, s="s")
-    if intercept is not None and 2 * (logistic - _log_likelihood(zz, labels, weight, 1.0, shift[1])) <= _CHI2_95[1]:
-        return intercept, ""
+    if statistic <= limit[2]:
+        return None, ("the network's own scores fit the validation studies as well as a recalibration would "
+                      + _CLOSED_TEST.format(statistic=statistic, limit=_CHI2_95[2], df=2, s="s"))
+    if shifted is not None and 2 * (logistic - _log_likelihood(zz, labels, weight, 1.0, shifted.intercept)) \
+            <= limit[1]:
+        return shifted, ""  # the slope adds nothing significant to the intercept
     return Calibration(a, b, int(p), int(n), fitted_on, "logistic", float(statistic)), ""
 
 
@@ -509,55 +515,49 @@ def fit_platt(labels: Sequence[int] | np.ndarray, logits: Sequence[float] | np.n
     return _fit(z, (y == 1).astype(float), (y == 0).astype(float), fitted_on)[0]
 
 
-def _fit_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray, fitted_on: str
-                    ) -> tuple[Calibration | None, str]:
+def recalibrate_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray, *,
+                           fitted_on: str = "", closed_test: bool = True) -> tuple[Calibration | None, str]:
+    """Recalibration fitted on score histograms, as :func:`fit_platt`, and why nothing was adopted (in words for the
+    report; "" when a recalibration is). None also when more than :data:`MAX_OUTER_SHARE` of the cases lie in the
+    open outer bins, or the counts are not finite and at least 0.
+
+    Each bin's cases sit at its logit mid-point; the bins are 0.23 logit wide, so the fit sees each score to within
+    ±0.11. Scores whose spread (standard deviation of the logits) is under half a bin's width are too close together
+    to show a slope: it would rest on which side of one bin edge a few studies fell (a non-IID colorectal model with
+    every score at 0.495-0.505 got slope 24 so, against 180 per case, and its held-out ECE rose from 0.32 to 0.40);
+    only the intercept is tested for them. Rounding adds ``width² / 12`` to the spread of the logits (Sheppard) and
+    so flattens the fitted slope, as a covariate measured with error does; the slope is scaled back by
+    ``var / (var - width² / 12)`` (at most 1.5, since the spread is at least ``width² / 4``), the line kept through
+    the mean logit. On logits of spread 0.25 (scores 0.44–0.56 for most studies) this took the fit from 0.92 to 0.98
+    of the per-case slope; at a spread of 1 the correction is below 1 %.
+    """
     pos_w, neg_w = np.asarray(pos, float), np.asarray(neg, float)
     if pos_w.shape != (SCORE_BINS,) or neg_w.shape != (SCORE_BINS,) or not (
             np.isfinite(pos_w).all() and np.isfinite(neg_w).all() and (pos_w >= 0).all() and (neg_w >= 0).all()):
         return None, "the histograms are not counts on the fixed bins"
     weight = pos_w + neg_w
-    if weight.sum() > 0 and (weight[0] + weight[-1]) / weight.sum() > MAX_OUTER_SHARE:
-        return None, (f"{(weight[0] + weight[-1]) / weight.sum():.0%} of the validation scores lie beyond 0.0009 or "
-                      f"0.9991, where the histograms do not place them (at most {MAX_OUTER_SHARE:.0%})")
+    total = float(weight.sum())
+    if total > 0 and (weight[0] + weight[-1]) / total > MAX_OUTER_SHARE:
+        return None, (f"{(weight[0] + weight[-1]) / total:.0%} of the validation scores lie beyond 0.0009 or 0.9991, "
+                      f"where the histograms do not place them (at most {MAX_OUTER_SHARE:.0%})")
     width = float(_LOGIT[1] - _LOGIT[0])
-    mean = float((weight * _CENTRE_LOGIT).sum() / weight.sum()) if weight.sum() > 0 else 0.0
-    spread = float((weight * (_CENTRE_LOGIT - mean) ** 2).sum() / weight.sum()) if weight.sum() > 0 else 0.0
-    # Scores whose spread is under half a bin's width cannot show a slope: it would rest on which side of one bin
-    # edge a few studies fell (a non-IID colorectal model with every score at 0.495-0.505 got slope 24 so, against
-    # 180 per case, and its held-out ECE rose from 0.32 to 0.40). Only the intercept is tested then.
-    fit, why = _fit(_CENTRE_LOGIT, pos_w, neg_w, fitted_on, slopes=math.sqrt(spread) >= width / 2)
+    mean = float((weight * _CENTRE_LOGIT).sum() / total) if total > 0 else 0.0
+    spread = float((weight * (_CENTRE_LOGIT - mean) ** 2).sum() / total) if total > 0 else 0.0
+    fit, why = _fit(_CENTRE_LOGIT, pos_w, neg_w, fitted_on, slopes=math.sqrt(spread) >= width / 2,
+                    closed_test=closed_test)
     if fit is None or fit.update == "intercept":
         return fit, why
-    rounding = width ** 2 / 12
-    factor = spread / (spread - rounding)  # spread ≥ width² / 4, so at most 1.5
-    slope = fit.slope * factor
+    slope = fit.slope * spread / (spread - width ** 2 / 12)
     intercept = fit.intercept - (slope - fit.slope) * mean
     if max(abs(slope), abs(intercept)) > _MAX_PARAMETER:
         return None, "the fitted slope is too steep to apply (the validation scores separate the classes completely)"
     return replace(fit, slope=float(slope), intercept=float(intercept)), ""
 
 
-def why_not_recalibrated(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray) -> str:
-    """Why :func:`fit_platt_histograms` adopts nothing on these histograms, in words for the report ("" when it
-    adopts a recalibration)."""
-    return _fit_histograms(pos, neg, "")[1]
-
-
 def fit_platt_histograms(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray, *,
                          fitted_on: str = "") -> Calibration | None:
-    """Recalibration fitted on score histograms, as :func:`fit_platt` (None in the same cases, and when more than
-    :data:`MAX_OUTER_SHARE` of the cases lie in the open outer bins, or the counts are not finite and at least 0;
-    :func:`why_not_recalibrated` says which).
-
-    Each bin's cases sit at its logit mid-point; the bins are 0.23 logit wide, so the fit sees each score to within
-    ±0.11. Scores whose spread (standard deviation of the logits) is under half a bin's width are too close together
-    to show a slope: only the intercept is tested for them. Rounding adds ``width² / 12`` to the spread of the logits
-    (Sheppard) and so flattens the fitted slope, as a covariate measured with error does; the slope is scaled back
-    by ``var / (var - width² / 12)``, the line kept through the mean logit. On
-    logits of spread 0.25 (scores 0.44–0.56 for most studies) this took the fit from 0.92 to 0.98 of the per-case
-    slope; at a spread of 1 the correction is below 1 %.
-    """
-    return _fit_histograms(pos, neg, fitted_on)[0]
+    """The recalibration :func:`recalibrate_histograms` adopts on score histograms, or None."""
+    return recalibrate_histograms(pos, neg, fitted_on=fitted_on)[0]
 
 
 @dataclass(frozen=True)
@@ -580,7 +580,7 @@ class Scoring:
         """The probabilities to show for network logits: calibrated when the model carries a calibration."""
         if self.calibration is not None:
             return self.calibration.of_logits(logits)
-        return 1.0 / (1.0 + np.exp(-np.asarray(logits, float)))
+        return _sigmoid(logits)
 
     @property
     def shown_threshold(self) -> float | None:
@@ -595,7 +595,7 @@ class Scoring:
         server chose and counted it (None without an operating point)."""
         if self.threshold is None:
             return None
-        scores = 1.0 / (1.0 + np.exp(-np.asarray(logits, float).reshape(-1)))
+        scores = _sigmoid(np.asarray(logits, float).reshape(-1))
         # Within float32 rounding of the threshold counts as at it: a local run's threshold is one validation
         # study's own score, which a second forward pass reproduces only to about 1e-7.
         return [bool(v) for v in scores >= self.threshold - 1e-6]

@@ -157,15 +157,12 @@ def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dic
         WeightsError: The file is missing or not an oncofed model file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
+    doc = _load_doc(path)
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
         arrays = OrderedDict((str(k), v.numpy()) for k, v in doc["arrays"].items())
         run_config, round_number = doc.get("run_config", {}), doc.get("round", 0)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise WeightsError(f"{path} is not an oncofed model file ({type(exc).__name__}): give the model.pt a "
-                           "train-local or federated run wrote") from None
+        raise _not_a_model(path, exc) from None
     if not isinstance(run_config, dict) or not all(isinstance(k, str) for k in run_config):
         raise WeightsError(f"{path}: its run_config is a {type(run_config).__name__}, not the run's key/value table: "
                            "the file was not written by oncofed, or was edited; use the model.pt a run wrote")
@@ -186,14 +183,23 @@ def load_scoring(path: Path | str) -> Scoring:
         WeightsError: The file is missing or unreadable, or its ``scoring`` table is malformed (named).
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise WeightsError(f"{path} is not an oncofed model file ({type(exc).__name__}): give the model.pt a "
-                           "train-local or federated run wrote") from None
+    doc = _load_doc(path)
     try:
         return Scoring.from_dict(doc.get("scoring") if isinstance(doc, dict) else None)
     except ValueError as exc:
         raise WeightsError(f"{path}: {exc}: use the model.pt the run wrote") from None
+
+
+def _not_a_model(path: Path, exc: Exception) -> WeightsError:
+    return WeightsError(f"{path} is not an oncofed model file ({type(exc).__name__}): give the model.pt a train-local "
+                        "or federated run wrote")
+
+
+def _load_doc(path: Path) -> Any:
+    """A ``model.pt``'s saved table (tensors and plain values only: ``weights_only``)."""
+    if not path.is_file():
+        raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise _not_a_model(path, exc) from None

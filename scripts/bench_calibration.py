@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 import numpy as np
 from rich.console import Console
 from rich.progress import track
 
-from models.evaluation import Calibration, fit_platt_histograms, score_histogram
+from models.evaluation import fit_platt_histograms, recalibrate_histograms, score_histogram
 
 # (name, spread of the network's logits, true slope, true intercept)
 NETWORKS = [
@@ -47,20 +46,6 @@ def _figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     q = np.clip(p, 1e-7, 1 - 1e-7)
     return (float(ece(y, p) or 0.0), float(np.mean((p - y) ** 2)),
             float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))))
-
-
-def _always_platt(pos: np.ndarray, neg: np.ndarray) -> Calibration | None:
-    """Platt scaling adopted whatever the closed test says (the comparison): the fit with the test's threshold at
-    zero."""
-    import models.evaluation as ev
-
-    saved = dict(ev._CHI2_95)
-    try:
-        ev._CHI2_95.update({1: -np.inf, 2: -np.inf})
-        fit = fit_platt_histograms(pos, neg)
-    finally:
-        ev._CHI2_95.update(saved)
-    return None if fit is None else replace(fit, update="logistic")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 fit = fit_platt_histograms(pos, neg)
                 adopted += fit is not None
                 test.append(own if fit is None else _figures(hy, fit.of_logits(hz)))
-                plain = _always_platt(pos, neg)
+                plain = recalibrate_histograms(pos, neg, closed_test=False)[0]  # Platt always
                 always.append(own if plain is None else _figures(hy, plain.of_logits(hz)))
             t, a = np.array(test), np.array(always)
             console.print(

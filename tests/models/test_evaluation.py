@@ -24,8 +24,8 @@ from models.evaluation import (
     histogram_rates,
     histogram_threshold,
     parse_rule,
+    recalibrate_histograms,
     score_histogram,
-    why_not_recalibrated,
 )
 
 
@@ -203,11 +203,11 @@ def test_a_network_at_chance_with_the_wrong_prevalence_gets_the_intercept_alone(
                                                               160, "", "intercept",
                                                               pytest.approx(update.statistic, rel=0.05))
     # Only the reason that applies is given.
-    assert why_not_recalibrated(pos, neg) == ""
-    assert "do not rank" in why_not_recalibrated(np.where(np.arange(SCORE_BINS) < 32, 20, 0),
-                                                 np.where(np.arange(SCORE_BINS) >= 32, 20, 0))
-    assert "fewer than 10" in why_not_recalibrated(pos * 0, neg)
-    assert "closed test" in why_not_recalibrated(*score_histogram(*_calibrated(9, 300)))
+    assert recalibrate_histograms(pos, neg)[1] == ""
+    assert "do not rank" in recalibrate_histograms(np.where(np.arange(SCORE_BINS) < 32, 20, 0),
+                                                   np.where(np.arange(SCORE_BINS) >= 32, 20, 0))[1]
+    assert "fewer than 10" in recalibrate_histograms(pos * 0, neg)[1]
+    assert "closed test" in recalibrate_histograms(*score_histogram(*_calibrated(9, 300)))[1]
 
 
 def test_scores_within_a_bin_get_no_slope_from_histograms() -> None:
@@ -220,7 +220,7 @@ def test_scores_within_a_bin_get_no_slope_from_histograms() -> None:
     assert fitted is not None and fitted.slope > 50  # per case: steep
     pos, neg = score_histogram(y, 1 / (1 + np.exp(-z)))
     assert fit_platt_histograms(pos, neg) is None  # balanced classes: the network's own level fits
-    assert "too close together for a slope" in why_not_recalibrated(pos, neg)
+    assert "too close together for a slope" in recalibrate_histograms(pos, neg)[1]
     shifted = np.r_[y, np.zeros(60, int)]  # four in five negative at the same scores: the level is off
     pos, neg = score_histogram(shifted, 1 / (1 + np.exp(-np.r_[z, z])))
     update = fit_platt_histograms(pos, neg)
