@@ -157,7 +157,8 @@ def run_local(
         "workspaces": [str(w) for w in workspaces],
         "run_config": {**config.to_flat(),  # the rate it trained at, not the "default" sentinel
                        "learning-rate": resolve_learning_rate(config.training.learning_rate,
-                                                              segmentation=data.segmentation)},
+                                                              segmentation=data.segmentation,
+                                                              dp=config.privacy.enabled)},
         "parameters": parameter_count(model),
         "ran_on": placement.describe(),
         "epochs": epochs,

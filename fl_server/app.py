@@ -43,7 +43,8 @@ def main(grid: Grid, context: Context) -> None:
     flat_config[RunKey.NUM_ROUNDS] = config.federation.num_rounds
     flat_config[RunKey.SERVER_MOMENTUM] = config.federation.server_momentum
     flat_config[RunKey.LEARNING_RATE] = resolve_learning_rate(config.training.learning_rate,
-                                                              segmentation=is_segmentation(config.model.task))
+                                                              segmentation=is_segmentation(config.model.task),
+                                                              dp=config.privacy.enabled)
     flat_config[RunKey.NORM] = config.model.norm.value  # the network a resume, export or explainer rebuilds
     flat_config[RunKey.PROXIMAL_MU] = config.training.proximal_mu
     flat_config[RunKey.STRATEGY] = config.federation.strategy.value  # fedavg where no norm layer dropped FedProx
@@ -185,8 +186,10 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
                           (RunKey.SERVER_LEARNING_RATE, server_step(before), server_step(now)),
                           (RunKey.SERVER_MOMENTUM, before.server_momentum, now.server_momentum),
                           (RunKey.LEARNING_RATE,
-                           resolve_learning_rate(then.training.learning_rate, segmentation=segmentation),
-                           resolve_learning_rate(config.training.learning_rate, segmentation=segmentation))):
+                           resolve_learning_rate(then.training.learning_rate, segmentation=segmentation,
+                                                 dp=then.privacy.enabled),
+                           resolve_learning_rate(config.training.learning_rate, segmentation=segmentation,
+                                                 dp=config.privacy.enabled))):
         if old != new:
             raise ValueError(f"cannot resume {run_dir}: it ran with {key}={old}, this run config says {new}; "
                              f"resume with --set {key}={old} (the server's saved state belongs to it)")

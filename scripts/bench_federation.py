@@ -49,7 +49,7 @@ from fl_server.flower_ops import simulate
 from fl_server.strategies import RECIPES
 from imaging.synth import ingested_consortium
 from models.config import from_flat
-from models.tasks import TASK_ROUNDS
+from models.tasks import TASK_ROUNDS, task_rounds
 
 
 def federated(sites: Path, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +140,8 @@ def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], holdou
         base = results["dp"].get(f"{task}{base_tag}", {})
         if "plain" not in row and "plain" in base:  # the DP settings do not change the run without DP
             row.update(plain=base["plain"], plain_seconds=base.get("plain_seconds"))
-        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": args.rounds or TASK_ROUNDS[task]}
+        rounds = args.rounds or task_rounds(task, dp=True)  # the plain twin runs as many rounds as the DP runs
+        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": rounds}
         dp = {"dp": True, "learning-rate": args.dp_learning_rate, **extra_dp}
         runs: list[tuple[str, dict[str, Any]]] = [("plain", {})]
         runs += [(f"{e:g}", {**dp, "dp-epsilon": e}) for e in epsilons]
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=48, help="studies per task per site (quality runs)")
     parser.add_argument("--rounds", type=int, default=0,
                         help="federated rounds = epochs of the pooled and single-site models (0: each task's count, "
-                             "models.tasks.TASK_ROUNDS)")
+                             "models.tasks.TASK_ROUNDS; the DP runs and their plain twin: task_rounds under DP)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overhead-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true")
