@@ -63,6 +63,7 @@ def test_the_run_config_sent_carries_the_count_of_rounds_the_server_runs(tmp_pat
 
     assert _run_config(args("task=prostate-mr"))["num-rounds"] == TASK_ROUNDS["prostate-mr"]
     assert _run_config(args("task=prostate-mr", "num-rounds=4"))["num-rounds"] == 4
+    assert _run_config(args("task=lung-ct", "dp=true"))["num-rounds"] == 30  # lung CT's count under DP-SGD
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "history.json").write_text("{}")
     (tmp_path / "run" / "config.json").write_text(json.dumps({"run_config": {"task": "colorectal-ct",
