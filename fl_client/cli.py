@@ -950,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0,
                    help="samples per step; 0 (default): 4, or an expected 16 under DP-SGD")
     p.add_argument("--lr", type=float, default=0.0,
-                   help="learning rate; 0 (default): 1e-3, or 3e-3 for a *-seg task")
+                   help="learning rate; 0 (default): 1e-3, or 3e-3 for a *-seg task or under DP-SGD (--dp-epsilon)")
     p.add_argument("--operating-point", default="youden",
                    help="how the threshold is chosen on the validation split: youden (default), sensitivity>=0.9, "
                         "specificity>=0.9 or fixed:0.5")

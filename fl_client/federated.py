@@ -29,6 +29,7 @@ from models.config import (
     dp_outlook,
     proximal_mu_of,
     resolve_batch,
+    resolve_learning_rate,
     resolved_grad_sample_mode,
 )
 from models.device import Placement, place
@@ -293,8 +294,12 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
            *, run_id: str, round_number: int, proximal_mu: float, strings: dict[str, str],
            epsilon_cap: float | None) -> Reply:
     samples = data.count("train")
-    # FedProx's term: the round's μ (Flower's FedProx sends it), else the run's in a FedProx run.
-    spec = replace(config.training, proximal_mu=proximal_mu or proximal_mu_of(config))
+    # FedProx's term: the round's μ (Flower's FedProx sends it), else the run's in a FedProx run. The learning rate
+    # is the run's, resolved as the server resolved and stored it (for its report and a resume), even where this
+    # site's own policy turns DP-SGD on in a run without it.
+    spec = replace(config.training, proximal_mu=proximal_mu or proximal_mu_of(config),
+                   learning_rate=resolve_learning_rate(config.training.learning_rate, segmentation=data.segmentation,
+                                                       dp=config.privacy.enabled))
     ledger = PrivacyLedger(site.workspace)
     budget = ledger.budget()
     dp = None

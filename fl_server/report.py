@@ -18,7 +18,7 @@ from fl_server.rounds import RoundRecord
 from models.config import resolve_batch
 from models.evaluation import SCORE_BINS
 from models.protocol import Metric, headline_metric, report_metrics
-from models.tasks import TASK_DIMS, task_rounds
+from models.tasks import TASK_ROUNDS
 
 __all__ = ["write_report"]
 
@@ -63,9 +63,9 @@ def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
     else:
         started = None
     rows = [[label, str(config[key])] for key, label in _SETTINGS if key in config]
-    if str(config.get("num-rounds", "")) == "0" and str(config.get("task", "")) in TASK_DIMS:  # the default
-        counted = task_rounds(str(config["task"]), dp=str(config.get("dp", "")).lower() == "true")
-        rows = [[label, f"{counted} (the task's count)" if label == "rounds" else value]
+    # Runs stored before the count was written out resolved (they ran TASK_ROUNDS, DP or not).
+    if str(config.get("num-rounds", "")) == "0" and str(config.get("task", "")) in TASK_ROUNDS:
+        rows = [[label, f"{TASK_ROUNDS[str(config['task'])]} (the task's count)" if label == "rounds" else value]
                 for label, value in rows]
     if str(config.get("server-learning-rate", "")) in ("0", "0.0"):
         rows = [[label, "the strategy's default" if label == "server learning rate" else value]

@@ -23,7 +23,8 @@ SEGMENTATION_TASKS: frozenset[str] = frozenset(f"{task}-seg" for task in _IMAGE_
 # consortium (3 sites × 48 studies per task, the cpu profile). FedAvg takes each site's share of the steps per
 # round, so a slow learner needs its full count of rounds: prostate MR scored AUROC 0.54 on 144 held-out studies
 # after 10 rounds and 0.86-0.91 after 30 (pooled, 30 epochs: 0.83-0.92); colorectal CT 0.57 after 10, 0.72-0.81
-# after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"). ``num-rounds=0`` (the default) runs a task's count.
+# after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"). ``num-rounds=0`` (the default) runs a task's count
+# (:func:`task_rounds`: under DP-SGD, :data:`DP_TASK_ROUNDS` where a task has an entry).
 TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
     {"lung-ct": 10, "breast-mg": 10, "colorectal-ct": 30, "prostate-mr": 30,
      **{f"{task}-seg": 10 for task in _IMAGE_TASKS}}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -256,13 +257,26 @@ def test_fit_under_dp_takes_the_planned_steps_and_reports_the_sites_epsilon(site
     assert record.kind == "train" and record.metrics[Metric.EPSILON] == reply.metrics[Metric.EPSILON]
 
 
-def test_a_site_that_requires_dp_trains_a_plain_run_at_the_dp_batch_it_reserved(site: Site) -> None:
+def test_a_site_that_requires_dp_trains_a_plain_run_at_the_dp_batch_it_reserved(site: Site,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The run asks for no DP and leaves the batch to the default (4 per step without DP); the site's policy turns
-    DP on, so it plans, reserves and takes its steps at DP's expected batch of 16, the same in all three."""
+    DP on, so it plans, reserves and takes its steps at DP's expected batch of 16, the same in all three. Its
+    learning rate stays the run's (1e-3, what the server stores and reports), not the DP default of 3e-3."""
+    import fl_client.federated as federated
+
+    rates: list[float] = []
+    real = federated.train_local
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        rates.append(kwargs["spec"].learning_rate)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(federated, "train_local", spy)
     PrivacyLedger(site.workspace).set_budget(20.0, 1e-5, require_dp=True)
     config = _config(**{"batch-size": 0, "num-rounds": 2})
     assert not config.privacy.enabled
     reply = fit(site, config, run_id="run-forced", round_number=1, global_flat=_global(config))
+    assert rates == [1e-3]
     samples = load_site_data([site.workspace], "lung-ct").count("train")
     (session,) = PrivacyLedger(site.workspace).sessions()
     assert reply.metrics[Metric.DP] == 1
