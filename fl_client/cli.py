@@ -729,7 +729,7 @@ def cmd_model(args: argparse.Namespace, console: Console) -> int:
     import json
 
     from fl_client.explainer import file_sha256
-    from models.config import ConfigError, from_flat, resolve_norm
+    from models.config import ConfigError, from_flat
     from models.nets import build_model, parameter_count
     from models.weights import WeightsError, load_checkpoint, load_scoring
 
@@ -742,7 +742,7 @@ def cmd_model(args: argparse.Namespace, console: Console) -> int:
     spec = config.model
     c = scoring.calibration
     doc = {"file": str(args.model), "sha256": file_sha256(args.model), "task": spec.task,
-           "network": str(spec.network), "norm": str(resolve_norm(spec)), "parameters": parameter_count(
+           "network": str(spec.network), "norm": str(spec.norm), "parameters": parameter_count(
                build_model(spec)), "resolution": spec.resolution, "round": round_number,
            "strategy": str(config.federation.strategy) if round_number else "local run",
            "dp": bool(config.privacy.enabled), "dp_epsilon": config.privacy.epsilon if config.privacy.enabled else None,

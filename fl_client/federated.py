@@ -25,6 +25,7 @@ from fl_client.train import dp_sample_rate, dp_steps, evaluate_local, plan_dp, t
 from imaging.sitedata import NoSiteData, SiteData, load_site_data
 from models.config import (
     ConfigError,
+    Norm,
     RunConfig,
     dp_outlook,
     proximal_mu_of,
@@ -304,6 +305,11 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
     budget = ledger.budget()
     dp = None
     if config.privacy.enabled or (budget is not None and budget.require_dp):
+        if config.model.norm == Norm.BATCH:  # a run under DP never has it (from_flat): the site's policy turned DP on
+            return refusal(site, task=config.model.task, run_id=run_id, round_number=round_number, kind="train",
+                           code=Refusal.NETWORK, detail="this site trains only under DP-SGD, which cannot train the "
+                                                        "run's BatchNorm network; the lead can run it with dp=true "
+                                                        "or norm=instance")
         # The site's own policy can require DP; the run's dp-epsilon is the target for this run, capped
         # by what the site has left (runs before this one count against the same ceiling).
         privacy = config.privacy

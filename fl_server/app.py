@@ -168,7 +168,7 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
     """Refuse to resume a run under another network, aggregation or local step than it was started with: its
     checkpoints hold that network's weights, the server's momentum or moments belong to that strategy and step, and
     the sites' rate is part of the run. A run stored before ``server-momentum`` existed ran without momentum; one
-    stored before ``norm=auto`` names its norm.
+    stored without its ``norm`` ran InstanceNorm.
 
     Raises:
         ValueError: The norm, strategy, server learning rate, server momentum or learning rate differ; the message
@@ -177,7 +177,9 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
     from models.config import KEYS, RunKey, from_flat, resolve_learning_rate, server_step
     from models.tasks import is_segmentation
 
-    known = {RunKey.SERVER_MOMENTUM: 0.0, **{k: v for k, v in stored.items() if k in KEYS and k != RunKey.RESUME}}
+    # Defaults of the versions that stored no such key: no momentum, and InstanceNorm (the default before 0.3.2).
+    known = {RunKey.SERVER_MOMENTUM: 0.0, RunKey.NORM: "instance",
+             **{k: v for k, v in stored.items() if k in KEYS and k != RunKey.RESUME}}
     then = from_flat(known)
     before, now = then.federation, config.federation
     segmentation = is_segmentation(config.model.task)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from fl_server.rounds import RoundRecord
-from models.config import ConfigError, from_flat, resolve_norm
+from models.config import ConfigError, from_flat
 from models.evaluation import Scoring, wilson
 from models.nets import build_model, parameter_count
 from models.protocol import Metric
@@ -206,7 +206,7 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
         "task": preprocessing.get("task", spec.task),
         "preprocessing": dict(preprocessing),
         "network": {"architecture": str(spec.network), "spatial_dims": spec.spatial_dims,
-                    "in_channels": spec.in_channels, "norm": str(resolve_norm(spec)), "parameters": parameters,
+                    "in_channels": spec.in_channels, "norm": str(spec.norm), "parameters": parameters,
                     "output": output, "calibration": card_calibration},
         "run": {"run_id": history.get("run_id"), "strategy": history.get("strategy"), "rounds": len(rounds),
                 "finished": history.get("finished"), "configuration": run_config},

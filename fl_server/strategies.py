@@ -60,15 +60,16 @@ RECIPES: MappingProxyType[str, dict[str, Any]] = MappingProxyType({
     "fedavg": {_S: "fedavg", _M: 0.0},
     "fedavg-step3": {_S: "fedavg", _STEP: 3.0, _M: 0.0},
     "fedprox": {_S: "fedprox", _MU: 0.01, _M: 0.0},
-    "norm-auto": {RunKey.NORM: "auto"},
+    "norm-instance": {RunKey.NORM: "instance"},
+    "norm-none": {RunKey.NORM: "none"},
     "fedavgm": {_S: "fedavg", _M: 0.9},
     "fedprox-momentum": {_S: "fedprox", _MU: 0.01, _M: 0.9},
     "fedprox-momentum0.5": {_S: "fedprox", _MU: 0.01, _M: 0.5},
     "fedadam": {_S: "fedadam"},
 })
 """Named federated recipes as run-config values, the ones the benchmarks compare: "default" is the run config's
-own defaults as each task resolves them; "norm-auto" lets the task choose its normalisation too (none for the
-colorectal CT classifier, whose run is then FedAvg); the plain recipes pin
+own defaults as each task resolves them (BatchNorm for the colorectal CT classifier); "norm-instance" and
+"norm-none" give it InstanceNorm or no normalisation (and a FedAvg run); the plain recipes pin
 ``server-momentum`` to 0 (a segmentation task's default would add it); "fedavg-step3" steps three times along the
 mean update (with three sites, about as far as a pooled epoch); "fedavgm" is Flower's FedAvgM at β 0.9."""
 

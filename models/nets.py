@@ -3,8 +3,8 @@
 All networks come from MONAI, for 2D and 3D through ``spatial_dims``, and are built ready for DP-SGD:
 
 - normalisation is chosen here, so the server and every site have identical ``state_dict`` keys and
-  no site ever runs ``ModuleValidator.fix``: InstanceNorm with affine parameters by default (with ``norm=auto``,
-  none for the colorectal CT classifier, :data:`models.config.TASK_NORM`), GroupNorm
+  no site ever runs ``ModuleValidator.fix``: InstanceNorm with affine parameters by default (BatchNorm for the
+  colorectal CT classifier without DP-SGD, :data:`models.config.TASK_NORM`), GroupNorm or none
   on request, BatchNorm only without DP (all but BatchNorm work per sample, as DP-SGD needs). On the
   synthetic mammography task GroupNorm with two groups of eight channels did not start learning in
   12 epochs where InstanceNorm reached a validation AUROC of 0.9, hence the default;
@@ -123,19 +123,23 @@ class CompactCNN(nn.Module):
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The network of ``spec``, with fresh weights from torch's current seed.
+    """The network of ``spec``, with fresh weights from torch's current seed. Its ``norm`` is the one
+    :func:`models.config.from_flat` resolved; a spec built in code with ``auto`` gets the network of a run without
+    DP-SGD (BatchNorm for the colorectal CT classifier): a DP run resolves it first
+    (``resolve_norm(spec, batch_ok=False)``).
 
     Returns:
         A module mapping ``(batch, in_channels, *spatial)`` to ``(batch, 1)`` logits (a classifier) or to
         ``(batch, 1, *spatial)`` logits (the segmentation UNet).
     """
     if spec.network == Arch.COMPACT_CNN:
-        return CompactCNN(spec.spatial_dims, spec.in_channels, spec.width, resolve_norm(spec), spec.dropout)
+        norm = resolve_norm(spec, batch_ok=True)
+        return CompactCNN(spec.spatial_dims, spec.in_channels, spec.width, norm, spec.dropout)
     if spec.network == Arch.UNET:
         return segmentation_net(spec)
     # MONAI's DenseNet applies one norm argument to layers of many widths: GroupNorm needs a group
     # count dividing all of them (every DenseNet width here is a multiple of 8 or 16).
-    kind = resolve_norm(spec)
+    kind = resolve_norm(spec, batch_ok=True)
     norm = ("group", {"num_groups": 8}) if kind == Norm.GROUP else norm_layer(kind, 0)
     if norm is None:
         raise ValueError("DenseNets need a norm layer; use norm=instance or norm=group")
@@ -152,7 +156,7 @@ def segmentation_net(spec: ModelSpec) -> nn.Module:
     default), stride 2 in every axis (patches must be multiples of 8), one residual unit per level, the spec's
     DP-compatible norm and a non-in-place ReLU (not MONAI's default PReLU, which Opacus has no per-sample rule for).
     Its transposed convolutions train under Opacus' ``hooks`` mode."""
-    kind = resolve_norm(spec)
+    kind = resolve_norm(spec, batch_ok=True)
     norm = norm_layer(kind, 0)
     if kind == Norm.GROUP:
         norm = ("group", {"num_groups": 1})  # MONAI's top up-layer normalises the one output channel too

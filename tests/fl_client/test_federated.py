@@ -284,6 +284,20 @@ def test_a_site_that_requires_dp_trains_a_plain_run_at_the_dp_batch_it_reserved(
     assert reply.metrics[Metric.SAMPLE_RATE] == pytest.approx(dp_sample_rate(samples, DP_BATCH))
 
 
+def test_a_site_that_requires_dp_refuses_a_batchnorm_run_naming_the_way_out(site: Site) -> None:
+    """BatchNorm mixes the samples of a batch, which DP-SGD cannot allow: a site whose policy requires DP refuses a
+    run of a BatchNorm network (the colorectal default without DP) with the network reason and what the lead can
+    change, before anything is planned or spent."""
+    PrivacyLedger(site.workspace).set_budget(20.0, 1e-5, require_dp=True)
+    config = _config(norm="batch")
+    reply = fit(site, config, run_id="run-bn", round_number=1, global_flat=_global(config))
+    assert reply.arrays == {} and reply.metrics[Metric.REFUSED] == 1
+    assert reply.strings[SiteKey.REFUSAL] == Refusal.NETWORK
+    assert "dp=true or norm=instance" in reply.strings[SiteKey.DETAIL]
+    assert PrivacyLedger(site.workspace).sessions() == []
+    assert [r.kind for r in EgressLog(site.workspace).records()] == ["train-refused"]
+
+
 def test_fit_under_dp_without_a_budget_is_refused_before_training(site: Site) -> None:
     config = _config(dp=True)
     reply = fit(site, config, run_id="run-nb", round_number=1, global_flat=_global(config))

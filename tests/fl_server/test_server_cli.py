@@ -81,11 +81,12 @@ def test_a_default_sentinel_in_set_waits_for_the_runs_task() -> None:
                        "norm=auto"])
     assert sets == {"server-momentum": "-1", "num-rounds": "0", "learning-rate": "0", "local-epochs": 2,
                     "proximal-mu": "-1", "norm": "auto"}
-    # Resolved with the run's task: the colorectal network without normalisation, and its run a FedAvg run.
+    # Resolved with the run's task: the colorectal network with BatchNorm, and its run a FedProx run.
     from models.config import from_flat
 
     run = from_flat({"task": "colorectal-ct", **sets})
-    assert (run.model.norm.value, run.training.proximal_mu, run.federation.strategy.value) == ("none", 0.0, "fedavg")
+    assert (run.model.norm.value, run.training.proximal_mu, run.federation.strategy.value) == ("batch", 0.01,
+                                                                                                "fedprox")
 
 
 def test_a_combination_that_cannot_run_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:

@@ -279,12 +279,15 @@ def test_every_named_recipe_is_a_valid_run_config_with_the_momentum_it_names() -
     assert RECIPES["default"] == {}  # the task's own defaults: FedProx with momentum here
     seg = from_flat({"task": "lung-ct-seg", **RECIPES["default"]}).federation
     assert (seg.strategy.value, seg.server_momentum) == ("fedprox", 0.9)
-    assert from_flat({"task": "colorectal-ct", **RECIPES["default"]}).federation.strategy.value == "fedprox"
-    auto = from_flat({"task": "colorectal-ct", **RECIPES["norm-auto"]})  # no norm layer, so FedAvg
-    assert (auto.model.norm.value, auto.training.proximal_mu, auto.federation.strategy.value) == (
+    crc = from_flat({"task": "colorectal-ct", **RECIPES["default"]})  # BatchNorm, FedProx
+    assert (crc.model.norm.value, crc.federation.strategy.value) == ("batch", "fedprox")
+    instance = from_flat({"task": "colorectal-ct", **RECIPES["norm-instance"]})
+    assert (instance.model.norm.value, instance.federation.strategy.value) == ("instance", "fedprox")
+    bare = from_flat({"task": "colorectal-ct", **RECIPES["norm-none"]})  # no norm layer, so FedAvg
+    assert (bare.model.norm.value, bare.training.proximal_mu, bare.federation.strategy.value) == (
         "none", 0.0, "fedavg")
     for name, values in RECIPES.items():
-        if name in ("default", "norm-auto"):
+        if name in ("default", "norm-instance", "norm-none"):
             continue
         config = from_flat({"task": "lung-ct-seg", **values})
         assert config.federation.strategy.value == values["strategy"], name
@@ -293,16 +296,22 @@ def test_every_named_recipe_is_a_valid_run_config_with_the_momentum_it_names() -
 
 
 def test_a_run_resumes_only_with_its_own_norm() -> None:
-    """A colorectal run started with InstanceNorm and FedProx μ 0.01, resumed with ``norm=auto`` (no norm layer, and
-    so FedAvg): refused naming the norm (its checkpoints hold the InstanceNorm network), and the hint works: with
-    that norm the defaults resolve to the run's FedProx again."""
+    """A colorectal run started with InstanceNorm and FedProx μ 0.01 (the default before 0.3.2), resumed under
+    ``norm=auto`` (now BatchNorm) or ``norm=none``: refused naming the norm (its checkpoints hold the InstanceNorm
+    network), and the hint works: with that norm the defaults resolve to the run's FedProx again."""
     from fl_server.app import check_resumed_federation
 
     stored = {"task": "colorectal-ct", "norm": "instance", "proximal-mu": 0.01, "strategy": "fedprox",
               "num-rounds": 30, "learning-rate": 0.001}
+    with pytest.raises(ValueError, match=r"norm=instance, this run config says batch; resume with --set norm=instance"):
+        check_resumed_federation(stored, from_flat({"task": "colorectal-ct"}), "run")
     with pytest.raises(ValueError, match=r"norm=instance, this run config says none; resume with --set norm=instance"):
-        check_resumed_federation(stored, from_flat({"task": "colorectal-ct", "norm": "auto"}), "run")
+        check_resumed_federation(stored, from_flat({"task": "colorectal-ct", "norm": "none"}), "run")
     check_resumed_federation(stored, from_flat({"task": "colorectal-ct", "norm": "instance"}), "run")
+    # A run stored without its norm ran InstanceNorm, the default then: resumed under today's default, refused.
+    unnamed = {k: v for k, v in stored.items() if k != "norm"}
+    with pytest.raises(ValueError, match=r"norm=instance, this run config says batch"):
+        check_resumed_federation(unnamed, from_flat({"task": "colorectal-ct"}), "run")
 
 
 def test_a_site_under_dp_sgd_while_the_server_uses_momentum_is_warned_of_once(tmp_path: Path) -> None:

@@ -177,41 +177,51 @@ def test_segmentation_tasks_take_server_momentum_by_default() -> None:
 
 
 def test_norm_auto_is_the_tasks_and_fedprox_runs_as_fedavg_without_a_norm_layer() -> None:
-    """``norm`` auto (InstanceNorm is the default) drops normalisation from the colorectal CT classifier only (its
-    cue is an absolute CT number); ``proximal-mu`` -1 (the default) is FedProx's 0.01 with a norm layer and 0 without
-    one, and then the default FedProx run is a FedAvg run. The flat form the server sends carries the resolved
-    values, and a value the run sets is kept."""
+    """``norm`` auto (the default) is BatchNorm for the colorectal CT classifier (its cue is an absolute CT number,
+    which InstanceNorm rescales per volume) where the run can train it, InstanceNorm otherwise and for every other
+    task and network; ``proximal-mu`` -1 (the default) is FedProx's 0.01 with a norm layer and 0 without one, and
+    then the default FedProx run is a FedAvg run. The flat form the server sends carries the resolved values, and a
+    value the run sets is kept."""
     from torch import nn
 
     from models.config import AUTO_PROXIMAL_MU, FEDPROX_MU, TASK_NORM, proximal_mu_of, resolve_norm
     from models.nets import build_model, norm_layer
 
-    assert RunConfig().model.norm == Norm.INSTANCE and RunConfig().training.proximal_mu == AUTO_PROXIMAL_MU
-    crc = from_flat({"task": "colorectal-ct", "norm": "auto"})
-    assert (crc.model.norm, crc.training.proximal_mu, crc.federation.strategy) == (Norm.NONE, 0.0, Strategy.FEDAVG)
+    assert RunConfig().model.norm == Norm.AUTO and RunConfig().training.proximal_mu == AUTO_PROXIMAL_MU
+    assert TASK_NORM["colorectal-ct"] == Norm.BATCH
+    crc = from_flat({"task": "colorectal-ct"})
+    assert (crc.model.norm, crc.training.proximal_mu, crc.federation.strategy) == (
+        Norm.BATCH, FEDPROX_MU, Strategy.FEDPROX)
     sent = crc.to_flat()
-    assert (sent["norm"], sent["proximal-mu"], sent["strategy"]) == ("none", 0.0, "fedavg")
+    assert (sent["norm"], sent["proximal-mu"], sent["strategy"]) == ("batch", FEDPROX_MU, "fedprox")
     assert from_flat(sent) == crc
-    for flat in ({"task": "colorectal-ct"}, {"task": "lung-ct", "norm": "auto"}, {"task": "prostate-mr"},
-                 {"task": "breast-mg", "norm": "auto"}, {"task": "colorectal-ct-seg", "norm": "auto"},
-                 {"task": "colorectal-ct", "norm": "auto", "resolution": "diagnostic"}):
+    # Where the run cannot train BatchNorm (DP-SGD; an adaptive server, a server step, server momentum): InstanceNorm.
+    for flat in ({"task": "colorectal-ct", "dp": "true"}, {"task": "colorectal-ct", "server-learning-rate": "3"},
+                 {"task": "colorectal-ct", "server-momentum": "0.9"}, {"task": "lung-ct"},
+                 {"task": "prostate-mr", "norm": "auto"}, {"task": "breast-mg"}, {"task": "colorectal-ct-seg"},
+                 {"task": "colorectal-ct", "resolution": "diagnostic"}):
         c = from_flat(flat)
         assert (c.model.norm, c.training.proximal_mu, c.federation.strategy) == (
             Norm.INSTANCE, FEDPROX_MU, Strategy.FEDPROX), flat
-    own = from_flat({"task": "colorectal-ct", "norm": "auto", "proximal-mu": 0.05})  # the run's own μ keeps FedProx
+    assert from_flat({"task": "colorectal-ct", "strategy": "fedadam"}).model.norm == Norm.INSTANCE
+    none = from_flat({"task": "colorectal-ct", "norm": "none"})
+    assert (none.model.norm, none.training.proximal_mu, none.federation.strategy) == (Norm.NONE, 0.0, Strategy.FEDAVG)
+    own = from_flat({"task": "colorectal-ct", "norm": "none", "proximal-mu": 0.05})  # the run's own μ keeps FedProx
     assert (own.model.norm, own.training.proximal_mu, own.federation.strategy) == (Norm.NONE, 0.05, Strategy.FEDPROX)
-    assert from_flat({"task": "lung-ct", "norm": "none"}).federation.strategy == Strategy.FEDAVG
-    assert from_flat({"task": "colorectal-ct", "norm": "auto", "strategy": "fedadam"}).federation.strategy == (
-        Strategy.FEDADAM)
+    assert from_flat({"task": "lung-ct", "norm": "instance"}).model.norm == Norm.INSTANCE
     # A config built in code (not read by from_flat) resolves the same way where it is used.
     from dataclasses import replace
 
     code = RunConfig()
-    assert resolve_norm(code.model) == Norm.INSTANCE and proximal_mu_of(code) == FEDPROX_MU
-    code_crc = replace(code, model=replace(code.model, task="colorectal-ct", norm=Norm.AUTO))
-    assert resolve_norm(code_crc.model) == TASK_NORM["colorectal-ct"] and proximal_mu_of(code_crc) == 0.0
+    assert resolve_norm(code.model, batch_ok=True) == Norm.INSTANCE and proximal_mu_of(code) == FEDPROX_MU
+    code_crc = replace(code, model=replace(code.model, task="colorectal-ct"))
+    assert resolve_norm(code_crc.model, batch_ok=True) == Norm.BATCH and proximal_mu_of(code_crc) == FEDPROX_MU
+    assert resolve_norm(code_crc.model, batch_ok=False) == Norm.INSTANCE
+    assert any(isinstance(m, nn.BatchNorm3d) for m in build_model(code_crc.model).modules())
+    bare = replace(code_crc, model=replace(code_crc.model, norm=Norm.NONE))
+    assert proximal_mu_of(bare) == 0.0
     norms = (nn.InstanceNorm3d, nn.GroupNorm, nn.BatchNorm3d)
-    assert not any(isinstance(m, norms) for m in build_model(code_crc.model).modules())
+    assert not any(isinstance(m, norms) for m in build_model(bare.model).modules())
     assert any(isinstance(m, nn.InstanceNorm3d) for m in build_model(code.model).modules())
     with pytest.raises(ValueError, match="resolve it first"):
         norm_layer(Norm.AUTO, 8)
