@@ -332,8 +332,8 @@ SEGMENTATION_SERVER_MOMENTUM: MappingProxyType[str, float] = MappingProxyType(
 
 
 # The normalisation of a task's compact CNN under ``norm=auto`` (the default); every other task and network:
-# InstanceNorm. Colorectal CT: BatchNorm (InstanceNorm where the run cannot train it: under DP-SGD, or with an
-# adaptive server step or server momentum; batch_norm_fits). A CT number is an
+# InstanceNorm. Colorectal CT: BatchNorm (InstanceNorm where the run cannot train it: under DP-SGD or secure
+# aggregation, or with an adaptive server step or server momentum; batch_norm_fits). A CT number is an
 # absolute scale, and the colorectal cue is one: an enhancing mass at 90-130 HU against bowel wall and muscle at
 # 40-60 HU. InstanceNorm rescales the first layer's output by each volume's own mean and spread (set by body size and
 # the air around it), so that level moves from patient to patient; BatchNorm normalises by the statistics of the
@@ -369,11 +369,12 @@ def resolve_norm(spec: ModelSpec, *, batch_ok: bool) -> Norm:
     return Norm.INSTANCE if norm == Norm.BATCH and not batch_ok else norm
 
 
-def batch_norm_fits(federation: FederationSpec, *, dp: bool) -> bool:
-    """Whether a run can train BatchNorm: not under DP-SGD (it mixes the samples of a batch), and with an averaging
+def batch_norm_fits(federation: FederationSpec, *, dp: bool, secure: bool) -> bool:
+    """Whether a run can train BatchNorm: not under DP-SGD (it mixes the samples of a batch), not under secure
+    aggregation (SecAgg+ clips every value to ``clipping-range``, the running statistics too), and with an averaging
     strategy at server step 1 without server momentum (a server step would move its running statistics too, and a
     running variance stepped past the sites' values can turn negative). :func:`validate` refuses it otherwise."""
-    return (not dp and federation.strategy in AVERAGING and server_step(federation) == 1.0
+    return (not dp and not secure and federation.strategy in AVERAGING and server_step(federation) == 1.0
             and federation.server_momentum in (0.0, AUTO_SERVER_MOMENTUM))
 
 
@@ -422,7 +423,7 @@ def proximal_mu_of(config: RunConfig) -> float:
     if config.federation.strategy != Strategy.FEDPROX:
         return 0.0
     # A config built in code (not read by from_flat) may still hold the -1 of "the network's default".
-    batch_ok = batch_norm_fits(config.federation, dp=config.privacy.enabled)
+    batch_ok = batch_norm_fits(config.federation, dp=config.privacy.enabled, secure=config.server.secure_aggregation)
     return resolve_proximal_mu(config.training.proximal_mu, resolve_norm(config.model, batch_ok=batch_ok))
 
 
@@ -655,7 +656,9 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
     model = replace(model, spatial_dims=TASK_DIMS[model.task])
     privacy = replace(config.privacy, **sections["privacy"])
     federation = replace(config.federation, **sections["federation"])
-    model = replace(model, norm=resolve_norm(model, batch_ok=batch_norm_fits(federation, dp=privacy.enabled)))
+    server = replace(config.server, **sections["server"])
+    batch_ok = batch_norm_fits(federation, dp=privacy.enabled, secure=server.secure_aggregation)
+    model = replace(model, norm=resolve_norm(model, batch_ok=batch_ok))
     training = replace(config.training, **sections["training"])
     if training.proximal_mu == AUTO_PROXIMAL_MU:
         training = replace(training, proximal_mu=resolve_proximal_mu(AUTO_PROXIMAL_MU, model.norm))
@@ -670,7 +673,7 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
         training=training,
         privacy=privacy,
         federation=federation,
-        server=replace(config.server, **sections["server"]),
+        server=server,
     )
     validate(result)
     secure = result.server.secure_aggregation
@@ -797,6 +800,9 @@ def validate(config: RunConfig) -> None:
         _check(server_step(f) == 1.0 and f.server_momentum == 0.0, RunKey.NORM,
                "BatchNorm's running statistics cannot take a server step other than 1 or server momentum; use "
                "norm=group or norm=instance, or server-learning-rate=1 and server-momentum=0")
+        _check(not srv.secure_aggregation, RunKey.NORM,
+               "secure aggregation clips every value to clipping-range, BatchNorm's running statistics too; use "
+               "norm=group or norm=instance")
     if p.enabled:
         _check(m.norm != Norm.BATCH, RunKey.NORM,
                "BatchNorm mixes samples of a batch, which DP-SGD cannot allow; use norm=group or norm=instance")

@@ -204,6 +204,10 @@ def test_norm_auto_is_the_tasks_and_fedprox_runs_as_fedavg_without_a_norm_layer(
         assert (c.model.norm, c.training.proximal_mu, c.federation.strategy) == (
             Norm.INSTANCE, FEDPROX_MU, Strategy.FEDPROX), flat
     assert from_flat({"task": "colorectal-ct", "strategy": "fedadam"}).model.norm == Norm.INSTANCE
+    secure = {"task": "colorectal-ct", "secure-aggregation": "true", "min-sites": 3}
+    assert from_flat(secure).model.norm == Norm.INSTANCE  # SecAgg+ clips every value, running statistics too
+    with pytest.raises(ConfigError, match="secure aggregation clips every value"):
+        from_flat({**secure, "norm": "batch"})
     none = from_flat({"task": "colorectal-ct", "norm": "none"})
     assert (none.model.norm, none.training.proximal_mu, none.federation.strategy) == (Norm.NONE, 0.0, Strategy.FEDAVG)
     own = from_flat({"task": "colorectal-ct", "norm": "none", "proximal-mu": 0.05})  # the run's own μ keeps FedProx
