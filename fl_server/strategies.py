@@ -68,7 +68,8 @@ RECIPES: MappingProxyType[str, dict[str, Any]] = MappingProxyType({
     "fedadam": {_S: "fedadam"},
 })
 """Named federated recipes as run-config values, the ones the benchmarks compare: "default" is the run config's
-own defaults as each task resolves them (BatchNorm for the colorectal CT classifier); "norm-instance" and
+own defaults as each task resolves them (BatchNorm for the colorectal CT classifier, where the recipe can train it:
+FedAvg and FedProx at step 1; the stepped, momentum and adaptive recipes train InstanceNorm); "norm-instance" and
 "norm-none" give it InstanceNorm or no normalisation (and a FedAvg run); the plain recipes pin
 ``server-momentum`` to 0 (a segmentation task's default would add it); "fedavg-step3" steps three times along the
 mean update (with three sites, about as far as a pooled epoch); "fedavgm" is Flower's FedAvgM at β 0.9."""

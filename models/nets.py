@@ -125,8 +125,8 @@ class CompactCNN(nn.Module):
 def build_model(spec: ModelSpec) -> nn.Module:
     """The network of ``spec``, with fresh weights from torch's current seed. Its ``norm`` is the one
     :func:`models.config.from_flat` resolved; a spec built in code with ``auto`` gets the network of a run without
-    DP-SGD (BatchNorm for the colorectal CT classifier): a DP run resolves it first
-    (``resolve_norm(spec, batch_ok=False)``).
+    DP-SGD (BatchNorm for the colorectal CT classifier): a run that cannot train BatchNorm (DP-SGD, secure
+    aggregation, an adaptive or stepped server) resolves it first (``resolve_norm(spec, batch_ok=False)``).
 
     Returns:
         A module mapping ``(batch, in_channels, *spatial)`` to ``(batch, 1)`` logits (a classifier) or to

@@ -27,18 +27,22 @@ MODES = ("plain", "hooks", "functorch", "ew", "ghost")
 
 def _measure(task: str, mode: str, arch: str, batch: int, steps: int, threads: int) -> dict[str, float | str]:
     """Run in a child process: time ``steps`` training steps after two warm-up steps."""
+    from dataclasses import replace
+
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from models.config import Arch, ModelSpec
+    from models.config import Arch, ModelSpec, resolve_norm
     from models.nets import build_model
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     size = SIZES[task]
-    model = build_model(ModelSpec(task=task, arch=Arch(arch), spatial_dims=len(size)))
+    spec = ModelSpec(task=task, arch=Arch(arch), spatial_dims=len(size))
+    # Every mode trains the network a DP run has (InstanceNorm for colorectal CT, not its BatchNorm without DP).
+    model = build_model(replace(spec, norm=resolve_norm(spec, batch_ok=False)))
     n = batch * (steps + 2)
     data = TensorDataset(torch.randn(n, 1, *size), torch.randint(0, 2, (n, 1)).float())
     loader = DataLoader(data, batch_size=batch, shuffle=False)

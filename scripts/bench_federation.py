@@ -141,7 +141,8 @@ def dp_runs(args: argparse.Namespace, sites: Path, site_dirs: list[Path], holdou
         if "plain" not in row and "plain" in base:  # the DP settings do not change the run without DP
             row.update(plain=base["plain"], plain_seconds=base.get("plain_seconds"))
         rounds = args.rounds or task_rounds(task, dp=True)  # the plain twin runs as many rounds as the DP runs
-        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": rounds}
+        norm = from_flat({"task": task, "dp": True}).model.norm.value  # and the DP runs' network (no BatchNorm)
+        common = {"task": task, "threads": 0, "seed": args.seed, "num-rounds": rounds, "norm": norm}
         dp = {"dp": True, "learning-rate": args.dp_learning_rate, **extra_dp}
         runs: list[tuple[str, dict[str, Any]]] = [("plain", {})]
         runs += [(f"{e:g}", {**dp, "dp-epsilon": e}) for e in epsilons]

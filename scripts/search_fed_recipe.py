@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_client.privacy import PrivacyLedger
     from fl_client.train import plan_dp, train_local
     from imaging.sitedata import load_site_data
-    from models.config import ConfigError, from_flat, proximal_mu_of, resolve_batch, resolved_grad_sample_mode
+    from models.config import ConfigError, Norm, from_flat, proximal_mu_of, resolve_batch, resolved_grad_sample_mode
     from models.nets import build_model
 
     console = Console()
@@ -221,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.server == "avg" and config.federation.server_momentum > 0:  # the run's own (a segmentation default)
         args.server, args.momentum = "avgm", config.federation.server_momentum
+    federated = not (args.pooled or args.single)
+    if federated and config.model.norm == Norm.BATCH and (args.server != "avg" or args.step != 1 or args.schedule):
+        # The server step here moves BatchNorm's running statistics too (models.config.batch_norm_fits).
+        if flat.get("norm", "auto") != "auto":
+            console.print("[red]norm=batch takes the plain mean only: --server avg --step 1, no --schedule[/]")
+            return 2
+        config = from_flat({**flat, "norm": "instance"})
     generated = [t.strip() for t in args.consortium_tasks.split(",") if t.strip()]
     image_task = args.task.removesuffix("-seg")
     segmentation = args.task in SEG_TASKS
@@ -307,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     metric = "dice" if segmentation else "auroc"
     line = {"name": args.name, "task": args.task, "rounds": args.rounds, "server": args.server, "step": args.step,
             "schedule": args.schedule, "momentum": args.momentum, "eta": args.eta, "pooled": args.pooled,
-            "single": args.single, "unlike": args.unlike_site, "set": flat, f"holdout_{metric}": value,
+            "single": args.single, "unlike": args.unlike_site, "set": flat, "norm": config.model.norm.value,
+            f"holdout_{metric}": value,
             "holdout_studies": studies, **{f"holdout_{k}": v for k, v in seg_figures.items() if k != "dice"},
             "studies": args.studies, "consortium_seed": args.seed, "holdout_seed": held_seed,
             "noise_multipliers": [p.noise_multiplier for p in plans if p is not None],

@@ -44,3 +44,46 @@ def test_with_two_sites_the_wild_one_is_still_caught() -> None:
 def test_norm_check_can_be_turned_off() -> None:
     reasons, _ = screen_updates(REF, [upd(1, 0), upd(500, 1)], norm_factor=0)
     assert reasons == [None, None]
+
+
+def test_batchnorm_statistics_are_checked_but_left_out_of_the_norm() -> None:
+    """A real BatchNorm network's updates from sites of 32 and 480 training studies: the larger site's batch counter
+    and running statistics move fifteen times as far, yet it is kept, since the norm is taken over the learned weights;
+    a wild weight update is still dropped beside a small site's counter, and a negative running variance is named."""
+    import torch
+
+    from models.config import from_flat
+    from models.nets import build_model
+    from models.weights import state_arrays
+
+    torch.manual_seed(0)
+    net = build_model(from_flat({"task": "colorectal-ct", "model-width": 8}).model)
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    ref = state_arrays(net)
+
+    def trained(samples: int, seed: int) -> dict[str, np.ndarray]:
+        torch.manual_seed(seed)
+        site = build_model(from_flat({"task": "colorectal-ct", "model-width": 8}).model)
+        site.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ref.items()})
+        site.train()
+        opt = torch.optim.AdamW(site.parameters(), lr=1e-3)
+        for _ in range(samples // 4):  # one local epoch at 4 a step
+            opt.zero_grad()
+            site(torch.rand(4, 1, 12, 12, 12)).sum().backward()
+            opt.step()
+        return state_arrays(site)
+
+    small, other, large = trained(32, 1), trained(32, 2), trained(480, 3)
+    counter = next(k for k in ref if k.endswith("num_batches_tracked"))
+    assert large[counter] - ref[counter] == 120 and small[counter] - ref[counter] == 8
+    reasons, norms = screen_updates(ref, [small, other, large])
+    assert reasons == [None, None, None], reasons
+    wild = {k: (v * 50 if v.dtype == np.float32 and not k.rsplit(".", 1)[-1].startswith("running") else v)
+            for k, v in small.items()}
+    reasons, _ = screen_updates(ref, [other, large, wild])
+    assert reasons[:2] == [None, None] and "update norm" in reasons[2]
+    negative = dict(small)
+    var = next(k for k in ref if k.endswith("running_var"))
+    negative[var] = -np.abs(negative[var])
+    reasons, _ = screen_updates(ref, [other, large, negative])
+    assert reasons[2] == f"{var}: a running variance below 0"
