@@ -341,7 +341,7 @@ SEGMENTATION_SERVER_MOMENTUM: MappingProxyType[str, float] = MappingProxyType(
 # level stays where it is. On three draws of the synthetic consortium (3 sites x 48 studies, 30 rounds of FedProx
 # μ 0.01, AUROC on 144 held-out studies) it reached 0.963 / 0.883 / 0.909 where InstanceNorm reached 0.798 / 0.657 /
 # 0.670, 0.922 where InstanceNorm reached 0.787 on the non-IID variant, and 0.868 on the learning test's consortium;
-# its logits spread over 1.2-1.9 (five to eight of the score histograms' bins). Without normalisation (the earlier
+# its logits spread over 1.0-1.9 (four to eight of the score histograms' bins). Without normalisation (the earlier
 # ``norm=auto``, now ``norm=none``) the network ranked as well on three draws but sat at chance on the fourth, and its
 # scores spread less than one bin, since a network without normalisation grows its output with the count of steps
 # (BENCHMARKS.md, "Colorectal with BatchNorm"). MR and mammography have no absolute scale.
