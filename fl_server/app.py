@@ -28,19 +28,12 @@ log = logging.getLogger("flwr")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
+    from dataclasses import replace
+
     from fl_server.grid import PromptGrid
     from fl_server.runstore import RunStore
     from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
-    from models.config import (
-        AVERAGING,
-        TASK_NORM,
-        Arch,
-        Norm,
-        RunKey,
-        from_flat,
-        resolve_learning_rate,
-        server_step,
-    )
+    from models.config import AVERAGING, Norm, RunKey, from_flat, resolve_learning_rate, resolve_norm, server_step
     from models.nets import build_model
     from models.tasks import is_segmentation
     from models.weights import pack, state_arrays, unpack
@@ -61,9 +54,8 @@ def main(grid: Grid, context: Context) -> None:
         log.info("oncofed: strategy %s (asked: %s): %s", config.federation.strategy.value,
                  context.run_config.get(RunKey.STRATEGY), "the network has no normalisation layer, and FedProx's "
                  "term held such a network at chance; set proximal-mu to run FedProx anyway")
-    asked_norm = str(context.run_config.get(RunKey.NORM, "auto"))
-    task_norm = TASK_NORM.get(config.model.task) if config.model.network == Arch.COMPACT_CNN else None
-    if asked_norm == "auto" and task_norm == Norm.BATCH and config.model.norm != Norm.BATCH:
+    asked = replace(config.model, norm=Norm(str(context.run_config.get(RunKey.NORM, "auto")).strip().lower()))
+    if resolve_norm(asked, batch_ok=True) == Norm.BATCH != config.model.norm:  # auto, and this run cannot train it
         log.info("oncofed: norm %s (the task's is batch): this run cannot train BatchNorm (DP-SGD, secure "
                  "aggregation, or a server step other than the plain mean), so it trains InstanceNorm",
                  config.model.norm.value)

@@ -32,7 +32,7 @@ def shape_problem(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.n
     except WeightsError as exc:
         return str(exc)
     for key in reference:
-        if key.endswith("running_var") and float(np.min(arrays[key], initial=0.0)) < 0:
+        if _name(key) == "running_var" and float(np.min(arrays[key], initial=0.0)) < 0:
             return f"{key}: a running variance below 0"
     return None
 
@@ -40,14 +40,14 @@ def shape_problem(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.n
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's buffers, by their last name
 
 
-def _statistic(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in _STATISTICS
+def _name(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
 
 
 def update_norm(reference: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> float:
     """Euclidean norm of the update over the learned arrays (BatchNorm's running statistics left out)."""
     return float(np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - ref.astype(np.float64)) ** 2))
-                             for k, ref in reference.items() if not _statistic(k))))
+                             for k, ref in reference.items() if _name(k) not in _STATISTICS)))
 
 
 def screen_updates(reference: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]], *,
