@@ -97,7 +97,7 @@ session on this site's data is in the ledger; ε is cumulative over all of them.
 EPILOG_EXPLAIN = """examples:
   oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung
   oncofed-site explain --workspace ws/site-a --model runs/fed-1/model.pt --out explain/one --study 1.2.826.0.1.3
-  oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung --method gradcam,occlusion
+  oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung --method hirescam,occlusion
   oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung \\
       --store-to https://pacs.local/dicom-web
 
@@ -893,10 +893,10 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser; tasks and saliency methods in its help come from the presets and ``models.saliency``.
     """
+    from models.methods import EXPLAIN_METHODS as explain_methods
+    from models.methods import REVIEW_METHODS as review_methods
     from models.methods import Method
 
-    explain_methods = (Method.GRADCAM,)
-    review_methods = (Method.GRADCAM, Method.GRADCAMPP)
     parser = argparse.ArgumentParser(
         prog="oncofed-site",
         description="oncofed at a hospital site: ingest DICOM, check the catalog, train, review.",

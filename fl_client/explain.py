@@ -32,6 +32,7 @@ from imaging.saliency_dicom import write_saliency_objects
 from imaging.sitedata import NoSiteData, load_site_data
 from models.device import Placement
 from models.evaluation import Scoring
+from models.methods import EXPLAIN_METHODS
 from models.saliency import Method
 
 __all__ = ["ExplainError", "Plane", "explain", "overlay_planes"]
@@ -150,7 +151,7 @@ def _overlay(path: Path, planes: Sequence[Plane], title: str, window: tuple[floa
 
 
 def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None = "test", study: str | None = None,
-            methods: Sequence[Method] = (Method.GRADCAM,), dicom: bool = False,
+            methods: Sequence[Method] = EXPLAIN_METHODS, dicom: bool = False,
             on_study: Callable[[int, int, str], None] | None = None,
             placement: Placement | None = None) -> dict[str, Any]:
     """Write saliency maps of ``model_path`` for a split's studies (or one study) of the site's task.

@@ -30,7 +30,7 @@ from models.config import from_flat
 from models.device import Placement, autocast
 from models.evaluation import Scoring
 from models.nets import build_model
-from models.saliency import Method, Saliency, layer_grid, saliency, target_layer
+from models.saliency import Method, Saliency, layer_grid, method_layer, saliency
 from models.weights import load_arrays, load_checkpoint, load_scoring
 
 __all__ = ["Explainer", "Explanation", "file_sha256"]
@@ -84,7 +84,7 @@ class Explainer:
         self.resolution = resolution
         self.scoring = scoring or Scoring()
         self.preset: TaskPreset = get_preset(task, resolution)
-        self._layers: dict[tuple[int, ...], tuple[str, tuple[tuple[float, float], ...]]] = {}
+        self._layers: dict[tuple[tuple[int, ...], bool], tuple[str, tuple[tuple[float, float], ...]]] = {}
 
     @classmethod
     def load(cls, path: Path | str, *, placement: Placement | None = None) -> Explainer:
@@ -153,11 +153,12 @@ class Explainer:
         x = _tensor(image).float()
         layer, grid = None, None
         if method != Method.OCCLUSION:
-            shape = tuple(x.shape)
-            if shape not in self._layers:  # once per input shape, not per image
-                name = target_layer(self.net, shape)
-                self._layers[shape] = (name, layer_grid(self.net, name, shape))
-            layer, grid = self._layers[shape]
+            key = (tuple(x.shape), method == Method.HIRESCAM)  # the layers of one input shape: once, not per image
+            if key not in self._layers:
+                name = method_layer(self.net, method, key[0])
+                assert name is not None
+                self._layers[key] = (name, layer_grid(self.net, name, key[0]))
+            layer, grid = self._layers[key]
         with torch.enable_grad():
             result = saliency(self.net, x, method, layer=layer, grid=grid)
         if self.scoring.calibration is not None:  # the probability shown, as :meth:`probabilities` gives it

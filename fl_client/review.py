@@ -54,6 +54,7 @@ from imaging.dataset import cached_dataset
 from imaging.dicom import read_image
 from imaging.presets import get_preset
 from models.device import Placement
+from models.methods import REVIEW_METHODS
 from models.saliency import Method
 from models.weights import WeightsError
 
@@ -242,7 +243,7 @@ class ReviewSession:
     """
 
     def __init__(self, workspace: Path, models: dict[str, Explainer], *,
-                 methods: Sequence[Method] = (Method.GRADCAM, Method.GRADCAMPP),
+                 methods: Sequence[Method] = REVIEW_METHODS,
                  on_progress: Callable[[int, int], None] | None = None) -> None:
         self.workspace = Path(workspace)
         self.models = models

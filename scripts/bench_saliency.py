@@ -52,10 +52,10 @@ from models.saliency import (
     Method,
     energy_inside,
     layer_grid,
+    method_layer,
     pointing_game,
     rank_correlation,
     saliency,
-    target_layer,
 )
 
 EPOCHS = {"lung-ct": 8, "breast-mg": 12, "prostate-mr": 30, "colorectal-ct": 30}
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-output/saliency"))
     parser.add_argument("--tasks", default="lung-ct,breast-mg,prostate-mr,colorectal-ct")
-    parser.add_argument("--methods", default="gradcam,gradcampp,occlusion")
+    parser.add_argument("--methods", default="gradcam,gradcampp,hirescam,occlusion")
     parser.add_argument("--studies", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mask-size", type=int, default=None,
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_site_data(sites, task)
         rows: dict[str, dict[str, list[float]]] = {m.value: {} for m in methods}
         infer: list[float] = []
-        layer: str | None = None
-        grid: tuple[tuple[float, float], ...] | None = None
+        layers: dict[Method, tuple[str, tuple[tuple[float, float], ...]]] = {}
         for split in ("val", "test"):
             dataset = data.dataset(split, train=False)
             for i, (_, item) in enumerate(data.items.get(split, [])):
@@ -121,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     model(image.unsqueeze(0))
                 infer.append(time.perf_counter() - t0)
-                if layer is None:  # once per task: the layer and where its units sit on the input
-                    layer = target_layer(model, tuple(image.shape))
-                    grid = layer_grid(model, layer, tuple(image.shape))
                 for method in methods:
+                    layer, grid = None, None
+                    if method != Method.OCCLUSION:  # once per task: the layer and where its units sit on the input
+                        if method not in layers:
+                            name = method_layer(model, method, tuple(image.shape))
+                            assert name is not None
+                            layers[method] = (name, layer_grid(model, name, tuple(image.shape)))
+                        layer, grid = layers[method]
                     trained = saliency(model, image, method, layer=layer, grid=grid, mask_size=args.mask_size)
                     rand = saliency(random_model, image, method, layer=layer, grid=grid, mask_size=args.mask_size)
                     r = rows[method.value]
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             if not r:
                 continue
             results[task]["methods"][name] = {
+                "layer": layers[Method(name)][0] if Method(name) in layers else None,
                 "pointing_game": float(np.mean(r["hit"])), "energy_inside": float(np.mean(r["energy"])),
                 "detected": int(sum(r["detected"])),
                 "pointing_game_detected": (float(np.mean([h for h, d in zip(r["hit"], r["detected"], strict=True)

@@ -95,7 +95,7 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
     assert trained.returncode == 0, trained.stderr
     out = tmp_path / "explain"
     result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
-                 str(out), "--split", "val", "--method", "gradcam,gradcampp")
+                 str(out), "--split", "val", "--method", "hirescam,gradcam")
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads((out / "explain.json").read_text())
     assert doc["schema"] == "oncofed.explain/1" and doc["task"] == "prostate-mr" and doc["images"]
@@ -106,11 +106,11 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
     for entry in doc["images"]:
         assert 0.0 < entry["probability"] < 1.0 and entry["split"] == "val"
         assert entry["call"] == (entry["probability"] >= operating["threshold"] - 1e-9)
-        for method in ("gradcam", "gradcampp"):
+        for method, layer in (("hirescam", "features.0"), ("gradcam", "features")):
             heat = np.load(out / entry["maps"][method]["map"])
             assert heat.shape == (48, 48, 16) and heat.min() >= 0.0 and heat.max() <= 1.0
             assert (out / entry["maps"][method]["png"]).stat().st_size > 10_000
-            assert entry["maps"][method]["layer"] == "features"
+            assert entry["maps"][method]["layer"] == layer
             dicom = [out / f for f in entry["maps"][method]["dicom"]]  # Parametric Map + key images
             assert dicom[0].name.endswith("-pm.dcm") and len(dicom) == 6 and all(f.is_file() for f in dicom)
     assert f"at or above the operating point {operating['threshold']:.3f}" in " ".join(result.stdout.split())

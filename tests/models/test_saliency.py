@@ -12,13 +12,16 @@ from models.nets import build_model
 from models.saliency import (
     Method,
     SaliencyError,
+    detail_layer,
     energy_inside,
     layer_grid,
+    method_layer,
     pointing_game,
     rank_correlation,
     region_box,
     saliency,
     target_layer,
+    unit_contributions,
 )
 
 
@@ -50,6 +53,34 @@ def test_the_layer_is_the_deepest_useful_map(task: str, arch: str, expected: str
     assert target_layer(model, shape) == expected
 
 
+@pytest.mark.parametrize(("task", "arch", "expected"), [
+    ("breast-mg", "compact-cnn", "features.0"),
+    ("prostate-mr", "compact-cnn", "features.0"),
+    ("lung-ct", "densenet-small", "features.relu0"),
+])
+def test_hirescam_reads_the_finest_grid(task: str, arch: str, expected: str) -> None:
+    model = build_model(from_flat({"task": task, "model": arch}).model)
+    shape = (1, 128, 160) if task == "breast-mg" else (1, 48, 48, 16) if task == "prostate-mr" else (1, 64, 64, 32)
+    assert detail_layer(model, shape) == expected
+    assert method_layer(model, Method.HIRESCAM, shape) == expected
+    assert method_layer(model, Method.GRADCAM, shape) == target_layer(model, shape)
+    assert method_layer(model, Method.OCCLUSION, shape) is None
+    if arch == "compact-cnn":  # at the input's own grid: unit i on voxel i
+        assert layer_grid(model, expected, shape) == tuple((1.0, 0.0) for _ in shape[1:])
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_hirescam_at_the_pooled_layer_sums_to_the_logit_less_the_bias(norm: str) -> None:
+    """Euler: the generalised mean is homogeneous of degree one, so the activations times the gradient, summed over
+    the map the pooling reads, give back what the head added to its bias."""
+    torch.manual_seed(0)
+    model = build_model(from_flat({"task": "prostate-mr", "norm": norm}).model).eval()
+    x = torch.randn(1, 1, 24, 24, 8)
+    units, logit = unit_contributions(model, x, "features")
+    assert units.shape == (6, 6, 2)
+    assert float(units.sum()) + float(model.head.bias.detach()) == pytest.approx(logit, rel=1e-4, abs=1e-5)
+
+
 def test_a_network_without_a_spatial_map_is_named() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
     with pytest.raises(SaliencyError, match="no layer of Sequential"):
@@ -70,11 +101,14 @@ def test_every_method_points_at_what_drives_the_score(spatial: tuple[int, ...], 
     assert result.map.min() >= 0.0 and result.map.max() == pytest.approx(1.0)
     lesion = np.zeros(spatial, bool)
     lesion[window] = True
-    if method == Method.OCCLUSION:  # only occlusion sees that the far blob does not matter
+    if method in (Method.OCCLUSION, Method.HIRESCAM):  # they see that the far blob does not matter
         assert pointing_game(result.map, lesion, margin=2)
         assert energy_inside(result.map, lesion) > 0.5
+        if method == Method.HIRESCAM:  # element by element: the far blob's gradient is 0, so is its map
+            assert result.map[far].max() == 0.0
     else:  # Grad-CAM weighs the layer's activations: both blobs light up, the window among them
         assert result.map[window].mean() > 0.9
+        assert result.map[far].mean() > 0.9
     assert 0.0 < result.probability < 1.0 and result.seconds >= 0
 
 
