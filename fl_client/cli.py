@@ -893,9 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser; tasks and saliency methods in its help come from the presets and ``models.saliency``.
     """
-    from models.methods import EXPLAIN_METHODS as explain_methods
-    from models.methods import REVIEW_METHODS as review_methods
-    from models.methods import Method
+    from models.methods import DEFAULT_METHOD, REVIEW_METHODS, TASK_METHOD, Method
 
     parser = argparse.ArgumentParser(
         prog="oncofed-site",
@@ -976,9 +974,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="studies to explain (default test)")
     p.add_argument("--study", help="one StudyInstanceUID instead of a split")
-    p.add_argument("--method", default=",".join(explain_methods),
-                   help=", ".join(f"{m} (default)" if m in explain_methods else m for m in Method)
-                   + "; comma-separated")
+    own = ", ".join(f"{m} for {t}" for t, m in TASK_METHOD.items())
+    p.add_argument("--method", default="",
+                   help=f"{', '.join(Method)}; comma-separated (default: the task's own, {own}, {DEFAULT_METHOD} for "
+                   "the others)")
     p.add_argument("--no-dicom", action="store_true", help="skip the DICOM objects (PNG and NumPy maps only)")
     _placement_options(p)
     p.add_argument("--store-to", metavar="URL",
@@ -1004,8 +1003,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="loopback address to listen on: 127.0.0.1 (default), localhost or ::1; the page has no login, "
                         "so it is never served to the network (use an SSH tunnel from another machine)")
-    p.add_argument("--method", default=",".join(review_methods),
-                   help=f"saliency methods offered, of {', '.join(Method)} (default {','.join(review_methods)}; "
+    p.add_argument("--method", default=",".join(REVIEW_METHODS),
+                   help=f"saliency methods offered, of {', '.join(Method)}, each task's own first (default "
+                   f"{','.join(REVIEW_METHODS)}; "
                    f"{Method.OCCLUSION} is slow)")
     p.add_argument("--export-csv", type=Path, metavar="FILE", help="write every verdict to FILE as CSV and exit")
     _placement_options(p)

@@ -32,7 +32,7 @@ from imaging.saliency_dicom import write_saliency_objects
 from imaging.sitedata import NoSiteData, load_site_data
 from models.device import Placement
 from models.evaluation import Scoring
-from models.methods import EXPLAIN_METHODS
+from models.methods import default_method
 from models.saliency import Method
 
 __all__ = ["ExplainError", "Plane", "explain", "overlay_planes"]
@@ -151,7 +151,7 @@ def _overlay(path: Path, planes: Sequence[Plane], title: str, window: tuple[floa
 
 
 def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None = "test", study: str | None = None,
-            methods: Sequence[Method] = EXPLAIN_METHODS, dicom: bool = False,
+            methods: Sequence[Method] = (), dicom: bool = False,
             on_study: Callable[[int, int, str], None] | None = None,
             placement: Placement | None = None) -> dict[str, Any]:
     """Write saliency maps of ``model_path`` for a split's studies (or one study) of the site's task.
@@ -162,7 +162,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
         out: Output folder.
         split: ``train``, ``val`` or ``test`` (ignored when ``study`` is given).
         study: One StudyInstanceUID.
-        methods: Saliency methods.
+        methods: Saliency methods (none: the task's own, :func:`models.methods.default_method`).
         dicom: Also write each map as DICOM on the source grid (Parametric Map of a volume, key images).
         on_study: Called as ``on_study(done, total, study uid)`` after each image.
         placement: Where the model runs (default the CPU).
@@ -173,6 +173,7 @@ def explain(workspace: Path, model_path: Path, out: Path, *, split: str | None =
     """
     explainer = Explainer.load(model_path, placement=placement)
     model_sha256, task = explainer.sha256, explainer.task
+    methods = tuple(methods) or (default_method(task),)
     if explainer.segmentation:
         raise ExplainError(f"{model_path} is a {task} lesion segmentation model: 'oncofed-site explain' draws a "
                            "classifier's saliency maps; for this model's lesion masks (DICOM SEG) use "

@@ -84,7 +84,7 @@ class Explainer:
         self.resolution = resolution
         self.scoring = scoring or Scoring()
         self.preset: TaskPreset = get_preset(task, resolution)
-        self._layers: dict[tuple[tuple[int, ...], bool], tuple[str, tuple[tuple[float, float], ...]]] = {}
+        self._layers: dict[tuple[tuple[int, ...], Method], tuple[str, tuple[tuple[float, float], ...]]] = {}
 
     @classmethod
     def load(cls, path: Path | str, *, placement: Placement | None = None) -> Explainer:
@@ -153,7 +153,7 @@ class Explainer:
         x = _tensor(image).float()
         layer, grid = None, None
         if method != Method.OCCLUSION:
-            key = (tuple(x.shape), method == Method.HIRESCAM)  # the layers of one input shape: once, not per image
+            key = (tuple(x.shape), method)  # each method's layer for one input shape: once, not per image
             if key not in self._layers:
                 name = method_layer(self.net, method, key[0])
                 assert name is not None

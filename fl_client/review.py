@@ -54,7 +54,7 @@ from imaging.dataset import cached_dataset
 from imaging.dicom import read_image
 from imaging.presets import get_preset
 from models.device import Placement
-from models.methods import REVIEW_METHODS
+from models.methods import REVIEW_METHODS, methods_for
 from models.saliency import Method
 from models.weights import WeightsError
 
@@ -235,7 +235,7 @@ class ReviewSession:
     Args:
         workspace: The site workspace.
         models: One model per task (:func:`load_models`).
-        methods: Saliency methods offered in the viewer.
+        methods: Saliency methods offered in the viewer, each task's own first where offered.
         on_progress: Called as ``on_progress(done, total)`` while the worklist is scored.
 
     Raises:
@@ -422,9 +422,9 @@ class ReviewSession:
                           "colours": {"predicted": PREDICTED_COLOUR, "reference": REFERENCE_COLOUR}})
             methods: list[str] = []
         else:
-            heat = self.heat(key, self.methods[0].value)
+            methods = [m.value for m in methods_for(case.task, self.methods)]
+            heat = self.heat(key, methods[0])
             peak = int(np.argmax(heat.reshape(heat.shape[0], -1).max(axis=1)))
-            methods = [m.value for m in self.methods]
         model = self.models[case.task]
         return {"key": key, "study_uid": case.study_uid, "task": case.task, "title": get_preset(case.task).title,
                 "split": case.split, "label": case.label, "probability": case.probability, "call": case.call,

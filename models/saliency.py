@@ -3,26 +3,13 @@ sensitivity, for 2D and 3D through one code path.
 
 HiResCAM (Draelos & Carin 2020) multiplies each unit's activation by the logit's gradient there, element by element,
 and sums over channels; Grad-CAM first averages the gradient over the whole map, so a channel that pays for a lesion
-lights up wherever it is active, on the bladder's rim as much as on the lesion. At the layer the pooling reads, the
-HiResCAM map sums to the logit (less the head's bias: the generalised mean is homogeneous of degree one); it is read
-at the network's finest layer (:func:`detail_layer`: the first block of the compact CNN, at the input's own grid), where
-the element-wise product still says which voxels' features carried the score. Measured on the synthetic prostate task
-(BENCHMARKS.md, "Saliency"): Grad-CAM's peak sat on the lesion's upper edge, beside the bladder, in 0-54 % of lesion
-images; HiResCAM at the first block hit 88 %.
-
-The Grad-CAM layer is found for each network, not named per call: the deepest module whose output is
-still a spatial map of at least ``min_size`` voxels along every axis. A map read at a 1×1 (or 2×2)
-layer is a constant and says nothing (MONAI's DenseNet121 at 64²: ``class_layers.relu`` is 2×2), so
-the rule picks ``features`` (the last convolution block) of the compact CNN and the third dense block
-of a DenseNet at the presets' sizes.
-
-Maps are returned at the input's spatial size, scaled to [0, 1] (1: what pushed the score up most).
-
-A layer's map is brought to the input's size by placing each of its units at the centre of its
-receptive field (:func:`layer_grid`), not by stretching the map over the image: for convolutions with
-stride 2 and padding 1, unit ``i`` looks at input voxel ``4i`` two stages down, while plain
-interpolation (``align_corners=False``) puts it at ``4i + 1.5``. That 1.5-voxel shift per axis moved
-Grad-CAM's peak off small lesions (measured: the peak sat 1.4-2.8 voxels beside nodules it had found).
+lights up wherever it is active. At the layer the pooling reads, the HiResCAM map sums to the logit less the head's
+bias (the generalised mean is homogeneous of degree one). It is read at the network's finest layer
+(:func:`detail_layer`: the compact CNN's first block, on the input's own grid), where the map is no such sum but a
+first-order account of which voxels' features carried the score; that layer's features also respond to bright
+structures in a network with random weights, so its map passes the model-randomisation check less well than
+Grad-CAM's. Which task shows which map first: :mod:`models.methods` (HiResCAM for prostate MR, where Grad-CAM's peak
+sat beside the lesion, at the bladder; BENCHMARKS.md, "Saliency").
 """
 
 from __future__ import annotations
@@ -64,7 +51,7 @@ class SaliencyError(ValueError):
 
 def _module_maps(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
     """Every named module whose output is a spatial map, with its size, in the order the modules finish on one
-    forward pass of zeros (no gradients; the model's mode is restored)."""
+    forward pass of zeros (no gradients; the model's mode is restored); modules run more than once are left out."""
     spatial_dims = len(input_shape) - 1
     seen: list[tuple[str, tuple[int, ...]]] = []
     hooks = []
@@ -73,10 +60,12 @@ def _module_maps(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str
             continue
 
         def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor) and out.ndim == spatial_dims + 2:
                 seen.append((name, tuple(out.shape[2:])))
 
         hooks.append(module.register_forward_hook(hook))
+    calls: dict[str, int] = {}
     was_training = model.training
     model.eval()
     try:
@@ -86,7 +75,8 @@ def _module_maps(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return seen
+    # A module run more than once per pass (one ReLU reused) has no one map to read.
+    return [(name, size) for name, size in seen if calls[name] == 1]
 
 
 def target_layer(model: nn.Module, input_shape: Sequence[int], *, min_size: int | None = None) -> str:
@@ -358,17 +348,24 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
 def unit_contributions(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, float]:
     """HiResCAM's raw map: for one image ``x`` ``(1, channels, *spatial)``, the activation of ``layer`` times the
     logit's gradient there, element by element, summed over channels (signed, at the layer's grid), and the logit.
+    The model runs as the caller left it (:func:`saliency` puts it in eval mode first).
 
-    At the layer a homogeneous pooling reads (the compact CNN's ``features``), the map sums to the logit less the
-    head's bias.
+    At the layer a homogeneous pooling reads (the compact CNN's ``features``), the map sums to the logit less what the
+    head adds to it without its input (its bias, times the output scale of the network without normalisation).
+
+    Raises:
+        SaliencyError: ``layer`` ran more than once on the image, or gave no tensor.
     """
-    store: dict[str, torch.Tensor] = {}
+    store: list[object] = []
     module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
     try:
         with torch.enable_grad():
             logit = model(x).reshape(-1)[0]
-            act = store["a"]
+            if len(store) != 1 or not isinstance(store[0], torch.Tensor):
+                raise SaliencyError(f"layer {layer} of {type(model).__name__} ran {len(store)} times or gave no "
+                                    "tensor: choose a layer that runs once")
+            act = store[0]
             (grad,) = torch.autograd.grad(logit, act)
     finally:
         handle.remove()

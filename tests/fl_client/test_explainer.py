@@ -45,7 +45,8 @@ def test_a_model_explains_an_image_on_its_own_dicom_grid(site: tuple[Path, Path]
     assert float(first.on_source.min()) >= 0.0 and float(first.on_source.max()) <= 1.0 + 1e-6
     assert first.result.probability == pytest.approx(probabilities[0], abs=1e-5)
     explainer.explain(images[1], Method.GRADCAMPP)
-    assert len(explainer._layers) == 1  # the target layer is chosen once per input shape
+    explainer.explain(images[1], Method.GRADCAM)
+    assert len(explainer._layers) == 2  # each method's layer is chosen once per input shape, not per image
     occlusion = explainer.explain(images[0], Method.OCCLUSION)
     assert occlusion.on_source is None and np.isfinite(occlusion.result.map).all()
 

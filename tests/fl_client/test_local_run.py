@@ -117,7 +117,9 @@ def test_explain_writes_maps_overlays_and_an_index(workspaces: list[Path], tmp_p
     one = doc["images"][0]["study_uid"]
     result = run("explain", "--workspace", str(workspaces[0]), "--model", str(model_dir / "model.pt"), "--out",
                  str(tmp_path / "one"), "--study", one)
-    assert result.returncode == 0 and len(json.loads((tmp_path / "one" / "explain.json").read_text())["images"]) == 1
+    assert result.returncode == 0
+    one_doc = json.loads((tmp_path / "one" / "explain.json").read_text())
+    assert len(one_doc["images"]) == 1 and one_doc["methods"] == ["hirescam"]  # prostate's own map, asked for none
     cases = [(["--model", str(tmp_path / "nope.pt")], "does not exist"),
              (["--model", str(model_dir / "metrics.json")], "not an oncofed model file"),
              (["--model", str(model_dir / "model.pt"), "--study", "1.2.3"], "no labelled image of study"),

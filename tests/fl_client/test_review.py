@@ -160,7 +160,7 @@ def test_worklist_study_overlay_verdict_in_a_real_browser(site: tuple[Path, Path
         expect(page.locator("#label")).to_have_text("positive (1)")
         overlay_loaded = ("m => { const i = document.getElementById('overlay-img'); "
                           "return i.complete && i.naturalWidth > 0 && i.src.includes('/maps/' + m + '/'); }")
-        page.wait_for_function(overlay_loaded, arg="hirescam")
+        page.wait_for_function(overlay_loaded, arg="gradcam")
         # Scroll slices with the slider and with the mouse wheel.
         page.locator("#slice").fill("3")
         expect(page.locator("#slice-img")).to_have_attribute("src", re.compile(r"/slices/3\.png"))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models.config import from_flat
+from models.methods import DEFAULT_METHOD, REVIEW_METHODS, default_method, methods_for
 from models.nets import build_model
 from models.saliency import (
     Method,
@@ -115,9 +116,51 @@ def test_every_method_points_at_what_drives_the_score(spatial: tuple[int, ...], 
 def test_compact_cnn_maps_in_2d_and_3d_have_the_input_size() -> None:
     for task, shape in (("breast-mg", (1, 128, 160)), ("prostate-mr", (1, 48, 48, 16))):
         model = build_model(from_flat({"task": task}).model)
-        for method in (Method.GRADCAM, Method.GRADCAMPP):
+        for method, layer in ((Method.GRADCAM, "features"), (Method.GRADCAMPP, "features"),
+                              (Method.HIRESCAM, "features.0")):
             result = saliency(model, torch.rand(shape), method)
-            assert result.map.shape == shape[1:] and result.layer == "features"
+            assert result.map.shape == shape[1:] and result.layer == layer
+            assert result.map.max() == pytest.approx(1.0)
+
+
+def test_hirescam_on_a_densenet_reads_its_first_stage_at_half_the_grid() -> None:
+    """DenseNet's first convolution has stride 2: its units sit on every other voxel, and the map is brought back to
+    the input's size."""
+    model = build_model(from_flat({"task": "lung-ct", "model": "densenet-small"}).model)
+    shape = (1, 64, 64, 32)
+    assert layer_grid(model, "features.relu0", shape) == ((2.0, 0.0), (2.0, 0.0), (2.0, 0.0))
+    result = saliency(model, torch.rand(shape), Method.HIRESCAM)
+    assert result.layer == "features.relu0" and result.map.shape == shape[1:]
+
+
+class TwiceNet(nn.Module):
+    """One ReLU run twice, at two grids: no one map of it to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.down = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.down(self.act(self.conv(x)))).mean(dim=(2, 3)))
+
+
+def test_a_module_run_twice_is_not_read() -> None:
+    model = TwiceNet().eval()
+    assert detail_layer(model, (1, 16, 16)) == "conv"  # not the ReLU, whose first run is on the finest grid
+    with pytest.raises(SaliencyError, match="ran 2 times"):
+        unit_contributions(model, torch.rand(1, 1, 16, 16), "act")
+
+
+def test_each_task_shows_its_own_method_first() -> None:
+    assert default_method("prostate-mr") == Method.HIRESCAM
+    assert default_method("lung-ct") == Method.GRADCAM == DEFAULT_METHOD
+    assert methods_for("prostate-mr", REVIEW_METHODS)[0] == Method.HIRESCAM
+    assert set(methods_for("prostate-mr", REVIEW_METHODS)) == set(REVIEW_METHODS)
+    assert methods_for("lung-ct", REVIEW_METHODS) == REVIEW_METHODS
+    assert methods_for("prostate-mr", (Method.GRADCAMPP, Method.GRADCAM)) == (Method.GRADCAMPP, Method.GRADCAM)
 
 
 @pytest.mark.parametrize(("norm", "shape"), [("instance", (1, 64, 64, 32)), ("batch", (1, 64, 64, 32)),
