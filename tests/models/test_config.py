@@ -131,7 +131,7 @@ def test_num_rounds_zero_runs_the_tasks_count_alike_everywhere() -> None:
     from models.tasks import TASK_ROUNDS
 
     assert set(TASK_ROUNDS) == set(TASK_DIMS)
-    assert from_flat({"task": "prostate-mr"}).federation.num_rounds == TASK_ROUNDS["prostate-mr"] == 30  # default
+    assert from_flat({"task": "prostate-mr"}).federation.num_rounds == TASK_ROUNDS["prostate-mr"] == 45  # default
     assert from_flat({"task": "lung-ct", "num-rounds": "0"}).federation.num_rounds == TASK_ROUNDS["lung-ct"]
     assert from_flat({"task": "lung-ct", "num-rounds": "4"}).federation.num_rounds == 4  # a run's own count wins
     # Under DP-SGD lung CT runs 30 rounds by default (it kept its AUROC within 3 % at ε = 8 only with 30); a run's
