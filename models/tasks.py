@@ -23,7 +23,7 @@ SEGMENTATION_TASKS: frozenset[str] = frozenset(f"{task}-seg" for task in _IMAGE_
 # consortium (3 sites × 48 studies per task, the cpu profile). FedAvg takes each site's share of the steps per
 # round, so a slow learner needs its full count of rounds: colorectal CT scored AUROC 0.57 on 144 held-out studies
 # after 10 rounds, 0.72-0.81 after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"). Prostate MR: 0.54 after
-# 10; after 30 it reached 0.95 x pooled on one draw of four, after 45 on three (0.95-0.98 x pooled, 0.10-0.15 above
+# 10; after 30 it reached 0.95 x pooled on one draw of four, after 45 on three (0.95-0.98 x pooled, 0.10-0.20 above
 # the best site alone; "Prostate at 45 rounds"). It ran 30 before 0.3.3. ``num-rounds=0`` (the default) runs a task's count
 # (:func:`task_rounds`: under DP-SGD, :data:`DP_TASK_ROUNDS` where a task has an entry).
 TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
