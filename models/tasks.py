@@ -23,9 +23,10 @@ SEGMENTATION_TASKS: frozenset[str] = frozenset(f"{task}-seg" for task in _IMAGE_
 # consortium (3 sites × 48 studies per task, the cpu profile). FedAvg takes each site's share of the steps per
 # round, so a slow learner needs its full count of rounds: colorectal CT scored AUROC 0.57 on 144 held-out studies
 # after 10 rounds, 0.72-0.81 after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"). Prostate MR: 0.54 after
-# 10; after 30 it reached 0.95 x pooled on one draw of four, after 45 on three (0.95-0.98 x pooled, 0.10-0.20 above
-# the best site alone; "Prostate at 45 rounds"). It ran 30 before 0.3.3. ``num-rounds=0`` (the default) runs a task's count
-# (:func:`task_rounds`: under DP-SGD, :data:`DP_TASK_ROUNDS` where a task has an entry).
+# 10; after 30 it reached 0.62-1.07 x pooled on three draws, after 45 0.95-0.98 x pooled on three draws of four,
+# 0.10-0.20 above the best site alone (through Flower 0.96, and 1.02 non-IID; "Prostate at 45 rounds"). It ran 30
+# before 0.3.3. ``num-rounds=0`` (the default) runs a task's count (:func:`task_rounds`: under DP-SGD,
+# :data:`DP_TASK_ROUNDS` where a task has an entry).
 TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
     {"lung-ct": 10, "breast-mg": 10, "colorectal-ct": 30, "prostate-mr": 45,
      **{f"{task}-seg": 10 for task in _IMAGE_TASKS}}
