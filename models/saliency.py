@@ -318,9 +318,18 @@ def saliency(model: nn.Module, image: torch.Tensor, method: Method | str = Metho
         t0 = time.perf_counter()
         cam_cls = GradCAM if method == Method.GRADCAM else GradCAMpp
         # MONAI's default post-processing maps (min, max) to (1, 0): it flips the map. Keep it raw and scale here.
-        cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=lambda m: m,
-                      upsampler=aligned_upsampler(grid))
-        out = cam(x=x, class_idx=0)
+        # MONAI's CAM registers its hooks on the layer and keeps no handle: take them off again, or every map a
+        # long-running review page draws leaves two more hooks on the model.
+        module = dict(model.named_modules())[layer]
+        before = set(module._forward_hooks), set(module._backward_hooks)
+        try:
+            cam = cam_cls(nn_module=model, target_layers=layer, postprocessing=lambda m: m,
+                          upsampler=aligned_upsampler(grid))
+            out = cam(x=x, class_idx=0)
+        finally:
+            for hooks, kept in ((module._forward_hooks, before[0]), (module._backward_hooks, before[1])):
+                for key in set(hooks) - kept:
+                    del hooks[key]
         result = out[0, 0].detach().cpu().numpy()
         score = cam.nn_module.score  # the logit the map explains, from the same forward pass
         logit = float(score.detach().reshape(-1)[0]) if score is not None else float(model(x).reshape(-1)[0])

@@ -161,8 +161,9 @@ def test_explain_writes_dicom_next_to_the_maps(site: tuple[Path, Path], tmp_path
     doc = explain(ws, checkpoint, tmp_path / "out", split=None, study=lesion_items(site, "prostate-mr")[0][0].study_uid,
                   dicom=True)
     (entry,) = doc["images"]
-    files = [tmp_path / "out" / p for p in entry["maps"]["gradcam"]["dicom"]]
+    assert doc["methods"] == ["hirescam"]  # prostate's own map, asked for none
+    files = [tmp_path / "out" / p for p in entry["maps"]["hirescam"]["dicom"]]
     assert files[0].name.endswith("-pm.dcm") and len(files) == 6
     pm = pydicom.dcmread(files[0])
-    assert pm.SeriesInstanceUID == entry["maps"]["gradcam"]["dicom_series"][0]
+    assert pm.SeriesInstanceUID == entry["maps"]["hirescam"]["dicom_series"][0]
     assert int(pm.NumberOfFrames) == len(lesion_items(site, "prostate-mr")[0][0].slices)

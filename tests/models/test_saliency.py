@@ -123,6 +123,17 @@ def test_compact_cnn_maps_in_2d_and_3d_have_the_input_size() -> None:
             assert result.map.max() == pytest.approx(1.0)
 
 
+def test_maps_leave_no_hooks_on_the_model() -> None:
+    """A review page draws many maps with one model: each must leave it as it found it."""
+    model = build_model(from_flat({"task": "breast-mg"}).model)
+    image = torch.rand(1, 128, 160)
+    first = saliency(model, image, Method.GRADCAM)
+    for method in (Method.GRADCAM, Method.GRADCAMPP, Method.HIRESCAM, Method.GRADCAM):
+        saliency(model, image, method)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    np.testing.assert_allclose(saliency(model, image, Method.GRADCAM).map, first.map, atol=1e-6)
+
+
 def test_hirescam_on_a_densenet_reads_its_first_stage_at_half_the_grid() -> None:
     """DenseNet's first convolution has stride 2: its units sit on every other voxel, and the map is brought back to
     the input's size."""
