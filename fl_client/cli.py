@@ -97,7 +97,7 @@ session on this site's data is in the ledger; ε is cumulative over all of them.
 EPILOG_EXPLAIN = """examples:
   oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung
   oncofed-site explain --workspace ws/site-a --model runs/fed-1/model.pt --out explain/one --study 1.2.826.0.1.3
-  oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung --method hirescam,occlusion
+  oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung --method gradcam,occlusion
   oncofed-site explain --workspace ws/site-a --model runs/lung/model.pt --out explain/lung \\
       --store-to https://pacs.local/dicom-web
 
@@ -193,7 +193,7 @@ def _saliency_methods(option: str) -> list[Method]:
     from models.methods import Method
 
     try:
-        return [Method(m.strip()) for m in option.split(",") if m.strip()]
+        return list(dict.fromkeys(Method(m.strip()) for m in option.split(",") if m.strip()))
     except ValueError:
         raise UserError(f"--method {option}: expected {_listing(list(Method), last='and/or')}") from None
 
@@ -849,6 +849,7 @@ def cmd_review(args: argparse.Namespace, console: Console) -> int:
         UserError: No model, a non-loopback address, a bad ``--method`` or an unusable model.
     """
     from fl_client.review import ReviewError, ReviewSession, VerdictStore, check_address, load_models, serve
+    from models.methods import REVIEW_METHODS
 
     if not args.workspace.is_dir():
         raise UserError(f"workspace {args.workspace} does not exist; run oncofed-site ingest first")
@@ -867,7 +868,7 @@ def cmd_review(args: argparse.Namespace, console: Console) -> int:
         check_address(args.host, args.port)
     except ReviewError as exc:
         raise UserError(str(exc)) from None
-    methods = _saliency_methods(args.method)
+    methods = _saliency_methods(args.method) or list(REVIEW_METHODS)
     try:
         models = load_models(args.model, placement=_placement(args))
         with _progress(console) as bar:
@@ -1004,8 +1005,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loopback address to listen on: 127.0.0.1 (default), localhost or ::1; the page has no login, "
                         "so it is never served to the network (use an SSH tunnel from another machine)")
     p.add_argument("--method", default=",".join(REVIEW_METHODS),
-                   help=f"saliency methods offered, of {', '.join(Method)}, each task's own first (default "
-                   f"{','.join(REVIEW_METHODS)}; "
+                   help=f"saliency methods offered, of {', '.join(Method)}, each task's own first where offered "
+                   f"(default {','.join(REVIEW_METHODS)}; "
                    f"{Method.OCCLUSION} is slow)")
     p.add_argument("--export-csv", type=Path, metavar="FILE", help="write every verdict to FILE as CSV and exit")
     _placement_options(p)

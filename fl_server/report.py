@@ -63,11 +63,9 @@ def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
     else:
         started = None
     rows = [[label, str(config[key])] for key, label in _SETTINGS if key in config]
-    # Runs stored before the count was written out resolved (0.3.1 and earlier: they ran the TASK_ROUNDS of their
-    # day, DP or not, when prostate MR ran 30).
-    before = {**TASK_ROUNDS, "prostate-mr": 30}
-    if str(config.get("num-rounds", "")) == "0" and str(config.get("task", "")) in before:
-        rows = [[label, f"{before[str(config['task'])]} (the task's count)" if label == "rounds" else value]
+    # Runs stored before the count was written out resolved (they ran TASK_ROUNDS, DP or not).
+    if str(config.get("num-rounds", "")) == "0" and str(config.get("task", "")) in TASK_ROUNDS:
+        rows = [[label, f"{TASK_ROUNDS[str(config['task'])]} (the task's count)" if label == "rounds" else value]
                 for label, value in rows]
     if str(config.get("server-learning-rate", "")) in ("0", "0.0"):
         rows = [[label, "the strategy's default" if label == "server learning rate" else value]

@@ -47,6 +47,8 @@ def test_a_model_explains_an_image_on_its_own_dicom_grid(site: tuple[Path, Path]
     explainer.explain(images[1], Method.GRADCAMPP)
     explainer.explain(images[1], Method.GRADCAM)
     assert len(explainer._layers) == 2  # each method's layer is chosen once per input shape, not per image
+    assert explainer.explain(images[1], Method.HIRESCAM).result.layer == "features.0"
+    assert sorted(name for name, _ in explainer._layers.values()) == ["features", "features", "features.0"]
     occlusion = explainer.explain(images[0], Method.OCCLUSION)
     assert occlusion.on_source is None and np.isfinite(occlusion.result.map).all()
 
