@@ -22,23 +22,25 @@ SEGMENTATION_TASKS: frozenset[str] = frozenset(f"{task}-seg" for task in _IMAGE_
 # Rounds of one local epoch a task needs: as many as the epochs its pooled model needs to learn on the synthetic
 # consortium (3 sites × 48 studies per task, the cpu profile). FedAvg takes each site's share of the steps per
 # round, so a slow learner needs its full count of rounds: colorectal CT scored AUROC 0.57 on 144 held-out studies
-# after 10 rounds, 0.72-0.81 after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"). Prostate MR: 0.54 after
+# after 10 rounds, 0.72-0.81 after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"); with BatchNorm 0.91-0.97 x
+# pooled after 30 rounds on three draws (one site alone better on a fourth), 0.95-1.14 x pooled and above every site
+# after 45 on those draws, 0.94 x through Flower ("Colorectal at 45 rounds"). Prostate MR: 0.54 after
 # 10; after 30 it reached 0.62-1.07 x pooled on three draws, after 45 0.95-0.98 x pooled on three draws of four,
-# 0.10-0.20 above the best site alone (through Flower 0.96, and 1.02 non-IID; "Prostate at 45 rounds"). It ran 30
+# 0.10-0.20 above the best site alone (through Flower 0.96, and 1.02 non-IID; "Prostate at 45 rounds"). Both ran 30
 # before 0.3.3. ``num-rounds=0`` (the default) runs a task's count (:func:`task_rounds`: under DP-SGD,
 # :data:`DP_TASK_ROUNDS` where a task has an entry).
 TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
-    {"lung-ct": 10, "breast-mg": 10, "colorectal-ct": 30, "prostate-mr": 45,
+    {"lung-ct": 10, "breast-mg": 10, "colorectal-ct": 45, "prostate-mr": 45,
      **{f"{task}-seg": 10 for task in _IMAGE_TASKS}}
 )
 
 # Under DP-SGD a task may need more rounds than without: each step is clipped and noised, and more steps at a
 # higher noise (the accountant spreads the same ε over them) cost less than they add. Lung CT at 3 sites × 96
 # studies, ε = 8: held-out AUROC 0.936 after 10 rounds, 0.952 after 20, 0.962 after 30 (0.990 without DP; issue
-# goal: at most 3 % below it). Breast kept its AUROC within 1.7 % at 10 rounds. Prostate MR keeps the 30 rounds it
-# was measured at under DP-SGD (BENCHMARKS.md, "DP-SGD at hospital sizes"): 45 spread the same ε over half as many
-# steps again, which was not measured.
-DP_TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType({"lung-ct": 30, "prostate-mr": 30})
+# goal: at most 3 % below it). Breast kept its AUROC within 1.7 % at 10 rounds. Prostate MR and colorectal CT keep
+# the 30 rounds they were measured at under DP-SGD (BENCHMARKS.md, "DP-SGD at hospital sizes"): 45 spread the same ε
+# over half as many steps again, which was not measured.
+DP_TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType({"lung-ct": 30, "prostate-mr": 30, "colorectal-ct": 30})
 
 
 def task_rounds(task: str, *, dp: bool) -> int:
