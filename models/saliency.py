@@ -10,6 +10,20 @@ first-order account of which voxels' features carried the score; that layer's fe
 structures in a network with random weights, so its map passes the model-randomisation check less well than
 Grad-CAM's. Which task shows which map first: :mod:`models.methods` (HiResCAM for prostate MR, where Grad-CAM's peak
 sat beside the lesion, at the bladder; BENCHMARKS.md, "Saliency").
+
+The Grad-CAM layer is found for each network, not named per call: the deepest module whose output is
+still a spatial map of at least ``min_size`` voxels along every axis. A map read at a 1×1 (or 2×2)
+layer is a constant and says nothing (MONAI's DenseNet121 at 64²: ``class_layers.relu`` is 2×2), so
+the rule picks ``features`` (the last convolution block) of the compact CNN and the third dense block
+of a DenseNet at the presets' sizes.
+
+Maps are returned at the input's spatial size, scaled to [0, 1] (1: what pushed the score up most).
+
+A layer's map is brought to the input's size by placing each of its units at the centre of its
+receptive field (:func:`layer_grid`), not by stretching the map over the image: for convolutions with
+stride 2 and padding 1, unit ``i`` looks at input voxel ``4i`` two stages down, while plain
+interpolation (``align_corners=False``) puts it at ``4i + 1.5``. That 1.5-voxel shift per axis moved
+Grad-CAM's peak off small lesions (measured: the peak sat 1.4-2.8 voxels beside nodules it had found).
 """
 
 from __future__ import annotations
