@@ -23,8 +23,8 @@ SEGMENTATION_TASKS: frozenset[str] = frozenset(f"{task}-seg" for task in _IMAGE_
 # consortium (3 sites × 48 studies per task, the cpu profile). FedAvg takes each site's share of the steps per
 # round, so a slow learner needs its full count of rounds: colorectal CT scored AUROC 0.57 on 144 held-out studies
 # after 10 rounds, 0.72-0.81 after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"); with BatchNorm 0.91-0.97 x
-# pooled after 30 rounds on three draws (one site alone better on a fourth), 0.95-1.14 x pooled and above every site
-# after 45 on those draws, 0.94 x through Flower ("Colorectal at 45 rounds"). Prostate MR: 0.54 after
+# pooled after 30 rounds on four runs, one site alone better on a fifth; after 45 0.93-1.14 x pooled and above every
+# site alone on all five (through Flower 0.94 x; "Colorectal at 45 rounds"). Prostate MR: 0.54 after
 # 10; after 30 it reached 0.62-1.07 x pooled on three draws, after 45 0.95-0.98 x pooled on three draws of four,
 # 0.10-0.20 above the best site alone (through Flower 0.96, and 1.02 non-IID; "Prostate at 45 rounds"). Both ran 30
 # before 0.3.3. ``num-rounds=0`` (the default) runs a task's count (:func:`task_rounds`: under DP-SGD,
