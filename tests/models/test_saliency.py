@@ -43,31 +43,22 @@ class BlobNet(nn.Module):
         return (self.features(x)[:, 0] * self.mask).flatten(1).sum(1, keepdim=True) / 10.0
 
 
-@pytest.mark.parametrize(("task", "arch", "expected"), [
-    ("breast-mg", "compact-cnn", "features"),
-    ("lung-ct", "compact-cnn", "features"),
-    ("lung-ct", "densenet-small", "features.transition2.conv"),
+@pytest.mark.parametrize(("task", "arch", "shape", "deepest", "finest"), [
+    ("breast-mg", "compact-cnn", (1, 128, 160), "features", "features.0"),
+    ("lung-ct", "compact-cnn", (1, 64, 64, 32), "features", "features.0"),
+    ("prostate-mr", "compact-cnn", (1, 48, 48, 16), "features", "features.0"),
+    ("lung-ct", "densenet-small", (1, 64, 64, 32), "features.transition2.conv", "features.relu0"),
 ])
-def test_the_layer_is_the_deepest_useful_map(task: str, arch: str, expected: str) -> None:
+def test_grad_cam_reads_the_deepest_useful_map_and_hirescam_the_finest_grid(
+        task: str, arch: str, shape: tuple[int, ...], deepest: str, finest: str) -> None:
     model = build_model(from_flat({"task": task, "model": arch}).model)
-    shape = (1, 128, 160) if task == "breast-mg" else (1, 64, 64, 32)
-    assert target_layer(model, shape) == expected
-
-
-@pytest.mark.parametrize(("task", "arch", "expected"), [
-    ("breast-mg", "compact-cnn", "features.0"),
-    ("prostate-mr", "compact-cnn", "features.0"),
-    ("lung-ct", "densenet-small", "features.relu0"),
-])
-def test_hirescam_reads_the_finest_grid(task: str, arch: str, expected: str) -> None:
-    model = build_model(from_flat({"task": task, "model": arch}).model)
-    shape = (1, 128, 160) if task == "breast-mg" else (1, 48, 48, 16) if task == "prostate-mr" else (1, 64, 64, 32)
-    assert detail_layer(model, shape) == expected
-    assert method_layer(model, Method.HIRESCAM, shape) == expected
-    assert method_layer(model, Method.GRADCAM, shape) == target_layer(model, shape)
+    assert target_layer(model, shape) == deepest
+    assert detail_layer(model, shape) == finest
+    assert method_layer(model, Method.GRADCAM, shape) == method_layer(model, Method.GRADCAMPP, shape) == deepest
+    assert method_layer(model, Method.HIRESCAM, shape) == finest
     assert method_layer(model, Method.OCCLUSION, shape) is None
     if arch == "compact-cnn":  # at the input's own grid: unit i on voxel i
-        assert layer_grid(model, expected, shape) == tuple((1.0, 0.0) for _ in shape[1:])
+        assert layer_grid(model, finest, shape) == tuple((1.0, 0.0) for _ in shape[1:])
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])
