@@ -38,6 +38,7 @@ _ONCOFED_TRANSFORMS = {"load_2d": "imaging.transforms.LoadDicomImaged",
                        "lung_field": "imaging.transforms.LungFieldd",
                        "find_pectoral": "imaging.transforms.FindPectorald",
                        "remove_pectoral": "imaging.transforms.RemovePectorald",
+                       "calcifications": "imaging.transforms.EnhanceCalcificationsd",
                        "calibrate": "imaging.transforms.CalibrateHUd",
                        "suppress": "imaging.transforms.SuppressBrightd",
                        "robust": "imaging.transforms.RobustScaled"}
@@ -97,6 +98,9 @@ def _preprocessing(preset: TaskPreset) -> list[dict[str, Any]]:
                       "upper": preset.percentiles[1], "mode": mode})
     if preset.remove_pectoral:
         steps.append({"_target_": _ONCOFED_TRANSFORMS["remove_pectoral"], "keys": keys})
+    if preset.calcification_gain:
+        steps.append({"_target_": _ONCOFED_TRANSFORMS["calcifications"], "keys": keys,
+                      "gain": preset.calcification_gain, "size": preset.calcification_size})
     steps.append({"_target_": "monai.transforms.ResizeWithPadOrCropd", "keys": keys,
                   "spatial_size": list(preset.spatial_size), "mode": "constant"})
     steps.append({"_target_": "monai.transforms.EnsureTyped", "keys": keys, "dtype": "$torch.float32",
@@ -176,6 +180,8 @@ def preprocessing_summary(task: str, resolution: str = "cpu") -> dict[str, Any]:
         "intensity": str(preset.intensity), "window_hu": list(preset.window) if preset.window else None,
         "percentiles": list(preset.percentiles) if preset.intensity is not Intensity.CT_WINDOW else None,
         "lung_field": preset.lung_field, "remove_pectoral": preset.remove_pectoral,
+        "calcification_enhancement": {"gain": preset.calcification_gain, "disk_mm": preset.calcification_mm}
+        if preset.calcification_gain else None,
         "fat_reference_hu": preset.fat_reference_hu, "suppress_above_hu": preset.suppress_above_hu,
         "oncofed_transforms": oncofed,
     }

@@ -36,8 +36,9 @@ __all__ = [
 # Bumped whenever a cached step's code changes what it writes (2: the lung field keeps juxtapleural nodules and
 # lungs behind a thin chest wall; 3: the pectoral muscle step after intensity scaling; 4: CT fat calibration and
 # the bright-structure threshold read through a median; 5: the fat peak the most prominent in the drift window,
-# thin bone suppressed whatever the median): a site's old cache is then never served.
-PREPROCESSING_VERSION = 5
+# thin bone suppressed whatever the median; 6: calcifications enhanced in mammograms): a site's old cache is then
+# never served.
+PREPROCESSING_VERSION = 6
 
 
 def preprocessing_key(preset: TaskPreset) -> str:

@@ -164,7 +164,8 @@ def test_mammography_export_scores_each_view_as_oncofed_does(tmp_path: Path) -> 
                                                            "imaging.transforms.FlipToLateralityd",
                                                            "imaging.transforms.FindPectorald",
                                                            "imaging.transforms.RobustScaled",
-                                                           "imaging.transforms.RemovePectorald"]
+                                                           "imaging.transforms.RemovePectorald",
+                                                           "imaging.transforms.EnhanceCalcificationsd"]
     assert "most suspicious view" in (out / "docs" / "README.md").read_text()
 
     with Catalog.open(ws / "site-a", create=False) as catalog:

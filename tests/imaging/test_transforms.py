@@ -269,3 +269,30 @@ def test_lesion_masks_land_on_the_lesion_in_the_network_grid(tmp_path: Path) -> 
                 assert image[mask].mean() > image[~mask].mean() + 0.1, (task, item.plan.key)
                 checked += 1
     assert checked >= 2
+
+
+def test_calcification_enhancement_lifts_specks_out_of_dense_tissue_and_leaves_masses() -> None:
+    from imaging.transforms import EnhanceCalcificationsd
+
+    r, c = np.mgrid[:64, :64].astype(np.float32)
+    tissue = 0.6 + 0.3 * np.exp(-((r - 32) ** 2 + (c - 32) ** 2) / (2 * 15.0 ** 2))  # smooth, dense in the middle
+    img = tissue.copy()
+    d = np.sqrt((r - 14) ** 2 + (c - 46) ** 2)
+    mass = d <= 8
+    img = np.maximum(img, 0.97 / (1 + np.exp(d - 6)))  # a mass, 12 pixels across, its edge soft as a mass's is
+    for y, x in ((30, 30), (30, 31), (36, 24)):  # two specks of calcium in the densest tissue
+        img[y, x] = 1.0
+    out = EnhanceCalcificationsd(["image"], gain=2.0, size=4)({"image": torch.as_tensor(img)[None]})["image"][0]
+    lift = (out - torch.as_tensor(img)).numpy()
+    assert lift[30, 30] > 0.15 and lift[36, 24] > 0.15  # each speck keeps its height above the tissue, twice
+    assert np.unravel_index(int(out.argmax()), out.shape) in ((30, 30), (30, 31), (36, 24))
+    assert lift[mass].max() < 0.5 * min(lift[30, 30], lift[36, 24])  # wider than the disk: a mass far less
+    near_speck = np.minimum(np.hypot(r - 30, c - 30.5), np.hypot(r - 36, c - 24)) <= 3
+    assert np.abs(lift[~near_speck & (d > 10)]).max() < 0.01  # smooth tissue stays as it is
+    with pytest.raises(ValueError, match="2D images"):
+        EnhanceCalcificationsd(["image"], gain=2.0, size=4)({"image": torch.zeros(1, 8, 8, 8)})
+    assert get_preset("breast-mg").calcification_size == 4
+    assert get_preset("breast-mg", "diagnostic").calcification_size == 16
+    steps = {type(s).__name__ for s in deterministic_transforms(get_preset("breast-mg"))}
+    assert "EnhanceCalcificationsd" in steps
+    assert "EnhanceCalcificationsd" not in {type(s).__name__ for s in deterministic_transforms(get_preset("lung-ct"))}
