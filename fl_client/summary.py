@@ -17,7 +17,7 @@ import numpy as np
 
 from imaging.catalog import Catalog
 from imaging.dataset import cached_dataset
-from imaging.presets import PRESETS
+from imaging.presets import PRESETS, Intensity
 from models.protocol import (
     INTENSITY_BINS,
     SUPPRESSED,
@@ -35,8 +35,9 @@ INTENSITY_SAMPLE = 24  # training images read for the intensity histogram (from 
 
 
 def _intensity_edges(intensity: str) -> np.ndarray:
-    """Fixed bin edges of a preset's normalised values: [0, 1] for windowed CT and scaled MG, ±4 for z-scored MR."""
-    low, high = (-4.0, 4.0) if intensity == "mr_zscore" else (0.0, 1.0)
+    """Fixed bin edges of a preset's normalised values: [0, 1] for windowed CT and scaled MG (a mammogram's enhanced
+    calcifications, above 1, count in the top bin with the brightest tissue), ±4 for z-scored MR."""
+    low, high = (-4.0, 4.0) if intensity == str(Intensity.MR_ZSCORE) else (0.0, 1.0)
     return np.linspace(low, high, INTENSITY_BINS + 1)
 
 

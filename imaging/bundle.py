@@ -4,7 +4,7 @@ The config reproduces :func:`imaging.transforms.deterministic_transforms` with M
 the step (``LoadImaged`` with ``PydicomReader`` on a series folder, ``EnsureChannelFirstd``, ``Orientationd``,
 ``Spacingd``, ``ScaleIntensityRanged``, ``ResizeWithPadOrCropd``, ``EnsureTyped``) and references oncofed's own
 transforms by ``_target_`` where it has not (``LungFieldd``, ``FindPectorald``/``RemovePectorald``, ``CalibrateHUd``,
-``SuppressBrightd``, ``RobustScaled``): a hospital
+``SuppressBrightd``, ``RobustScaled``, ``EnhanceCalcificationsd``): a hospital
 running such a bundle needs oncofed installed.
 
 MONAI's ``PydicomReader`` returns a series as ``(cols, rows, slices)`` with a RAS affine, the same array and

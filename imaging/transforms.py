@@ -428,11 +428,11 @@ class EnhanceCalcificationsd(MapTransform):
 
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
+            img = torch.as_tensor(d[key])
             if img.ndim != 3:
                 raise ValueError(f"{key}: calcification enhancement works on 2D images (channel, rows, cols); "
                                  f"got {tuple(img.shape)}")
-            planes = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img)
+            planes = np.asarray(img.detach().cpu().numpy())
             hat = np.stack([ndimage.white_tophat(p, footprint=self.footprint) for p in planes])
             d[key] = img + self.gain * torch.as_tensor(hat, dtype=img.dtype, device=img.device)
         return d

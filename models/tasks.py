@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-__all__ = ["DP_TASK_ROUNDS", "SEGMENTATION_TASKS", "TASK_DIMS", "TASK_ROUNDS", "is_segmentation", "task_rounds"]
+__all__ = ["DP_TASK_ROUNDS", "PREPROCESSING_CHANGES", "PREPROCESSING_VERSION", "SEGMENTATION_TASKS", "TASK_DIMS",
+           "TASK_ROUNDS", "UNVERSIONED_PREPROCESSING", "is_segmentation", "preprocessing_changed", "task_rounds"]
 
 _IMAGE_TASKS = {"lung-ct": 3, "breast-mg": 2, "colorectal-ct": 3, "prostate-mr": 3}
 
@@ -25,8 +26,8 @@ SEGMENTATION_TASKS: frozenset[str] = frozenset(f"{task}-seg" for task in _IMAGE_
 # after 10 rounds, 0.72-0.81 after 20, 0.90 after 30 (BENCHMARKS.md, "The recipe search"); with BatchNorm 0.91-0.97 x
 # pooled after 30 rounds on four runs, one site alone better on a fifth; after 45 0.93-1.14 x pooled and above every
 # site alone on all five (through Flower 0.94 x; "Colorectal at 45 rounds"). Prostate MR: 0.54 after
-# 10; after 30 it reached 0.62-1.07 x pooled on three draws, after 45 0.95-0.98 x pooled on three draws of four,
-# 0.10-0.20 above the best site alone (through Flower 0.96, and 1.02 non-IID; "Prostate at 45 rounds"). Both ran 30
+# 10; after 30 it reached 0.62-1.07 x pooled on three draws, after 45 0.92-1.08 x pooled on five draws of six,
+# 0.10-0.30 above the best site alone (through Flower 0.96, and 1.02 non-IID; "Prostate at 45 rounds"). Both ran 30
 # before 0.3.3. ``num-rounds=0`` (the default) runs a task's count (:func:`task_rounds`: under DP-SGD,
 # :data:`DP_TASK_ROUNDS` where a task has an entry).
 TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
@@ -43,6 +44,26 @@ TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
 # measured at under DP-SGD (BENCHMARKS.md, "DP-SGD at hospital sizes"; prostate at 45: 0.504 against 0.563).
 DP_TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
     {"lung-ct": 30, "breast-mg": 30, "prostate-mr": 30, "colorectal-ct": 30})
+
+
+PREPROCESSING_VERSION = 6
+"""``imaging.dataset.PREPROCESSING_VERSION``, mirrored (a test checks they agree): every model file records the version
+its images were prepared by (:func:`models.weights.save_checkpoint`)."""
+
+PREPROCESSING_CHANGES: MappingProxyType[int, frozenset[str]] = MappingProxyType(
+    {6: frozenset({"breast-mg", "breast-mg-seg"})}  # calcifications enhanced in mammograms
+)
+"""The tasks whose network input each preprocessing version changed. A model of such a task trained before the
+version is refused when it is loaded (:func:`models.weights.load_checkpoint`): it would be given images prepared
+otherwise than the ones it learned from. Versions before 6 are not listed: no model file recorded its version then."""
+
+UNVERSIONED_PREPROCESSING = 5
+"""The version a model file without one was trained on (files written before 0.3.4): 5 or earlier."""
+
+
+def preprocessing_changed(task: str, since: int) -> bool:
+    """Whether a later preprocessing version than ``since`` changed ``task``'s network input."""
+    return any(task in tasks for version, tasks in PREPROCESSING_CHANGES.items() if version > since)
 
 
 def task_rounds(task: str, *, dp: bool) -> int:

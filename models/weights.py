@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from models.evaluation import Scoring
+from models.tasks import PREPROCESSING_VERSION, UNVERSIONED_PREPROCESSING, preprocessing_changed
 
 __all__ = [
     "WeightsError",
@@ -125,17 +126,19 @@ def unpack(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> OrderedDict
 
 def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], *,
                     round_number: int, scoring: Scoring | None = None) -> None:
-    """Write a ``model.pt`` that :func:`load_checkpoint` reads: ``{"arrays", "run_config", "round"}`` (round 0 for
-    a local run), and with ``scoring`` how its scores are read (calibration and operating point, chosen on
-    validation at the end of the run; :func:`load_scoring`). Written atomically (a temporary file, fsync, rename):
-    a process killed mid-write leaves the previous file whole."""
+    """Write a ``model.pt`` that :func:`load_checkpoint` reads: ``{"arrays", "run_config", "round",
+    "preprocessing_version"}`` (round 0 for a local run; :data:`models.tasks.PREPROCESSING_VERSION`), and with
+    ``scoring`` how its scores are read (calibration and operating point, chosen on validation at the end of the run;
+    :func:`load_scoring`). Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
+    previous file whole."""
     import io
     import os
 
     path = Path(path)
     buffer = io.BytesIO()
     doc: dict[str, Any] = {"arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-                           "run_config": {str(k): v for k, v in run_config.items()}, "round": int(round_number)}
+                           "run_config": {str(k): v for k, v in run_config.items()}, "round": int(round_number),
+                           "preprocessing_version": PREPROCESSING_VERSION}
     if scoring is not None:
         doc["scoring"] = scoring.to_dict()
     torch.save(doc, buffer)
@@ -154,7 +157,8 @@ def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dic
         The named arrays, the flat run configuration, the round (0 for a local run).
 
     Raises:
-        WeightsError: The file is missing or not an oncofed model file.
+        WeightsError: The file is missing or not an oncofed model file, or its task's preprocessing changed since it
+            was trained (:func:`models.tasks.preprocessing_changed`).
     """
     path = Path(path)
     doc = _load_doc(path)
@@ -168,6 +172,17 @@ def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dic
                            "the file was not written by oncofed, or was edited; use the model.pt a run wrote")
     if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 0:
         raise WeightsError(f"{path}: its round is {round_number!r}, not a round number: use the model.pt a run wrote")
+    version = doc.get("preprocessing_version", UNVERSIONED_PREPROCESSING)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise WeightsError(f"{path}: its preprocessing version is {version!r}, not a number: use the model.pt a run "
+                           "wrote")
+    task = str(run_config.get("task", ""))
+    if preprocessing_changed(task, version):
+        raise WeightsError(
+            f"{path}: this {task} model learned from images prepared by preprocessing version {version}, and this "
+            f"oncofed prepares {task} images by version {PREPROCESSING_VERSION} (since 0.3.4 mammograms have their "
+            "calcifications enhanced), so its scores and maps would not mean what they did: retrain the model with "
+            "this version, or run it with the oncofed version that trained it")
     for key, array in arrays.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise WeightsError(f"{path}: array {key!r} holds NaN or infinite values (a training that diverged): "

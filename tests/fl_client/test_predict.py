@@ -27,6 +27,7 @@ from imaging.catalog import Catalog
 from imaging.seg_dicom import predicted_mask
 from models.config import from_flat
 from models.nets import build_model
+from models.tasks import PREPROCESSING_VERSION
 from models.weights import state_arrays
 
 BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -46,7 +47,7 @@ def save_model(path: Path, task: str, *, logit: float | None = None, seed: int =
             assert convs[-1].bias is not None
             convs[-1].bias.fill_(logit)
     torch.save({"arrays": {k: torch.from_numpy(v) for k, v in state_arrays(net).items()}, "run_config": flat,
-                "round": 0}, path)
+                "round": 0, "preprocessing_version": PREPROCESSING_VERSION}, path)
     return path
 
 

@@ -115,3 +115,13 @@ def test_the_lead_reads_warnings_in_plain_words(tmp_path: Path) -> None:
     assert warnings_of(doc, {"task": "lung-ct"}) == [w for w in doc["warnings"] if "DP-SGD" not in w]
     page = write_summary(tmp_path, doc)
     assert "no positive study" in page.read_text() and (tmp_path / "summary" / "lung-ct.png").is_file()
+
+
+def test_intensity_bins_span_each_normalisation() -> None:
+    """MR is z-scored (±4), CT windowed and MG scaled to [0, 1]: the summary's fixed bins follow the preset's kind."""
+    from fl_client.summary import _intensity_edges
+    from imaging.presets import PRESETS
+
+    assert _intensity_edges(str(PRESETS["prostate-mr"].intensity))[[0, -1]].tolist() == [-4.0, 4.0]
+    for task in ("lung-ct", "breast-mg", "colorectal-ct"):
+        assert _intensity_edges(str(PRESETS[task].intensity))[[0, -1]].tolist() == [0.0, 1.0], task

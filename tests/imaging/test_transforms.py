@@ -289,6 +289,8 @@ def test_calcification_enhancement_lifts_specks_out_of_dense_tissue_and_leaves_m
     assert lift[mass].max() < 0.5 * min(lift[30, 30], lift[36, 24])  # wider than the disk: a mass far less
     near_speck = np.minimum(np.hypot(r - 30, c - 30.5), np.hypot(r - 36, c - 24)) <= 3
     assert np.abs(lift[~near_speck & (d > 10)]).max() < 0.01  # smooth tissue stays as it is
+    from_numpy = EnhanceCalcificationsd(["image"], gain=2.0, size=4)({"image": img[None]})["image"]
+    torch.testing.assert_close(from_numpy[0], out)  # a plain array in, the same values out
     with pytest.raises(ValueError, match="2D images"):
         EnhanceCalcificationsd(["image"], gain=2.0, size=4)({"image": torch.zeros(1, 8, 8, 8)})
     assert get_preset("breast-mg").calcification_size == 4

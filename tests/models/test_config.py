@@ -22,6 +22,11 @@ from models.tasks import SEGMENTATION_TASKS, TASK_DIMS
 def test_task_table_matches_the_imaging_presets() -> None:
     assert dict(TASK_DIMS) == {name: get_preset(name).spatial_dims for name in TASKS}
     assert {name for name in TASKS if get_preset(name).segmentation} == SEGMENTATION_TASKS
+    from imaging import dataset
+    from models import tasks
+
+    assert tasks.PREPROCESSING_VERSION == dataset.PREPROCESSING_VERSION  # what a model file records is imaging's
+    assert max(tasks.PREPROCESSING_CHANGES) <= dataset.PREPROCESSING_VERSION
 
 
 def test_strings_from_the_command_line_parse_to_types() -> None:

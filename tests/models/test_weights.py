@@ -231,6 +231,7 @@ def test_a_file_that_is_not_an_oncofed_model_is_refused(tmp_path: Path, write: o
     ({"run_config": {1: "lung-ct"}}, "its run_config is a dict, not the run's key/value table"),
     ({"arrays": {"ok": torch.zeros(2), "w": torch.tensor([1.0, float("inf")])}}, "array 'w' holds NaN or infinite"),
     ({"arrays": {"w": torch.tensor([float("nan")], dtype=torch.float16)}}, "array 'w' holds NaN or infinite"),
+    ({"preprocessing_version": "6"}, "its preprocessing version is '6', not a number"),
 ])
 def test_a_model_file_with_a_bad_field_is_refused_by_name(tmp_path: Path, change: dict, needle: str) -> None:
     path = tmp_path / "model.pt"
@@ -265,3 +266,27 @@ def test_a_global_model_carries_its_calibration_and_operating_point(tmp_path: Pa
         load_scoring(path)
     with pytest.raises(WeightsError, match="does not exist"):
         load_scoring(tmp_path / "none.pt")
+
+
+def test_a_breast_model_from_before_the_calcification_step_is_refused_and_others_still_load(tmp_path: Path) -> None:
+    """Preprocessing 6 changed mammograms (calcifications enhanced): a breast model trained before would be given
+    images unlike its training images, so it is refused, naming the versions and what to do. A lung model of then
+    still loads: its images did not change. Every file written now records the version."""
+    from models.tasks import PREPROCESSING_VERSION, preprocessing_changed
+
+    old = {"arrays": {"w": torch.zeros(2)}, "round": 3}  # as 0.3.3 wrote them: no preprocessing version
+    for task in ("breast-mg", "breast-mg-seg"):
+        path = tmp_path / f"{task}.pt"
+        torch.save({**old, "run_config": {"task": task}}, path)
+        with pytest.raises(WeightsError, match=rf"{path}: this {task} model learned from images prepared by "
+                                               r"preprocessing version 5.*retrain the model"):
+            load_checkpoint(path)
+    lung = tmp_path / "lung.pt"
+    torch.save({**old, "run_config": {"task": "lung-ct"}}, lung)
+    assert load_checkpoint(lung)[2] == 3
+    fresh = tmp_path / "fresh.pt"
+    save_checkpoint(fresh, {"w": np.zeros(2, np.float32)}, {"task": "breast-mg"}, round_number=2)
+    assert torch.load(fresh, weights_only=True)["preprocessing_version"] == PREPROCESSING_VERSION
+    assert load_checkpoint(fresh)[2] == 2
+    assert preprocessing_changed("breast-mg", 5) and not preprocessing_changed("breast-mg", PREPROCESSING_VERSION)
+    assert not preprocessing_changed("prostate-mr", 5)
