@@ -408,7 +408,7 @@ class EnhanceCalcificationsd(MapTransform):
 
     Why: calcifications are specks of about a pixel at 0.8 mm, as bright as the densest tissue around them once the
     image is scaled to its percentiles (there they differ by about 0.1), so the network learned masses and read
-    dense tissue for calcification clusters (its saliency maps peaked 20-50 pixels away from nearly every cluster;
+    dense tissue for calcification clusters (its saliency maps peaked 17-49 pixels away from 18 of 20 clusters;
     BENCHMARKS.md, "Calcifications"). The top-hat is the classic first step of microcalcification detection: a
     speck keeps its full height, smooth tissue none. Works channel by channel on 2D images.
 

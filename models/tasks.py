@@ -50,20 +50,23 @@ PREPROCESSING_VERSION = 6
 """``imaging.dataset.PREPROCESSING_VERSION``, mirrored (a test checks they agree): every model file records the version
 its images were prepared by (:func:`models.weights.save_checkpoint`)."""
 
-PREPROCESSING_CHANGES: MappingProxyType[int, frozenset[str]] = MappingProxyType(
-    {6: frozenset({"breast-mg", "breast-mg-seg"})}  # calcifications enhanced in mammograms
+PREPROCESSING_CHANGES: MappingProxyType[int, tuple[frozenset[str], str]] = MappingProxyType(
+    {6: (frozenset({"breast-mg", "breast-mg-seg"}), "mammograms have their calcifications enhanced")}
 )
-"""The tasks whose network input each preprocessing version changed. A model of such a task trained before the
-version is refused when it is loaded (:func:`models.weights.load_checkpoint`): it would be given images prepared
-otherwise than the ones it learned from. Versions before 6 are not listed: no model file recorded its version then."""
+"""The tasks whose network input each preprocessing version changed, and what changed. A model of such a task
+trained before the version is refused when it is loaded (:func:`models.weights.load_checkpoint`): it would be given
+images prepared otherwise than the ones it learned from. Versions before 6 are not listed: no model file recorded its
+version then."""
 
 UNVERSIONED_PREPROCESSING = 5
 """The version a model file without one was trained on (files written before 0.3.4): 5 or earlier."""
 
 
-def preprocessing_changed(task: str, since: int) -> bool:
-    """Whether a later preprocessing version than ``since`` changed ``task``'s network input."""
-    return any(task in tasks for version, tasks in PREPROCESSING_CHANGES.items() if version > since)
+def preprocessing_changed(task: str, since: int) -> list[str]:
+    """What the preprocessing versions after ``since`` changed in ``task``'s network input, oldest first (empty:
+    nothing, so a model of ``since`` still reads its images as it learned them)."""
+    return [f"{version}: {what}" for version, (tasks, what) in sorted(PREPROCESSING_CHANGES.items())
+            if version > since and task in tasks]
 
 
 def task_rounds(task: str, *, dp: bool) -> int:

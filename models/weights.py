@@ -177,12 +177,13 @@ def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dic
         raise WeightsError(f"{path}: its preprocessing version is {version!r}, not a number: use the model.pt a run "
                            "wrote")
     task = str(run_config.get("task", ""))
-    if preprocessing_changed(task, version):
+    changed = preprocessing_changed(task, version)
+    if changed:
         raise WeightsError(
             f"{path}: this {task} model learned from images prepared by preprocessing version {version}, and this "
-            f"oncofed prepares {task} images by version {PREPROCESSING_VERSION} (since 0.3.4 mammograms have their "
-            "calcifications enhanced), so its scores and maps would not mean what they did: retrain the model with "
-            "this version, or run it with the oncofed version that trained it")
+            f"oncofed prepares {task} images by version {PREPROCESSING_VERSION} ({'; '.join(changed)}), so its "
+            "scores and maps would not mean what they did: retrain the model with this version, or run it with the "
+            "oncofed version that trained it")
     for key, array in arrays.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise WeightsError(f"{path}: array {key!r} holds NaN or infinite values (a training that diverged): "

@@ -278,8 +278,9 @@ def test_a_breast_model_from_before_the_calcification_step_is_refused_and_others
     for task in ("breast-mg", "breast-mg-seg"):
         path = tmp_path / f"{task}.pt"
         torch.save({**old, "run_config": {"task": task}}, path)
-        with pytest.raises(WeightsError, match=rf"{path}: this {task} model learned from images prepared by "
-                                               r"preprocessing version 5.*retrain the model"):
+        needle = (rf"{path}: this {task} model learned from images prepared by preprocessing version 5.*"
+                  r"\(6: mammograms have their calcifications enhanced\).*retrain the model")
+        with pytest.raises(WeightsError, match=needle):
             load_checkpoint(path)
     lung = tmp_path / "lung.pt"
     torch.save({**old, "run_config": {"task": "lung-ct"}}, lung)
@@ -288,5 +289,5 @@ def test_a_breast_model_from_before_the_calcification_step_is_refused_and_others
     save_checkpoint(fresh, {"w": np.zeros(2, np.float32)}, {"task": "breast-mg"}, round_number=2)
     assert torch.load(fresh, weights_only=True)["preprocessing_version"] == PREPROCESSING_VERSION
     assert load_checkpoint(fresh)[2] == 2
-    assert preprocessing_changed("breast-mg", 5) and not preprocessing_changed("breast-mg", PREPROCESSING_VERSION)
-    assert not preprocessing_changed("prostate-mr", 5)
+    assert preprocessing_changed("breast-mg", 5) == ["6: mammograms have their calcifications enhanced"]
+    assert preprocessing_changed("breast-mg", PREPROCESSING_VERSION) == preprocessing_changed("prostate-mr", 5) == []
