@@ -34,10 +34,10 @@ __all__ = ["INTENSITY_SAMPLE", "site_summary"]
 INTENSITY_SAMPLE = 24  # training images read for the intensity histogram (from the cache after the first time)
 
 
-def _intensity_edges(intensity: str) -> np.ndarray:
+def _intensity_edges(intensity: Intensity) -> np.ndarray:
     """Fixed bin edges of a preset's normalised values: [0, 1] for windowed CT and scaled MG (a mammogram's enhanced
     calcifications, above 1, count in the top bin with the brightest tissue), ±4 for z-scored MR."""
-    low, high = (-4.0, 4.0) if intensity == str(Intensity.MR_ZSCORE) else (0.0, 1.0)
+    low, high = (-4.0, 4.0) if intensity is Intensity.MR_ZSCORE else (0.0, 1.0)
     return np.linspace(low, high, INTENSITY_BINS + 1)
 
 
@@ -89,7 +89,7 @@ def site_summary(workspace: Path, *, min_count: int = 5) -> dict[str, float]:
                     put(prefix + key, name, count)
             train = [i for i in items if i.split == Split.TRAIN][:INTENSITY_SAMPLE]
             if len(train) >= min_count:  # a histogram of fewer images could describe one patient
-                edges = _intensity_edges(str(preset.intensity))
+                edges = _intensity_edges(preset.intensity)
                 hist = np.zeros(INTENSITY_BINS)
                 dataset = cached_dataset(train, preset, workspace=workspace, train=False)
                 for k in range(len(train)):

@@ -432,7 +432,7 @@ class EnhanceCalcificationsd(MapTransform):
             if img.ndim != 3:
                 raise ValueError(f"{key}: calcification enhancement works on 2D images (channel, rows, cols); "
                                  f"got {tuple(img.shape)}")
-            planes = np.asarray(img.detach().cpu().numpy())
+            planes = img.detach().cpu().numpy()
             hat = np.stack([ndimage.white_tophat(p, footprint=self.footprint) for p in planes])
             d[key] = img + self.gain * torch.as_tensor(hat, dtype=img.dtype, device=img.device)
         return d

@@ -122,6 +122,6 @@ def test_intensity_bins_span_each_normalisation() -> None:
     from fl_client.summary import _intensity_edges
     from imaging.presets import PRESETS
 
-    assert _intensity_edges(str(PRESETS["prostate-mr"].intensity))[[0, -1]].tolist() == [-4.0, 4.0]
+    assert _intensity_edges(PRESETS["prostate-mr"].intensity)[[0, -1]].tolist() == [-4.0, 4.0]
     for task in ("lung-ct", "breast-mg", "colorectal-ct"):
-        assert _intensity_edges(str(PRESETS[task].intensity))[[0, -1]].tolist() == [0.0, 1.0], task
+        assert _intensity_edges(PRESETS[task].intensity)[[0, -1]].tolist() == [0.0, 1.0], task
