@@ -1,7 +1,9 @@
 """Statistics of a binary classifier that the sites and the server compute alike (NumPy only).
 
 - **AUROC with a 95 % interval by DeLong's method** (DeLong, DeLong and Clarke-Pearson 1988; the placement
-  values of Sun and Xu 2014), ties counted one half.
+  values of Sun and Xu 2014), ties counted one half; and **two models compared on the same cases** by DeLong's
+  paired test (:func:`compare_aurocs`: the difference, its interval and a two-sided p-value, the covariance of the two
+  AUROCs taken into account).
 - **Score histograms on fixed bins**, per class: what a site sends instead of its per-study scores. The
   consortium's AUROC and its DeLong interval are computed from the sites' summed histograms, treating the scores
   of one bin as tied; the error against the exact AUROC is at most half the share of positive-negative pairs that
@@ -32,6 +34,7 @@ __all__ = [
     "SCORE_BINS",
     "SCORE_EDGES",
     "AurocCI",
+    "AurocDifference",
     "Calibration",
     "HistogramAUROC",
     "OperatingRule",
@@ -39,6 +42,7 @@ __all__ = [
     "auroc_ci",
     "bin_thresholds",
     "choose_threshold",
+    "compare_aurocs",
     "ece",
     "fit_platt",
     "fit_platt_histograms",
@@ -106,12 +110,38 @@ class HistogramAUROC:
     max_error: float
 
 
-def _delong(pos_values: np.ndarray, pos_weights: np.ndarray, neg_values: np.ndarray,
-            neg_weights: np.ndarray) -> AurocCI | None:
-    """DeLong on weighted scores (a weight is how many cases have that score)."""
+@dataclass(frozen=True)
+class AurocDifference:
+    """Two models' AUROCs on the same cases, compared by DeLong's paired test.
+
+    Attributes:
+        first: The first model's AUROC.
+        second: The second model's AUROC.
+        difference: ``first - second``.
+        low: Lower end of the difference's 95 % interval.
+        high: Upper end.
+        se: DeLong's standard error of the difference (the two AUROCs' covariance subtracted).
+        p_value: Two-sided p-value of no difference (normal approximation; 1.0 when the scores rank the cases alike).
+        positives: Positive cases behind it.
+        negatives: Negative cases behind it.
+    """
+
+    first: float
+    second: float
+    difference: float
+    low: float
+    high: float
+    se: float
+    p_value: float
+    positives: int
+    negatives: int
+
+
+def _placements(pos_values: np.ndarray, pos_weights: np.ndarray, neg_values: np.ndarray,
+                neg_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placement values: each positive's share of negatives scored below it, each negative's share of
+    positives scored above it (ties one half; a weight is how many cases have that score)."""
     p, n = float(pos_weights.sum()), float(neg_weights.sum())
-    if p < 1 or n < 1:
-        return None
     order = np.argsort(neg_values, kind="mergesort")
     nv, nw = neg_values[order], neg_weights[order]
     cum = np.concatenate([[0.0], np.cumsum(nw)])
@@ -124,6 +154,16 @@ def _delong(pos_values: np.ndarray, pos_weights: np.ndarray, neg_values: np.ndar
     above = p - cum[np.searchsorted(pv, neg_values, side="right")]
     tied = cum[np.searchsorted(pv, neg_values, side="right")] - cum[np.searchsorted(pv, neg_values, side="left")]
     v01 = (above + 0.5 * tied) / p  # each negative's share of positives above it
+    return v10, v01
+
+
+def _delong(pos_values: np.ndarray, pos_weights: np.ndarray, neg_values: np.ndarray,
+            neg_weights: np.ndarray) -> AurocCI | None:
+    """DeLong on weighted scores (a weight is how many cases have that score)."""
+    p, n = float(pos_weights.sum()), float(neg_weights.sum())
+    if p < 1 or n < 1:
+        return None
+    v10, v01 = _placements(pos_values, pos_weights, neg_values, neg_weights)
     auc = float((v10 * pos_weights).sum() / p)
     s10 = float(((v10 - auc) ** 2 * pos_weights).sum() / (p - 1)) if p > 1 else 0.0
     s01 = float(((v01 - auc) ** 2 * neg_weights).sum() / (n - 1)) if n > 1 else 0.0
@@ -137,6 +177,31 @@ def auroc_ci(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.nd
     s = np.asarray(scores, float)
     pos, neg = s[y == 1], s[y == 0]
     return _delong(pos, np.ones(len(pos)), neg, np.ones(len(neg)))
+
+
+def compare_aurocs(labels: Sequence[int] | np.ndarray, first: Sequence[float] | np.ndarray,
+                   second: Sequence[float] | np.ndarray) -> AurocDifference | None:
+    """Whether two models' AUROCs on the same cases differ: DeLong's paired test (DeLong et al. 1988).
+
+    The two AUROCs share their cases, so the variance of their difference is the sum of their variances less twice
+    their covariance, all three from the placement values (:func:`auroc_ci` for one model alone). None without a
+    positive and a negative, or when the score lists do not match the labels.
+    """
+    y = np.asarray(labels, int)
+    a, b = np.asarray(first, float), np.asarray(second, float)
+    if a.shape != y.shape or b.shape != y.shape:
+        return None
+    p, n = int((y == 1).sum()), int((y == 0).sum())
+    if p < 1 or n < 1:
+        return None
+    v10, v01 = zip(*(_placements(s[y == 1], np.ones(p), s[y == 0], np.ones(n)) for s in (a, b)), strict=True)
+    auc = [float(v.mean()) for v in v10]
+    d10, d01 = v10[0] - v10[1], v01[0] - v01[1]  # var(A - B) = var(A) + var(B) - 2 cov(A, B), per class
+    var = (float(d10.var(ddof=1)) / p if p > 1 else 0.0) + (float(d01.var(ddof=1)) / n if n > 1 else 0.0)
+    se = math.sqrt(max(var, 0.0))
+    diff = auc[0] - auc[1]
+    p_value = math.erfc(abs(diff) / se / math.sqrt(2)) if se > 0 else (1.0 if diff == 0 else 0.0)
+    return AurocDifference(auc[0], auc[1], diff, diff - Z95 * se, diff + Z95 * se, se, p_value, p, n)
 
 
 def score_histogram(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray

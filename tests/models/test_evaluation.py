@@ -16,6 +16,7 @@ from models.evaluation import (
     Scoring,
     auroc_ci,
     choose_threshold,
+    compare_aurocs,
     ece,
     fit_platt,
     fit_platt_histograms,
@@ -52,6 +53,41 @@ def test_delong_matches_its_definition_with_ties() -> None:
         assert ci.low == pytest.approx(max(0, auc - 1.959964 * se), abs=1e-6)
         assert (ci.positives, ci.negatives) == (int(y.sum()), int((1 - y).sum()))
     assert auroc_ci([1, 1], [0.2, 0.3]) is None
+
+
+def test_paired_delong_matches_its_definition_and_holds_its_level() -> None:
+    rng = np.random.default_rng(5)
+    for n in (15, 60, 240):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        a = np.round(rng.random(n) * 0.6 + 0.3 * y, 1)
+        b = np.round(a + rng.normal(0, 0.2, n), 1)  # correlated with a, ties in both
+        psi = [((s[y == 1][:, None] > s[y == 0][None, :]) + 0.5 * (s[y == 1][:, None] == s[y == 0][None, :]))
+               for s in (a, b)]
+        s10 = np.cov(np.stack([m.mean(axis=1) for m in psi]))  # DeLong's 2 x 2 covariances, pair by pair
+        s01 = np.cov(np.stack([m.mean(axis=0) for m in psi]))
+        var = ((s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / y.sum()
+               + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / (n - y.sum()))
+        d = compare_aurocs(y, a, b)
+        assert d is not None
+        assert (d.first, d.second) == (pytest.approx(psi[0].mean()), pytest.approx(psi[1].mean()))
+        assert d.difference == pytest.approx(psi[0].mean() - psi[1].mean()) and d.se == pytest.approx(math.sqrt(var))
+        assert d.high - d.difference == pytest.approx(1.959964 * d.se, abs=1e-6)
+        assert d.p_value == pytest.approx(math.erfc(abs(d.difference) / d.se / math.sqrt(2)))
+        # paired: the shared cases make the difference far surer than two independent intervals would
+        assert d.se < math.hypot(auroc_ci(y, a).se, auroc_ci(y, b).se)
+    same = compare_aurocs([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.7], [0.1, 0.9, 0.2, 0.7])
+    assert same is not None and (same.difference, same.se, same.p_value) == (0.0, 0.0, 1.0)
+    assert compare_aurocs([1, 1], [0.2, 0.3], [0.1, 0.4]) is None
+    assert compare_aurocs([0, 1], [0.2, 0.3], [0.1]) is None
+    # under no difference (two noisy readings of one latent score) it rejects at about its 5 % level
+    rejected = 0
+    for _ in range(400):
+        y = rng.integers(0, 2, 120)
+        latent = y + rng.normal(0, 1.2, 120)
+        d = compare_aurocs(y, latent + rng.normal(0, 0.6, 120), latent + rng.normal(0, 0.6, 120))
+        rejected += d is not None and d.p_value < 0.05
+    assert 0.02 <= rejected / 400 <= 0.09
 
 
 def test_histogram_auroc_is_within_its_stated_error_of_the_exact_value() -> None:
