@@ -294,7 +294,7 @@ def _site_data(site: Site, config: RunConfig) -> SiteData | None:
 def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dict[str, np.ndarray], data: SiteData,
            *, run_id: str, round_number: int, proximal_mu: float, strings: dict[str, str],
            epsilon_cap: float | None) -> Reply:
-    samples = data.count("train")
+    patients = data.count_patients("train")  # DP-SGD's unit of privacy (fl_client.train.ByPatient)
     # FedProx's term: the round's μ (Flower's FedProx sends it), else the run's in a FedProx run. The learning rate
     # is the run's, resolved as the server resolved and stored it (for its report and a resume), even where this
     # site's own policy turns DP-SGD on in a run without it.
@@ -320,12 +320,12 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
             privacy = replace(privacy, enabled=True,
                               epsilon=min(privacy.epsilon, left, epsilon_cap if epsilon_cap is not None else left))
         try:
-            dp = plan_dp(privacy, samples=samples, batch_size=resolve_batch(spec.batch_size, dp=True),
-                         steps_per_round=steps_per_round(config, samples), rounds=config.federation.num_rounds,
+            dp = plan_dp(privacy, samples=patients, batch_size=resolve_batch(spec.batch_size, dp=True),
+                         steps_per_round=steps_per_round(config, patients), rounds=config.federation.num_rounds,
                          ledger=ledger, grad_sample_mode=resolved_grad_sample_mode(config))
         except NoBudget:
             return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
-        if round_number <= 1 and (outlook := dp_outlook(dp.noise_multiplier, dp.sample_rate * samples)):
+        if round_number <= 1 and (outlook := dp_outlook(dp.noise_multiplier, dp.sample_rate * patients)):
             log.warning("oncofed site %s, run %s: %s", site.site_id, run_id, outlook)
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()} if spec.proximal_mu else None
     placement = site.placement(dp_mode=dp.grad_sample_mode.value if dp is not None else None)
@@ -334,7 +334,7 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
         result = train_local(model, augmented, spec=spec, labels=data.labels("train"),
                              global_params=global_params, dp=dp, ledger=ledger, run_id=run_id,
                              round_number=round_number, task=config.model.task, placement=placement,
-                             segmentation=data.segmentation)
+                             segmentation=data.segmentation, patients=data.patients("train"))
     except BudgetExceeded:
         return _refuse_budget(site, run_id, round_number, ledger, budget, strings)
     metrics: dict[str, float] = {Metric.NUM_EXAMPLES: result.num_examples, Metric.TRAIN_LOSS: result.loss,

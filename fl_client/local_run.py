@@ -88,14 +88,15 @@ def run_local(
     model = build_model(config.model)
     train_set = data.dataset("train", train=config.training.augment, seed=config.training.seed)
     samples = data.count("train")
+    patients = data.count_patients("train")  # DP-SGD's unit of privacy (fl_client.train.ByPatient)
     ledger = PrivacyLedger(workspaces[0]) if config.privacy.enabled else None
     dp: DPPlan | None = None
     if ledger is not None:
-        rate = dp_sample_rate(samples, batch_size_of(config))
-        dp = plan_dp(config.privacy, samples=samples, batch_size=batch_size_of(config),
+        rate = dp_sample_rate(patients, batch_size_of(config))
+        dp = plan_dp(config.privacy, samples=patients, batch_size=batch_size_of(config),
                      steps_per_round=dp_steps(rate, epochs=epochs), rounds=1, ledger=ledger,
                      grad_sample_mode=resolved_grad_sample_mode(config))
-    outlook = dp_outlook(dp.noise_multiplier, dp.sample_rate * samples) if dp is not None else None
+    outlook = dp_outlook(dp.noise_multiplier, dp.sample_rate * patients) if dp is not None else None
     if outlook and on_warning is not None:
         on_warning(outlook)  # before the first step: the operator can stop now
     placement = place(device, precision, dp_mode=dp.grad_sample_mode.value if dp is not None else None)
@@ -114,7 +115,8 @@ def run_local(
     t0 = time.perf_counter()
     result = train_local(model, train_set, spec=config.training, labels=data.labels("train"), dp=dp, ledger=ledger,
                          run_id=f"local-{uuid.uuid4().hex[:8]}", task=task, epochs=epochs, on_epoch=after_epoch,
-                         placement=placement, segmentation=data.segmentation, dp_seed=dp_seed)
+                         placement=placement, segmentation=data.segmentation, dp_seed=dp_seed,
+                         patients=data.patients("train"))
     train_seconds = time.perf_counter() - t0
     splits = {}
     operating: dict[str, Any] | None = None

@@ -71,7 +71,8 @@ class Session:
     """One DP-SGD training session (one round of one run, or one local run).
 
     ``status`` is ``planned`` while it trains (``steps`` then counts every step it may take) and ``done``
-    once settled with the steps taken; ``id`` ties the two lines of one session together.
+    once settled with the steps taken; ``id`` ties the two lines of one session together. ``samples`` counts the
+    session's units of privacy: training patients (``fl_client.train.ByPatient``; images before 0.3.5).
     """
 
     time: str

@@ -39,6 +39,7 @@ from models.config import GradSampleMode, PrivacySpec, TrainSpec, resolve_batch,
 from models.device import Placement, autocast
 
 __all__ = [
+    "ByPatient",
     "DPPlan",
     "EvalResult",
     "Multiplied",
@@ -95,6 +96,8 @@ def dp_steps(sample_rate: float, *, epochs: int = 1) -> int:
 def plan_dp(privacy: PrivacySpec, *, samples: int, batch_size: int, steps_per_round: int, rounds: int,
             ledger: PrivacyLedger, grad_sample_mode: GradSampleMode) -> DPPlan:
     """Calibrate the noise for a run: its ε over all the steps the site plans to take in it.
+
+    ``samples`` is the count of the training split's patients, DP-SGD's unit of privacy (:class:`ByPatient`).
 
     δ is the run's ``dp-delta`` if set, else the site budget's δ (which is below 1/samples by default).
     ``grad_sample_mode`` is the concrete Opacus mode (``models.config.resolved_grad_sample_mode``).
@@ -163,6 +166,41 @@ class Multiplied(Dataset[Any]):
         return torch.stack([torch.as_tensor(x) for x, _ in draws]), torch.stack([torch.as_tensor(y) for _, y in draws])
 
 
+class ByPatient(Dataset[Any]):
+    """DP-SGD's unit of privacy, the patient: one item per patient, each draw one of the patient's images picked at
+    random (with its own augmentation).
+
+    DP-SGD bounds what one *sample* can change in a step. With images as samples, a patient with two views, or with
+    several studies, is several samples, and the ε the ledger records would hold for one image of a patient, not for
+    the patient. Sampling patients (Poisson, at the plan's rate over the site's patients) and letting each sampled
+    patient give one image's clipped gradient keeps every patient's contribution to a step within the clipping norm:
+    the ε holds for the patient, whatever number of images the patient has. With augmentation multiplicity ``k``,
+    each of the ``k`` copies picks its own image, so a patient's views are used side by side.
+
+    Args:
+        inner: The images.
+        patients: The patient of each image of ``inner`` (``imaging.sitedata.SiteData.patients``).
+        seed: Seeds the choice of image.
+    """
+
+    def __init__(self, inner: Dataset[Any], patients: Sequence[int], *, seed: int) -> None:
+        images = len(inner)  # type: ignore[arg-type]
+        if len(patients) != images:
+            raise ValueError(f"{len(patients)} patient numbers for {images} images: give one per image")
+        groups: dict[int, list[int]] = {}
+        for index, patient in enumerate(patients):
+            groups.setdefault(int(patient), []).append(index)
+        self.inner, self.groups = inner, list(groups.values())
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> Any:
+        images = self.groups[index]
+        return self.inner[images[int(self.rng.integers(len(images)))] if len(images) > 1 else images[0]]
+
+
 def mean_over_copies(model: nn.Module, k: int) -> None:
     """Replace each parameter's per-sample gradients (Opacus' ``grad_sample``, one row per copy) by their mean over
     each sample's ``k`` consecutive copies: what DP-SGD then clips, sums and noises is one gradient per sample."""
@@ -196,6 +234,7 @@ def train_local(
     placement: Placement | None = None,
     segmentation: bool = False,
     dp_seed: int | None = None,
+    patients: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``spec.local_epochs`` (or ``epochs``) passes over ``dataset``.
 
@@ -220,12 +259,16 @@ def train_local(
             (what a site does) draws both seeds from the operating system's entropy at every session: the run
             config's ``seed`` is the lead's, and noise or batches the lead could replay would void the guarantee
             (the noise could be subtracted, and subsampling amplifies privacy only while the batches are secret).
+        patients: The patient of each item of ``dataset`` (``imaging.sitedata.SiteData.patients``); required with
+            ``dp``. DP-SGD then samples patients, one random image each (:class:`ByPatient`), and ``dp`` must be
+            planned for the patients' count: the ε holds per patient.
 
     Raises:
         TrainingError: An empty dataset.
         BudgetExceeded: Under DP, the session would pass the site's ceiling (nothing trained).
+        ValueError: DP without ``patients``, or a plan made for another count of patients.
     """
-    n = len(dataset)  # type: ignore[arg-type]
+    n = images = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise TrainingError("the training split is empty")
     epochs = epochs or spec.local_epochs
@@ -243,6 +286,11 @@ def train_local(
         seed = int.from_bytes(os.urandom(8), "little") >> 1 if dp_seed is None else dp_seed
         noise_generator = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
     generator = torch.Generator().manual_seed(seed)
+    if dp is not None:
+        if patients is None:
+            raise ValueError("a DP session needs the patient of each image (patients=...): DP-SGD samples patients")
+        dataset = ByPatient(dataset, patients, seed=seed ^ 0x9E3779B9)
+        n = len(dataset)
     copies = spec.augmentation_multiplicity
     if copies > 1 and dp is not None and dp.grad_sample_mode == GradSampleMode.GHOST:
         raise TrainingError("augmentation multiplicity needs per-sample gradients, which Opacus' ghost mode keeps "
@@ -286,7 +334,8 @@ def train_local(
         actual = getattr(loader, "sample_rate", dp.sample_rate)
         if abs(actual - dp.sample_rate) > 1e-12 or len(loader) != steps_per_epoch:
             raise ValueError(f"the DP plan samples at {dp.sample_rate:.6g} for {steps_per_epoch} steps a pass; the "
-                             f"private loader at {actual:.6g} for {len(loader)}: plan with the loader's batch size")
+                             f"private loader at {actual:.6g} for {len(loader)}: plan with the loader's batch size "
+                             f"and the split's {n} patients (SiteData.count_patients), not its {images} images")
     prox = spec.proximal_mu if global_params is not None and spec.proximal_mu > 0 else 0.0
     anchors = ({k: v.detach().to(device).clone() for k, v in global_params.items()}
                if prox and global_params is not None else {})
@@ -373,7 +422,7 @@ def train_local(
     total_loss, seen = float(progress["loss"]), int(progress["seen"])
     model.eval()
     model.to("cpu")
-    return TrainResult(loss=total_loss / max(seen, 1), num_examples=n, samples_seen=seen, steps=steps,
+    return TrainResult(loss=total_loss / max(seen, 1), num_examples=images, samples_seen=seen, steps=steps,
                        seconds=seconds, epsilon=session_epsilon,
                        noise_multiplier=dp.noise_multiplier if dp else None)
 

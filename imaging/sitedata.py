@@ -95,6 +95,22 @@ class SiteData:
         """The study of each of a split's images, in order."""
         return [item.study_uid for _, item in self.items.get(split, [])]
 
+    def patients(self, split: str) -> list[int]:
+        """The patient of each of a split's images, in the order of :meth:`dataset`, as a number: images of one
+        patient (one pseudonym in one workspace) share it, and the numbers run from 0 to the split's patients less
+        one. DP-SGD samples patients, not images (``fl_client.train.train_local``): a mammography study has several
+        views, and a patient may have several studies."""
+        numbers: dict[tuple[Path, str], int] = {}
+        by_ws: dict[Path, list[Item]] = {}
+        for ws, item in self.items.get(split, []):
+            by_ws.setdefault(ws, []).append(item)
+        return [numbers.setdefault((ws, item.patient_pseudonym), len(numbers))
+                for ws, items in by_ws.items() for item in items]
+
+    def count_patients(self, split: str) -> int:
+        """Patients in a split: DP-SGD's unit of privacy."""
+        return len(set(self.patients(split)))
+
 
 def load_site_data(workspaces: Sequence[Path], task: str, *, resolution: str = "cpu") -> SiteData:
     """The labelled items of ``task`` in each workspace, by split, preprocessed at ``resolution``'s profile.

@@ -16,6 +16,7 @@ Example::
 
     .venv/bin/python scripts/compare_runs.py --out bench-output/search-br-th4 --task breast-mg
     .venv/bin/python scripts/compare_runs.py --out bench-output/search-br-th4 --task breast-mg --rounds 20 --json
+    .venv/bin/python scripts/compare_runs.py --out bench-output/search-br-th4 --task breast-mg --any-settings
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.evaluation import compare_aurocs  # noqa: E402
 
 
-def _consortium(line: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes two runs comparable: the same training consortium, rounds, local training settings and held-out
-    studies (a pooled run of another learning rate is another recipe, not the federated run's baseline)."""
+def _consortium(line: dict[str, Any], *, settings: bool = True) -> tuple[Any, ...]:
+    """What makes two runs comparable: the same training consortium, rounds, local training settings (unless
+    ``settings`` is false) and held-out studies (a pooled run of another learning rate is another recipe, not the
+    federated run's baseline)."""
     return (line.get("task"), line.get("consortium_seed"), line.get("holdout_seed"), line.get("holdout_studies"),
             line.get("studies"), line.get("rounds"), line.get("unlike"),
-            json.dumps(line.get("set") or {}, sort_keys=True))
+            json.dumps(line.get("set") or {}, sort_keys=True) if settings else None)
 
 
 def _holdout(line: dict[str, Any]) -> tuple[list[int], list[float]] | None:
@@ -64,15 +66,17 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
     return list(runs.values())
 
 
-def comparisons(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For each federated run, its paired comparison with the pooled run and each single-site run of its consortium."""
+def comparisons(runs: Iterable[dict[str, Any]], *, same_settings: bool = True) -> list[dict[str, Any]]:
+    """For each federated run, its paired comparison with the pooled run and each single-site run of its consortium
+    (trained with the same ``--set`` values, unless ``same_settings`` is false)."""
     runs = list(runs)
     out = []
     for fed in (r for r in runs if _kind(r) == "federated"):
         labels, scores = _holdout(fed)
         row: dict[str, Any] = {"name": fed["name"], "task": fed["task"], "seed": fed.get("consortium_seed"),
                                "rounds": fed.get("rounds"), "auroc": fed.get("holdout_auroc"), "against": []}
-        for other in sorted((r for r in runs if _kind(r) != "federated" and _consortium(r) == _consortium(fed)),
+        for other in sorted((r for r in runs if _kind(r) != "federated"
+                                and _consortium(r, settings=same_settings) == _consortium(fed, settings=same_settings)),
                             key=_kind):
             other_labels, other_scores = _holdout(other)
             if other_labels != labels:  # e.g. the held-out consortium was written with other --consortium-tasks
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the folder of a search (holds search.jsonl)")
     parser.add_argument("--task", default=None, help="only this task's runs")
     parser.add_argument("--rounds", type=int, default=None, help="only runs of this many rounds")
+    parser.add_argument("--any-settings", action="store_true",
+                        help="compare federated runs of any --set values (a new recipe) with the baselines of the "
+                             "same consortium, whatever theirs")
     parser.add_argument("--json", action="store_true", help="print one JSON line per federated run instead")
     args = parser.parse_args(argv)
     path = args.out / "search.jsonl"
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = [r for r in read_runs(path) if (args.task is None or r.get("task") == args.task)
             and (args.rounds is None or r.get("rounds") == args.rounds)]
-    rows = comparisons(runs)
+    rows = comparisons(runs, same_settings=not args.any_settings)
     if not rows:
         print(f"no federated run with held-out scores in {path}" + (f" for {args.task}" if args.task else ""),
               file=sys.stderr)

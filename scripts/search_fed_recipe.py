@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, (site, data) in enumerate(zip(sites, datas, strict=True)):
                 ledgers[i] = PrivacyLedger(args.out / "ledgers" / run / site.name)
                 ledgers[i].set_budget(1000.0, 1e-5)
-                samples = data.count("train")  # the plan a site makes (fl_client.federated), for args.rounds
+                samples = data.count_patients("train")  # the plan a site makes (fl_client.federated), for args.rounds
                 plans[i] = plan_dp(config.privacy, samples=samples, batch_size=resolve_batch(spec.batch_size, dp=True),
                                    steps_per_round=steps_per_round(config, samples), rounds=args.rounds,
                                    ledger=ledgers[i], grad_sample_mode=resolved_grad_sample_mode(config))
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     train_local(model, data.dataset("train", train=spec.augment, seed=spec.seed + 7919 * rnd),
                                 spec=spec, labels=data.labels("train"), round_number=rnd, global_params=params,
                                 dp=plans[i], ledger=ledgers[i], run_id="search", task=args.task,
-                                segmentation=segmentation)
+                                segmentation=segmentation, patients=data.patients("train"))
                     updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
                     counts.append(data.count("train"))
                 weights = np.asarray(counts, float) / sum(counts)

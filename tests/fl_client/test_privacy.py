@@ -105,7 +105,7 @@ def test_dp_steps_taken_before_a_crash_are_still_counted(tmp_path: Path) -> None
     model = build_model(ModelSpec(task="breast-mg", spatial_dims=2))
     with pytest.raises(OSError, match="disk error"):
         train_local(model, _FailingData(fail_after=45), spec=spec, labels=[0, 1] * 30, dp=plan, ledger=ledger,
-                    run_id="crash", task="breast-mg")
+                    run_id="crash", task="breast-mg", patients=range(60))
     sessions = ledger.sessions()
     assert len(sessions) == 1 and 1 <= sessions[0].steps < 18 and sessions[0].run_id == "crash"
     assert ledger.spent() > 0
@@ -126,6 +126,6 @@ def test_a_dp_model_trains(tmp_path: Path) -> None:
     plan = plan_dp(PrivacySpec(enabled=True, epsilon=8.0), samples=200, batch_size=20, steps_per_round=10,
                    rounds=6, ledger=ledger, grad_sample_mode=GradSampleMode.EW)
     losses = [train_local(model, data, spec=spec, labels=y[:, 0].int().tolist(), dp=plan, ledger=ledger,
-                          round_number=r, task="breast-mg", dp_seed=r).loss for r in range(6)]
+                          round_number=r, task="breast-mg", dp_seed=r, patients=range(200)).loss for r in range(6)]
     assert losses[-1] < 0.8 * losses[0], losses
     assert len(ledger.sessions()) == 6 and ledger.spent() <= 8.0 + 0.05

@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from fl_client.privacy import BudgetExceeded, NoBudget, PrivacyLedger, epsilon_of
 from fl_client.train import (
+    ByPatient,
     DPPlan,
     Multiplied,
     TrainingError,
@@ -108,7 +109,7 @@ def test_a_dp_session_takes_exactly_the_steps_the_ledger_reserved(tmp_path: Path
     planned = plan.planned_steps
     spec = TrainSpec(batch_size=batch_size, local_epochs=epochs, augment=False)
     result = train_local(_model(), data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="run-q",
-                         round_number=1, task="lung-ct")
+                         round_number=1, task="lung-ct", patients=range(samples))
     assert result.steps == planned
     assert result.num_examples == samples  # samples, not batches
     assert result.noise_multiplier == plan.noise_multiplier
@@ -136,7 +137,8 @@ def test_augmentation_multiplicity_clips_one_mean_gradient_per_sample(tmp_path: 
         spec = TrainSpec(batch_size=4, local_epochs=2, augment=False, optimizer="sgd", learning_rate=0.1,
                          augmentation_multiplicity=k)
         result = train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=_ledger(tmp_path / f"k{k}"),
-                             run_id="run-k", round_number=1, task="lung-ct", dp_seed=1)  # the same noise, batches
+                             run_id="run-k", round_number=1, task="lung-ct", dp_seed=1,  # the same noise, batches
+                             patients=range(12))
         assert result.steps == plan.planned_steps and result.samples_seen <= 2 * 12
         weights.append(state_arrays(model))
     torch.manual_seed(0)
@@ -157,7 +159,8 @@ def test_dp_noise_and_batches_are_the_sites_secret(tmp_path: Path) -> None:
         model = build_model(from_flat({"task": "lung-ct", "model-width": 8, "dropout": 0}).model)
         torch.manual_seed(0)  # even the global generator as the run config's seed leaves it
         train_local(model, data, spec=TrainSpec(batch_size=4, augment=False), labels=labels, dp=plan,
-                    ledger=_ledger(tmp_path / folder), run_id="run-s", round_number=1, task="lung-ct", dp_seed=dp_seed)
+                    ledger=_ledger(tmp_path / folder), run_id="run-s", round_number=1, task="lung-ct", dp_seed=dp_seed,
+                    patients=range(12))
         return state_arrays(model)
 
     secret = [session("a", None), session("b", None)]
@@ -165,6 +168,41 @@ def test_dp_noise_and_batches_are_the_sites_secret(tmp_path: Path) -> None:
     seeded = [session("c", 7), session("d", 7)]  # a test's or benchmark's own seed replays them
     for k in seeded[0]:
         np.testing.assert_array_equal(seeded[0][k], seeded[1][k])
+
+
+def test_dp_samples_patients_so_the_epsilon_holds_for_a_patient_with_several_images(tmp_path: Path) -> None:
+    # 12 patients of 2 images each (two views, or two studies): DP-SGD samples the 12 patients, each sampled
+    # patient giving one image's clipped gradient, so one patient changes a step by at most the clipping norm.
+    data, labels = _volumes(24)
+    patients = [i // 2 for i in range(24)]
+    plan = _plan(12, 4, epochs=2)
+    ledger = _ledger(tmp_path)
+    result = train_local(_model(), data, spec=TrainSpec(batch_size=4, local_epochs=2, augment=False), labels=labels,
+                         dp=plan, ledger=ledger, run_id="run-p", round_number=1, task="lung-ct", dp_seed=3,
+                         patients=patients)
+    (session,) = ledger.sessions()
+    assert session.samples == 12 and result.num_examples == 24  # the ledger's unit is the patient; FedAvg's the image
+    assert result.steps == plan.planned_steps and result.samples_seen <= 2 * 12 * 2
+    # a plan made for the images (twice the patients, half the sample rate) is refused before any step
+    with pytest.raises(ValueError, match="12 patients .* not its 24 images"):
+        train_local(_model(), data, spec=TrainSpec(batch_size=4, augment=False), labels=labels,
+                    dp=_plan(24, 4, epochs=1), ledger=_ledger(tmp_path / "images"), patients=patients)
+    with pytest.raises(ValueError, match="needs the patient of each image"):
+        train_local(_model(), data, spec=TrainSpec(batch_size=4, augment=False), labels=labels,
+                    dp=plan, ledger=_ledger(tmp_path / "none"))
+    assert len(ledger.sessions()) == 1
+
+
+def test_by_patient_draws_one_of_the_patients_own_images() -> None:
+    inner = TensorDataset(torch.arange(6.0)[:, None], torch.zeros(6, 1))
+    by = ByPatient(inner, [0, 0, 1, 2, 2, 2], seed=0)
+    assert len(by) == 3
+    drawn = {i: {float(by[i][0]) for _ in range(200)} for i in range(3)}
+    assert drawn == {0: {0.0, 1.0}, 1: {2.0}, 2: {3.0, 4.0, 5.0}}  # each patient's images, and every one of them
+    with pytest.raises(ValueError, match="5 patient numbers for 6 images"):
+        ByPatient(inner, [0, 0, 1, 2, 2], seed=0)
+    x, _ = Multiplied(ByPatient(inner, [0] * 6, seed=1), 8)[0]  # copies pick their own image
+    assert len({float(v) for v in x[:, 0]}) > 1
 
 
 def test_multiplied_draws_each_item_k_times() -> None:
@@ -193,10 +231,10 @@ def test_a_dp_session_past_the_ceiling_trains_nothing_and_records_nothing(tmp_pa
                    ledger=ledger, grad_sample_mode=GradSampleMode.EW)
     spec = TrainSpec(batch_size=5, local_epochs=1, augment=False)
     model = _model()
-    train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="a")
+    train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="a", patients=range(20))
     before = state_arrays(model)
     with pytest.raises(BudgetExceeded, match="Nothing was trained or sent"):
-        train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="b")
+        train_local(model, data, spec=spec, labels=labels, dp=plan, ledger=ledger, run_id="b", patients=range(20))
     for key, value in state_arrays(model).items():
         np.testing.assert_array_equal(value, before[key], err_msg=key)
     assert [s.run_id for s in ledger.sessions()] == ["a"]
@@ -207,7 +245,7 @@ def test_dp_needs_the_ledger_and_training_needs_data(tmp_path: Path) -> None:
     data, labels = _volumes(10)
     plan = _plan(10, 5, epochs=1)
     with pytest.raises(ValueError, match="needs the site's ledger"):
-        train_local(_model(), data, spec=TrainSpec(batch_size=5), labels=labels, dp=plan)
+        train_local(_model(), data, spec=TrainSpec(batch_size=5), labels=labels, dp=plan, patients=range(10))
     empty = TensorDataset(torch.zeros(0, 1, 8, 8, 8), torch.zeros(0, 1))
     with pytest.raises(TrainingError, match="empty"):
         train_local(_model(), empty, spec=TrainSpec(), labels=[])
@@ -319,6 +357,18 @@ def test_evaluate_local_scores_each_study_by_its_highest_image(site: Path) -> No
     assert result.seconds >= 0
 
 
+def test_the_patient_of_each_image_follows_the_dataset_order(site: Path) -> None:
+    data = load_site_data([site], "breast-mg")
+    patients, uids = data.patients("train"), data.study_uids("train")
+    assert len(patients) == data.count("train") == len(data.dataset("train", train=False))
+    assert sorted(set(patients)) == list(range(data.count_patients("train")))
+    assert data.count_patients("train") < data.count("train")  # two views a study
+    for uid in set(uids):  # a study's views are one patient's
+        assert len({p for p, u in zip(patients, uids, strict=True) if u == uid}) == 1
+    pseudonyms = [item.patient_pseudonym for _, item in data.items["train"]]
+    assert len(set(zip(patients, pseudonyms, strict=True))) == data.count_patients("train")
+
+
 def test_evaluate_local_on_one_image_a_study_and_on_an_empty_split(site: Path) -> None:
     data = load_site_data([site], "lung-ct")
     result = evaluate_local(_model(), data, "test", threshold=0.0)
@@ -347,7 +397,8 @@ def test_bf16_mixed_precision_trains_and_the_weights_leave_as_float32(tmp_path: 
     placement = place("cpu", "bf16", dp_mode=mode.value if mode is not None else None)
     assert placement.amp_dtype == torch.bfloat16
     result = train_local(model, data, spec=TrainSpec(batch_size=4, local_epochs=1, augment=False), labels=labels,
-                         dp=dp, ledger=_ledger(tmp_path) if dp is not None else None, placement=placement)
+                         dp=dp, ledger=_ledger(tmp_path) if dp is not None else None, placement=placement,
+                         patients=range(12))
     after = state_arrays(model)
     assert np.isfinite(result.loss) and result.steps == 3
     assert {k: a.dtype for k, a in after.items()} == {k: a.dtype for k, a in before.items()}
