@@ -44,6 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     # Stored resolved: the report and a resume read them, and a later version's defaults must not change their meaning.
     flat_config[RunKey.NUM_ROUNDS] = config.federation.num_rounds
     flat_config[RunKey.SERVER_MOMENTUM] = config.federation.server_momentum
+    flat_config[RunKey.SERVER_LEARNING_RATE] = config.federation.server_learning_rate  # the task's, for FedAvg/FedProx
     flat_config[RunKey.LEARNING_RATE] = resolve_learning_rate(config.training.learning_rate,
                                                               segmentation=is_segmentation(config.model.task),
                                                               dp=config.privacy.enabled)
@@ -187,6 +188,9 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
     # Defaults of the versions that stored no such key: no momentum, and InstanceNorm (the default before 0.3.2).
     known = {RunKey.SERVER_MOMENTUM: 0.0, RunKey.NORM: "instance",
              **{k: v for k, v in stored.items() if k in KEYS and k != RunKey.RESUME}}
+    if float(known.get(RunKey.SERVER_LEARNING_RATE, 0) or 0) == 0:  # stored unresolved before 0.3.5: the mean itself
+        known[RunKey.SERVER_LEARNING_RATE] = 0.0 if str(known.get(RunKey.STRATEGY, "fedprox")) in (
+            "fedadam", "fedyogi") else 1.0
     then = from_flat(known)
     before, now = then.federation, config.federation
     segmentation = is_segmentation(config.model.task)

@@ -89,7 +89,7 @@ def parse_sets(values: Sequence[str]) -> dict[str, Any]:
 
 
 _SENTINELS = {RunKey.NUM_ROUNDS: 0.0, RunKey.LEARNING_RATE: 0.0, RunKey.SERVER_MOMENTUM: -1.0,
-              RunKey.PROXIMAL_MU: -1.0}
+              RunKey.PROXIMAL_MU: -1.0, RunKey.SERVER_LEARNING_RATE: 0.0}
 
 
 def _is_sentinel(key: str, value: str) -> bool:

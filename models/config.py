@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from models.evaluation import parse_rule
-from models.tasks import TASK_DIMS, is_segmentation, task_rounds
+from models.tasks import TASK_DIMS, is_segmentation, task_rounds, task_server_step
 
 __all__ = [
     "ADAPTIVE_SERVER_LR",
@@ -284,9 +284,11 @@ class FederationSpec:
         fraction_train: Share of connected sites asked to train each round.
         fraction_evaluate: Share asked to evaluate.
         min_sites: Sites needed before a round starts.
-        server_learning_rate: The server's step on the round's aggregated update; 0 (the default) lets
-            :func:`server_step` choose: 1 (the aggregate itself) for the averaging strategies,
-            :data:`ADAPTIVE_SERVER_LR` for FedAdam / FedYogi (Flower's ``eta``).
+        server_learning_rate: The server's step on the round's aggregated update; 0 (the default) is resolved when
+            the configuration is read for FedAvg and FedProx: the task's step (:func:`models.tasks.task_server_step`:
+            2 for breast MG without DP-SGD, else 1, the aggregate itself; 1 with BatchNorm); :func:`server_step` takes
+            1 for FedMedian and FedTrimmedAvg and :data:`ADAPTIVE_SERVER_LR` for FedAdam / FedYogi (Flower's
+            ``eta``).
         server_momentum: Momentum β of the server's step for the averaging strategies (FedAvgM, Hsu et al. 2019, as
             Flower's ``FedAvgM`` computes it): the step goes along ``v = β v + (aggregate − global)`` instead of the
             round's update alone; 0 is plain FedAvg / FedProx. −1 (the default) is resolved when the configuration is
@@ -398,17 +400,18 @@ def resolve_server_momentum(federation: FederationSpec, *, task: str, dp: bool, 
 
 
 def server_step(federation: FederationSpec) -> float:
-    """The server's step on a round's aggregated update: the run's ``server-learning-rate``, or by default
+    """The server's step on a round's aggregated update: the run's ``server-learning-rate`` (for FedAvg and FedProx
+    resolved by :func:`from_flat` to the task's, :func:`models.tasks.task_server_step`), or by default
     :data:`ADAPTIVE_SERVER_LR` for FedAdam / FedYogi and 1 (the aggregate itself) for the averaging strategies
-    (FedAvg, FedProx, FedMedian, FedTrimmedAvg).
+    (FedMedian, FedTrimmedAvg, and FedAvg or FedProx in a configuration built in code).
 
     A step above 1 moves the global model further along the sites' mean update: at the number of sites, a round of
-    one local epoch moves it about as far as an epoch over everyone's data. It is not the default because it did
-    not hold up: on the synthetic consortium it lifted colorectal CT at 10 rounds (AUROC 0.57 → 0.87 on 144
-    held-out studies, seed 0) but not at seed 1 (0.60 → 0.57), made lung unstable (0.997 → 0.86), and held
-    prostate MR at 30 rounds to 0.64-0.70 where the plain mean reached 0.86-0.91 (BENCHMARKS.md, "The recipe
-    search"). The step needs no state between rounds, so a resumed run steps as an uninterrupted one, and it works
-    under secure aggregation, where the server sees only the sum.
+    one local epoch moves it about as far as an epoch over everyone's data. It is breast MG's default (2) and no
+    other task's, because elsewhere it did not hold up: on the synthetic consortium it lifted colorectal CT at 10
+    rounds (AUROC 0.57 → 0.87 on 144 held-out studies, seed 0) but not at seed 1 (0.60 → 0.57), made lung unstable
+    (0.997 → 0.86), and held prostate MR at 30 rounds to 0.64-0.70 where the plain mean reached 0.86-0.91
+    (BENCHMARKS.md, "The recipe search"). The step needs no state between rounds, so a resumed run steps as an
+    uninterrupted one, and it works under secure aggregation, where the server sees only the sum.
 
     Args:
         federation: The run's federation settings.
@@ -667,6 +670,9 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
             federation = replace(federation, strategy=Strategy.FEDAVG)
     if federation.num_rounds == 0:
         federation = replace(federation, num_rounds=task_rounds(model.task, dp=privacy.enabled))
+    if (federation.server_learning_rate == 0.0 and federation.strategy in (Strategy.FEDAVG, Strategy.FEDPROX)
+            and model.norm != Norm.BATCH):
+        federation = replace(federation, server_learning_rate=task_server_step(model.task, dp=privacy.enabled))
     federation = replace(federation, server_momentum=resolve_server_momentum(
         federation, task=model.task, dp=privacy.enabled, norm=model.norm))
     result = RunConfig(

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="colorectal-ct", choices=IMAGE_TASKS + SEG_TASKS)
     parser.add_argument("--rounds", type=int, default=10, help="rounds (= epochs of --pooled / --single)")
     parser.add_argument("--server", default="avg", choices=["avg", "avgm", "adam"])
-    parser.add_argument("--step", type=float, default=1.0, help="the server step of avg and avgm")
+    parser.add_argument("--step", type=float, default=None,
+                        help="the server step of avg and avgm (default: the run config's, the task's for FedProx)")
     parser.add_argument("--schedule", default="", choices=["", "cos"], help="cos: decay the step to 1 over the rounds")
     parser.add_argument("--momentum", type=float, default=0.9, help="avgm's server momentum")
     parser.add_argument("--eta", type=float, default=0.01, help="adam's server step")
@@ -199,7 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     from fl_client.privacy import PrivacyLedger
     from fl_client.train import plan_dp, train_local
     from imaging.sitedata import load_site_data
-    from models.config import ConfigError, Norm, from_flat, proximal_mu_of, resolve_batch, resolved_grad_sample_mode
+    from models.config import (
+        ConfigError,
+        Norm,
+        from_flat,
+        proximal_mu_of,
+        resolve_batch,
+        resolved_grad_sample_mode,
+        server_step,
+    )
     from models.nets import build_model
 
     console = Console()
@@ -219,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]--set dp=true runs the federation only: the site's DP plan is per site and round[/]")
         return 2
     torch.set_num_threads(args.threads)
+    if args.step is None:  # the run's step: the task's default for FedAvg / FedProx (models.tasks.task_server_step)
+        args.step = server_step(config.federation) if args.server in ("avg", "avgm") else 1.0
     if args.server == "avg" and config.federation.server_momentum > 0:  # the run's own (a segmentation default)
         args.server, args.momentum = "avgm", config.federation.server_momentum
     federated = not (args.pooled or args.single)

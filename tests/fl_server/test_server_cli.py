@@ -72,15 +72,22 @@ def test_the_run_config_sent_carries_the_count_of_rounds_the_server_runs(tmp_pat
     assert _run_config(args("task=colorectal-ct", "num-rounds=25", resume=True))["num-rounds"] == 25
 
 
+def from_flat_step(flat: dict[str, object]) -> float:
+    from models.config import from_flat, server_step
+
+    return server_step(from_flat(flat).federation)
+
+
 def test_a_default_sentinel_in_set_waits_for_the_runs_task() -> None:
     """``--set server-momentum=-1`` (or ``num-rounds=0``, ``learning-rate=0``) means "the task's default": it is kept
     as given, to be resolved with the run's task, not against the default task."""
     from fl_server.cli import parse_sets
 
     sets = parse_sets(["server-momentum=-1", "num-rounds=0", "learning-rate=0", "local-epochs=2", "proximal-mu=-1",
-                       "norm=auto"])
+                       "norm=auto", "server-learning-rate=0"])
     assert sets == {"server-momentum": "-1", "num-rounds": "0", "learning-rate": "0", "local-epochs": 2,
-                    "proximal-mu": "-1", "norm": "auto"}
+                    "proximal-mu": "-1", "norm": "auto", "server-learning-rate": "0"}
+    assert from_flat_step({"task": "breast-mg", **sets}) == 2.0  # breast's step, not the default task's 1
     # Resolved with the run's task: the colorectal network with BatchNorm, and its run a FedProx run.
     from models.config import from_flat
 

@@ -123,8 +123,9 @@ def test_the_server_steps_along_the_mean_update_by_the_runs_server_learning_rate
     w = [base + u for u in updates(3)]
     counts = [10, 30, 60]
     mean = sum(c * x.astype(np.float64) for c, x in zip(counts, w, strict=True)) / sum(counts)
-    for extra, step in (({}, 1.0), ({"server-learning-rate": 3}, 3.0), ({"server-learning-rate": 1.5}, 1.5)):
-        config = from_flat({"task": "breast-mg", **extra})
+    for extra, step in (({}, 1.0), ({"server-learning-rate": 3}, 3.0), ({"server-learning-rate": 1.5}, 1.5),
+                        ({"task": "breast-mg"}, 2.0)):  # breast's own default (models.tasks.TASK_SERVER_STEP)
+        config = from_flat({"task": "lung-ct", **extra})
         store = RunStore.create(tmp_path / str(step), run_id="t", run_config={"task": "breast-mg"})
         s = ConsortiumStrategy(build_strategy(config), store=store, reference={"weights": base}, run_config={},
                                server_step=server_step(config.federation))
@@ -134,6 +135,11 @@ def test_the_server_steps_along_the_mean_update_by_the_runs_server_learning_rate
         np.testing.assert_allclose(arrays["weights"].numpy(), base + step * (mean - base), rtol=1e-5, atol=1e-6)
         assert arrays["weights"].numpy().dtype == np.float32
         assert json.loads((store.root / "history.json").read_text())["rounds"][0]["server_step"] == step
+    # Breast steps 2 under FedAvg and FedProx without DP-SGD; 1 under DP-SGD (unmeasured there), with the robust
+    # aggregates, and where the run sets its own.
+    for extra, step in (({"dp": "true"}, 1.0), ({"strategy": "fedmedian"}, 1.0), ({"strategy": "fedavg"}, 2.0),
+                        ({"server-learning-rate": 1}, 1.0), ({"secure-aggregation": "true", "min-sites": 3}, 2.0)):
+        assert server_step(from_flat({"task": "breast-mg", **extra}).federation) == step, extra
     adam = from_flat({"strategy": "fedadam"})
     assert server_step(adam.federation) == ADAPTIVE_SERVER_LR == build_strategy(adam).eta
     assert build_strategy(from_flat({"strategy": "fedyogi", "server-learning-rate": 0.05})).eta == 0.05
@@ -257,8 +263,17 @@ def test_a_resume_forgets_what_an_interrupted_round_left_and_keeps_its_aggregati
     store.checkpoint(3, {"weights": GLOBAL}, {})
     assert store.server_state(3) is None
 
-    stored = {"task": "breast-mg", "strategy": "fedavg", "server-momentum": 0.9, "num-rounds": 4}
+    stored = {"task": "lung-ct", "strategy": "fedavg", "server-momentum": 0.9, "num-rounds": 4}
     check_resumed_federation(stored, from_flat(stored), "run")  # the same aggregation resumes
+    # A breast run of a version that stored no resolved step ran at the mean itself (1); today's default (2) would
+    # change it, so the lead resumes it with server-learning-rate=1. From 0.3.5 the run stores the step it resolved.
+    breast = {"task": "breast-mg", "strategy": "fedprox", "server-learning-rate": 0, "num-rounds": 4}
+    with pytest.raises(ValueError, match="it ran with server-learning-rate=1.0"):
+        check_resumed_federation(breast, from_flat({"task": "breast-mg", "num-rounds": 4}), "run")
+    check_resumed_federation(breast, from_flat({"task": "breast-mg", "num-rounds": 4, "server-learning-rate": 1}),
+                             "run")
+    now = {**breast, "server-learning-rate": 2.0}  # what the server stores from 0.3.5
+    check_resumed_federation(now, from_flat({"task": "breast-mg", "num-rounds": 4}), "run")
     for change, key in (({"server-momentum": 0.0}, "server-momentum"), ({"strategy": "fedprox"}, "strategy"),
                         ({"server-learning-rate": 2}, "server-learning-rate"),
                         ({"learning-rate": 0.01}, "learning-rate")):
