@@ -50,8 +50,8 @@ DP_TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
 # whose run sets no ``server-learning-rate``; every other task steps 1, the mean itself). A round of FedAvg averages
 # the three sites' updates, so it moves about a third as far as an epoch over everyone's data: breast MG was still
 # climbing after 10 rounds, 0.94-0.95 x pooled on two draws of three and significantly below one site alone on one
-# (DeLong's paired test). At step 2: 1.02 / 0.98 / 0.99 x pooled, no draw significantly below pooled or any site,
-# and significantly above every site on the first (BENCHMARKS.md, "Breast at server step 2"). A larger step was not
+# (DeLong's paired test). At step 2, over five draws: 0.98-1.02 x pooled, none significantly below any site alone,
+# the first significantly above pooled and every site (BENCHMARKS.md, "breast at server step 2"). A larger step was not
 # kept for the other tasks: step 2 and 3 made lung unstable, and colorectal and prostate at their rounds did
 # better at 1 ("The recipe search"). Under DP-SGD the step multiplies the sites' noise along with their signal, and
 # it was not measured there: 1.
