@@ -1,10 +1,12 @@
 """The site's data summary for the consortium: what it holds, before any training, with nothing that identifies.
 
-Per task: usable and labelled studies, label balance per split, the series' vendors (a fixed list, never the
-Manufacturer tag's text), slice thickness, pixel spacing and MR field strength on fixed bins, and a histogram of
-the preprocessed images' values on fixed bins (what the network sees). Every key is one of
-:func:`models.protocol.summary_keys`; every count above 0 and below the site's minimum (policy ``min_count``,
-default 5) is replaced by :data:`models.protocol.SUPPRESSED`. The reply passes the egress guard and is logged.
+Per task: usable and labelled studies, label balance per split (studies, not images: a mammography study has
+several views), training patients (DP-SGD's unit of privacy, so the lead can foresee a site's noise), the series'
+vendors (a fixed list, never the Manufacturer tag's text), slice thickness, pixel spacing and MR field strength on
+fixed bins, and a histogram of the preprocessed images' values on fixed bins (what the network sees). Every key is
+one of :func:`models.protocol.summary_keys`; every count above 0 and below the site's minimum (policy
+``min_count``, default 5) is replaced by :data:`models.protocol.SUPPRESSED`. The reply passes the egress guard and is
+logged.
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ def site_summary(workspace: Path, *, min_count: int = 5) -> dict[str, float]:
             put(f"{name}:studies", name, int(studies))
             put(f"{name}:labelled", name, len({i.study_uid for i in items}))
             for split in Split:
-                labels = Counter(i.label for i in items if i.split == split)
+                labels = Counter(label for _, label in {(i.study_uid, i.label) for i in items if i.split == split})
                 put(f"{name}:{split}:pos", name, labels[1])
                 put(f"{name}:{split}:neg", name, labels[0])
+            put(f"{name}:train:patients", name, len({i.patient_pseudonym for i in items if i.split == Split.TRAIN}))
             vendors = Counter(vendor_of(str(r[0] or "")) for r in series)
             models = Counter(model_family_of(str(r[4] or "")) for r in series)
             slices = Counter(slice_bin(float(r[1])) for r in series if r[1])

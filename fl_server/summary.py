@@ -95,6 +95,7 @@ def build_summary(replies: Iterable[Mapping[str, Any]], *, run_config: Mapping[s
             for split in Split:
                 row[f"{split}_pos"] = _count(v, f"{task}:{split}:pos")
                 row[f"{split}_neg"] = _count(v, f"{task}:{split}:neg")
+            row["train_patients"] = _count(v, f"{task}:train:patients") if f"{task}:train:patients" in v else None
             for prefix, names in (("vendor", VENDORS), ("model", MODEL_FAMILIES),
                                   ("slice-mm", SLICE_MM_BINS), ("pixel-mm", PIXEL_MM_BINS),
                                   ("field-t", FIELD_T_BINS)):
@@ -111,8 +112,9 @@ def build_summary(replies: Iterable[Mapping[str, Any]], *, run_config: Mapping[s
 
 
 def dp_noise(samples: int, run_config: Mapping[str, Any]) -> tuple[float, float]:
-    """The DP-SGD noise multiplier a site of ``samples`` training studies needs for the run's ε over all its steps,
-    and its expected batch (Poisson rate and steps as the sites count them; δ = 1/(10 n) when the run sets none)."""
+    """The DP-SGD noise multiplier a site of ``samples`` training patients (DP-SGD's unit of privacy) needs for the
+    run's ε over all its steps, and its expected batch (Poisson rate and steps as the sites count them; δ = 1/(10 n)
+    when the run sets none)."""
     import math
 
     from opacus.accountants.utils import get_noise_multiplier
@@ -153,11 +155,15 @@ def warnings_of(doc: Mapping[str, Any], run_config: Mapping[str, Any]) -> list[s
                                "cannot be computed there")
                 if neg == 0 and (pos or 0) != 0:
                     out.append(f"{task}: site {r['site']} has no negative study in its {split} split")
-            train = int((r["train_pos"] or 0) + (r["train_neg"] or 0))
+            # DP-SGD samples patients: their count where the site sent it (a site before 0.3.5 did not, and its
+            # training studies are then the nearest figure: at least as many as its patients).
+            patients = r.get("train_patients")
+            train = int(patients) if patients else int((r["train_pos"] or 0) + (r["train_neg"] or 0))
+            unit = "training patients" if patients else "training studies"
             if dp and task == task_of_run and train > 0:
                 sigma, batch = dp_noise(train, run_config)
                 if sigma / batch > NOISE_PER_BATCH:
-                    out.append(f"{task}: site {r['site']} has about {train} training studies; DP-SGD at the run's "
+                    out.append(f"{task}: site {r['site']} has about {train} {unit}; DP-SGD at the run's "
                                f"ε over all its rounds needs a noise multiplier of {sigma:.1f} on batches of about "
                                f"{batch:.0f} ({sigma / batch:.2f} of the clipping norm on each averaged gradient, "
                                f"above {NOISE_PER_BATCH:g}): learning is unlikely; fewer rounds or a larger ε help")

@@ -282,7 +282,7 @@ def summary_keys(tasks: tuple[str, ...]) -> frozenset[str]:
     """Every key a site's data summary may hold for ``tasks`` (``models.tasks.TASK_DIMS`` in practice)."""
     keys = set()
     for task in tasks:
-        keys |= {f"{task}:studies", f"{task}:labelled", f"{task}:suppressed"}
+        keys |= {f"{task}:studies", f"{task}:labelled", f"{task}:suppressed", f"{task}:train:patients"}
         keys |= {f"{task}:{split}:{label}" for split in Split for label in ("pos", "neg")}
         keys |= {f"{task}:vendor:{v}" for v in VENDORS}
         keys |= {f"{task}:model:{m}" for m in MODEL_FAMILIES}

@@ -62,6 +62,8 @@ def test_the_site_answers_with_counts_on_fixed_bins_and_suppresses_small_ones(wo
     book.set_policy(SitePolicy(min_count=1), who="dpo")
     loose = {k: float(v) for k, v in _query(workspace).content["summary"].items()}
     assert SUPPRESSED not in loose.values()
+    # DP-SGD's unit: the training patients (at most the training studies; a patient may have several)
+    assert 1 <= loose["lung-ct:train:patients"] <= loose["lung-ct:train:pos"] + loose["lung-ct:train:neg"]
     book.set_policy(SitePolicy(share_summary=False), who="dpo")
     refused = _query(workspace)
     assert refused.content["metrics"]["refused"] == 1 and "summary" not in refused.content
@@ -100,8 +102,10 @@ def test_the_lead_reads_warnings_in_plain_words(tmp_path: Path) -> None:
     replies = [_site("a", val_pos=6, vendor="siemens", slices="1-2", hist=flat, train=30),
                _site("b", val_pos=0, vendor="siemens", slices="1-2", hist=flat, train=30),
                _site("c", val_pos=SUPPRESSED, vendor="ge", slices="1-2", hist=peaked, train=120),
+               _site("e", val_pos=6, vendor="siemens", slices="1-2", hist=flat, train=120),
                {"site": "d", "refused": {"code": "summary-not-shared", "reason": "this site does not share a data "
                                                                                  "summary"}}]
+    replies[3]["values"]["lung-ct:train:patients"] = 30.0  # 120 studies of 30 patients: DP-SGD samples the 30
     doc = build_summary(replies, run_config={"task": "lung-ct", "dp": True, "dp-epsilon": 2.0, "num-rounds": 10})
     text = "\n".join(doc["warnings"])
     assert "site b has no positive study in its val split" in text
@@ -110,6 +114,7 @@ def test_the_lead_reads_warnings_in_plain_words(tmp_path: Path) -> None:
     assert "site c's preprocessed intensities are far from the others'" in text
     assert "site a has about 30 training studies; DP-SGD at the run's ε over all its rounds needs a noise " in text
     assert "site c has about" not in text  # 120 training studies: little noise needed
+    assert "site e has about 30 training patients; DP-SGD" in text
     assert doc["refused"] == [{"site": "d", "code": "summary-not-shared",
                                "reason": "this site does not share a data summary"}]
     assert warnings_of(doc, {"task": "lung-ct"}) == [w for w in doc["warnings"] if "DP-SGD" not in w]
