@@ -125,9 +125,16 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
         started = args.run_dir / "config.json"
         if started.is_file():
             stored = json.loads(started.read_text()).get("run_config") or {}
+            asked = set(run_config)
             for key, value in stored.items():
                 if key in KEYS and key not in run_config and key not in (RunKey.RESUME, RunKey.RUN_DIR):
                     run_config[key] = value
+            # A run started before 0.3.5 stored its server step unresolved (0), and stepped the mean itself under an
+            # averaging strategy; today's 0 would be the task's step (breast: 2), so the resume keeps the 1 it ran.
+            if (RunKey.SERVER_LEARNING_RATE not in asked
+                    and float(stored.get(RunKey.SERVER_LEARNING_RATE, 1) or 0) == 0
+                    and str(stored.get(RunKey.STRATEGY, "fedprox")) not in ("fedadam", "fedyogi")):
+                run_config[RunKey.SERVER_LEARNING_RATE] = 1.0
     elif (args.run_dir / "history.json").exists():
         raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
     try:

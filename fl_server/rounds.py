@@ -105,23 +105,28 @@ class RoundRecorder:
         self.record["dropped"].append({"site": site, "reason": reason})
 
     def warn_momentum_under_dp(self, momentum: float, dp_sites: Iterable[str],
-                               warned: set[str]) -> list[dict[str, str]]:
+                               warned: set[str], *, step: float = 1.0) -> list[dict[str, str]]:
         """Warn of sites whose update was aggregated under DP-SGD (the run's, or their own policy's) while the server
-        steps with momentum: once per site and run (``warned``, updated, holds the sites warned of before; see
+        steps with momentum, or further than the mean update (``step`` above 1: breast's default in a run that did
+        not ask for DP-SGD): once per site and run (``warned``, updated, holds the sites warned of before; see
         :func:`warned_sites`).
 
         Momentum adds up the noise of successive rounds along with their signal: under DP-SGD at ε = 8 it cost
         3–9 % AUROC against the same DP run without it (BENCHMARKS.md), which is why a run's automatic momentum is 0
-        under DP. It changes no site's ε: it works on updates that have left the sites.
+        under DP; a longer step multiplies the noise with the signal, and was not measured under DP, which is why a
+        run with ``dp=true`` steps 1. Neither changes a site's ε: they work on updates that have left the sites.
 
         Returns:
             The warnings recorded now."""
-        if momentum <= 0:
+        if momentum <= 0 and step <= 1:
             return []
-        new = [{"site": site, "reason": (
-            f"the site trains under DP-SGD and the server steps with momentum {momentum:g}: momentum adds up the "
-            "noise of successive rounds with their signal (it cost 3-9 % AUROC at epsilon 8 in the benchmarks); "
-            "start such a run with --set server-momentum=0")} for site in sorted(set(dp_sites) - warned)]
+        what = (f"with momentum {momentum:g}: momentum adds up the noise of successive rounds with their signal (it "
+                "cost 3-9 % AUROC at epsilon 8 in the benchmarks); start such a run with --set server-momentum=0"
+                if momentum > 0 else
+                f"{step:g} times along the mean update, which multiplies the sites' noise with their signal (not "
+                "measured under DP-SGD); start such a run with --set dp=true, which steps 1")
+        new = [{"site": site, "reason": f"the site trains under DP-SGD and the server steps {what}"}
+               for site in sorted(set(dp_sites) - warned)]
         self.record.setdefault("warnings", []).extend(new)
         warned.update(w["site"] for w in new)
         return new

@@ -102,9 +102,10 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
                 recorder.record["server_step"] = stepper.step
                 if stepper.momentum:
                     recorder.record["server_momentum"] = stepper.momentum
+                if stepper.momentum or stepper.step > 1:
                     dp_sites = [str(res.metrics.get(SiteKey.SITE_ID, "?")) for _, res in results
                                 if res.metrics.get(Metric.DP) == 1]
-                    for w in recorder.warn_momentum_under_dp(stepper.momentum, dp_sites, warned):
+                    for w in recorder.warn_momentum_under_dp(stepper.momentum, dp_sites, warned, step=stepper.step):
                         log.warning("round %d: site %s: %s", rnd, w["site"], w["reason"])
                 flat = stepper.apply_arrays({"flat": np.asarray(final["flat"], dtype=np.float32)},
                                             {"flat": parameters_to_ndarrays(parameters)[0]})["flat"]

@@ -10,7 +10,8 @@ FedMedian, FedTrimmedAvg). :class:`ConsortiumStrategy` wraps it: it is a Flower 
 - per-site training and evaluation metrics, timings and framework overhead per round;
 - round numbers continued after a resume, and a checkpoint after every round;
 - for the averaging strategies, the server's step along the round's aggregated update
-  (:func:`models.config.server_step`: 1, the aggregate itself, unless the run sets ``server-learning-rate``),
+  (:func:`models.config.server_step`: the task's, 1 (the aggregate itself) but for breast MG's 2
+  (:data:`models.tasks.TASK_SERVER_STEP`), unless the run sets ``server-learning-rate``),
   with server momentum when the run sets ``server-momentum`` (FedAvgM: :class:`ServerStep`);
 - the server's optimiser state (the momentum, FedAdam's and FedYogi's moments) saved with every round's
   checkpoint and restored on resume, so a resumed run steps as an uninterrupted one.
@@ -69,8 +70,8 @@ RECIPES: MappingProxyType[str, dict[str, Any]] = MappingProxyType({
 })
 """Named federated recipes as run-config values, the ones the benchmarks compare: "default" is the run config's
 own defaults as each task resolves them (BatchNorm for the colorectal CT classifier, where the recipe can train it:
-FedAvg and FedProx at step 1; the stepped, momentum and adaptive recipes train InstanceNorm); "norm-instance" and
-"norm-none" give it InstanceNorm or no normalisation (and a FedAvg run); the plain recipes pin
+FedAvg and FedProx at step 1; breast MG at step 2; the stepped, momentum and adaptive recipes train InstanceNorm);
+"norm-instance" and "norm-none" give it InstanceNorm or no normalisation (and a FedAvg run); the plain recipes pin
 ``server-momentum`` to 0 (a segmentation task's default would add it); "fedavg-step3" steps three times along the
 mean update (with three sites, about as far as a pooled epoch); "fedavgm" is Flower's FedAvgM at β 0.9."""
 
@@ -311,8 +312,10 @@ class ConsortiumStrategy(FlowerStrategy):
             recorder.record["server_step"] = self.stepper.step
             if self.stepper.momentum:
                 recorder.record["server_momentum"] = self.stepper.momentum
+            if self.stepper.momentum or self.stepper.step > 1:
                 dp_sites = [site_of(m, self._names, self._grid) for m in kept if _metrics(m).get(Metric.DP) == 1]
-                for w in recorder.warn_momentum_under_dp(self.stepper.momentum, dp_sites, self._warned):
+                for w in recorder.warn_momentum_under_dp(self.stepper.momentum, dp_sites, self._warned,
+                                                         step=self.stepper.step):
                     log.warning("round %d: site %s: %s", rnd, w["site"], w["reason"])
             arrays = self.stepper.apply(sent, arrays)
         elif arrays is not None and sent:

@@ -286,9 +286,9 @@ class FederationSpec:
         min_sites: Sites needed before a round starts.
         server_learning_rate: The server's step on the round's aggregated update; 0 (the default) is resolved when
             the configuration is read for FedAvg and FedProx: the task's step (:func:`models.tasks.task_server_step`:
-            2 for breast MG without DP-SGD, else 1, the aggregate itself; 1 with BatchNorm); :func:`server_step` takes
-            1 for FedMedian and FedTrimmedAvg and :data:`ADAPTIVE_SERVER_LR` for FedAdam / FedYogi (Flower's
-            ``eta``).
+            2 for breast MG without DP-SGD, else 1, the aggregate itself; 1 with BatchNorm or server momentum);
+            :func:`server_step` takes 1 for FedMedian and FedTrimmedAvg and :data:`ADAPTIVE_SERVER_LR` for FedAdam /
+            FedYogi (Flower's ``eta``).
         server_momentum: Momentum β of the server's step for the averaging strategies (FedAvgM, Hsu et al. 2019, as
             Flower's ``FedAvgM`` computes it): the step goes along ``v = β v + (aggregate − global)`` instead of the
             round's update alone; 0 is plain FedAvg / FedProx. −1 (the default) is resolved when the configuration is
@@ -670,11 +670,12 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
             federation = replace(federation, strategy=Strategy.FEDAVG)
     if federation.num_rounds == 0:
         federation = replace(federation, num_rounds=task_rounds(model.task, dp=privacy.enabled))
-    if (federation.server_learning_rate == 0.0 and federation.strategy in (Strategy.FEDAVG, Strategy.FEDPROX)
-            and model.norm != Norm.BATCH):
-        federation = replace(federation, server_learning_rate=task_server_step(model.task, dp=privacy.enabled))
     federation = replace(federation, server_momentum=resolve_server_momentum(
         federation, task=model.task, dp=privacy.enabled, norm=model.norm))
+    # The task's step was measured on the plain mean: not with BatchNorm, nor on top of server momentum.
+    if (federation.server_learning_rate == 0.0 and federation.strategy in (Strategy.FEDAVG, Strategy.FEDPROX)
+            and model.norm != Norm.BATCH and federation.server_momentum == 0.0):
+        federation = replace(federation, server_learning_rate=task_server_step(model.task, dp=privacy.enabled))
     result = RunConfig(
         model=model,
         training=training,
@@ -774,7 +775,7 @@ def validate(config: RunConfig) -> None:
                f"must be in (0, 1] for {f.strategy.value}, or 0 for {ADAPTIVE_SERVER_LR}")
     else:
         _check(0.0 <= f.server_learning_rate <= 100.0, RunKey.SERVER_LEARNING_RATE,
-               "must be in (0, 100], or 0 for the default of 1 (the plain mean)")
+               "must be in (0, 100], or 0 for the task's default (1, the plain mean; 2 for breast-mg)")
     _check(0.0 <= f.server_momentum < 1.0, RunKey.SERVER_MOMENTUM,
            "must be in [0, 1): 0 is off, 0.9 is usual; or -1 for the task's default")
     _check(f.server_momentum == 0.0 or f.strategy in AVERAGING, RunKey.SERVER_MOMENTUM,

@@ -70,6 +70,12 @@ def test_the_run_config_sent_carries_the_count_of_rounds_the_server_runs(tmp_pat
                                                                              "num-rounds": 20}}))
     assert _run_config(args("task=colorectal-ct", resume=True))["num-rounds"] == 20
     assert _run_config(args("task=colorectal-ct", "num-rounds=25", resume=True))["num-rounds"] == 25
+    # A breast run from before 0.3.5 stored its step unresolved and stepped the mean itself: it resumes at 1, not at
+    # today's default of 2, unless --set says otherwise.
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"run_config": {
+        "task": "breast-mg", "strategy": "fedprox", "server-learning-rate": 0, "num-rounds": 10}}))
+    assert _run_config(args(resume=True))["server-learning-rate"] == 1.0
+    assert _run_config(args("server-learning-rate=3", resume=True))["server-learning-rate"] == 3.0
 
 
 def from_flat_step(flat: dict[str, object]) -> float:

@@ -138,7 +138,8 @@ def test_the_server_steps_along_the_mean_update_by_the_runs_server_learning_rate
     # Breast steps 2 under FedAvg and FedProx without DP-SGD; 1 under DP-SGD (unmeasured there), with the robust
     # aggregates, and where the run sets its own.
     for extra, step in (({"dp": "true"}, 1.0), ({"strategy": "fedmedian"}, 1.0), ({"strategy": "fedavg"}, 2.0),
-                        ({"server-learning-rate": 1}, 1.0), ({"secure-aggregation": "true", "min-sites": 3}, 2.0)):
+                        ({"server-learning-rate": 1}, 1.0), ({"secure-aggregation": "true", "min-sites": 3}, 2.0),
+                        ({"server-momentum": 0.9}, 1.0)):  # not stacked on momentum (measured on the plain mean)
         assert server_step(from_flat({"task": "breast-mg", **extra}).federation) == step, extra
     adam = from_flat({"strategy": "fedadam"})
     assert server_step(adam.federation) == ADAPTIVE_SERVER_LR == build_strategy(adam).eta
@@ -358,4 +359,10 @@ def test_a_site_under_dp_sgd_while_the_server_uses_momentum_is_warned_of_once(tm
     assert "server-momentum=0" in warned[0]["warnings"][0]["reason"]
     page = write_report(tmp_path / "momentum").read_text()
     assert "warning" in page and "momentum 0.9" in page
-    assert all("warnings" not in r for r in rounds(_composed(tmp_path, "plain", {"strategy": "fedavg"})))
+    plain = {"strategy": "fedavg", "server-learning-rate": 1}
+    assert all("warnings" not in r for r in rounds(_composed(tmp_path, "plain", plain)))
+    # Breast's longer default step (2, chosen for runs without DP-SGD) multiplies a DP site's noise: warned too.
+    stepped = rounds(_composed(tmp_path, "stepped", {"strategy": "fedavg"}))
+    assert [[w["site"] for w in r.get("warnings", [])] for r in stepped] == [["s1"], []]
+    assert "steps 2 times along the mean update" in stepped[0]["warnings"][0]["reason"]
+    assert "--set dp=true" in stepped[0]["warnings"][0]["reason"]
