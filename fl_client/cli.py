@@ -947,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default="cpu",
                    help="cpu (default: coarse voxels, for CPUs) or diagnostic (radiological voxel sizes, for GPUs)")
     p.add_argument("--batch-size", type=int, default=0,
-                   help="samples per step; 0 (default): 4, or an expected 16 under DP-SGD")
+                   help="images per step; 0 (default): 4, or an expected 16 patients under DP-SGD (one image each)")
     p.add_argument("--lr", type=float, default=0.0,
                    help="learning rate; 0 (default): 1e-3, or 3e-3 for a *-seg task or under DP-SGD (--dp-epsilon)")
     p.add_argument("--operating-point", default="youden",

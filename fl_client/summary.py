@@ -76,7 +76,11 @@ def site_summary(workspace: Path, *, min_count: int = 5) -> dict[str, float]:
             put(f"{name}:studies", name, int(studies))
             put(f"{name}:labelled", name, len({i.study_uid for i in items}))
             for split in Split:
-                labels = Counter(label for _, label in {(i.study_uid, i.label) for i in items if i.split == split})
+                per_study: dict[str, int] = {}  # a study's label: its images' highest (one image's lesion is its)
+                for i in items:
+                    if i.split == split:
+                        per_study[i.study_uid] = max(per_study.get(i.study_uid, 0), i.label)
+                labels = Counter(per_study.values())
                 put(f"{name}:{split}:pos", name, labels[1])
                 put(f"{name}:{split}:neg", name, labels[0])
             put(f"{name}:train:patients", name, len({i.patient_pseudonym for i in items if i.split == Split.TRAIN}))
@@ -91,7 +95,7 @@ def site_summary(workspace: Path, *, min_count: int = 5) -> dict[str, float]:
                 for key, count in counts.items():
                     put(prefix + key, name, count)
             train = [i for i in items if i.split == Split.TRAIN][:INTENSITY_SAMPLE]
-            if len(train) >= min_count:  # a histogram of fewer images could describe one patient
+            if len({i.patient_pseudonym for i in train}) >= min_count:  # fewer patients' images could describe one
                 edges = _intensity_edges(preset.intensity)
                 hist = np.zeros(INTENSITY_BINS)
                 dataset = cached_dataset(train, preset, workspace=workspace, train=False)

@@ -190,13 +190,17 @@ class ByPatient(Dataset[Any]):
         groups: dict[int, list[int]] = {}
         for index, patient in enumerate(patients):
             groups.setdefault(int(patient), []).append(index)
-        self.inner, self.groups = inner, list(groups.values())
+        self.inner, self.groups, self.seed = inner, list(groups.values()), seed
         self.rng = np.random.default_rng(seed)
+        self.worker: int | None = None
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, index: int) -> Any:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self.worker != info.seed:  # a loader worker (GPU): its own draws, not a copy's
+            self.worker, self.rng = info.seed, np.random.default_rng([self.seed, info.seed])
         images = self.groups[index]
         return self.inner[images[int(self.rng.integers(len(images)))] if len(images) > 1 else images[0]]
 
@@ -300,8 +304,11 @@ def train_local(
     batch = resolve_batch(spec.batch_size, dp=dp is not None)
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=min(batch, n), shuffle=True, drop_last=False,
                                          generator=generator, **loader_options(device))
+    # Under DP-SGD the classes weigh alike: a weight from the split's labels would let one patient's label change
+    # every other patient's clipped gradient, which the noise is not calibrated for.
+    pos_weight = 1.0 if dp is not None else pos_weight_of(labels)
     criterion: Any = (segmentation_loss() if segmentation else
-                      nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight_of(labels)], device=device)))
+                      nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], device=device)))
     spec = replace(spec, learning_rate=resolve_learning_rate(spec.learning_rate, segmentation=segmentation,
                                                              dp=dp is not None))
     optimizer = _optimizer(model, spec)

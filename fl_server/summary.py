@@ -96,6 +96,7 @@ def build_summary(replies: Iterable[Mapping[str, Any]], *, run_config: Mapping[s
                 row[f"{split}_pos"] = _count(v, f"{task}:{split}:pos")
                 row[f"{split}_neg"] = _count(v, f"{task}:{split}:neg")
             row["train_patients"] = _count(v, f"{task}:train:patients") if f"{task}:train:patients" in v else None
+            row["train_patients_few"] = v.get(f"{task}:train:patients") == SUPPRESSED  # fewer than the site's minimum
             for prefix, names in (("vendor", VENDORS), ("model", MODEL_FAMILIES),
                                   ("slice-mm", SLICE_MM_BINS), ("pixel-mm", PIXEL_MM_BINS),
                                   ("field-t", FIELD_T_BINS)):
@@ -160,7 +161,10 @@ def warnings_of(doc: Mapping[str, Any], run_config: Mapping[str, Any]) -> list[s
             patients = r.get("train_patients")
             train = int(patients) if patients else int((r["train_pos"] or 0) + (r["train_neg"] or 0))
             unit = "training patients" if patients else "training studies"
-            if dp and task == task_of_run and train > 0:
+            if dp and task == task_of_run and r.get("train_patients_few"):
+                out.append(f"{task}: site {r['site']} has fewer training patients than its minimum count (sent "
+                           "suppressed): DP-SGD cannot learn from so few; leave the site out of a DP run")
+            elif dp and task == task_of_run and train > 0:
                 sigma, batch = dp_noise(train, run_config)
                 if sigma / batch > NOISE_PER_BATCH:
                     out.append(f"{task}: site {r['site']} has about {train} {unit}; DP-SGD at the run's "

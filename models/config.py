@@ -713,7 +713,7 @@ def dp_outlook(noise_multiplier: float, expected_batch: float) -> str | None:
         return None
     return (f"DP-SGD noise multiplier {noise_multiplier:.2f} on batches of about {expected_batch:.0f}: the noise on "
             f"each averaged gradient is {share:.2f} of the clipping norm (above {DP_NOISE_PER_BATCH:g}), so learning "
-            "is unlikely; more studies per site, a larger batch, fewer rounds or epochs, or a larger ε help")
+            "is unlikely; more patients per site, a larger batch, fewer rounds or epochs, or a larger ε help")
 
 
 def resolved_grad_sample_mode(config: RunConfig) -> GradSampleMode:

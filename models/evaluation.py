@@ -121,7 +121,8 @@ class AurocDifference:
         low: Lower end of the difference's 95 % interval.
         high: Upper end.
         se: DeLong's standard error of the difference (the two AUROCs' covariance subtracted).
-        p_value: Two-sided p-value of no difference (normal approximation; 1.0 when the scores rank the cases alike).
+        p_value: Two-sided p-value of no difference (normal approximation; 1.0 when the scores rank the cases alike,
+            NaN with the interval when the two differ but the placements do not vary: no test is possible).
         positives: Positive cases behind it.
         negatives: Negative cases behind it.
     """
@@ -184,23 +185,26 @@ def compare_aurocs(labels: Sequence[int] | np.ndarray, first: Sequence[float] | 
     """Whether two models' AUROCs on the same cases differ: DeLong's paired test (DeLong et al. 1988).
 
     The two AUROCs share their cases, so the variance of their difference is the sum of their variances less twice
-    their covariance, all three from the placement values (:func:`auroc_ci` for one model alone). None without a
-    positive and a negative, or when the score lists do not match the labels.
+    their covariance, all three from the placement values (:func:`auroc_ci` for one model alone). None without
+    two positives and two negatives (with one, that class's variance cannot be estimated), or when the score lists do
+    not match the labels.
     """
     y = np.asarray(labels, int)
     a, b = np.asarray(first, float), np.asarray(second, float)
     if a.shape != y.shape or b.shape != y.shape:
         return None
     p, n = int((y == 1).sum()), int((y == 0).sum())
-    if p < 1 or n < 1:
+    if p < 2 or n < 2:
         return None
     v10, v01 = zip(*(_placements(s[y == 1], np.ones(p), s[y == 0], np.ones(n)) for s in (a, b)), strict=True)
     auc = [float(v.mean()) for v in v10]
     d10, d01 = v10[0] - v10[1], v01[0] - v01[1]  # var(A - B) = var(A) + var(B) - 2 cov(A, B), per class
-    var = (float(d10.var(ddof=1)) / p if p > 1 else 0.0) + (float(d01.var(ddof=1)) / n if n > 1 else 0.0)
+    var = float(d10.var(ddof=1)) / p + float(d01.var(ddof=1)) / n
     se = math.sqrt(max(var, 0.0))
     diff = auc[0] - auc[1]
-    p_value = math.erfc(abs(diff) / se / math.sqrt(2)) if se > 0 else (1.0 if diff == 0 else 0.0)
+    if se == 0 and diff != 0:  # e.g. a perfect model against a constant one: no variance to test against
+        return AurocDifference(auc[0], auc[1], diff, math.nan, math.nan, 0.0, math.nan, p, n)
+    p_value = math.erfc(abs(diff) / se / math.sqrt(2)) if se > 0 else 1.0
     return AurocDifference(auc[0], auc[1], diff, diff - Z95 * se, diff + Z95 * se, se, p_value, p, n)
 
 

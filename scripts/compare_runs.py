@@ -5,7 +5,9 @@ score. Runs on the same consortium (task, seed, studies per site, rounds, non-II
 scored on the same held-out studies, so two of them can be compared case by case: the difference of their AUROCs,
 its 95 % interval and a two-sided p-value by DeLong's paired test (:func:`models.evaluation.compare_aurocs`), which
 counts the covariance of two models scored on the same studies. On 144 held-out studies one AUROC's interval is
-about ±0.05; the paired interval of a difference is narrower, and it tells a real gap from a draw's noise.
+about ±0.05; the paired interval of a difference is narrower. It is the uncertainty of the held-out sample, with
+both models fixed: how much another training seed or draw of patients moves a model is not in it (run more draws
+for that), and comparing one model with four baselines makes one chance "significant" result likelier than 5 %.
 
 For each federated run (neither ``--pooled`` nor ``--single``) the script prints its AUROC, then the pooled run's and
 each site's alone on the same consortium with the paired difference. "Best site" is the site that scored highest on
@@ -52,8 +54,9 @@ def _kind(line: dict[str, Any]) -> str:
 
 
 def read_runs(path: Path) -> list[dict[str, Any]]:
-    """The runs of ``search.jsonl`` that carry held-out scores (a later line of the same name replaces an earlier)."""
-    runs: dict[str, dict[str, Any]] = {}
+    """The runs of ``search.jsonl`` that carry held-out scores (a later line of the same name and kind, federated,
+    pooled or one site alone, replaces an earlier: a re-run)."""
+    runs: dict[tuple[str, str], dict[str, Any]] = {}
     for number, text in enumerate(path.read_text().splitlines(), 1):
         if not text.strip():
             continue
@@ -62,7 +65,8 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             raise SystemExit(f"{path}, line {number}: not JSON; remove the line or re-run that search") from None
         if _holdout(line) is not None:
-            runs[line.get("name") or f"line {number}"] = {**line, "name": line.get("name") or f"line {number}"}
+            name = line.get("name") or f"line {number}"
+            runs[(name, _kind(line))] = {**line, "name": name}
     return list(runs.values())
 
 

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds (= epochs of --pooled / --single)")
     parser.add_argument("--server", default="avg", choices=["avg", "avgm", "adam"])
     parser.add_argument("--step", type=float, default=None,
-                        help="the server step of avg and avgm (default: the run config's, the task's for FedProx)")
+                        help="the server step of avg and avgm (default: the run's, the task's for FedAvg, FedProx)")
     parser.add_argument("--schedule", default="", choices=["", "cos"], help="cos: decay the step to 1 over the rounds")
     parser.add_argument("--momentum", type=float, default=0.9, help="avgm's server momentum")
     parser.add_argument("--eta", type=float, default=0.01, help="adam's server step")

@@ -106,6 +106,7 @@ def test_the_lead_reads_warnings_in_plain_words(tmp_path: Path) -> None:
                {"site": "d", "refused": {"code": "summary-not-shared", "reason": "this site does not share a data "
                                                                                  "summary"}}]
     replies[3]["values"]["lung-ct:train:patients"] = 30.0  # 120 studies of 30 patients: DP-SGD samples the 30
+    replies[2]["values"]["lung-ct:train:patients"] = SUPPRESSED  # 120 studies of fewer than 5 patients
     doc = build_summary(replies, run_config={"task": "lung-ct", "dp": True, "dp-epsilon": 2.0, "num-rounds": 10})
     text = "\n".join(doc["warnings"])
     assert "site b has no positive study in its val split" in text
@@ -113,7 +114,8 @@ def test_the_lead_reads_warnings_in_plain_words(tmp_path: Path) -> None:
     assert "only site c has a scanner vendor ge" in text
     assert "site c's preprocessed intensities are far from the others'" in text
     assert "site a has about 30 training studies; DP-SGD at the run's ε over all its rounds needs a noise " in text
-    assert "site c has about" not in text  # 120 training studies: little noise needed
+    assert "site c has about" not in text  # not its 120 studies: its patients, fewer than its minimum
+    assert "site c has fewer training patients than its minimum count" in text
     assert "site e has about 30 training patients; DP-SGD" in text
     assert doc["refused"] == [{"site": "d", "code": "summary-not-shared",
                                "reason": "this site does not share a data summary"}]

@@ -193,6 +193,22 @@ def test_dp_samples_patients_so_the_epsilon_holds_for_a_patient_with_several_ima
     assert len(ledger.sessions()) == 1
 
 
+def test_under_dp_the_classes_weigh_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A class weight from the split's labels would let one patient's label move every other patient's clipped
+    # gradient, outside what the noise is calibrated for.
+    import fl_client.train as train
+
+    def private(labels: object) -> float:
+        raise AssertionError("the class weight was computed from the site's labels under DP-SGD")
+
+    monkeypatch.setattr(train, "pos_weight_of", private)
+    data, labels = _volumes(12)
+    train_local(_model(), data, spec=TrainSpec(batch_size=4, augment=False), labels=labels, dp=_plan(12, 4, epochs=1),
+                ledger=_ledger(tmp_path), patients=range(12), dp_seed=0)
+    with pytest.raises(AssertionError, match="under DP-SGD"):  # without DP it is used
+        train_local(_model(), data, spec=TrainSpec(batch_size=4, augment=False), labels=labels)
+
+
 def test_by_patient_draws_one_of_the_patients_own_images() -> None:
     inner = TensorDataset(torch.arange(6.0)[:, None], torch.zeros(6, 1))
     by = ByPatient(inner, [0, 0, 1, 2, 2, 2], seed=0)

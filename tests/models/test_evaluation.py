@@ -78,7 +78,11 @@ def test_paired_delong_matches_its_definition_and_holds_its_level() -> None:
         assert d.se < math.hypot(auroc_ci(y, a).se, auroc_ci(y, b).se)
     same = compare_aurocs([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.7], [0.1, 0.9, 0.2, 0.7])
     assert same is not None and (same.difference, same.se, same.p_value) == (0.0, 0.0, 1.0)
+    # A perfect model against a constant one: the placements do not vary, so there is nothing to test against
+    flat = compare_aurocs([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], [0.5, 0.5, 0.5, 0.5])
+    assert flat is not None and flat.difference == 0.5 and math.isnan(flat.p_value) and math.isnan(flat.low)
     assert compare_aurocs([1, 1], [0.2, 0.3], [0.1, 0.4]) is None
+    assert compare_aurocs([0, 1, 0], [0.2, 0.3, 0.1], [0.1, 0.4, 0.3]) is None  # one positive: no variance of its own
     assert compare_aurocs([0, 1], [0.2, 0.3], [0.1]) is None
     # under no difference (two noisy readings of one latent score) it rejects at about its 5 % level
     rejected = 0
