@@ -72,7 +72,8 @@ class Session:
 
     ``status`` is ``planned`` while it trains (``steps`` then counts every step it may take) and ``done``
     once settled with the steps taken; ``id`` ties the two lines of one session together. ``samples`` counts the
-    session's units of privacy: training patients (``fl_client.train.ByPatient``; images before 0.3.5).
+    session's units of privacy, which ``unit`` names: ``patient`` (``fl_client.train.ByPatient``), or ``image`` in a
+    line written before 0.3.5, whose ε holds for one image of a patient.
     """
 
     time: str
@@ -89,6 +90,7 @@ class Session:
     samples: int
     id: str = ""
     status: str = "done"
+    unit: str = "image"  # lines written before 0.3.5 have none: they sampled images
 
 
 def _accountant(kind: str) -> RDPAccountant | PRVAccountant:
@@ -256,10 +258,10 @@ class PrivacyLedger:
 
     def record(self, *, run_id: str, round: int, task: str, steps: int, sample_rate: float, noise_multiplier: float,
                max_grad_norm: float, samples: int, accountant: str = "rdp") -> Session:
-        """Append a finished session (flushed and synced to disk before returning)."""
+        """Append a finished session (flushed and synced to disk before returning); ``samples`` are patients."""
         return self._append(run_id=run_id, round=round, task=task, steps=steps, sample_rate=sample_rate,
                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, samples=samples,
-                            accountant=accountant, id=uuid.uuid4().hex, status="done")
+                            accountant=accountant, id=uuid.uuid4().hex, status="done", unit="patient")
 
     def reserve(self, *, run_id: str, round: int, task: str, steps: int, sample_rate: float, noise_multiplier: float,
                 max_grad_norm: float, samples: int, accountant: str = "rdp") -> Session:
@@ -272,7 +274,7 @@ class PrivacyLedger:
         self.check(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, accountant=accountant)
         return self._append(run_id=run_id, round=round, task=task, steps=steps, sample_rate=sample_rate,
                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, samples=samples,
-                            accountant=accountant, id=uuid.uuid4().hex, status="planned")
+                            accountant=accountant, id=uuid.uuid4().hex, status="planned", unit="patient")
 
     def settle(self, planned: Session, *, steps: int) -> Session:
         """Close a reserved session with the steps it took (at most those planned; 0 if it never stepped)."""

@@ -182,6 +182,7 @@ def test_dp_samples_patients_so_the_epsilon_holds_for_a_patient_with_several_ima
                          patients=patients)
     (session,) = ledger.sessions()
     assert session.samples == 12 and result.num_examples == 24  # the ledger's unit is the patient; FedAvg's the image
+    assert session.unit == "patient" and '"unit":"patient"' in ledger.ledger_path.read_text()
     assert result.steps == plan.planned_steps and result.samples_seen <= 2 * 12 * 2
     # a plan made for the images (twice the patients, half the sample rate) is refused before any step
     with pytest.raises(ValueError, match="12 patients .* not its 24 images"):
