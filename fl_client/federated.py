@@ -300,7 +300,7 @@ def _train(site: Site, config: RunConfig, model: torch.nn.Module, reference: dic
     # site's own policy turns DP-SGD on in a run without it.
     spec = replace(config.training, proximal_mu=proximal_mu or proximal_mu_of(config),
                    learning_rate=resolve_learning_rate(config.training.learning_rate, segmentation=data.segmentation,
-                                                       dp=config.privacy.enabled))
+                                                       dp=config.privacy.enabled, task=config.model.task))
     ledger = PrivacyLedger(site.workspace)
     budget = ledger.budget()
     dp = None

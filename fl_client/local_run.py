@@ -160,7 +160,7 @@ def run_local(
         "run_config": {**config.to_flat(),  # the rate it trained at, not the "default" sentinel
                        "learning-rate": resolve_learning_rate(config.training.learning_rate,
                                                               segmentation=data.segmentation,
-                                                              dp=config.privacy.enabled)},
+                                                              dp=config.privacy.enabled, task=task)},
         "parameters": parameter_count(model),
         "ran_on": placement.describe(),
         "epochs": epochs,

@@ -310,7 +310,7 @@ def train_local(
     criterion: Any = (segmentation_loss() if segmentation else
                       nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], device=device)))
     spec = replace(spec, learning_rate=resolve_learning_rate(spec.learning_rate, segmentation=segmentation,
-                                                             dp=dp is not None))
+                                                             dp=dp is not None, task=task))
     optimizer = _optimizer(model, spec)
     scaler = torch.amp.GradScaler(device.type) if placement.scaled and dp is None else None
     model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)

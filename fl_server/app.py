@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     flat_config[RunKey.SERVER_LEARNING_RATE] = config.federation.server_learning_rate  # the task's, for FedAvg/FedProx
     flat_config[RunKey.LEARNING_RATE] = resolve_learning_rate(config.training.learning_rate,
                                                               segmentation=is_segmentation(config.model.task),
-                                                              dp=config.privacy.enabled)
+                                                              dp=config.privacy.enabled, task=config.model.task)
     flat_config[RunKey.NORM] = config.model.norm.value  # the network a resume, export or explainer rebuilds
     flat_config[RunKey.PROXIMAL_MU] = config.training.proximal_mu
     flat_config[RunKey.STRATEGY] = config.federation.strategy.value  # fedavg where no norm layer dropped FedProx
@@ -200,9 +200,9 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
                           (RunKey.SERVER_MOMENTUM, before.server_momentum, now.server_momentum),
                           (RunKey.LEARNING_RATE,
                            resolve_learning_rate(then.training.learning_rate, segmentation=segmentation,
-                                                 dp=then.privacy.enabled),
+                                                 dp=then.privacy.enabled, task=then.model.task),
                            resolve_learning_rate(config.training.learning_rate, segmentation=segmentation,
-                                                 dp=config.privacy.enabled))):
+                                                 dp=config.privacy.enabled, task=config.model.task))):
         if old != new:
             raise ValueError(f"cannot resume {run_dir}: it ran with {key}={old}, this run config says {new}; "
                              f"resume with --set {key}={old} (the server's saved state belongs to it)")

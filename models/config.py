@@ -30,6 +30,7 @@ __all__ = [
     "AVERAGING",
     "DP_BATCH",
     "DP_LEARNING_RATE",
+    "DP_TASK_LEARNING_RATE",
     "DP_NOISE_PER_BATCH",
     "FEDPROX_MU",
     "PLAIN_BATCH",
@@ -232,17 +233,21 @@ def resolve_batch(batch_size: int, *, dp: bool) -> int:
 PLAIN_LEARNING_RATE = 1e-3
 SEGMENTATION_LEARNING_RATE = 3e-3
 DP_LEARNING_RATE = 3e-3
+# Breast MG under DP-SGD learns at 1e-2: since DP-SGD samples patients (0.3.5), at 3 sites × 96 studies, ε = 8 and 30
+# rounds, held-out AUROC 0.825 and 0.813 at 1e-2 against 0.723 and 0.649 at 3e-3 (two draws of the noise each;
+# BENCHMARKS.md, "DP-SGD per patient"). Lung keeps 3e-3, with which it met the goal per patient too (0.962).
+DP_TASK_LEARNING_RATE: MappingProxyType[str, float] = MappingProxyType({"breast-mg": 1e-2})
 
 
-def resolve_learning_rate(learning_rate: float, *, segmentation: bool, dp: bool) -> float:
+def resolve_learning_rate(learning_rate: float, *, segmentation: bool, dp: bool, task: str = "") -> float:
     """``learning_rate``, or for 0 the default of the kind of task and training: :data:`SEGMENTATION_LEARNING_RATE`
-    for a segmentation task, :data:`DP_LEARNING_RATE` for a classifier under DP-SGD, :data:`PLAIN_LEARNING_RATE`
-    for a classifier without."""
+    for a segmentation task, for a classifier under DP-SGD its task's :data:`DP_TASK_LEARNING_RATE` or else
+    :data:`DP_LEARNING_RATE`, :data:`PLAIN_LEARNING_RATE` for a classifier without."""
     if learning_rate > 0:
         return learning_rate
     if segmentation:
         return SEGMENTATION_LEARNING_RATE
-    return DP_LEARNING_RATE if dp else PLAIN_LEARNING_RATE
+    return DP_TASK_LEARNING_RATE.get(task, DP_LEARNING_RATE) if dp else PLAIN_LEARNING_RATE
 
 
 def batch_size_of(config: RunConfig) -> int:

@@ -164,6 +164,10 @@ def test_the_default_learning_rate_is_the_kind_of_tasks() -> None:
     assert from_flat({}).training.learning_rate == 0.0 == from_flat({"task": "lung-ct-seg"}).training.learning_rate
     assert resolve_learning_rate(0.0, segmentation=False, dp=False) == 1e-3
     assert resolve_learning_rate(0.0, segmentation=False, dp=True) == 3e-3
+    assert resolve_learning_rate(0.0, segmentation=False, dp=True, task="lung-ct") == 3e-3
+    assert resolve_learning_rate(0.0, segmentation=False, dp=True, task="breast-mg") == 1e-2  # breast per patient
+    assert resolve_learning_rate(0.0, segmentation=False, dp=False, task="breast-mg") == 1e-3
+    assert resolve_learning_rate(2e-3, segmentation=False, dp=True, task="breast-mg") == 2e-3
     assert resolve_learning_rate(0.0, segmentation=True, dp=False) == 3e-3 == resolve_learning_rate(
         0.0, segmentation=True, dp=True)
     assert resolve_learning_rate(5e-4, segmentation=True, dp=True) == 5e-4
