@@ -41,8 +41,10 @@ TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
 # studies, ε = 8: held-out AUROC 0.936 after 10 rounds, 0.952 after 20, 0.962 after 30 (0.990 without DP; issue
 # goal: at most 3 % below it). Breast MG kept its AUROC within 1.7 % at 10 rounds (0.848 against 0.863); since the
 # calcification step (preprocessing 6) it reaches 0.961 without DP, 0.785 under DP-SGD at 10 rounds and 0.830 at 30
-# (BENCHMARKS.md, "Calcifications"), so it runs 30 too. Prostate MR and colorectal CT keep the 30 rounds they were
-# measured at under DP-SGD (BENCHMARKS.md, "DP-SGD at hospital sizes"; prostate at 45: 0.504 against 0.563).
+# (BENCHMARKS.md, "Calcifications"), so it runs 30 too. These DP figures sampled images; since DP-SGD samples patients
+# (0.3.5) breast reaches 0.81-0.83 at 30 rounds and its own rate of 1e-2, lung still 0.962 ("DP-SGD per patient").
+# Prostate MR and colorectal CT keep the 30 rounds they were measured at under DP-SGD (BENCHMARKS.md, "DP-SGD at
+# hospital sizes"; prostate at 45: 0.504 against 0.563).
 DP_TASK_ROUNDS: MappingProxyType[str, int] = MappingProxyType(
     {"lung-ct": 30, "breast-mg": 30, "prostate-mr": 30, "colorectal-ct": 30})
 
