@@ -182,15 +182,13 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
         ValueError: The norm, strategy, server learning rate, server momentum or learning rate differ; the message
             names the key.
     """
-    from models.config import KEYS, RunKey, from_flat, resolve_learning_rate, server_step
+    from models.config import KEYS, RunKey, from_flat, resolve_learning_rate, server_step, stored_server_step
     from models.tasks import is_segmentation
 
     # Defaults of the versions that stored no such key: no momentum, and InstanceNorm (the default before 0.3.2).
     known = {RunKey.SERVER_MOMENTUM: 0.0, RunKey.NORM: "instance",
              **{k: v for k, v in stored.items() if k in KEYS and k != RunKey.RESUME}}
-    if float(known.get(RunKey.SERVER_LEARNING_RATE, 0) or 0) == 0:  # stored unresolved before 0.3.5: the mean itself
-        known[RunKey.SERVER_LEARNING_RATE] = 0.0 if str(known.get(RunKey.STRATEGY, "fedprox")) in (
-            "fedadam", "fedyogi") else 1.0
+    known[RunKey.SERVER_LEARNING_RATE] = stored_server_step(known)  # stored unresolved before 0.3.5: the mean itself
     then = from_flat(known)
     before, now = then.federation, config.federation
     segmentation = is_segmentation(config.model.task)

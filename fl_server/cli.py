@@ -115,7 +115,7 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     always written out: every site then reads the count the server runs, not its own version's default. A resumed
     run keeps every setting it was started with (its count of rounds, strategy, server momentum, ...) unless --set
     says otherwise."""
-    from models.config import KEYS, ConfigError, from_flat
+    from models.config import KEYS, ConfigError, from_flat, stored_server_step
 
     run_config = parse_sets(args.set)
     if args.resume:
@@ -131,10 +131,8 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
                     run_config[key] = value
             # A run started before 0.3.5 stored its server step unresolved (0), and stepped the mean itself under an
             # averaging strategy; today's 0 would be the task's step (breast: 2), so the resume keeps the 1 it ran.
-            if (RunKey.SERVER_LEARNING_RATE not in asked
-                    and float(stored.get(RunKey.SERVER_LEARNING_RATE, 1) or 0) == 0
-                    and str(stored.get(RunKey.STRATEGY, "fedprox")) not in ("fedadam", "fedyogi")):
-                run_config[RunKey.SERVER_LEARNING_RATE] = 1.0
+            if RunKey.SERVER_LEARNING_RATE not in asked:
+                run_config[RunKey.SERVER_LEARNING_RATE] = stored_server_step(stored)
     elif (args.run_dir / "history.json").exists():
         raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
     try:

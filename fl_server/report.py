@@ -15,7 +15,7 @@ from typing import Any
 
 from fl_server.evaluation import MIN_CASES
 from fl_server.rounds import RoundRecord
-from models.config import resolve_batch
+from models.config import resolve_batch, stored_server_step
 from models.evaluation import SCORE_BINS
 from models.protocol import Metric, headline_metric, report_metrics
 from models.tasks import TASK_ROUNDS
@@ -67,10 +67,9 @@ def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
     if str(config.get("num-rounds", "")) == "0" and str(config.get("task", "")) in TASK_ROUNDS:
         rows = [[label, f"{TASK_ROUNDS[str(config['task'])]} (the task's count)" if label == "rounds" else value]
                 for label, value in rows]
-    if str(config.get("server-learning-rate", "")) in ("0", "0.0"):  # stored unresolved: before 0.3.5, step 1
-        averaging = str(config.get("strategy", "fedprox")) not in ("fedadam", "fedyogi")
-        rows = [[label, ("1 (the mean itself)" if averaging else "the strategy's default")
-                 if label == "server learning rate" else value] for label, value in rows]
+    if str(config.get("server-learning-rate", "")) in ("0", "0.0"):  # stored unresolved: before 0.3.5
+        step = "1 (the mean itself)" if stored_server_step(config) == 1.0 else "the strategy's default"
+        rows = [[label, step if label == "server learning rate" else value] for label, value in rows]
     if str(config.get("batch-size", "")) == "0":  # the default: say what it means
         dp = str(config.get("dp", "")).lower() == "true"
         rows = [[label, f"{resolve_batch(0, dp=dp)} (default{', DP-SGD' if dp else ''})" if label == "batch size"

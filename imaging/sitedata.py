@@ -72,15 +72,19 @@ class SiteData:
         """The labels of a split's images, in order."""
         return [item.label for _, item in self.items.get(split, [])]
 
+    def _by_workspace(self, split: str) -> dict[Path, list[Item]]:
+        """A split's items grouped by workspace, in the order :meth:`dataset` concatenates them."""
+        by_ws: dict[Path, list[Item]] = {}
+        for ws, item in self.items.get(split, []):
+            by_ws.setdefault(ws, []).append(item)
+        return by_ws
+
     def dataset(self, split: str, *, train: bool, seed: int | None = None) -> TensorDataset:
         """The split as a dataset; each workspace caches its own preprocessed tensors. ``seed`` fixes the random
         augmentations (each workspace's part from ``seed + its index``), so a run can be repeated exactly."""
         preset = get_preset(self.task, self.resolution)
         parts = []
-        by_ws: dict[Path, list[Item]] = {}
-        for ws, item in self.items.get(split, []):
-            by_ws.setdefault(ws, []).append(item)
-        for k, (ws, items) in enumerate(by_ws.items()):
+        for k, (ws, items) in enumerate(self._by_workspace(split).items()):
             parts.append(cached_dataset(items, preset, workspace=ws, train=train,
                                         seed=None if seed is None else seed + k))
         return TensorDataset(torch.utils.data.ConcatDataset(parts) if len(parts) != 1 else parts[0],
@@ -101,11 +105,8 @@ class SiteData:
         one. DP-SGD samples patients, not images (``fl_client.train.train_local``): a mammography study has several
         views, and a patient may have several studies."""
         numbers: dict[tuple[Path, str], int] = {}
-        by_ws: dict[Path, list[Item]] = {}
-        for ws, item in self.items.get(split, []):
-            by_ws.setdefault(ws, []).append(item)
         return [numbers.setdefault((ws, item.patient_pseudonym), len(numbers))
-                for ws, items in by_ws.items() for item in items]
+                for ws, items in self._by_workspace(split).items() for item in items]
 
     def count_patients(self, split: str) -> int:
         """Patients in a split: DP-SGD's unit of privacy."""

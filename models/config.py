@@ -65,6 +65,7 @@ __all__ = [
     "proximal_mu_of",
     "resolved_grad_sample_mode",
     "server_step",
+    "stored_server_step",
     "validate",
 ]
 
@@ -424,6 +425,19 @@ def server_step(federation: FederationSpec) -> float:
     if federation.server_learning_rate > 0:
         return federation.server_learning_rate
     return 1.0 if federation.strategy in AVERAGING else ADAPTIVE_SERVER_LR
+
+
+def stored_server_step(stored: Mapping[str, Any]) -> float:
+    """The ``server-learning-rate`` a stored (flat) run config ran with: its value, or for one stored unresolved (0 or
+    absent: written before 0.3.5, when the step was not stored resolved) 1, the mean itself, under an averaging
+    strategy, and 0 (:data:`ADAPTIVE_SERVER_LR`) under FedAdam / FedYogi. A resume and the report read it, so a run
+    from before breast's step of 2 keeps the step it ran."""
+    value = float(stored.get(RunKey.SERVER_LEARNING_RATE, 0) or 0)
+    if value > 0:
+        return value
+    adaptive = str(stored.get(RunKey.STRATEGY, Strategy.FEDPROX.value)).strip().lower() in (
+        Strategy.FEDADAM.value, Strategy.FEDYOGI.value)
+    return 0.0 if adaptive else 1.0
 
 
 def proximal_mu_of(config: RunConfig) -> float:

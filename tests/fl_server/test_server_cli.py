@@ -76,6 +76,11 @@ def test_the_run_config_sent_carries_the_count_of_rounds_the_server_runs(tmp_pat
         "task": "breast-mg", "strategy": "fedprox", "server-learning-rate": 0, "num-rounds": 10}}))
     assert _run_config(args(resume=True))["server-learning-rate"] == 1.0
     assert _run_config(args("server-learning-rate=3", resume=True))["server-learning-rate"] == 3.0
+    for stored, step in (({"task": "breast-mg"}, 1.0),  # older still: no step stored at all, the mean itself
+                         ({"task": "breast-mg", "strategy": "fedadam"}, 0.0),  # FedAdam's own default
+                         ({"task": "breast-mg", "server-learning-rate": 2.0}, 2.0)):  # stored resolved (0.3.5 on)
+        (tmp_path / "run" / "config.json").write_text(json.dumps({"run_config": stored}))
+        assert _run_config(args(resume=True))["server-learning-rate"] == step, stored
 
 
 def from_flat_step(flat: dict[str, object]) -> float:
