@@ -222,6 +222,42 @@ def test_by_patient_draws_one_of_the_patients_own_images() -> None:
     assert len({float(v) for v in x[:, 0]}) > 1
 
 
+def test_by_patient_in_loader_workers_each_worker_draws_its_own_images() -> None:
+    """A GPU site reads batches in worker processes (``loader_options``). Each worker must draw its own images: a
+    copy of one RNG in every worker would make the workers pick the same view at the same turn."""
+    from torch.utils.data import DataLoader
+
+    views = 4
+    inner = TensorDataset(torch.arange(160.0)[:, None], torch.zeros(160, 1))
+    by = ByPatient(inner, [i // views for i in range(160)], seed=5)  # 40 patients, 4 images each
+
+    def epoch(seed: int) -> list[int]:
+        loader = DataLoader(by, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(seed))
+        return [int(x) for x, _ in loader]
+
+    first = epoch(0)
+    assert [v // views for v in first] == list(range(40))  # each patient gives one of its own images
+    picks = [v % views for v in first]
+    assert picks[0::2] != picks[1::2]  # the two workers (even and odd patients) draw apart: (1/4)^20 by chance
+    assert first != epoch(1)  # and a later pass draws again
+    assert epoch(0) == first  # from the loader's generator: a seeded session replays
+
+
+def test_a_dp_session_reads_through_loader_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The private loader of a GPU site (Poisson sampling over patients, worker processes) trains and records the
+    steps it reserved. Run here with the CPU and the options a GPU gets."""
+    import fl_client.train as train
+
+    monkeypatch.setattr(train, "loader_options", lambda device: {"num_workers": 2, "persistent_workers": False})
+    data, labels = _volumes(24)
+    plan = _plan(12, 4, epochs=1)
+    ledger = _ledger(tmp_path)
+    result = train_local(_model(), data, spec=TrainSpec(batch_size=4, augment=False), labels=labels, dp=plan,
+                         ledger=ledger, run_id="workers", task="lung-ct", dp_seed=1,
+                         patients=[i // 2 for i in range(24)])
+    assert result.steps == plan.planned_steps and ledger.sessions()[0].samples == 12
+
+
 def test_multiplied_draws_each_item_k_times() -> None:
     class Counting(torch.utils.data.Dataset):
         def __init__(self) -> None:
