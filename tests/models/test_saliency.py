@@ -157,8 +157,8 @@ def test_a_module_run_twice_is_not_read() -> None:
 
 
 def test_each_task_shows_its_own_method_first() -> None:
-    assert default_method("prostate-mr") == Method.HIRESCAM
-    assert default_method("lung-ct") == Method.GRADCAM == DEFAULT_METHOD
+    assert default_method("prostate-mr") == default_method("colorectal-ct") == Method.HIRESCAM
+    assert default_method("lung-ct") == default_method("breast-mg") == Method.GRADCAM == DEFAULT_METHOD
     assert methods_for("prostate-mr", REVIEW_METHODS)[0] == Method.HIRESCAM
     assert set(methods_for("prostate-mr", REVIEW_METHODS)) == set(REVIEW_METHODS)
     assert methods_for("lung-ct", REVIEW_METHODS) == REVIEW_METHODS
