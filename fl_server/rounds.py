@@ -113,8 +113,9 @@ class RoundRecorder:
 
         Momentum adds up the noise of successive rounds along with their signal: under DP-SGD at ε = 8 it cost
         3–9 % AUROC against the same DP run without it (BENCHMARKS.md), which is why a run's automatic momentum is 0
-        under DP; a longer step multiplies the noise with the signal, and was not measured under DP, which is why a
-        run with ``dp=true`` steps 1. Neither changes a site's ε: they work on updates that have left the sites.
+        under DP; a longer step multiplies the noise with the signal (breast at step 2 under DP-SGD, ε = 8: 0.76
+        against 0.81–0.83 at step 1), which is why a run with ``dp=true`` steps 1. Neither changes a site's ε: they
+        work on updates that have left the sites.
 
         Returns:
             The warnings recorded now."""
