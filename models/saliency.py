@@ -9,8 +9,8 @@ bias (the generalised mean is homogeneous of degree one). It is read at the netw
 first-order account of which voxels' features carried the score; that layer's features also respond to bright
 structures in a network with random weights, so its map passes the model-randomisation check less well than
 Grad-CAM's. Which task shows which map first: :mod:`models.methods` (HiResCAM for prostate MR, where Grad-CAM's peak
-sat beside the lesion, at the bladder, and for colorectal CT, where it hit more tumours on every model measured;
-BENCHMARKS.md, "Saliency").
+sat beside the lesion, at the bladder, and for colorectal CT, where it hit as many tumours or more on every model
+measured; BENCHMARKS.md, "Saliency").
 
 The Grad-CAM layer is found for each network, not named per call: the deepest module whose output is
 still a spatial map of at least ``min_size`` voxels along every axis. A map read at a 1×1 (or 2×2)

@@ -231,24 +231,40 @@ def test_by_patient_in_loader_workers_each_worker_draws_its_own_images() -> None
     inner = TensorDataset(torch.arange(160.0)[:, None], torch.zeros(160, 1))
     by = ByPatient(inner, [i // views for i in range(160)], seed=5)  # 40 patients, 4 images each
 
-    def epoch(seed: int) -> list[int]:
-        loader = DataLoader(by, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(seed))
-        return [int(x) for x, _ in loader]
+    def loader(seed: int) -> DataLoader:
+        return DataLoader(by, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(seed))
 
-    first = epoch(0)
+    seeded = loader(0)
+    first, second = ([int(x) for x, _ in seeded] for _ in range(2))
     assert [v // views for v in first] == list(range(40))  # each patient gives one of its own images
     picks = [v % views for v in first]
     assert picks[0::2] != picks[1::2]  # the two workers (even and odd patients) draw apart: (1/4)^20 by chance
-    assert first != epoch(1)  # and a later pass draws again
-    assert epoch(0) == first  # from the loader's generator: a seeded session replays
+    assert first != second  # a later pass of the same loader draws again
+    assert [int(x) for x, _ in loader(0)] == first  # from the loader's generator: a seeded session replays
 
 
 def test_a_dp_session_reads_through_loader_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The private loader of a GPU site (Poisson sampling over patients, worker processes) trains and records the
-    steps it reserved. Run here with the CPU and the options a GPU gets."""
+    steps it reserved. Run here on the CPU with a GPU's worker processes (not its pinned memory)."""
+    from opacus.data_loader import DPDataLoader
+
     import fl_client.train as train
 
-    monkeypatch.setattr(train, "loader_options", lambda device: {"num_workers": 2, "persistent_workers": False})
+    asked: list[str] = []
+    workers: list[int] = []
+
+    def gpu_like(device: torch.device) -> dict[str, object]:
+        asked.append(device.type)
+        return {"num_workers": 2, "persistent_workers": False}
+
+    real_iter = DPDataLoader.__iter__
+
+    def counting_iter(self: DPDataLoader) -> object:
+        workers.append(self.num_workers)
+        return real_iter(self)
+
+    monkeypatch.setattr(train, "loader_options", gpu_like)
+    monkeypatch.setattr(DPDataLoader, "__iter__", counting_iter)
     data, labels = _volumes(24)
     plan = _plan(12, 4, epochs=1)
     ledger = _ledger(tmp_path)
@@ -256,6 +272,7 @@ def test_a_dp_session_reads_through_loader_workers(tmp_path: Path, monkeypatch: 
                          ledger=ledger, run_id="workers", task="lung-ct", dp_seed=1,
                          patients=[i // 2 for i in range(24)])
     assert result.steps == plan.planned_steps and ledger.sessions()[0].samples == 12
+    assert asked == ["cpu"] and workers and set(workers) == {2}  # the private loader itself read through workers
 
 
 def test_multiplied_draws_each_item_k_times() -> None:

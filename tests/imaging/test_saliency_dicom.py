@@ -167,3 +167,15 @@ def test_explain_writes_dicom_next_to_the_maps(site: tuple[Path, Path], tmp_path
     pm = pydicom.dcmread(files[0])
     assert pm.SeriesInstanceUID == entry["maps"]["hirescam"]["dicom_series"][0]
     assert int(pm.NumberOfFrames) == len(lesion_items(site, "prostate-mr")[0][0].slices)
+
+
+def test_the_source_tree_version_is_the_installed_one() -> None:
+    """The DICOM objects name the software that made them: the source tree's fallback must not drift from the
+    package's own version (pyproject.toml)."""
+    import importlib.metadata
+    import tomllib
+
+    from imaging.saliency_dicom import SOFTWARE_VERSION
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert SOFTWARE_VERSION == project["version"] == importlib.metadata.version("oncofed")
