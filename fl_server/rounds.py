@@ -124,8 +124,9 @@ class RoundRecorder:
         what = (f"with momentum {momentum:g}: momentum adds up the noise of successive rounds with their signal (it "
                 "cost 3-9 % AUROC at epsilon 8 in the benchmarks); start such a run with --set server-momentum=0"
                 if momentum > 0 else
-                f"{step:g} times along the mean update, which multiplies the sites' noise with their signal (not "
-                "measured under DP-SGD); start such a run with --set dp=true, which steps 1")
+                f"{step:g} times along the mean update, which multiplies the sites' noise with their signal (breast "
+                "at step 2 under DP-SGD, epsilon 8: AUROC 0.76 against 0.81-0.83 at step 1 in the benchmarks); start "
+                "such a run with --set dp=true, which steps 1")
         new = [{"site": site, "reason": f"the site trains under DP-SGD and the server steps {what}"}
                for site in sorted(set(dp_sites) - warned)]
         self.record.setdefault("warnings", []).extend(new)

@@ -365,4 +365,5 @@ def test_a_site_under_dp_sgd_while_the_server_uses_momentum_is_warned_of_once(tm
     stepped = rounds(_composed(tmp_path, "stepped", {"strategy": "fedavg"}))
     assert [[w["site"] for w in r.get("warnings", [])] for r in stepped] == [["s1"], []]
     assert "steps 2 times along the mean update" in stepped[0]["warnings"][0]["reason"]
+    assert "0.76 against 0.81-0.83" in stepped[0]["warnings"][0]["reason"]  # what it cost, measured
     assert "--set dp=true" in stepped[0]["warnings"][0]["reason"]
