@@ -77,6 +77,8 @@ EPILOG_TRAIN = """examples:
   oncofed-site train-local --workspace ws/site-a --task lung-ct --out runs/lung-a-dp --dp-epsilon 4
   oncofed-site train-local --workspace ws/site-a --workspace ws/site-b --task breast-mg --out runs/pooled
   oncofed-site train-local --workspace ws/site-a --task lung-ct-seg --out runs/lung-seg-a --epochs 30
+  oncofed-site train-local --workspace ws/public --task colorectal-ct --norm instance --out public/crc
+      # a start for a DP-SGD run: oncofed-server simulate ... --initial-model public/crc/model.pt
 
 Writes OUT/model.pt, OUT/metrics.json (per split: AUROC, sensitivity and specificity at the
 threshold, balanced accuracy, Brier score, with the number of studies; for a *-seg task Dice,
@@ -490,7 +492,7 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)  # an unusable --out is said before training, not after
     _placement(args)  # a device this machine lacks is said before training, not after
-    flat: dict[str, Any] = {"task": args.task, "model": args.model, "resolution": args.resolution,
+    flat: dict[str, Any] = {"task": args.task, "model": args.model, "resolution": args.resolution, "norm": args.norm,
                             "batch-size": args.batch_size, "operating-point": args.operating_point,
                             "learning-rate": args.lr, "seed": args.seed, "threads": args.threads}
     if args.dp_epsilon is not None:
@@ -946,6 +948,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "*-seg task), compact-cnn, densenet-small, densenet121 or unet")
     p.add_argument("--resolution", default="cpu",
                    help="cpu (default: coarse voxels, for CPUs) or diagnostic (radiological voxel sizes, for GPUs)")
+    p.add_argument("--norm", default="auto",
+                   help="auto (default: the task's; BatchNorm for colorectal CT without DP-SGD), instance, group, "
+                        "batch or none; instance for a colorectal model that is to start a DP-SGD run "
+                        "(oncofed-server --initial-model)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="images per step; 0 (default): 4, or an expected 16 patients under DP-SGD (one image each)")
     p.add_argument("--lr", type=float, default=0.0,

@@ -1,9 +1,9 @@
 """The consortium's Flower ServerApp: builds the global model, runs the composed strategy, checkpoints
 every round, evaluates the final model on every site's test split, and writes the run report.
 
-The server's own run-config keys (``run-dir``, ``resume``, ``update-norm-factor``, ``final-evaluation``,
-``round-timeout``, ``evaluate-in-train``, secure aggregation's) are parsed and checked with the others
-into :class:`models.config.ServerSpec`; defaults in ``pyproject.toml``.
+The server's own run-config keys (``run-dir``, ``resume``, ``initial-model``, ``update-norm-factor``,
+``final-evaluation``, ``round-timeout``, ``evaluate-in-train``, secure aggregation's) are parsed and checked with
+the others into :class:`models.config.ServerSpec`; defaults in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -83,8 +83,17 @@ def main(grid: Grid, context: Context) -> None:
         log.info("oncofed: resuming %s after round %d", store.root, offset)
     else:
         run_dir = srv.run_dir or f"~/oncofed-runs/run-{context.run_id}"
+        start = None
+        if srv.initial_model:
+            from fl_server.initial import load_initial
+
+            start = load_initial(srv.initial_model, config, reference)  # checked before the run directory exists
         store = RunStore.create(Path(run_dir), run_id=str(context.run_id), run_config=flat_config)
-        initial = pack(reference)
+        initial = pack(reference if start is None else start.arrays)
+        if start is not None:
+            store.history["initial_model"] = start.record()
+            store.save()
+            log.info("oncofed: starting from %s (sha256 %s)", start.path, start.sha256[:16])
         log.info("oncofed: run directory %s", store.root)
     if (srv.data_summary and offset == 0) or srv.summary_only:
         data_summary(grid, store, flat_config, need=config.federation.min_sites, timeout=srv.round_timeout)

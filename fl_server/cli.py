@@ -39,6 +39,8 @@ EPILOG_SIMULATE = """examples:
   oncofed-server simulate --sites ws --run-dir runs/mg --set task=breast-mg --set strategy=fedprox \\
       --set proximal-mu=0.01
   oncofed-server simulate --sites ws --run-dir runs/lung-sim --resume   # continue after a stop
+  oncofed-server simulate --sites ws --run-dir runs/mg-dp --set task=breast-mg --set dp=true \\
+      --initial-model public/breast-model.pt   # start from a model trained on public data
 
 Every folder under --sites is one simulated hospital (a workspace made by 'oncofed-site ingest').
 Starts a private Flower SuperLink on 127.0.0.1, runs 'flwr run' of this project's apps, prints one
@@ -118,6 +120,9 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     from models.config import KEYS, ConfigError, from_flat, stored_server_step
 
     run_config = parse_sets(args.set)
+    if args.resume and getattr(args, "initial_model", None) is not None:
+        raise UserError("--initial-model starts a new run, and a resumed run continues from its own checkpoint: "
+                        "drop one of the two")
     if args.resume:
         if not (args.run_dir / "history.json").exists():
             raise UserError(f"--resume: {args.run_dir} holds no run to continue")
@@ -135,11 +140,35 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
                 run_config[RunKey.SERVER_LEARNING_RATE] = stored_server_step(stored)
     elif (args.run_dir / "history.json").exists():
         raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
+    initial = getattr(args, "initial_model", None)
+    if initial is not None:
+        run_config[RunKey.INITIAL_MODEL] = str(initial)
+    if run_config.get(RunKey.INITIAL_MODEL) and not args.resume:  # the ServerApp runs elsewhere: an absolute path
+        run_config[RunKey.INITIAL_MODEL] = str(Path(str(run_config[RunKey.INITIAL_MODEL])).expanduser().resolve())
     try:
-        run_config[RunKey.NUM_ROUNDS] = from_flat(run_config).federation.num_rounds
+        config = from_flat(run_config)
     except ConfigError as exc:
         raise UserError(f"--set: {exc}") from None
+    run_config[RunKey.NUM_ROUNDS] = config.federation.num_rounds
+    if config.server.initial_model and not args.resume:
+        _check_initial(config)
     return run_config
+
+
+def _check_initial(config: Any) -> None:
+    """Check the run's initial model here, so a wrong file is said before Flower starts (the server checks it
+    again: ``fl_server.initial``)."""
+    import torch
+
+    from fl_server.initial import load_initial
+    from models.nets import build_model
+    from models.weights import WeightsError, state_arrays
+
+    torch.manual_seed(config.training.seed)
+    try:
+        load_initial(config.server.initial_model, config, state_arrays(build_model(config.model)))
+    except WeightsError as exc:
+        raise UserError(f"--initial-model: {exc}") from None
 
 
 def _on_superlink(args: argparse.Namespace, run_config: dict[str, Any]) -> Callable[[Callable[[str], None]], Any]:
@@ -499,6 +528,8 @@ KIT/superlink/ (or --state). Then start runs with 'oncofed-server run' from anot
 EPILOG_RUN = """examples:
   oncofed-server run --kit consortium/server --run-dir runs/fed-1 --set task=breast-mg --set num-rounds=5
   oncofed-server run --kit consortium/server --run-dir runs/fed-1 --resume   # continue after a stop
+  oncofed-server run --kit consortium/server --run-dir runs/fed-2 --set task=breast-mg \\
+      --initial-model runs/fed-1/model.pt   # start from an earlier run's global model
 
 Needs a SuperLink started with 'oncofed-server start --kit ...' and the sites joined with
 'oncofed-site join'. Prints one line per round and writes RUN_DIR (checkpoints, history.json,
@@ -664,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--initial-model", type=Path, metavar="MODEL",
+                   help="a model.pt to start from instead of fresh weights: one trained on a public archive, or an "
+                        "earlier run's (the same task and network; checked before the run starts)")
     p.add_argument("--cpus-per-site", type=int, default=1,
                    help="CPUs Flower reserves per simulated site (default 1: sites train side by side)")
     p = add("report", "Write the HTML report (plots, tables, TensorBoard events) of a run directory.",
@@ -707,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, history and report go")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--initial-model", type=Path, metavar="MODEL",
+                   help="a model.pt to start from instead of fresh weights: one trained on a public archive, or an "
+                        "earlier run's (the same task and network; checked before the run starts)")
     p.add_argument("--state", type=Path, help="the --state folder given to 'start' (default KIT/superlink)")
     p = add("export", "Write a finished run's model as a MONAI bundle with a model card.", EPILOG_EXPORT, cmd_export)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory written by the server")

@@ -209,7 +209,8 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
                     "in_channels": spec.in_channels, "norm": str(spec.norm), "parameters": parameters,
                     "output": output, "calibration": card_calibration},
         "run": {"run_id": history.get("run_id"), "strategy": history.get("strategy"), "rounds": len(rounds),
-                "finished": history.get("finished"), "configuration": run_config},
+                "finished": history.get("finished"), "configuration": run_config,
+                "initial_model": _start(history.get("initial_model"))},
         "sites": {"trained": trained, "evaluated": sorted(sites_metrics),
                   "studies": {s: int(m.get(Metric.STUDIES, 0)) for s, m in sorted(sites_metrics.items())}},
         "privacy": {"dp": bool(run_config.get("dp")), "epsilon_per_site": epsilon,
@@ -237,6 +238,23 @@ def _fmt(entry: Mapping[str, Any] | None) -> str:
         return "—"
     ci = entry.get("ci95")
     return f"{entry['value']:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+
+def _start(record: Any) -> dict[str, Any] | None:
+    """The model a run started from (``initial-model``) as the card tells it: its file's name and digest, its task,
+    round and DP setting (not the lead's folders); None for fresh weights."""
+    if not isinstance(record, dict):
+        return None
+    return {"file": Path(str(record.get("file", ""))).name, "sha256": record.get("sha256"),
+            "task": record.get("task"), "round": record.get("round"), "dp": bool(record.get("dp"))}
+
+
+def _start_line(start: Mapping[str, Any] | None) -> str:
+    if not start:
+        return "- started from fresh weights (the run's seed)"
+    return (f"- started from `{start['file']}` (SHA-256 {start['sha256']}), a {start['task']} model of round "
+            f"{start['round']}{' trained under DP-SGD' if start['dp'] else ''}: what it learned from is not in this "
+            "card's sites")
 
 
 def render_card(card: Mapping[str, Any]) -> str:
@@ -277,6 +295,7 @@ def render_card(card: Mapping[str, Any]) -> str:
     lines += ["", "CI methods: " + "; ".join(f"{k}: {v}" for k, v in m["ci_methods"].items()) + ".", "",
               "## Run", "", f"- run {card['run']['run_id']}, strategy {card['run']['strategy']}, "
               f"{card['run']['rounds']} rounds; configuration in model-card.json",
+              _start_line(card["run"].get("initial_model")),
               f"- code: oncofed {card['code_version']['oncofed']}, torch {card['code_version']['torch']}", "",
               "## Files (SHA-256)", ""]
     lines += [f"- `{path}` {digest}" for path, digest in sorted(card["files_sha256"].items())]

@@ -74,6 +74,13 @@ def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
         dp = str(config.get("dp", "")).lower() == "true"
         rows = [[label, f"{resolve_batch(0, dp=dp)} (default{', DP-SGD' if dp else ''})" if label == "batch size"
                  else value] for label, value in rows]
+    start = history.get("initial_model")
+    if isinstance(start, dict):  # the model the run started from, by its digest (the path is the lead's)
+        rows.append(["initial model", f"{Path(str(start.get('file', ''))).name}, sha256 {str(start.get('sha256'))[:16]}"
+                     f"…, a {start.get('task')} model of round {start.get('round')}"
+                     + (" trained under DP-SGD" if start.get("dp") else "")])
+    else:
+        rows.append(["initial model", "fresh weights (seed)"])
     versions = []
     for name in _PACKAGES:
         try:

@@ -457,6 +457,8 @@ class ServerSpec:
     Args:
         run_dir: The run directory (empty: ``~/oncofed-runs/run-<id>``).
         resume: A run directory to continue from its last checkpoint (empty: a new run).
+        initial_model: A ``model.pt`` a new run starts from instead of fresh weights (a model trained on a public
+            archive, or an earlier run's global model; ``fl_server.initial``). A resumed run starts from its checkpoint.
         sim_sites: In a simulation, the folder whose sub-folders are the site workspaces.
         final_evaluation: Evaluate the final model on every site's test split.
         update_norm_factor: Drop an update whose norm exceeds this many times the others' median.
@@ -473,6 +475,7 @@ class ServerSpec:
 
     run_dir: str = ""
     resume: str = ""
+    initial_model: str = ""
     sim_sites: str = ""
     final_evaluation: bool = True
     update_norm_factor: float = 10.0
@@ -588,6 +591,7 @@ class RunKey(StrEnum):
     OPERATING_POINT = "operating-point"
     RUN_DIR = "run-dir"
     RESUME = "resume"
+    INITIAL_MODEL = "initial-model"
     SIM_SITES = "sim-sites"
     FINAL_EVALUATION = "final-evaluation"
     UPDATE_NORM_FACTOR = "update-norm-factor"
@@ -636,6 +640,7 @@ KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.OPERATING_POINT: ("federation", "operating_point", _str),
     RunKey.RUN_DIR: ("server", "run_dir", _str),
     RunKey.RESUME: ("server", "resume", _str),
+    RunKey.INITIAL_MODEL: ("server", "initial_model", _str),
     RunKey.SIM_SITES: ("server", "sim_sites", _str),
     RunKey.FINAL_EVALUATION: ("server", "final_evaluation", parse_bool),
     RunKey.UPDATE_NORM_FACTOR: ("server", "update_norm_factor", _float),

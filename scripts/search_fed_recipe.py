@@ -191,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unlike-site", default=None, metavar="SITE",
                         help="the non-IID variant: this site's scanners are unlike the others' (e.g. site-c)")
     parser.add_argument("--name", default="", help="a name for the run's JSON line")
+    parser.add_argument("--init", type=Path, default=None, metavar="MODEL",
+                        help="start from this model.pt's weights (e.g. one trained on a public archive) instead of "
+                             "fresh ones; --rounds 0 scores it as it is")
+    parser.add_argument("--save", type=Path, default=None, metavar="MODEL",
+                        help="write the final model here (a model.pt that --init reads)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         server_step,
     )
     from models.nets import build_model
+    from models.weights import WeightsError, check_arrays, load_arrays, load_checkpoint, save_checkpoint, state_arrays
 
     console = Console()
     flat: dict[str, str] = {"task": args.task}
@@ -264,6 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = replace(config.training, proximal_mu=proximal_mu_of(config))
     torch.manual_seed(spec.seed)
     model = build_model(config.model)
+    if args.init is not None:
+        try:
+            arrays, init_config, _ = load_checkpoint(args.init)
+            if str(init_config.get("task", "")) != args.task:
+                raise WeightsError(f"{args.init} is a {init_config.get('task')!r} model, this run trains {args.task}")
+            check_arrays(state_arrays(model), arrays)
+        except WeightsError as exc:
+            console.print(f"[red]--init: {exc}[/]")
+            return 2
+        load_arrays(model, arrays)
     t0 = time.perf_counter()
     curve: list[tuple[int, float | None]] = []
     plans: list[Any] = []
@@ -320,12 +336,16 @@ def main(argv: list[str] | None = None) -> int:
                     curve.append((rnd, holdout_score(model, holdout, segmentation)[0]))
                 bar.advance(job)
     value, studies, seg_figures = holdout_score(model, holdout, segmentation)
+    if args.save is not None:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(args.save, state_arrays(model), flat, round_number=args.rounds)
     calibration = {} if segmentation else calibration_figures(model, [load_site_data([p], args.task) for p in sites],
                                                               holdout)
     metric = "dice" if segmentation else "auroc"
     line = {"name": args.name, "task": args.task, "rounds": args.rounds, "server": args.server, "step": args.step,
             "schedule": args.schedule, "momentum": args.momentum, "eta": args.eta, "pooled": args.pooled,
-            "single": args.single, "unlike": args.unlike_site, "set": flat, "norm": config.model.norm.value,
+            "single": args.single, "unlike": args.unlike_site, "set": flat,
+            "init": str(args.init) if args.init else "", "norm": config.model.norm.value,
             f"holdout_{metric}": value,
             "holdout_studies": studies, **{f"holdout_{k}": v for k, v in seg_figures.items() if k != "dice"},
             "studies": args.studies, "consortium_seed": args.seed, "holdout_seed": held_seed,

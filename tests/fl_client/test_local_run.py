@@ -16,6 +16,7 @@ from imaging.catalog import Catalog
 from imaging.ingest import ingest_folder
 from imaging.labels import load_labels
 from imaging.synth import generate_consortium
+from models.weights import load_checkpoint
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,8 +41,10 @@ def workspaces(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_train_local_writes_model_metrics_and_curves(workspaces: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = run("train-local", "--workspace", str(workspaces[0]), "--workspace", str(workspaces[1]),
-                 "--task", "prostate-mr", "--out", str(out), "--epochs", "2", "--threads", "2")
+                 "--task", "prostate-mr", "--out", str(out), "--epochs", "2", "--threads", "2", "--norm", "group")
     assert result.returncode == 0, result.stderr
+    _, flat, _ = load_checkpoint(out / "model.pt")  # the norm asked for, as a run's --initial-model must match
+    assert flat["norm"] == "group"
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["schema"] == "oncofed.local-run/1" and doc["task"] == "prostate-mr"
     assert doc["training_samples"] == sum(doc["splits"]["train"][k] for k in ("positives", "negatives"))
@@ -80,6 +83,10 @@ def test_dp_needs_the_sites_budget_then_counts_against_it(workspaces: list[Path]
 def test_user_mistakes_are_one_line(workspaces: list[Path], tmp_path: Path) -> None:
     bad = run("train-local", "--workspace", str(workspaces[0]), "--task", "liver-ct", "--out", str(tmp_path))
     assert bad.returncode == 2 and "unknown task 'liver-ct'" in bad.stderr and "Traceback" not in bad.stderr
+    norm = run("train-local", "--workspace", str(workspaces[0]), "--task", "lung-ct", "--out", str(tmp_path),
+               "--norm", "layer")
+    assert norm.returncode == 2 and "'layer'" in norm.stderr and "instance" in norm.stderr, norm.stderr
+    assert "Traceback" not in norm.stderr
     pooled_dp = run("train-local", "--workspace", str(workspaces[0]), "--workspace", str(workspaces[1]), "--task",
                     "prostate-mr", "--out", str(tmp_path), "--dp-epsilon", "1")
     assert pooled_dp.returncode == 2 and "accounted per site" in pooled_dp.stderr

@@ -266,3 +266,21 @@ def test_model_card_takes_the_consortium_figures_when_the_sites_sent_histograms(
     assert f"sigmoid({recal['slope']:.4f} × logit" in card["network"]["output"]
     assert card["metrics"]["operating_point"]["calibrated_threshold"] == pytest.approx(recal["threshold"])
     assert f"recalibrated: threshold {recal['threshold']:.4f}" in render_card(card)
+
+
+def test_the_model_card_names_the_model_the_run_started_from(tmp_path: Path) -> None:
+    from fl_server.export import model_card
+
+    run_dir = _finished_run(tmp_path / "run")
+    card = model_card(run_dir, preprocessing={"task": "lung-ct"}, parameters=1, files={})
+    assert card["run"]["initial_model"] is None and "started from fresh weights" in render_card(card)
+    history = json.loads((run_dir / "history.json").read_text())
+    history["initial_model"] = {"file": "/lead/archive/public-lung.pt", "sha256": "c" * 64, "task": "lung-ct",
+                                "norm": "instance", "dp": False, "round": 20}
+    (run_dir / "history.json").write_text(json.dumps(history))
+    card = model_card(run_dir, preprocessing={"task": "lung-ct"}, parameters=1, files={})
+    assert card["run"]["initial_model"] == {"file": "public-lung.pt", "sha256": "c" * 64, "task": "lung-ct",
+                                            "round": 20, "dp": False}
+    text = render_card(card)
+    assert f"started from `public-lung.pt` (SHA-256 {'c' * 64}), a lung-ct model of round 20" in text
+    assert "/lead/archive" not in json.dumps(card["run"]["initial_model"])

@@ -3,6 +3,7 @@ budget is spent, per-round checkpoints, the report, the egress logs, and resumin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from fl_client.policy import RunBook, SitePolicy
 from fl_client.privacy import PrivacyLedger
 from models.config import from_flat
 from models.nets import build_model, parameter_count
+from models.protocol import Metric
 from models.weights import load_checkpoint, load_scoring
 
 pytestmark = pytest.mark.slow
@@ -201,13 +203,26 @@ def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_p
 def test_fedadam_keeps_the_global_model_in_float32(run: dict[str, Path], tmp_path: Path) -> None:
     """Flower's FedAdam returns float64 arrays (NumPy 2 promotes with its float64 step); sent on, every site's
     float32 update of round 2 was refused and the run trained one round only. The server keeps the sent dtype, and
-    FedAdam's moments are checkpointed for a resume."""
-    run_dir = tmp_path / "adam"
+    FedAdam's moments are checkpointed for a resume. The run starts from the first run's global model
+    (``--initial-model``), as a consortium continues from last year's model."""
+    run_dir, start = tmp_path / "adam", run["run"] / "model.pt"
+    _, _, start_round = load_checkpoint(start)
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
-                    "--set", "strategy=fedadam", "--set", "final-evaluation=false")
+                    "--set", "strategy=fedadam", "--set", "final-evaluation=false", "--initial-model", str(start))
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run_dir / "history.json").read_text())
+    # Round 0 is the start: every site scores it on its validation split as it scored the first run's model.
+    earlier = json.loads((run["run"] / "history.json").read_text())
+    scored = next(r for r in earlier["rounds"] if r["round"] == start_round)["evaluate"]
+    assert history["rounds"][0]["round"] == 0
+    assert set(history["rounds"][0]["evaluate"]) == set(scored)
+    for site, metrics in history["rounds"][0]["evaluate"].items():
+        assert Metric.AUROC in metrics, site
+        assert {k: v for k, v in metrics.items() if k != Metric.EVAL_SECONDS} == pytest.approx(
+            {k: v for k, v in scored[site].items() if k != Metric.EVAL_SECONDS}), site
+    assert history["initial_model"]["sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+    assert history["initial_model"]["round"] == start_round
     for record in (r for r in history["rounds"] if r["round"] >= 1):
         assert record["aggregated_sites"] == 2 and not record.get("dropped"), record  # site-c: budget spent
         assert [f["site"] for f in record.get("failed", [])] == [], record

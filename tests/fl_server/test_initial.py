@@ -1,0 +1,95 @@
+"""A run's initial model (``initial-model``): checked against the run's own network before anything starts, named in
+the report by its digest, and refused with a line that says what to do."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fl_server.initial import load_initial
+from fl_server.report import write_report
+from fl_server.runstore import RunStore
+from models.config import from_flat
+from models.nets import build_model
+from models.weights import WeightsError, save_checkpoint, state_arrays
+
+
+def model_file(path: Path, flat: dict[str, object], *, seed: int = 3) -> Path:
+    torch.manual_seed(seed)
+    config = from_flat(flat)
+    save_checkpoint(path, state_arrays(build_model(config.model)), {**config.to_flat(), **flat}, round_number=7)
+    return path
+
+
+def test_a_fitting_model_is_the_start_in_the_networks_order_with_its_digest(tmp_path: Path) -> None:
+    path = model_file(tmp_path / "public.pt", {"task": "breast-mg"})
+    config = from_flat({"task": "breast-mg", "dp": "true"})
+    torch.manual_seed(0)
+    reference = state_arrays(build_model(config.model))
+    start = load_initial(path, config, reference)
+    assert list(start.arrays) == list(reference)
+    torch.manual_seed(3)
+    trained = state_arrays(build_model(config.model))
+    assert all(np.array_equal(start.arrays[k], trained[k]) for k in trained)  # the file's weights, not fresh ones
+    assert any(not np.array_equal(start.arrays[k], reference[k]) for k in reference)
+    assert start.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert start.record() == {"file": str(path.resolve()), "sha256": start.sha256, "task": "breast-mg",
+                              "norm": "instance", "dp": False, "round": 7}
+
+
+def test_a_model_of_another_task_or_network_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    config = from_flat({"task": "colorectal-ct", "dp": "true"})  # DP-SGD: InstanceNorm, not the task's BatchNorm
+    reference = state_arrays(build_model(config.model))
+    lung = model_file(tmp_path / "lung.pt", {"task": "lung-ct"})
+    with pytest.raises(WeightsError, match=r"lung\.pt was trained for 'lung-ct', this run trains 'colorectal-ct'"):
+        load_initial(lung, config, reference)
+    batch = model_file(tmp_path / "batch.pt", {"task": "colorectal-ct"})  # trained without DP: BatchNorm
+    with pytest.raises(WeightsError, match=r"batch\.pt is not this run's network .*norm=batch, this run trains "
+                                           r"norm=instance .* --set norm=instance"):
+        load_initial(batch, config, reference)
+    wide = model_file(tmp_path / "wide.pt", {"task": "colorectal-ct", "norm": "instance", "model-width": "32"})
+    with pytest.raises(WeightsError, match=r"wide\.pt is not this run's network \(array .* has shape"):
+        load_initial(wide, config, reference)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(WeightsError, match=r"junk\.pt is not an oncofed model file"):
+        load_initial(tmp_path / "junk.pt", config, reference)
+    with pytest.raises(WeightsError, match=r"missing\.pt does not exist"):
+        load_initial(tmp_path / "missing.pt", config, reference)
+
+
+def test_the_report_names_the_start_by_its_digest(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path / "run", run_id="r1", run_config={"task": "breast-mg"})
+    write_report(store.root)
+    assert "fresh weights (seed)" in (store.root / "report.html").read_text()
+    store.history["initial_model"] = {"file": "/lead/public/breast-model.pt", "sha256": "ab" * 32,
+                                      "task": "breast-mg", "norm": "instance", "dp": False, "round": 20}
+    store.save()
+    write_report(store.root)
+    page = (store.root / "report.html").read_text()
+    assert "breast-model.pt, sha256 abababababababab…, a breast-mg model of round 20" in page
+    assert "/lead/public" not in page  # the lead's folders are not the report's business
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fl_server.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_the_command_line_refuses_a_wrong_start_before_flower_starts(tmp_path: Path) -> None:
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    lung = model_file(tmp_path / "lung.pt", {"task": "lung-ct"})
+    for extra, said in (([str(tmp_path / "none.pt")], "none.pt does not exist"),
+                        ([str(lung)], "lung.pt was trained for 'lung-ct', this run trains 'breast-mg'"),
+                        ([str(lung), "--resume"], "--initial-model starts a new run")):
+        r = cli("simulate", "--sites", str(sites), "--run-dir", str(tmp_path / "run"), "--set", "task=breast-mg",
+                "--initial-model", *extra)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "run" / "history.json").exists()
