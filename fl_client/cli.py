@@ -503,7 +503,8 @@ def cmd_train_local(args: argparse.Namespace, console: Console) -> int:
     try:
         config = from_flat(flat)
     except ConfigError as exc:
-        raise UserError(str(exc).replace("run-config key", "option").replace("'dp-", "'--dp-")) from None
+        raise UserError(str(exc).replace("run-config key", "option").replace("'dp-", "'--dp-")
+                        .replace("'norm'", "'--norm'").replace("norm=", "--norm ")) from None
     if args.epochs < 1:
         raise UserError("--epochs must be at least 1")
     segmenting = config.model.network == "unet"

@@ -78,6 +78,10 @@ def main(grid: Grid, context: Context) -> None:
 
             check_arrays(reference, arrays)  # the same network as the checkpoint's, or say which key differs
             initial = pack({k: arrays[k] for k in reference})
+        elif store.history.get("initial_model"):  # stopped before its first checkpoint: the same start again
+            from fl_server.initial import reload_initial
+
+            initial = pack(reload_initial(store.history["initial_model"], config, reference).arrays)
         else:
             initial = pack(reference)
         log.info("oncofed: resuming %s after round %d", store.root, offset)
@@ -88,11 +92,10 @@ def main(grid: Grid, context: Context) -> None:
             from fl_server.initial import load_initial
 
             start = load_initial(srv.initial_model, config, reference)  # checked before the run directory exists
-        store = RunStore.create(Path(run_dir), run_id=str(context.run_id), run_config=flat_config)
+        store = RunStore.create(Path(run_dir), run_id=str(context.run_id), run_config=flat_config,
+                                initial_model=None if start is None else start.record())
         initial = pack(reference if start is None else start.arrays)
         if start is not None:
-            store.history["initial_model"] = start.record()
-            store.save()
             log.info("oncofed: starting from %s (sha256 %s)", start.path, start.sha256[:16])
         log.info("oncofed: run directory %s", store.root)
     if (srv.data_summary and offset == 0) or srv.summary_only:

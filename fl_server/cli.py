@@ -40,7 +40,8 @@ EPILOG_SIMULATE = """examples:
       --set proximal-mu=0.01
   oncofed-server simulate --sites ws --run-dir runs/lung-sim --resume   # continue after a stop
   oncofed-server simulate --sites ws --run-dir runs/mg-dp --set task=breast-mg --set dp=true \\
-      --initial-model public/breast-model.pt   # start from a model trained on public data
+      --set num-rounds=5 --set learning-rate=3e-3 --initial-model public/breast-model.pt
+      # a short DP-SGD run from a model trained on public data
 
 Every folder under --sites is one simulated hospital (a workspace made by 'oncofed-site ingest').
 Starts a private Flower SuperLink on 127.0.0.1, runs 'flwr run' of this project's apps, prints one
@@ -120,7 +121,7 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     from models.config import KEYS, ConfigError, from_flat, stored_server_step
 
     run_config = parse_sets(args.set)
-    if args.resume and getattr(args, "initial_model", None) is not None:
+    if args.resume and (getattr(args, "initial_model", None) is not None or run_config.get(RunKey.INITIAL_MODEL)):
         raise UserError("--initial-model starts a new run, and a resumed run continues from its own checkpoint: "
                         "drop one of the two")
     if args.resume:

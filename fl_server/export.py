@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from fl_server.report import start_text
 from fl_server.rounds import RoundRecord
-from models.config import ConfigError, from_flat
+from models.config import ConfigError, RunKey, from_flat
 from models.evaluation import Scoring, wilson
 from models.nets import build_model, parameter_count
 from models.protocol import Metric
@@ -209,7 +210,8 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
                     "in_channels": spec.in_channels, "norm": str(spec.norm), "parameters": parameters,
                     "output": output, "calibration": card_calibration},
         "run": {"run_id": history.get("run_id"), "strategy": history.get("strategy"), "rounds": len(rounds),
-                "finished": history.get("finished"), "configuration": run_config,
+                "finished": history.get("finished"),
+                "configuration": _without_folders(run_config),
                 "initial_model": _start(history.get("initial_model"))},
         "sites": {"trained": trained, "evaluated": sorted(sites_metrics),
                   "studies": {s: int(m.get(Metric.STUDIES, 0)) for s, m in sorted(sites_metrics.items())}},
@@ -249,12 +251,19 @@ def _start(record: Any) -> dict[str, Any] | None:
             "task": record.get("task"), "round": record.get("round"), "dp": bool(record.get("dp"))}
 
 
+def _without_folders(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run configuration for the card: the initial model by its file name (the card names it by its digest),
+    not the lead's folders."""
+    out = dict(run_config)
+    if out.get(RunKey.INITIAL_MODEL):
+        out[RunKey.INITIAL_MODEL] = Path(str(out[RunKey.INITIAL_MODEL])).name
+    return out
+
+
 def _start_line(start: Mapping[str, Any] | None) -> str:
     if not start:
         return "- started from fresh weights (the run's seed)"
-    return (f"- started from `{start['file']}` (SHA-256 {start['sha256']}), a {start['task']} model of round "
-            f"{start['round']}{' trained under DP-SGD' if start['dp'] else ''}: what it learned from is not in this "
-            "card's sites")
+    return f"- started from `{start['file']}` (SHA-256 {start['sha256']}), {start_text(start)}"
 
 
 def render_card(card: Mapping[str, Any]) -> str:

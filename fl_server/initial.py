@@ -2,15 +2,16 @@
 
 A consortium need not start from nothing: a model trained on a public archive, or last year's global model, can be
 the start. The sites spend no privacy on it: the start is the lead's, and a site receives a global model every round
-anyway. Under DP-SGD a start helps, but not reliably. On the synthetic breast task at ε = 8, five rounds from a model
-trained on 48 studies of another vendor's mammograms reached 0.957 and 0.959, against 0.81-0.83 from fresh weights.
-From a second model of the same kind they left it where it was (0.87-0.88). Long runs wore a start down
-(BENCHMARKS.md, "DP-SGD from a public start").
+anyway. Under DP-SGD a start helps, but not reliably. On the synthetic breast task at ε = 8, five rounds at learning
+rate 3e-3 from a model trained on 48 studies of another vendor's mammograms lifted it from 0.875 to 0.957 and 0.959,
+against 0.81-0.83 from fresh weights. From two more models of the same kind they moved it by -0.024 to +0.009, not
+significantly. Long runs wore a start down (BENCHMARKS.md, "DP-SGD from a public start").
 
 The file is a ``model.pt`` (a local run's, or a federated run's global model), read with
 :func:`models.weights.load_checkpoint` (tensors only, its preprocessing version checked, no NaN), then held to this
 run: the same task, and exactly the arrays of this run's network (a DP run of colorectal CT trains InstanceNorm,
-so a BatchNorm model does not fit it, and the error says so).
+so a BatchNorm model does not fit it, and the error says so). A run resumed before its first checkpoint reads the
+start again, and refuses it if the file changed (:func:`reload_initial`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +27,24 @@ import numpy as np
 from models.config import RunConfig
 from models.weights import WeightsError, check_arrays, load_checkpoint
 
-__all__ = ["InitialModel", "load_initial"]
+__all__ = ["InitialModel", "load_initial", "reload_initial"]
 
 
+@dataclass(frozen=True)
 class InitialModel:
-    """A checked start: the arrays, the file's SHA-256 (the report names it) and the run it came from.
+    """A checked start.
 
     Args:
         path: The file.
         arrays: Its arrays, in the order of this run's network.
-        sha256: The file's digest.
+        sha256: The file's digest (the history, report and model card name the start by it).
         source: What the file says of itself: its task, its norm, its DP setting and its round.
     """
 
-    def __init__(self, path: Path, arrays: OrderedDict[str, np.ndarray], sha256: str,
-                 source: Mapping[str, object]) -> None:
-        self.path = path
-        self.arrays = arrays
-        self.sha256 = sha256
-        self.source = dict(source)
+    path: Path
+    arrays: OrderedDict[str, np.ndarray]
+    sha256: str
+    source: Mapping[str, object]
 
     def record(self) -> dict[str, object]:
         """What the run's history keeps of it (no arrays)."""
@@ -58,6 +59,15 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _norm_hint(start: str, run: str) -> str:
+    if not start or start in ("auto", run):
+        return ""
+    why = " (a DP-SGD or secure-aggregation run cannot train BatchNorm)" if start == "batch" else ""
+    return (f" It was trained with norm {start} and this run trains norm {run}{why}: train the start with norm {run} "
+            f"('oncofed-site train-local --norm {run}', or '--set norm={run}' for a federated run)"
+            + ("" if start == "batch" else f", or give this run '--set norm={start}'") + ".")
+
+
 def load_initial(path: str | Path, config: RunConfig, reference: Mapping[str, np.ndarray]) -> InitialModel:
     """Read ``path`` and check it fits the run of ``config``, whose fresh network's arrays are ``reference``.
 
@@ -66,6 +76,7 @@ def load_initial(path: str | Path, config: RunConfig, reference: Mapping[str, np
             its network is not this run's; the message names the file and what to do.
     """
     path = Path(path).expanduser()
+    digest = _digest(path) if path.is_file() else ""
     arrays, run_config, round_number = load_checkpoint(path)
     task = str(run_config.get("task", ""))
     if task != config.model.task:
@@ -75,14 +86,25 @@ def load_initial(path: str | Path, config: RunConfig, reference: Mapping[str, np
     try:
         check_arrays(reference, arrays)
     except WeightsError as exc:
-        hint = ""
-        if norm and norm not in ("auto", config.model.norm.value):
-            hint = (f" It was trained with norm={norm}, this run trains norm={config.model.norm.value} "
-                    "(a DP-SGD or secure-aggregation run cannot train BatchNorm): train the initial model with "
-                    f"--set norm={config.model.norm.value}.")
         raise WeightsError(f"initial model {path} is not this run's network ({exc}): train it with this run's "
-                           f"model, model-width and norm settings.{hint}") from None
+                           f"model, model-width and norm.{_norm_hint(norm, config.model.norm.value)}") from None
     ordered = OrderedDict((k, np.asarray(arrays[k])) for k in reference)
     source = {"task": task, "norm": norm, "dp": str(run_config.get("dp", "false")).lower() == "true",
               "round": round_number}
-    return InitialModel(path.resolve(), ordered, _digest(path), source)
+    return InitialModel(path.resolve(), ordered, digest, source)
+
+
+def reload_initial(record: Mapping[str, object], config: RunConfig,
+                   reference: Mapping[str, np.ndarray]) -> InitialModel:
+    """The start a run recorded (``history.json``'s ``initial_model``), read again for a run resumed before its first
+    checkpoint: the same file, unchanged since the run began.
+
+    Raises:
+        WeightsError: The file is gone, no longer fits, or its SHA-256 is not the one recorded.
+    """
+    start = load_initial(str(record.get("file", "")), config, reference)
+    if start.sha256 != record.get("sha256"):
+        raise WeightsError(f"initial model {start.path} changed since the run began (SHA-256 {start.sha256[:16]}…, "
+                           f"the run recorded {str(record.get('sha256'))[:16]}…): put the file back, or start a new "
+                           "run")
+    return start

@@ -20,7 +20,7 @@ from models.evaluation import SCORE_BINS
 from models.protocol import Metric, headline_metric, report_metrics
 from models.tasks import TASK_ROUNDS
 
-__all__ = ["write_report"]
+__all__ = ["start_text", "write_report"]
 
 
 def _load(run_dir: Path) -> dict[str, Any]:
@@ -51,6 +51,12 @@ def _utc(seconds: Any) -> str:
     return datetime.datetime.fromtimestamp(float(seconds), tz=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def start_text(start: Mapping[str, Any]) -> str:
+    """What a start is, in words: a local run's model (round 0) or a federated run's of its round."""
+    kind = "a local run's" if not start.get("round") else f"a federated run's (round {start.get('round')})"
+    return f"{kind} {start.get('task')} model{' trained under DP-SGD' if start.get('dp') else ''}"
+
+
 def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
     """What a clinician files with the figures: the run, its dates, its settings and the software that made it."""
     import importlib.metadata
@@ -77,8 +83,7 @@ def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:
     start = history.get("initial_model")
     if isinstance(start, dict):  # the model the run started from, by its digest (the path is the lead's)
         rows.append(["initial model", f"{Path(str(start.get('file', ''))).name}, sha256 {str(start.get('sha256'))[:16]}"
-                     f"…, a {start.get('task')} model of round {start.get('round')}"
-                     + (" trained under DP-SGD" if start.get("dp") else "")])
+                     f"…, {start_text(start)}"])
     else:
         rows.append(["initial model", "fresh weights (seed)"])
     versions = []

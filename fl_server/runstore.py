@@ -64,8 +64,10 @@ class RunStore:
         self.history = history
 
     @classmethod
-    def create(cls, root: Path, *, run_id: str, run_config: Mapping[str, Any]) -> RunStore:
-        """Start a new run in ``root`` (created; refused if it already holds a run)."""
+    def create(cls, root: Path, *, run_id: str, run_config: Mapping[str, Any],
+               initial_model: Mapping[str, Any] | None = None) -> RunStore:
+        """Start a new run in ``root`` (created; refused if it already holds a run). ``initial_model`` is the record
+        of the model the run starts from (``fl_server.initial``), in the history from its first write."""
         root = Path(root).expanduser()
         if (root / "history.json").exists():
             raise RunStoreError(f"{root} already holds a run: pass --run-config \"resume='{root}'\" to continue "
@@ -76,6 +78,8 @@ class RunStore:
         store = cls(root, {"schema": SCHEMA, "run_id": run_id, "task": run_config.get(RunKey.TASK),
                            "strategy": run_config.get(RunKey.STRATEGY), "rounds": [], "final": None,
                            "resumed_at": []})
+        if initial_model is not None:
+            store.history["initial_model"] = dict(initial_model)
         store.save()
         return store
 

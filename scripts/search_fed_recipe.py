@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     value, studies, seg_figures = holdout_score(model, holdout, segmentation)
     if args.save is not None:
         args.save.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(args.save, state_arrays(model), flat, round_number=args.rounds)
+        save_checkpoint(args.save, state_arrays(model), {**config.to_flat(), **flat, "norm": config.model.norm.value},
+                        round_number=args.rounds)
     calibration = {} if segmentation else calibration_figures(model, [load_site_data([p], args.task) for p in sites],
                                                               holdout)
     metric = "dice" if segmentation else "auroc"

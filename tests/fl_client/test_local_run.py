@@ -85,7 +85,7 @@ def test_user_mistakes_are_one_line(workspaces: list[Path], tmp_path: Path) -> N
     assert bad.returncode == 2 and "unknown task 'liver-ct'" in bad.stderr and "Traceback" not in bad.stderr
     norm = run("train-local", "--workspace", str(workspaces[0]), "--task", "lung-ct", "--out", str(tmp_path),
                "--norm", "layer")
-    assert norm.returncode == 2 and "'layer'" in norm.stderr and "instance" in norm.stderr, norm.stderr
+    assert norm.returncode == 2 and "option '--norm': 'layer'" in norm.stderr and "instance" in norm.stderr, norm.stderr
     assert "Traceback" not in norm.stderr
     pooled_dp = run("train-local", "--workspace", str(workspaces[0]), "--workspace", str(workspaces[1]), "--task",
                     "prostate-mr", "--out", str(tmp_path), "--dp-epsilon", "1")

@@ -4,6 +4,7 @@ the report by its digest, and refused with a line that says what to do."""
 from __future__ import annotations
 
 import hashlib
+import html
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_server.initial import load_initial
+from fl_server.initial import load_initial, reload_initial
 from fl_server.report import write_report
 from fl_server.runstore import RunStore
 from models.config import from_flat
@@ -51,9 +52,17 @@ def test_a_model_of_another_task_or_network_is_refused_with_what_to_do(tmp_path:
     with pytest.raises(WeightsError, match=r"lung\.pt was trained for 'lung-ct', this run trains 'colorectal-ct'"):
         load_initial(lung, config, reference)
     batch = model_file(tmp_path / "batch.pt", {"task": "colorectal-ct"})  # trained without DP: BatchNorm
-    with pytest.raises(WeightsError, match=r"batch\.pt is not this run's network .*norm=batch, this run trains "
-                                           r"norm=instance .* --set norm=instance"):
+    with pytest.raises(WeightsError, match=r"batch\.pt is not this run's network .*norm batch and this run trains "
+                                           r"norm instance \(a DP-SGD .*train-local --norm instance"):
         load_initial(batch, config, reference)
+    # The other way round: a start with InstanceNorm for a colorectal run without DP-SGD (BatchNorm) can also be
+    # met by the run, and the message says so.
+    plain = from_flat({"task": "colorectal-ct"})
+    instance = model_file(tmp_path / "instance.pt", {"task": "colorectal-ct", "norm": "instance"})
+    with pytest.raises(WeightsError, match=r"norm instance and this run trains norm batch: .*--norm batch.*give this "
+                                           r"run '--set norm=instance'") as caught:
+        load_initial(instance, plain, state_arrays(build_model(plain.model)))
+    assert "DP-SGD" not in str(caught.value)
     wide = model_file(tmp_path / "wide.pt", {"task": "colorectal-ct", "norm": "instance", "model-width": "32"})
     with pytest.raises(WeightsError, match=r"wide\.pt is not this run's network \(array .* has shape"):
         load_initial(wide, config, reference)
@@ -64,6 +73,23 @@ def test_a_model_of_another_task_or_network_is_refused_with_what_to_do(tmp_path:
         load_initial(tmp_path / "missing.pt", config, reference)
 
 
+def test_a_run_resumed_before_its_first_checkpoint_reads_the_same_start_again(tmp_path: Path) -> None:
+    path = model_file(tmp_path / "public.pt", {"task": "breast-mg"})
+    config = from_flat({"task": "breast-mg"})
+    reference = state_arrays(build_model(config.model))
+    start = load_initial(path, config, reference)
+    # The record is in the history from its first write: a run killed right after it began still knows its start.
+    store = RunStore.create(tmp_path / "run", run_id="r1", run_config={"task": "breast-mg"},
+                            initial_model=start.record())
+    stored, arrays, offset = RunStore.resume(store.root)
+    assert arrays is None and offset == 0 and stored.history["initial_model"] == start.record()
+    again = reload_initial(stored.history["initial_model"], config, reference)
+    assert all(np.array_equal(again.arrays[k], start.arrays[k]) for k in reference)
+    model_file(path, {"task": "breast-mg"}, seed=4)  # the lead overwrote the file since
+    with pytest.raises(WeightsError, match=r"public\.pt changed since the run began .*put the file back"):
+        reload_initial(stored.history["initial_model"], config, reference)
+
+
 def test_the_report_names_the_start_by_its_digest(tmp_path: Path) -> None:
     store = RunStore.create(tmp_path / "run", run_id="r1", run_config={"task": "breast-mg"})
     write_report(store.root)
@@ -72,8 +98,8 @@ def test_the_report_names_the_start_by_its_digest(tmp_path: Path) -> None:
                                       "task": "breast-mg", "norm": "instance", "dp": False, "round": 20}
     store.save()
     write_report(store.root)
-    page = (store.root / "report.html").read_text()
-    assert "breast-model.pt, sha256 abababababababab…, a breast-mg model of round 20" in page
+    page = html.unescape((store.root / "report.html").read_text())
+    assert "breast-model.pt, sha256 abababababababab…, a federated run's (round 20) breast-mg model" in page
     assert "/lead/public" not in page  # the lead's folders are not the report's business
 
 
@@ -86,10 +112,11 @@ def test_the_command_line_refuses_a_wrong_start_before_flower_starts(tmp_path: P
     sites = tmp_path / "sites"
     sites.mkdir()
     lung = model_file(tmp_path / "lung.pt", {"task": "lung-ct"})
-    for extra, said in (([str(tmp_path / "none.pt")], "none.pt does not exist"),
-                        ([str(lung)], "lung.pt was trained for 'lung-ct', this run trains 'breast-mg'"),
-                        ([str(lung), "--resume"], "--initial-model starts a new run")):
+    other_task = "lung.pt was trained for 'lung-ct', this run trains 'breast-mg'"
+    for extra, said in ((["--initial-model", str(tmp_path / "none.pt")], "none.pt does not exist"),
+                        (["--initial-model", str(lung)], other_task),
+                        (["--initial-model", str(lung), "--resume"], "--initial-model starts a new run"),
+                        (["--set", f"initial-model={lung}", "--resume"], "--initial-model starts a new run")):
         r = cli("simulate", "--sites", str(sites), "--run-dir", str(tmp_path / "run"), "--set", "task=breast-mg",
-                "--initial-model", *extra)
+                *extra)
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert not (tmp_path / "run" / "history.json").exists()
