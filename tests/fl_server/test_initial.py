@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import html
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from consortium import run_side_by_side
 
 from fl_server.initial import load_initial, reload_initial
 from fl_server.report import write_report
@@ -103,20 +102,16 @@ def test_the_report_names_the_start_by_its_digest(tmp_path: Path) -> None:
     assert "/lead/public" not in page  # the lead's folders are not the report's business
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fl_server.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"})
-
-
 def test_the_command_line_refuses_a_wrong_start_before_flower_starts(tmp_path: Path) -> None:
     sites = tmp_path / "sites"
     sites.mkdir()
     lung = model_file(tmp_path / "lung.pt", {"task": "lung-ct"})
     other_task = "lung.pt was trained for 'lung-ct', this run trains 'breast-mg'"
-    for extra, said in ((["--initial-model", str(tmp_path / "none.pt")], "none.pt does not exist"),
-                        (["--initial-model", str(lung)], other_task),
-                        (["--initial-model", str(lung), "--resume"], "--initial-model starts a new run"),
-                        (["--set", f"initial-model={lung}", "--resume"], "--initial-model starts a new run")):
-        r = cli("simulate", "--sites", str(sites), "--run-dir", str(tmp_path / "run"), "--set", "task=breast-mg",
-                *extra)
+    cases = ((["--initial-model", str(tmp_path / "none.pt")], "none.pt does not exist"),
+             (["--initial-model", str(lung)], other_task),
+             (["--initial-model", str(lung), "--resume"], "--initial-model starts a new run"),
+             (["--set", f"initial-model={lung}", "--resume"], "--initial-model starts a new run"))
+    done = run_side_by_side([[sys.executable, "-m", "fl_server.cli", "simulate", "--sites", str(sites), "--run-dir",
+                              str(tmp_path / "run"), "--set", "task=breast-mg", *extra] for extra, _ in cases])
+    for r, (_, said) in zip(done, cases, strict=True):
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -179,7 +179,7 @@ def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_p
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
                     "--set", "server-learning-rate=2", "--set", "server-momentum=0.5",
-                    "--set", "secure-aggregation=true", "--set", "min-sites=3")
+                    "--set", "secure-aggregation=true", "--set", "min-sites=3", "--set", "data-summary=false")
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run_dir / "history.json").read_text())
     rounds = [r for r in history["rounds"] if r["round"] >= 1]
@@ -209,7 +209,8 @@ def test_fedadam_keeps_the_global_model_in_float32(run: dict[str, Path], tmp_pat
     _, _, start_round = load_checkpoint(start)
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
-                    "--set", "strategy=fedadam", "--set", "final-evaluation=false", "--initial-model", str(start))
+                    "--set", "strategy=fedadam", "--set", "final-evaluation=false", "--set", "data-summary=false",
+                    "--initial-model", str(start))
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run_dir / "history.json").read_text())
     # Round 0 is the start: every site scores it on its validation split as it scored the first run's model.
