@@ -731,10 +731,9 @@ def cmd_model(args: argparse.Namespace, console: Console) -> int:
     """``model``: what a model file holds and how its scores are read."""
     import json
 
-    from fl_client.explainer import file_sha256
     from models.config import ConfigError, from_flat
     from models.nets import build_model, parameter_count
-    from models.weights import WeightsError, load_checkpoint, load_scoring
+    from models.weights import WeightsError, file_sha256, load_checkpoint, load_scoring
 
     try:
         _, run_config, round_number = load_checkpoint(args.model)

@@ -12,7 +12,6 @@ alone.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,18 +30,9 @@ from models.device import Placement, autocast
 from models.evaluation import Scoring
 from models.nets import build_model
 from models.saliency import Method, Saliency, layer_grid, method_layer, saliency
-from models.weights import load_arrays, load_checkpoint, load_scoring
+from models.weights import file_sha256, load_arrays, load_checkpoint, load_scoring
 
-__all__ = ["Explainer", "Explanation", "file_sha256"]
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (the model's identity in outputs and review verdicts)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["Explainer", "Explanation"]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ start again, and refuses it if the file changed (:func:`reload_initial`).
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from models.config import RunConfig
-from models.weights import WeightsError, check_arrays, load_checkpoint
+from models.weights import WeightsError, check_arrays, file_sha256, load_checkpoint
 
 __all__ = ["InitialModel", "load_initial", "reload_initial"]
 
@@ -51,14 +50,6 @@ class InitialModel:
         return {"file": str(self.path), "sha256": self.sha256, **self.source}
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _norm_hint(start: str, run: str) -> str:
     if not start or start in ("auto", run):
         return ""
@@ -76,7 +67,7 @@ def load_initial(path: str | Path, config: RunConfig, reference: Mapping[str, np
             its network is not this run's; the message names the file and what to do.
     """
     path = Path(path).expanduser()
-    digest = _digest(path) if path.is_file() else ""
+    digest = file_sha256(path) if path.is_file() else ""
     arrays, run_config, round_number = load_checkpoint(path)
     task = str(run_config.get("task", ""))
     if task != config.model.task:

@@ -10,6 +10,7 @@ node (see the stack notes), so a DenseNet121 in 727 arrays took 141 s a round an
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from models.tasks import PREPROCESSING_VERSION, UNVERSIONED_PREPROCESSING, prepr
 __all__ = [
     "WeightsError",
     "check_arrays",
+    "file_sha256",
     "load_arrays",
     "load_checkpoint",
     "load_scoring",
@@ -122,6 +124,16 @@ def unpack(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> OrderedDict
         out[key] = flat[offset:offset + n].reshape(ref.shape).astype(ref.dtype)
         offset += n
     return out
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file, read in blocks: a model file's identity in outputs, review verdicts and a run's record of
+    the model it started from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], *,

@@ -11,13 +11,13 @@ import pytest
 import torch
 from consortium import make_workspaces
 
-from fl_client.explainer import Explainer, file_sha256
+from fl_client.explainer import Explainer
 from imaging.catalog import Catalog
 from models.config import from_flat
 from models.evaluation import Calibration, Scoring
 from models.nets import build_model
 from models.saliency import Method
-from models.weights import WeightsError, load_checkpoint, save_checkpoint, state_arrays
+from models.weights import WeightsError, file_sha256, load_checkpoint, save_checkpoint, state_arrays
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.explainer import file_sha256
 from models.config import from_flat
 from models.evaluation import Calibration, Scoring
 from models.nets import build_model
-from models.weights import save_checkpoint, state_arrays
+from models.weights import file_sha256, save_checkpoint, state_arrays
 
 BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
