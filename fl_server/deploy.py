@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -317,7 +318,8 @@ def serve(kit_dir: Path, *, state: Path | None = None, host: str = "127.0.0.1", 
             "Start a run from another terminal:\n"
             f"  oncofed-server run --kit {kit.folder} --run-dir runs/fed-1 --set task=breast-mg --set num-rounds=3\n"
             "or with Flower's CLI:\n"
-            f"  FLWR_HOME={home} flwr run {_app_hint()} {CONNECTION} --stream --run-config 'task=\"breast-mg\"'\n"
+            f"  FLWR_HOME={home} flwr run {_app_hint(home.parent / 'app')} {CONNECTION} --stream "
+            "--run-config 'task=\"breast-mg\"'\n"
             "Ctrl-C stops the SuperLink.")
         assert link.process is not None
         while link.process.poll() is None:
@@ -336,12 +338,16 @@ def serve(kit_dir: Path, *, state: Path | None = None, host: str = "127.0.0.1", 
             signal.signal(s, handler)
 
 
-def _app_hint() -> str:
-    from fl_server.flower_ops import app_dir
+def _app_hint(stage: Path) -> str:
+    """A folder for a bare ``flwr run``: the app's own files staged in ``stage`` (not the checkout, whose other
+    files Flower would bundle too: see :func:`fl_server.flower_ops.stage_app`)."""
+    from fl_server.flower_ops import stage_app
 
     try:
-        return str(app_dir())
-    except FlowerError:
+        if stage.exists():
+            shutil.rmtree(stage)
+        return str(stage_app(stage))
+    except (FlowerError, OSError):
         return "."
 
 

@@ -14,10 +14,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ __all__ = [
     "run_config_arg",
     "run_failure_details",
     "simulate",
+    "stage_app",
     "wait_for_port",
     "write_connection",
 ]
@@ -56,6 +59,34 @@ def app_dir() -> Path:
     if not (root / "pyproject.toml").exists():
         raise FlowerError(f"{root} holds no pyproject.toml: run from a source checkout (pip install -e .)")
     return root
+
+
+#: What the app bundle holds: the project file and the four packages, nothing else of the checkout.
+APP_FILES = ("pyproject.toml", "README.md")
+APP_PACKAGES = ("fl_server", "fl_client", "models", "imaging")
+
+
+def stage_app(dest: Path) -> Path:
+    """Copy the app's own files (:data:`APP_FILES`, :data:`APP_PACKAGES` without caches) into ``dest``, the folder
+    ``flwr run`` bundles; return ``dest``.
+
+    ``flwr run .`` walks the whole checkout and bundles every ``*.json``, ``*.md`` and ``*.py`` that ``.gitignore``
+    does not exclude: a lead's ``runs/`` folder in the checkout (histories, data summaries, model cards) would be
+    sent to every site with the next run, and the walk of ``.venv`` and old run outputs cost 4-40 s per run.
+
+    Raises:
+        FlowerError: The source checkout lacks one of the app's files.
+    """
+    src = app_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in APP_FILES + APP_PACKAGES:
+        if not (src / name).exists():
+            raise FlowerError(f"{src / name} is missing: run from a complete source checkout (pip install -e .)")
+        if name in APP_PACKAGES:
+            shutil.copytree(src / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src / name, dest / name)
+    return dest
 
 
 def free_port() -> int:
@@ -236,8 +267,14 @@ def run_config_arg(values: Mapping[str, Any]) -> str:
 def flwr_run(flwr_home: Path, *, run_config: Mapping[str, Any], app: Path | None = None,
              federation_config: Mapping[str, Any] | None = None, on_line: Callable[[str], None] | None = None,
              timeout: float = 3600.0, extra_env: Mapping[str, str] | None = None) -> RunOutcome:
-    """``flwr run APP oncofed --stream`` with the run config; streams each output line to ``on_line``."""
-    cmd: list[str] = [str(Path(sys.executable).parent / "flwr"), "run", str(app or app_dir()), CONNECTION, "--stream"]
+    """``flwr run APP oncofed --stream`` with the run config; streams each output line to ``on_line``. Without
+    ``app``, the bundle is this project's apps alone (:func:`stage_app`)."""
+    if app is None:
+        with tempfile.TemporaryDirectory(prefix="oncofed-app-") as stage:
+            return flwr_run(flwr_home, run_config=run_config, app=stage_app(Path(stage) / "oncofed"),
+                            federation_config=federation_config, on_line=on_line, timeout=timeout,
+                            extra_env=extra_env)
+    cmd: list[str] = [str(Path(sys.executable).parent / "flwr"), "run", str(app), CONNECTION, "--stream"]
     if run_config:
         cmd += ["--run-config", run_config_arg(run_config)]
     if federation_config:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -35,7 +34,7 @@ from fl_client.join import SiteKit, SuperNode
 from fl_client.policy import RunBook, RunState, SitePolicy
 from fl_client.workspace import Workspace
 from fl_server.deploy import Deployment, ServerKit, connection_home, start
-from fl_server.flower_ops import app_dir, flwr_run, free_port
+from fl_server.flower_ops import flwr_run, free_port, stage_app
 from fl_server.provision import provision
 from models.protocol import Refusal
 
@@ -73,13 +72,7 @@ class Consortium:
 
     def app_copy(self, name: str, *, version: str | None = None, tampered: bool = False) -> Path:
         """A copy of the project as a lead could edit it (the app folder ``flwr run`` bundles)."""
-        src, dst = app_dir(), self.root / "apps" / name
-        dst.mkdir(parents=True)
-        for item in ("pyproject.toml", "README.md", "fl_client", "fl_server", "imaging", "models"):
-            copy = shutil.copytree if (src / item).is_dir() else shutil.copy
-            copy(src / item, dst / item)  # type: ignore[operator]
-        for cache in dst.rglob("__pycache__"):
-            shutil.rmtree(cache)
+        dst = stage_app(self.root / "apps" / name)
         if version is not None:
             toml = dst / "pyproject.toml"
             toml.write_text(re.sub(r'^version = "[^"]+"', f'version = "{version}"', toml.read_text(), count=1,

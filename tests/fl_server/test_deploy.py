@@ -203,6 +203,10 @@ def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Feder
     assert code == 0, out
     assert "round   2" in out and "Final global model" in out
     seconds = time.monotonic() - t0
+    # The app bundle the SuperLink received (and sends to each site) holds the apps alone, not the checkout.
+    installed = list((federation.root / "superlink" / "flwr-home" / "apps").iterdir())
+    assert len(installed) == 1 and {p.name for p in installed[0].iterdir()} >= {"fl_client", "pyproject.toml"}
+    assert not {p.name for p in installed[0].iterdir()} & {"tests", "scripts", "BENCHMARKS.md"}
     print(f"run with a killed site: {seconds:.0f} s")
 
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]

@@ -3,7 +3,9 @@ which no site trained is not reported as a success."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,22 @@ def test_a_combination_that_cannot_run_is_a_clear_error_not_a_traceback(tmp_path
     args = argparse.Namespace(set=["strategy=fedadam"], resume=True, run_dir=tmp_path / "run")
     with pytest.raises(UserError, match="secure-aggregation"):
         _run_config(args)
+
+
+def test_the_app_bundle_holds_the_apps_and_nothing_else_of_the_checkout(tmp_path: Path) -> None:
+    """What Flower sends to every site: the project file, the README and the four packages. A checkout's other
+    files (a lead's runs/ folder with histories and data summaries, tests, benchmarks) stay out of it."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fl_server.flower_ops import APP_FILES, APP_PACKAGES, app_dir, stage_app
+
+    stage = stage_app(tmp_path / "app")
+    assert {p.name for p in stage.iterdir()} == set(APP_FILES + APP_PACKAGES)
+    assert not list(stage.rglob("__pycache__"))
+    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(stage)))
+    tops = {n.split("/")[0] for n in fab.namelist()}
+    assert tops == set(APP_FILES + APP_PACKAGES) | {".info"}, tops
+    # Each source file of the apps is in it, as it is in the checkout.
+    source = app_dir()
+    for name in ("fl_server/app.py", "fl_client/app.py", "fl_client/executor.py", "models/nets.py"):
+        assert fab.read(name) == (source / name).read_bytes()
