@@ -317,9 +317,7 @@ def serve(kit_dir: Path, *, state: Path | None = None, host: str = "127.0.0.1", 
         say(f"Log: {link.log_path}\n"
             "Start a run from another terminal:\n"
             f"  oncofed-server run --kit {kit.folder} --run-dir runs/fed-1 --set task=breast-mg --set num-rounds=3\n"
-            "or with Flower's CLI:\n"
-            f"  FLWR_HOME={home} flwr run {_app_hint(home.parent / 'app')} {CONNECTION} --stream "
-            "--run-config 'task=\"breast-mg\"'\n"
+            f"{_flwr_hint(home)}"
             "Ctrl-C stops the SuperLink.")
         assert link.process is not None
         while link.process.poll() is None:
@@ -338,17 +336,27 @@ def serve(kit_dir: Path, *, state: Path | None = None, host: str = "127.0.0.1", 
             signal.signal(s, handler)
 
 
-def _app_hint(stage: Path) -> str:
-    """A folder for a bare ``flwr run``: the app's own files staged in ``stage`` (not the checkout, whose other
-    files Flower would bundle too: see :func:`fl_server.flower_ops.stage_app`)."""
-    from fl_server.flower_ops import stage_app
+APP_STAGE = "oncofed-app"
 
+
+def _flwr_hint(home: Path) -> str:
+    """The lines for a bare ``flwr run``, on the app's own files staged in ``<state>/oncofed-app`` (not the
+    checkout, whose other files Flower would bundle too: :func:`fl_server.flower_ops.stage_app`); a snapshot of the
+    code as it is now. Empty when no folder could be staged: then only ``oncofed-server run`` is offered."""
+    from fl_server.flower_ops import APP_FILES, APP_PACKAGES, stage_app
+
+    stage = home.parent / APP_STAGE
     try:
+        ours = set(APP_FILES + APP_PACKAGES)
+        if stage.is_symlink() or (stage.exists() and {p.name for p in stage.iterdir()} != ours):
+            return ""  # not a folder this command staged: left alone
         if stage.exists():
             shutil.rmtree(stage)
-        return str(stage_app(stage))
+        stage_app(stage)
     except (FlowerError, OSError):
-        return "."
+        return ""
+    return ("or with Flower's CLI (the apps as they are now, staged in their own folder):\n"
+            f"  FLWR_HOME={home} flwr run {stage} {CONNECTION} --stream --run-config 'task=\"breast-mg\"'\n")
 
 
 def connection_home(kit_dir: Path, state: Path | None = None) -> Path:

@@ -70,15 +70,17 @@ def stage_app(dest: Path) -> Path:
     """Copy the app's own files (:data:`APP_FILES`, :data:`APP_PACKAGES` without caches) into ``dest``, the folder
     ``flwr run`` bundles; return ``dest``.
 
-    ``flwr run .`` walks the whole checkout and bundles every ``*.json``, ``*.md`` and ``*.py`` that ``.gitignore``
-    does not exclude: a lead's ``runs/`` folder in the checkout (histories, data summaries, model cards) would be
-    sent to every site with the next run, and the walk of ``.venv`` and old run outputs cost 4-40 s per run.
+    ``flwr run .`` walks the whole checkout and bundles every ``*.py``, ``*.json``, ``*.jsonl``, ``*.md``,
+    ``*.toml`` and ``*.yaml`` that ``.gitignore`` does not exclude: a lead's ``runs/`` folder in the checkout
+    (histories, data summaries, model cards) would be sent to every site with the next run, and the walk of
+    ``.venv`` and old run outputs cost 4-40 s per run.
 
     Raises:
         FlowerError: The source checkout lacks one of the app's files.
+        FileExistsError: ``dest`` exists (it must be new, so that nothing else goes into the bundle).
     """
     src = app_dir()
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True)
     for name in APP_FILES + APP_PACKAGES:
         if not (src / name).exists():
             raise FlowerError(f"{src / name} is missing: run from a complete source checkout (pip install -e .)")

@@ -84,8 +84,8 @@ class Consortium:
 
     def run(self, name: str, app: Path | None = None, *, beside: Callable[[], None] | None = None,
             **config: Any) -> dict[str, Any]:
-        """``flwr run`` of ``app`` (default: this checkout) on the SuperLink; ``beside`` runs in a thread
-        meanwhile (what a site's staff or a failure does during the run)."""
+        """``flwr run`` of ``app`` (default: the staged apps, ``stage_app``) on the SuperLink; ``beside`` runs in a
+        thread meanwhile (what a site's staff or a failure does during the run)."""
         run_dir = self.root / "runs" / name
         side = threading.Thread(target=beside) if beside is not None else None
         if side is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from fl_client.join import JoinError, SiteKit, SuperNode
 from fl_server.cli import app_defaults
 from fl_server.cli import main as server_main
 from fl_server.deploy import READY
-from fl_server.flower_ops import free_port
+from fl_server.flower_ops import APP_FILES, APP_PACKAGES, free_port
 from fl_server.provision import make_site_keys, provision
 from models.config import from_flat
 from models.nets import build_model
@@ -207,6 +208,9 @@ def test_run_finishes_although_a_site_is_killed_during_round_1(federation: Feder
     installed = list((federation.root / "superlink" / "flwr-home" / "apps").iterdir())
     assert len(installed) == 1 and {p.name for p in installed[0].iterdir()} >= {"fl_client", "pyproject.toml"}
     assert not {p.name for p in installed[0].iterdir()} & {"tests", "scripts", "BENCHMARKS.md"}
+    # The bare 'flwr run' that start offers points at a staged copy of the apps, not at the checkout.
+    hint = re.search(r"flwr run (\S+) oncofed", federation.out("start").read_text())
+    assert hint and {p.name for p in Path(hint.group(1)).iterdir()} == set(APP_FILES + APP_PACKAGES)
     print(f"run with a killed site: {seconds:.0f} s")
 
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]

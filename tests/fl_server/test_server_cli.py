@@ -141,3 +141,27 @@ def test_the_app_bundle_holds_the_apps_and_nothing_else_of_the_checkout(tmp_path
     source = app_dir()
     for name in ("fl_server/app.py", "fl_client/app.py", "fl_client/executor.py", "models/nets.py"):
         assert fab.read(name) == (source / name).read_bytes()
+
+
+def test_a_run_hands_flower_the_staged_apps_not_the_checkout(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder ``flwr run`` gets holds the apps alone, and exists while Flower builds the bundle from it."""
+    from fl_server import flower_ops
+
+    class Seen(Exception):
+        pass
+
+    seen: dict[str, object] = {}
+
+    def popen(cmd: list[str], **_: object) -> None:
+        folder = Path(cmd[2])
+        seen["folder"], seen["names"] = folder, {p.name for p in folder.iterdir()}
+        raise Seen
+
+    monkeypatch.setattr(flower_ops.subprocess, "Popen", popen)
+    with pytest.raises(Seen):
+        flower_ops.flwr_run(tmp_path / "flwr-home", run_config={"task": "lung-ct"})
+    folder = seen["folder"]
+    assert isinstance(folder, Path) and folder != flower_ops.app_dir() and flower_ops.app_dir() not in folder.parents
+    assert seen["names"] == set(flower_ops.APP_FILES + flower_ops.APP_PACKAGES)
+    assert not folder.exists()  # a temporary folder, gone after the run
