@@ -35,8 +35,9 @@ from fl_client.metrics import (
 )
 from fl_client.privacy import PrivacyLedger, default_delta, noise_for
 from imaging.sitedata import SiteData
-from models.config import GradSampleMode, PrivacySpec, TrainSpec, resolve_batch, resolve_learning_rate
+from models.config import FineTune, GradSampleMode, PrivacySpec, TrainSpec, resolve_batch, resolve_learning_rate
 from models.device import Placement, autocast
+from models.nets import set_trainable
 
 __all__ = [
     "ByPatient",
@@ -311,6 +312,7 @@ def train_local(
                       nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], device=device)))
     spec = replace(spec, learning_rate=resolve_learning_rate(spec.learning_rate, segmentation=segmentation,
                                                              dp=dp is not None, task=task))
+    set_trainable(model, spec.fine_tune)  # before the optimiser and Opacus see the parameters
     optimizer = _optimizer(model, spec)
     scaler = torch.amp.GradScaler(device.type) if placement.scaled and dp is None else None
     model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)
@@ -425,6 +427,7 @@ def train_local(
         close = getattr(trained, "_close", None)
         if dp is not None and callable(close):
             close()  # remove Opacus' hooks so the plain model can be reused
+        set_trainable(model, FineTune.ALL)  # saliency and a later session take gradients through every layer
     seconds = time.perf_counter() - t0
     total_loss, seen = float(progress["loss"]), int(progress["seen"])
     model.eval()

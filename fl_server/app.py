@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     from fl_server.runstore import RunStore
     from fl_server.strategies import ConsortiumStrategy, build_strategy, packed_record
     from models.config import AVERAGING, Norm, RunKey, from_flat, resolve_learning_rate, resolve_norm, server_step
-    from models.nets import build_model
+    from models.nets import build_model, set_trainable
     from models.tasks import is_segmentation
     from models.weights import pack, state_arrays, unpack
 
@@ -63,7 +63,10 @@ def main(grid: Grid, context: Context) -> None:
     import torch
 
     torch.manual_seed(config.training.seed)
-    reference = state_arrays(build_model(config.model))
+    network = build_model(config.model)
+    reference = state_arrays(network)
+    trained = set(set_trainable(network, config.training.fine_tune))  # what the sites train (fine-tune)
+    frozen = [name for name, _ in network.named_parameters() if name not in trained]
     srv = config.server
     resume = srv.resume
     offset = 0
@@ -114,7 +117,8 @@ def main(grid: Grid, context: Context) -> None:
                                   on_round=lambda r: log.info("oncofed: %s", r.progress_line()),
                                   server_step=server_step(config.federation)
                                   if config.federation.strategy in AVERAGING else None,  # the others step themselves
-                                  server_momentum=config.federation.server_momentum)
+                                  server_momentum=config.federation.server_momentum,
+                                  kept=frozen)
     if offset:
         state = store.server_state(offset)
         if state is not None:
@@ -135,7 +139,7 @@ def main(grid: Grid, context: Context) -> None:
             from fl_server.secure import run_secure
 
             flat = run_secure(grid, context, config=config, store=store, reference=reference, initial=initial,
-                              flat_config=flat_config, offset=offset,
+                              flat_config=flat_config, offset=offset, kept=strategy.kept_mask,
                               on_round=lambda r: log.info("oncofed: %s", r.progress_line()))
             final_arrays = packed_record(flat)
     elif remaining > 0:

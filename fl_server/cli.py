@@ -6,7 +6,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,9 @@ def app_defaults() -> dict[str, Any]:
     return RunConfig().to_flat()
 
 
-def parse_sets(values: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs into typed run-config values, parsed and checked by the typed configuration.
+def parse_sets(values: Sequence[str], context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs into typed run-config values, parsed and checked by the typed configuration, together
+    with ``context`` (settings given otherwise: ``--initial-model``, or a resumed run's stored ones).
 
     Raises:
         UserError: A pair without ``=``, an unknown key (with the closest known one), a bad value or combination.
@@ -83,7 +84,7 @@ def parse_sets(values: Sequence[str]) -> dict[str, Any]:
         key, value = (s.strip() for s in item.split("=", 1))
         raw[key] = value
     try:
-        flat = from_flat(raw).to_flat()
+        flat = from_flat({**(context or {}), **raw}).to_flat()
     except ConfigError as exc:
         raise UserError(f"--set: {exc}") from None
     # A value that means "the task's default" stays as given: it is resolved once the run's task is known (on a
@@ -120,20 +121,24 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     says otherwise."""
     from models.config import KEYS, ConfigError, from_flat, stored_server_step
 
-    run_config = parse_sets(args.set)
-    if args.resume and (getattr(args, "initial_model", None) is not None or run_config.get(RunKey.INITIAL_MODEL)):
+    initial = getattr(args, "initial_model", None)
+    started = args.run_dir / "config.json"
+    stored: dict[str, Any] = {}
+    if args.resume and started.is_file():
+        stored = {key: value for key, value in (json.loads(started.read_text()).get("run_config") or {}).items()
+                  if key in KEYS and key not in (RunKey.RESUME, RunKey.RUN_DIR)}
+    run_config = parse_sets(args.set, {**stored, **({RunKey.INITIAL_MODEL: str(initial)} if initial else {})})
+    if args.resume and (initial is not None or run_config.get(RunKey.INITIAL_MODEL)):
         raise UserError("--initial-model starts a new run, and a resumed run continues from its own checkpoint: "
                         "drop one of the two")
     if args.resume:
         if not (args.run_dir / "history.json").exists():
             raise UserError(f"--resume: {args.run_dir} holds no run to continue")
         run_config["resume"] = str(args.run_dir.resolve())
-        started = args.run_dir / "config.json"
         if started.is_file():
-            stored = json.loads(started.read_text()).get("run_config") or {}
             asked = set(run_config)
             for key, value in stored.items():
-                if key in KEYS and key not in run_config and key not in (RunKey.RESUME, RunKey.RUN_DIR):
+                if key not in run_config:
                     run_config[key] = value
             # A run started before 0.3.5 stored its server step unresolved (0), and stepped the mean itself under an
             # averaging strategy; today's 0 would be the task's step (breast: 2), so the resume keeps the 1 it ran.
@@ -141,7 +146,6 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
                 run_config[RunKey.SERVER_LEARNING_RATE] = stored_server_step(stored)
     elif (args.run_dir / "history.json").exists():
         raise UserError(f"{args.run_dir} already holds a run: add --resume to continue it, or pick a new --run-dir")
-    initial = getattr(args, "initial_model", None)
     if initial is not None:
         run_config[RunKey.INITIAL_MODEL] = str(initial)
     if run_config.get(RunKey.INITIAL_MODEL) and not args.resume:  # the ServerApp runs elsewhere: an absolute path

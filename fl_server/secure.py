@@ -48,8 +48,10 @@ def failure_entry(failure: Any) -> tuple[str, str]:
 
 def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, reference: dict[str, np.ndarray],
                initial: np.ndarray, flat_config: dict[str, Any], offset: int,
-               on_round: Any = None) -> np.ndarray:
-    """Run the remaining rounds with SecAgg+; return the final global weights (packed).
+               on_round: Any = None, kept: Any = None) -> np.ndarray:
+    """Run the remaining rounds with SecAgg+; return the final global weights (packed). ``kept``: a mask over the
+    packed model of the weights the run does not train (``fine-tune``); the protocol's quantised sum would move
+    them a little every round, so each new global model carries them as they were sent.
 
     Raises:
         ValueError: A strategy SecAgg+ cannot run.
@@ -109,6 +111,9 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
                         log.warning("round %d: site %s: %s", rnd, w["site"], w["reason"])
                 flat = stepper.apply_arrays({"flat": np.asarray(final["flat"], dtype=np.float32)},
                                             {"flat": parameters_to_ndarrays(parameters)[0]})["flat"]
+                if kept is not None:
+                    flat = np.array(flat, dtype=np.float32)
+                    flat[kept] = np.asarray(final["flat"], dtype=np.float32)[kept]
                 parameters = ndarrays_to_parameters([flat])
                 final["flat"] = flat
                 path = store.checkpoint(rnd, unpack(flat, reference), flat_config, server_state=stepper.state())

@@ -187,12 +187,17 @@ class ConsortiumStrategy(FlowerStrategy):
             ``sent + step × (aggregate − sent)``. None for a strategy that steps by itself (FedAdam, FedYogi).
         server_momentum: For the averaging strategies, the momentum β of that step: the step then goes along the
             velocity ``v = β v + (aggregate − sent)`` (:class:`ServerStep`).
+        kept: Names of ``reference`` arrays the run does not train (``fine-tune``: the convolutions): each new global
+            model carries them as they were sent. The sites return them unchanged, but the mean of equal float32
+            values is not always bit-equal, and FedAdam and FedYogi divide an update by its own root mean square,
+            so a rounding difference became a full step of the server's rate on every frozen weight.
     """
 
     def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
                  run_config: dict[str, Any], round_offset: int = 0, norm_factor: float = 10.0,
                  evaluate_in_train: bool = False, on_round: Any = None,
-                 server_step: float | None = None, server_momentum: float = 0.0) -> None:
+                 server_step: float | None = None, server_momentum: float = 0.0,
+                 kept: Iterable[str] = ()) -> None:
         self.inner = inner
         self.store = store
         self.reference = reference
@@ -203,6 +208,9 @@ class ConsortiumStrategy(FlowerStrategy):
         self.on_round = on_round
         self.server_step = server_step
         self.stepper = ServerStep(server_step, server_momentum) if server_step is not None else None
+        kept = set(kept)
+        self.kept_mask = np.concatenate([np.full(int(np.prod(a.shape)), k in kept) for k, a in reference.items()]) \
+            if kept and reference else None  # over the packed model (models.weights.pack)
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self._t0: dict[int, float] = {}
         self._names: dict[int, str] = {}  # node id -> site id, from the site's earlier replies
@@ -287,8 +295,14 @@ class ConsortiumStrategy(FlowerStrategy):
         recorder.site_seconds(max(work) if work else 0.0)
         if evaluations:  # the model these sites received: the global model after the previous round
             self.record_evaluation(rnd - 1, evaluations)
-        reasons, norms = screen_updates(sent, [_plain(m.content[Record.ARRAYS]) for m in candidates],
-                                        norm_factor=self.norm_factor)
+        updates = [_plain(m.content[Record.ARRAYS]) for m in candidates]
+        reasons, norms = screen_updates(sent, updates, norm_factor=self.norm_factor)
+        if self.kept_mask is not None and WEIGHTS in sent:  # fine-tuning: the frozen arrays must come back as sent
+            reasons = [reason if reason is not None or WEIGHTS not in update
+                       or update[WEIGHTS].shape != sent[WEIGHTS].shape
+                       or np.array_equal(update[WEIGHTS][self.kept_mask], sent[WEIGHTS][self.kept_mask])
+                       else "changed weights this run does not train (fine-tune)"
+                       for reason, update in zip(reasons, updates, strict=True)]
         kept = []
         for msg, reason, norm in zip(candidates, reasons, norms, strict=True):
             site = site_of(msg, self._names, self._grid)
@@ -323,6 +337,10 @@ class ConsortiumStrategy(FlowerStrategy):
             # float64 model would have every site's float32 update refused from round 2 on. Keep the sent dtypes.
             arrays = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=sent[k].dtype))
                                   for k, v in _plain(arrays).items()})
+        if arrays is not None and sent and self.kept_mask is not None and WEIGHTS in sent:
+            flat = np.array(_plain(arrays)[WEIGHTS], dtype=sent[WEIGHTS].dtype)
+            flat[self.kept_mask] = sent[WEIGHTS][self.kept_mask]
+            arrays = ArrayRecord({WEIGHTS: Array(np.ascontiguousarray(flat))})
         recorder.aggregated(len(kept), {k: float(v) for k, v in (aggregated or {}).items()})  # type: ignore[arg-type]
         self.store.save()
         return arrays, aggregated

@@ -42,6 +42,7 @@ __all__ = [
     "Arch",
     "ConfigError",
     "FederationSpec",
+    "FineTune",
     "GradSampleMode",
     "ModelSpec",
     "Norm",
@@ -101,6 +102,18 @@ class Norm(StrEnum):
     INSTANCE = "instance"  # with affine parameters
     BATCH = "batch"
     NONE = "none"
+
+
+class FineTune(StrEnum):
+    """Which parameters a site trains (:func:`models.nets.set_trainable`). ``all`` (the default) trains the whole
+    network; the others keep the convolutions as the run's initial model gives them (``initial-model``) and train
+    only the normalisation layers' scale and shift and the classifier's head (``norm-head``), or only the head.
+    Under DP-SGD from a public start, ``norm-head`` kept what the start knew where the whole network wore it down
+    over long runs (BENCHMARKS.md, "DP-SGD from a public start")."""
+
+    ALL = "all"
+    NORM_HEAD = "norm-head"
+    HEAD = "head"
 
 
 class Strategy(StrEnum):
@@ -193,6 +206,7 @@ class TrainSpec:
             and noised, so the copies lower the gradient's variance at no privacy cost (De et al., 2022). It costs
             this many times the compute per step. 1: off.
         threads: Torch CPU threads (0: leave torch's default).
+        fine_tune: Which parameters train (:class:`FineTune`); anything but ``all`` needs the run's initial model.
     """
 
     local_epochs: int = 1
@@ -205,6 +219,7 @@ class TrainSpec:
     augment: bool = True
     augmentation_multiplicity: int = 1
     threads: int = 0
+    fine_tune: FineTune = FineTune.ALL
 
 
 # The batch a run trains with when it sets none (batch-size 0). Without DP: 4 samples per step. The synthetic
@@ -574,6 +589,7 @@ class RunKey(StrEnum):
     AUGMENT = "augment"
     AUGMENTATION_MULTIPLICITY = "augmentation-multiplicity"
     THREADS = "threads"
+    FINE_TUNE = "fine-tune"
     DP = "dp"
     DP_EPSILON = "dp-epsilon"
     DP_DELTA = "dp-delta"
@@ -623,6 +639,7 @@ KEYS: dict[RunKey, tuple[str, str, Callable[[Any], Any]]] = {
     RunKey.AUGMENT: ("training", "augment", parse_bool),
     RunKey.AUGMENTATION_MULTIPLICITY: ("training", "augmentation_multiplicity", _int),
     RunKey.THREADS: ("training", "threads", _int),
+    RunKey.FINE_TUNE: ("training", "fine_tune", _enum(FineTune)),
     RunKey.DP: ("privacy", "enabled", parse_bool),
     RunKey.DP_EPSILON: ("privacy", "epsilon", _float),
     RunKey.DP_DELTA: ("privacy", "delta", _float),
@@ -790,6 +807,11 @@ def validate(config: RunConfig) -> None:
     _check(rows <= MAX_ROWS_PER_STEP, RunKey.AUGMENTATION_MULTIPLICITY,
            f"batch-size × augmentation-multiplicity is {rows} images a step (under DP-SGD each with its own "
            f"gradient in memory); at most {MAX_ROWS_PER_STEP}: lower one of them")
+    _check(t.fine_tune == FineTune.ALL or not is_segmentation(m.task), RunKey.FINE_TUNE,
+           f"task {m.task} segments: its UNet has no classifier head to fine-tune; use all")
+    _check(t.fine_tune == FineTune.ALL or bool(config.server.initial_model), RunKey.FINE_TUNE,
+           f"{t.fine_tune.value} keeps the convolutions as the initial model gives them, and this run starts from "
+           "fresh weights: set initial-model (--initial-model MODEL), or fine-tune=all")
     _check(f.num_rounds >= 1, RunKey.NUM_ROUNDS, "must be at least 1, or 0 for the task's count")
     _check(0.0 < f.fraction_train <= 1.0, RunKey.FRACTION_TRAIN, "must be in (0, 1]")
     _check(0.0 <= f.fraction_evaluate <= 1.0, RunKey.FRACTION_EVALUATE, "must be in [0, 1]")

@@ -24,10 +24,10 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import DenseNet, DenseNet121, UNet
 from torch import nn
 
-from models.config import Arch, ModelSpec, Norm, resolve_norm
+from models.config import Arch, FineTune, ModelSpec, Norm, resolve_norm
 
 __all__ = ["LESION_PRIOR", "NO_NORM_LOGIT_SCALE", "CompactCNN", "GeMPool", "build_model", "norm_layer",
-           "parameter_count", "segmentation_net"]
+           "parameter_count", "segmentation_net", "set_trainable"]
 
 ACT = ("relu", {"inplace": False})
 LESION_PRIOR = 0.01  # the segmentation network's starting voxel probability of lesion
@@ -179,3 +179,35 @@ def segmentation_net(spec: ModelSpec) -> nn.Module:
 def parameter_count(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def set_trainable(model: nn.Module, scope: FineTune) -> list[str]:
+    """Mark which parameters of a classifier train (``requires_grad``) and return their names.
+
+    ``all``: every parameter. ``norm-head``: the normalisation layers' scale and shift, and the head (the network's
+    last linear layer); ``head``: the head alone. The convolutions keep the values the model was given, so a
+    network started from a model trained elsewhere keeps its features and adapts their scales and its read-out;
+    under DP-SGD the noise then falls on a few hundred numbers instead of thousands. Every flag is set, so a model
+    used again with another scope holds no stale ones.
+
+    Raises:
+        ValueError: ``scope`` is not ``all`` and the network has no linear head (a segmentation UNet).
+    """
+    if scope == FineTune.ALL:
+        keep = {name for name, _ in model.named_parameters()}
+    else:
+        heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        if not heads:
+            raise ValueError(f"fine-tune={scope.value} needs a classifier head (a linear layer); this network has "
+                             "none: use all")
+        modules = [heads[-1]]
+        if scope == FineTune.NORM_HEAD:
+            modules += [name for name, module in model.named_modules() if isinstance(module, _NORMS)]
+        keep = {f"{m}.{p}" for m in modules for p, _ in model.get_submodule(m).named_parameters(recurse=False)}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+    return [name for name, _ in model.named_parameters() if name in keep]
+

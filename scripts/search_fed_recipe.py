@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]--set {item!r}: give KEY=VALUE, e.g. --set learning-rate=3e-3[/]")
             return 2
         flat[key.strip()] = value.strip()
+    if args.init is not None:  # the run's start, as a run of oncofed-server names it (fine-tune needs it)
+        flat.setdefault("initial-model", str(args.init))
     try:
         config = from_flat(flat)
     except ConfigError as exc:

@@ -10,7 +10,7 @@ from opacus.accountants import RDPAccountant
 
 from fl_client.privacy import BudgetExceeded, NoBudget, PrivacyError, PrivacyLedger, default_delta, noise_for
 from fl_client.train import plan_dp, train_local
-from models.config import GradSampleMode, ModelSpec, PrivacySpec, TrainSpec
+from models.config import FineTune, GradSampleMode, ModelSpec, PrivacySpec, TrainSpec
 from models.nets import build_model
 
 
@@ -129,3 +129,32 @@ def test_a_dp_model_trains(tmp_path: Path) -> None:
                           round_number=r, task="breast-mg", dp_seed=r, patients=range(200)).loss for r in range(6)]
     assert losses[-1] < 0.8 * losses[0], losses
     assert len(ledger.sessions()) == 6 and ledger.spent() <= 8.0 + 0.05
+
+
+def test_dp_fine_tuning_of_norms_and_head_keeps_the_convolutions(tmp_path: Path) -> None:
+    """Under DP-SGD with fine-tune=norm-head the convolutions leave training as they came (bit for bit), the norms
+    and the head move, the loss falls, the ledger counts as for the whole network, and every parameter is
+    trainable again afterwards (saliency takes gradients through every layer)."""
+    ledger = PrivacyLedger(tmp_path)
+    ledger.set_budget(50.0, 1e-5)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(200, 1, 16, 16, generator=generator) * 0.2
+    y = (torch.arange(200) % 2).float()[:, None]
+    x[y[:, 0] == 1, :, 6:10, 6:10] += 0.8
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(task="breast-mg", spatial_dims=2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    spec = TrainSpec(batch_size=20, learning_rate=3e-2, local_epochs=1, fine_tune=FineTune.NORM_HEAD)
+    plan = plan_dp(PrivacySpec(enabled=True, epsilon=8.0), samples=200, batch_size=20, steps_per_round=10,
+                   rounds=4, ledger=ledger, grad_sample_mode=GradSampleMode.EW)
+    losses = [train_local(model, torch.utils.data.TensorDataset(x, y), spec=spec, labels=y[:, 0].int().tolist(),
+                          dp=plan, ledger=ledger, round_number=r, task="breast-mg", dp_seed=r,
+                          patients=range(200)).loss for r in range(4)]
+    after = dict(model.named_parameters())
+    convs = [n for n in before if ".conv." in n]
+    assert convs and all(torch.equal(before[n], after[n]) for n in convs)
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert any(not torch.equal(before[n], after[n]) for n in before if ".adn.N." in n)
+    assert losses[-1] < losses[0], losses
+    assert len(ledger.sessions()) == 4 and all(s.steps > 0 for s in ledger.sessions())
+    assert all(p.requires_grad for p in model.parameters())

@@ -174,12 +174,14 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(run: dict[str, Path]) ->
 
 def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_path: Path) -> None:
     # SecAgg+ over the same three sites: site-c refuses to train (its budget is spent), which the protocol
-    # handles as a drop-out; the server sees only the sum of site-a's and site-b's updates.
-    run_dir = tmp_path / "secure"
+    # handles as a drop-out; the server sees only the sum of site-a's and site-b's updates. The run fine-tunes the
+    # first run's model (norms and head): the protocol's quantised sum must not move the convolutions.
+    run_dir, start = tmp_path / "secure", run["run"] / "model.pt"
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
                     "--set", "server-learning-rate=2", "--set", "server-momentum=0.5",
-                    "--set", "secure-aggregation=true", "--set", "min-sites=3", "--set", "data-summary=false")
+                    "--set", "secure-aggregation=true", "--set", "min-sites=3", "--set", "data-summary=false",
+                    "--set", "fine-tune=norm-head", "--initial-model", str(start))
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run_dir / "history.json").read_text())
     rounds = [r for r in history["rounds"] if r["round"] >= 1]
@@ -197,6 +199,9 @@ def test_secure_aggregation_with_a_site_dropping_out(run: dict[str, Path], tmp_p
     second, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-002.pt")
     assert all(v.dtype == np.float32 for v in second.values())
     assert any(not np.allclose(first[k], second[k]) for k in first)  # the sum was unmasked and applied
+    start_arrays, _, _ = load_checkpoint(start)
+    convs = [k for k in second if ".conv." in k]
+    assert convs and all(np.array_equal(second[k], start_arrays[k]) for k in convs)
     assert "Secure aggregation (SecAgg+)" in (run_dir / "report.html").read_text()
 
 
@@ -204,13 +209,14 @@ def test_fedadam_keeps_the_global_model_in_float32(run: dict[str, Path], tmp_pat
     """Flower's FedAdam returns float64 arrays (NumPy 2 promotes with its float64 step); sent on, every site's
     float32 update of round 2 was refused and the run trained one round only. The server keeps the sent dtype, and
     FedAdam's moments are checkpointed for a resume. The run starts from the first run's global model
-    (``--initial-model``), as a consortium continues from last year's model."""
+    (``--initial-model``), as a consortium continues from last year's model, and fine-tunes only its norms and head
+    (``fine-tune=norm-head``): the sites, one of them under DP-SGD, leave the convolutions as the start gave them."""
     run_dir, start = tmp_path / "adam", run["run"] / "model.pt"
-    _, _, start_round = load_checkpoint(start)
+    start_arrays, _, start_round = load_checkpoint(start)
     result = server("simulate", "--sites", str(run["sites"]), "--run-dir", str(run_dir), "--set", "task=breast-mg",
                     "--set", "num-rounds=2", "--set", "threads=1", "--set", "dp-epsilon=4",
                     "--set", "strategy=fedadam", "--set", "final-evaluation=false", "--set", "data-summary=false",
-                    "--initial-model", str(start))
+                    "--set", "fine-tune=norm-head", "--initial-model", str(start))
     assert result.returncode == 0, result.stdout + result.stderr
     history = json.loads((run_dir / "history.json").read_text())
     # Round 0 is the start: every site scores it on its validation split as it scored the first run's model.
@@ -229,6 +235,9 @@ def test_fedadam_keeps_the_global_model_in_float32(run: dict[str, Path], tmp_pat
         assert [f["site"] for f in record.get("failed", [])] == [], record
     second, _, _ = load_checkpoint(run_dir / "checkpoints" / "round-002.pt")
     assert all(v.dtype == np.float32 for v in second.values() if v.dtype.kind == "f")
+    convs = [k for k in second if ".conv." in k]
+    assert convs and all(np.array_equal(second[k], start_arrays[k]) for k in convs)
+    assert not np.array_equal(second["head.weight"], start_arrays["head.weight"])
     assert (run_dir / "checkpoints" / "round-002.state.npz").exists()
 
 

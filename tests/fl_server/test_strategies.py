@@ -367,3 +367,31 @@ def test_a_site_under_dp_sgd_while_the_server_uses_momentum_is_warned_of_once(tm
     assert "steps 2 times along the mean update" in stepped[0]["warnings"][0]["reason"]
     assert "0.76 against 0.81-0.83" in stepped[0]["warnings"][0]["reason"]  # what it cost, measured
     assert "--set dp=true" in stepped[0]["warnings"][0]["reason"]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_a_fine_tuning_run_keeps_the_frozen_weights_and_drops_a_site_that_changed_them(tmp_path: Path,
+                                                                                      name: str) -> None:
+    """fine-tune: the arrays the run does not train come back as they were sent, and so does the global model;
+    FedAdam turned the rounding of a mean of equal values into a full step on every frozen weight before."""
+    reference = {"conv": np.zeros(30, np.float32), "head": np.zeros(20, np.float32)}
+    sent = (np.arange(N, dtype=np.float32) * 0.1 + 0.3).astype(np.float32)
+    store = RunStore.create(tmp_path / name, run_id="t", run_config={"task": "breast-mg"})
+    s = ConsortiumStrategy(build_strategy(from_flat({"task": "breast-mg", "strategy": name})), store=store,
+                           reference=reference, run_config={}, kept=["conv"])
+    s._sent[1] = {"weights": sent}
+    if hasattr(s.inner, "m_t"):  # what FedAdam's configure_train keeps of the model it sends
+        s.inner.current_arrays = {"weights": sent}
+    w = updates(3)
+    trained = [np.concatenate([sent[:30], sent[30:] + x[30:]]) for x in w]
+    rogue = sent + w[0]  # trained the frozen convolutions too
+    replies = [reply(f"s{i}", trained[i], {"num-examples": 10 * (i + 1), "train-loss": 0.5}) for i in range(3)]
+    replies.append(reply("rogue", rogue, {"num-examples": 10, "train-loss": 0.5}))
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None
+    new = arrays["weights"].numpy()
+    assert np.array_equal(new[:30], sent[:30]) and not np.allclose(new[30:], sent[30:])
+    record = json.loads((s.store.root / "history.json").read_text())["rounds"][0]
+    assert [(d["site"], d["reason"]) for d in record["dropped"]] == [
+        ("rogue", "changed weights this run does not train (fine-tune)")]
+    assert record["aggregated_sites"] == 3

@@ -81,6 +81,9 @@ def test_the_default_batch_is_small_without_dp_and_larger_under_dp() -> None:
         ({"augmentation-multiplicity": "4", "augment": "false"}, "the same image k times"),
         ({"augmentation-multiplicity": "2", "dp": "true", "dp-grad-sample-mode": "ghost"}, "ghost keeps none"),
         ({"augmentation-multiplicity": "20"}, "320 images a step"),  # the DP batch of 16 counts, DP or not
+        ({"fine-tune": "norm"}, "expected one of all, norm-head, head"),
+        ({"fine-tune": "norm-head"}, "this run starts from fresh weights: set initial-model"),
+        ({"fine-tune": "head", "task": "lung-ct-seg", "initial-model": "/m.pt"}, "no classifier head to fine-tune"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key_and_the_fix(flat: dict[str, str], message: str) -> None:
@@ -245,3 +248,10 @@ def test_norm_auto_is_the_tasks_and_fedprox_runs_as_fedavg_without_a_norm_layer(
         norm_layer(Norm.AUTO, 8)
     with pytest.raises(ConfigError, match="proximal-mu"):
         from_flat({"proximal-mu": -0.5})
+
+
+def test_fine_tuning_reads_with_a_start_and_round_trips() -> None:
+    config = from_flat({"fine-tune": "norm-head", "initial-model": "/public/breast.pt", "task": "breast-mg"})
+    assert config.training.fine_tune == "norm-head"
+    assert from_flat(config.to_flat()) == config
+    assert from_flat({}).training.fine_tune == "all"

@@ -10,8 +10,8 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from models.config import Arch, ModelSpec, Norm
-from models.nets import build_model, parameter_count
+from models.config import Arch, FineTune, ModelSpec, Norm
+from models.nets import build_model, parameter_count, set_trainable
 from models.weights import WeightsError, check_arrays, load_arrays, pack, state_arrays, unpack
 
 
@@ -125,3 +125,29 @@ def test_a_model_file_with_wrong_fields_is_refused_by_name(tmp_path: Path, chang
     torch.save({"arrays": {"w": torch.zeros(2)}, "run_config": {"task": "lung-ct"}, "round": 1, **change}, path)
     with pytest.raises(WeightsError, match=needle):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("arch", [Arch.COMPACT_CNN, Arch.DENSENET_SMALL])
+def test_fine_tuning_trains_the_norms_and_the_head_or_the_head_alone(arch: Arch) -> None:
+    model = build_model(ModelSpec(task="breast-mg", spatial_dims=2, arch=arch))
+    norms = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.GroupNorm))}
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert norms and linears
+    head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"}
+
+    def trainable() -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert set(set_trainable(model, FineTune.HEAD)) == trainable() == head
+    named = set_trainable(model, FineTune.NORM_HEAD)
+    assert set(named) == trainable() == head | {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in norms}
+    assert not any("conv" in n for n in named)
+    sizes = [(p.numel(), p.requires_grad) for p in model.parameters()]
+    assert sum(n for n, trains in sizes if trains) < sum(n for n, _ in sizes) / 10
+    assert set_trainable(model, FineTune.ALL) == [n for n, _ in model.named_parameters()]  # no stale flag left
+
+
+def test_the_unet_has_no_head_to_fine_tune() -> None:
+    model = build_model(ModelSpec(task="lung-ct-seg", spatial_dims=3, arch=Arch.UNET))
+    with pytest.raises(ValueError, match="needs a classifier head"):
+        set_trainable(model, FineTune.NORM_HEAD)
