@@ -313,103 +313,107 @@ def train_local(
     spec = replace(spec, learning_rate=resolve_learning_rate(spec.learning_rate, segmentation=segmentation,
                                                              dp=dp is not None, task=task))
     set_trainable(model, spec.fine_tune)  # before the optimiser and Opacus see the parameters
-    optimizer = _optimizer(model, spec)
-    scaler = torch.amp.GradScaler(device.type) if placement.scaled and dp is None else None
-    model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)
-    trained: nn.Module = model
-    steps_per_epoch = len(loader)
-    reservation = None
-    if dp is not None:
-        if ledger is None:
-            raise ValueError("a DP session needs the site's ledger")
-        # Refused now if it would pass the ceiling (nothing trained); written ahead just before the first step.
-        ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
-                     steps=dp_steps(dp.sample_rate, epochs=epochs), accountant=dp.accountant)
-        from opacus import PrivacyEngine
+    try:  # a set-up that fails leaves every parameter trainable again
+        optimizer = _optimizer(model, spec)
+        scaler = torch.amp.GradScaler(device.type) if placement.scaled and dp is None else None
+        model.train()  # Opacus refuses a model in eval mode (as left by the previous round's evaluation)
+        trained: nn.Module = model
+        steps_per_epoch = len(loader)
+        reservation = None
+        if dp is not None:
+            if ledger is None:
+                raise ValueError("a DP session needs the site's ledger")
+            # Refused now if it would pass the ceiling (nothing trained); written ahead just before the first step.
+            ledger.check(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                         steps=dp_steps(dp.sample_rate, epochs=epochs), accountant=dp.accountant)
+            from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant=dp.accountant)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
-            common: dict[str, Any] = dict(module=model, optimizer=optimizer, data_loader=loader,
-                                          noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                          poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode.value,
-                                          noise_generator=noise_generator)
-            if dp.grad_sample_mode == GradSampleMode.GHOST:
-                trained, optimizer, criterion, loader = engine.make_private(criterion=criterion, **common)
-            else:
-                trained, optimizer, loader = engine.make_private(**common)
-        steps_per_epoch = dp_steps(dp.sample_rate)
-        actual = getattr(loader, "sample_rate", dp.sample_rate)
-        if abs(actual - dp.sample_rate) > 1e-12 or len(loader) != steps_per_epoch:
-            raise ValueError(f"the DP plan samples at {dp.sample_rate:.6g} for {steps_per_epoch} steps a pass; the "
-                             f"private loader at {actual:.6g} for {len(loader)}: plan with the loader's batch size "
-                             f"and the split's {n} patients (SiteData.count_patients), not its {images} images")
-    prox = spec.proximal_mu if global_params is not None and spec.proximal_mu > 0 else 0.0
-    anchors = ({k: v.detach().to(device).clone() for k, v in global_params.items()}
-               if prox and global_params is not None else {})
-    named = dict(model.named_parameters())
-    trained.train()
-    progress = {"loss": 0.0, "seen": 0, "steps": 0}
+            engine = PrivacyEngine(accountant=dp.accountant)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+                warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+                common: dict[str, Any] = dict(module=model, optimizer=optimizer, data_loader=loader,
+                                              noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                              poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode.value,
+                                              noise_generator=noise_generator)
+                if dp.grad_sample_mode == GradSampleMode.GHOST:
+                    trained, optimizer, criterion, loader = engine.make_private(criterion=criterion, **common)
+                else:
+                    trained, optimizer, loader = engine.make_private(**common)
+            steps_per_epoch = dp_steps(dp.sample_rate)
+            actual = getattr(loader, "sample_rate", dp.sample_rate)
+            if abs(actual - dp.sample_rate) > 1e-12 or len(loader) != steps_per_epoch:
+                raise ValueError(f"the DP plan samples at {dp.sample_rate:.6g} for {steps_per_epoch} steps a pass; the "
+                                 f"private loader at {actual:.6g} for {len(loader)}: plan with the loader's batch size "
+                                 f"and the split's {n} patients (SiteData.count_patients), not its {images} images")
+        prox = spec.proximal_mu if global_params is not None and spec.proximal_mu > 0 else 0.0
+        anchors = ({k: v.detach().to(device).clone() for k, v in global_params.items()}
+                   if prox and global_params is not None else {})
+        named = dict(model.named_parameters())
+        trained.train()
+        progress = {"loss": 0.0, "seen": 0, "steps": 0}
 
-    def run_epochs() -> None:
-        total_loss, seen, steps = 0.0, 0, 0
-        for epoch in range(epochs):
-            epoch_loss, epoch_seen = 0.0, 0
-            batches = iter(loader)
-            for _ in range(steps_per_epoch):
-                try:
-                    x, y = next(batches)
-                except StopIteration:
-                    break
-                if len(x) == 0:  # Poisson sampling may draw an empty batch: it still counts as a step
+        def run_epochs() -> None:
+            total_loss, seen, steps = 0.0, 0, 0
+            for epoch in range(epochs):
+                epoch_loss, epoch_seen = 0.0, 0
+                batches = iter(loader)
+                for _ in range(steps_per_epoch):
+                    try:
+                        x, y = next(batches)
+                    except StopIteration:
+                        break
+                    if len(x) == 0:  # Poisson sampling may draw an empty batch: it still counts as a step
+                        steps += 1
+                        progress["steps"] = steps
+                        continue
+                    if copies > 1:  # [samples, copies, ...] -> one row per copy, a sample's copies side by side
+                        x, y = x.flatten(0, 1), y.flatten(0, 1)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(placement):
+                        logits = trained(x)
+                    loss = criterion(logits.float(), y)  # the loss in fp32 whatever the forward pass ran in
+                    if prox and dp is None:
+                        loss = loss + prox / 2 * sum(((named[k] - a) ** 2).sum() for k, a in anchors.items()
+                                                     if k in named)
+                    if scaler is not None:  # fp16: scaled against gradient underflow
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        if dp is not None and copies > 1:
+                            mean_over_copies(trained, copies)
+                        optimizer.step()
+                    if prox and dp is not None:
+                        # Under DP the proximal term is applied as its own step after the private update: it
+                        # depends only on the public global weights, so it costs no privacy.
+                        with torch.no_grad():
+                            for k, a in anchors.items():
+                                if k in named:
+                                    named[k].sub_(spec.learning_rate * prox * (named[k] - a))
+                    epoch_loss += float(loss.detach()) * len(x) / copies
+                    epoch_seen += len(x) // copies
                     steps += 1
                     progress["steps"] = steps
-                    continue
-                if copies > 1:  # [samples, copies, ...] -> one row per copy, a sample's copies side by side
-                    x, y = x.flatten(0, 1), y.flatten(0, 1)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(placement):
-                    logits = trained(x)
-                loss = criterion(logits.float(), y)  # the loss in fp32 whatever the forward pass ran in
-                if prox and dp is None:
-                    loss = loss + prox / 2 * sum(((named[k] - a) ** 2).sum() for k, a in anchors.items()
-                                                 if k in named)
-                if scaler is not None:  # fp16: scaled against gradient underflow
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if dp is not None and copies > 1:
-                        mean_over_copies(trained, copies)
-                    optimizer.step()
-                if prox and dp is not None:
-                    # Under DP the proximal term is applied as its own step after the private update: it
-                    # depends only on the public global weights, so it costs no privacy.
-                    with torch.no_grad():
-                        for k, a in anchors.items():
-                            if k in named:
-                                named[k].sub_(spec.learning_rate * prox * (named[k] - a))
-                epoch_loss += float(loss.detach()) * len(x) / copies
-                epoch_seen += len(x) // copies
-                steps += 1
-                progress["steps"] = steps
-            total_loss += epoch_loss
-            seen += epoch_seen
-            if on_epoch is not None:
-                trained.eval()
-                on_epoch(epoch, epoch_loss / max(epoch_seen, 1))
-                trained.train()
-        progress.update(loss=total_loss, seen=seen, steps=steps)
+                total_loss += epoch_loss
+                seen += epoch_seen
+                if on_epoch is not None:
+                    trained.eval()
+                    on_epoch(epoch, epoch_loss / max(epoch_seen, 1))
+                    trained.train()
+            progress.update(loss=total_loss, seen=seen, steps=steps)
 
-    if dp is not None and ledger is not None:
-        # Written ahead: the ledger holds every step this session may take before the first one is taken.
-        reservation = ledger.reserve(run_id=run_id, round=round_number, task=task,
-                                     steps=dp_steps(dp.sample_rate, epochs=epochs), sample_rate=dp.sample_rate,
-                                     noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, samples=n,
-                                     accountant=dp.accountant)
+        if dp is not None and ledger is not None:
+            # Written ahead: the ledger holds every step this session may take before the first one is taken.
+            reservation = ledger.reserve(run_id=run_id, round=round_number, task=task,
+                                         steps=dp_steps(dp.sample_rate, epochs=epochs), sample_rate=dp.sample_rate,
+                                         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                         samples=n, accountant=dp.accountant)
+    except BaseException:
+        set_trainable(model, FineTune.ALL)
+        raise
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():

@@ -195,8 +195,8 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
     stored without its ``norm`` ran InstanceNorm.
 
     Raises:
-        ValueError: The norm, strategy, server learning rate, server momentum or learning rate differ; the message
-            names the key.
+        ValueError: The norm, strategy, server learning rate, server momentum, learning rate or fine-tuning scope
+            differ; the message names the key.
     """
     from models.config import KEYS, RunKey, from_flat, resolve_learning_rate, server_step, stored_server_step
     from models.tasks import is_segmentation
@@ -216,7 +216,8 @@ def check_resumed_federation(stored: dict[str, Any], config: Any, run_dir: str) 
                            resolve_learning_rate(then.training.learning_rate, segmentation=segmentation,
                                                  dp=then.privacy.enabled, task=then.model.task),
                            resolve_learning_rate(config.training.learning_rate, segmentation=segmentation,
-                                                 dp=config.privacy.enabled, task=config.model.task))):
+                                                 dp=config.privacy.enabled, task=config.model.task)),
+                          (RunKey.FINE_TUNE, then.training.fine_tune.value, config.training.fine_tune.value)):
         if old != new:
             raise ValueError(f"cannot resume {run_dir}: it ran with {key}={old}, this run config says {new}; "
                              f"resume with --set {key}={old} (the server's saved state belongs to it)")

@@ -187,10 +187,13 @@ class ConsortiumStrategy(FlowerStrategy):
             ``sent + step × (aggregate − sent)``. None for a strategy that steps by itself (FedAdam, FedYogi).
         server_momentum: For the averaging strategies, the momentum β of that step: the step then goes along the
             velocity ``v = β v + (aggregate − sent)`` (:class:`ServerStep`).
-        kept: Names of ``reference`` arrays the run does not train (``fine-tune``: the convolutions): each new global
-            model carries them as they were sent. The sites return them unchanged, but the mean of equal float32
-            values is not always bit-equal, and FedAdam and FedYogi divide an update by its own root mean square,
-            so a rounding difference became a full step of the server's rate on every frozen weight.
+        kept: Names of ``reference`` arrays the run does not train (``fine-tune``: the convolutions): a site's update
+            that changed them is dropped, and each new global model carries them as they were sent. The sites return
+            them unchanged, but the mean of equal float32 values is not always bit-equal, and FedAdam's step moved
+            them by that rounding every round.
+
+    Raises:
+        ValueError: A name in ``kept`` is not one of ``reference``'s.
     """
 
     def __init__(self, inner: FlowerStrategy, *, store: RunStore, reference: dict[str, np.ndarray],
@@ -209,6 +212,8 @@ class ConsortiumStrategy(FlowerStrategy):
         self.server_step = server_step
         self.stepper = ServerStep(server_step, server_momentum) if server_step is not None else None
         kept = set(kept)
+        if kept - set(reference):
+            raise ValueError(f"frozen arrays {sorted(kept - set(reference))[:3]} are not the global model's")
         self.kept_mask = np.concatenate([np.full(int(np.prod(a.shape)), k in kept) for k, a in reference.items()]) \
             if kept and reference else None  # over the packed model (models.weights.pack)
         self._sent: dict[int, dict[str, np.ndarray]] = {}

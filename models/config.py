@@ -811,7 +811,7 @@ def validate(config: RunConfig) -> None:
            f"task {m.task} segments: its UNet has no classifier head to fine-tune; use all")
     _check(t.fine_tune == FineTune.ALL or bool(config.server.initial_model), RunKey.FINE_TUNE,
            f"{t.fine_tune.value} keeps the convolutions as the initial model gives them, and this run starts from "
-           "fresh weights: set initial-model (--initial-model MODEL), or fine-tune=all")
+           "fresh weights: set initial-model (--initial-model MODEL) on a new run, or fine-tune=all")
     _check(f.num_rounds >= 1, RunKey.NUM_ROUNDS, "must be at least 1, or 0 for the task's count")
     _check(0.0 < f.fraction_train <= 1.0, RunKey.FRACTION_TRAIN, "must be in (0, 1]")
     _check(0.0 <= f.fraction_evaluate <= 1.0, RunKey.FRACTION_EVALUATE, "must be in [0, 1]")

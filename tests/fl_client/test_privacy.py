@@ -158,3 +158,20 @@ def test_dp_fine_tuning_of_norms_and_head_keeps_the_convolutions(tmp_path: Path)
     assert losses[-1] < losses[0], losses
     assert len(ledger.sessions()) == 4 and all(s.steps > 0 for s in ledger.sessions())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_session_refused_before_training_leaves_every_parameter_trainable(tmp_path: Path) -> None:
+    """fine-tune marks parameters frozen before the optimiser and Opacus see them; a session refused in its set-up
+    (here the site's ceiling) leaves the model as it found it, for saliency and the next session."""
+    planner, ledger = PrivacyLedger(tmp_path / "plan"), PrivacyLedger(tmp_path / "site")
+    planner.set_budget(50.0, 1e-5)
+    ledger.set_budget(0.5, 1e-5)
+    x, y = torch.rand(40, 1, 16, 16), (torch.arange(40) % 2).float()[:, None]
+    model = build_model(ModelSpec(task="breast-mg", spatial_dims=2))
+    plan = plan_dp(PrivacySpec(enabled=True, epsilon=8.0), samples=40, batch_size=8, steps_per_round=5,
+                   rounds=2, ledger=planner, grad_sample_mode=GradSampleMode.EW)
+    with pytest.raises(BudgetExceeded):
+        train_local(model, torch.utils.data.TensorDataset(x, y), spec=TrainSpec(fine_tune=FineTune.HEAD),
+                    labels=y[:, 0].int().tolist(), dp=plan, ledger=ledger, task="breast-mg", dp_seed=0,
+                    patients=range(40))
+    assert all(p.requires_grad for p in model.parameters())

@@ -395,3 +395,16 @@ def test_a_fine_tuning_run_keeps_the_frozen_weights_and_drops_a_site_that_change
     assert [(d["site"], d["reason"]) for d in record["dropped"]] == [
         ("rogue", "changed weights this run does not train (fine-tune)")]
     assert record["aggregated_sites"] == 3
+
+
+def test_a_run_resumes_only_with_its_own_fine_tuning_scope() -> None:
+    """A run that fine-tuned norms and head from a start resumes so (its checkpoints froze the start's
+    convolutions); switching the scope on a resume would freeze the checkpoint's instead, so it is refused."""
+    from fl_server.app import check_resumed_federation
+
+    stored = {"task": "breast-mg", "fine-tune": "norm-head", "initial-model": "/m.pt", "num-rounds": 5,
+              "learning-rate": 0.001, "server-learning-rate": 2.0}
+    with pytest.raises(ValueError, match=r"fine-tune=norm-head, this run config says all"):
+        check_resumed_federation(stored, from_flat({"task": "breast-mg"}), "run")
+    check_resumed_federation(stored, from_flat({"task": "breast-mg", "fine-tune": "norm-head",
+                                                "initial-model": "/m.pt"}), "run")
