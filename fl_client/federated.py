@@ -35,7 +35,7 @@ from models.config import (
 )
 from models.device import Placement, place
 from models.evaluation import score_histogram
-from models.nets import build_model, parameter_count
+from models.nets import build_model, parameter_count, set_trainable
 from models.protocol import (
     EVAL_METRICS,
     PRIVACY_METRICS,
@@ -158,10 +158,14 @@ def run_manifest(config: RunConfig, run_config: Mapping[str, Any], node_config: 
     """What the run asks of the site, read by the site's code from the run config (see
     :class:`fl_client.policy.RunManifest`)."""
     metrics = TRAIN_METRICS + EVAL_METRICS + (PRIVACY_METRICS if config.privacy.enabled else ())
+    network = build_model(config.model)
+    total = parameter_count(network)
+    set_trainable(network, config.training.fine_tune)
     return RunManifest(
         run=run, lead_run_id=lead_run_id, task=config.model.task, rounds=config.federation.num_rounds,
         local_epochs=config.training.local_epochs, strategy=str(config.federation.strategy),
-        network=str(config.model.network), parameters=parameter_count(build_model(config.model)),
+        network=str(config.model.network), parameters=total, trained=parameter_count(network),
+        fine_tune=config.training.fine_tune.value,
         resolution=str(config.model.resolution),
         augmentation_multiplicity=config.training.augmentation_multiplicity,
         dp=config.privacy.enabled, dp_epsilon=float(config.privacy.epsilon),

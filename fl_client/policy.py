@@ -150,6 +150,8 @@ class RunManifest:
         strategy: The aggregation strategy.
         network: The network.
         parameters: The network's parameter count.
+        trained: How many of them the sites train: fewer under ``fine-tune`` (0: all, as before 0.3.8).
+        fine_tune: The run's ``fine-tune`` scope (``all``, ``norm-head``, ``head``).
         resolution: The resolution profile the run preprocesses images at (``cpu`` or ``diagnostic``).
         dp: Whether the run asks for DP-SGD.
         dp_epsilon: The run's ε target (when it asks for DP).
@@ -175,6 +177,8 @@ class RunManifest:
     app_hash: str
     resolution: str = "cpu"
     augmentation_multiplicity: int = 1
+    trained: int = 0
+    fine_tune: str = "all"
 
     @classmethod
     def foreign(cls, run: str, app: str, app_hash: str, run_config: Mapping[str, Any]) -> RunManifest:
@@ -191,7 +195,9 @@ class RunManifest:
             else ""
         return [f"task {self.task}; {self.rounds} round(s) of {self.local_epochs} local epoch(s){draws}; "
                 f"strategy {self.strategy}" + ("; secure aggregation" if self.secure_aggregation else ""),
-                f"network {self.network} ({self.parameters:,} parameters) at the {self.resolution} resolution profile",
+                f"network {self.network} ({self.parameters:,} parameters"
+                + (f"; it trains {self.trained:,}, fine-tune {self.fine_tune}, from the lead's start"
+                   if self.fine_tune != "all" else "") + f") at the {self.resolution} resolution profile",
                 dp,
                 f"leaves the site: the model's weights and the metrics {', '.join(self.metrics)}"
                 + ("" if is_segmentation(self.task) else

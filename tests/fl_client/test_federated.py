@@ -155,6 +155,12 @@ def test_the_manifest_describes_the_run_from_the_typed_config() -> None:
     assert not m.secure_aggregation
     simulated = run_manifest(config, {}, {}, run="5", lead_run_id="lead-3")
     assert (simulated.app, simulated.app_hash) == ("simulation", "")
+    assert m.fine_tune == "all" and not any("fine-tune" in line for line in m.lines())
+    # A run that fine-tunes a start tells the site how much of the network it trains.
+    tuned = run_manifest(_config(**{"fine-tune": "norm-head", "initial-model": "/m.pt"}), {}, {}, run="6",
+                         lead_run_id="lead-4")
+    assert tuned.parameters == m.parameters and 0 < tuned.trained < tuned.parameters / 10
+    assert f"it trains {tuned.trained:,}, fine-tune norm-head" in tuned.lines()[1]
 
 
 def test_secure_aggregation_is_read_from_the_typed_config_not_the_flat_keys() -> None:
