@@ -27,7 +27,7 @@ import numpy as np
 
 from fl_server.rounds import RoundRecord, RoundRecorder, warned_sites
 from fl_server.runstore import RunStore
-from fl_server.strategies import ServerStep
+from fl_server.strategies import ServerStep, keep_frozen
 from models.config import RunConfig, Strategy, proximal_mu_of, server_step
 from models.protocol import Metric, RoundKey, SiteKey, Split, parse_failure
 from models.weights import unpack
@@ -111,9 +111,7 @@ def run_secure(grid: Any, context: Any, *, config: RunConfig, store: RunStore, r
                         log.warning("round %d: site %s: %s", rnd, w["site"], w["reason"])
                 flat = stepper.apply_arrays({"flat": np.asarray(final["flat"], dtype=np.float32)},
                                             {"flat": parameters_to_ndarrays(parameters)[0]})["flat"]
-                if kept is not None:
-                    flat = np.array(flat, dtype=np.float32)
-                    flat[kept] = np.asarray(final["flat"], dtype=np.float32)[kept]
+                flat = keep_frozen(flat, final["flat"], kept)
                 parameters = ndarrays_to_parameters([flat])
                 final["flat"] = flat
                 path = store.checkpoint(rnd, unpack(flat, reference), flat_config, server_state=stepper.state())

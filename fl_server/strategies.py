@@ -50,8 +50,8 @@ from models.protocol import (
     parse_failure,
 )
 
-__all__ = ["RECIPES", "ConsortiumStrategy", "ServerStep", "build_strategy", "packed_record", "refusal_of",
-           "registered_names", "site_of", "stepped", "stepped_array"]
+__all__ = ["RECIPES", "ConsortiumStrategy", "ServerStep", "build_strategy", "keep_frozen", "packed_record",
+           "refusal_of", "registered_names", "site_of", "stepped", "stepped_array"]
 
 log = logging.getLogger("oncofed.server")
 
@@ -150,6 +150,16 @@ def refusal_of(msg: Message) -> dict[str, str] | None:
                   else "privacy budget spent" if Metric.EPSILON_MAX in metrics
                   else "DP asked for but the site has set no privacy budget")
     return {"code": code, "reason": detail}
+
+
+def keep_frozen(new: np.ndarray, sent: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The packed global model ``new`` with the values under ``mask`` (the weights a ``fine-tune`` run does not
+    train) as they were ``sent``, in float32; ``new`` itself when there is no mask."""
+    if mask is None:
+        return new
+    out = np.array(new, dtype=np.float32)
+    out[mask] = np.asarray(sent, dtype=np.float32)[mask]
+    return out
 
 
 def _plain(arrays: Any) -> dict[str, np.ndarray]:
@@ -343,9 +353,7 @@ class ConsortiumStrategy(FlowerStrategy):
             arrays = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=sent[k].dtype))
                                   for k, v in _plain(arrays).items()})
         if arrays is not None and sent and self.kept_mask is not None and WEIGHTS in sent:
-            flat = np.array(_plain(arrays)[WEIGHTS], dtype=sent[WEIGHTS].dtype)
-            flat[self.kept_mask] = sent[WEIGHTS][self.kept_mask]
-            arrays = ArrayRecord({WEIGHTS: Array(np.ascontiguousarray(flat))})
+            arrays = packed_record(keep_frozen(_plain(arrays)[WEIGHTS], sent[WEIGHTS], self.kept_mask))
         recorder.aggregated(len(kept), {k: float(v) for k, v in (aggregated or {}).items()})  # type: ignore[arg-type]
         self.store.save()
         return arrays, aggregated

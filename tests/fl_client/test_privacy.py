@@ -111,14 +111,20 @@ def test_dp_steps_taken_before_a_crash_are_still_counted(tmp_path: Path) -> None
     assert ledger.spent() > 0
 
 
-def test_a_dp_model_trains(tmp_path: Path) -> None:
-    """Loss falls under DP-SGD on an easy problem (bright square or not), with the ledger counting."""
-    ledger = PrivacyLedger(tmp_path)
-    ledger.set_budget(50.0, 1e-5)
+def bright_squares() -> tuple[torch.Tensor, torch.Tensor]:
+    """200 faint 16×16 images; every other one holds a bright square (label 1): an easy problem for DP-SGD."""
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(200, 1, 16, 16, generator=generator) * 0.2
     y = (torch.arange(200) % 2).float()[:, None]
     x[y[:, 0] == 1, :, 6:10, 6:10] += 0.8
+    return x, y
+
+
+def test_a_dp_model_trains(tmp_path: Path) -> None:
+    """Loss falls under DP-SGD on an easy problem (bright square or not), with the ledger counting."""
+    ledger = PrivacyLedger(tmp_path)
+    ledger.set_budget(50.0, 1e-5)
+    x, y = bright_squares()
     data = torch.utils.data.TensorDataset(x, y)
     torch.manual_seed(0)
     model = build_model(ModelSpec(task="breast-mg", spatial_dims=2))
@@ -137,10 +143,7 @@ def test_dp_fine_tuning_of_norms_and_head_keeps_the_convolutions(tmp_path: Path)
     trainable again afterwards (saliency takes gradients through every layer)."""
     ledger = PrivacyLedger(tmp_path)
     ledger.set_budget(50.0, 1e-5)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.rand(200, 1, 16, 16, generator=generator) * 0.2
-    y = (torch.arange(200) % 2).float()[:, None]
-    x[y[:, 0] == 1, :, 6:10, 6:10] += 0.8
+    x, y = bright_squares()
     torch.manual_seed(0)
     model = build_model(ModelSpec(task="breast-mg", spatial_dims=2))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
