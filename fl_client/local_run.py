@@ -34,7 +34,7 @@ from fl_client.train import (
 from imaging.sitedata import load_site_data
 from models.config import RunConfig, batch_size_of, dp_outlook, resolve_learning_rate, resolved_grad_sample_mode
 from models.device import place
-from models.evaluation import Scoring, choose_threshold, fit_platt, parse_rule
+from models.evaluation import HeldOutFigures, Scoring, choose_threshold, fit_platt, parse_rule
 from models.nets import build_model, parameter_count
 from models.weights import save_checkpoint, state_arrays
 
@@ -151,8 +151,12 @@ def run_local(
             if split == "test" and ev.labels is not None and ev.scores is not None:
                 subgroups = subgroup_figures(study_subgroups(data, split), ev.study_uids, ev.labels, ev.scores,
                                              min_count=1)  # the site's own view: every subgroup
+    test = splits.get("test") if not data.segmentation else None
+    tested = None if test is None else HeldOutFigures("test", int(test["studies"]), int(test["positives"]),
+                                                      test["auroc"], test["auroc_low"], test["auroc_high"])
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "model.pt", state_arrays(model), config.to_flat(), round_number=0, scoring=scoring)
+    save_checkpoint(out / "model.pt", state_arrays(model), config.to_flat(), round_number=0, scoring=scoring,
+                    tested=tested)  # a lead who starts a federated run from this model reads how it scored
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "task": task,

@@ -171,9 +171,12 @@ def _check_initial(config: Any) -> None:
 
     torch.manual_seed(config.training.seed)
     try:
-        load_initial(config.server.initial_model, config, state_arrays(build_model(config.model)))
+        start = load_initial(config.server.initial_model, config, state_arrays(build_model(config.model)))
     except WeightsError as exc:
         raise UserError(f"--initial-model: {exc}") from None
+    caution = start.caution()
+    if caution:  # said before Flower starts, so the lead can stop here
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {escape(caution)}", highlight=False)
 
 
 def _on_superlink(args: argparse.Namespace, run_config: dict[str, Any]) -> Callable[[Callable[[str], None]], Any]:

@@ -244,11 +244,12 @@ def _fmt(entry: Mapping[str, Any] | None) -> str:
 
 def _start(record: Any) -> dict[str, Any] | None:
     """The model a run started from (``initial-model``) as the card tells it: its file's name and digest, its task,
-    round and DP setting (not the lead's folders); None for fresh weights."""
+    round, DP setting and how it scored on its own test studies (not the lead's folders); None for fresh weights."""
     if not isinstance(record, dict):
         return None
     return {"file": Path(str(record.get("file", ""))).name, "sha256": record.get("sha256"),
-            "task": record.get("task"), "round": record.get("round"), "dp": bool(record.get("dp"))}
+            "task": record.get("task"), "round": record.get("round"), "dp": bool(record.get("dp")),
+            "tested": record.get("tested")}
 
 
 def _without_folders(run_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from models.config import RunConfig
-from models.weights import WeightsError, check_arrays, file_sha256, load_checkpoint
+from models.evaluation import HeldOutFigures
+from models.weights import WeightsError, check_arrays, file_sha256, load_checkpoint, load_tested
 
 __all__ = ["InitialModel", "load_initial", "reload_initial"]
 
@@ -39,7 +40,8 @@ class InitialModel:
         path: The file.
         arrays: Its arrays, in the order of this run's network.
         sha256: The file's digest (the history, report and model card name the start by it).
-        source: What the file says of itself: its task, its norm, its DP setting and its round.
+        source: What the file says of itself: its task, its norm, its DP setting, its round and, for a local run's
+            model, how it scored on that run's test studies (``tested``: :class:`models.evaluation.HeldOutFigures`).
     """
 
     path: Path
@@ -50,6 +52,16 @@ class InitialModel:
     def record(self) -> dict[str, object]:
         """What the run's history keeps of it (no arrays)."""
         return {"file": str(self.path), "sha256": self.sha256, **self.source}
+
+    def caution(self) -> str | None:
+        """A sentence for the lead when the start has not shown, on its own test studies, that it learned its task
+        (its AUROC's 95 % interval reaches 0.5); None otherwise, or when the file holds no such figure."""
+        tested = HeldOutFigures.from_dict(self.source.get("tested"))
+        if tested is None or tested.learned is not False:
+            return None
+        return (f"initial model {self.path.name}: {tested.describe()}, an interval that reaches chance, so it may not "
+                "have learned its task, and DP-SGD adds little to a start (BENCHMARKS.md, \"DP-SGD from a public "
+                "start\"): train it longer or on more studies, or go on if you know it is sound")
 
 
 def _norm_hint(start: str, run: str) -> str:
@@ -82,8 +94,9 @@ def load_initial(path: str | Path, config: RunConfig, reference: Mapping[str, np
         raise WeightsError(f"initial model {path} is not this run's network ({exc}): train it with this run's "
                            f"model, model-width and norm.{_norm_hint(norm, config.model.norm.value)}") from None
     ordered = OrderedDict((k, np.asarray(arrays[k])) for k in reference)
+    tested = load_tested(path)
     source = {"task": task, "norm": norm, "dp": str(run_config.get("dp", "false")).lower() == "true",
-              "round": round_number}
+              "round": round_number, "tested": None if tested is None else tested.to_dict()}
     return InitialModel(path.resolve(), ordered, digest, source)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from fl_server.evaluation import MIN_CASES
 from fl_server.rounds import RoundRecord
 from models.config import resolve_batch, stored_server_step
-from models.evaluation import SCORE_BINS
+from models.evaluation import SCORE_BINS, HeldOutFigures
 from models.protocol import Metric, headline_metric, report_metrics
 from models.tasks import TASK_ROUNDS
 
@@ -54,7 +54,12 @@ def _utc(seconds: Any) -> str:
 def start_text(start: Mapping[str, Any]) -> str:
     """What a start is, in words: a local run's model (round 0) or a federated run's of its round."""
     kind = "a local run's" if not start.get("round") else f"a federated run's (round {start.get('round')})"
-    return f"{kind} {start.get('task')} model{' trained under DP-SGD' if start.get('dp') else ''}"
+    try:
+        tested = HeldOutFigures.from_dict(start.get("tested"))
+    except ValueError:  # the history is the server's own; an edited one shows the start without its figure
+        tested = None
+    return (f"{kind} {start.get('task')} model{' trained under DP-SGD' if start.get('dp') else ''}"
+            + (f"; {tested.describe()}" if tested is not None else ""))
 
 
 def _run_html(run_dir: Path, history: Mapping[str, Any]) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "HistogramAUROC",
     "OperatingRule",
     "Scoring",
+    "HeldOutFigures",
     "auroc_ci",
     "bin_thresholds",
     "choose_threshold",
@@ -695,6 +696,78 @@ class Scoring:
         if not isinstance(rule, str) or len(rule) > 300:
             raise ValueError("scoring rule must be a short text (the operating-point rule in words)")
         return cls(calibration, None if threshold is None else float(threshold), rule if threshold is not None else "")
+
+
+@dataclass(frozen=True)
+class HeldOutFigures:
+    """How a model scored on held-out studies of the run that trained it (a ``model.pt``'s ``tested`` table: a local
+    run's test split). A lead who starts a federated run from the model reads it there: a start that has not learned
+    its task gives DP-SGD nothing to keep (BENCHMARKS.md, "DP-SGD from a public start").
+
+    Attributes:
+        split: The split it was scored on (``test``).
+        studies: Its studies, ``positives`` of them positive.
+        positives: Positive studies among them.
+        auroc: Study-level AUROC (None with one class only).
+        auroc_low: The DeLong 95 % interval's lower end (None when it cannot be computed).
+        auroc_high: Its upper end.
+    """
+
+    split: str
+    studies: int
+    positives: int
+    auroc: float | None
+    auroc_low: float | None = None
+    auroc_high: float | None = None
+
+    @property
+    def learned(self) -> bool | None:
+        """Whether the interval lies above chance (None without one)."""
+        return None if self.auroc_low is None else self.auroc_low > 0.5
+
+    def describe(self) -> str:
+        """In words, e.g. "AUROC 0.830 (0.712–0.948) on its own 48 test studies"."""
+        if self.auroc is None:
+            return f"no AUROC on its own {self.studies} {self.split} studies (one class only)"
+        ci = f" ({self.auroc_low:.3f}–{self.auroc_high:.3f})" if self.auroc_low is not None \
+            and self.auroc_high is not None else ""
+        return f"AUROC {self.auroc:.3f}{ci} on its own {self.studies} {self.split} studies"
+
+    def to_dict(self) -> dict[str, object]:
+        """A plain table (what a ``model.pt`` keeps)."""
+        return {"split": self.split, "studies": self.studies, "positives": self.positives, "auroc": self.auroc,
+                "auroc_low": self.auroc_low, "auroc_high": self.auroc_high}
+
+    @classmethod
+    def from_dict(cls, doc: object) -> HeldOutFigures | None:
+        """Read :meth:`to_dict`'s table back (None for a file without one).
+
+        Raises:
+            ValueError: A value of the wrong kind or out of range; the message names the key.
+        """
+        if doc is None:
+            return None
+        if not isinstance(doc, dict):
+            raise ValueError(f"tested is a {type(doc).__name__}, not a table of split, studies and AUROC")
+        split = doc.get("split")
+        if not isinstance(split, str) or split not in ("train", "val", "test"):
+            raise ValueError(f"tested split is {split!r}: train, val or test is needed")
+        counts = []
+        for key in ("studies", "positives"):
+            value = doc.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"tested {key} is {value!r}: a count is needed")
+            counts.append(value)
+        if counts[1] > counts[0]:
+            raise ValueError(f"tested positives ({counts[1]}) exceed its studies ({counts[0]})")
+        figures = []
+        for key in ("auroc", "auroc_low", "auroc_high"):
+            value = doc.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0.0 <= value <= 1.0):
+                raise ValueError(f"tested {key} is {value!r}: a figure between 0 and 1, or none, is needed")
+            figures.append(None if value is None else float(value))
+        return cls(split, counts[0], counts[1], *figures)
 
 
 def wilson(proportion: float, n: int) -> tuple[float, float] | None:

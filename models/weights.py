@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.evaluation import Scoring
+from models.evaluation import HeldOutFigures, Scoring
 from models.tasks import PREPROCESSING_VERSION, UNVERSIONED_PREPROCESSING, preprocessing_changed
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "load_arrays",
     "load_checkpoint",
     "load_scoring",
+    "load_tested",
     "pack",
     "save_checkpoint",
     "state_arrays",
@@ -137,11 +138,12 @@ def file_sha256(path: Path | str) -> str:
 
 
 def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], *,
-                    round_number: int, scoring: Scoring | None = None) -> None:
+                    round_number: int, scoring: Scoring | None = None, tested: HeldOutFigures | None = None) -> None:
     """Write a ``model.pt`` that :func:`load_checkpoint` reads: ``{"arrays", "run_config", "round",
     "preprocessing_version"}`` (round 0 for a local run; :data:`models.tasks.PREPROCESSING_VERSION`), and with
     ``scoring`` how its scores are read (calibration and operating point, chosen on validation at the end of the run;
-    :func:`load_scoring`). Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
+    :func:`load_scoring`), with ``tested`` how it scored on its run's test studies (:func:`load_tested`).
+    Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
     previous file whole."""
     import io
     import os
@@ -153,6 +155,8 @@ def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_conf
                            "preprocessing_version": PREPROCESSING_VERSION}
     if scoring is not None:
         doc["scoring"] = scoring.to_dict()
+    if tested is not None:
+        doc["tested"] = tested.to_dict()
     torch.save(doc, buffer)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -210,10 +214,25 @@ def load_scoring(path: Path | str) -> Scoring:
     Raises:
         WeightsError: The file is missing or unreadable, or its ``scoring`` table is malformed (named).
     """
+    return _table(path, "scoring", Scoring.from_dict)
+
+
+def load_tested(path: Path | str) -> HeldOutFigures | None:
+    """How a ``model.pt`` scored on the test studies of the run that wrote it (:class:`HeldOutFigures`; None for a file
+    without them: a federated run's global model, or one written before 0.3.9).
+
+    Raises:
+        WeightsError: The file is missing or unreadable, or its ``tested`` table is malformed (named).
+    """
+    return _table(path, "tested", HeldOutFigures.from_dict)
+
+
+def _table(path: Path | str, key: str, parse: Callable[[object], Any]) -> Any:
+    """A ``model.pt``'s ``key`` table read by ``parse`` (which raises ValueError on a malformed one)."""
     path = Path(path)
     doc = _load_doc(path)
     try:
-        return Scoring.from_dict(doc.get("scoring") if isinstance(doc, dict) else None)
+        return parse(doc.get(key) if isinstance(doc, dict) else None)
     except ValueError as exc:
         raise WeightsError(f"{path}: {exc}: use the model.pt the run wrote") from None
 

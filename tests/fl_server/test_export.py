@@ -276,15 +276,18 @@ def test_the_model_card_names_the_model_the_run_started_from(tmp_path: Path) -> 
     assert card["run"]["initial_model"] is None and "started from fresh weights" in render_card(card)
     history = json.loads((run_dir / "history.json").read_text())
     history["initial_model"] = {"file": "/lead/archive/public-lung.pt", "sha256": "c" * 64, "task": "lung-ct",
-                                "norm": "instance", "dp": False, "round": 0}
+                                "norm": "instance", "dp": False, "round": 0,
+                                "tested": {"split": "test", "studies": 40, "positives": 20, "auroc": 0.9,
+                                           "auroc_low": 0.8, "auroc_high": 1.0}}
     (run_dir / "history.json").write_text(json.dumps(history))
     config = json.loads((run_dir / "config.json").read_text())
     config["run_config"]["initial-model"] = "/lead/archive/public-lung.pt"
     (run_dir / "config.json").write_text(json.dumps(config))
     card = model_card(run_dir, preprocessing={"task": "lung-ct"}, parameters=1, files={})
     assert card["run"]["initial_model"] == {"file": "public-lung.pt", "sha256": "c" * 64, "task": "lung-ct",
-                                            "round": 0, "dp": False}
+                                            "round": 0, "dp": False, "tested": history["initial_model"]["tested"]}
     assert card["run"]["configuration"]["initial-model"] == "public-lung.pt"
     text = render_card(card)
-    assert f"started from `public-lung.pt` (SHA-256 {'c' * 64}), a local run's lung-ct model" in text
+    assert f"started from `public-lung.pt` (SHA-256 {'c' * 64}), a local run's lung-ct model; AUROC 0.900 " \
+        "(0.800–1.000) on its own 40 test studies" in text
     assert "/lead/archive" not in json.dumps(card)

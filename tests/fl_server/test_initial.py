@@ -13,10 +13,12 @@ import pytest
 import torch
 from consortium import run_side_by_side
 
+from fl_server.cli import _check_initial
 from fl_server.initial import load_initial, reload_initial
 from fl_server.report import write_report
 from fl_server.runstore import RunStore
 from models.config import from_flat
+from models.evaluation import HeldOutFigures
 from models.nets import build_model
 from models.weights import WeightsError, save_checkpoint, state_arrays
 
@@ -41,7 +43,8 @@ def test_a_fitting_model_is_the_start_in_the_networks_order_with_its_digest(tmp_
     assert any(not np.array_equal(start.arrays[k], reference[k]) for k in reference)
     assert start.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert start.record() == {"file": str(path.resolve()), "sha256": start.sha256, "task": "breast-mg",
-                              "norm": "instance", "dp": False, "round": 7}
+                              "norm": "instance", "dp": False, "round": 7, "tested": None}
+    assert start.caution() is None  # a federated run's model carries no test figures: nothing to say
 
 
 def test_a_model_of_another_task_or_network_is_refused_with_what_to_do(tmp_path: Path) -> None:
@@ -100,6 +103,46 @@ def test_the_report_names_the_start_by_its_digest(tmp_path: Path) -> None:
     page = html.unescape((store.root / "report.html").read_text())
     assert "breast-model.pt, sha256 abababababababab…, a federated run's (round 20) breast-mg model" in page
     assert "/lead/public" not in page  # the lead's folders are not the report's business
+
+
+def model_with_figures(path: Path, tested: HeldOutFigures) -> Path:
+    """A local run's model.pt with its test figures (as ``train-local`` writes it)."""
+    config = from_flat({"task": "prostate-mr"})
+    torch.manual_seed(3)
+    save_checkpoint(path, state_arrays(build_model(config.model)), config.to_flat(), round_number=0, tested=tested)
+    return path
+
+
+def test_a_start_that_has_not_shown_it_learned_is_named_to_the_lead(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    config = from_flat({"task": "prostate-mr", "dp": "true"})
+    reference = state_arrays(build_model(config.model))
+    sound = load_initial(model_with_figures(tmp_path / "sound.pt", HeldOutFigures("test", 48, 24, 0.83, 0.712, 0.948)),
+                         config, reference)
+    assert sound.caution() is None
+    assert sound.record()["tested"] == {"split": "test", "studies": 48, "positives": 24, "auroc": 0.83,
+                                        "auroc_low": 0.712, "auroc_high": 0.948}
+    weak = load_initial(model_with_figures(tmp_path / "weak.pt", HeldOutFigures("test", 24, 12, 0.58, 0.34, 0.82)),
+                        config, reference)
+    assert weak.caution() == (
+        "initial model weak.pt: AUROC 0.580 (0.340–0.820) on its own 24 test studies, an interval that reaches "
+        "chance, so it may not have learned its task, and DP-SGD adds little to a start (BENCHMARKS.md, \"DP-SGD "
+        "from a public start\"): train it longer or on more studies, or go on if you know it is sound")
+    # The command line says it before Flower starts; the run goes on (the lead may know better).
+    _check_initial(from_flat({"task": "prostate-mr", "dp": "true", "initial-model": str(weak.path)}))
+    assert "may not have learned its task" in " ".join(capsys.readouterr().err.split())
+    # The report and the model card say how the start scored, by its digest and without the lead's folders.
+    store = RunStore.create(tmp_path / "run", run_id="r1", run_config={"task": "prostate-mr"},
+                            initial_model=sound.record())
+    write_report(store.root)
+    page = html.unescape((store.root / "report.html").read_text())
+    assert "a local run's prostate-mr model; AUROC 0.830 (0.712–0.948) on its own 48 test studies" in page
+    # A table out of range is refused by name, not read as a figure.
+    doc = torch.load(weak.path, weights_only=True)
+    doc["tested"]["auroc_low"] = 1.5
+    torch.save(doc, tmp_path / "edited.pt")
+    with pytest.raises(WeightsError, match=r"edited\.pt: tested auroc_low is 1\.5: a figure between 0 and 1"):
+        load_initial(tmp_path / "edited.pt", config, reference)
 
 
 def test_the_command_line_refuses_a_wrong_start_before_flower_starts(tmp_path: Path) -> None:
