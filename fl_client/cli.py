@@ -733,11 +733,12 @@ def cmd_model(args: argparse.Namespace, console: Console) -> int:
 
     from models.config import ConfigError, from_flat
     from models.nets import build_model, parameter_count
-    from models.weights import WeightsError, file_sha256, load_checkpoint, load_scoring
+    from models.weights import WeightsError, file_sha256, load_checkpoint, load_scoring, load_tested
 
     try:
         _, run_config, round_number = load_checkpoint(args.model)
         scoring = load_scoring(args.model)
+        tested = load_tested(args.model)
         config = from_flat(run_config)
     except (WeightsError, ConfigError) as exc:
         raise UserError(str(exc)) from None
@@ -750,7 +751,8 @@ def cmd_model(args: argparse.Namespace, console: Console) -> int:
            "dp": bool(config.privacy.enabled), "dp_epsilon": config.privacy.epsilon if config.privacy.enabled else None,
            "calibration": c.to_dict() if c is not None else None,
            "operating_point": None if scoring.threshold is None else {
-               "threshold": scoring.threshold, "shown_threshold": scoring.shown_threshold, "rule": scoring.rule}}
+               "threshold": scoring.threshold, "shown_threshold": scoring.shown_threshold, "rule": scoring.rule},
+           "tested": None if tested is None else tested.to_dict()}
     if args.json:
         console.print_json(json.dumps(doc))
         return 0
@@ -772,6 +774,8 @@ def cmd_model(args: argparse.Namespace, console: Console) -> int:
     else:
         table.add_row("operating point", f"{scoring.shown_threshold:.4f} on the scores shown (network's own "
                                          f"{scoring.threshold:.4f}): {scoring.rule}")
+    table.add_row("tested", tested.describe() if tested is not None else
+                  "none carried (a federated run's model, a segmentation model, or one written before 0.3.9)")
     console.print(table)
     return 0
 

@@ -100,8 +100,9 @@ def main(grid: Grid, context: Context) -> None:
         initial = pack(reference if start is None else start.arrays)
         if start is not None:
             log.info("oncofed: starting from %s (sha256 %s)", start.path, start.sha256[:16])
-            if start.caution():
-                log.warning("oncofed: %s", start.caution())
+            caution = start.caution(config.privacy.enabled)
+            if caution:
+                log.warning("oncofed: %s", caution)
         log.info("oncofed: run directory %s", store.root)
     if (srv.data_summary and offset == 0) or srv.summary_only:
         data_summary(grid, store, flat_config, need=config.federation.min_sites, timeout=srv.round_timeout)

@@ -174,7 +174,7 @@ def _check_initial(config: Any) -> None:
         start = load_initial(config.server.initial_model, config, state_arrays(build_model(config.model)))
     except WeightsError as exc:
         raise UserError(f"--initial-model: {exc}") from None
-    caution = start.caution()
+    caution = start.caution(config.privacy.enabled)
     if caution:  # said before Flower starts, so the lead can stop here
         Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {escape(caution)}", highlight=False)
 

@@ -726,12 +726,14 @@ class HeldOutFigures:
         return None if self.auroc_low is None else self.auroc_low > 0.5
 
     def describe(self) -> str:
-        """In words, e.g. "AUROC 0.830 (0.712–0.948) on its own 48 test studies"."""
+        """In words, e.g. "AUROC 0.830 (0.712–0.948) on the 48 test studies (24 positive) of the run that trained
+        it"."""
+        where = f"the {self.studies} {self.split} studies ({self.positives} positive) of the run that trained it"
         if self.auroc is None:
-            return f"no AUROC on its own {self.studies} {self.split} studies (one class only)"
+            return f"no AUROC on {where}"
         ci = f" ({self.auroc_low:.3f}–{self.auroc_high:.3f})" if self.auroc_low is not None \
             and self.auroc_high is not None else ""
-        return f"AUROC {self.auroc:.3f}{ci} on its own {self.studies} {self.split} studies"
+        return f"AUROC {self.auroc:.3f}{ci} on {where}"
 
     def to_dict(self) -> dict[str, object]:
         """A plain table (what a ``model.pt`` keeps)."""
@@ -767,6 +769,10 @@ class HeldOutFigures:
                                       or not 0.0 <= value <= 1.0):
                 raise ValueError(f"tested {key} is {value!r}: a figure between 0 and 1, or none, is needed")
             figures.append(None if value is None else float(value))
+        present = [v for v in (figures[1], figures[0], figures[2]) if v is not None]
+        if present != sorted(present):
+            raise ValueError(f"tested auroc_low, auroc and auroc_high are {figures[1]}, {figures[0]} and {figures[2]}: "
+                             "an interval around its AUROC is needed")
         return cls(split, counts[0], counts[1], *figures)
 
 

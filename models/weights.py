@@ -156,7 +156,7 @@ def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_conf
     if scoring is not None:
         doc["scoring"] = scoring.to_dict()
     if tested is not None:
-        doc["tested"] = tested.to_dict()
+        doc["tested"] = HeldOutFigures.from_dict(tested.to_dict()).to_dict()  # checked as it will be read
     torch.save(doc, buffer)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:

@@ -127,7 +127,7 @@ def test_model_says_what_a_model_file_holds_and_how_its_scores_are_read(
 
     from fl_client.cli import main
     from models.config import from_flat
-    from models.evaluation import Calibration, Scoring
+    from models.evaluation import Calibration, HeldOutFigures, Scoring
     from models.nets import build_model
     from models.weights import save_checkpoint, state_arrays
 
@@ -144,15 +144,18 @@ def test_model_says_what_a_model_file_holds_and_how_its_scores_are_read(
     assert doc["calibration"]["slope"] == 2.41 and doc["calibration"]["update"] == "logistic"
     assert doc["operating_point"]["threshold"] == 0.52
     assert doc["operating_point"]["shown_threshold"] == pytest.approx(float(scoring.shown_threshold))
-    assert len(doc["sha256"]) == 64 and doc["parameters"] > 0
+    assert len(doc["sha256"]) == 64 and doc["parameters"] > 0 and doc["tested"] is None
     assert main(["model", str(model)]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "recalibrated (slope and intercept): sigmoid(2.410 × logit -0.590)" in text and "ε 3 per site" in text
     local = tmp_path / "local.pt"
-    save_checkpoint(local, arrays, {"task": "colorectal-ct", "model-width": 8}, round_number=0)
+    save_checkpoint(local, arrays, {"task": "colorectal-ct", "model-width": 8}, round_number=0,
+                    tested=HeldOutFigures("test", 30, 14, 0.81, 0.65, 0.97))
     assert main(["model", str(local)]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "the network's own sigmoid" in text and "a local run" in text and "none carried: no study is marked" in text
+    # What a site hands over with the file, if it gives it to the lead as a start: how it scored on its test split.
+    assert "AUROC 0.810 (0.650–0.970) on the 30 test studies (14 positive) of the run that trained it" in text
     # A file that is not a model, or one whose scoring was edited out of range: one line, naming the file.
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")

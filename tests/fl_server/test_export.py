@@ -289,5 +289,5 @@ def test_the_model_card_names_the_model_the_run_started_from(tmp_path: Path) -> 
     assert card["run"]["configuration"]["initial-model"] == "public-lung.pt"
     text = render_card(card)
     assert f"started from `public-lung.pt` (SHA-256 {'c' * 64}), a local run's lung-ct model; AUROC 0.900 " \
-        "(0.800–1.000) on its own 40 test studies" in text
+        "(0.800–1.000) on the 40 test studies (20 positive) of the run that trained it" in text
     assert "/lead/archive" not in json.dumps(card)

@@ -44,7 +44,7 @@ def test_a_fitting_model_is_the_start_in_the_networks_order_with_its_digest(tmp_
     assert start.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert start.record() == {"file": str(path.resolve()), "sha256": start.sha256, "task": "breast-mg",
                               "norm": "instance", "dp": False, "round": 7, "tested": None}
-    assert start.caution() is None  # a federated run's model carries no test figures: nothing to say
+    assert start.caution(dp=True) is None  # a federated run's model carries no test figures: nothing to say
 
 
 def test_a_model_of_another_task_or_network_is_refused_with_what_to_do(tmp_path: Path) -> None:
@@ -119,30 +119,64 @@ def test_a_start_that_has_not_shown_it_learned_is_named_to_the_lead(tmp_path: Pa
     reference = state_arrays(build_model(config.model))
     sound = load_initial(model_with_figures(tmp_path / "sound.pt", HeldOutFigures("test", 48, 24, 0.83, 0.712, 0.948)),
                          config, reference)
-    assert sound.caution() is None
+    assert sound.caution(dp=True) is None and sound.caution(dp=False) is None
     assert sound.record()["tested"] == {"split": "test", "studies": 48, "positives": 24, "auroc": 0.83,
                                         "auroc_low": 0.712, "auroc_high": 0.948}
     weak = load_initial(model_with_figures(tmp_path / "weak.pt", HeldOutFigures("test", 24, 12, 0.58, 0.34, 0.82)),
                         config, reference)
-    assert weak.caution() == (
-        "initial model weak.pt: AUROC 0.580 (0.340–0.820) on its own 24 test studies, an interval that reaches "
-        "chance, so it may not have learned its task, and DP-SGD adds little to a start (BENCHMARKS.md, \"DP-SGD "
-        "from a public start\"): train it longer or on more studies, or go on if you know it is sound")
+    assert weak.caution(dp=False) == (
+        "initial model weak.pt: AUROC 0.580 (0.340–0.820) on the 24 test studies (12 positive) of the run that "
+        "trained it, an interval that reaches chance, so it may not have learned its task. Train it longer or on more "
+        "studies, or go on if you know it is sound")
+    assert "; under DP-SGD a run ends near its start (a prostate start at 0.56 ended at 0.62" in weak.caution(dp=True)
     # The command line says it before Flower starts; the run goes on (the lead may know better).
     _check_initial(from_flat({"task": "prostate-mr", "dp": "true", "initial-model": str(weak.path)}))
-    assert "may not have learned its task" in " ".join(capsys.readouterr().err.split())
+    assert "may not have learned its task; under DP-SGD" in " ".join(capsys.readouterr().err.split())
     # The report and the model card say how the start scored, by its digest and without the lead's folders.
     store = RunStore.create(tmp_path / "run", run_id="r1", run_config={"task": "prostate-mr"},
                             initial_model=sound.record())
     write_report(store.root)
     page = html.unescape((store.root / "report.html").read_text())
-    assert "a local run's prostate-mr model; AUROC 0.830 (0.712–0.948) on its own 48 test studies" in page
-    # A table out of range is refused by name, not read as a figure.
-    doc = torch.load(weak.path, weights_only=True)
-    doc["tested"]["auroc_low"] = 1.5
+    assert ("a local run's prostate-mr model; AUROC 0.830 (0.712–0.948) on the 48 test studies (24 positive) of the "
+            "run that trained it") in page
+
+
+@pytest.mark.parametrize(("figures", "said"), [
+    (HeldOutFigures("test", 40, 20, 0.30, 0.12, 0.48), "(0.120–0.480) on the 40 test studies (20 positive) of the run "
+                                                       "that trained it, below chance"),
+    (HeldOutFigures("test", 6, 1, 1.0, 1.0, 1.0), "too few of a class (below 10) to show it learned its task"),
+    (HeldOutFigures("test", 12, 0, None), "no AUROC on the 12 test studies (0 positive) of the run that trained it "
+                                          "(they hold one class)"),
+])
+def test_a_start_whose_test_figures_show_nothing_is_named(tmp_path: Path, figures: HeldOutFigures, said: str) -> None:
+    # One positive study gives DeLong a zero-width interval at 1.0, which shows nothing; one class gives no AUROC.
+    config = from_flat({"task": "prostate-mr"})
+    start = load_initial(model_with_figures(tmp_path / "start.pt", figures), config,
+                         state_arrays(build_model(config.model)))
+    caution = start.caution(dp=False)
+    assert caution is not None and said in caution
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("auroc_low", 1.5, "tested auroc_low is 1.5: a figure between 0 and 1"),
+    ("auroc", float("nan"), "tested auroc is nan: a figure between 0 and 1"),
+    ("auroc_high", float("inf"), "tested auroc_high is inf"),
+    ("auroc", True, "tested auroc is True"),
+    ("studies", -3, "tested studies is -3: a count is needed"),
+    ("positives", 99, "tested positives (99) exceed its studies (24)"),
+    ("auroc_low", 0.7, "tested auroc_low, auroc and auroc_high are 0.7, 0.58 and 0.82: an interval around its AUROC"),
+    ("split", "somewhere", "tested split is 'somewhere'"),
+])
+def test_a_start_with_edited_test_figures_is_refused_by_name(tmp_path: Path, key: str, value: object,
+                                                             said: str) -> None:
+    config = from_flat({"task": "prostate-mr"})
+    path = model_with_figures(tmp_path / "start.pt", HeldOutFigures("test", 24, 12, 0.58, 0.34, 0.82))
+    doc = torch.load(path, weights_only=True)
+    doc["tested"][key] = value
     torch.save(doc, tmp_path / "edited.pt")
-    with pytest.raises(WeightsError, match=r"edited\.pt: tested auroc_low is 1\.5: a figure between 0 and 1"):
-        load_initial(tmp_path / "edited.pt", config, reference)
+    with pytest.raises(WeightsError) as caught:
+        load_initial(tmp_path / "edited.pt", config, state_arrays(build_model(config.model)))
+    assert str(caught.value).startswith(f"{tmp_path / 'edited.pt'}: ") and said in str(caught.value)
 
 
 def test_the_command_line_refuses_a_wrong_start_before_flower_starts(tmp_path: Path) -> None:
