@@ -120,6 +120,9 @@ def test_a_start_that_has_not_shown_it_learned_is_named_to_the_lead(tmp_path: Pa
     sound = load_initial(model_with_figures(tmp_path / "sound.pt", HeldOutFigures("test", 48, 24, 0.83, 0.712, 0.948)),
                          config, reference)
     assert sound.caution(dp=True) is None and sound.caution(dp=False) is None
+    # A zero-width interval a rounding away from its AUROC (DeLong's own AUROC) is written and read, not refused.
+    exact = HeldOutFigures("test", 40, 20, 0.8, 0.8 + 1e-12, 0.8 + 1e-12)
+    assert load_initial(model_with_figures(tmp_path / "exact.pt", exact), config, reference).caution(dp=True) is None
     assert sound.record()["tested"] == {"split": "test", "studies": 48, "positives": 24, "auroc": 0.83,
                                         "auroc_low": 0.712, "auroc_high": 0.948}
     weak = load_initial(model_with_figures(tmp_path / "weak.pt", HeldOutFigures("test", 24, 12, 0.58, 0.34, 0.82)),
