@@ -733,18 +733,17 @@ def cmd_model(args: argparse.Namespace, console: Console) -> int:
 
     from models.config import ConfigError, from_flat
     from models.nets import build_model, parameter_count
-    from models.weights import WeightsError, file_sha256, load_checkpoint, load_scoring, load_tested
+    from models.weights import WeightsError, read_model
 
     try:
-        _, run_config, round_number = load_checkpoint(args.model)
-        scoring = load_scoring(args.model)
-        tested = load_tested(args.model)
-        config = from_flat(run_config)
+        held = read_model(args.model)  # one read: the digest shown is that of the tables shown
+        round_number, scoring, tested = held.round, held.scoring, held.tested
+        config = from_flat(held.run_config)
     except (WeightsError, ConfigError) as exc:
         raise UserError(str(exc)) from None
     spec = config.model
     c = scoring.calibration
-    doc = {"file": str(args.model), "sha256": file_sha256(args.model), "task": spec.task,
+    doc = {"file": str(args.model), "sha256": held.sha256, "task": spec.task,
            "network": str(spec.network), "norm": str(spec.norm), "parameters": parameter_count(
                build_model(spec)), "resolution": spec.resolution, "round": round_number,
            "strategy": str(config.federation.strategy) if round_number else "local run",

@@ -30,7 +30,7 @@ from models.device import Placement, autocast
 from models.evaluation import Scoring
 from models.nets import build_model
 from models.saliency import Method, Saliency, layer_grid, method_layer, saliency
-from models.weights import file_sha256, load_arrays, load_checkpoint, load_scoring
+from models.weights import load_arrays, read_model
 
 __all__ = ["Explainer", "Explanation"]
 
@@ -85,12 +85,12 @@ class Explainer:
             ConfigError: Its run configuration is not valid.
         """
         path = Path(path)
-        arrays, run_config, _ = load_checkpoint(path)
-        config = from_flat(run_config)
+        held = read_model(path)  # one read: the digest verdicts and overlays carry is that of the weights run
+        config = from_flat(held.run_config)
         net = build_model(config.model)
-        load_arrays(net, arrays)
-        return cls(net, config.model.task, path=path, sha256=file_sha256(path), placement=placement,
-                   resolution=config.model.resolution, scoring=load_scoring(path))
+        load_arrays(net, held.arrays)
+        return cls(net, config.model.task, path=path, sha256=held.sha256, placement=placement,
+                   resolution=config.model.resolution, scoring=held.scoring)
 
     def network_input(self, item: Item, *, workspace: Path) -> torch.Tensor:
         """An image as the network takes it (the preset's transforms; read from the site's cache when there)."""

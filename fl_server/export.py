@@ -35,7 +35,7 @@ from models.evaluation import Scoring, wilson
 from models.nets import build_model, parameter_count
 from models.protocol import Metric
 from models.torchscript import trace_network
-from models.weights import WeightsError, load_arrays, load_checkpoint, load_scoring
+from models.weights import WeightsError, load_arrays, load_scoring, read_model
 
 __all__ = ["ExportError", "Exported", "export_run", "hanley_mcneil", "model_card", "render_card", "wilson"]
 
@@ -130,7 +130,7 @@ def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: int,
-               files: Mapping[str, str]) -> dict[str, Any]:
+               files: Mapping[str, str], scoring: Scoring | None = None) -> dict[str, Any]:
     """The model card of a finished run, as a JSON-ready dict.
 
     Args:
@@ -138,6 +138,8 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
         preprocessing: The task's resolution profile and preprocessing (:func:`imaging.bundle.preprocessing_summary`).
         parameters: The network's trainable parameters.
         files: SHA-256 of the files written, by relative path.
+        scoring: The run's ``model.pt``'s scoring, where the caller read the file already (so the card describes the
+            weights it exported); read from ``run_dir`` when None.
 
     Returns:
         The card: intended use, task, network, sites, DP ε per site, configuration, metrics with 95 % CIs, code
@@ -181,7 +183,8 @@ def model_card(run_dir: Path, *, preprocessing: Mapping[str, Any], parameters: i
     # belong to the same fit).
     model = Path(run_dir) / "model.pt"
     try:
-        scoring = load_scoring(model) if model.is_file() else Scoring()
+        if scoring is None:
+            scoring = load_scoring(model) if model.is_file() else Scoring()
     except WeightsError as exc:
         raise ExportError(str(exc)) from None
     calibration = scoring.calibration
@@ -372,10 +375,10 @@ def export_run(run_dir: Path, out: Path, *, inference: Mapping[str, Any], prepro
             raise ExportError(f"{out} is not empty: choose another --out or pass --force to replace it")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     try:
-        arrays, run_config, _ = load_checkpoint(run_dir / "model.pt")
-        spec = from_flat(run_config).model
+        held = read_model(run_dir / "model.pt")  # one read: the card's scoring is that of the weights exported
+        spec = from_flat(held.run_config).model
         net = build_model(spec)
-        load_arrays(net, arrays)
+        load_arrays(net, held.arrays)
     except (WeightsError, ConfigError) as exc:
         raise ExportError(f"{run_dir / 'model.pt'}: {exc}") from None
     shape = (spec.in_channels, *preprocessing["input_size"])
@@ -389,7 +392,8 @@ def export_run(run_dir: Path, out: Path, *, inference: Mapping[str, Any], prepro
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=1))
     (out / "docs" / "README.md").write_text(_readme(spec.task, spec.spatial_dims))
     files = {p.relative_to(out).as_posix(): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    card = model_card(run_dir, preprocessing=preprocessing, parameters=parameter_count(net), files=files)
+    card = model_card(run_dir, preprocessing=preprocessing, parameters=parameter_count(net), files=files,
+                      scoring=held.scoring)
     (out / "docs" / "model-card.json").write_text(json.dumps(card, indent=1))
     (out / "docs" / "model-card.md").write_text(render_card(card))
     files = {p.relative_to(out).as_posix(): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}

@@ -10,9 +10,10 @@ best from 0.855 to 0.91, within 3 % of the same rounds without DP), on colorecta
 (BENCHMARKS.md, "DP-SGD from a public start").
 
 The file is a ``model.pt`` (a local run's, or a federated run's global model), read with
-:func:`models.weights.load_checkpoint` (tensors only, its preprocessing version checked, no NaN), then held to this
-run: the same task, and exactly the arrays of this run's network (a DP run of colorectal CT trains InstanceNorm,
-so a BatchNorm model does not fit it, and the error says so). A run resumed before its first checkpoint reads the
+:func:`models.weights.read_model` (one read of the file, so its digest is that of the weights used; tensors only,
+its preprocessing version checked, no NaN), then held to this run: the same task, and exactly the arrays of this
+run's network (a DP run of colorectal CT trains InstanceNorm, so a BatchNorm model does not fit it, and the error says
+so). A run resumed before its first checkpoint reads the
 start again, and refuses it if the file changed (:func:`reload_initial`).
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 from fl_server.evaluation import MIN_CASES
 from models.config import RunConfig
 from models.evaluation import HeldOutFigures
-from models.weights import WeightsError, check_arrays, file_sha256, load_checkpoint, load_tested
+from models.weights import WeightsError, check_arrays, read_model
 
 __all__ = ["InitialModel", "load_initial", "reload_initial"]
 
@@ -98,8 +99,8 @@ def load_initial(path: str | Path, config: RunConfig, reference: Mapping[str, np
             its network is not this run's; the message names the file and what to do.
     """
     path = Path(path).expanduser()
-    digest = file_sha256(path) if path.is_file() else ""
-    arrays, run_config, round_number = load_checkpoint(path)
+    start = read_model(path)  # one read: the digest is that of the weights and figures used
+    arrays, run_config = start.arrays, start.run_config
     task = str(run_config.get("task", ""))
     if task != config.model.task:
         raise WeightsError(f"initial model {path} was trained for {task or 'no task'!r}, this run trains "
@@ -111,10 +112,9 @@ def load_initial(path: str | Path, config: RunConfig, reference: Mapping[str, np
         raise WeightsError(f"initial model {path} is not this run's network ({exc}): train it with this run's "
                            f"model, model-width and norm.{_norm_hint(norm, config.model.norm.value)}") from None
     ordered = OrderedDict((k, np.asarray(arrays[k])) for k in reference)
-    tested = load_tested(path)
     source = {"task": task, "norm": norm, "dp": str(run_config.get("dp", "false")).lower() == "true",
-              "round": round_number, "tested": None if tested is None else tested.to_dict()}
-    return InitialModel(path.resolve(), ordered, digest, source)
+              "round": start.round, "tested": None if start.tested is None else start.tested.to_dict()}
+    return InitialModel(path.resolve(), ordered, start.sha256, source)
 
 
 def reload_initial(record: Mapping[str, object], config: RunConfig,

@@ -11,8 +11,10 @@ node (see the stack notes), so a DenseNet121 in 727 arrays took 141 s a round an
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from models.evaluation import HeldOutFigures, Scoring
 from models.tasks import PREPROCESSING_VERSION, UNVERSIONED_PREPROCESSING, preprocessing_changed
 
 __all__ = [
+    "ModelFile",
     "WeightsError",
     "check_arrays",
     "file_sha256",
@@ -32,6 +35,7 @@ __all__ = [
     "load_scoring",
     "load_tested",
     "pack",
+    "read_model",
     "save_checkpoint",
     "state_arrays",
     "unpack",
@@ -145,7 +149,6 @@ def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_conf
     :func:`load_scoring`), with ``tested`` how it scored on its run's test studies (:func:`load_tested`).
     Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
     previous file whole."""
-    import io
     import os
 
     path = Path(path)
@@ -166,18 +169,44 @@ def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_conf
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any], int]:
-    """Read a ``model.pt`` (a local run's, or a federated run's checkpoint or global model).
+@dataclass(frozen=True)
+class ModelFile:
+    """Everything a ``model.pt`` holds, read from one read of its bytes (:func:`read_model`), so its digest, weights
+    and tables are one file's even if the file is replaced while it is read.
 
-    Returns:
-        The named arrays, the flat run configuration, the round (0 for a local run).
+    Attributes:
+        path: The file as given.
+        sha256: The digest of the bytes the rest was read from (outputs, review verdicts and a run's record of its
+            start name the model by it).
+        arrays: The named arrays, in the file's order.
+        run_config: The flat run configuration it was trained with.
+        round: The federated round that wrote it (0 for a local run).
+        scoring: How its scores are read (:class:`Scoring`; empty when it carries none).
+        tested: How it scored on its run's test studies (:class:`HeldOutFigures`), or None.
+    """
+
+    path: Path
+    sha256: str
+    arrays: OrderedDict[str, np.ndarray]
+    run_config: dict[str, Any]
+    round: int
+    scoring: Scoring
+    tested: HeldOutFigures | None
+
+
+def read_model(path: Path | str) -> ModelFile:
+    """Read a ``model.pt`` (a local run's, or a federated run's checkpoint or global model) once, and check all of it.
 
     Raises:
-        WeightsError: The file is missing or not an oncofed model file, or its task's preprocessing changed since it
-            was trained (:func:`models.tasks.preprocessing_changed`).
+        WeightsError: The file is missing or not an oncofed model file, its task's preprocessing changed since it
+            was trained (:func:`models.tasks.preprocessing_changed`), an array holds NaN, or its ``scoring`` or
+            ``tested`` table is malformed; the message names the file and what to do.
     """
     path = Path(path)
-    doc = _load_doc(path)
+    data = _read_bytes(path)
+    digest = hashlib.sha256(data).hexdigest()
+    doc = _load_doc(path, data)
+    del data
     try:
         arrays = OrderedDict((str(k), v.numpy()) for k, v in doc["arrays"].items())
         run_config, round_number = doc.get("run_config", {}), doc.get("round", 0)
@@ -204,35 +233,45 @@ def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dic
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise WeightsError(f"{path}: array {key!r} holds NaN or infinite values (a training that diverged): "
                                "use an earlier checkpoint")
-    return arrays, dict(run_config), round_number
+    return ModelFile(path, digest, arrays, dict(run_config), round_number,
+                     scoring=_table(path, doc, "scoring", Scoring.from_dict),
+                     tested=_table(path, doc, "tested", HeldOutFigures.from_dict))
+
+
+def load_checkpoint(path: Path | str) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any], int]:
+    """A ``model.pt``'s arrays, flat run configuration and round (0 for a local run): :func:`read_model`'s.
+
+    Raises:
+        WeightsError: As :func:`read_model`.
+    """
+    model = read_model(path)
+    return model.arrays, model.run_config, model.round
 
 
 def load_scoring(path: Path | str) -> Scoring:
     """How a ``model.pt``'s scores are read: its calibration and operating point (:class:`Scoring`; empty for a file
-    written without them: the network's own sigmoid, no threshold).
+    written without them: the network's own sigmoid, no threshold). :func:`read_model`'s.
 
     Raises:
-        WeightsError: The file is missing or unreadable, or its ``scoring`` table is malformed (named).
+        WeightsError: As :func:`read_model` (a malformed ``scoring`` table is named).
     """
-    return _table(path, "scoring", Scoring.from_dict)
+    return read_model(path).scoring
 
 
 def load_tested(path: Path | str) -> HeldOutFigures | None:
     """How a ``model.pt`` scored on the test studies of the run that wrote it (:class:`HeldOutFigures`; None for a file
-    without them: a federated run's global model, or one written before 0.3.9).
+    without them: a federated run's global model, or one written before 0.3.9). :func:`read_model`'s.
 
     Raises:
-        WeightsError: The file is missing or unreadable, or its ``tested`` table is malformed (named).
+        WeightsError: As :func:`read_model` (a malformed ``tested`` table is named).
     """
-    return _table(path, "tested", HeldOutFigures.from_dict)
+    return read_model(path).tested
 
 
-def _table(path: Path | str, key: str, parse: Callable[[object], Any]) -> Any:
+def _table(path: Path, doc: dict[str, Any], key: str, parse: Callable[[object], Any]) -> Any:
     """A ``model.pt``'s ``key`` table read by ``parse`` (which raises ValueError on a malformed one)."""
-    path = Path(path)
-    doc = _load_doc(path)
     try:
-        return parse(doc.get(key) if isinstance(doc, dict) else None)
+        return parse(doc.get(key))
     except ValueError as exc:
         raise WeightsError(f"{path}: {exc}: use the model.pt the run wrote") from None
 
@@ -242,11 +281,22 @@ def _not_a_model(path: Path, exc: Exception) -> WeightsError:
                         "or federated run wrote")
 
 
-def _load_doc(path: Path) -> Any:
-    """A ``model.pt``'s saved table (tensors and plain values only: ``weights_only``)."""
+def _read_bytes(path: Path) -> bytes:
+    """A model file's bytes (a missing or unreadable one named)."""
     if not path.is_file():
         raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"model file {path} cannot be read ({type(exc).__name__}): check its permissions") from None
+
+
+def _load_doc(path: Path, data: bytes) -> dict[str, Any]:
+    """A ``model.pt``'s saved table from its bytes (tensors and plain values only: ``weights_only``)."""
+    try:
+        doc = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         raise _not_a_model(path, exc) from None
+    if not isinstance(doc, dict):
+        raise _not_a_model(path, TypeError(type(doc).__name__))
+    return doc

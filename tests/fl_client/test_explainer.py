@@ -31,6 +31,33 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ws, model
 
 
+def test_the_digest_a_review_records_is_that_of_the_weights_the_explainer_runs(
+        site: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model file is read once: replaced the moment after (a newer global model copied over it), the explainer
+    still names by its SHA-256 the weights it runs, so a verdict is never filed against another model."""
+    import models.weights as weights
+
+    _, model_path = site
+    path, newer = tmp_path / "model.pt", tmp_path / "newer.pt"
+    path.write_bytes(model_path.read_bytes())
+    torch.manual_seed(1)
+    flat = {"task": "lung-ct", "model-width": 8}
+    save_checkpoint(newer, state_arrays(build_model(from_flat(flat).model)), flat, round_number=3)
+    read, digest, expected = weights._read_bytes, file_sha256(path), load_checkpoint(path)[0]
+
+    def read_then_replace(p: Path) -> bytes:
+        data = read(p)
+        if newer.exists():  # replaced once, after the first read
+            newer.replace(p)
+        return data
+
+    monkeypatch.setattr(weights, "_read_bytes", read_then_replace)
+    explainer = Explainer.load(path)
+    assert explainer.sha256 == digest != file_sha256(path)
+    ran = explainer.net.state_dict()
+    assert all(np.array_equal(ran[k].numpy(), v) for k, v in expected.items())
+
+
 def test_a_model_explains_an_image_on_its_own_dicom_grid(site: tuple[Path, Path]) -> None:
     ws, model_path = site
     explainer = Explainer.load(model_path)

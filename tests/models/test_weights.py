@@ -18,9 +18,11 @@ from models.weights import (
     OPACUS_PREFIX,
     WeightsError,
     check_arrays,
+    file_sha256,
     load_checkpoint,
     load_scoring,
     pack,
+    read_model,
     save_checkpoint,
     state_arrays,
     unpack,
@@ -266,6 +268,32 @@ def test_a_global_model_carries_its_calibration_and_operating_point(tmp_path: Pa
         load_scoring(path)
     with pytest.raises(WeightsError, match="does not exist"):
         load_scoring(tmp_path / "none.pt")
+
+
+def test_a_model_file_is_read_once_so_its_digest_is_that_of_the_weights_and_tables_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file replaced while it is read (a new global model written over it) cannot pair one file's digest with
+    another's weights or operating point: everything comes from the one read of its bytes."""
+    import models.weights as weights
+
+    path, other = tmp_path / "model.pt", tmp_path / "other.pt"
+    scoring = Scoring(Calibration(2.0, -0.5, 10, 12, "validation histograms, all sites pooled"), 0.4, "Youden")
+    save_checkpoint(path, _arrays(1), {"task": "lung-ct"}, round_number=4, scoring=scoring)
+    save_checkpoint(other, _arrays(2), {"task": "lung-ct"}, round_number=5)
+    first_digest = file_sha256(path)
+    read = weights._read_bytes
+
+    def read_then_replace(p: Path) -> bytes:
+        data = read(p)
+        if other.exists():  # the file changes the moment after it was first read
+            os.replace(other, p)
+        return data
+
+    monkeypatch.setattr(weights, "_read_bytes", read_then_replace)
+    held = read_model(path)
+    assert held.sha256 == first_digest != file_sha256(path)
+    assert held.round == 4 and held.scoring == scoring and held.tested is None and held.path == path
+    assert all(np.array_equal(held.arrays[k], v) for k, v in _arrays(1).items())
 
 
 def test_a_breast_model_from_before_the_calcification_step_is_refused_and_others_still_load(tmp_path: Path) -> None:
