@@ -44,7 +44,7 @@ __all__ = [
 
 RESEARCH_NOTE = "RESEARCH USE ONLY - not for diagnostic use"
 MANUFACTURER = "oncofed"
-SOFTWARE_VERSION = "0.3.9"
+SOFTWARE_VERSION = "0.3.10"
 PM_SERIES_NUMBER = 9901
 KEY_IMAGE_SERIES_NUMBER = 9902
 PM_SCALE = 1000  # stored value = round(map * PM_SCALE)
