@@ -660,18 +660,21 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         raise UserError(f"{args.run_dir / 'config.json'}: {exc}") from None
     # The one place the lead's code reads imaging: the task preset's preprocessing, as data for the bundle.
     from imaging.bundle import BundleError, inference_config, preprocessing_summary
-    from models.weights import WeightsError, load_scoring
+    from models.weights import WeightsError, read_model
 
-    model = args.run_dir / "model.pt"
-    try:  # the bundle's probabilities are the run's calibrated ones, as its sites show them
-        calibration = load_scoring(model).calibration if model.is_file() else None
+    path = args.run_dir / "model.pt"
+    try:  # one read: the bundle's calibration, weights and card are one file's
+        model = read_model(path) if path.is_file() else None
     except WeightsError as exc:
         raise UserError(str(exc)) from None
+    # The bundle's probabilities are the run's calibrated ones, as its sites show them.
+    calibration = model.scoring.calibration if model is not None else None
     try:
         exported = export_run(args.run_dir, args.out, inference=inference_config(
                                   spec.task, spec.resolution, calibration=None if calibration is None else
                                   (calibration.slope, calibration.intercept)),
-                              preprocessing=preprocessing_summary(spec.task, spec.resolution), force=args.force)
+                              preprocessing=preprocessing_summary(spec.task, spec.resolution), force=args.force,
+                              model=model)
     except (ExportError, BundleError) as exc:
         raise UserError(str(exc)) from None
     card = exported.out / "docs" / "model-card.md"

@@ -35,7 +35,7 @@ from models.evaluation import Scoring, wilson
 from models.nets import build_model, parameter_count
 from models.protocol import Metric
 from models.torchscript import trace_network
-from models.weights import WeightsError, load_arrays, load_scoring, read_model
+from models.weights import ModelFile, WeightsError, load_arrays, load_scoring, read_model
 
 __all__ = ["ExportError", "Exported", "export_run", "hanley_mcneil", "model_card", "render_card", "wilson"]
 
@@ -352,7 +352,7 @@ the bundle runs. `models/model.ts` is TorchScript (no oncofed code needed for th
 
 
 def export_run(run_dir: Path, out: Path, *, inference: Mapping[str, Any], preprocessing: Mapping[str, Any],
-               force: bool = False) -> Exported:
+               force: bool = False, model: ModelFile | None = None) -> Exported:
     """Write the MONAI bundle and model card of a finished run.
 
     Args:
@@ -361,6 +361,8 @@ def export_run(run_dir: Path, out: Path, *, inference: Mapping[str, Any], prepro
         inference: The bundle's ``inference.json`` (:func:`imaging.bundle.inference_config`).
         preprocessing: The task's preprocessing summary (:func:`imaging.bundle.preprocessing_summary`).
         force: Replace what ``out`` holds.
+        model: The run's ``model.pt`` as the caller read it (:func:`models.weights.read_model`), when ``inference``
+            carries its calibration: the bundle's weights and card are then that same read's. Read here when None.
 
     Returns:
         What was written.
@@ -375,7 +377,7 @@ def export_run(run_dir: Path, out: Path, *, inference: Mapping[str, Any], prepro
             raise ExportError(f"{out} is not empty: choose another --out or pass --force to replace it")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     try:
-        held = read_model(run_dir / "model.pt")  # one read: the card's scoring is that of the weights exported
+        held = model or read_model(run_dir / "model.pt")  # one read: the card's scoring is the weights' own
         spec = from_flat(held.run_config).model
         net = build_model(spec)
         load_arrays(net, held.arrays)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from models.evaluation import HeldOutFigures, Scoring
 from models.tasks import PREPROCESSING_VERSION, UNVERSIONED_PREPROCESSING, preprocessing_changed
 
 __all__ = [
+    "MAX_MODEL_BYTES",
     "ModelFile",
     "WeightsError",
     "check_arrays",
@@ -42,6 +45,10 @@ __all__ = [
 ]
 
 OPACUS_PREFIX = "_module."
+MAX_MODEL_BYTES = 4 << 30
+"""The largest file read as a model (4 GiB; the default networks' files are under 1 MB, a 3D DenseNet121's about
+45 MB): a file given by mistake is refused by its size, not read into memory."""
+_ARCHIVE_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
 class WeightsError(ValueError):
@@ -149,8 +156,6 @@ def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_conf
     :func:`load_scoring`), with ``tested`` how it scored on its run's test studies (:func:`load_tested`).
     Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
     previous file whole."""
-    import os
-
     path = Path(path)
     buffer = io.BytesIO()
     doc: dict[str, Any] = {"arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
@@ -169,7 +174,7 @@ def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_conf
     os.replace(tmp, path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelFile:
     """Everything a ``model.pt`` holds, read from one read of its bytes (:func:`read_model`), so its digest, weights
     and tables are one file's even if the file is replaced while it is read.
@@ -282,11 +287,26 @@ def _not_a_model(path: Path, exc: Exception) -> WeightsError:
 
 
 def _read_bytes(path: Path) -> bytes:
-    """A model file's bytes (a missing or unreadable one named)."""
-    if not path.is_file():
+    """A model file's bytes, from one open file: a missing, unreadable or oversized one named, and one that is not a
+    torch archive (its first bytes) refused before the rest is read, so a wrong file given by mistake (a DICOM archive)
+    is never read whole."""
+    if not path.is_file():  # before open: a FIFO would block it
         raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote")
     try:
-        return path.read_bytes()
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise IsADirectoryError(str(path))
+            head = fh.read(len(_ARCHIVE_MAGIC))
+            if head != _ARCHIVE_MAGIC:
+                raise _not_a_model(path, ValueError("not a torch archive"))
+            if info.st_size > MAX_MODEL_BYTES:
+                raise WeightsError(f"{path} holds {info.st_size / 2**30:.1f} GiB, more than a model file of oncofed "
+                                   f"({MAX_MODEL_BYTES / 2**30:.0f} GiB at most): give the model.pt a run wrote")
+            fh.seek(0)
+            return fh.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise WeightsError(f"model file {path} does not exist: give the model.pt a run wrote") from None
     except OSError as exc:
         raise WeightsError(f"model file {path} cannot be read ({type(exc).__name__}): check its permissions") from None
 

@@ -72,16 +72,17 @@ def overhead(history: dict[str, Any]) -> dict[str, float]:
             "first_round_seconds": rounds[0]["seconds"], "total_seconds": history["total_seconds"]}
 
 
-def _model(model_path: Path) -> Any:
+def _model(model_path: Path) -> tuple[Any, Any]:
+    """The network of a ``model.pt`` and its scoring, from one read of the file."""
     import torch
 
     from models.nets import build_model
-    from models.weights import load_checkpoint
+    from models.weights import read_model
 
-    arrays, run_config, _ = load_checkpoint(model_path)
-    model = build_model(from_flat(run_config).model)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
-    return model
+    held = read_model(model_path)
+    model = build_model(from_flat(held.run_config).model)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in held.arrays.items()})
+    return model, held.scoring
 
 
 def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: str | None = None) -> dict[str, Any]:
@@ -94,9 +95,8 @@ def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: s
     from fl_client.train import evaluate_local
     from imaging.sitedata import load_site_data
     from models.evaluation import auroc_ci, ece
-    from models.weights import load_scoring
 
-    model = _model(model_path)
+    model, scoring = _model(model_path)
     labels: dict[str, list[int]] = {}
     scores: dict[str, list[float]] = {}
     for ws in holdout:
@@ -112,7 +112,7 @@ def holdout_auroc(model_path: Path, holdout: list[Path], task: str, *, unlike: s
                            "studies": sum(len(v) for v in labels.values())}
     y, p = np.asarray(sum(labels.values(), []), int), np.asarray(sum(scores.values(), []), float)
     out["ece"] = ece(y, p)
-    calibration = load_scoring(model_path).calibration
+    calibration = scoring.calibration
     if calibration is not None:
         out["ece_recalibrated"] = ece(y, calibration.of_scores(p))
         out["calibration"] = {"slope": calibration.slope, "intercept": calibration.intercept}

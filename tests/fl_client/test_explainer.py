@@ -39,9 +39,10 @@ def test_the_digest_a_review_records_is_that_of_the_weights_the_explainer_runs(
 
     _, model_path = site
     path, newer = tmp_path / "model.pt", tmp_path / "newer.pt"
-    path.write_bytes(model_path.read_bytes())
-    torch.manual_seed(1)
     flat = {"task": "lung-ct", "model-width": 8}
+    scoring = Scoring(Calibration(2.0, -0.5, 10, 12, "validation histograms, all sites pooled"), 0.4, "Youden")
+    save_checkpoint(path, load_checkpoint(model_path)[0], flat, round_number=2, scoring=scoring)
+    torch.manual_seed(1)
     save_checkpoint(newer, state_arrays(build_model(from_flat(flat).model)), flat, round_number=3)
     read, digest, expected = weights._read_bytes, file_sha256(path), load_checkpoint(path)[0]
 
@@ -53,7 +54,7 @@ def test_the_digest_a_review_records_is_that_of_the_weights_the_explainer_runs(
 
     monkeypatch.setattr(weights, "_read_bytes", read_then_replace)
     explainer = Explainer.load(path)
-    assert explainer.sha256 == digest != file_sha256(path)
+    assert explainer.sha256 == digest != file_sha256(path) and explainer.scoring == scoring
     ran = explainer.net.state_dict()
     assert all(np.array_equal(ran[k].numpy(), v) for k, v in expected.items())
 

@@ -140,6 +140,40 @@ def test_a_colorectal_bundle_calibrates_and_suppresses_as_oncofed_does(tmp_path:
     assert float((torch.as_tensor(theirs) - ours).abs().max()) < 1e-5
 
 
+def test_a_model_replaced_during_export_gives_one_files_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's model.pt is read once: replaced right after (a resumed run writing its global model), the bundle's
+    weights, its calibration and the card's are still all that first file's."""
+    import models.weights as weights
+
+    run_dir, out = _finished_run(tmp_path / "run"), tmp_path / "bundle"
+    flat = {**RunConfig().to_flat(), "task": "lung-ct", "dp": True}
+    arrays = load_checkpoint(run_dir / "model.pt")[0]
+    first = Scoring(Calibration(2.0, -0.5, 10, 12, "validation histograms, all sites pooled"), 0.4, "Youden")
+    save_checkpoint(run_dir / "model.pt", arrays, flat, round_number=2, scoring=first)
+    torch.manual_seed(8)
+    newer = tmp_path / "newer.pt"
+    save_checkpoint(newer, state_arrays(build_model(from_flat(flat).model)), flat, round_number=2,
+                    scoring=Scoring(Calibration(3.0, 0.25, 10, 12, "validation histograms, all sites pooled"), 0.6,
+                                    "Youden"))
+    read = weights._read_bytes
+
+    def read_then_replace(path: Path) -> bytes:
+        data = read(path)
+        if newer.exists():
+            newer.replace(path)
+        return data
+
+    monkeypatch.setattr(weights, "_read_bytes", read_then_replace)
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert not newer.exists()  # the file was replaced during the export
+    bundled = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert all(np.array_equal(bundled[k].numpy(), v) for k, v in arrays.items())
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    assert (inference["calibration_slope"], inference["calibration_intercept"]) == (2.0, -0.5)
+    card = json.loads((out / "docs" / "model-card.json").read_text())
+    assert json.dumps(card).count('"slope": 2.0') >= 1 and '"slope": 3.0' not in json.dumps(card)
+
+
 def _monai_run(out: Path, input_dir: Path, result: Path) -> list[dict[str, object]]:
     """MONAI's own bundle runner, its command line as a hospital's team types it."""
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",

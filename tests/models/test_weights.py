@@ -296,6 +296,24 @@ def test_a_model_file_is_read_once_so_its_digest_is_that_of_the_weights_and_tabl
     assert all(np.array_equal(held.arrays[k], v) for k, v in _arrays(1).items())
 
 
+def test_a_file_too_large_or_not_a_torch_archive_is_refused_before_it_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong file given as a model (a DICOM archive of gigabytes) is refused by its first bytes or its size, with
+    what to do, not read into memory."""
+    import models.weights as weights
+
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, _arrays(), {"task": "lung-ct"}, round_number=1)
+    monkeypatch.setattr(weights, "MAX_MODEL_BYTES", path.stat().st_size - 1)
+    with pytest.raises(WeightsError, match=rf"{path} holds 0\.0 GiB, more than a model file of oncofed .*give the "
+                                           "model.pt a run wrote"):
+        read_model(path)
+    dicom = tmp_path / "study.dcm"
+    dicom.write_bytes(b"\x00" * 128 + b"DICM" + b"\x00" * 1000)
+    with pytest.raises(WeightsError, match=r"study\.dcm is not an oncofed model file \(ValueError\)"):
+        read_model(dicom)
+
+
 def test_a_breast_model_from_before_the_calcification_step_is_refused_and_others_still_load(tmp_path: Path) -> None:
     """Preprocessing 6 changed mammograms (calcifications enhanced): a breast model trained before would be given
     images unlike its training images, so it is refused, naming the versions and what to do. A lung model of then
