@@ -13,8 +13,8 @@ The file is a ``model.pt`` (a local run's, or a federated run's global model), r
 :func:`models.weights.read_model` (one read of the file, so its digest is that of the weights used; tensors only,
 its preprocessing version checked, no NaN), then held to this run: the same task, and exactly the arrays of this
 run's network (a DP run of colorectal CT trains InstanceNorm, so a BatchNorm model does not fit it, and the error says
-so). A run resumed before its first checkpoint reads the
-start again, and refuses it if the file changed (:func:`reload_initial`).
+so). A run resumed before its first checkpoint reads the start again, and refuses it if the file changed
+(:func:`reload_initial`).
 """
 
 from __future__ import annotations
