@@ -32,11 +32,9 @@ __all__ = [
     "ModelFile",
     "WeightsError",
     "check_arrays",
-    "file_sha256",
     "load_arrays",
     "load_checkpoint",
     "load_scoring",
-    "load_tested",
     "pack",
     "read_model",
     "save_checkpoint",
@@ -138,22 +136,12 @@ def unpack(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> OrderedDict
     return out
 
 
-def file_sha256(path: Path | str) -> str:
-    """SHA-256 of a file, read in blocks: a model file's identity in outputs, review verdicts and a run's record of
-    the model it started from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(path: Path | str, arrays: Mapping[str, np.ndarray], run_config: Mapping[str, Any], *,
                     round_number: int, scoring: Scoring | None = None, tested: HeldOutFigures | None = None) -> None:
     """Write a ``model.pt`` that :func:`load_checkpoint` reads: ``{"arrays", "run_config", "round",
     "preprocessing_version"}`` (round 0 for a local run; :data:`models.tasks.PREPROCESSING_VERSION`), and with
     ``scoring`` how its scores are read (calibration and operating point, chosen on validation at the end of the run;
-    :func:`load_scoring`), with ``tested`` how it scored on its run's test studies (:func:`load_tested`).
+    :func:`load_scoring`), with ``tested`` how it scored on its run's test studies (:class:`ModelFile`'s ``tested``).
     Written atomically (a temporary file, fsync, rename): a process killed mid-write leaves the
     previous file whole."""
     path = Path(path)
@@ -261,16 +249,6 @@ def load_scoring(path: Path | str) -> Scoring:
         WeightsError: As :func:`read_model` (a malformed ``scoring`` table is named).
     """
     return read_model(path).scoring
-
-
-def load_tested(path: Path | str) -> HeldOutFigures | None:
-    """How a ``model.pt`` scored on the test studies of the run that wrote it (:class:`HeldOutFigures`; None for a file
-    without them: a federated run's global model, or one written before 0.3.9). :func:`read_model`'s.
-
-    Raises:
-        WeightsError: As :func:`read_model` (a malformed ``tested`` table is named).
-    """
-    return read_model(path).tested
 
 
 def _table(path: Path, doc: dict[str, Any], key: str, parse: Callable[[object], Any]) -> Any:

@@ -16,7 +16,7 @@ from imaging.catalog import Catalog
 from imaging.ingest import ingest_folder
 from imaging.labels import load_labels
 from imaging.synth import generate_consortium
-from models.weights import load_checkpoint, load_tested
+from models.weights import load_checkpoint, read_model
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -54,7 +54,7 @@ def test_train_local_writes_model_metrics_and_curves(workspaces: list[Path], tmp
         assert set(m) >= {"auroc", "sensitivity", "specificity", "balanced_accuracy", "brier", "threshold"}
     assert len(doc["curve"]) == 2 and doc["privacy"] is None
     # The model.pt carries its test figures, for a lead who starts a federated run from it (fl_server.initial).
-    tested, test = load_tested(out / "model.pt"), doc["splits"]["test"]
+    tested, test = read_model(out / "model.pt").tested, doc["splits"]["test"]
     assert tested is not None and tested.split == "test"
     assert (tested.studies, tested.positives, tested.auroc, tested.auroc_low, tested.auroc_high) == \
         (test["studies"], test["positives"], test["auroc"], test["auroc_low"], test["auroc_high"])

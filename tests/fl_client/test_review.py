@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 from models.config import from_flat
 from models.evaluation import Calibration, Scoring
 from models.nets import build_model
-from models.weights import file_sha256, save_checkpoint, state_arrays
+from models.weights import save_checkpoint, state_arrays
 
 BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -203,9 +204,10 @@ def test_worklist_study_overlay_verdict_in_a_real_browser(site: tuple[Path, Path
         (row,) = db.execute("SELECT * FROM review_verdicts").fetchall()
     assert row["verdict"] == "disagree" and row["reader"] == "AB" and row["image_key"] == key
     assert row["comment"] == "map on the vessel, nodule at the apex missed" and row["task"] == "lung-ct"
-    assert row["model_sha256"] == file_sha256(lung) and row["label"] == 1 and abs(time.time() - row["created"]) < 600
+    lung_sha256 = hashlib.sha256(lung.read_bytes()).hexdigest()
+    assert row["model_sha256"] == lung_sha256 and row["label"] == 1 and abs(time.time() - row["created"]) < 600
     (exported,) = list(csv.DictReader(io.StringIO(csv_text)))
-    assert exported["verdict"] == "disagree" and exported["model_sha256"] == file_sha256(lung)
+    assert exported["verdict"] == "disagree" and exported["model_sha256"] == lung_sha256
 
     # The API refuses what the page would not send: no token, bad initials, an unknown verdict.
     verdicts = f"{server}/api/images/{key}/verdicts"

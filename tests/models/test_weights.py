@@ -3,6 +3,7 @@ pack/unpack round trips, and model files written atomically and refused by name 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -18,7 +19,6 @@ from models.weights import (
     OPACUS_PREFIX,
     WeightsError,
     check_arrays,
-    file_sha256,
     load_checkpoint,
     load_scoring,
     pack,
@@ -280,7 +280,7 @@ def test_a_model_file_is_read_once_so_its_digest_is_that_of_the_weights_and_tabl
     scoring = Scoring(Calibration(2.0, -0.5, 10, 12, "validation histograms, all sites pooled"), 0.4, "Youden")
     save_checkpoint(path, _arrays(1), {"task": "lung-ct"}, round_number=4, scoring=scoring)
     save_checkpoint(other, _arrays(2), {"task": "lung-ct"}, round_number=5)
-    first_digest = file_sha256(path)
+    first_digest = hashlib.sha256(path.read_bytes()).hexdigest()
     read = weights._read_bytes
 
     def read_then_replace(p: Path) -> bytes:
@@ -291,7 +291,7 @@ def test_a_model_file_is_read_once_so_its_digest_is_that_of_the_weights_and_tabl
 
     monkeypatch.setattr(weights, "_read_bytes", read_then_replace)
     held = read_model(path)
-    assert held.sha256 == first_digest != file_sha256(path)
+    assert held.sha256 == first_digest != hashlib.sha256(path.read_bytes()).hexdigest()
     assert held.round == 4 and held.scoring == scoring and held.tested is None and held.path == path
     assert all(np.array_equal(held.arrays[k], v) for k, v in _arrays(1).items())
 
